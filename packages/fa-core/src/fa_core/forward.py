@@ -1,0 +1,255 @@
+"""Host side of the forward: validate, allocate, launch; the public forward functions.
+
+The functions here are forward-only (not differentiable). fa-backward wraps them in autograd Functions;
+fa-compat exposes them under flash-attn's names.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+
+from fa_core import validation as V
+from fa_core.forward_kernel import fwd_kernel
+from fa_core.masking import normalize_window
+from fa_core.probs_kernel import probs_kernel
+
+__all__ = ["FwdResult", "flash_attn_forward", "flash_attn_varlen_forward", "new_rng_state"]
+
+
+class FwdResult(NamedTuple):
+    """``out`` like q; ``lse`` float32 ``(batch, nheads, seqlen_q)`` (dense) or ``(nheads, total_q)``
+    (varlen); ``rng_state`` int64 ``(2,)`` CPU tensor ``[seed, offset]`` (zeros without dropout);
+    ``probs``: the attention probabilities, dropped entries negated (only when asked for)."""
+
+    out: torch.Tensor
+    lse: torch.Tensor
+    rng_state: torch.Tensor
+    probs: torch.Tensor | None
+
+
+def new_rng_state(dropout_p: float) -> torch.Tensor:
+    """Draw ``[seed, offset]`` from torch's default CPU generator (no device sync; honours manual_seed).
+
+    Kept on the CPU so the backward reads it without synchronising. Under CUDA-graph capture the values
+    are baked into the graph, so every replay reuses the same dropout mask.
+    """
+    if dropout_p <= 0.0:
+        return torch.zeros(2, dtype=torch.int64)
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+    offset = torch.randint(0, 2**31, (1,), dtype=torch.int64)
+    return torch.cat([seed, offset])
+
+
+def _bucket(n: int) -> int:
+    # autotune key: powers of two so that compiles stay few across sequence lengths
+    return min(triton.next_power_of_2(max(int(n), 16)), 1 << 16)
+
+
+def _launch(
+    q, k, v, out, lse, *, varlen, batch, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k, seqused_k,
+    softmax_scale, causal, window_size, softcap, alibi_slopes, dropout_p, rng_state,
+):
+    nheads, nheads_k, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    left, right, is_local = normalize_window(causal, window_size)
+    if varlen:
+        sq_b = sk_b = 0
+        stride_qb = stride_kb = stride_vb = stride_ob = 0
+        stride_lb, stride_lh = 0, lse.stride(0)
+    else:
+        sq_b, sk_b = q.shape[1], k.shape[1]
+        stride_qb, stride_kb, stride_vb, stride_ob = q.stride(0), k.stride(0), v.stride(0), out.stride(0)
+        stride_lb, stride_lh = lse.stride(0), lse.stride(1)
+    alibi = alibi_slopes if alibi_slopes is not None else q.new_empty(0, dtype=torch.float32)
+    stride_alb = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
+    dummy_i32 = cu_seqlens_q if cu_seqlens_q is not None else q.new_empty(0, dtype=torch.int32)
+    seed, offset = (int(x) for x in rng_state.tolist())
+
+    def grid(meta):
+        return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), nheads, batch)
+
+    fwd_kernel[grid](
+        q, k, v, out, lse,
+        stride_qb, q.stride(-3), q.stride(-2),
+        stride_kb, k.stride(-3), k.stride(-2),
+        stride_vb, v.stride(-3), v.stride(-2),
+        stride_ob, out.stride(-3), out.stride(-2),
+        stride_lb, stride_lh,
+        cu_seqlens_q if varlen else dummy_i32, cu_seqlens_k if varlen else dummy_i32,
+        seqused_k if seqused_k is not None else dummy_i32,
+        sq_b, sk_b, nheads, nheads // nheads_k,
+        softmax_scale, float(softcap), alibi, stride_alb,
+        left, right,
+        float(dropout_p), seed, offset,
+        _bucket(max_seqlen_q), _bucket(max_seqlen_k),
+        HEADDIM=d, HEADDIM_V=dv, BLOCK_D=max(triton.next_power_of_2(d), 16),
+        BLOCK_DV=max(triton.next_power_of_2(dv), 16),
+        IS_VARLEN=varlen, HAS_SEQUSED=seqused_k is not None, IS_LOCAL=is_local,
+        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout_p > 0,
+    )
+    return left, right, is_local
+
+
+def _probs(q, k, lse, *, varlen, batch, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k, seqused_k,
+           softmax_scale, window, softcap, alibi_slopes, dropout_p, rng_state):
+    """Test/debug path: ``(batch, nheads, max_seqlen_q, max_seqlen_k)`` float32 probabilities."""
+    nheads, nheads_k, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    left, right, is_local = window
+    probs = torch.zeros(batch, nheads, max_seqlen_q, max_seqlen_k, dtype=torch.float32, device=q.device)
+    dummy_i32 = q.new_empty(0, dtype=torch.int32)
+    alibi = alibi_slopes if alibi_slopes is not None else q.new_empty(0, dtype=torch.float32)
+    stride_alb = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
+    seed, offset = (int(x) for x in rng_state.tolist())
+    block_m, block_n = 16, 16
+    grid = (triton.cdiv(max_seqlen_q, block_m), nheads, batch)
+    probs_kernel[grid](
+        q, k, lse, probs,
+        0 if varlen else q.stride(0), q.stride(-3), q.stride(-2),
+        0 if varlen else k.stride(0), k.stride(-3), k.stride(-2),
+        0 if varlen else lse.stride(0), lse.stride(-2),
+        probs.stride(0), probs.stride(1), probs.stride(2),
+        cu_seqlens_q if varlen else dummy_i32, cu_seqlens_k if varlen else dummy_i32,
+        seqused_k if seqused_k is not None else dummy_i32,
+        0 if varlen else q.shape[1], 0 if varlen else k.shape[1], max_seqlen_k, nheads, nheads // nheads_k,
+        softmax_scale, float(softcap), alibi, stride_alb, left, right,
+        float(dropout_p), seed, offset,
+        HEADDIM=d, BLOCK_D=max(triton.next_power_of_2(d), 16),
+        IS_VARLEN=varlen, HAS_SEQUSED=seqused_k is not None, IS_LOCAL=is_local,
+        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout_p > 0,
+        BLOCK_M=block_m, BLOCK_N=block_n,
+    )
+    return probs
+
+
+def _common_checks(q, k, v, out, softmax_scale, window_size, softcap, dropout_p, rng_state, varlen):
+    V.check_qkv(q, k, v, varlen=varlen)
+    V.check_window(window_size)
+    V.check_scalars(dropout_p, softcap, softmax_scale)
+    if out is not None:
+        V.check_tensor("out", out)
+        expected = (*q.shape[:-1], v.shape[-1])
+        if tuple(out.shape) != expected or out.dtype != q.dtype or out.device != q.device:
+            raise ValueError(f"out must be a {q.dtype} tensor of shape {expected} on {q.device}")
+        V.check_last_dim_contiguous("out", out)
+    if rng_state is not None:
+        V.check_tensor("rng_state", rng_state, 1)
+        if rng_state.numel() != 2 or rng_state.dtype != torch.int64:
+            raise ValueError("rng_state must be an int64 tensor [seed, offset] as returned by the forward")
+    return softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+
+
+def flash_attn_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    return_probs: bool = False,
+    out: torch.Tensor | None = None,
+    rng_state: torch.Tensor | None = None,
+) -> FwdResult:
+    """Dense attention forward.
+
+    Args:
+        q: ``(batch, seqlen_q, nheads, headdim)``; k: ``(batch, seqlen_k, nheads_k, headdim)``;
+            v: ``(batch, seqlen_k, nheads_k, headdim_v)``. fp16/bf16 (fp32 on CPU), last dim contiguous.
+        dropout_p: dropout probability in [0, 1).
+        softmax_scale: defaults to ``headdim ** -0.5``.
+        causal: bottom-right aligned causal mask. window_size: ``(left, right)``, -1 = unbounded.
+        softcap: ``softcap * tanh(scores / softcap)``; 0 = off.
+        alibi_slopes: ``(nheads,)`` or ``(batch, nheads)`` float32.
+        return_probs: also return the probabilities (testing only: O(seqlen^2) memory).
+        out: optional ``(batch, seqlen_q, nheads, headdim_v)`` output buffer.
+        rng_state: reuse a ``[seed, offset]`` pair (to regenerate a dropout mask); default draws a new one.
+
+    Returns:
+        :class:`FwdResult` ``(out, lse (batch, nheads, seqlen_q), rng_state, probs)``.
+    """
+    V.grad_guard(q, k, v)
+    softmax_scale = _common_checks(q, k, v, out, softmax_scale, window_size, softcap, dropout_p, rng_state, False)
+    batch, seqlen_q, nheads, _ = q.shape
+    seqlen_k = k.shape[1]
+    V.check_alibi(alibi_slopes, batch, nheads, q)
+    if out is None:
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    lse = torch.empty(batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
+    if rng_state is None:
+        rng_state = new_rng_state(dropout_p)
+    if batch == 0 or seqlen_q == 0:
+        return FwdResult(out, lse, rng_state, None)
+    kw = dict(
+        varlen=False, batch=batch, max_seqlen_q=seqlen_q, max_seqlen_k=seqlen_k, cu_seqlens_q=None,
+        cu_seqlens_k=None, seqused_k=None, softmax_scale=softmax_scale, softcap=softcap,
+        alibi_slopes=alibi_slopes, dropout_p=dropout_p, rng_state=rng_state,
+    )
+    window = _launch(q, k, v, out, lse, causal=causal, window_size=window_size, **kw)
+    probs = _probs(q, k, lse, window=window, **kw) if return_probs else None
+    return FwdResult(out, lse, rng_state, probs)
+
+
+def flash_attn_varlen_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    return_probs: bool = False,
+    seqused_k: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    rng_state: torch.Tensor | None = None,
+) -> FwdResult:
+    """Variable-length (packed) attention forward.
+
+    Args:
+        q: ``(total_q, nheads, headdim)``; k: ``(total_k, nheads_k, headdim)``; v: ``(total_k, nheads_k, headdim_v)``.
+        cu_seqlens_q, cu_seqlens_k: ``(batch + 1,)`` int32 prefix sums of the sequence lengths.
+        max_seqlen_q, max_seqlen_k: upper bounds of the per-sequence lengths (the grid is sized by them).
+        seqused_k: optional ``(batch,)`` int32: sequence b uses only its first ``seqused_k[b]`` keys.
+        Other arguments as in :func:`flash_attn_forward`.
+
+    Returns:
+        :class:`FwdResult` with ``lse (nheads, total_q)`` and probs ``(batch, nheads, max_seqlen_q, max_seqlen_k)``.
+    """
+    V.grad_guard(q, k, v)
+    softmax_scale = _common_checks(q, k, v, out, softmax_scale, window_size, softcap, dropout_p, rng_state, True)
+    max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
+    if max_seqlen_q < 0 or max_seqlen_k < 0:
+        raise ValueError("max_seqlen_q and max_seqlen_k must be >= 0")
+    batch = V.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q, max_seqlen_q, "max_seqlen_q")
+    batch_k = V.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q, max_seqlen_k, "max_seqlen_k")
+    if batch_k != batch:
+        raise ValueError(f"cu_seqlens_k has {batch_k + 1} entries but cu_seqlens_q has {batch + 1}")
+    V.check_seqused(seqused_k, batch, cu_seqlens_k, q)
+    nheads = q.shape[1]
+    V.check_alibi(alibi_slopes, batch, nheads, q)
+    if out is None:
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    lse = torch.empty(nheads, q.shape[0], dtype=torch.float32, device=q.device)
+    if rng_state is None:
+        rng_state = new_rng_state(dropout_p)
+    if batch == 0 or q.shape[0] == 0 or max_seqlen_q == 0:
+        return FwdResult(out, lse, rng_state, None)
+    kw = dict(
+        varlen=True, batch=batch, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
+        softmax_scale=softmax_scale, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+        rng_state=rng_state,
+    )
+    window = _launch(q, k, v, out, lse, causal=causal, window_size=window_size, **kw)
+    probs = _probs(q, k, lse, window=window, **kw) if return_probs else None
+    return FwdResult(out, lse, rng_state, probs)

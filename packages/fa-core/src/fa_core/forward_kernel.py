@@ -1,0 +1,226 @@
+"""The forward attention kernel: one Triton kernel for dense and varlen, every feature a ``tl.constexpr``.
+
+Layout: a program owns ``BLOCK_M`` query rows of one (batch, head) and streams the key blocks that
+:func:`fa_core.masking.kv_range` says it can see, with an online softmax in the log2 domain. Blocks
+strictly inside the visible band skip all masking; only the edge blocks pay for it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+from fa_core.masking import dropout_keep, kv_range, scores_log2, visible
+
+
+@triton.jit
+def _load_tile(ptrs, offs_rows, n_rows, offs_d, HEADDIM: tl.constexpr, CHECK_ROWS: tl.constexpr,
+               EVEN_D: tl.constexpr):
+    if CHECK_ROWS:
+        if EVEN_D:
+            return tl.load(ptrs, mask=offs_rows[:, None] < n_rows, other=0.0)
+        return tl.load(ptrs, mask=(offs_rows[:, None] < n_rows) & (offs_d[None, :] < HEADDIM), other=0.0)
+    if EVEN_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=offs_d[None, :] < HEADDIM, other=0.0)
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
+               start, end, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k,
+               sm_scale, softcap, alibi_slope, window_left, window_right,
+               seed, rng_offset, bh, dropout_p,
+               MASKED: tl.constexpr, IS_LOCAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in tl.range(start, end, BLOCK_N):
+        offs_n = start_n + offs_n0
+        # K is loaded transposed: (BLOCK_D, BLOCK_N)
+        k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
+        if MASKED:
+            if EVEN_D:
+                k = tl.load(k_ptrs, mask=offs_n[None, :] < seqlen_k, other=0.0)
+            else:
+                k = tl.load(k_ptrs, mask=(offs_n[None, :] < seqlen_k) & (offs_d[:, None] < HEADDIM), other=0.0)
+        else:
+            if EVEN_D:
+                k = tl.load(k_ptrs)
+            else:
+                k = tl.load(k_ptrs, mask=offs_d[:, None] < HEADDIM, other=0.0)
+        qk = tl.dot(q, k)
+        s = scores_log2(qk, offs_m, offs_n, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope,
+                        HAS_SOFTCAP, HAS_ALIBI)
+        if MASKED:
+            ok = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, IS_LOCAL, True)
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row that has seen no visible key yet keeps m = -inf: subtract 0 instead to avoid inf - inf
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :]
+        v = _load_tile(v_ptrs, offs_n, seqlen_k, offs_dv, HEADDIM_V, MASKED, EVEN_DV)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, rng_offset, bh, offs_m, offs_n, dropout_p)
+            p = tl.where(keep, p, 0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+def _configs() -> list[triton.Config]:
+    """Named autotune space for the forward; a single small config under the CPU interpreter."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    configs = []
+    for bm, bn, warps, stages in [
+        (128, 128, 8, 3),
+        (128, 64, 8, 3),
+        (128, 64, 4, 3),
+        (128, 128, 8, 2),
+        (64, 64, 4, 3),
+        (128, 32, 4, 3),
+        (64, 32, 4, 2),
+    ]:
+        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
+    return configs
+
+
+FWD_CONFIGS = _configs()
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles that cannot fit shared memory at large head dims, and tiles far larger than the work."""
+    args = {**named_args, **kwargs}
+    d = max(args["BLOCK_D"], args["BLOCK_DV"])
+    bucket = args["SEQ_BUCKET_Q"]
+    out = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if d >= 256 and (bn > 64 or c.num_stages > 2):
+            continue
+        if d >= 256 and bm == 128 and c.num_warps < 8:
+            continue
+        if bucket < bm and bm > 64:
+            continue
+        out.append(c)
+    return out or configs[-1:]
+
+
+@triton.autotune(
+    configs=FWD_CONFIGS,
+    key=["HEADDIM", "HEADDIM_V", "SEQ_BUCKET_Q", "SEQ_BUCKET_K", "IS_LOCAL", "IS_VARLEN", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": _prune},
+)
+@triton.jit
+def fwd_kernel(
+    Q, K, V, Out, Lse,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_om, stride_oh,
+    stride_lb, stride_lh,
+    cu_seqlens_q, cu_seqlens_k, seqused_k,
+    seqlen_q_dense, seqlen_k_dense,
+    nheads, group,
+    sm_scale, softcap, Alibi, stride_alb,
+    window_left, window_right,
+    dropout_p, seed, rng_offset,
+    SEQ_BUCKET_Q, SEQ_BUCKET_K,
+    HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, IS_LOCAL: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid ``(cdiv(max_seqlen_q, BLOCK_M), nheads, batch)``.
+
+    Dense: q ``(batch, seqlen_q, nheads, d)``, lse ``(batch, nheads, seqlen_q)``.
+    Varlen: q ``(total_q, nheads, d)`` (batch strides 0, rows offset by ``cu_seqlens``), lse ``(nheads, total_q)``.
+    """
+    EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
+    EVEN_DV: tl.constexpr = HEADDIM_V == BLOCK_DV
+    start_m = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    off_hk = off_h // group
+
+    if IS_VARLEN:
+        q_start = tl.load(cu_seqlens_q + off_b)
+        seqlen_q = tl.load(cu_seqlens_q + off_b + 1) - q_start
+        k_start = tl.load(cu_seqlens_k + off_b)
+        seqlen_k = tl.load(cu_seqlens_k + off_b + 1) - k_start
+    else:
+        q_start = 0
+        k_start = 0
+        seqlen_q = seqlen_q_dense
+        seqlen_k = seqlen_k_dense
+    if HAS_SEQUSED:
+        seqlen_k = tl.load(seqused_k + off_b)
+    if start_m * BLOCK_M >= seqlen_q:
+        return
+
+    # 64-bit base offsets: batch * stride can pass 2^31 elements on large inputs
+    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qm
+    k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
+    v_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
+    o_base = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_om
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, seqlen_q, offs_d,
+                   HEADDIM, True, EVEN_D)
+
+    alibi_slope = 0.0
+    if HAS_ALIBI:
+        alibi_slope = tl.load(Alibi + off_b * stride_alb + off_h).to(tl.float32)
+    bh = off_b * nheads + off_h
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    lo, full_lo, full_hi, hi = kv_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                                        BLOCK_M, BLOCK_N, IS_LOCAL)
+    if IS_LOCAL:
+        # left edge of the band (sliding window): masked
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, full_lo, offs_m, offs_d, offs_dv,
+            seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left, window_right,
+            seed, rng_offset, bh, dropout_p,
+            True, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N)
+    # interior: no mask at all
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full_lo, full_hi, offs_m, offs_d, offs_dv,
+        seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left, window_right,
+        seed, rng_offset, bh, dropout_p,
+        False, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N)
+    # right edge: the causal diagonal / window edge and the ragged end of the keys
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full_hi, hi, offs_m, offs_d, offs_dv,
+        seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left, window_right,
+        seed, rng_offset, bh, dropout_p,
+        True, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N)
+
+    # rows with no visible key: out 0, lse +inf (flash-attn 2.8's convention)
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    scale = 1.0 / l_safe
+    if HAS_DROPOUT:
+        scale = scale / (1.0 - dropout_p)
+    acc = acc * scale[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    tl.store(Lse + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + q_start + offs_m, lse,
+             mask=offs_m < seqlen_q)
+    o_ptrs = o_base + offs_m[:, None] * stride_om + offs_dv[None, :]
+    if EVEN_DV:
+        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=offs_m[:, None] < seqlen_q)
+    else:
+        tl.store(o_ptrs, acc.to(Out.dtype.element_ty),
+                 mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEADDIM_V))

@@ -1,0 +1,269 @@
+"""Rotary position embedding (RoPE) as a Triton kernel.
+
+Semantics follow ``flash_attn.ops.triton.rotary.apply_rotary`` of flash-attn 2.8.x:
+
+* ``x`` is ``(batch, seqlen, nheads, headdim)``, or ``(total_seqlen, nheads, headdim)`` when
+  ``cu_seqlens`` is given (varlen).
+* ``cos``/``sin`` are ``(seqlen_ro, rotary_dim / 2)``; only the first ``rotary_dim`` channels of
+  ``x`` are rotated, the remaining ``headdim - rotary_dim`` channels are passed through.
+* Token ``m`` of sequence ``b`` uses row ``m + seqlen_offsets[b]`` of ``cos``/``sin``.  Rows at or
+  beyond ``seqlen_ro`` (only reachable with tensor offsets, which are not checked on the host to
+  avoid a device sync) act as the identity rotation (cos = 1, sin = 0), like upstream.
+* Non-interleaved (GPT-NeoX): channel ``i`` pairs with ``i + rotary_dim / 2``.
+  Interleaved (GPT-J): channel ``2i`` pairs with ``2i + 1``.
+* ``conjugate=True`` rotates by the negative angle (the inverse / the backward pass).
+
+The kernel computes in fp32 and rounds once on store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from typing import Optional, Union
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["apply_rotary"]
+
+_SUPPORTED_X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _rotary_kernel(
+    OUT,
+    X,
+    COS,
+    SIN,
+    CU_SEQLENS,
+    SEQLEN_OFFSETS,  # int scalar, or pointer to (batch,) ints when IS_OFFSETS_TENSOR
+    seqlen,
+    nheads,
+    seqlen_ro,
+    stride_out_b,
+    stride_out_m,
+    stride_out_h,
+    stride_out_k,
+    stride_x_b,
+    stride_x_m,
+    stride_x_h,
+    stride_x_k,
+    ROTARY_DIM: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # next power of two >= ROTARY_DIM // 2
+    IS_OFFSETS_TENSOR: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    CONJUGATE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    HALF: tl.constexpr = ROTARY_DIM // 2
+    pid_h = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_b = tl.program_id(2)
+
+    # int64 base offsets: batch * batch_stride can exceed 2**31 for large activations.
+    if IS_VARLEN:
+        start = tl.load(CU_SEQLENS + pid_b).to(tl.int64)
+        seqlen = (tl.load(CU_SEQLENS + pid_b + 1) - start).to(tl.int32)
+        X = X + start * stride_x_m
+        OUT = OUT + start * stride_out_m
+    else:
+        X = X + pid_b.to(tl.int64) * stride_x_b
+        OUT = OUT + pid_b.to(tl.int64) * stride_out_b
+
+    if pid_m * BLOCK_M >= seqlen:
+        return
+
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+
+    if IS_OFFSETS_TENSOR:
+        pos = offs_m + tl.load(SEQLEN_OFFSETS + pid_b).to(tl.int32)
+    else:
+        pos = offs_m + SEQLEN_OFFSETS
+
+    # cos/sin are contiguous (seqlen_ro, HALF); out-of-table rows become the identity rotation.
+    cs_mask = (pos[:, None] < seqlen_ro) & (offs_k[None, :] < HALF)
+    cs_off = pos[:, None].to(tl.int64) * HALF + offs_k[None, :]
+    cos = tl.load(COS + cs_off, mask=cs_mask, other=1.0).to(tl.float32)
+    sin = tl.load(SIN + cs_off, mask=cs_mask, other=0.0).to(tl.float32)
+    if CONJUGATE:
+        sin = -sin
+    cos = cos[None, :, :]
+    sin = sin[None, :, :]
+
+    if INTERLEAVED:
+        k0 = 2 * offs_k
+        k1 = 2 * offs_k + 1
+    else:
+        k0 = offs_k
+        k1 = offs_k + HALF
+
+    mask = (offs_h[:, None, None] < nheads) & (offs_m[None, :, None] < seqlen) & (offs_k[None, None, :] < HALF)
+    row_x = offs_h[:, None, None].to(tl.int64) * stride_x_h + offs_m[None, :, None].to(tl.int64) * stride_x_m
+    row_o = offs_h[:, None, None].to(tl.int64) * stride_out_h + offs_m[None, :, None].to(tl.int64) * stride_out_m
+    x0 = tl.load(X + row_x + k0[None, None, :] * stride_x_k, mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(X + row_x + k1[None, None, :] * stride_x_k, mask=mask, other=0.0).to(tl.float32)
+    o0 = x0 * cos - x1 * sin
+    o1 = x0 * sin + x1 * cos
+    tl.store(OUT + row_o + k0[None, None, :] * stride_out_k, o0.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + row_o + k1[None, None, :] * stride_out_k, o1.to(OUT.dtype.element_ty), mask=mask)
+
+
+def _check_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def apply_rotary(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    seqlen_offsets: Union[int, torch.Tensor] = 0,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    max_seqlen: Optional[int] = None,
+    interleaved: bool = False,
+    inplace: bool = False,
+    conjugate: bool = False,
+) -> torch.Tensor:
+    """Apply rotary embedding to the first ``rotary_dim`` channels of ``x``.
+
+    Arguments:
+        x: (batch, seqlen, nheads, headdim) if ``cu_seqlens`` is None,
+            else (total_seqlen, nheads, headdim). fp16, bf16 or fp32.
+        cos, sin: (seqlen_ro, rotary_dim / 2), floating point, same device as ``x``.
+        seqlen_offsets: int, or int32/int64 tensor of shape (batch,). Sequence ``b`` starts at
+            row ``seqlen_offsets[b]`` of cos/sin (KV-cache decoding).
+        cu_seqlens: (batch + 1,) int32/int64 cumulative sequence lengths, or None.
+        max_seqlen: int, required with ``cu_seqlens`` (upper bound of every sequence length).
+        interleaved: rotate pairs (2i, 2i+1) (GPT-J) instead of (i, i + rotary_dim/2) (GPT-NeoX).
+        inplace: write the result into ``x`` and return ``x``.
+        conjugate: rotate by the negative angle (inverse rotation, used for the backward pass).
+    Returns:
+        out: same shape and dtype as ``x``; ``x`` itself when ``inplace``.
+    """
+    x = _check_tensor("x", x)
+    cos = _check_tensor("cos", cos)
+    sin = _check_tensor("sin", sin)
+    if x.dtype not in _SUPPORTED_X_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating point tensor, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on the same device as x ({x.device}), got {t.device}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must have shape (seqlen_ro, rotary_dim / 2), got {tuple(t.shape)}")
+    if sin.shape != cos.shape:
+        raise ValueError(f"sin must have the same shape as cos {tuple(cos.shape)}, got {tuple(sin.shape)}")
+
+    is_varlen = cu_seqlens is not None
+    if not is_varlen:
+        if x.dim() != 4:
+            raise ValueError(f"x must have shape (batch, seqlen, nheads, headdim), got {tuple(x.shape)}")
+        batch, seqlen, nheads, headdim = x.shape
+    else:
+        cu_seqlens = _check_tensor("cu_seqlens", cu_seqlens)
+        if x.dim() != 3:
+            raise ValueError(
+                f"x must have shape (total_seqlen, nheads, headdim) when cu_seqlens is given, got {tuple(x.shape)}"
+            )
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+            raise ValueError(f"cu_seqlens must have shape (batch + 1,), got {tuple(cu_seqlens.shape)}")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+        if cu_seqlens.device != x.device:
+            raise ValueError(f"cu_seqlens must be on the same device as x ({x.device}), got {cu_seqlens.device}")
+        if max_seqlen is None:
+            raise ValueError("max_seqlen must be passed when cu_seqlens is given")
+        # max_seqlen may arrive as a 0-dim integer tensor (e.g. from HF's cu_seqlens.diff().max()).
+        max_seqlen = operator.index(max_seqlen) if not isinstance(max_seqlen, torch.Tensor) else int(max_seqlen)
+        if max_seqlen < 0:
+            raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
+        _, nheads, headdim = x.shape
+        batch = cu_seqlens.shape[0] - 1
+        seqlen = max_seqlen
+        cu_seqlens = cu_seqlens.contiguous()
+
+    seqlen_ro, half = cos.shape
+    rotary_dim = 2 * half
+    if rotary_dim == 0:
+        raise ValueError("cos/sin must have rotary_dim / 2 >= 1 columns, got 0")
+    if rotary_dim > headdim:
+        raise ValueError(f"rotary_dim ({rotary_dim} = 2 * cos.shape[1]) must be <= headdim ({headdim})")
+
+    offsets_is_tensor = isinstance(seqlen_offsets, torch.Tensor)
+    if offsets_is_tensor:
+        if seqlen_offsets.shape != (batch,):
+            raise ValueError(f"seqlen_offsets tensor must have shape ({batch},), got {tuple(seqlen_offsets.shape)}")
+        if seqlen_offsets.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"seqlen_offsets tensor must be int32 or int64, got {seqlen_offsets.dtype}")
+        if seqlen_offsets.device != x.device:
+            raise ValueError(
+                f"seqlen_offsets must be on the same device as x ({x.device}), got {seqlen_offsets.device}"
+            )
+        seqlen_offsets = seqlen_offsets.contiguous()
+        # Values are not checked against seqlen_ro: that would need a device sync.
+        if seqlen_ro < seqlen:
+            raise ValueError(f"cos/sin seqlen_ro ({seqlen_ro}) must be >= seqlen ({seqlen})")
+    else:
+        if isinstance(seqlen_offsets, bool):
+            raise TypeError("seqlen_offsets must be an int or an integer tensor, got bool")
+        try:
+            seqlen_offsets = operator.index(seqlen_offsets)
+        except TypeError:
+            raise TypeError(
+                f"seqlen_offsets must be an int or an integer tensor, got {type(seqlen_offsets).__name__}"
+            ) from None
+        if seqlen_offsets < 0:
+            raise ValueError(f"seqlen_offsets must be >= 0, got {seqlen_offsets}")
+        if seqlen_offsets + seqlen > seqlen_ro:
+            raise ValueError(
+                f"cos/sin seqlen_ro ({seqlen_ro}) must be >= seqlen_offsets + seqlen "
+                f"({seqlen_offsets} + {seqlen})"
+            )
+
+    cos, sin = cos.contiguous(), sin.contiguous()
+    output = x if inplace else torch.empty_like(x)
+    if rotary_dim < headdim and not inplace:
+        # Pass-through channels; a plain copy covers every row, including varlen padding rows.
+        output[..., rotary_dim:].copy_(x[..., rotary_dim:])
+    if x.numel() == 0 or batch == 0 or seqlen == 0:
+        return output
+
+    block_m = 8 if rotary_dim <= 128 else 4
+    block_h = 2
+    grid = (triton.cdiv(nheads, block_h), triton.cdiv(seqlen, block_m), batch)
+    strides_out = (0 if is_varlen else output.stride(0), output.stride(-3), output.stride(-2), output.stride(-1))
+    strides_x = (0 if is_varlen else x.stride(0), x.stride(-3), x.stride(-2), x.stride(-1))
+    kernel = torch.library.wrap_triton(_rotary_kernel) if x.is_cuda else _rotary_kernel
+    # Launch on x's device, not the current one (multi-GPU).
+    with torch.cuda.device(x.device.index) if x.is_cuda else contextlib.nullcontext():
+        kernel[grid](
+            output,
+            x,
+            cos,
+            sin,
+            cu_seqlens,
+            seqlen_offsets,
+            seqlen,
+            nheads,
+            seqlen_ro,
+            *strides_out,
+            *strides_x,
+            ROTARY_DIM=rotary_dim,
+            BLOCK_K=triton.next_power_of_2(half),
+            IS_OFFSETS_TENSOR=offsets_is_tensor,
+            IS_VARLEN=is_varlen,
+            INTERLEAVED=bool(interleaved),
+            CONJUGATE=bool(conjugate),
+            BLOCK_H=block_h,
+            BLOCK_M=block_m,
+        )
+    return output
+

@@ -1,0 +1,190 @@
+"""Input checks shared by every package: each raises ``ValueError``/``TypeError`` naming the argument.
+
+Checks on tensor *values* (cu_seqlens monotone, totals) need a device-to-host copy on a GPU; they run by
+default and are skipped while a CUDA graph is being captured, under ``torch.compile`` tracing, or when
+``FA_PLUS_SKIP_VALUE_CHECKS=1`` (for serving loops that cannot afford the synchronisation).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEADDIM = 256
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def value_checks_enabled(t: torch.Tensor) -> bool:
+    """Whether checks that read tensor values (a device sync on GPU) may run now."""
+    if os.environ.get("FA_PLUS_SKIP_VALUE_CHECKS", "0") == "1":
+        return False
+    if t.device.type == "meta" or torch.compiler.is_compiling():
+        return False
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def check_tensor(name: str, t: object, ndim: int | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}: all tensors must share a device")
+
+
+def check_compute_device(name: str, t: torch.Tensor) -> None:
+    """Kernels run on CUDA (or other Triton GPU) tensors, or on CPU tensors under the interpreter."""
+    if t.device.type == "cpu" and not interpreting():
+        raise ValueError(
+            f"{name} is a CPU tensor: Triton kernels need a GPU tensor, or set TRITON_INTERPRET=1 "
+            "before importing fa_core to run them on CPU through the interpreter"
+        )
+    if t.device.type not in ("cpu", "cuda", "meta", "xpu"):
+        raise ValueError(f"{name} is on unsupported device {t.device}")
+
+
+def check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...] | None = None) -> None:
+    if allowed is None:
+        # fp32 only where the interpreter runs the kernel (CPU tests); GPUs get fp16/bf16 as in flash-attn
+        allowed = SUPPORTED_DTYPES + ((torch.float32,) if t.device.type == "cpu" else ())
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: {names}")
+
+
+def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
+
+
+def check_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: bool, allow_v_headdim: bool = True
+) -> tuple[int, int, int, int]:
+    """Validate q/k/v; return ``(nheads, nheads_k, headdim, headdim_v)``."""
+    ndim = 3 if varlen else 4
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim)
+    check_compute_device("q", q)
+    check_device("k", k, "q", q)
+    check_device("v", v, "q", q)
+    check_dtype("q", q)
+    if k.dtype != q.dtype:
+        raise TypeError(f"k has dtype {k.dtype} but q has {q.dtype}: q, k, v must share a dtype")
+    if v.dtype != q.dtype:
+        raise TypeError(f"v has dtype {v.dtype} but q has {q.dtype}: q, k, v must share a dtype")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_last_dim_contiguous(name, t)
+    nheads, d = q.shape[-2], q.shape[-1]
+    nheads_k, dk = k.shape[-2], k.shape[-1]
+    dv = v.shape[-1]
+    if d == 0 or d > MAX_HEADDIM:
+        raise ValueError(f"q head dim must be in [1, {MAX_HEADDIM}], got {d}")
+    if dk != d:
+        raise ValueError(f"k head dim {dk} must equal q head dim {d}")
+    if dv == 0 or dv > MAX_HEADDIM:
+        raise ValueError(f"v head dim must be in [1, {MAX_HEADDIM}], got {dv}")
+    if not allow_v_headdim and dv != d:
+        raise ValueError(f"v head dim {dv} must equal q head dim {d}")
+    if v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(f"v shape {tuple(v.shape)} does not match k shape {tuple(k.shape)} except the head dim")
+    if nheads_k == 0 or nheads % nheads_k != 0:
+        raise ValueError(f"nheads ({nheads}) must be a multiple of nheads_k ({nheads_k}) for GQA/MQA")
+    if not varlen:
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"k batch {k.shape[0]} does not match q batch {q.shape[0]}")
+    return nheads, nheads_k, d, dv
+
+
+def check_window(window_size: tuple[int, int]) -> None:
+    if len(window_size) != 2:
+        raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
+    for side, w in zip(("left", "right"), window_size):
+        if int(w) < -1:
+            raise ValueError(f"window_size {side} must be >= -1 (-1 = unbounded), got {w}")
+
+
+def check_scalars(dropout_p: float, softcap: float, softmax_scale: float | None) -> None:
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if softcap < 0.0:
+        raise ValueError(f"softcap must be >= 0 (0 = off), got {softcap}")
+    if softmax_scale is not None and not softmax_scale == softmax_scale:  # NaN
+        raise ValueError("softmax_scale is NaN")
+
+
+def check_alibi(alibi_slopes: torch.Tensor | None, batch: int, nheads: int, q: torch.Tensor) -> None:
+    if alibi_slopes is None:
+        return
+    check_tensor("alibi_slopes", alibi_slopes)
+    check_device("alibi_slopes", alibi_slopes, "q", q)
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+    if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
+        raise ValueError(
+            f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), got {tuple(alibi_slopes.shape)}"
+        )
+    if alibi_slopes.stride(-1) != 1:
+        raise ValueError("alibi_slopes must have a contiguous last dimension")
+
+
+def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, q: torch.Tensor, max_seqlen: int | None,
+                     max_name: str) -> int:
+    """Validate a ``(batch + 1,)`` int32 prefix-sum tensor; return batch."""
+    check_tensor(name, cu, 1)
+    check_device(name, cu, "q", q)
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    if cu.numel() < 1:
+        raise ValueError(f"{name} must have batch + 1 >= 1 entries")
+    if value_checks_enabled(cu):
+        vals = cu.cpu()
+        if int(vals[0]) != 0:
+            raise ValueError(f"{name}[0] must be 0, got {int(vals[0])}")
+        if bool((vals[1:] < vals[:-1]).any()):
+            raise ValueError(f"{name} must be non-decreasing, got {vals.tolist()}")
+        if int(vals[-1]) != total:
+            raise ValueError(f"{name}[-1] = {int(vals[-1])} does not match the total length {total}")
+        if max_seqlen is not None and vals.numel() > 1:
+            longest = int((vals[1:] - vals[:-1]).max())
+            if longest > max_seqlen:
+                raise ValueError(f"{max_name} = {max_seqlen} is smaller than the longest sequence ({longest})")
+    return cu.numel() - 1
+
+
+def check_seqused(seqused_k: torch.Tensor | None, batch: int, cu_seqlens_k: torch.Tensor, q: torch.Tensor) -> None:
+    if seqused_k is None:
+        return
+    check_tensor("seqused_k", seqused_k, 1)
+    check_device("seqused_k", seqused_k, "q", q)
+    if seqused_k.dtype != torch.int32:
+        raise TypeError(f"seqused_k must be int32, got {seqused_k.dtype}")
+    if seqused_k.numel() != batch:
+        raise ValueError(f"seqused_k must have {batch} entries (one per sequence), got {seqused_k.numel()}")
+    if value_checks_enabled(seqused_k):
+        used = seqused_k.cpu()
+        lens = cu_seqlens_k.cpu()
+        avail = lens[1:] - lens[:-1]
+        if bool((used < 0).any()) or bool((used > avail).any()):
+            raise ValueError(f"seqused_k must lie in [0, seqlen_k of each sequence]; got {used.tolist()}")
+
+
+def grad_guard(*tensors: torch.Tensor | None) -> None:
+    """fa-core's forward is not differentiable: refuse rather than silently detach."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(
+            "inputs require grad but fa_core only provides the forward pass: install fa-backward "
+            "(`pip install fa-backward`) and call its autograd functions (or flash_attn.flash_attn_func), "
+            "or run under torch.no_grad()"
+        )
