@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from typing import Optional, Union
 
 import torch
 import triton
@@ -103,9 +102,13 @@ def _rotary_kernel(
         k0 = offs_k
         k1 = offs_k + HALF
 
-    mask = (offs_h[:, None, None] < nheads) & (offs_m[None, :, None] < seqlen) & (offs_k[None, None, :] < HALF)
+    mask = (
+        (offs_h[:, None, None] < nheads) & (offs_m[None, :, None] < seqlen) & (offs_k[None, None, :] < HALF)
+    )
     row_x = offs_h[:, None, None].to(tl.int64) * stride_x_h + offs_m[None, :, None].to(tl.int64) * stride_x_m
-    row_o = offs_h[:, None, None].to(tl.int64) * stride_out_h + offs_m[None, :, None].to(tl.int64) * stride_out_m
+    row_o = (
+        offs_h[:, None, None].to(tl.int64) * stride_out_h + offs_m[None, :, None].to(tl.int64) * stride_out_m
+    )
     x0 = tl.load(X + row_x + k0[None, None, :] * stride_x_k, mask=mask, other=0.0).to(tl.float32)
     x1 = tl.load(X + row_x + k1[None, None, :] * stride_x_k, mask=mask, other=0.0).to(tl.float32)
     o0 = x0 * cos - x1 * sin
@@ -124,9 +127,9 @@ def apply_rotary(
     x: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    seqlen_offsets: Union[int, torch.Tensor] = 0,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    max_seqlen: Optional[int] = None,
+    seqlen_offsets: int | torch.Tensor = 0,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
     interleaved: bool = False,
     inplace: bool = False,
     conjugate: bool = False,
@@ -178,11 +181,15 @@ def apply_rotary(
         if cu_seqlens.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
         if cu_seqlens.device != x.device:
-            raise ValueError(f"cu_seqlens must be on the same device as x ({x.device}), got {cu_seqlens.device}")
+            raise ValueError(
+                f"cu_seqlens must be on the same device as x ({x.device}), got {cu_seqlens.device}"
+            )
         if max_seqlen is None:
             raise ValueError("max_seqlen must be passed when cu_seqlens is given")
         # max_seqlen may arrive as a 0-dim integer tensor (e.g. from HF's cu_seqlens.diff().max()).
-        max_seqlen = operator.index(max_seqlen) if not isinstance(max_seqlen, torch.Tensor) else int(max_seqlen)
+        max_seqlen = (
+            operator.index(max_seqlen) if not isinstance(max_seqlen, torch.Tensor) else int(max_seqlen)
+        )
         if max_seqlen < 0:
             raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
         _, nheads, headdim = x.shape
@@ -200,7 +207,9 @@ def apply_rotary(
     offsets_is_tensor = isinstance(seqlen_offsets, torch.Tensor)
     if offsets_is_tensor:
         if seqlen_offsets.shape != (batch,):
-            raise ValueError(f"seqlen_offsets tensor must have shape ({batch},), got {tuple(seqlen_offsets.shape)}")
+            raise ValueError(
+                f"seqlen_offsets tensor must have shape ({batch},), got {tuple(seqlen_offsets.shape)}"
+            )
         if seqlen_offsets.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"seqlen_offsets tensor must be int32 or int64, got {seqlen_offsets.dtype}")
         if seqlen_offsets.device != x.device:
@@ -239,7 +248,12 @@ def apply_rotary(
     block_m = 8 if rotary_dim <= 128 else 4
     block_h = 2
     grid = (triton.cdiv(nheads, block_h), triton.cdiv(seqlen, block_m), batch)
-    strides_out = (0 if is_varlen else output.stride(0), output.stride(-3), output.stride(-2), output.stride(-1))
+    strides_out = (
+        0 if is_varlen else output.stride(0),
+        output.stride(-3),
+        output.stride(-2),
+        output.stride(-1),
+    )
     strides_x = (0 if is_varlen else x.stride(0), x.stride(-3), x.stride(-2), x.stride(-1))
     kernel = torch.library.wrap_triton(_rotary_kernel) if x.is_cuda else _rotary_kernel
     # Launch on x's device, not the current one (multi-GPU).
@@ -266,4 +280,3 @@ def apply_rotary(
             BLOCK_M=block_m,
         )
     return output
-

@@ -6,8 +6,6 @@ Computes in the dtype of its inputs (no upcast), so calling it with fp16 tensors
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch
 
 __all__ = ["apply_rotary_ref"]
@@ -45,9 +43,9 @@ def apply_rotary_ref(
     x: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    seqlen_offsets: Union[int, torch.Tensor] = 0,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    max_seqlen: Optional[int] = None,
+    seqlen_offsets: int | torch.Tensor = 0,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
     interleaved: bool = False,
     inplace: bool = False,
     conjugate: bool = False,

@@ -182,7 +182,7 @@ def check_seqused(seqused_k: torch.Tensor | None, batch: int, cu_seqlens_k: torc
 
 def grad_guard(*tensors: torch.Tensor | None) -> None:
     """fa-core's forward is not differentiable: refuse rather than silently detach."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
         raise RuntimeError(
             "inputs require grad but fa_core only provides the forward pass: install fa-backward "
             "(`pip install fa-backward`) and call its autograd functions (or flash_attn.flash_attn_func), "

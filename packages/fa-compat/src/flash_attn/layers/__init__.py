@@ -1,0 +1,1 @@
+"""Layers with the API of ``flash_attn.layers`` (flash-attn 2.8.x)."""

@@ -1,0 +1,225 @@
+"""Forward kernels vs the reference (CPU interpreter: fp32/fp16, small odd shapes)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+
+from fa_core import attention_ref, attention_varlen_ref, flash_attn_forward, flash_attn_varlen_forward
+from fa_core.testing import DEVICE, assert_close_2x, poisoned
+
+DTYPES = [torch.float32, torch.float16] if DEVICE == "cpu" else [torch.float16, torch.bfloat16]
+
+# name -> kwargs of the feature combination
+FEATURES = {
+    "plain": {},
+    "causal": {"causal": True},
+    "window": {"window_size": (8, 3)},
+    "window_left_causal": {"causal": True, "window_size": (5, -1)},
+    "softcap": {"softcap": 3.0},
+    "alibi": {"alibi": True},
+    "causal_softcap_alibi": {"causal": True, "softcap": 5.0, "alibi": True},
+    "window_alibi_scale": {"window_size": (-1, 4), "alibi": True, "softmax_scale": 0.3},
+}
+
+# (seqlen_q, seqlen_k, nheads, nheads_k, headdim)
+SHAPES = [
+    (1, 1, 2, 1, 16),
+    (17, 17, 4, 2, 40),
+    (113, 33, 3, 1, 64),
+    (33, 113, 4, 4, 24),
+    (1, 113, 4, 2, 32),
+]
+
+
+def _slopes(batch: int, nheads: int, per_batch: bool) -> torch.Tensor:
+    shape = (batch, nheads) if per_batch else (nheads,)
+    return (torch.rand(shape, device=DEVICE) * 0.3 + 0.05).float()
+
+
+def _check(q, k, v, res, feature_kwargs, slopes, dtype):
+    hi = torch.float64 if dtype == torch.float32 else torch.float32
+    kw = {k_: v_ for k_, v_ in feature_kwargs.items() if k_ != "alibi"}
+    ref, ref_lse = attention_ref(q, k, v, alibi_slopes=slopes, dtype=hi, **kw)
+    low, low_lse = attention_ref(q, k, v, alibi_slopes=slopes, upcast=False, **kw)
+    assert_close_2x(res.out, ref, low, "out")
+    assert_close_2x(res.lse, ref_lse, low_lse, "lse", slack=1e-4 if dtype == torch.float32 else 2e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_dense(feature, shape, dtype):
+    torch.manual_seed(hash((feature, shape)) % 2**31)
+    sq, sk, h, hk, d = shape
+    batch = 2
+    q = torch.randn(batch, sq, h, d, device=DEVICE, dtype=dtype)
+    k = torch.randn(batch, sk, hk, d, device=DEVICE, dtype=dtype)
+    v = torch.randn(batch, sk, hk, d, device=DEVICE, dtype=dtype)
+    fkw = FEATURES[feature]
+    slopes = _slopes(batch, h, per_batch=sq % 2 == 1) if fkw.get("alibi") else None
+    kw = {k_: v_ for k_, v_ in fkw.items() if k_ != "alibi"}
+    out = poisoned((batch, sq, h, d), dtype, DEVICE)
+    res = flash_attn_forward(q, k, v, alibi_slopes=slopes, out=out, **kw)
+    assert res.out.data_ptr() == out.data_ptr()
+    _check(q, k, v, res, fkw, slopes, dtype)
+
+
+@pytest.mark.parametrize("d", [1, 8, 96, 200, 256])
+def test_head_dims(d):
+    torch.manual_seed(d)
+    q = torch.randn(1, 19, 2, d, device=DEVICE, dtype=torch.float16)
+    k = torch.randn(1, 23, 1, d, device=DEVICE, dtype=torch.float16)
+    v = torch.randn(1, 23, 1, d, device=DEVICE, dtype=torch.float16)
+    res = flash_attn_forward(q, k, v, causal=True, out=poisoned(q.shape, q.dtype, DEVICE))
+    _check(q, k, v, res, {"causal": True}, None, torch.float16)
+
+
+def test_v_headdim_differs():
+    torch.manual_seed(1)
+    q = torch.randn(2, 21, 4, 48, device=DEVICE)
+    k = torch.randn(2, 30, 2, 48, device=DEVICE)
+    v = torch.randn(2, 30, 2, 24, device=DEVICE)
+    res = flash_attn_forward(q, k, v, causal=True)
+    assert res.out.shape == (2, 21, 4, 24)
+    _check(q, k, v, res, {"causal": True}, None, torch.float32)
+
+
+def test_non_contiguous_strides():
+    """Views of a packed qkv and a (b, h, s, d) tensor transposed: any strides, last dim contiguous."""
+    torch.manual_seed(2)
+    qkv = torch.randn(2, 37, 3, 4, 32, device=DEVICE, dtype=torch.float16)
+    q, k, v = qkv.unbind(2)
+    out = torch.full((2, 4, 37, 32), float("nan"), device=DEVICE, dtype=torch.float16).transpose(1, 2)
+    res = flash_attn_forward(q, k, v, causal=True, out=out)
+    assert not q.is_contiguous() and not out.is_contiguous()
+    _check(q, k, v, res, {"causal": True}, None, torch.float16)
+
+
+def test_empty_rows_give_zero_and_inf_lse():
+    """seqlen_q > seqlen_k with causal: the first rows see no key; a window can empty rows too."""
+    torch.manual_seed(3)
+    q = torch.randn(1, 40, 2, 16, device=DEVICE)
+    k = torch.randn(1, 10, 2, 16, device=DEVICE)
+    v = torch.randn(1, 10, 2, 16, device=DEVICE)
+    res = flash_attn_forward(q, k, v, causal=True, out=poisoned(q.shape, q.dtype, DEVICE))
+    assert torch.all(res.out[:, :30] == 0)
+    assert torch.all(torch.isinf(res.lse[:, :, :30])) and torch.all(res.lse[:, :, :30] > 0)
+    assert torch.isfinite(res.out).all() and torch.isfinite(res.lse[:, :, 30:]).all()
+    _check(q, k, v, res, {"causal": True}, None, torch.float32)
+    res = flash_attn_forward(q, k, v, window_size=(0, 0))  # each row sees exactly one key or none
+    _check(q, k, v, res, {"window_size": (0, 0)}, None, torch.float32)
+
+
+def test_zero_length_inputs():
+    q = torch.randn(2, 0, 2, 16, device=DEVICE)
+    k = torch.randn(2, 5, 2, 16, device=DEVICE)
+    res = flash_attn_forward(q, k, k)
+    assert res.out.shape == (2, 0, 2, 16) and res.lse.shape == (2, 2, 0)
+    q = torch.randn(1, 7, 2, 16, device=DEVICE)
+    k = torch.randn(1, 0, 2, 16, device=DEVICE)
+    res = flash_attn_forward(q, k, k)
+    assert torch.all(res.out == 0) and torch.all(torch.isinf(res.lse))
+
+
+def _cu(lengths):
+    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32, device=DEVICE)
+
+
+VARLEN_CASES = {
+    "plain": {},
+    "causal": {"causal": True},
+    "window_softcap": {"window_size": (6, 2), "softcap": 4.0},
+    "causal_alibi_seqused": {"causal": True, "alibi": True, "seqused": True},
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(VARLEN_CASES))
+def test_varlen(case, dtype):
+    torch.manual_seed(hash(case) % 2**31)
+    lens_q = [1, 17, 0, 45, 3]
+    lens_k = [5, 17, 9, 30, 70]
+    h, hk, d = 4, 2, 40
+    cq, ck = _cu(lens_q), _cu(lens_k)
+    q = torch.randn(sum(lens_q), h, d, device=DEVICE, dtype=dtype)
+    k = torch.randn(sum(lens_k), hk, d, device=DEVICE, dtype=dtype)
+    v = torch.randn(sum(lens_k), hk, d, device=DEVICE, dtype=dtype)
+    fkw = dict(VARLEN_CASES[case])
+    slopes = _slopes(len(lens_q), h, per_batch=True) if fkw.pop("alibi", False) else None
+    seqused = torch.tensor([3, 17, 0, 30, 41], dtype=torch.int32, device=DEVICE) if fkw.pop("seqused", False) else None
+    out = poisoned(q.shape, dtype, DEVICE)
+    res = flash_attn_varlen_forward(q, k, v, cq, ck, max(lens_q), max(lens_k), alibi_slopes=slopes,
+                                    seqused_k=seqused, out=out, **fkw)
+    hi = torch.float64 if dtype == torch.float32 else torch.float32
+    ref, ref_lse = attention_varlen_ref(q, k, v, cq, ck, seqused_k=seqused, alibi_slopes=slopes, dtype=hi, **fkw)
+    low, low_lse = attention_varlen_ref(q, k, v, cq, ck, seqused_k=seqused, alibi_slopes=slopes, upcast=False, **fkw)
+    assert res.lse.shape == (h, sum(lens_q))
+    assert_close_2x(res.out, ref, low, "out")
+    assert_close_2x(res.lse, ref_lse, low_lse, "lse", slack=2e-3)
+
+
+def test_probs_match_softmax():
+    torch.manual_seed(4)
+    q = torch.randn(2, 29, 2, 32, device=DEVICE)
+    k = torch.randn(2, 41, 1, 32, device=DEVICE)
+    v = torch.randn(2, 41, 1, 32, device=DEVICE)
+    res = flash_attn_forward(q, k, v, causal=True, softcap=2.0, return_probs=True)
+    scores = torch.einsum("bthd,bshd->bhts", q.double() / math.sqrt(32), k.double().expand(-1, -1, 2, -1))
+    scores = torch.tanh(scores / 2.0) * 2.0
+    from fa_core.reference import visible_mask
+
+    scores = scores.masked_fill(~visible_mask(29, 41, causal=True, device=DEVICE), float("-inf"))
+    torch.testing.assert_close(res.probs.double(), torch.softmax(scores, -1), atol=1e-5, rtol=1e-4)
+
+
+def test_dropout_mask_and_rate():
+    torch.manual_seed(5)
+    p = 0.3
+    q = torch.randn(2, 64, 2, 32, device=DEVICE)
+    k = torch.randn(2, 48, 2, 32, device=DEVICE)
+    v = torch.randn(2, 48, 2, 32, device=DEVICE)
+    res = flash_attn_forward(q, k, v, dropout_p=p, causal=True, return_probs=True)
+    keep = res.probs >= 0
+    vis = res.probs != 0
+    rate = (keep & vis).sum().item() / vis.sum().item()
+    assert abs(rate - (1 - p)) < 0.03, rate
+    ref, _ = attention_ref(q, k, v, causal=True, dropout_p=p, dropout_mask=keep, dtype=torch.float64)
+    low, _ = attention_ref(q, k, v, causal=True, dropout_p=p, dropout_mask=keep, upcast=False)
+    assert_close_2x(res.out, ref, low, "out")
+    # reproducible from the returned rng_state, and a new draw gives a new mask
+    again = flash_attn_forward(q, k, v, dropout_p=p, causal=True, rng_state=res.rng_state)
+    assert torch.equal(again.out, res.out)
+    other = flash_attn_forward(q, k, v, dropout_p=p, causal=True)
+    assert not torch.equal(other.out, res.out)
+    torch.manual_seed(123)
+    a = flash_attn_forward(q, k, v, dropout_p=p)
+    torch.manual_seed(123)
+    b = flash_attn_forward(q, k, v, dropout_p=p)
+    assert torch.equal(a.out, b.out) and torch.equal(a.rng_state, b.rng_state)
+
+
+def test_dropout_varlen_matches_probs_mask():
+    torch.manual_seed(6)
+    p = 0.2
+    lens = [13, 30]
+    cu = _cu(lens)
+    q = torch.randn(sum(lens), 2, 16, device=DEVICE)
+    k = torch.randn(sum(lens), 2, 16, device=DEVICE)
+    v = torch.randn(sum(lens), 2, 16, device=DEVICE)
+    res = flash_attn_varlen_forward(q, k, v, cu, cu, 30, 30, dropout_p=p, return_probs=True)
+    masks = [res.probs[b, :, :n, :n] >= 0 for b, n in enumerate(lens)]
+    ref, _ = attention_varlen_ref(q, k, v, cu, cu, dropout_p=p, dropout_mask=masks, dtype=torch.float64)
+    low, _ = attention_varlen_ref(q, k, v, cu, cu, dropout_p=p, dropout_mask=masks, upcast=False)
+    assert_close_2x(res.out, ref, low, "out")
+
+
+def test_grad_guard_names_fa_backward():
+    q = torch.randn(1, 4, 1, 16, device=DEVICE, requires_grad=True)
+    with pytest.raises(RuntimeError, match="fa-backward"):
+        flash_attn_forward(q, q.detach(), q.detach())
+    with torch.no_grad():
+        flash_attn_forward(q, q.detach(), q.detach())
