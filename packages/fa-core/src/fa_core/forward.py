@@ -7,12 +7,15 @@ fa-compat exposes them under flash-attn's names.
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import torch
 import triton
+import triton.language as tl
 
 from fa_core import validation as V
+from fa_core.backends import get_forward, get_varlen_forward
 from fa_core.forward_kernel import fwd_kernel
 from fa_core.masking import normalize_window
 from fa_core.probs_kernel import probs_kernel
@@ -42,6 +45,41 @@ def new_rng_state(dropout_p: float) -> torch.Tensor:
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
     offset = torch.randint(0, 2**31, (1,), dtype=torch.int64)
     return torch.cat([seed, offset])
+
+
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """Use on-device tensor descriptors (TMA) on Hopper+ when every stride and base is 16-byte aligned."""
+    t0 = tensors[0]
+    if not t0.is_cuda or os.environ.get("FA_PLUS_TMA", "1") == "0" or V.interpreting():
+        return False
+    if not hasattr(tl, "make_tensor_descriptor") or torch.cuda.get_device_capability(t0.device)[0] < 9:
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any((s * size) % 16 for s in t.stride()[:-1]):
+            return False
+    _ensure_allocator()
+    return True
+
+
+_ALLOCATOR_SET = False
+
+
+def _ensure_allocator() -> None:
+    """On-device descriptors need a small global scratch buffer; install a torch-backed allocator once,
+    unless the user already installed one."""
+    global _ALLOCATOR_SET
+    if _ALLOCATOR_SET:
+        return
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+
+        user_set = not isinstance(_allocator.get(), NullAllocator)
+    except Exception:  # private API moved: install ours
+        user_set = False
+    if not user_set:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    _ALLOCATOR_SET = True
 
 
 def _bucket(n: int) -> int:
@@ -89,6 +127,7 @@ def _launch(
         BLOCK_DV=max(triton.next_power_of_2(dv), 16),
         IS_VARLEN=varlen, HAS_SEQUSED=seqused_k is not None, IS_LOCAL=is_local,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout_p > 0,
+        TMA_OK=_tma_ok(q, k, v, out),
     )
     return left, right, is_local
 
@@ -154,6 +193,7 @@ def flash_attn_forward(
     return_probs: bool = False,
     out: torch.Tensor | None = None,
     rng_state: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> FwdResult:
     """Dense attention forward.
 
@@ -168,11 +208,18 @@ def flash_attn_forward(
         return_probs: also return the probabilities (testing only: O(seqlen^2) memory).
         out: optional ``(batch, seqlen_q, nheads, headdim_v)`` output buffer.
         rng_state: reuse a ``[seed, offset]`` pair (to regenerate a dropout mask); default draws a new one.
+        backend: ``None`` / ``"triton"`` (ours) or ``"flaggems"`` (``fa-core[flaggems]``); ``None`` reads
+            ``$FA_BACKEND``. An unsupported feature on a backend raises; there is no silent fallback.
 
     Returns:
         :class:`FwdResult` ``(out, lse (batch, nheads, seqlen_q), rng_state, probs)``.
     """
     V.grad_guard(q, k, v)
+    impl = get_forward(backend)
+    if impl is not None:
+        return impl(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
+                    window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                    return_probs=return_probs, out=out, rng_state=rng_state)
     softmax_scale = _common_checks(q, k, v, out, softmax_scale, window_size, softcap, dropout_p, rng_state, False)
     batch, seqlen_q, nheads, _ = q.shape
     seqlen_k = k.shape[1]
@@ -212,6 +259,7 @@ def flash_attn_varlen_forward(
     seqused_k: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     rng_state: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> FwdResult:
     """Variable-length (packed) attention forward.
 
@@ -226,6 +274,12 @@ def flash_attn_varlen_forward(
         :class:`FwdResult` with ``lse (nheads, total_q)`` and probs ``(batch, nheads, max_seqlen_q, max_seqlen_k)``.
     """
     V.grad_guard(q, k, v)
+    impl = get_varlen_forward(backend)
+    if impl is not None:
+        return impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
+                    softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+                    alibi_slopes=alibi_slopes, return_probs=return_probs, seqused_k=seqused_k, out=out,
+                    rng_state=rng_state)
     softmax_scale = _common_checks(q, k, v, out, softmax_scale, window_size, softcap, dropout_p, rng_state, True)
     max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
     if max_seqlen_q < 0 or max_seqlen_k < 0:
