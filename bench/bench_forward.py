@@ -65,7 +65,9 @@ def check(providers: list[str], headdim: int, dtype: torch.dtype, tol: float = 2
                 out = out.out if hasattr(out, "out") else out[0] if isinstance(out, tuple) else out
                 err = rel_error(out, ref)
                 ok = err <= tol and bool(torch.isfinite(out).all())
-                print(f"[check] {name} causal={causal} d={headdim}: rel err {err:.2e} {'ok' if ok else 'FAIL'}")
+                print(
+                    f"[check] {name} causal={causal} d={headdim}: rel err {err:.2e} {'ok' if ok else 'FAIL'}"
+                )
                 if not ok:
                     bad[name] = f"check failed: rel err {err:.2e} vs fp32 SDPA (causal={causal}, d={headdim})"
             except Exception as exc:
@@ -81,20 +83,32 @@ def _time_config(cfg: Row, providers: list[str], dtype: torch.dtype, bad: dict[s
     flop = flops(b, s, s, h, d, causal)
     rows: list[Row] = []
     for name in providers:
-        row: Row = {"bench": KIND, "provider": name, "headdim": d, "causal": causal, "seqlen": s, "batch": b,
-                    "nheads": h}
+        row: Row = {
+            "bench": KIND,
+            "provider": name,
+            "headdim": d,
+            "causal": causal,
+            "seqlen": s,
+            "batch": b,
+            "nheads": h,
+        }
         if name in bad:
             row.update(ms=None, tflops=None, error=bad[name])
         else:
             maker = FORWARD_PROVIDERS[name]
             try_provider(row, lambda maker=maker: bench_ms(maker(q, k, v, causal)), flop)
         rows.append(row)
-        print(f"  {name:11s} d={d:3d} causal={causal!s:5} s={s:5d} b={b:2d}: "
-              f"{row.get('tflops') if row.get('tflops') is not None else row.get('error')}", flush=True)
+        print(
+            f"  {name:11s} d={d:3d} causal={causal!s:5} s={s:5d} b={b:2d}: "
+            f"{row.get('tflops') if row.get('tflops') is not None else row.get('error')}",
+            flush=True,
+        )
     return rows
 
 
-def dense_rows(configs: list[Row], providers: list[str], dtype: torch.dtype, bad: dict[str, str]) -> list[Row]:
+def dense_rows(
+    configs: list[Row], providers: list[str], dtype: torch.dtype, bad: dict[str, str]
+) -> list[Row]:
     rows: list[Row] = []
     for cfg in progress(configs, desc="forward"):
         rows += _time_config(cfg, providers, dtype, bad)
@@ -113,8 +127,9 @@ def varlen_lengths(total: int = 16384, lo: int = 128, hi: int = 4096, seed: int 
     return lens
 
 
-def _varlen_fn(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, maxlen: int,
-               causal: bool) -> Callable[[], Any]:
+def _varlen_fn(
+    name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, maxlen: int, causal: bool
+) -> Callable[[], Any]:
     if name == "fa-plus":
         from fa_core import flash_attn_varlen_forward
 
@@ -127,11 +142,14 @@ def _varlen_fn(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu:
 
     fg = _flag_gems()
     scale = q.shape[-1] ** -0.5
-    return lambda: fg.ops.flash_attn_varlen_func(q, k, v, maxlen, cu, maxlen, cu_seqlens_k=cu,
-                                                 softmax_scale=scale, causal=causal)
+    return lambda: fg.ops.flash_attn_varlen_func(
+        q, k, v, maxlen, cu, maxlen, cu_seqlens_k=cu, softmax_scale=scale, causal=causal
+    )
 
 
-def varlen_rows(headdims: list[int], providers: list[str], dtype: torch.dtype, bad: dict[str, str]) -> list[Row]:
+def varlen_rows(
+    headdims: list[int], providers: list[str], dtype: torch.dtype, bad: dict[str, str]
+) -> list[Row]:
     lens = varlen_lengths()
     total, maxlen = sum(lens), max(lens)
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
@@ -143,25 +161,39 @@ def varlen_rows(headdims: list[int], providers: list[str], dtype: torch.dtype, b
         for causal in (False, True):
             flop = sum(flops(1, n, n, h, d, causal) for n in lens)
             for name in [p for p in providers if p in VARLEN_PROVIDERS]:
-                row: Row = {"bench": "forward_varlen", "provider": name, "headdim": d, "causal": causal,
-                            "seqlen": None, "total_tokens": total, "max_seqlen": maxlen, "nseqs": len(lens),
-                            "nheads": h}
+                row: Row = {
+                    "bench": "forward_varlen",
+                    "provider": name,
+                    "headdim": d,
+                    "causal": causal,
+                    "seqlen": None,
+                    "total_tokens": total,
+                    "max_seqlen": maxlen,
+                    "nseqs": len(lens),
+                    "nheads": h,
+                }
                 if name in bad:
                     row.update(ms=None, tflops=None, error=bad[name])
                 else:
                     args = (name, q, k, v, cu, maxlen, causal)
                     try_provider(row, lambda args=args: bench_ms(_varlen_fn(*args)), flop)
                 rows.append(row)
-                print(f"  varlen {name:9s} d={d:3d} causal={causal!s:5}: "
-                      f"{row.get('tflops') if row.get('tflops') is not None else row.get('error')}", flush=True)
+                print(
+                    f"  varlen {name:9s} d={d:3d} causal={causal!s:5}: "
+                    f"{row.get('tflops') if row.get('tflops') is not None else row.get('error')}",
+                    flush=True,
+                )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="headdim 128, seqlen 1024 and 16384 only")
-    ap.add_argument("--providers", default=",".join(FORWARD_PROVIDERS),
-                    help=f"comma list out of {','.join(FORWARD_PROVIDERS)}")
+    ap.add_argument(
+        "--providers",
+        default=",".join(FORWARD_PROVIDERS),
+        help=f"comma list out of {','.join(FORWARD_PROVIDERS)}",
+    )
     ap.add_argument("--headdims", default=None, help="comma list (default 64,128; --quick: 128)")
     ap.add_argument("--seqlens", default=None, help="comma list (default 512..16384)")
     ap.add_argument("--no-varlen", action="store_true", help="skip the varlen section")
@@ -178,11 +210,18 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [p for p in providers if p not in FORWARD_PROVIDERS]
     if unknown:
         ap.error(f"unknown providers {unknown}; known: {list(FORWARD_PROVIDERS)}")
-    headdims = [int(x) for x in args.headdims.split(",")] if args.headdims else ([128] if args.quick else [64, 128])
-    seqlens = [int(x) for x in args.seqlens.split(",")] if args.seqlens else ([1024, 16384] if args.quick else None)
+    headdims = (
+        [int(x) for x in args.headdims.split(",")] if args.headdims else ([128] if args.quick else [64, 128])
+    )
+    seqlens = (
+        [int(x) for x in args.seqlens.split(",")] if args.seqlens else ([1024, 16384] if args.quick else None)
+    )
     dtype = getattr(torch, args.dtype)
-    print(f"[bench_forward] {torch.cuda.get_device_name()} providers={providers} headdims={headdims} "
-          f"dtype={args.dtype}", flush=True)
+    print(
+        f"[bench_forward] {torch.cuda.get_device_name()} providers={providers} headdims={headdims} "
+        f"dtype={args.dtype}",
+        flush=True,
+    )
 
     bad = check(providers, headdims[-1], dtype) if args.check else {}
     rows: list[Row] = []
@@ -192,8 +231,13 @@ def main(argv: list[str] | None = None) -> int:
             rows += varlen_rows(headdims, providers, dtype, bad)
     finally:
         if rows:
-            path = write_results(KIND, rows, merge=not args.no_merge,
-                                 plot_kw={"bench": KIND}, table_kw={"title": f"forward ({args.dtype})"})
+            path = write_results(
+                KIND,
+                rows,
+                merge=not args.no_merge,
+                plot_kw={"bench": KIND},
+                table_kw={"title": f"forward ({args.dtype})"},
+            )
             print(f"[bench_forward] wrote {path} (+ .md, .png)")
     errors = sum(1 for r in rows if r.get("error"))
     print(f"[bench_forward] {len(rows)} rows, {errors} with errors")

@@ -33,7 +33,9 @@ Maker = Callable[..., Callable[[], Any]]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 #: Row fields that hold measurements (everything else identifies the row when merging).
-MEASURE_FIELDS = frozenset({"tflops", "ms", "gbps", "error", "note", "rel_err", "speedup"})
+MEASURE_FIELDS = frozenset(
+    {"tflops", "ms", "gbps", "copy_gbps", "graph", "error", "note", "rel_err", "speedup", "peak_mem_mb"}
+)
 #: The provider whose ratio to every other provider the markdown table shows.
 OURS = "fa-plus"
 
@@ -72,11 +74,18 @@ def results_path(kind: str, suffix: str = ".json", device: str | None = None) ->
 
 def row_key(row: Row) -> tuple[tuple[str, str], ...]:
     """What identifies a row: every field except the measurements."""
-    return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in row.items() if k not in MEASURE_FIELDS))
+    return tuple(
+        sorted((k, json.dumps(v, sort_keys=True)) for k, v in row.items() if k not in MEASURE_FIELDS)
+    )
 
 
-def write_results(kind: str, rows: Sequence[Row], merge: bool = True, plot_kw: dict[str, Any] | None = None,
-                  table_kw: dict[str, Any] | None = None) -> Path:
+def write_results(
+    kind: str,
+    rows: Sequence[Row],
+    merge: bool = True,
+    plot_kw: dict[str, Any] | None = None,
+    table_kw: dict[str, Any] | None = None,
+) -> Path:
     """Write ``<device>-<kind>.json`` (+ ``.md`` table, + ``.png`` plot when matplotlib is there).
 
     With ``merge``, rows of an existing file whose key (:func:`row_key`) is not among ``rows`` are kept.
@@ -111,8 +120,9 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def markdown_table(rows: Sequence[Row], metric: str = "tflops", ours: str = OURS,
-                   title: str | None = None) -> str:
+def markdown_table(
+    rows: Sequence[Row], metric: str = "tflops", ours: str = OURS, title: str | None = None
+) -> str:
     """One markdown table per ``bench``: a line per configuration, a column per provider (``metric``),
     then ``ours/<provider>`` ratio columns. Failed cells show ``err``."""
     out: list[str] = []
@@ -123,8 +133,11 @@ def markdown_table(rows: Sequence[Row], metric: str = "tflops", ours: str = OURS
         benches.setdefault(str(r.get("bench", "")), []).append(r)
     for bench, brows in benches.items():
         providers = list(dict.fromkeys(str(r.get("provider")) for r in brows))
-        cfg_fields = [k for k in dict.fromkeys(k for r in brows for k in r)
-                      if k not in MEASURE_FIELDS and k not in ("bench", "provider")]
+        cfg_fields = [
+            k
+            for k in dict.fromkeys(k for r in brows for k in r)
+            if k not in MEASURE_FIELDS and k not in ("bench", "provider")
+        ]
         cfg_fields = [k for k in cfg_fields if any(r.get(k) is not None for r in brows)]
         providers.sort(key=lambda p: p != ours)  # ours first, then the anchors in order of appearance
         table: dict[tuple[str, ...], dict[str, Any]] = {}
@@ -145,9 +158,15 @@ def markdown_table(rows: Sequence[Row], metric: str = "tflops", ours: str = OURS
     return "\n".join(out) + "\n"
 
 
-def plot(rows: Sequence[Row], path: str | Path, metric: str = "tflops", x: str = "seqlen",
-         panels: Sequence[str] = ("headdim", "causal"), bench: str | None = None,
-         title: str | None = None) -> Path | None:
+def plot(
+    rows: Sequence[Row],
+    path: str | Path,
+    metric: str = "tflops",
+    x: str = "seqlen",
+    panels: Sequence[str] = ("headdim", "causal"),
+    bench: str | None = None,
+    title: str | None = None,
+) -> Path | None:
     """PNG: ``metric`` vs ``x`` (log2 axis), one panel per value of ``panels``, a line per provider.
 
     Only rows of ``bench`` (default: the first row's) with a numeric ``x`` are drawn. Returns the path, or
@@ -174,18 +193,26 @@ def plot(rows: Sequence[Row], path: str | Path, metric: str = "tflops", x: str =
     for ax, key in zip(axes.flat, keys):
         sub = [r for r in data if tuple(r.get(p) for p in panels) == key]
         for prov in dict.fromkeys(r.get("provider") for r in sub):
-            pts = sorted((r[x], r.get(metric)) for r in sub if r.get("provider") == prov
-                         and isinstance(r.get(metric), (int, float)))
+            pts = sorted(
+                (r[x], r.get(metric))
+                for r in sub
+                if r.get("provider") == prov and isinstance(r.get(metric), (int, float))
+            )
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=str(prov),
-                        linewidth=2.5 if prov == OURS else 1.5)
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    marker="o",
+                    label=str(prov),
+                    linewidth=2.5 if prov == OURS else 1.5,
+                )
         ax.set_xscale("log", base=2)
         ax.set_xlabel(x)
         ax.set_ylabel(metric)
         ax.set_title(", ".join(f"{p}={v}" for p, v in zip(panels, key)))
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.set_visible(False)
     fig.suptitle(title or f"{bench} ({device_slug()}, torch {torch.__version__})")
     fig.tight_layout()
@@ -197,22 +224,41 @@ def plot(rows: Sequence[Row], path: str | Path, metric: str = "tflops", x: str =
 # ------------------------------------------------------------------------------------------ sweep
 
 
-def standard_sweep(headdims: Iterable[int] = (64, 128), seqlens: Iterable[int] | None = None,
-                   causals: Iterable[bool] = (False, True), tokens: int = 16384,
-                   hidden: int = 2048) -> list[Row]:
+def standard_sweep(
+    headdims: Iterable[int] = (64, 128),
+    seqlens: Iterable[int] | None = None,
+    causals: Iterable[bool] = (False, True),
+    tokens: int = 16384,
+    hidden: int = 2048,
+) -> list[Row]:
     """The FlashAttention-paper sweep: ``{batch, seqlen, nheads, headdim, causal}`` dicts."""
     seqlens = list(seqlens) if seqlens is not None else [512 * 2**i for i in range(6)]  # 512 .. 16384
     out = []
     for d in headdims:
         for causal in causals:
             for s in seqlens:
-                out.append({"batch": max(tokens // s, 1), "seqlen": s, "nheads": hidden // d, "headdim": d,
-                            "causal": causal})
+                out.append(
+                    {
+                        "batch": max(tokens // s, 1),
+                        "seqlen": s,
+                        "nheads": hidden // d,
+                        "headdim": d,
+                        "causal": causal,
+                    }
+                )
     return out
 
 
-def flops(batch: int, seqlen_q: int, seqlen_k: int | None, nheads: int, headdim: int, causal: bool,
-          mode: str = "fwd", headdim_v: int | None = None) -> float:
+def flops(
+    batch: int,
+    seqlen_q: int,
+    seqlen_k: int | None,
+    nheads: int,
+    headdim: int,
+    causal: bool,
+    mode: str = "fwd",
+    headdim_v: int | None = None,
+) -> float:
     """Attention FLOPs: fwd = 2*b*h*sq*sk*(d + dv) (= 4*b*h*s^2*d), halved when causal (sq == sk);
     ``"bwd"`` = 2.5 x fwd, ``"fwd_bwd"`` = 3.5 x fwd."""
     sk = seqlen_q if seqlen_k is None else seqlen_k
@@ -287,6 +333,7 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "") -> It
 
 def install_sigterm_handler() -> None:
     """Turn SIGTERM (``timeout``) into SystemExit so ``finally`` blocks still write partial results."""
+
     def _raise(signum: int, frame: Any) -> None:
         raise SystemExit(128 + signum)
 
@@ -316,8 +363,11 @@ def _sdpa_maker(backend_name: str) -> Maker:
 
         def fn() -> torch.Tensor:
             with sdpa_kernel(backend):
-                return sdpa(qt, kt, vt, is_causal=causal, enable_gqa=gqa) if gqa else \
-                    sdpa(qt, kt, vt, is_causal=causal)
+                return (
+                    sdpa(qt, kt, vt, is_causal=causal, enable_gqa=gqa)
+                    if gqa
+                    else sdpa(qt, kt, vt, is_causal=causal)
+                )
 
         fn()  # fail here (unsupported shape / backend) rather than inside do_bench
         return fn

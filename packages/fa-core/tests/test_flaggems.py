@@ -57,7 +57,11 @@ def test_unavailable_without_gpu():
 
 def test_resolve_backend(monkeypatch):
     monkeypatch.delenv("FA_BACKEND", raising=False)
-    assert resolve_backend(None) == "triton" and get_forward(None) is None and get_varlen_forward("native") is None
+    assert (
+        resolve_backend(None) == "triton"
+        and get_forward(None) is None
+        and get_varlen_forward("native") is None
+    )
     assert resolve_backend("FlagGems") == "flaggems"
     assert get_forward("flaggems") is fgb.flaggems_forward
     assert get_varlen_forward("flag_gems") is fgb.flaggems_varlen_forward
@@ -237,8 +241,19 @@ def test_varlen_vs_reference(fg_ready, entry, case, d, dtype):
     slopes = _slopes((len(lens_q), h)) if fkw.get("alibi") else None
     kw = {k_: v_ for k_, v_ in fkw.items() if k_ != "alibi"}
     ref, low = _refs(q, k, v, fkw, slopes, varlen_cu=(cq, ck))
-    res = _call_varlen(entry, q, k, v, cq, ck, max(lens_q), max(lens_k), alibi_slopes=slopes,
-                       out=poisoned(q.shape, dtype, "cuda"), **kw)
+    res = _call_varlen(
+        entry,
+        q,
+        k,
+        v,
+        cq,
+        ck,
+        max(lens_q),
+        max(lens_k),
+        alibi_slopes=slopes,
+        out=poisoned(q.shape, dtype, "cuda"),
+        **kw,
+    )
     assert res.lse.shape == (h, sum(lens_q))
     _check(res, ref, low, "flaggems")
     native = flash_attn_varlen_forward(q, k, v, cq, ck, max(lens_q), max(lens_k), alibi_slopes=slopes, **kw)
@@ -293,14 +308,26 @@ def test_unsupported_features_raise(fg_ready):
         (lambda: fgb.flaggems_forward(q, q, q, softmax_scale=0.0), "softmax_scale=0"),
         (lambda: fgb.flaggems_forward(q[..., :16], q[..., :16], q[..., :16]), "head dim 16"),
         (lambda: fgb.flaggems_varlen_forward(q[0], q[0], q[0], cu, cu, 64, 64, dropout_p=0.1), "dropout"),
-        (lambda: fgb.flaggems_varlen_forward(q[0], q[0], q[0], cu, cu, 64, 64, return_probs=True),
-         "return_probs"),
-        (lambda: fgb.flaggems_varlen_forward(q[0], q[0], q[0], cu, cu, 64, 64,
-                                             seqused_k=torch.tensor([5], dtype=torch.int32, device=dev)),
-         "seqused_k"),
+        (
+            lambda: fgb.flaggems_varlen_forward(q[0], q[0], q[0], cu, cu, 64, 64, return_probs=True),
+            "return_probs",
+        ),
+        (
+            lambda: fgb.flaggems_varlen_forward(
+                q[0], q[0], q[0], cu, cu, 64, 64, seqused_k=torch.tensor([5], dtype=torch.int32, device=dev)
+            ),
+            "seqused_k",
+        ),
         (lambda: fgb.flaggems_varlen_forward(q12, q12, q12, cu, cu, 64, 64), "multiple of 8"),
-        (lambda: fgb.flaggems_forward(torch.randn(1, 9, 2, 64, device=dev, dtype=torch.float16), q[:, :4],
-                                      q[:, :4], window_size=(2, -1)), "left-only window"),
+        (
+            lambda: fgb.flaggems_forward(
+                torch.randn(1, 9, 2, 64, device=dev, dtype=torch.float16),
+                q[:, :4],
+                q[:, :4],
+                window_size=(2, -1),
+            ),
+            "left-only window",
+        ),
     ]
     for fn, match in cases:
         with pytest.raises(NotImplementedError, match=match):

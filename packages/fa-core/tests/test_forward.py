@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-
 from fa_core import attention_ref, attention_varlen_ref, flash_attn_forward, flash_attn_varlen_forward
 from fa_core.testing import DEVICE, assert_close_2x, poisoned
 
@@ -126,7 +125,9 @@ def test_zero_length_inputs():
 
 
 def _cu(lengths):
-    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32, device=DEVICE)
+    return torch.tensor(
+        [0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32, device=DEVICE
+    )
 
 
 VARLEN_CASES = {
@@ -150,13 +151,22 @@ def test_varlen(case, dtype):
     v = torch.randn(sum(lens_k), hk, d, device=DEVICE, dtype=dtype)
     fkw = dict(VARLEN_CASES[case])
     slopes = _slopes(len(lens_q), h, per_batch=True) if fkw.pop("alibi", False) else None
-    seqused = torch.tensor([3, 17, 0, 30, 41], dtype=torch.int32, device=DEVICE) if fkw.pop("seqused", False) else None
+    seqused = (
+        torch.tensor([3, 17, 0, 30, 41], dtype=torch.int32, device=DEVICE)
+        if fkw.pop("seqused", False)
+        else None
+    )
     out = poisoned(q.shape, dtype, DEVICE)
-    res = flash_attn_varlen_forward(q, k, v, cq, ck, max(lens_q), max(lens_k), alibi_slopes=slopes,
-                                    seqused_k=seqused, out=out, **fkw)
+    res = flash_attn_varlen_forward(
+        q, k, v, cq, ck, max(lens_q), max(lens_k), alibi_slopes=slopes, seqused_k=seqused, out=out, **fkw
+    )
     hi = torch.float64 if dtype == torch.float32 else torch.float32
-    ref, ref_lse = attention_varlen_ref(q, k, v, cq, ck, seqused_k=seqused, alibi_slopes=slopes, dtype=hi, **fkw)
-    low, low_lse = attention_varlen_ref(q, k, v, cq, ck, seqused_k=seqused, alibi_slopes=slopes, upcast=False, **fkw)
+    ref, ref_lse = attention_varlen_ref(
+        q, k, v, cq, ck, seqused_k=seqused, alibi_slopes=slopes, dtype=hi, **fkw
+    )
+    low, low_lse = attention_varlen_ref(
+        q, k, v, cq, ck, seqused_k=seqused, alibi_slopes=slopes, upcast=False, **fkw
+    )
     assert res.lse.shape == (h, sum(lens_q))
     assert_close_2x(res.out, ref, low, "out")
     assert_close_2x(res.lse, ref_lse, low_lse, "lse", slack=2e-3)

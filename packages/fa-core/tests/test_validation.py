@@ -26,24 +26,45 @@ def _dense_cases():
         "v_dtype": (dict(q=q, k=k, v=v.float()), TypeError, "v has dtype"),
         "not_tensor": (dict(q=q.tolist(), k=k, v=v), TypeError, "q must be a torch.Tensor"),
         "rank": (dict(q=q[0], k=k, v=v), ValueError, "q must have 4 dimensions"),
-        "headdim_too_big": (dict(q=_qkv(d=264)[0], k=_qkv(d=264)[1], v=_qkv(d=264)[2]), ValueError, "head dim"),
+        "headdim_too_big": (
+            dict(q=_qkv(d=264)[0], k=_qkv(d=264)[1], v=_qkv(d=264)[2]),
+            ValueError,
+            "head dim",
+        ),
         "headdim_mismatch": (dict(q=q, k=_qkv(d=32)[1], v=v), ValueError, "k head dim"),
         "gqa_ratio": (dict(q=_qkv(h=3)[0], k=k, v=v), ValueError, "multiple of nheads_k"),
         "batch_mismatch": (dict(q=_qkv(b=2)[0], k=k, v=v), ValueError, "k batch"),
         "v_shape": (dict(q=q, k=k, v=v[:, :4]), ValueError, "v shape"),
-        "last_dim_stride": (dict(q=q.transpose(-1, -2).contiguous().transpose(-1, -2), k=k, v=v), ValueError,
-                            "contiguous last dimension"),
+        "last_dim_stride": (
+            dict(q=q.transpose(-1, -2).contiguous().transpose(-1, -2), k=k, v=v),
+            ValueError,
+            "contiguous last dimension",
+        ),
         "window": (dict(q=q, k=k, v=v, window_size=(-2, 0)), ValueError, "window_size left"),
         "window_pair": (dict(q=q, k=k, v=v, window_size=(1, 2, 3)), ValueError, "window_size must be a pair"),
         "dropout_high": (dict(q=q, k=k, v=v, dropout_p=1.0), ValueError, "dropout_p"),
         "dropout_neg": (dict(q=q, k=k, v=v, dropout_p=-0.1), ValueError, "dropout_p"),
         "softcap_neg": (dict(q=q, k=k, v=v, softcap=-1.0), ValueError, "softcap"),
-        "alibi_shape": (dict(q=q, k=k, v=v, alibi_slopes=torch.ones(3, device=DEVICE)), ValueError, "alibi_slopes"),
-        "alibi_dtype": (dict(q=q, k=k, v=v, alibi_slopes=torch.ones(2, device=DEVICE, dtype=torch.float16)),
-                        TypeError, "alibi_slopes must be float32"),
-        "out_shape": (dict(q=q, k=k, v=v, out=torch.empty(1, 8, 2, 8, dtype=q.dtype, device=DEVICE)), ValueError,
-                      "out must be"),
-        "rng_state": (dict(q=q, k=k, v=v, rng_state=torch.zeros(3, dtype=torch.int64)), ValueError, "rng_state"),
+        "alibi_shape": (
+            dict(q=q, k=k, v=v, alibi_slopes=torch.ones(3, device=DEVICE)),
+            ValueError,
+            "alibi_slopes",
+        ),
+        "alibi_dtype": (
+            dict(q=q, k=k, v=v, alibi_slopes=torch.ones(2, device=DEVICE, dtype=torch.float16)),
+            TypeError,
+            "alibi_slopes must be float32",
+        ),
+        "out_shape": (
+            dict(q=q, k=k, v=v, out=torch.empty(1, 8, 2, 8, dtype=q.dtype, device=DEVICE)),
+            ValueError,
+            "out must be",
+        ),
+        "rng_state": (
+            dict(q=q, k=k, v=v, rng_state=torch.zeros(3, dtype=torch.int64)),
+            ValueError,
+            "rng_state",
+        ),
     }
 
 
@@ -80,20 +101,42 @@ def _varlen_cases():
     return {
         "cu_int64": (dict(cu_seqlens_q=cu.long()), TypeError, "cu_seqlens_q must be int32"),
         "cu_rank": (dict(cu_seqlens_k=cu[None]), ValueError, "cu_seqlens_k must have 1 dimensions"),
-        "cu_decreasing": (dict(cu_seqlens_q=torch.tensor([0, 6, 4, 10], dtype=torch.int32, device=DEVICE)),
-                          ValueError, "non-decreasing"),
-        "cu_total": (dict(cu_seqlens_k=torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE)), ValueError,
-                     "does not match the total"),
-        "cu_start": (dict(cu_seqlens_q=torch.tensor([1, 4, 10], dtype=torch.int32, device=DEVICE)), ValueError,
-                     r"cu_seqlens_q\[0\] must be 0"),
-        "cu_len": (dict(cu_seqlens_k=torch.tensor([0, 10], dtype=torch.int32, device=DEVICE), max_seqlen_k=10), ValueError,
-                   "cu_seqlens_k has 2 entries"),
+        "cu_decreasing": (
+            dict(cu_seqlens_q=torch.tensor([0, 6, 4, 10], dtype=torch.int32, device=DEVICE)),
+            ValueError,
+            "non-decreasing",
+        ),
+        "cu_total": (
+            dict(cu_seqlens_k=torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE)),
+            ValueError,
+            "does not match the total",
+        ),
+        "cu_start": (
+            dict(cu_seqlens_q=torch.tensor([1, 4, 10], dtype=torch.int32, device=DEVICE)),
+            ValueError,
+            r"cu_seqlens_q\[0\] must be 0",
+        ),
+        "cu_len": (
+            dict(cu_seqlens_k=torch.tensor([0, 10], dtype=torch.int32, device=DEVICE), max_seqlen_k=10),
+            ValueError,
+            "cu_seqlens_k has 2 entries",
+        ),
         "max_seqlen_small": (dict(max_seqlen_q=5), ValueError, "max_seqlen_q = 5"),
-        "seqused_dtype": (dict(seqused_k=torch.tensor([1, 2], device=DEVICE)), TypeError, "seqused_k must be int32"),
-        "seqused_len": (dict(seqused_k=torch.tensor([1], dtype=torch.int32, device=DEVICE)), ValueError,
-                        "seqused_k must have 2"),
-        "seqused_range": (dict(seqused_k=torch.tensor([5, 2], dtype=torch.int32, device=DEVICE)), ValueError,
-                          "seqused_k must lie"),
+        "seqused_dtype": (
+            dict(seqused_k=torch.tensor([1, 2], device=DEVICE)),
+            TypeError,
+            "seqused_k must be int32",
+        ),
+        "seqused_len": (
+            dict(seqused_k=torch.tensor([1], dtype=torch.int32, device=DEVICE)),
+            ValueError,
+            "seqused_k must have 2",
+        ),
+        "seqused_range": (
+            dict(seqused_k=torch.tensor([5, 2], dtype=torch.int32, device=DEVICE)),
+            ValueError,
+            "seqused_k must lie",
+        ),
         "rank": (dict(q=q[None]), ValueError, "q must have 3 dimensions"),
     }
 
@@ -101,7 +144,9 @@ def _varlen_cases():
 @pytest.mark.parametrize("case", list(_varlen_cases()))
 def test_varlen_bad_input(case):
     q, cu = _varlen_inputs()
-    kwargs = dict(q=q, k=q.clone(), v=q.clone(), cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=6, max_seqlen_k=6)
+    kwargs = dict(
+        q=q, k=q.clone(), v=q.clone(), cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=6, max_seqlen_k=6
+    )
     override, exc, match = _varlen_cases()[case]
     kwargs.update(override)
     with pytest.raises(exc, match=match):

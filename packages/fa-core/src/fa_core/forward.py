@@ -88,8 +88,26 @@ def _bucket(n: int) -> int:
 
 
 def _launch(
-    q, k, v, out, lse, *, varlen, batch, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k, seqused_k,
-    softmax_scale, causal, window_size, softcap, alibi_slopes, dropout_p, rng_state,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    *,
+    varlen,
+    batch,
+    max_seqlen_q,
+    max_seqlen_k,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    seqused_k,
+    softmax_scale,
+    causal,
+    window_size,
+    softcap,
+    alibi_slopes,
+    dropout_p,
+    rng_state,
 ):
     nheads, nheads_k, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     left, right, is_local = normalize_window(causal, window_size)
@@ -110,30 +128,77 @@ def _launch(
         return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), nheads, batch)
 
     fwd_kernel[grid](
-        q, k, v, out, lse,
-        stride_qb, q.stride(-3), q.stride(-2),
-        stride_kb, k.stride(-3), k.stride(-2),
-        stride_vb, v.stride(-3), v.stride(-2),
-        stride_ob, out.stride(-3), out.stride(-2),
-        stride_lb, stride_lh,
-        cu_seqlens_q if varlen else dummy_i32, cu_seqlens_k if varlen else dummy_i32,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        stride_qb,
+        q.stride(-3),
+        q.stride(-2),
+        stride_kb,
+        k.stride(-3),
+        k.stride(-2),
+        stride_vb,
+        v.stride(-3),
+        v.stride(-2),
+        stride_ob,
+        out.stride(-3),
+        out.stride(-2),
+        stride_lb,
+        stride_lh,
+        cu_seqlens_q if varlen else dummy_i32,
+        cu_seqlens_k if varlen else dummy_i32,
         seqused_k if seqused_k is not None else dummy_i32,
-        sq_b, sk_b, nheads, nheads // nheads_k,
-        softmax_scale, float(softcap), alibi, stride_alb,
-        left, right,
-        float(dropout_p), seed, offset,
-        _bucket(max_seqlen_q), _bucket(max_seqlen_k),
-        HEADDIM=d, HEADDIM_V=dv, BLOCK_D=max(triton.next_power_of_2(d), 16),
+        sq_b,
+        sk_b,
+        nheads,
+        nheads // nheads_k,
+        softmax_scale,
+        float(softcap),
+        alibi,
+        stride_alb,
+        left,
+        right,
+        float(dropout_p),
+        seed,
+        offset,
+        _bucket(max_seqlen_q),
+        _bucket(max_seqlen_k),
+        HEADDIM=d,
+        HEADDIM_V=dv,
+        BLOCK_D=max(triton.next_power_of_2(d), 16),
         BLOCK_DV=max(triton.next_power_of_2(dv), 16),
-        IS_VARLEN=varlen, HAS_SEQUSED=seqused_k is not None, IS_LOCAL=is_local,
-        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout_p > 0,
+        IS_VARLEN=varlen,
+        HAS_SEQUSED=seqused_k is not None,
+        IS_LOCAL=is_local,
+        HAS_SOFTCAP=softcap > 0,
+        HAS_ALIBI=alibi_slopes is not None,
+        HAS_DROPOUT=dropout_p > 0,
         TMA_OK=_tma_ok(q, k, v, out),
     )
     return left, right, is_local
 
 
-def _probs(q, k, lse, *, varlen, batch, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k, seqused_k,
-           softmax_scale, window, softcap, alibi_slopes, dropout_p, rng_state):
+def _probs(
+    q,
+    k,
+    lse,
+    *,
+    varlen,
+    batch,
+    max_seqlen_q,
+    max_seqlen_k,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    seqused_k,
+    softmax_scale,
+    window,
+    softcap,
+    alibi_slopes,
+    dropout_p,
+    rng_state,
+):
     """Test/debug path: ``(batch, nheads, max_seqlen_q, max_seqlen_k)`` float32 probabilities."""
     nheads, nheads_k, d = q.shape[-2], k.shape[-2], q.shape[-1]
     left, right, is_local = window
@@ -145,20 +210,48 @@ def _probs(q, k, lse, *, varlen, batch, max_seqlen_q, max_seqlen_k, cu_seqlens_q
     block_m, block_n = 16, 16
     grid = (triton.cdiv(max_seqlen_q, block_m), nheads, batch)
     probs_kernel[grid](
-        q, k, lse, probs,
-        0 if varlen else q.stride(0), q.stride(-3), q.stride(-2),
-        0 if varlen else k.stride(0), k.stride(-3), k.stride(-2),
-        0 if varlen else lse.stride(0), lse.stride(-2),
-        probs.stride(0), probs.stride(1), probs.stride(2),
-        cu_seqlens_q if varlen else dummy_i32, cu_seqlens_k if varlen else dummy_i32,
+        q,
+        k,
+        lse,
+        probs,
+        0 if varlen else q.stride(0),
+        q.stride(-3),
+        q.stride(-2),
+        0 if varlen else k.stride(0),
+        k.stride(-3),
+        k.stride(-2),
+        0 if varlen else lse.stride(0),
+        lse.stride(-2),
+        probs.stride(0),
+        probs.stride(1),
+        probs.stride(2),
+        cu_seqlens_q if varlen else dummy_i32,
+        cu_seqlens_k if varlen else dummy_i32,
         seqused_k if seqused_k is not None else dummy_i32,
-        0 if varlen else q.shape[1], 0 if varlen else k.shape[1], max_seqlen_k, nheads, nheads // nheads_k,
-        softmax_scale, float(softcap), alibi, stride_alb, left, right,
-        float(dropout_p), seed, offset,
-        HEADDIM=d, BLOCK_D=max(triton.next_power_of_2(d), 16),
-        IS_VARLEN=varlen, HAS_SEQUSED=seqused_k is not None, IS_LOCAL=is_local,
-        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout_p > 0,
-        BLOCK_M=block_m, BLOCK_N=block_n,
+        0 if varlen else q.shape[1],
+        0 if varlen else k.shape[1],
+        max_seqlen_k,
+        nheads,
+        nheads // nheads_k,
+        softmax_scale,
+        float(softcap),
+        alibi,
+        stride_alb,
+        left,
+        right,
+        float(dropout_p),
+        seed,
+        offset,
+        HEADDIM=d,
+        BLOCK_D=max(triton.next_power_of_2(d), 16),
+        IS_VARLEN=varlen,
+        HAS_SEQUSED=seqused_k is not None,
+        IS_LOCAL=is_local,
+        HAS_SOFTCAP=softcap > 0,
+        HAS_ALIBI=alibi_slopes is not None,
+        HAS_DROPOUT=dropout_p > 0,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
     )
     return probs
 
@@ -217,10 +310,23 @@ def flash_attn_forward(
     V.grad_guard(q, k, v)
     impl = get_forward(backend)
     if impl is not None:
-        return impl(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
-                    window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-                    return_probs=return_probs, out=out, rng_state=rng_state)
-    softmax_scale = _common_checks(q, k, v, out, softmax_scale, window_size, softcap, dropout_p, rng_state, False)
+        return impl(
+            q,
+            k,
+            v,
+            dropout_p=dropout_p,
+            softmax_scale=softmax_scale,
+            causal=causal,
+            window_size=window_size,
+            softcap=softcap,
+            alibi_slopes=alibi_slopes,
+            return_probs=return_probs,
+            out=out,
+            rng_state=rng_state,
+        )
+    softmax_scale = _common_checks(
+        q, k, v, out, softmax_scale, window_size, softcap, dropout_p, rng_state, False
+    )
     batch, seqlen_q, nheads, _ = q.shape
     seqlen_k = k.shape[1]
     V.check_alibi(alibi_slopes, batch, nheads, q)
@@ -232,9 +338,18 @@ def flash_attn_forward(
     if batch == 0 or seqlen_q == 0:
         return FwdResult(out, lse, rng_state, None)
     kw = dict(
-        varlen=False, batch=batch, max_seqlen_q=seqlen_q, max_seqlen_k=seqlen_k, cu_seqlens_q=None,
-        cu_seqlens_k=None, seqused_k=None, softmax_scale=softmax_scale, softcap=softcap,
-        alibi_slopes=alibi_slopes, dropout_p=dropout_p, rng_state=rng_state,
+        varlen=False,
+        batch=batch,
+        max_seqlen_q=seqlen_q,
+        max_seqlen_k=seqlen_k,
+        cu_seqlens_q=None,
+        cu_seqlens_k=None,
+        seqused_k=None,
+        softmax_scale=softmax_scale,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p,
+        rng_state=rng_state,
     )
     window = _launch(q, k, v, out, lse, causal=causal, window_size=window_size, **kw)
     probs = _probs(q, k, lse, window=window, **kw) if return_probs else None
@@ -276,11 +391,28 @@ def flash_attn_varlen_forward(
     V.grad_guard(q, k, v)
     impl = get_varlen_forward(backend)
     if impl is not None:
-        return impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
-                    softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
-                    alibi_slopes=alibi_slopes, return_probs=return_probs, seqused_k=seqused_k, out=out,
-                    rng_state=rng_state)
-    softmax_scale = _common_checks(q, k, v, out, softmax_scale, window_size, softcap, dropout_p, rng_state, True)
+        return impl(
+            q,
+            k,
+            v,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q,
+            max_seqlen_k,
+            dropout_p=dropout_p,
+            softmax_scale=softmax_scale,
+            causal=causal,
+            window_size=window_size,
+            softcap=softcap,
+            alibi_slopes=alibi_slopes,
+            return_probs=return_probs,
+            seqused_k=seqused_k,
+            out=out,
+            rng_state=rng_state,
+        )
+    softmax_scale = _common_checks(
+        q, k, v, out, softmax_scale, window_size, softcap, dropout_p, rng_state, True
+    )
     max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
     if max_seqlen_q < 0 or max_seqlen_k < 0:
         raise ValueError("max_seqlen_q and max_seqlen_k must be >= 0")
@@ -299,9 +431,17 @@ def flash_attn_varlen_forward(
     if batch == 0 or q.shape[0] == 0 or max_seqlen_q == 0:
         return FwdResult(out, lse, rng_state, None)
     kw = dict(
-        varlen=True, batch=batch, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
-        softmax_scale=softmax_scale, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+        varlen=True,
+        batch=batch,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        seqused_k=seqused_k,
+        softmax_scale=softmax_scale,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p,
         rng_state=rng_state,
     )
     window = _launch(q, k, v, out, lse, causal=causal, window_size=window_size, **kw)

@@ -43,8 +43,16 @@ def normalize_window(causal: bool, window_size: tuple[int, int]) -> tuple[int, i
 
 
 @triton.jit
-def visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
-            IS_LOCAL: tl.constexpr, CHECK_N: tl.constexpr):
+def visible(
+    offs_m,
+    offs_n,
+    seqlen_q,
+    seqlen_k,
+    window_left,
+    window_right,
+    IS_LOCAL: tl.constexpr,
+    CHECK_N: tl.constexpr,
+):
     """Boolean ``(BLOCK_M, BLOCK_N)``: may query ``offs_m`` attend to key ``offs_n``?"""
     rows = offs_m[:, None]
     cols = offs_n[None, :]
@@ -63,8 +71,18 @@ def tanh(x):
 
 
 @triton.jit
-def scores_log2(qk, offs_m, offs_n, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope,
-                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+def scores_log2(
+    qk,
+    offs_m,
+    offs_n,
+    seqlen_q,
+    seqlen_k,
+    sm_scale,
+    softcap,
+    alibi_slope,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+):
     """Raw ``q @ k^T`` (fp32) -> modified scores in the log2 domain (before masking)."""
     if HAS_SOFTCAP:
         # softcap is applied to the scaled score, as flash-attn does: softcap * tanh(s * scale / softcap)
@@ -98,8 +116,16 @@ def dropout_keep(seed, rng_offset, bh, offs_m, offs_n, dropout_p):
 
 
 @triton.jit
-def kv_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_LOCAL: tl.constexpr):
+def kv_range(
+    start_m,
+    seqlen_q,
+    seqlen_k,
+    window_left,
+    window_right,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_LOCAL: tl.constexpr,
+):
     """Key blocks a query block touches, split so that only edge blocks pay for masking.
 
     Returns ``(lo, full_lo, full_hi, hi)``, multiples of BLOCK_N except ``hi`` (<= seqlen_k):
@@ -128,8 +154,16 @@ def kv_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
 
 
 @triton.jit
-def q_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_LOCAL: tl.constexpr):
+def q_range(
+    start_n,
+    seqlen_q,
+    seqlen_k,
+    window_left,
+    window_right,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_LOCAL: tl.constexpr,
+):
     """Query rows ``[lo, hi)`` that can see any key of key block ``start_n`` (for the backward)."""
     diag = seqlen_k - seqlen_q
     lo = 0

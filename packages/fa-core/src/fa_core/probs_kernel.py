@@ -16,19 +16,48 @@ from fa_core.masking import dropout_keep, scores_log2, visible
 
 @triton.jit
 def probs_kernel(
-    Q, K, Lse, P,
-    stride_qb, stride_qm, stride_qh,
-    stride_kb, stride_kn, stride_kh,
-    stride_lb, stride_lh,
-    stride_pb, stride_ph, stride_pm,
-    cu_seqlens_q, cu_seqlens_k, seqused_k,
-    seqlen_q_dense, seqlen_k_dense, max_seqlen_k, nheads, group,
-    sm_scale, softcap, Alibi, stride_alb, window_left, window_right,
-    dropout_p, seed, rng_offset,
-    HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, IS_LOCAL: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    Lse,
+    P,
+    stride_qb,
+    stride_qm,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_lb,
+    stride_lh,
+    stride_pb,
+    stride_ph,
+    stride_pm,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    seqused_k,
+    seqlen_q_dense,
+    seqlen_k_dense,
+    max_seqlen_k,
+    nheads,
+    group,
+    sm_scale,
+    softcap,
+    Alibi,
+    stride_alb,
+    window_left,
+    window_right,
+    dropout_p,
+    seed,
+    rng_offset,
+    HEADDIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    HAS_SEQUSED: tl.constexpr,
+    IS_LOCAL: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
@@ -52,10 +81,16 @@ def probs_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q_base = Q + off_b.to(tl.int64) * stride_qb + off_h * stride_qh + q_start.to(tl.int64) * stride_qm
     k_base = K + off_b.to(tl.int64) * stride_kb + off_hk * stride_kh + k_start.to(tl.int64) * stride_kn
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEADDIM), other=0.0)
-    lse = tl.load(Lse + off_b.to(tl.int64) * stride_lb + off_h * stride_lh + q_start + offs_m,
-                  mask=offs_m < seqlen_q, other=0.0)
+    q = tl.load(
+        q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
+        mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEADDIM),
+        other=0.0,
+    )
+    lse = tl.load(
+        Lse + off_b.to(tl.int64) * stride_lb + off_h * stride_lh + q_start + offs_m,
+        mask=offs_m < seqlen_q,
+        other=0.0,
+    )
     alibi_slope = 0.0
     if HAS_ALIBI:
         alibi_slope = tl.load(Alibi + off_b * stride_alb + off_h).to(tl.float32)
@@ -63,14 +98,30 @@ def probs_kernel(
     p_base = P + off_b.to(tl.int64) * stride_pb + off_h.to(tl.int64) * stride_ph
     for start_n in range(0, max_seqlen_k, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
-                    mask=(offs_n[None, :] < seqlen_k) & (offs_d[:, None] < HEADDIM), other=0.0)
-        s = scores_log2(tl.dot(q, k), offs_m, offs_n, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope,
-                        HAS_SOFTCAP, HAS_ALIBI)
+        k = tl.load(
+            k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
+            mask=(offs_n[None, :] < seqlen_k) & (offs_d[:, None] < HEADDIM),
+            other=0.0,
+        )
+        s = scores_log2(
+            tl.dot(q, k),
+            offs_m,
+            offs_n,
+            seqlen_q,
+            seqlen_k,
+            sm_scale,
+            softcap,
+            alibi_slope,
+            HAS_SOFTCAP,
+            HAS_ALIBI,
+        )
         ok = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, IS_LOCAL, True)
         p = tl.where(ok, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, rng_offset, bh, offs_m, offs_n, dropout_p)
             p = tl.where(keep, p, -p)
-        tl.store(p_base + offs_m[:, None] * stride_pm + offs_n[None, :], p,
-                 mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < max_seqlen_k))
+        tl.store(
+            p_base + offs_m[:, None] * stride_pm + offs_n[None, :],
+            p,
+            mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < max_seqlen_k),
+        )

@@ -205,7 +205,7 @@ def apply_rotary(
         raise ValueError(f"rotary_dim ({rotary_dim} = 2 * cos.shape[1]) must be <= headdim ({headdim})")
 
     offsets_is_tensor = isinstance(seqlen_offsets, torch.Tensor)
-    if offsets_is_tensor:
+    if isinstance(seqlen_offsets, torch.Tensor):
         if seqlen_offsets.shape != (batch,):
             raise ValueError(
                 f"seqlen_offsets tensor must have shape ({batch},), got {tuple(seqlen_offsets.shape)}"

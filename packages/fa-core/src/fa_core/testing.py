@@ -12,7 +12,9 @@ def slack_for(dtype: torch.dtype) -> float:
     return {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype, 1e-5)
 
 
-def poisoned(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+def poisoned(
+    shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
     """A NaN-filled buffer: any element a kernel forgets to write fails the comparison."""
     return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
 
@@ -40,8 +42,9 @@ def assert_close_2x(
     if ours_f.numel() == 0:
         return
     if slack is None:
-        slack = slack_for(ours.dtype if ours.dtype != torch.float32 or ref_lowp.dtype == torch.float32
-                          else ref_lowp.dtype)
+        slack = slack_for(
+            ours.dtype if ours.dtype != torch.float32 or ref_lowp.dtype == torch.float32 else ref_lowp.dtype
+        )
     err = (ours_f - ref_f).abs().max().item()
     base = (low_f - ref_f).abs().nan_to_num(0.0).max().item()
     assert err <= factor * base + slack, (

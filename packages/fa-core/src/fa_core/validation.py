@@ -26,9 +26,7 @@ def value_checks_enabled(t: torch.Tensor) -> bool:
         return False
     if t.device.type == "meta" or torch.compiler.is_compiling():
         return False
-    if t.is_cuda and torch.cuda.is_current_stream_capturing():
-        return False
-    return True
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def check_tensor(name: str, t: object, ndim: int | None = None) -> torch.Tensor:
@@ -41,7 +39,9 @@ def check_tensor(name: str, t: object, ndim: int | None = None) -> torch.Tensor:
 
 def check_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}: all tensors must share a device")
+        raise ValueError(
+            f"{name} is on {t.device} but {ref_name} is on {ref.device}: all tensors must share a device"
+        )
 
 
 def check_compute_device(name: str, t: torch.Tensor) -> None:
@@ -98,7 +98,9 @@ def check_qkv(
     if not allow_v_headdim and dv != d:
         raise ValueError(f"v head dim {dv} must equal q head dim {d}")
     if v.shape[:-1] != k.shape[:-1]:
-        raise ValueError(f"v shape {tuple(v.shape)} does not match k shape {tuple(k.shape)} except the head dim")
+        raise ValueError(
+            f"v shape {tuple(v.shape)} does not match k shape {tuple(k.shape)} except the head dim"
+        )
     if nheads_k == 0 or nheads % nheads_k != 0:
         raise ValueError(f"nheads ({nheads}) must be a multiple of nheads_k ({nheads_k}) for GQA/MQA")
     if not varlen:
@@ -139,8 +141,9 @@ def check_alibi(alibi_slopes: torch.Tensor | None, batch: int, nheads: int, q: t
         raise ValueError("alibi_slopes must have a contiguous last dimension")
 
 
-def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, q: torch.Tensor, max_seqlen: int | None,
-                     max_name: str) -> int:
+def check_cu_seqlens(
+    name: str, cu: torch.Tensor, total: int, q: torch.Tensor, max_seqlen: int | None, max_name: str
+) -> int:
     """Validate a ``(batch + 1,)`` int32 prefix-sum tensor; return batch."""
     check_tensor(name, cu, 1)
     check_device(name, cu, "q", q)
@@ -159,11 +162,15 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, q: torch.Tensor, m
         if max_seqlen is not None and vals.numel() > 1:
             longest = int((vals[1:] - vals[:-1]).max())
             if longest > max_seqlen:
-                raise ValueError(f"{max_name} = {max_seqlen} is smaller than the longest sequence ({longest})")
+                raise ValueError(
+                    f"{max_name} = {max_seqlen} is smaller than the longest sequence ({longest})"
+                )
     return cu.numel() - 1
 
 
-def check_seqused(seqused_k: torch.Tensor | None, batch: int, cu_seqlens_k: torch.Tensor, q: torch.Tensor) -> None:
+def check_seqused(
+    seqused_k: torch.Tensor | None, batch: int, cu_seqlens_k: torch.Tensor, q: torch.Tensor
+) -> None:
     if seqused_k is None:
         return
     check_tensor("seqused_k", seqused_k, 1)

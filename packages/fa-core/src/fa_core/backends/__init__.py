@@ -21,8 +21,17 @@ __all__ = ["BACKENDS", "NATIVE", "available_backends", "get_forward", "get_varle
 NATIVE = "triton"
 #: Every backend name :func:`resolve_backend` accepts (canonical names).
 BACKENDS = (NATIVE, "flaggems")
-_ALIASES = {"": NATIVE, "native": NATIVE, "default": NATIVE, "fa-plus": NATIVE, "fa_plus": NATIVE,
-            "triton": NATIVE, "flaggems": "flaggems", "flag_gems": "flaggems", "flag-gems": "flaggems"}
+_ALIASES = {
+    "": NATIVE,
+    "native": NATIVE,
+    "default": NATIVE,
+    "fa-plus": NATIVE,
+    "fa_plus": NATIVE,
+    "triton": NATIVE,
+    "flaggems": "flaggems",
+    "flag_gems": "flaggems",
+    "flag-gems": "flaggems",
+}
 
 
 def resolve_backend(backend: str | None = None) -> str:

@@ -90,7 +90,9 @@ def _flag_gems() -> ModuleType:
         ops = flag_gems.ops
         missing = [n for n in ("flash_attention_forward", "flash_attn_varlen_func") if not hasattr(ops, n)]
         if missing:
-            raise ImportError(f"flag_gems {getattr(flag_gems, '__version__', '?')} lacks {', '.join(missing)}")
+            raise ImportError(
+                f"flag_gems {getattr(flag_gems, '__version__', '?')} lacks {', '.join(missing)}"
+            )
     except Exception as exc:  # ImportError, or FlagGems' own RuntimeError at import
         _IMPORT_ERROR = (
             f"cannot use the FlagGems backend: importing flag_gems failed ({type(exc).__name__}: {exc}); "
@@ -116,7 +118,9 @@ def _unsupported(feature: str) -> NotImplementedError:
     return NotImplementedError(f"the FlagGems backend does not support {feature}")
 
 
-def flaggems_window(causal: bool, window_size: tuple[int, int], seqlen_q: int, seqlen_k: int) -> tuple[int, int]:
+def flaggems_window(
+    causal: bool, window_size: tuple[int, int], seqlen_q: int, seqlen_k: int
+) -> tuple[int, int]:
     """The ``(left, right)`` window to hand FlagGems so that it masks exactly like fa_core.
 
     ``seqlen_q``/``seqlen_k`` are the dense lengths or varlen's ``max_seqlen_q``/``max_seqlen_k``
@@ -154,8 +158,9 @@ def flaggems_window(causal: bool, window_size: tuple[int, int], seqlen_q: int, s
     return left, right
 
 
-def _common_checks(q, k, v, dropout_p, softmax_scale, window_size, softcap, return_probs, rng_state,
-                   out, varlen) -> float:
+def _common_checks(
+    q, k, v, dropout_p, softmax_scale, window_size, softcap, return_probs, rng_state, out, varlen
+) -> float:
     """fa_core's argument checks plus FlagGems' limits; returns the softmax scale."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         V.check_tensor(name, t, 3 if varlen else 4)
@@ -213,12 +218,15 @@ def flaggems_forward(
     """
     fg = _flag_gems()
     V.grad_guard(q, k, v)
-    scale = _common_checks(q, k, v, dropout_p, softmax_scale, window_size, softcap, return_probs, rng_state,
-                           out, varlen=False)
+    scale = _common_checks(
+        q, k, v, dropout_p, softmax_scale, window_size, softcap, return_probs, rng_state, out, varlen=False
+    )
     batch, seqlen_q, nheads, d = q.shape
     seqlen_k = k.shape[1]
     if d <= 16:
-        raise _unsupported(f"head dim {d} in the dense path (FlagGems needs > 16; it pads up to 32/64/96/...)")
+        raise _unsupported(
+            f"head dim {d} in the dense path (FlagGems needs > 16; it pads up to 32/64/96/...)"
+        )
     V.check_alibi(alibi_slopes, batch, nheads, q)
     rng = rng_state if rng_state is not None else _zero_rng()
     if batch == 0 or seqlen_q == 0 or seqlen_k == 0:
@@ -230,8 +238,20 @@ def flaggems_forward(
     kernel_causal = left < 0 and right == 0
     with torch.cuda.device(q.device):
         res, lse, philox_args, _unused, _p = fg.ops.flash_attention_forward(
-            q, k, v, None, None, seqlen_q, seqlen_k, float(dropout_p), kernel_causal, False,
-            scale=scale, softcap=float(softcap), window_size_left=left, window_size_right=right,
+            q,
+            k,
+            v,
+            None,
+            None,
+            seqlen_q,
+            seqlen_k,
+            float(dropout_p),
+            kernel_causal,
+            False,
+            scale=scale,
+            softcap=float(softcap),
+            window_size_left=left,
+            window_size_right=right,
             alibi_slopes=alibi_slopes,
         )
     lse = lse.reshape(batch, nheads, seqlen_q)
@@ -280,8 +300,9 @@ def flaggems_varlen_forward(
     """
     fg = _flag_gems()
     V.grad_guard(q, k, v)
-    scale = _common_checks(q, k, v, dropout_p, softmax_scale, window_size, softcap, return_probs, rng_state,
-                           out, varlen=True)
+    scale = _common_checks(
+        q, k, v, dropout_p, softmax_scale, window_size, softcap, return_probs, rng_state, out, varlen=True
+    )
     if dropout_p > 0:
         raise _unsupported("dropout in the varlen path (no 1/(1-p) rescale and no RNG state in FlagGems 5.0)")
     if seqused_k is not None:
@@ -307,17 +328,29 @@ def flaggems_varlen_forward(
     left, right = flaggems_window(causal, window_size, max_seqlen_q, max_seqlen_k)
     kernel_causal = right == 0
     # FlagGems' decode path (one query per sequence, GQA) swaps query groups and sequences.
-    swapped = (max_seqlen_q == 1 and alibi_slopes is None and nheads > nheads_k and left < 0 and right < 0)
+    swapped = max_seqlen_q == 1 and alibi_slopes is None and nheads > nheads_k and left < 0 and right < 0
     if swapped and total_q != batch:
         left, right, swapped = -1, max_seqlen_k - 1, False  # same (full) mask, no swap
     if k.stride() != v.stride():  # FlagGems asserts equal k/v strides
         k, v = k.contiguous(), v.contiguous()
     with torch.cuda.device(q.device):
         res, lse = fg.ops.flash_attn_varlen_func(
-            q, k, v, max_seqlen_q, cu_seqlens_q.contiguous(), max_seqlen_k,
-            cu_seqlens_k=cu_seqlens_k.contiguous(), seqused_k=None, dropout_p=0.0, softmax_scale=scale,
-            causal=kernel_causal, window_size=(left, right), softcap=float(softcap), alibi_slopes=alibi_slopes,
-            return_softmax_lse=True, out=out,
+            q,
+            k,
+            v,
+            max_seqlen_q,
+            cu_seqlens_q.contiguous(),
+            max_seqlen_k,
+            cu_seqlens_k=cu_seqlens_k.contiguous(),
+            seqused_k=None,
+            dropout_p=0.0,
+            softmax_scale=scale,
+            causal=kernel_causal,
+            window_size=(left, right),
+            softcap=float(softcap),
+            alibi_slopes=alibi_slopes,
+            return_softmax_lse=True,
+            out=out,
         )
     if swapped:
         # kernel layout [head_k][batch][group]; FlagGems reshapes it as if it were [head_k][group][batch]

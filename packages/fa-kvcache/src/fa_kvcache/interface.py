@@ -1,0 +1,395 @@
+"""``flash_attn_with_kvcache``: flash-attn 2.8's KV-cache attention (decode / chunked prefill) in Triton.
+
+Host side: validate, append the new k/v into the cache (one fused append + rotary kernel), rotate q with
+:func:`fa_core.rotary.apply_rotary`, launch the split-KV attention kernel and, with several splits, the
+combine kernel. Nothing here reads a device value on the hot path (no ``.item()``, no branch on tensor
+contents), so a whole decode step can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+import torch
+import triton
+
+from fa_core import validation as V
+from fa_core.masking import normalize_window
+from fa_core.rotary import apply_rotary
+from fa_kvcache.checks import cache_capacity, kvcache_value_checks_enabled, validate, value_checks
+from fa_kvcache.kernels import append_kernel, combine_kernel, split_kv_kernel
+
+__all__ = [
+    "append_to_cache",
+    "flash_attn_with_kvcache",
+    "kvcache_value_checks_enabled",
+    "num_splits_heuristic",
+]
+
+MAX_SPLITS = 128
+_CPU_SM_FALLBACK = 4
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _CPU_SM_FALLBACK
+
+
+def num_splits_heuristic(work: int, n_key_blocks: int, num_sms: int, max_splits: int = MAX_SPLITS) -> int:
+    """Number of key splits for ``work`` programs (batch * kv heads * query tiles) on ``num_sms`` SMs.
+
+    No split when the programs already fill the machine; otherwise the smallest split count whose wave
+    efficiency is within 85% of the best, keeping at least two key blocks per split.
+    """
+    if work <= 0 or work >= 0.8 * num_sms:
+        return 1
+    # >= 2 key blocks per split, and no more than ~4 waves of programs
+    max_splits = max(1, min(max_splits, n_key_blocks // 2, math.ceil(4 * num_sms / work)))
+    effs = []
+    for s in range(1, max_splits + 1):
+        waves = work * s / num_sms
+        effs.append(waves / math.ceil(waves))
+    best = max(effs)
+    # the largest near-best count: more splits = more loads in flight on a memory-bound kernel
+    return max(s for s in range(1, max_splits + 1) if effs[s - 1] >= 0.85 * best)
+
+
+def _launch_ctx(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _tile_config(
+    seqlen_q: int, group: int, d: int, dv: int, interpret: bool
+) -> tuple[int, int, int, int, int]:
+    """``(BLOCK_M, HB, BLOCK_N, num_warps, num_stages)`` for the split-KV kernel."""
+    gp = triton.next_power_of_2(group)
+    rows = seqlen_q * gp
+    cap_m = 32 if interpret else (64 if max(d, dv) > 128 else 128)
+    block_m = min(max(16, triton.next_power_of_2(rows)), cap_m)
+    hb = min(gp, block_m)
+    if interpret:
+        return block_m, hb, 16 if seqlen_q * gp <= 16 else 32, 1, 1
+    dmax = max(d, dv)
+    block_n = 32 if dmax > 128 else 64
+    warps = 8 if block_m >= 128 else 4
+    stages = 2 if dmax > 128 or block_m >= 128 else 3
+    return block_m, hb, block_n, warps, stages
+
+
+def append_to_cache(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_seqlens: torch.Tensor | int,
+    cache_batch_idx: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None,
+    rotary_interleaved: bool = True,
+) -> None:
+    """Write ``k`` (rotated when cos/sin are given) and ``v`` ``(batch, seqlen_new, nheads_k, d)`` into the
+    cache in place at rows ``cache_seqlens[b] + t`` (through ``block_table`` when paged). One kernel.
+
+    Low-level: no validation beyond what :func:`flash_attn_with_kvcache` does before calling it.
+    """
+    batch, seqlen_new, nheads_k, d = k.shape
+    dv = v.shape[-1]
+    if batch == 0 or seqlen_new == 0 or nheads_k == 0:
+        return
+    paged = block_table is not None
+    page = k_cache.shape[1] if paged else 1
+    capacity = cache_capacity(k_cache, block_table)
+    seq_tensor = isinstance(cache_seqlens, torch.Tensor)
+    dummy = k_cache.new_empty(0, dtype=torch.int32)
+    has_rot = rotary_cos is not None and rotary_sin is not None
+    cos = rotary_cos.contiguous() if rotary_cos is not None and has_rot else k_cache.new_empty(0, 1)
+    sin = rotary_sin.contiguous() if rotary_sin is not None and has_rot else k_cache.new_empty(0, 1)
+    rot_dim = 2 * cos.shape[1] if has_rot else 0
+    bt = block_table if block_table is not None else dummy
+    block_t = 16 if V.interpreting() else 32
+    grid = (triton.cdiv(seqlen_new, block_t), batch, nheads_k)
+    with _launch_ctx(k):
+        append_kernel[grid](
+            k,
+            v,
+            k_cache,
+            v_cache,
+            bt,
+            cache_seqlens if seq_tensor else dummy,
+            cache_batch_idx if cache_batch_idx is not None else dummy,
+            cos,
+            sin,
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            v.stride(0),
+            v.stride(1),
+            v.stride(2),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            v_cache.stride(0),
+            v_cache.stride(1),
+            v_cache.stride(2),
+            bt.stride(0) if paged else 0,
+            seqlen_new,
+            0 if seq_tensor else int(cache_seqlens),
+            capacity,
+            cos.shape[0] if has_rot else 0,
+            HEADDIM=d,
+            HEADDIM_V=dv,
+            BLOCK_D=max(triton.next_power_of_2(d), 16),
+            BLOCK_DV=max(triton.next_power_of_2(dv), 16),
+            HAS_ROTARY=has_rot,
+            ROTARY_DIM=rot_dim,
+            BLOCK_HALF=max(triton.next_power_of_2(max(rot_dim // 2, 1)), 2),
+            INTERLEAVED=bool(rotary_interleaved),
+            PAGED=paged,
+            PAGE=page,
+            SEQLENS_TENSOR=seq_tensor,
+            HAS_BATCH_IDX=cache_batch_idx is not None,
+            BLOCK_T=block_t,
+        )
+
+
+def flash_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None,
+    cache_seqlens: int | torch.Tensor | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    rotary_interleaved: bool = True,
+    alibi_slopes: torch.Tensor | None = None,
+    num_splits: int = 0,
+    return_softmax_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` over a KV cache, optionally appending new k/v into the cache first (in place).
+
+    Same semantics as flash-attn 2.8's ``flash_attn_with_kvcache``:
+
+    Args:
+        q: ``(batch, seqlen_q, nheads, headdim)``.
+        k_cache, v_cache: ``(batch_cache, seqlen_cache, nheads_k, headdim[_v])``, or paged
+            ``(num_blocks, page_block_size, nheads_k, headdim[_v])`` with ``block_table``. Any page size
+            (flash-attn needs multiples of 256). Last dim contiguous.
+        k, v: optional ``(batch, seqlen_new, nheads_k, headdim[_v])``, written into the cache at rows
+            ``cache_seqlens[b] + t`` before attending (needs ``cache_seqlens``).
+        rotary_cos, rotary_sin: ``(seqlen_ro, rotary_dim / 2)``, only with k/v: new k is rotated at positions
+            ``cache_seqlens + t``; q at ``cache_seqlens + i`` when causal or local, else all rows of q at
+            ``cache_seqlens``. ``rotary_dim <= headdim`` (any even size).
+        cache_seqlens: int or ``(batch,)`` int32: cache rows already filled (absolute, leftpad included).
+            None = the whole cache (``seqlen_cache``, or ``block_table.shape[1] * page_block_size``).
+        cache_batch_idx: ``(batch,)`` int32 rows of a non-paged cache used by each sequence.
+        cache_leftpad: ``(batch,)`` int32: the sequence's keys start at this cache row.
+        block_table: ``(batch, max_blocks_per_seq)`` int32 block indices of a paged cache.
+        softmax_scale: default ``headdim ** -0.5``. causal / window_size: bottom-right aligned over the
+            ``cache_seqlens + seqlen_new - leftpad`` visible keys. softcap: 0 = off.
+        alibi_slopes: ``(nheads,)`` or ``(batch, nheads)`` float32.
+        num_splits: key splits (flash-decoding); 0 = heuristic from batch * kv heads * query tiles vs the
+            SM count and the cache length; 1 = no split.
+        return_softmax_lse: also return lse ``(batch, nheads, seqlen_q)`` float32 (natural log).
+
+    Returns:
+        ``out (batch, seqlen_q, nheads, headdim_v)``, or ``(out, softmax_lse)`` with return_softmax_lse.
+
+    Shapes and dtypes are always checked (ValueError / TypeError naming the argument). Checks of tensor
+    *values* (cache too small for ``cache_seqlens + seqlen_new``, block_table entries out of range,
+    cache_leftpad / cache_batch_idx out of range) run always on CPU and, on a GPU, only with
+    ``FA_PLUS_KVCACHE_VALUE_CHECKS=1`` (they need a device sync; never under CUDA-graph capture).
+    Without them, rows past the capacity are not written and out-of-range blocks are undefined behaviour.
+    """
+    V.grad_guard(q, k, v)
+    cache_seqlens, cache_batch_idx, cache_leftpad, seqlen_new = validate(
+        q,
+        k_cache,
+        v_cache,
+        k,
+        v,
+        rotary_cos,
+        rotary_sin,
+        cache_seqlens,
+        cache_batch_idx,
+        cache_leftpad,
+        block_table,
+        alibi_slopes,
+        window_size,
+        softcap,
+        softmax_scale,
+    )
+    batch, seqlen_q, nheads, d = q.shape
+    nheads_k, dv = k_cache.shape[2], v_cache.shape[3]
+    group = nheads // nheads_k
+    paged = block_table is not None
+    capacity = cache_capacity(k_cache, block_table)
+    if softmax_scale is None:
+        softmax_scale = d ** (-0.5)
+    if block_table is not None:
+        block_table = block_table.contiguous() if block_table.stride(-1) != 1 else block_table
+    if batch > 0 and kvcache_value_checks_enabled(q):
+        value_checks(
+            batch,
+            capacity if cache_seqlens is None else cache_seqlens,
+            cache_leftpad,
+            cache_batch_idx,
+            block_table,
+            seqlen_new,
+            capacity,
+            k_cache.shape[0],
+            k_cache.shape[1],
+            k_cache.shape[0],
+        )
+
+    if k is not None and v is not None and seqlen_new > 0:
+        append_to_cache(
+            k_cache,
+            v_cache,
+            k,
+            v,
+            cache_seqlens,
+            cache_batch_idx,
+            block_table,
+            rotary_cos,
+            rotary_sin,
+            rotary_interleaved,
+        )
+
+    left, right, is_local = normalize_window(causal, window_size)
+    if rotary_cos is not None and rotary_sin is not None and seqlen_q > 0 and batch > 0:
+        # flash-attn drops a window side that spans the whole cache before deciding "local"
+        local = any(0 <= int(w) < capacity for w in window_size) and not causal
+        if causal or local:
+            q = apply_rotary(
+                q, rotary_cos, rotary_sin, seqlen_offsets=cache_seqlens, interleaved=rotary_interleaved
+            )
+        else:
+            q = apply_rotary(
+                q.reshape(batch, 1, seqlen_q * nheads, d),
+                rotary_cos,
+                rotary_sin,
+                seqlen_offsets=cache_seqlens,
+                interleaved=rotary_interleaved,
+            ).reshape(q.shape)
+
+    out = q.new_empty(batch, seqlen_q, nheads, dv)
+    lse = torch.empty(batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
+    if batch == 0 or seqlen_q == 0 or nheads == 0:
+        return (out, lse) if return_softmax_lse else out
+
+    interp = V.interpreting()
+    block_m, hb, block_n, warps, stages = _tile_config(seqlen_q, group, d, dv, interp)
+    n_head_chunks = triton.cdiv(group, hb)
+    n_qblocks = triton.cdiv(seqlen_q, block_m // hb)
+    work = n_qblocks * n_head_chunks * batch * nheads_k
+    if num_splits is None or int(num_splits) <= 0:
+        splits = num_splits_heuristic(work, triton.cdiv(capacity, block_n), _sm_count(q.device))
+    else:
+        splits = min(int(num_splits), MAX_SPLITS)
+
+    seq_tensor = isinstance(cache_seqlens, torch.Tensor)
+    cache_len_int = capacity if cache_seqlens is None else (0 if seq_tensor else int(cache_seqlens))
+    dummy = q.new_empty(0, dtype=torch.int32)
+    bt = block_table if block_table is not None else dummy
+    if splits > 1:
+        out_part = torch.empty(splits, batch, seqlen_q, nheads, dv, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(splits, batch, seqlen_q, nheads, dtype=torch.float32, device=q.device)
+    else:
+        out_part = lse_part = q.new_empty(0, dtype=torch.float32)
+    alibi = alibi_slopes if alibi_slopes is not None else q.new_empty(0, dtype=torch.float32)
+    stride_alb = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
+    grid = (n_qblocks * n_head_chunks, batch * nheads_k, splits)
+    with _launch_ctx(q):
+        split_kv_kernel[grid](
+            q,
+            k_cache,
+            v_cache,
+            out,
+            lse,
+            out_part,
+            lse_part,
+            bt,
+            cache_seqlens if seq_tensor else dummy,
+            cache_batch_idx if cache_batch_idx is not None else dummy,
+            cache_leftpad if cache_leftpad is not None else dummy,
+            alibi,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            v_cache.stride(0),
+            v_cache.stride(1),
+            v_cache.stride(2),
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            bt.stride(0) if paged else 0,
+            stride_alb,
+            batch,
+            seqlen_q,
+            seqlen_new,
+            cache_len_int,
+            nheads,
+            nheads_k,
+            group,
+            n_head_chunks,
+            splits,
+            float(softmax_scale),
+            float(softcap),
+            left,
+            right,
+            HEADDIM=d,
+            HEADDIM_V=dv,
+            BLOCK_D=max(triton.next_power_of_2(d), 16),
+            BLOCK_DV=max(triton.next_power_of_2(dv), 16),
+            PAGED=paged,
+            PAGE=k_cache.shape[1] if paged else 1,
+            SEQLENS_TENSOR=seq_tensor,
+            HAS_BATCH_IDX=cache_batch_idx is not None,
+            HAS_LEFTPAD=cache_leftpad is not None,
+            IS_LOCAL=is_local,
+            HAS_SOFTCAP=softcap > 0,
+            HAS_ALIBI=alibi_slopes is not None,
+            SPLIT=splits > 1,
+            HB=hb,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            num_warps=warps,
+            num_stages=stages,
+        )
+        if splits > 1:
+            n_rows = batch * seqlen_q * nheads
+            block_r = 16
+            combine_kernel[(triton.cdiv(n_rows, block_r),)](
+                out_part,
+                lse_part,
+                out,
+                lse,
+                n_rows,
+                seqlen_q,
+                nheads,
+                splits,
+                out.stride(0),
+                out.stride(1),
+                out.stride(2),
+                HEADDIM_V=dv,
+                BLOCK_DV=max(triton.next_power_of_2(dv), 16),
+                BLOCK_R=block_r,
+                num_warps=4,
+            )
+    return (out, lse) if return_softmax_lse else out

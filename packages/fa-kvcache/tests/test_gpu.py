@@ -1,0 +1,169 @@
+"""GPU tests: bf16 at realistic sizes, and a decode step (append + attend) captured in a CUDA graph."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fa_core.reference import attention_ref
+from fa_kvcache import PagedKVCache, flash_attn_with_kvcache
+
+pytestmark = pytest.mark.gpu
+DEVICE = "cuda"
+
+
+def _paged_from_contiguous(kc, vc, page, extra_blocks=7):
+    """Scatter a contiguous cache (batch, cap, h, d) into a shuffled paged pool + block table."""
+    batch, cap = kc.shape[:2]
+    nb = math.ceil(cap / page)
+    num_blocks = nb * batch + extra_blocks
+    perm = torch.randperm(num_blocks, device=kc.device)[: nb * batch].reshape(batch, nb)
+    kp = torch.randn(num_blocks, page, *kc.shape[2:], device=kc.device, dtype=kc.dtype)
+    vp = torch.randn(num_blocks, page, *vc.shape[2:], device=kc.device, dtype=kc.dtype)
+    pad = nb * page - cap
+    kpad = torch.nn.functional.pad(kc, (0, 0, 0, 0, 0, pad)).reshape(batch, nb, page, *kc.shape[2:])
+    vpad = torch.nn.functional.pad(vc, (0, 0, 0, 0, 0, pad)).reshape(batch, nb, page, *vc.shape[2:])
+    kp[perm] = kpad
+    vp[perm] = vpad
+    return kp, vp, perm.to(torch.int32)
+
+
+def _check(out, q, kc, vc, lens, causal):
+    err = low_err = 0.0
+    for b in range(q.shape[0]):
+        n = int(lens[b])
+        ref, _ = attention_ref(q[b : b + 1], kc[b : b + 1, :n], vc[b : b + 1, :n], causal=causal, upcast=True)
+        low, _ = attention_ref(
+            q[b : b + 1], kc[b : b + 1, :n], vc[b : b + 1, :n], causal=causal, upcast=False
+        )
+        err = max(err, (out[b : b + 1].float() - ref.float()).abs().max().item())
+        low_err = max(low_err, (low.float() - ref.float()).abs().max().item())
+    assert err <= 2 * low_err + 1e-2, (err, low_err)
+
+
+@pytest.mark.parametrize("page", [0, 16, 256])
+@pytest.mark.parametrize("seqlen_q,context", [(1, 1000), (1, 8192), (4, 3000), (128, 2048)])
+def test_bf16_realistic(page, seqlen_q, context):
+    torch.manual_seed(0)
+    batch, nheads, nheads_k, d = 3, 32, 8, 128
+    dt = torch.bfloat16
+    cap = context + seqlen_q
+    q = torch.randn(batch, seqlen_q, nheads, d, device=DEVICE, dtype=dt)
+    kc = torch.randn(batch, cap, nheads_k, d, device=DEVICE, dtype=dt)
+    vc = torch.randn(batch, cap, nheads_k, d, device=DEVICE, dtype=dt)
+    k_new = torch.randn(batch, seqlen_q, nheads_k, d, device=DEVICE, dtype=dt)
+    v_new = torch.randn_like(k_new)
+    lens = torch.tensor([context, context // 2, 1], dtype=torch.int32, device=DEVICE)
+    if page:
+        kp, vp, bt = _paged_from_contiguous(kc, vc, page)
+        out = flash_attn_with_kvcache(
+            q, kp, vp, k_new, v_new, cache_seqlens=lens, block_table=bt, causal=True
+        )
+    else:
+        out = flash_attn_with_kvcache(q, kc, vc, k_new, v_new, cache_seqlens=lens, causal=True)
+    for b in range(batch):
+        n = int(lens[b])
+        kc[b, n : n + seqlen_q] = k_new[b]
+        vc[b, n : n + seqlen_q] = v_new[b]
+    if page:
+        kg = kp[bt.long()].reshape(batch, -1, nheads_k, d)[:, :cap]
+        assert torch.equal(kg, kc)
+    _check(out, q, kc, vc, lens + seqlen_q, causal=True)
+
+
+def test_splits_agree_bf16():
+    torch.manual_seed(1)
+    q = torch.randn(2, 1, 32, 128, device=DEVICE, dtype=torch.bfloat16)
+    kc = torch.randn(2, 16384, 8, 128, device=DEVICE, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    lens = torch.tensor([16000, 777], dtype=torch.int32, device=DEVICE)
+    o1, l1 = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, num_splits=1, return_softmax_lse=True)
+    for s in (0, 7, 64):
+        o, lse = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, num_splits=s, return_softmax_lse=True)
+        torch.testing.assert_close(o, o1, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(lse, l1, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("page", [0, 16, 256])
+def test_cuda_graph_decode_step(page):
+    """Capture append + attend once; replay with new inputs and lengths; equal to eager on a copy."""
+    torch.manual_seed(2)
+    batch, nheads, nheads_k, d, cap, dt = 4, 32, 8, 128, 4096, torch.bfloat16
+    seqlen_ro = cap + 1
+    angle = torch.rand(seqlen_ro, d // 4, device=DEVICE) * 2 * math.pi
+    cos, sin = angle.cos().to(dt), angle.sin().to(dt)
+    if page:
+        cache = PagedKVCache(
+            batch * cap // page + 4,
+            page,
+            nheads_k,
+            d,
+            dtype=dt,
+            device=DEVICE,
+            max_blocks_per_seq=cap // page,
+        )
+        for i in range(batch):
+            cache.add_sequence(i)
+            n = 100 + 700 * i
+            cache.append(
+                i,
+                torch.randn(n, nheads_k, d, device=DEVICE, dtype=dt),
+                torch.randn(n, nheads_k, d, device=DEVICE, dtype=dt),
+            )
+        kc, vc = cache.k_cache, cache.v_cache
+        bt_static, lens_static = cache.prepare_append(list(range(batch)), 1)
+    else:
+        kc = torch.randn(batch, cap, nheads_k, d, device=DEVICE, dtype=dt)
+        vc = torch.randn_like(kc)
+        bt_static = None
+        lens_static = torch.tensor([100, 800, 1500, 2200], dtype=torch.int32, device=DEVICE)
+    q_static = torch.randn(batch, 1, nheads, d, device=DEVICE, dtype=dt)
+    k_static = torch.randn(batch, 1, nheads_k, d, device=DEVICE, dtype=dt)
+    v_static = torch.randn_like(k_static)
+
+    def step():
+        return flash_attn_with_kvcache(
+            q_static,
+            kc,
+            vc,
+            k_static,
+            v_static,
+            rotary_cos=cos,
+            rotary_sin=sin,
+            cache_seqlens=lens_static,
+            block_table=bt_static,
+            causal=True,
+            rotary_interleaved=False,
+        )
+
+    # warm up (compiles) on a side stream, then capture
+    kc0, vc0 = kc.clone(), vc.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    kc.copy_(kc0)
+    vc.copy_(vc0)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out_static = step()
+    for it in range(3):
+        q_static.normal_()
+        k_static.normal_()
+        v_static.normal_()
+        if page == 0:
+            lens_static.add_(it)  # new lengths, same tensor: the graph reads them on the device
+        kc_e, vc_e = kc.clone(), vc.clone()
+        g.replay()
+        torch.cuda.synchronize()
+        out_graph = out_static.clone()
+        kc_g, vc_g = kc.clone(), vc.clone()
+        kc.copy_(kc_e)
+        vc.copy_(vc_e)
+        out_eager = step()
+        torch.cuda.synchronize()
+        assert torch.equal(kc, kc_g) and torch.equal(vc, vc_g)
+        torch.testing.assert_close(out_graph, out_eager, atol=0, rtol=0)

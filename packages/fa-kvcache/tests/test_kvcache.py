@@ -1,0 +1,408 @@
+"""flash_attn_with_kvcache against fa_core.reference.attention_ref on the gathered cache.
+
+Rule: err(ours vs float64 reference) <= 2 * err(reference in the low precision) + slack. Every case also
+checks the cache after the in-place append: appended rows equal the (rotated) new k / v, every other
+element of both caches is bit-identical to before.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from fa_core.reference import attention_ref
+from fa_core.rotary_ref import apply_rotary_ref
+from fa_kvcache import flash_attn_with_kvcache
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] if DEVICE == "cpu" else [torch.float16, torch.bfloat16]
+SLACK = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+if DEVICE == "cuda":
+    pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter + CUDA")
+
+
+def _make_case(
+    *,
+    batch=2,
+    seqlen_q=1,
+    nheads=6,
+    nheads_k=2,
+    d=32,
+    dv=None,
+    capacity=48,
+    page=0,
+    seqlen_new=0,
+    dtype=torch.float32,
+    rotary_dim=0,
+    batch_idx=False,
+    leftpad=False,
+    seed=0,
+    full=False,
+):
+    """Random inputs. ``page`` 0 = contiguous cache; else a shuffled paged pool (with spare blocks)."""
+    g = torch.Generator().manual_seed(seed)
+    dv = d if dv is None else dv
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
+
+    q = rnd(batch, seqlen_q, nheads, d)
+    k = rnd(batch, seqlen_new, nheads_k, d) if seqlen_new else None
+    v = rnd(batch, seqlen_new, nheads_k, dv) if seqlen_new else None
+    hi = capacity - seqlen_new - (seqlen_q if rotary_dim else 0)
+    lens = torch.randint(0 if seqlen_new else 1, hi + 1, (batch,), generator=g)
+    if full:
+        lens[0] = capacity - seqlen_new
+    case = dict(q=q, k=k, v=v, cache_seqlens=lens.to(torch.int32).to(DEVICE))
+    if leftpad:
+        pad = torch.stack([torch.randint(0, int(n) + 1, (1,), generator=g)[0] for n in lens])
+        case["cache_leftpad"] = pad.to(torch.int32).to(DEVICE)
+    if page:
+        nb_seq = math.ceil(capacity / page)
+        num_blocks = nb_seq * batch + 3
+        perm = torch.randperm(num_blocks, generator=g)[: nb_seq * batch]
+        case["block_table"] = perm.reshape(batch, nb_seq).to(torch.int32).to(DEVICE)
+        case["k_cache"] = rnd(num_blocks, page, nheads_k, d)
+        case["v_cache"] = rnd(num_blocks, page, nheads_k, dv)
+    else:
+        bc = batch * 2 if batch_idx else batch
+        case["k_cache"] = rnd(bc, capacity, nheads_k, d)
+        case["v_cache"] = rnd(bc, capacity, nheads_k, dv)
+        if batch_idx:
+            case["cache_batch_idx"] = torch.randperm(bc, generator=g)[:batch].to(torch.int32).to(DEVICE)
+    if rotary_dim:
+        angle = torch.rand(capacity + seqlen_q, rotary_dim // 2, generator=g) * 2 * math.pi
+        case["rotary_cos"] = torch.cos(angle).to(dtype).to(DEVICE)
+        case["rotary_sin"] = torch.sin(angle).to(dtype).to(DEVICE)
+    return case
+
+
+def _lens(case):
+    cs = case["cache_seqlens"]
+    batch = case["q"].shape[0]
+    return (
+        cs.long().cpu() if isinstance(cs, torch.Tensor) else torch.full((batch,), int(cs), dtype=torch.long)
+    )
+
+
+def _rows(case, b):
+    """(cache tensor index, row index) lists addressing sequence b's logical cache rows 0..capacity-1."""
+    kc = case["k_cache"]
+    if "block_table" in case:
+        page = kc.shape[1]
+        bt = case["block_table"][b].long().cpu()
+        pos = torch.arange(bt.numel() * page)
+        return bt[pos // page], pos % page
+    cb = int(case["cache_batch_idx"][b]) if "cache_batch_idx" in case else b
+    pos = torch.arange(kc.shape[1])
+    return torch.full_like(pos, cb), pos
+
+
+def _expected_caches(case, interleaved):
+    """Caches after the append, computed in plain PyTorch (float64 rotary, rounded once)."""
+    kc, vc = case["k_cache"].clone(), case["v_cache"].clone()
+    k, v = case.get("k"), case.get("v")
+    if k is None:
+        return kc, vc
+    lens = _lens(case)
+    k_ro = k
+    if "rotary_cos" in case:
+        k_ro = apply_rotary_ref(
+            k.double(),
+            case["rotary_cos"].double(),
+            case["rotary_sin"].double(),
+            seqlen_offsets=case["cache_seqlens"],
+            interleaved=interleaved,
+        ).to(k.dtype)
+    for b in range(k.shape[0]):
+        blk, row = _rows(case, b)
+        sl = slice(int(lens[b]), int(lens[b]) + k.shape[1])
+        kc[blk[sl], row[sl]] = k_ro[b]
+        vc[blk[sl], row[sl]] = v[b]
+    return kc, vc
+
+
+def _reference(
+    case, kc, vc, *, causal, window_size, softcap, alibi_slopes, interleaved, upcast, softmax_scale
+):
+    q = case["q"]
+    batch, seqlen_q, nheads, d = q.shape
+    lens = _lens(case) + (case["k"].shape[1] if case.get("k") is not None else 0)
+    pads = (
+        case["cache_leftpad"].long().cpu()
+        if "cache_leftpad" in case
+        else torch.zeros(batch, dtype=torch.long)
+    )
+    if "rotary_cos" in case:
+        cos, sin = case["rotary_cos"].double(), case["rotary_sin"].double()
+        local = window_size != (-1, -1)
+        offs = case["cache_seqlens"]
+        if causal or local:
+            q = apply_rotary_ref(q.double(), cos, sin, seqlen_offsets=offs, interleaved=interleaved)
+        else:
+            q = apply_rotary_ref(
+                q.double().reshape(batch, 1, seqlen_q * nheads, d),
+                cos,
+                sin,
+                seqlen_offsets=offs,
+                interleaved=interleaved,
+            ).reshape(q.shape)
+        q = q.to(case["q"].dtype)
+    outs, lses = [], []
+    for b in range(batch):
+        blk, row = _rows(case, b)
+        sl = slice(int(pads[b]), int(lens[b]))
+        kb, vb = kc[blk[sl], row[sl]][None], vc[blk[sl], row[sl]][None]
+        slopes = alibi_slopes
+        if slopes is not None and slopes.dim() == 2:
+            slopes = slopes[b]
+        o, l = attention_ref(
+            q[b : b + 1],
+            kb,
+            vb,
+            softmax_scale=softmax_scale,
+            causal=causal,
+            window_size=window_size,
+            softcap=softcap,
+            alibi_slopes=slopes,
+            upcast=upcast,
+            dtype=torch.float64,
+        )
+        outs.append(o.double() if upcast else o)
+        lses.append(l)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _run_and_check(
+    case,
+    *,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    interleaved=True,
+    num_splits=0,
+    softmax_scale=None,
+):
+    kc_exp, vc_exp = _expected_caches(case, interleaved)
+    args = {k: v for k, v in case.items() if k not in ("q",)}
+    out, lse = flash_attn_with_kvcache(
+        case["q"],
+        rotary_interleaved=interleaved,
+        causal=causal,
+        window_size=window_size,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        num_splits=num_splits,
+        softmax_scale=softmax_scale,
+        return_softmax_lse=True,
+        **args,
+    )
+    dtype = case["q"].dtype
+    assert out.shape == (*case["q"].shape[:-1], case["v_cache"].shape[-1]) and out.dtype == dtype
+    assert (
+        lse.shape == (case["q"].shape[0], case["q"].shape[2], case["q"].shape[1])
+        and lse.dtype == torch.float32
+    )
+    assert torch.isfinite(out).all()
+    # cache contents: v bit-exact, k exact (no rotary) or within one rounding (rotary)
+    assert torch.equal(case["v_cache"], vc_exp)
+    if "rotary_cos" in case:
+        torch.testing.assert_close(
+            case["k_cache"], kc_exp, atol=2e-3 if dtype != torch.float32 else 1e-5, rtol=1e-3
+        )
+    else:
+        assert torch.equal(case["k_cache"], kc_exp)
+    kw = dict(
+        causal=causal,
+        window_size=window_size,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        interleaved=interleaved,
+        softmax_scale=softmax_scale,
+    )
+    # reference on the caches the kernel actually attended to (isolates attention from rotary rounding)
+    ref, ref_lse = _reference(case, case["k_cache"], case["v_cache"], upcast=True, **kw)
+    low, _ = _reference(case, case["k_cache"], case["v_cache"], upcast=False, **kw)
+    err = (out.double() - ref).abs().max().item()
+    low_err = (low.double() - ref).abs().max().item()
+    assert err <= 2 * low_err + SLACK[dtype], (err, low_err)
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(fin, torch.isfinite(lse)), "rows without visible keys must have lse = +inf"
+    torch.testing.assert_close(
+        lse[fin], ref_lse[fin].float(), atol=1e-3 if dtype != torch.float32 else 1e-4, rtol=1e-4
+    )
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("page", [0, 16, 32])
+@pytest.mark.parametrize("seqlen_q", [1, 4])
+@pytest.mark.parametrize("seqlen_new", [0, 3])
+@pytest.mark.parametrize("causal", [False, True])
+def test_basic(dtype, page, seqlen_q, seqlen_new, causal):
+    seqlen_new = min(seqlen_new, seqlen_q) if seqlen_new else 0
+    case = _make_case(seqlen_q=seqlen_q, seqlen_new=seqlen_new, page=page, dtype=dtype, seed=seqlen_q + page)
+    _run_and_check(case, causal=causal)
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (8, 1), (6, 3), (16, 2), (40, 1)])
+@pytest.mark.parametrize("page", [0, 16])
+@pytest.mark.parametrize("seqlen_q", [1, 5])
+def test_gqa_mqa(heads, page, seqlen_q):
+    nheads, nheads_k = heads
+    case = _make_case(
+        nheads=nheads,
+        nheads_k=nheads_k,
+        seqlen_q=seqlen_q,
+        seqlen_new=1,
+        page=page,
+        dtype=torch.float16,
+        seed=nheads,
+    )
+    _run_and_check(case, causal=True)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("rotary_dim", [16, 32])
+@pytest.mark.parametrize("mode", ["none", "causal", "local"])
+@pytest.mark.parametrize("page", [0, 16])
+def test_rotary(interleaved, rotary_dim, mode, page):
+    case = _make_case(seqlen_q=3, seqlen_new=3, page=page, rotary_dim=rotary_dim, seed=rotary_dim)
+    window = (10, 2) if mode == "local" else (-1, -1)
+    _run_and_check(case, causal=mode == "causal", window_size=window, interleaved=interleaved)
+
+
+@pytest.mark.parametrize("seqlen_q", [1, 3])
+@pytest.mark.parametrize("rotary", [False, True])
+def test_cache_batch_idx(seqlen_q, rotary):
+    case = _make_case(
+        batch=3,
+        seqlen_q=seqlen_q,
+        seqlen_new=seqlen_q,
+        batch_idx=True,
+        rotary_dim=16 if rotary else 0,
+        seed=7,
+    )
+    _run_and_check(case, causal=True, interleaved=False)
+
+
+@pytest.mark.parametrize("page", [0, 16])
+@pytest.mark.parametrize("rotary", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cache_leftpad(page, rotary, causal):
+    case = _make_case(
+        batch=3, seqlen_q=2, seqlen_new=2, leftpad=True, page=page, rotary_dim=32 if rotary else 0, seed=11
+    )
+    _run_and_check(case, causal=causal, alibi_slopes=torch.rand(3, 6).to(DEVICE) * 0.3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("feature", ["window", "window_causal", "softcap", "alibi", "alibi2d", "scale"])
+@pytest.mark.parametrize("seqlen_q", [1, 4])
+@pytest.mark.parametrize("page", [0, 32])
+def test_features(dtype, feature, seqlen_q, page):
+    case = _make_case(seqlen_q=seqlen_q, seqlen_new=1, page=page, dtype=dtype, capacity=64, seed=3)
+    kw = {}
+    if feature == "window":
+        kw = dict(window_size=(7, 3))
+    elif feature == "window_causal":
+        kw = dict(window_size=(5, -1), causal=True)
+    elif feature == "softcap":
+        kw = dict(softcap=2.5)
+    elif feature == "alibi":
+        kw = dict(alibi_slopes=torch.rand(6).to(DEVICE) * 0.5, causal=True)
+    elif feature == "alibi2d":
+        kw = dict(alibi_slopes=torch.rand(2, 6).to(DEVICE) * 0.5)
+    else:
+        kw = dict(softmax_scale=0.3)
+    _run_and_check(case, **kw)
+
+
+@pytest.mark.parametrize("page", [0, 16])
+@pytest.mark.parametrize("seqlen_q", [1, 3])
+def test_num_splits_agree(page, seqlen_q):
+    results = []
+    for splits in (1, 2, 5, 0):
+        case = _make_case(seqlen_q=seqlen_q, seqlen_new=1, page=page, capacity=96, seed=5)
+        results.append(_run_and_check(case, causal=True, num_splits=splits))
+    out1, lse1 = results[0]
+    for out, lse in results[1:]:
+        torch.testing.assert_close(out, out1, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, lse1, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("page", [0, 16])
+def test_more_splits_than_blocks_and_empty_rows(page):
+    # sequence 0 holds 0 keys (no append): its rows have out 0 and lse +inf; many splits are empty
+    case = _make_case(seqlen_q=2, page=page, seed=9)
+    case["cache_seqlens"][0] = 0
+    out, lse = _run_and_check(case, num_splits=16, window_size=(3, 0))
+    assert (out[0] == 0).all() and torch.isinf(lse[0]).all()
+
+
+@pytest.mark.parametrize("page", [0, 16, 24])
+def test_full_cache_and_odd_sizes(page):
+    # the append fills the cache exactly; head dims not powers of two, v head dim != qk head dim
+    case = _make_case(seqlen_q=2, seqlen_new=2, page=page, d=40, dv=24, capacity=48, full=True, seed=13)
+    _run_and_check(case, causal=True)
+
+
+def test_cache_seqlens_int_and_none():
+    case = _make_case(seqlen_q=2, seqlen_new=2, seed=4)
+    case["cache_seqlens"] = 20
+    _run_and_check(case, causal=True)
+    case = _make_case(seqlen_q=3, seed=4)
+    ref_case = dict(case)
+    case.pop("cache_seqlens")
+    out = flash_attn_with_kvcache(case["q"], case["k_cache"], case["v_cache"], causal=True)
+    ref_case["cache_seqlens"] = torch.full((2,), case["k_cache"].shape[1], dtype=torch.int32, device=DEVICE)
+    ref, _ = _reference(
+        ref_case,
+        case["k_cache"],
+        case["v_cache"],
+        causal=True,
+        window_size=(-1, -1),
+        softcap=0.0,
+        alibi_slopes=None,
+        interleaved=True,
+        upcast=True,
+        softmax_scale=None,
+    )
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_return_types():
+    case = _make_case(seed=1)
+    args = {k: v for k, v in case.items() if k not in ("q", "k", "v")}
+    out = flash_attn_with_kvcache(case["q"], **args)
+    assert isinstance(out, torch.Tensor) and out.shape == case["q"].shape
+    res = flash_attn_with_kvcache(case["q"], return_softmax_lse=True, **args)
+    assert isinstance(res, tuple) and len(res) == 2
+    # positional order of flash-attn 2.8
+    out2 = flash_attn_with_kvcache(
+        case["q"],
+        case["k_cache"],
+        case["v_cache"],
+        None,
+        None,
+        None,
+        None,
+        case["cache_seqlens"],
+        None,
+        None,
+        None,
+        None,
+        False,
+        (-1, -1),
+        0.0,
+        True,
+        None,
+        1,
+        False,
+    )
+    torch.testing.assert_close(out, out2)
