@@ -17,7 +17,7 @@ import triton.language as tl
 from fa_core import validation as V
 from fa_core.backends import get_forward, get_varlen_forward
 from fa_core.forward_kernel import fwd_kernel
-from fa_core.masking import normalize_window
+from fa_core.masking import UNBOUNDED, normalize_window
 from fa_core.probs_kernel import probs_kernel
 
 __all__ = ["FwdResult", "flash_attn_forward", "flash_attn_varlen_forward", "new_rng_state"]
@@ -172,6 +172,7 @@ def _launch(
         IS_VARLEN=varlen,
         HAS_SEQUSED=seqused_k is not None,
         IS_LOCAL=is_local,
+        HAS_WINDOW_LEFT=is_local and left != UNBOUNDED,
         HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None,
         HAS_DROPOUT=dropout_p > 0,

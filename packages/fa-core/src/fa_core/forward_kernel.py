@@ -244,6 +244,7 @@ def fwd_kernel(
     HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr,
     TMA_OK: tl.constexpr,
     USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -341,8 +342,8 @@ def fwd_kernel(
     lo, full_lo, full_hi, hi = kv_range(
         start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, IS_LOCAL
     )
-    if IS_LOCAL:
-        # left edge of the band (sliding window): masked
+    if HAS_WINDOW_LEFT:
+        # left edge of the band (sliding window): masked; compiled out for plain causal
         acc, l_i, m_i = _fwd_inner(
             acc,
             l_i,
