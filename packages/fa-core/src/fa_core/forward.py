@@ -19,6 +19,7 @@ from fa_core.backends import get_forward, get_varlen_forward
 from fa_core.forward_kernel import fwd_kernel
 from fa_core.masking import UNBOUNDED, normalize_window
 from fa_core.probs_kernel import probs_kernel
+from fa_core.validation import FP8_DTYPE
 
 __all__ = ["FwdResult", "flash_attn_forward", "flash_attn_varlen_forward", "new_rng_state"]
 
@@ -108,8 +109,12 @@ def _launch(
     alibi_slopes,
     dropout_p,
     rng_state,
+    descale=None,
 ):
     nheads, nheads_k, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    is_fp8 = descale is not None
+    # fp8 tensor-core dots need K >= 32
+    min_block = 32 if is_fp8 else 16
     left, right, is_local = normalize_window(causal, window_size)
     if varlen:
         sq_b = sk_b = 0
@@ -158,6 +163,9 @@ def _launch(
         float(softcap),
         alibi,
         stride_alb,
+        descale if is_fp8 else alibi,
+        descale.stride(0) if is_fp8 else 0,
+        descale.stride(1) if is_fp8 else 0,
         left,
         right,
         float(dropout_p),
@@ -167,12 +175,13 @@ def _launch(
         _bucket(max_seqlen_k),
         HEADDIM=d,
         HEADDIM_V=dv,
-        BLOCK_D=max(triton.next_power_of_2(d), 16),
-        BLOCK_DV=max(triton.next_power_of_2(dv), 16),
+        BLOCK_D=max(triton.next_power_of_2(d), min_block),
+        BLOCK_DV=max(triton.next_power_of_2(dv), min_block),
         IS_VARLEN=varlen,
         HAS_SEQUSED=seqused_k is not None,
         IS_LOCAL=is_local,
         HAS_WINDOW_LEFT=is_local and left != UNBOUNDED,
+        IS_FP8=is_fp8,
         HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None,
         HAS_DROPOUT=dropout_p > 0,
@@ -257,6 +266,45 @@ def _probs(
     return probs
 
 
+def _out_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.bfloat16 if q.dtype == FP8_DTYPE else q.dtype
+
+
+def _fp8_descale(q, k, batch, q_descale, k_descale, v_descale, return_probs):
+    """Validate the FP8 inputs; return the stacked ``(3, batch, nheads_k)`` float32 descales, or None."""
+    given = [d is not None for d in (q_descale, k_descale, v_descale)]
+    if q.dtype != FP8_DTYPE:
+        if any(given):
+            raise ValueError("q_descale / k_descale / v_descale are only valid with float8_e4m3fn q, k, v")
+        return None
+    if V.interpreting() or not q.is_cuda:
+        raise ValueError(
+            "FP8 (float8_e4m3fn) attention needs a CUDA GPU; the CPU interpreter cannot run FP8 dots"
+        )
+    if torch.cuda.get_device_capability(q.device) < (8, 9):
+        raise ValueError(
+            f"FP8 attention needs FP8 tensor cores (sm_89 or newer), got {torch.cuda.get_device_name()}"
+        )
+    if return_probs:
+        raise ValueError("return_probs is not supported with FP8 inputs")
+    nheads_k = k.shape[-2]
+    scales = []
+    for name, d in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale)):
+        if d is None:
+            scales.append(torch.ones(batch, nheads_k, device=q.device, dtype=torch.float32))
+            continue
+        V.check_tensor(name, d, 2)
+        V.check_device(name, d, "q", q)
+        if d.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {d.dtype}")
+        if tuple(d.shape) != (batch, nheads_k):
+            raise ValueError(
+                f"{name} must have shape (batch, nheads_k) = ({batch}, {nheads_k}), got {tuple(d.shape)}"
+            )
+        scales.append(d)
+    return torch.stack(scales).contiguous()
+
+
 def _common_checks(q, k, v, out, softmax_scale, window_size, softcap, dropout_p, rng_state, varlen):
     V.check_qkv(q, k, v, varlen=varlen)
     V.check_window(window_size)
@@ -264,8 +312,8 @@ def _common_checks(q, k, v, out, softmax_scale, window_size, softcap, dropout_p,
     if out is not None:
         V.check_tensor("out", out)
         expected = (*q.shape[:-1], v.shape[-1])
-        if tuple(out.shape) != expected or out.dtype != q.dtype or out.device != q.device:
-            raise ValueError(f"out must be a {q.dtype} tensor of shape {expected} on {q.device}")
+        if tuple(out.shape) != expected or out.dtype != _out_dtype(q) or out.device != q.device:
+            raise ValueError(f"out must be a {_out_dtype(q)} tensor of shape {expected} on {q.device}")
         V.check_last_dim_contiguous("out", out)
     if rng_state is not None:
         V.check_tensor("rng_state", rng_state, 1)
@@ -288,6 +336,9 @@ def flash_attn_forward(
     out: torch.Tensor | None = None,
     rng_state: torch.Tensor | None = None,
     backend: str | None = None,
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
 ) -> FwdResult:
     """Dense attention forward.
 
@@ -304,6 +355,8 @@ def flash_attn_forward(
         rng_state: reuse a ``[seed, offset]`` pair (to regenerate a dropout mask); default draws a new one.
         backend: ``None`` / ``"triton"`` (ours) or ``"flaggems"`` (``fa-core[flaggems]``); ``None`` reads
             ``$FA_BACKEND``. An unsupported feature on a backend raises; there is no silent fallback.
+        q_descale, k_descale, v_descale: ``(batch, nheads_k)`` float32 dequantisation factors for
+            ``float8_e4m3fn`` q, k, v (FlashAttention-3's convention; default 1). The output is bf16.
 
     Returns:
         :class:`FwdResult` ``(out, lse (batch, nheads, seqlen_q), rng_state, probs)``.
@@ -331,8 +384,9 @@ def flash_attn_forward(
     batch, seqlen_q, nheads, _ = q.shape
     seqlen_k = k.shape[1]
     V.check_alibi(alibi_slopes, batch, nheads, q)
+    descale = _fp8_descale(q, k, batch, q_descale, k_descale, v_descale, return_probs)
     if out is None:
-        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=_out_dtype(q))
     lse = torch.empty(batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
     if rng_state is None:
         rng_state = new_rng_state(dropout_p)
@@ -352,7 +406,7 @@ def flash_attn_forward(
         dropout_p=dropout_p,
         rng_state=rng_state,
     )
-    window = _launch(q, k, v, out, lse, causal=causal, window_size=window_size, **kw)
+    window = _launch(q, k, v, out, lse, causal=causal, window_size=window_size, descale=descale, **kw)
     probs = _probs(q, k, lse, window=window, **kw) if return_probs else None
     return FwdResult(out, lse, rng_state, probs)
 
@@ -376,6 +430,9 @@ def flash_attn_varlen_forward(
     out: torch.Tensor | None = None,
     rng_state: torch.Tensor | None = None,
     backend: str | None = None,
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
 ) -> FwdResult:
     """Variable-length (packed) attention forward.
 
@@ -424,8 +481,9 @@ def flash_attn_varlen_forward(
     V.check_seqused(seqused_k, batch, cu_seqlens_k, q)
     nheads = q.shape[1]
     V.check_alibi(alibi_slopes, batch, nheads, q)
+    descale = _fp8_descale(q, k, batch, q_descale, k_descale, v_descale, return_probs)
     if out is None:
-        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=_out_dtype(q))
     lse = torch.empty(nheads, q.shape[0], dtype=torch.float32, device=q.device)
     if rng_state is None:
         rng_state = new_rng_state(dropout_p)
@@ -445,6 +503,6 @@ def flash_attn_varlen_forward(
         dropout_p=dropout_p,
         rng_state=rng_state,
     )
-    window = _launch(q, k, v, out, lse, causal=causal, window_size=window_size, **kw)
+    window = _launch(q, k, v, out, lse, causal=causal, window_size=window_size, descale=descale, **kw)
     probs = _probs(q, k, lse, window=window, **kw) if return_probs else None
     return FwdResult(out, lse, rng_state, probs)

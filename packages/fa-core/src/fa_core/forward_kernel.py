@@ -227,6 +227,9 @@ def fwd_kernel(
     softcap,
     Alibi,
     stride_alb,
+    Descale,
+    stride_desc_w,
+    stride_desc_b,
     window_left,
     window_right,
     dropout_p,
@@ -245,6 +248,7 @@ def fwd_kernel(
     HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr,
+    IS_FP8: tl.constexpr,
     TMA_OK: tl.constexpr,
     USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -334,6 +338,11 @@ def fwd_kernel(
     if HAS_ALIBI:
         alibi_slope = tl.load(Alibi + off_b * stride_alb + off_h).to(tl.float32)
     bh = off_b * nheads + off_h
+    if IS_FP8:
+        # per-(batch, kv-head) dequantisation: q and k scales fold into the softmax scale, v's into the output
+        desc = Descale + off_b * stride_desc_b + off_hk
+        sm_scale = sm_scale * tl.load(desc) * tl.load(desc + stride_desc_w)
+        v_descale = tl.load(desc + 2 * stride_desc_w)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -470,6 +479,8 @@ def fwd_kernel(
     scale = 1.0 / l_safe
     if HAS_DROPOUT:
         scale = scale / (1.0 - dropout_p)
+    if IS_FP8:
+        scale = scale * v_descale
     acc = acc * scale[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     tl.store(

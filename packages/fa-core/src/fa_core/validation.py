@@ -12,6 +12,8 @@ import os
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+#: FP8 inputs (with per-(batch, kv-head) descale factors) are accepted by the forward on GPUs.
+FP8_DTYPE = torch.float8_e4m3fn
 MAX_HEADDIM = 256
 
 
@@ -58,7 +60,11 @@ def check_compute_device(name: str, t: torch.Tensor) -> None:
 def check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...] | None = None) -> None:
     if allowed is None:
         # fp32 only where the interpreter runs the kernel (CPU tests); GPUs get fp16/bf16 as in flash-attn
-        allowed = SUPPORTED_DTYPES + ((torch.float32,) if t.device.type == "cpu" else ())
+        allowed = SUPPORTED_DTYPES + ((torch.float32,) if t.device.type == "cpu" else (FP8_DTYPE,))
+    if t.dtype == FP8_DTYPE and t.device.type == "cpu":
+        raise ValueError(
+            f"{name} is float8_e4m3fn on CPU: FP8 attention needs a CUDA GPU with FP8 tensor cores"
+        )
     if t.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
         raise TypeError(f"{name} has dtype {t.dtype}; supported: {names}")
