@@ -419,6 +419,21 @@ def _fa_plus_maker(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     return fn
 
 
+def _fa_plus_fp8_maker(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Callable[[], Any]:
+    """fa-plus on float8_e4m3fn inputs (per-(batch, kv-head) descales), bf16 output; cast outside the timing."""
+    from fa_core import flash_attn_forward
+
+    fp8 = torch.float8_e4m3fn
+    q8, k8, v8 = (t.to(fp8) for t in (q, k, v))
+    ones = torch.ones(q.shape[0], k.shape[2], device=q.device, dtype=torch.float32)
+
+    def fn() -> Any:
+        with torch.no_grad():
+            return flash_attn_forward(q8, k8, v8, causal=causal, q_descale=ones, k_descale=ones, v_descale=ones)
+
+    return fn
+
+
 def _flaggems_maker(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Callable[[], Any]:
     """FlagGems' dense entry point called directly (no adapter), so only its own host code is timed."""
     from fa_core.backends.flaggems import _flag_gems
@@ -436,6 +451,7 @@ def _flaggems_maker(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 #: Dense forward providers: name -> maker(q, k, v, causal) -> timed callable.
 FORWARD_PROVIDERS: dict[str, Maker] = {
     "fa-plus": _fa_plus_maker,
+    "fa-plus-fp8": _fa_plus_fp8_maker,
     "sdpa-flash": _sdpa_maker("FLASH_ATTENTION"),
     "sdpa-cudnn": _sdpa_maker("CUDNN_ATTENTION"),
     "flex": _flex_maker,
