@@ -109,6 +109,8 @@ def _launch(
     alibi_slopes,
     dropout_p,
     rng_state,
+    attention_chunk=0,
+    learnable_sink=None,
     descale=None,
 ):
     nheads, nheads_k, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
@@ -168,6 +170,8 @@ def _launch(
         descale.stride(1) if is_fp8 else 0,
         left,
         right,
+        attention_chunk,
+        learnable_sink if learnable_sink is not None else alibi,
         float(dropout_p),
         seed,
         offset,
@@ -181,6 +185,8 @@ def _launch(
         HAS_SEQUSED=seqused_k is not None,
         IS_LOCAL=is_local,
         HAS_WINDOW_LEFT=is_local and left != UNBOUNDED,
+        HAS_CHUNK=attention_chunk > 0,
+        HAS_SINK=learnable_sink is not None,
         IS_FP8=is_fp8,
         HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None,
@@ -208,6 +214,8 @@ def _probs(
     alibi_slopes,
     dropout_p,
     rng_state,
+    attention_chunk=0,
+    learnable_sink=None,
 ):
     """Test/debug path: ``(batch, nheads, max_seqlen_q, max_seqlen_k)`` float32 probabilities."""
     nheads, nheads_k, d = q.shape[-2], k.shape[-2], q.shape[-1]
@@ -249,6 +257,7 @@ def _probs(
         stride_alb,
         left,
         right,
+        attention_chunk,
         float(dropout_p),
         seed,
         offset,
@@ -260,10 +269,19 @@ def _probs(
         HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None,
         HAS_DROPOUT=dropout_p > 0,
+        HAS_CHUNK=attention_chunk > 0,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
     )
     return probs
+
+
+def _no_extras_on_backend(backend, attention_chunk, learnable_sink, *descales) -> None:
+    """Beyond-flash-attn-2 features exist only in our kernels: never drop them silently."""
+    if attention_chunk or learnable_sink is not None or any(d is not None for d in descales):
+        raise NotImplementedError(
+            f"backend {backend or '$FA_BACKEND'} does not support attention_chunk, learnable_sink or FP8 descales"
+        )
 
 
 def _out_dtype(q: torch.Tensor) -> torch.dtype:
@@ -336,6 +354,8 @@ def flash_attn_forward(
     out: torch.Tensor | None = None,
     rng_state: torch.Tensor | None = None,
     backend: str | None = None,
+    attention_chunk: int = 0,
+    learnable_sink: torch.Tensor | None = None,
     q_descale: torch.Tensor | None = None,
     k_descale: torch.Tensor | None = None,
     v_descale: torch.Tensor | None = None,
@@ -355,6 +375,10 @@ def flash_attn_forward(
         rng_state: reuse a ``[seed, offset]`` pair (to regenerate a dropout mask); default draws a new one.
         backend: ``None`` / ``"triton"`` (ours) or ``"flaggems"`` (``fa-core[flaggems]``); ``None`` reads
             ``$FA_BACKEND``. An unsupported feature on a backend raises; there is no silent fallback.
+        attention_chunk: chunked attention (FlashAttention-3's name): a query sees only keys in its own chunk
+            of that many positions (bottom-right aligned), combined with causal / window; 0 = off.
+        learnable_sink: ``(nheads,)`` one extra logit per head in every row's softmax denominator, none in
+            the output (gpt-oss attention sinks); the lse includes it.
         q_descale, k_descale, v_descale: ``(batch, nheads_k)`` float32 dequantisation factors for
             ``float8_e4m3fn`` q, k, v (FlashAttention-3's convention; default 1). The output is bf16.
 
@@ -364,6 +388,7 @@ def flash_attn_forward(
     V.grad_guard(q, k, v)
     impl = get_forward(backend)
     if impl is not None:
+        _no_extras_on_backend(backend, attention_chunk, learnable_sink, q_descale, k_descale, v_descale)
         return impl(
             q,
             k,
@@ -385,6 +410,7 @@ def flash_attn_forward(
     seqlen_k = k.shape[1]
     V.check_alibi(alibi_slopes, batch, nheads, q)
     descale = _fp8_descale(q, k, batch, q_descale, k_descale, v_descale, return_probs)
+    V.check_chunk_and_sink(attention_chunk, learnable_sink, nheads, q)
     if out is None:
         out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=_out_dtype(q))
     lse = torch.empty(batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
@@ -405,6 +431,8 @@ def flash_attn_forward(
         alibi_slopes=alibi_slopes,
         dropout_p=dropout_p,
         rng_state=rng_state,
+        attention_chunk=int(attention_chunk),
+        learnable_sink=learnable_sink,
     )
     window = _launch(q, k, v, out, lse, causal=causal, window_size=window_size, descale=descale, **kw)
     probs = _probs(q, k, lse, window=window, **kw) if return_probs else None
@@ -430,6 +458,8 @@ def flash_attn_varlen_forward(
     out: torch.Tensor | None = None,
     rng_state: torch.Tensor | None = None,
     backend: str | None = None,
+    attention_chunk: int = 0,
+    learnable_sink: torch.Tensor | None = None,
     q_descale: torch.Tensor | None = None,
     k_descale: torch.Tensor | None = None,
     v_descale: torch.Tensor | None = None,
@@ -449,6 +479,7 @@ def flash_attn_varlen_forward(
     V.grad_guard(q, k, v)
     impl = get_varlen_forward(backend)
     if impl is not None:
+        _no_extras_on_backend(backend, attention_chunk, learnable_sink, q_descale, k_descale, v_descale)
         return impl(
             q,
             k,
@@ -482,6 +513,7 @@ def flash_attn_varlen_forward(
     nheads = q.shape[1]
     V.check_alibi(alibi_slopes, batch, nheads, q)
     descale = _fp8_descale(q, k, batch, q_descale, k_descale, v_descale, return_probs)
+    V.check_chunk_and_sink(attention_chunk, learnable_sink, nheads, q)
     if out is None:
         out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=_out_dtype(q))
     lse = torch.empty(nheads, q.shape[0], dtype=torch.float32, device=q.device)
@@ -502,6 +534,8 @@ def flash_attn_varlen_forward(
         alibi_slopes=alibi_slopes,
         dropout_p=dropout_p,
         rng_state=rng_state,
+        attention_chunk=int(attention_chunk),
+        learnable_sink=learnable_sink,
     )
     window = _launch(q, k, v, out, lse, causal=causal, window_size=window_size, descale=descale, **kw)
     probs = _probs(q, k, lse, window=window, **kw) if return_probs else None

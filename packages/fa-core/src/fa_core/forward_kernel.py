@@ -12,7 +12,7 @@ import os
 import triton
 import triton.language as tl
 
-from fa_core.masking import dropout_keep, kv_range, scores_log2, visible
+from fa_core.masking import chunk_kv_range, chunk_visible, dropout_keep, kv_range, scores_log2, visible
 
 
 @triton.jit
@@ -74,12 +74,14 @@ def _fwd_inner(
     alibi_slope,
     window_left,
     window_right,
+    chunk,
     seed,
     rng_offset,
     bh,
     dropout_p,
     MASKED: tl.constexpr,
     IS_LOCAL: tl.constexpr,
+    HAS_CHUNK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -104,6 +106,8 @@ def _fwd_inner(
         )
         if MASKED:
             ok = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, IS_LOCAL, True)
+            if HAS_CHUNK:
+                ok = ok & chunk_visible(offs_m, offs_n, seqlen_q, seqlen_k, chunk)
             s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row that has seen no visible key yet keeps m = -inf: subtract 0 instead to avoid inf - inf
@@ -232,6 +236,8 @@ def fwd_kernel(
     stride_desc_b,
     window_left,
     window_right,
+    attention_chunk,
+    Sink,
     dropout_p,
     seed,
     rng_offset,
@@ -248,6 +254,8 @@ def fwd_kernel(
     HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr,
+    HAS_CHUNK: tl.constexpr,
+    HAS_SINK: tl.constexpr,
     IS_FP8: tl.constexpr,
     TMA_OK: tl.constexpr,
     USE_TMA: tl.constexpr,
@@ -351,6 +359,11 @@ def fwd_kernel(
     lo, full_lo, full_hi, hi = kv_range(
         start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, IS_LOCAL
     )
+    if HAS_CHUNK:
+        # chunked attention: only the chunks of this block's rows, every block masked (right loop)
+        lo, hi = chunk_kv_range(lo, hi, start_m, seqlen_q, seqlen_k, attention_chunk, BLOCK_M, BLOCK_N)
+        full_lo = lo
+        full_hi = lo
     if HAS_WINDOW_LEFT:
         # left edge of the band (sliding window): masked; compiled out for plain causal
         acc, l_i, m_i = _fwd_inner(
@@ -376,12 +389,14 @@ def fwd_kernel(
             alibi_slope,
             window_left,
             window_right,
+            attention_chunk,
             seed,
             rng_offset,
             bh,
             dropout_p,
             True,
             IS_LOCAL,
+            HAS_CHUNK,
             HAS_SOFTCAP,
             HAS_ALIBI,
             HAS_DROPOUT,
@@ -416,12 +431,14 @@ def fwd_kernel(
         alibi_slope,
         window_left,
         window_right,
+        attention_chunk,
         seed,
         rng_offset,
         bh,
         dropout_p,
         False,
         IS_LOCAL,
+        HAS_CHUNK,
         HAS_SOFTCAP,
         HAS_ALIBI,
         HAS_DROPOUT,
@@ -456,12 +473,14 @@ def fwd_kernel(
         alibi_slope,
         window_left,
         window_right,
+        attention_chunk,
         seed,
         rng_offset,
         bh,
         dropout_p,
         True,
         IS_LOCAL,
+        HAS_CHUNK,
         HAS_SOFTCAP,
         HAS_ALIBI,
         HAS_DROPOUT,
@@ -473,6 +492,14 @@ def fwd_kernel(
         USE_TMA,
     )
 
+    if HAS_SINK:
+        # learnable sink (gpt-oss): one extra logit per head in every row's denominator, none in the output
+        sink = tl.load(Sink + off_h).to(tl.float32) * 1.4426950408889634
+        m_sink = tl.maximum(m_i, sink)
+        alpha_sink = tl.exp2(m_i - m_sink)
+        l_i = l_i * alpha_sink + tl.exp2(sink - m_sink)
+        acc = acc * alpha_sink[:, None]
+        m_i = m_sink
     # rows with no visible key: out 0, lse +inf (flash-attn 2.8's convention)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)

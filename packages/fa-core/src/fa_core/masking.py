@@ -177,3 +177,32 @@ def q_range(
         hi = tl.minimum(n_last - diag + window_left + 1, seqlen_q)
         hi = tl.maximum(hi, lo)
     return lo, hi
+
+
+@triton.jit
+def _chunk_start(pos, chunk):
+    # floor(pos / chunk) * chunk, also for negative positions (rows above the diagonal when sq > sk)
+    rem = pos % chunk
+    rem = tl.where(rem < 0, rem + chunk, rem)
+    return pos - rem
+
+
+@triton.jit
+def chunk_visible(offs_m, offs_n, seqlen_q, seqlen_k, chunk):
+    """Chunked attention (FlashAttention-3's ``attention_chunk``): query ``i`` sees key ``j`` only when both
+    lie in the same chunk of ``chunk`` positions, positions aligned bottom-right (``i + diag``)."""
+    start = _chunk_start(offs_m[:, None] + (seqlen_k - seqlen_q), chunk)
+    cols = offs_n[None, :]
+    return (cols >= start) & (cols < start + chunk)
+
+
+@triton.jit
+def chunk_kv_range(lo, hi, start_m, seqlen_q, seqlen_k, chunk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Narrow ``[lo, hi)`` to the chunks the rows of query block ``start_m`` live in."""
+    diag = seqlen_k - seqlen_q
+    first = _chunk_start(start_m * BLOCK_M + diag, chunk)
+    last = _chunk_start(start_m * BLOCK_M + BLOCK_M - 1 + diag, chunk) + chunk
+    lo = tl.maximum(lo, (tl.maximum(first, 0) // BLOCK_N) * BLOCK_N)
+    hi = tl.minimum(hi, last)
+    hi = tl.maximum(hi, lo)
+    return lo, hi

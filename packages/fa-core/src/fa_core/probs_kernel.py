@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fa_core.masking import dropout_keep, scores_log2, visible
+from fa_core.masking import chunk_visible, dropout_keep, scores_log2, visible
 
 
 @triton.jit
@@ -45,6 +45,7 @@ def probs_kernel(
     stride_alb,
     window_left,
     window_right,
+    attention_chunk,
     dropout_p,
     seed,
     rng_offset,
@@ -56,6 +57,7 @@ def probs_kernel(
     HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    HAS_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -116,6 +118,8 @@ def probs_kernel(
             HAS_ALIBI,
         )
         ok = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, IS_LOCAL, True)
+        if HAS_CHUNK:
+            ok = ok & chunk_visible(offs_m, offs_n, seqlen_q, seqlen_k, attention_chunk)
         p = tl.where(ok, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, rng_offset, bh, offs_m, offs_n, dropout_p)

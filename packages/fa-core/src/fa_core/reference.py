@@ -20,8 +20,11 @@ def visible_mask(
     causal: bool = False,
     window_size: tuple[int, int] = (-1, -1),
     device: torch.device | str = "cpu",
+    attention_chunk: int = 0,
 ) -> torch.Tensor:
-    """Bool ``(seqlen_q, seqlen_k)``: True where query ``i`` may see key ``j`` (bottom-right aligned)."""
+    """Bool ``(seqlen_q, seqlen_k)``: True where query ``i`` may see key ``j`` (bottom-right aligned).
+
+    ``attention_chunk > 0`` also requires ``i + seqlen_k - seqlen_q`` and ``j`` to lie in the same chunk."""
     left, right = window_size
     if causal:
         right = 0
@@ -33,6 +36,10 @@ def visible_mask(
         ok &= j <= diag + right
     if left >= 0:
         ok &= j >= diag - left
+    if attention_chunk > 0:
+        ok &= torch.div(diag, attention_chunk, rounding_mode="floor") == torch.div(
+            j, attention_chunk, rounding_mode="floor"
+        )
     return ok
 
 
@@ -49,6 +56,8 @@ def attention_ref(
     dropout_mask: torch.Tensor | None = None,
     upcast: bool = True,
     dtype: torch.dtype = torch.float32,
+    attention_chunk: int = 0,
+    learnable_sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference attention.
 
@@ -59,6 +68,8 @@ def attention_ref(
         alibi_slopes: ``(nheads,)`` or ``(batch, nheads)``; bias ``-slope * |i + seqlen_k - seqlen_q - j|``.
         dropout_mask: bool ``(batch, nheads, seqlen_q, seqlen_k)``, True = kept; scaled by ``1/(1-p)``.
         upcast: compute in ``dtype`` (float32/float64) when True, else in the inputs' dtype.
+        attention_chunk: keys visible only inside the query's chunk (see :func:`visible_mask`).
+        learnable_sink: ``(nheads,)`` extra logit per head in the softmax denominator (gpt-oss).
 
     Returns:
         ``out (batch, seqlen_q, nheads, headdim_v)`` in q's dtype and ``lse (batch, nheads, seqlen_q)``
@@ -84,11 +95,19 @@ def attention_ref(
         j = torch.arange(seqlen_k, device=q.device)[None, :]
         rel = (i + seqlen_k - seqlen_q - j).abs().to(scores.dtype)
         scores = scores - slopes * rel
-    ok = visible_mask(seqlen_q, seqlen_k, causal, window_size, q.device)
+    ok = visible_mask(seqlen_q, seqlen_k, causal, window_size, q.device, attention_chunk)
     scores = scores.masked_fill(~ok, float("-inf"))
-    lse = torch.logsumexp(scores.float(), dim=-1)
     empty = ~ok.any(dim=-1)  # (seqlen_q,)
-    attn = torch.softmax(scores, dim=-1).masked_fill(empty[:, None], 0.0)
+    if learnable_sink is not None:
+        # gpt-oss: softmax over [scores, sink], the sink's column dropped afterwards
+        sink = learnable_sink.to(scores.dtype).reshape(1, nheads, 1, 1).expand(batch, nheads, seqlen_q, 1)
+        full = torch.cat([scores, sink], dim=-1)
+        lse = torch.logsumexp(full.float(), dim=-1)
+        attn = torch.softmax(full, dim=-1)[..., :-1]
+        empty = torch.zeros_like(empty)  # the sink keeps every row's denominator finite
+    else:
+        lse = torch.logsumexp(scores.float(), dim=-1)
+        attn = torch.softmax(scores, dim=-1).masked_fill(empty[:, None], 0.0)
     if dropout_mask is not None:
         attn = attn.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
     out = torch.einsum("bhts,bshd->bthd", attn, v)

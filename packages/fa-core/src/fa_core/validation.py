@@ -147,6 +147,23 @@ def check_alibi(alibi_slopes: torch.Tensor | None, batch: int, nheads: int, q: t
         raise ValueError("alibi_slopes must have a contiguous last dimension")
 
 
+def check_chunk_and_sink(
+    attention_chunk: int, learnable_sink: torch.Tensor | None, nheads: int, q: torch.Tensor
+) -> None:
+    if isinstance(attention_chunk, bool) or not isinstance(attention_chunk, int) or attention_chunk < 0:
+        raise ValueError(f"attention_chunk must be an int >= 0 (0 = off), got {attention_chunk!r}")
+    if learnable_sink is None:
+        return
+    check_tensor("learnable_sink", learnable_sink, 1)
+    check_device("learnable_sink", learnable_sink, "q", q)
+    if learnable_sink.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"learnable_sink must be float32/float16/bfloat16, got {learnable_sink.dtype}")
+    if learnable_sink.shape[0] != nheads:
+        raise ValueError(f"learnable_sink must have shape ({nheads},), got {tuple(learnable_sink.shape)}")
+    if learnable_sink.stride(0) != 1:
+        raise ValueError("learnable_sink must be contiguous")
+
+
 def check_cu_seqlens(
     name: str, cu: torch.Tensor, total: int, q: torch.Tensor, max_seqlen: int | None, max_name: str
 ) -> int:

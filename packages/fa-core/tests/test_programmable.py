@@ -1,0 +1,68 @@
+"""Beyond flash-attn 2 in the forward: attention chunks, learnable sinks, V head dim != QK head dim."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fa_core import attention_ref, attention_varlen_ref, flash_attn_forward, flash_attn_varlen_forward
+from fa_core.testing import DEVICE, assert_close_2x, poisoned
+
+DTYPE = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+HI = torch.float64 if DEVICE == "cpu" else torch.float32
+
+CASES = {
+    "chunk": {"attention_chunk": 16},
+    "chunk_causal": {"attention_chunk": 24, "causal": True},
+    "chunk_window_sq_gt_sk": {"attention_chunk": 8, "window_size": (5, 3), "_shape": (70, 41)},
+    "sink": {"sink": True},
+    "sink_causal_empty_rows": {"sink": True, "causal": True, "_shape": (60, 20)},
+    "sink_chunk_softcap_vdim": {"sink": True, "attention_chunk": 32, "softcap": 4.0, "_dv": 24},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_programmable_dense(case):
+    torch.manual_seed(hash(case) % 2**31)
+    kw = dict(CASES[case])
+    sq, sk = kw.pop("_shape", (45, 77))
+    dv = kw.pop("_dv", 32)
+    h, hk, d = 4, 2, 32
+    q = torch.randn(2, sq, h, d, device=DEVICE, dtype=DTYPE)
+    k = torch.randn(2, sk, hk, d, device=DEVICE, dtype=DTYPE)
+    v = torch.randn(2, sk, hk, dv, device=DEVICE, dtype=DTYPE)
+    if kw.pop("sink", False):
+        kw["learnable_sink"] = torch.randn(h, device=DEVICE) * 2
+    res = flash_attn_forward(q, k, v, out=poisoned((2, sq, h, dv), DTYPE, DEVICE), **kw)
+    ref, ref_lse = attention_ref(q, k, v, dtype=HI, **kw)
+    low, low_lse = attention_ref(q, k, v, upcast=False, **kw)
+    assert_close_2x(res.out, ref, low, "out")
+    assert_close_2x(res.lse, ref_lse, low_lse, "lse", slack=1e-3)
+    if "learnable_sink" in kw:
+        assert torch.isfinite(res.lse).all()
+
+
+def test_programmable_varlen_sink_chunk():
+    torch.manual_seed(11)
+    lens = [5, 40, 0, 33]
+    cu = torch.tensor([0, 5, 45, 45, 78], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(78, 4, 16, device=DEVICE, dtype=DTYPE)
+    k = torch.randn(78, 1, 16, device=DEVICE, dtype=DTYPE)
+    v = torch.randn(78, 1, 16, device=DEVICE, dtype=DTYPE)
+    sink = torch.randn(4, device=DEVICE)
+    kw = {"causal": True, "attention_chunk": 16, "learnable_sink": sink}
+    res = flash_attn_varlen_forward(q, k, v, cu, cu, max(lens), max(lens), **kw)
+    ref, ref_lse = attention_varlen_ref(q, k, v, cu, cu, dtype=HI, **kw)
+    low, low_lse = attention_varlen_ref(q, k, v, cu, cu, upcast=False, **kw)
+    assert_close_2x(res.out, ref, low, "out")
+    assert_close_2x(res.lse, ref_lse, low_lse, "lse", slack=1e-3)
+
+
+def test_programmable_bad_input():
+    q = torch.randn(1, 8, 2, 16, device=DEVICE, dtype=DTYPE)
+    with pytest.raises(ValueError, match="attention_chunk"):
+        flash_attn_forward(q, q, q, attention_chunk=-1)
+    with pytest.raises(ValueError, match="learnable_sink must have shape"):
+        flash_attn_forward(q, q, q, learnable_sink=torch.zeros(3, device=DEVICE))
+    with pytest.raises(TypeError, match="learnable_sink must be"):
+        flash_attn_forward(q, q, q, learnable_sink=torch.zeros(2, device=DEVICE, dtype=torch.int32))
