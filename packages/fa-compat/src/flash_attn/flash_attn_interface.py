@@ -1,0 +1,539 @@
+"""flash-attn 2.8.x's ``flash_attn.flash_attn_interface`` on the Flash Attention Plus Triton kernels.
+
+Same names, parameter order, defaults and return values as flash-attn 2.8.3 (held by
+``tests/test_signatures.py`` against the recorded signatures). Shapes: dense q ``(batch, seqlen_q, nheads,
+headdim)``, k/v ``(batch, seqlen_k, nheads_k, headdim)``; varlen q ``(total_q, nheads, headdim)``, k/v
+``(total_k, nheads_k, headdim)`` with int32 ``cu_seqlens`` ``(batch + 1,)``.
+
+Differences from flash-attn (all supersets, none changes a result flash-attn would give):
+
+* head dims 1..256 without padding, v's head dim may differ from q's; fp32 also accepted on CPU (interpreter).
+* ``S_dmask`` (``return_attn_probs=True`` with dropout) holds the normalized probabilities, dropped entries
+  negated (flash-attn: block-scaled unnormalized values, documented as "might not have the right scaling").
+* ``deterministic`` is accepted and passed on, but the backward is always deterministic (no atomics).
+* softcap and dropout may be combined; ``_flash_attn_forward(return_softmax=True)`` works without dropout.
+* varlen ``block_table`` (paged keys) gathers the pages into a padded copy of K/V (forward only, as in
+  flash-attn); ``leftpad_k`` is not supported (NotImplementedError).
+
+Gradients need the ``backward`` extra (fa-backward) and ``flash_attn_with_kvcache`` the ``kvcache`` extra
+(fa-kvcache): without them the call raises :class:`flash_attn._extras.MissingExtraError` saying what to install.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flash_attn import _extras
+from flash_attn import _ops as ops
+from flash_attn._autograd import (
+    FlashAttnFunc,
+    FlashAttnKVPackedFunc,
+    FlashAttnQKVPackedFunc,
+    FlashAttnVarlenFunc,
+    FlashAttnVarlenKVPackedFunc,
+    FlashAttnVarlenQKVPackedFunc,
+)
+
+__all__ = [
+    "FlashAttnFunc",
+    "FlashAttnKVPackedFunc",
+    "FlashAttnQKVPackedFunc",
+    "FlashAttnVarlenFunc",
+    "FlashAttnVarlenKVPackedFunc",
+    "FlashAttnVarlenQKVPackedFunc",
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
+]
+
+Tensor = torch.Tensor
+
+
+def maybe_contiguous(x: Tensor | None) -> Tensor | None:
+    return x.contiguous() if x is not None and x.stride(-1) != 1 else x
+
+
+def round_multiple(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def _check_grad(*tensors: Tensor | None) -> None:
+    """Refuse at the forward (not at the backward, long after) when a gradient is wanted but fa-backward is
+    absent. ``BACKWARD`` and ``requires_grad`` are constants for torch.compile's tracer: no graph break."""
+    if _extras.BACKWARD is None and torch.is_grad_enabled():
+        if any(t is not None and t.requires_grad for t in tensors):
+            _extras.require_backward()
+
+
+def _as_int(x) -> int:
+    # HF transformers passes max_seqlen as a 0-dim tensor (cu_seqlens.diff().max()): one host sync, as in
+    # flash-attn, where the C++ binding converts it too.
+    return int(x)
+
+
+# ------------------------------------------------------------------------------------ low-level (2.8)
+def _flash_attn_forward(
+    q,
+    k,
+    v,
+    dropout_p,
+    softmax_scale,
+    causal,
+    window_size_left,
+    window_size_right,
+    softcap,
+    alibi_slopes,
+    return_softmax,
+):
+    """-> ``(out, softmax_lse (b, h, sq) fp32, S_dmask, rng_state (2,) int64)``; flash-attn 2.8 semantics."""
+    q, k, v = (maybe_contiguous(x) for x in (q, k, v))
+    return torch.ops.flash_attn_plus.fwd(
+        q, k, v, dropout_p, ops.default_scale(q, softmax_scale), causal, window_size_left, window_size_right,
+        softcap, alibi_slopes, return_softmax, False,
+    )  # fmt: skip
+
+
+def _flash_attn_varlen_forward(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p,
+    softmax_scale,
+    causal,
+    window_size_left=-1,
+    window_size_right=-1,
+    softcap=0.0,
+    alibi_slopes=None,
+    return_softmax=False,
+    block_table=None,
+    leftpad_k=None,
+    seqused_k=None,
+    zero_tensors=False,
+):
+    """-> ``(out, softmax_lse (h, total_q) fp32, S_dmask, rng_state)``. ``zero_tensors`` has nothing to do here:
+    every row of out/lse belongs to a sequence and is written."""
+    if leftpad_k is not None:
+        raise NotImplementedError("leftpad_k is not supported by Flash Attention Plus's varlen forward")
+    q, k, v = (maybe_contiguous(x) for x in (q, k, v))
+    max_seqlen_q, max_seqlen_k = _as_int(max_seqlen_q), _as_int(max_seqlen_k)
+    if block_table is not None:
+        k, v, cu_seqlens_k, seqused_k = _gather_pages(
+            k, v, block_table, cu_seqlens_k, max_seqlen_k, seqused_k
+        )
+    return torch.ops.flash_attn_plus.varlen_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+        ops.default_scale(q, softmax_scale), causal, window_size_left, window_size_right, softcap, alibi_slopes,
+        return_softmax, seqused_k, False,
+    )  # fmt: skip
+
+
+def _flash_attn_backward(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    softmax_lse,
+    dq,
+    dk,
+    dv,
+    dropout_p,
+    softmax_scale,
+    causal,
+    window_size_left,
+    window_size_right,
+    softcap,
+    alibi_slopes,
+    deterministic,
+    rng_state=None,
+):
+    """Writes dq, dk, dv (allocated and dropped when None, as flash-attn); returns softmax_d
+    ``(b, h, round128(sq))`` fp32. Needs fa-backward."""
+    _extras.require_backward()
+    dout, q, k, v, out = (maybe_contiguous(x) for x in (dout, q, k, v, out))
+    return torch.ops.flash_attn_plus.bwd(
+        dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, ops.default_scale(q, softmax_scale), causal,
+        window_size_left, window_size_right, softcap, alibi_slopes, deterministic, rng_state,
+    )  # fmt: skip
+
+
+def _flash_attn_varlen_backward(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    softmax_lse,
+    dq,
+    dk,
+    dv,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p,
+    softmax_scale,
+    causal,
+    window_size_left,
+    window_size_right,
+    softcap,
+    alibi_slopes,
+    deterministic,
+    rng_state=None,
+    zero_tensors=False,
+):
+    """Returns softmax_d ``(h, total_q + 128 * b)`` fp32. Needs fa-backward."""
+    _extras.require_backward()
+    dout, q, k, v, out = (maybe_contiguous(x) for x in (dout, q, k, v, out))
+    return torch.ops.flash_attn_plus.varlen_bwd(
+        dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, _as_int(max_seqlen_q),
+        _as_int(max_seqlen_k), dropout_p, ops.default_scale(q, softmax_scale), causal, window_size_left,
+        window_size_right, softcap, alibi_slopes, deterministic, rng_state, zero_tensors, None,
+    )  # fmt: skip
+
+
+def _gather_pages(
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_table: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_k: int,
+    seqused_k: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Paged keys ``(num_blocks, page, hk, d)`` -> a padded varlen layout ``(batch * max_seqlen_k, hk, d)``
+    with ``cu_seqlens_k = arange * max_seqlen_k`` and ``seqused_k`` = the true lengths. Device-side only (no
+    sync); costs one copy of the used K/V."""
+    batch, n_cols = block_table.shape
+    page = k_cache.shape[1]
+    t = torch.arange(max_seqlen_k, device=block_table.device)
+    cols = (t // page).clamp_max(n_cols - 1)
+    rows = block_table[:, cols].long() * page + (t % page)  # (batch, max_seqlen_k)
+    rows = rows.clamp(0, k_cache.shape[0] * page - 1).reshape(-1)  # unused slots may hold -1
+    k = k_cache.reshape(-1, *k_cache.shape[2:])[rows]
+    v = v_cache.reshape(-1, *v_cache.shape[2:])[rows]
+    if seqused_k is None:
+        seqused_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
+    cu = torch.arange(batch + 1, device=block_table.device, dtype=torch.int32) * max_seqlen_k
+    return k, v, cu, seqused_k
+
+
+# ---------------------------------------------------------------------------------------- public API
+def _dense(
+    q,
+    k,
+    v,
+    dropout_p,
+    softmax_scale,
+    causal,
+    window_size,
+    softcap,
+    alibi_slopes,
+    deterministic,
+    return_attn_probs,
+):
+    _check_grad(q, k, v)
+    q, k, v = (maybe_contiguous(x) for x in (q, k, v))
+    out, lse, s_dmask, _ = torch.ops.flash_attn_plus.fwd(
+        q, k, v, dropout_p, ops.default_scale(q, softmax_scale), causal, int(window_size[0]),
+        int(window_size[1]), softcap, alibi_slopes, bool(return_attn_probs and dropout_p > 0), deterministic,
+    )  # fmt: skip
+    return (out, lse, s_dmask) if return_attn_probs else out
+
+
+def _varlen(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p,
+    softmax_scale,
+    causal,
+    window_size,
+    softcap,
+    alibi_slopes,
+    deterministic,
+    return_attn_probs,
+    block_table=None,
+):
+    _check_grad(q, k, v)
+    q, k, v = (maybe_contiguous(x) for x in (q, k, v))
+    max_seqlen_q, max_seqlen_k = _as_int(max_seqlen_q), _as_int(max_seqlen_k)
+    seqused_k = None
+    if block_table is not None:
+        k, v, cu_seqlens_k, seqused_k = _gather_pages(k, v, block_table, cu_seqlens_k, max_seqlen_k, None)
+    out, lse, s_dmask, _ = torch.ops.flash_attn_plus.varlen_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+        ops.default_scale(q, softmax_scale), causal, int(window_size[0]), int(window_size[1]), softcap,
+        alibi_slopes, bool(return_attn_probs and dropout_p > 0), seqused_k, deterministic,
+    )  # fmt: skip
+    return (out, lse, s_dmask) if return_attn_probs else out
+
+
+def flash_attn_qkvpacked_func(
+    qkv,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """qkv ``(batch, seqlen, 3, nheads, headdim)`` -> out ``(batch, seqlen, nheads, headdim)``; with
+    ``return_attn_probs`` ``(out, softmax_lse (b, h, s), S_dmask)`` (S_dmask ``(0,)`` without dropout)."""
+    _check_grad(qkv)
+    return FlashAttnQKVPackedFunc.apply(
+        qkv,
+        dropout_p,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
+        return_attn_probs,
+        torch.is_grad_enabled(),
+    )
+
+
+def flash_attn_kvpacked_func(
+    q,
+    kv,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """q ``(batch, seqlen_q, nheads, headdim)``, kv ``(batch, seqlen_k, 2, nheads_k, headdim)``."""
+    _check_grad(q, kv)
+    return FlashAttnKVPackedFunc.apply(
+        q,
+        kv,
+        dropout_p,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
+        return_attn_probs,
+        torch.is_grad_enabled(),
+    )
+
+
+def flash_attn_func(
+    q,
+    k,
+    v,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """Dense attention.
+
+    Args:
+        q: ``(batch, seqlen_q, nheads, headdim)``; k, v: ``(batch, seqlen_k, nheads_k, headdim)``, nheads a
+            multiple of nheads_k (GQA/MQA).
+        dropout_p: dropout on the attention probabilities (pass 0.0 in eval).
+        softmax_scale: default ``headdim ** -0.5``.
+        causal: bottom-right aligned causal mask. window_size: ``(left, right)`` sliding window, -1 = unbounded.
+        softcap: ``softcap * tanh(scores / softcap)`` when > 0.
+        alibi_slopes: fp32 ``(nheads,)`` or ``(batch, nheads)``: bias ``-slope * |i + seqlen_k - seqlen_q - j|``.
+        deterministic: accepted (our backward is always deterministic).
+        return_attn_probs: also return ``softmax_lse (batch, nheads, seqlen_q)`` fp32 and ``S_dmask``.
+
+    Returns:
+        ``out (batch, seqlen_q, nheads, headdim)``, or ``(out, softmax_lse, S_dmask)``.
+    """
+    return _dense(
+        q,
+        k,
+        v,
+        dropout_p,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
+        return_attn_probs,
+    )
+
+
+def flash_attn_varlen_qkvpacked_func(
+    qkv,
+    cu_seqlens,
+    max_seqlen,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """qkv ``(total, 3, nheads, headdim)``, cu_seqlens int32 ``(batch + 1,)`` -> out ``(total, nheads, headdim)``."""
+    _check_grad(qkv)
+    return FlashAttnVarlenQKVPackedFunc.apply(
+        qkv,
+        cu_seqlens,
+        max_seqlen,
+        dropout_p,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
+        return_attn_probs,
+        torch.is_grad_enabled(),
+    )
+
+
+def flash_attn_varlen_kvpacked_func(
+    q,
+    kv,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """q ``(total_q, nheads, headdim)``, kv ``(total_k, 2, nheads_k, headdim)``."""
+    _check_grad(q, kv)
+    return FlashAttnVarlenKVPackedFunc.apply(
+        q,
+        kv,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        dropout_p,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
+        return_attn_probs,
+        torch.is_grad_enabled(),
+    )
+
+
+def flash_attn_varlen_func(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    block_table=None,
+):
+    """Variable-length attention over packed sequences.
+
+    Args:
+        q: ``(total_q, nheads, headdim)``; k, v: ``(total_k, nheads_k, headdim)``, or paged
+            ``(num_blocks, page_block_size, nheads_k, headdim)`` with ``block_table (batch, max_blocks)`` int32.
+        cu_seqlens_q, cu_seqlens_k: int32 ``(batch + 1,)``; max_seqlen_q, max_seqlen_k: int (or 0-dim tensor).
+        Other arguments: as :func:`flash_attn_func`; causal/window are aligned per sequence.
+
+    Returns:
+        ``out (total_q, nheads, headdim)``, or ``(out, softmax_lse (nheads, total_q), S_dmask)``.
+    """
+    return _varlen(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        dropout_p,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
+        return_attn_probs,
+        block_table,
+    )
+
+
+def flash_attn_with_kvcache(
+    q,
+    k_cache,
+    v_cache,
+    k=None,
+    v=None,
+    rotary_cos=None,
+    rotary_sin=None,
+    cache_seqlens=None,
+    cache_batch_idx=None,
+    cache_leftpad=None,
+    block_table=None,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    rotary_interleaved=True,
+    alibi_slopes=None,
+    num_splits=0,
+    return_softmax_lse=False,
+):
+    """Attention over a KV cache, appending ``k``/``v`` into it in place first (see fa_kvcache for details).
+
+    q ``(batch, seqlen_q, nheads, headdim)``; k_cache/v_cache ``(batch_cache, seqlen_cache, nheads_k, headdim)``
+    or paged ``(num_blocks, page_block_size, nheads_k, headdim)`` with ``block_table``; ``cache_seqlens`` int or
+    int32 ``(batch,)``. Returns ``out``, or ``(out, softmax_lse (batch, nheads, seqlen_q))``. No backward (as in
+    flash-attn: the result does not require grad). Needs fa-kvcache.
+    """
+    _extras.require_kvcache()
+    q, k, v = (maybe_contiguous(x) for x in (q, k, v))
+    seqlens_t = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
+    seqlens_i = int(cache_seqlens) if cache_seqlens is not None and seqlens_t is None else None
+    with torch.no_grad():  # flash-attn's kernel is not differentiable and records no graph
+        out, lse = torch.ops.flash_attn_plus.kvcache(
+            q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens_t, seqlens_i, cache_batch_idx,
+            cache_leftpad, maybe_contiguous(block_table), softmax_scale, causal, int(window_size[0]),
+            int(window_size[1]), softcap, rotary_interleaved, alibi_slopes, num_splits,
+        )  # fmt: skip
+    return (out, lse) if return_softmax_lse else out

@@ -1,0 +1,55 @@
+"""Helpers shared by fa-compat's tests: which extras are installed, inputs, reference gradients."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fa_core.reference import attention_ref, attention_varlen_ref
+from flash_attn import _extras
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+#: CPU interpreter: fp32/fp16 only (bf16 tl.dot is wrong there); GPU: fp16/bf16.
+DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float32, torch.float16]
+#: the most precise dtype the kernels take here, and the other one
+HI, LOWP = DTYPES
+#: absolute tolerance for comparisons of two computations by our kernels (order of summation only)
+ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[HI]
+
+#: "none" | "backward" | "kvcache" | "all" under nox; None when run by hand (then: whatever is importable).
+SUBSET = os.environ.get("FA_COMPAT_SUBSET")
+HAS_BACKWARD = _extras.BACKWARD is not None
+HAS_KVCACHE = _extras.KVCACHE is not None
+
+needs_backward = pytest.mark.skipif(not HAS_BACKWARD, reason="fa-backward not installed (FA_COMPAT_SUBSET)")
+needs_kvcache = pytest.mark.skipif(not HAS_KVCACHE, reason="fa-kvcache not installed (FA_COMPAT_SUBSET)")
+
+
+def rand(*shape, dtype=None, device=DEVICE, requires_grad=False):
+    t = torch.randn(*shape, device=device, dtype=torch.float32).to(dtype or HI)
+    return t.requires_grad_(requires_grad)
+
+
+def cu_seqlens(lengths: list[int], device=DEVICE) -> torch.Tensor:
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return torch.tensor(cu, dtype=torch.int32, device=device)
+
+
+def ref_out_lse(q, k, v, *, varlen=None, upcast=True, **kw):
+    """Reference ``(out, lse)``; ``varlen = (cu_q, cu_k)`` for packed sequences."""
+    if varlen is None:
+        return attention_ref(q, k, v, upcast=upcast, **kw)
+    return attention_varlen_ref(q, k, v, varlen[0], varlen[1], upcast=upcast, **kw)
+
+
+def ref_grads(q, k, v, dout, *, varlen=None, upcast=True, **kw):
+    """Gradients of the reference: float64 when ``upcast`` (the truth), else in the inputs' precision."""
+    dtype = torch.float64 if upcast else q.dtype
+    q_, k_, v_ = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    out, _ = ref_out_lse(q_, k_, v_, varlen=varlen, upcast=False, **kw)
+    out.backward(dout.to(dtype))
+    return q_.grad, k_.grad, v_.grad

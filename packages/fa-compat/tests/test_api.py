@@ -1,0 +1,395 @@
+"""Every exported attention function of ``flash_attn`` against fa_core's reference (2x rule).
+
+Forward tests need only fa-core; gradient tests need the ``backward`` extra, kvcache tests the ``kvcache``
+extra (skipped otherwise: see test_subsets.py for the error raised then). Outputs are poisoned: every
+``torch.empty`` returns NaN here (deterministic mode fills uninitialized memory), so a row the kernels forget
+to write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fa_compat_testutils import (
+    ATOL,
+    DEVICE,
+    DTYPES,
+    HI,
+    LOWP,
+    cu_seqlens,
+    needs_backward,
+    needs_kvcache,
+    rand,
+    ref_grads,
+    ref_out_lse,
+)
+
+from fa_core.testing import assert_close_2x, poisoned
+from flash_attn import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+    flash_attn_with_kvcache,
+)
+from flash_attn.flash_attn_interface import (
+    _flash_attn_backward,
+    _flash_attn_forward,
+    _flash_attn_varlen_backward,
+    _flash_attn_varlen_forward,
+)
+
+#: relative slack of the gradient comparisons (x the largest true gradient entry)
+GRAD_SLACK = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+@pytest.fixture(autouse=True)
+def poison_empty():
+    """torch.empty & co. return NaN-filled memory while deterministic algorithms are on."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(prev)
+
+
+def _check(out, lse, q, k, v, varlen=None, **kw):
+    ref, ref_lse = ref_out_lse(q, k, v, varlen=varlen, **kw)
+    low, low_lse = ref_out_lse(q, k, v, varlen=varlen, upcast=False, **kw)
+    assert_close_2x(out, ref, low, "out")
+    if lse is not None:
+        assert_close_2x(lse, ref_lse, low_lse.float(), "lse", slack=1e-4)
+
+
+def _check_grads(grads, q, k, v, dout, varlen=None, **kw):
+    true = ref_grads(q, k, v, dout, varlen=varlen, **kw)
+    low = ref_grads(q, k, v, dout, varlen=varlen, upcast=False, **kw)
+    for name, g, t, lo in zip(("dq", "dk", "dv"), grads, true, low):
+        assert g.shape == t.shape, name
+        assert_close_2x(g, t, lo, name, slack=GRAD_SLACK[q.dtype] * float(t.abs().max()) + 1e-6)
+
+
+DENSE_CASES = [
+    dict(),
+    dict(causal=True),
+    dict(window_size=(7, 3)),
+    dict(causal=True, window_size=(5, -1)),
+    dict(softcap=2.0, causal=True),
+    dict(alibi=True),
+]
+
+
+def _kw(case: dict, nheads: int, batch: int) -> dict:
+    kw = {k: v for k, v in case.items() if k != "alibi"}
+    if case.get("alibi"):
+        kw["alibi_slopes"] = torch.rand(batch, nheads, device=DEVICE) * 0.3
+    return kw
+
+
+# ---------------------------------------------------------------------------------------------- dense
+# fa-core's tests cover the kernels' numerics in depth; here each option is checked once through the API
+# (fp32), and the fp16 path on the plain and the causal cases: the interpreter is slow.
+DENSE_PARAMS = [(HI, c) for c in DENSE_CASES] + [(LOWP, DENSE_CASES[0]), (LOWP, DENSE_CASES[1])]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "case"),
+    DENSE_PARAMS,
+    ids=lambda x: str(x).replace("torch.", "") if isinstance(x, torch.dtype) else "-".join(x) or "plain",
+)
+def test_flash_attn_func(dtype, case):
+    torch.manual_seed(0)
+    b, sq, sk, h, hk, d = 2, 19, 27, 2, 1, 40
+    q, k, v = rand(b, sq, h, d, dtype=dtype), rand(b, sk, hk, d, dtype=dtype), rand(b, sk, hk, d, dtype=dtype)
+    kw = _kw(case, h, b)
+    out, lse, s_dmask = flash_attn_func(q, k, v, **kw, return_attn_probs=True)
+    assert out.shape == q.shape and lse.shape == (b, h, sq) and lse.dtype == torch.float32
+    assert s_dmask.shape == (0,) and s_dmask.dtype == dtype  # no dropout: empty, as flash-attn
+    _check(out, lse, q, k, v, **kw)
+    assert torch.equal(flash_attn_func(q, k, v, **kw), out)  # return_attn_probs=False: the tensor only
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_dense(dtype):
+    torch.manual_seed(1)
+    b, s, h, d = 1, 21, 2, 32
+    qkv = rand(b, s, 3, h, d, dtype=dtype)
+    out = flash_attn_qkvpacked_func(qkv, causal=True, softmax_scale=0.3)
+    _check(out, None, qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal=True, softmax_scale=0.3)
+    q, kv = rand(b, s + 3, h, d, dtype=dtype), rand(b, s, 2, 2, d, dtype=dtype)
+    out, lse, _ = flash_attn_kvpacked_func(q, kv, window_size=(4, 4), return_attn_probs=True)
+    _check(out, lse, q, kv[:, :, 0], kv[:, :, 1], window_size=(4, 4))
+
+
+def test_strided_last_dim_is_made_contiguous():
+    torch.manual_seed(2)
+    q = rand(1, 16, 2, 32).transpose(-1, -2).contiguous().transpose(-1, -2)  # stride(-1) != 1
+    k, v = rand(1, 16, 2, 32), rand(1, 16, 2, 32)
+    _check(flash_attn_func(q, k, v), None, q, k, v)
+
+
+# --------------------------------------------------------------------------------------------- varlen
+@pytest.mark.parametrize(
+    ("dtype", "case"),
+    [(LOWP, dict()), (HI, dict(causal=True)), (HI, dict(causal=True, window_size=(6, 0), alibi=True))],
+    ids=["lowp-plain", "causal", "causal-window-alibi"],
+)
+def test_flash_attn_varlen_func(dtype, case):
+    torch.manual_seed(3)
+    lq, lk, h, hk, d = [5, 17, 0, 20], [9, 17, 4, 21], 2, 1, 24
+    cu_q, cu_k = cu_seqlens(lq), cu_seqlens(lk)
+    q, k, v = (
+        rand(sum(lq), h, d, dtype=dtype),
+        rand(sum(lk), hk, d, dtype=dtype),
+        rand(sum(lk), hk, d, dtype=dtype),
+    )
+    kw = _kw(case, h, len(lq))
+    # max_seqlen as a 0-dim tensor, as HF transformers passes it
+    out, lse, s_dmask = flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, torch.tensor(max(lq)), max(lk), **kw, return_attn_probs=True
+    )
+    assert out.shape == q.shape and lse.shape == (h, sum(lq)) and s_dmask.shape == (0,)
+    _check(out, lse, q, k, v, varlen=(cu_q, cu_k), **kw)
+
+
+def test_varlen_packed():
+    torch.manual_seed(4)
+    lens, h, d = [7, 20, 13], 2, 16
+    cu = cu_seqlens(lens)
+    qkv = rand(sum(lens), 3, h, d)
+    out = flash_attn_varlen_qkvpacked_func(qkv, cu, max(lens), causal=True)
+    _check(out, None, qkv[:, 0], qkv[:, 1], qkv[:, 2], varlen=(cu, cu), causal=True)
+    lq = [3, 9, 1]
+    q, kv = rand(sum(lq), h, d), rand(sum(lens), 2, 1, d)
+    out = flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens(lq), cu, max(lq), max(lens), causal=True)
+    _check(out, None, q, kv[:, 0], kv[:, 1], varlen=(cu_seqlens(lq), cu), causal=True)
+
+
+def test_varlen_block_table_matches_contiguous():
+    """Paged keys (forward only): same result as the same keys laid out contiguously."""
+    torch.manual_seed(5)
+    lens, page, h, d = [5, 19, 11], 8, 2, 16
+    n_blocks = 12
+    k_cache, v_cache = rand(n_blocks, page, h, d), rand(n_blocks, page, h, d)
+    perm = torch.randperm(n_blocks).to(torch.int32)
+    block_table = perm[: 3 * 3].reshape(3, 3).to(DEVICE)
+    ks, vs = [], []
+    for b, n in enumerate(lens):
+        rows = torch.cat([k_cache[block_table[b, c]] for c in range(3)])[:n]
+        ks.append(rows)
+        vs.append(torch.cat([v_cache[block_table[b, c]] for c in range(3)])[:n])
+    k, v = torch.cat(ks), torch.cat(vs)
+    q = rand(sum(lens), h, d)
+    cu = cu_seqlens(lens)
+    out = flash_attn_varlen_func(
+        q, k_cache, v_cache, cu, cu, max(lens), max(lens), causal=True, block_table=block_table
+    )
+    _check(out, None, q, k, v, varlen=(cu, cu), causal=True)
+    low = _flash_attn_varlen_forward(
+        q, k_cache, v_cache, cu, cu, max(lens), max(lens), 0.0, None, True, block_table=block_table
+    )
+    torch.testing.assert_close(low[0], out, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------- low level
+def test_low_level_forward_shapes_and_values():
+    torch.manual_seed(6)
+    q, k, v = rand(2, 20, 2, 32), rand(2, 30, 2, 32), rand(2, 30, 2, 32)
+    out, lse, s_dmask, rng_state = _flash_attn_forward(q, k, v, 0.0, 0.25, True, -1, -1, 0.0, None, False)
+    assert s_dmask.shape == (0,) and rng_state.shape == (2,) and rng_state.dtype == torch.int64
+    _check(out, lse, q, k, v, softmax_scale=0.25, causal=True)
+    lens = [20, 20]
+    out_v, lse_v, _, _ = _flash_attn_varlen_forward(
+        q.reshape(40, 2, 32), k[:, :20].reshape(40, 2, 32), v[:, :20].reshape(40, 2, 32),
+        cu_seqlens(lens), cu_seqlens(lens), 20, 20, 0.0, 0.25, True,
+    )  # fmt: skip
+    _check(out_v.reshape(2, 20, 2, 32), None, q, k[:, :20], v[:, :20], softmax_scale=0.25, causal=True)
+    with pytest.raises(NotImplementedError, match="leftpad_k"):
+        _flash_attn_varlen_forward(
+            q[0],
+            k[0],
+            v[0],
+            cu_seqlens([20]),
+            cu_seqlens([30]),
+            20,
+            30,
+            0.0,
+            None,
+            False,
+            leftpad_k=torch.zeros(1, dtype=torch.int32),
+        )
+
+
+@needs_backward
+def test_low_level_backward():
+    torch.manual_seed(7)
+    b, sq, sk, h, d = 2, 24, 18, 2, 16
+    q, k, v = rand(b, sq, h, d), rand(b, sk, h, d), rand(b, sk, h, d)
+    out, lse, _, rng = _flash_attn_forward(q, k, v, 0.0, None, True, -1, -1, 0.0, None, False)
+    dout = rand(b, sq, h, d)
+    dq, dk, dv = (poisoned(t.shape, t.dtype, t.device) for t in (q, k, v))
+    softmax_d = _flash_attn_backward(
+        dout, q, k, v, out, lse, dq, dk, dv, 0.0, None, True, -1, -1, 0.0, None, False, rng
+    )
+    assert softmax_d.shape == (b, h, 128) and softmax_d.dtype == torch.float32
+    expected = (dout.float() * out.float()).sum(-1).transpose(1, 2)
+    torch.testing.assert_close(softmax_d[:, :, :sq], expected, atol=ATOL, rtol=1e-3)
+    _check_grads((dq, dk, dv), q, k, v, dout, causal=True)
+    # varlen: the same problem as one packed batch
+    cu_q, cu_k = cu_seqlens([sq] * b), cu_seqlens([sk] * b)
+    flat = [t.reshape(-1, h, d) for t in (q, k, v, out, dout)]
+    lse_v = lse.permute(1, 0, 2).reshape(h, b * sq)
+    dqv, dkv, dvv = (poisoned(t.shape, t.dtype, t.device) for t in flat[:3])
+    sd = _flash_attn_varlen_backward(
+        flat[4],
+        *flat[:3],
+        flat[3],
+        lse_v,
+        dqv,
+        dkv,
+        dvv,
+        cu_q,
+        cu_k,
+        sq,
+        sk,
+        0.0,
+        None,
+        True,
+        -1,
+        -1,
+        0.0,
+        None,
+        False,
+        rng,
+    )
+    assert sd.shape == (h, b * sq + 128 * b)
+    for g, g_dense in zip((dqv, dkv, dvv), (dq, dk, dv)):
+        torch.testing.assert_close(g, g_dense.reshape(g.shape), atol=ATOL, rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------- dropout
+def test_dropout_probs_and_output():
+    """return_attn_probs with dropout: S_dmask has flash-attn's padded shape, dropped entries negative; the
+    output equals the reference with that dropout mask."""
+    torch.manual_seed(8)
+    b, sq, sk, h, d, p = 1, 20, 36, 2, 16, 0.3
+    q, k, v = rand(b, sq, h, d), rand(b, sk, h, d), rand(b, sk, h, d)
+    out, lse, s_dmask = flash_attn_func(q, k, v, dropout_p=p, causal=True, return_attn_probs=True)
+    assert s_dmask.shape == (b, h, 128, 128) and s_dmask.dtype == q.dtype
+    s = s_dmask[:, :, :sq, :sk]
+    assert torch.all(s_dmask[:, :, sq:] == 0) and torch.all(s_dmask[:, :, :, sk:] == 0)
+    torch.testing.assert_close(
+        s.abs().sum(-1).float(), torch.ones(b, h, sq, device=DEVICE), atol=10 * ATOL, rtol=0
+    )
+    keep = s >= 0
+    assert 0.5 < keep.float().mean() < 0.9
+    _check(out, lse, q, k, v, causal=True, dropout_p=p, dropout_mask=keep)
+    out2 = flash_attn_func(q, k, v, dropout_p=p, causal=True)
+    assert not torch.equal(out, out2)  # a fresh seed per call
+
+
+# --------------------------------------------------------------------------------------------- backward
+@needs_backward
+@pytest.mark.parametrize(
+    ("dtype", "case"),
+    [(LOWP, dict(causal=True)), (HI, dict(window_size=(5, 2), softcap=3.0, alibi=True))],
+    ids=["lowp-causal", "window-softcap-alibi"],
+)
+def test_flash_attn_func_grads(dtype, case):
+    torch.manual_seed(9)
+    b, sq, sk, h, hk, d = 2, 21, 17, 2, 1, 24
+    q, k, v = (rand(b, s, n, d, dtype=dtype, requires_grad=True) for s, n in ((sq, h), (sk, hk), (sk, hk)))
+    kw = _kw(case, h, b)
+    out = flash_attn_func(q, k, v, **kw, deterministic=True)
+    dout = rand(b, sq, h, d, dtype=dtype)
+    out.backward(dout)
+    _check_grads((q.grad, k.grad, v.grad), q, k, v, dout, **kw)
+
+
+@needs_backward
+def test_packed_grads():
+    torch.manual_seed(10)
+    b, s, h, d = 2, 21, 2, 16
+    qkv = rand(b, s, 3, h, d, requires_grad=True)
+    dout = rand(b, s, h, d)
+    flash_attn_qkvpacked_func(qkv, causal=True).backward(dout)
+    _check_grads(qkv.grad.unbind(2), qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dout, causal=True)
+    q, kv = rand(b, s, h, d, requires_grad=True), rand(b, s + 4, 2, 1, d, requires_grad=True)
+    flash_attn_kvpacked_func(q, kv, causal=True).backward(dout)
+    _check_grads((q.grad, kv.grad[:, :, 0], kv.grad[:, :, 1]), q, kv[:, :, 0], kv[:, :, 1], dout, causal=True)
+
+
+@needs_backward
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_varlen_grads(dtype):
+    torch.manual_seed(11)
+    lq, lk, h, d = [6, 19, 11], [6, 21, 3], 2, 16
+    cu_q, cu_k = cu_seqlens(lq), cu_seqlens(lk)
+    q = rand(sum(lq), h, d, dtype=dtype, requires_grad=True)
+    k, v = (rand(sum(lk), 1, d, dtype=dtype, requires_grad=True) for _ in range(2))
+    dout = rand(sum(lq), h, d, dtype=dtype)
+    flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk), causal=True).backward(dout)
+    _check_grads((q.grad, k.grad, v.grad), q, k, v, dout, varlen=(cu_q, cu_k), causal=True)
+    cu = cu_seqlens(lq)
+    qkv = rand(sum(lq), 3, h, d, dtype=dtype, requires_grad=True)
+    flash_attn_varlen_qkvpacked_func(qkv, cu, max(lq)).backward(dout)
+    _check_grads(qkv.grad.unbind(1), qkv[:, 0], qkv[:, 1], qkv[:, 2], dout, varlen=(cu, cu))
+    kv = rand(sum(lk), 2, 1, d, dtype=dtype, requires_grad=True)
+    q.grad = None
+    flash_attn_varlen_kvpacked_func(q, kv, cu_q, cu_k, max(lq), max(lk)).backward(dout)
+    _check_grads((q.grad, kv.grad[:, 0], kv.grad[:, 1]), q, kv[:, 0], kv[:, 1], dout, varlen=(cu_q, cu_k))
+
+
+@needs_backward
+def test_dropout_grads_match_reference_with_mask():
+    torch.manual_seed(12)
+    b, s, h, d, p = 1, 24, 2, 16, 0.25
+    q, k, v = (rand(b, s, h, d, requires_grad=True) for _ in range(3))
+    out, _, s_dmask = flash_attn_func(q, k, v, dropout_p=p, return_attn_probs=True)
+    keep = s_dmask[:, :, :s, :s] >= 0
+    dout = rand(b, s, h, d)
+    out.backward(dout)
+    _check_grads((q.grad, k.grad, v.grad), q, k, v, dout, dropout_p=p, dropout_mask=keep)
+
+
+# ---------------------------------------------------------------------------------------------- kvcache
+@needs_kvcache
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_flash_attn_with_kvcache(paged):
+    torch.manual_seed(13)
+    b, s_new, h, hk, d, cap = 2, 3, 4, 2, 32, 48
+    lens = [10, 29]
+    k_full, v_full = rand(b, cap, hk, d), rand(b, cap, hk, d)
+    k_new, v_new = rand(b, s_new, hk, d), rand(b, s_new, hk, d)
+    q = rand(b, s_new, h, d)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    if paged:
+        page = 16
+        k_cache = k_full.reshape(b * cap // page, page, hk, d).clone()
+        v_cache = v_full.reshape(b * cap // page, page, hk, d).clone()
+        block_table = torch.arange(b * cap // page, dtype=torch.int32, device=DEVICE).reshape(b, -1)
+    else:
+        k_cache, v_cache, block_table = k_full.clone(), v_full.clone(), None
+    out, lse = flash_attn_with_kvcache(
+        q,
+        k_cache,
+        v_cache,
+        k_new,
+        v_new,
+        cache_seqlens=seqlens,
+        block_table=block_table,
+        causal=True,
+        return_softmax_lse=True,
+    )
+    assert out.shape == q.shape and lse.shape == (b, h, s_new) and not out.requires_grad
+    k_after = k_cache.reshape(b, cap, hk, d)
+    for i, n in enumerate(lens):
+        torch.testing.assert_close(k_after[i, n : n + s_new], k_new[i], rtol=0, atol=0)  # appended in place
+        k_ref = torch.cat([k_full[i, :n], k_new[i]])[None]
+        v_ref = torch.cat([v_full[i, :n], v_new[i]])[None]
+        _check(out[i : i + 1], lse[i : i + 1], q[i : i + 1], k_ref, v_ref, causal=True)
+    # int cache_seqlens, no append, out only
+    out2 = flash_attn_with_kvcache(q, k_full, v_full, cache_seqlens=cap)
+    _check(out2, None, q, k_full, v_full)
