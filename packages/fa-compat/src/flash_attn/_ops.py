@@ -20,6 +20,7 @@ evaluated annotations.
 """
 
 import math
+from typing import overload
 
 import torch
 
@@ -48,6 +49,10 @@ def _dmask(
     return s
 
 
+@overload
+def _detach(t: Tensor) -> Tensor: ...
+@overload
+def _detach(t: None) -> None: ...
 def _detach(t: Tensor | None) -> Tensor | None:
     # Inside an op the autograd layer is already handled (register_autograd); fa_core's grad_guard must not fire.
     return t.detach() if t is not None else None

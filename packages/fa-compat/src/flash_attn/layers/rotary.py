@@ -172,6 +172,7 @@ def _apply_rotary_emb_qkv(
     if qkv.dim() == 5:
         batch, seqlen, three, nheads, headdim = qkv.shape
         assert three == 3
+        num_heads_q = num_heads_k = nheads
     else:
         assert qkv.dim() == 4
         assert num_heads_q is not None, "num_heads_q must be given for a (b, s, h_q + 2 * h_k, d) qkv"
@@ -408,18 +409,18 @@ class RotaryEmbedding(torch.nn.Module):
             self._seq_len_cached = seqlen
             # Positions and angles in fp32 regardless of the model dtype: bf16 positions lose precision.
             t = torch.arange(seqlen, device=device, dtype=torch.float32)
-            inv_freq = (
-                self.inv_freq if self.inv_freq.dtype == torch.float32 else self._compute_inv_freq(device)
-            )
+            inv_freq_buf: Tensor = self.inv_freq  # type: ignore[assignment]
+            inv_freq = inv_freq_buf if inv_freq_buf.dtype == torch.float32 else self._compute_inv_freq(device)
             freqs = torch.outer(t, inv_freq)  # not einsum: autocast would turn it into bf16
-            if self.scale is None:
+            scale_buf: Tensor | None = self.scale  # type: ignore[assignment]
+            if scale_buf is None or self.scale_base is None:
                 self._cos_cached = torch.cos(freqs).to(dtype)
                 self._sin_cached = torch.sin(freqs).to(dtype)
             else:
                 power = (
-                    torch.arange(seqlen, dtype=self.scale.dtype, device=self.scale.device) - seqlen // 2
+                    torch.arange(seqlen, dtype=scale_buf.dtype, device=scale_buf.device) - seqlen // 2
                 ) / self.scale_base
-                scale = self.scale.to(device=power.device) ** power[:, None]
+                scale = scale_buf.to(device=power.device) ** power[:, None]
                 # Multiply by the scale in fp32, then cast.
                 self._cos_cached = (torch.cos(freqs) * scale).to(dtype)
                 self._sin_cached = (torch.sin(freqs) * scale).to(dtype)
@@ -443,33 +444,40 @@ class RotaryEmbedding(torch.nn.Module):
         Rotary embedding is applied *in place* to qkv and / or kv.
         """
         seqlen = qkv.shape[1]
+        cos_k: Tensor | None = self._cos_k_cached if self.scale is not None else None
+        sin_k: Tensor | None = self._sin_k_cached if self.scale is not None else None
         if max_seqlen is not None:
             self._update_cos_sin_cache(max_seqlen, device=qkv.device, dtype=qkv.dtype)
         elif isinstance(seqlen_offset, int):
             self._update_cos_sin_cache(seqlen + seqlen_offset, device=qkv.device, dtype=qkv.dtype)
+        cos, sin = self._cos_cached, self._sin_cached
+        if cos is None or sin is None:
+            raise ValueError("seqlen_offset is a tensor: pass max_seqlen so the cos/sin cache can be built")
+        if self.scale is not None:
+            cos_k, sin_k = self._cos_k_cached, self._sin_k_cached
         if kv is None:
             return apply_rotary_emb_qkv_(
                 qkv,
-                self._cos_cached,
-                self._sin_cached,
-                self._cos_k_cached if self.scale is not None else None,
-                self._sin_k_cached if self.scale is not None else None,
+                cos,
+                sin,
+                cos_k,
+                sin_k,
                 interleaved=self.interleaved,
                 seqlen_offsets=seqlen_offset,
                 num_heads_q=num_heads_q,
             )
         q = apply_rotary_emb_func(
             qkv,
-            self._cos_cached,
-            self._sin_cached,
+            cos,
+            sin,
             interleaved=self.interleaved,
             inplace=True,
             seqlen_offsets=seqlen_offset,
         )
         kv = apply_rotary_emb_kv_(
             kv,
-            self._cos_cached if self.scale is None else self._cos_k_cached,
-            self._sin_cached if self.scale is None else self._sin_k_cached,
+            cos if cos_k is None else cos_k,
+            sin if sin_k is None else sin_k,
             interleaved=self.interleaved,
             seqlen_offsets=seqlen_offset,
         )
