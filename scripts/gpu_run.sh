@@ -5,7 +5,8 @@
 #
 #   scripts/gpu_run.sh [STAGE[@SECONDS] ...]          (default: tests bench-forward)
 #
-# Stages:  tests            pytest -m gpu over packages/*/tests (FA_REQUIRE_FLAGGEMS=1)
+# Stages:  tests            pytest -m gpu over fa-core, fa-backward, fa-kvcache (FA_REQUIRE_FLAGGEMS=1)
+#          compat           scripts/gpu_stage_compat.sh: fa-compat GPU + HF tests on installed wheels
 #          bench-forward    bench/bench_forward.py --check         bench-forward-quick: ... --quick --check
 #          bench-backward   bench/bench_backward.py                bench-decode: bench/bench_decode.py
 #          hf               scripts/hf_check.py (if present)
@@ -98,7 +99,7 @@ stage_command() {  # NAME -> command line on stdout (empty: unknown)
             local extra="-p no:cacheprovider --maxfail=${MAXFAIL:-30} --durations=15"
             has_timeout_plugin && extra="$extra --timeout=300"
             # one tile config per kernel (no autotune timing) keeps the many test shapes cheap
-            echo "FA_PLUS_AUTOTUNE=0 $PY -m pytest packages/*/tests -m gpu -q $extra --junitxml=$LOGS/junit-tests.xml ${PYTEST_ARGS:-}" ;;
+            echo "FA_PLUS_AUTOTUNE=0 $PY -m pytest packages/fa-core/tests packages/fa-backward/tests packages/fa-kvcache/tests -m gpu -q $extra --junitxml=$LOGS/junit-tests.xml ${PYTEST_ARGS:-}" ;;
         bench-forward) echo "$PY bench/bench_forward.py --check" ;;
         bench-forward-quick) echo "$PY bench/bench_forward.py --quick --check" ;;
         bench-backward) echo "$PY bench/bench_backward.py" ;;
