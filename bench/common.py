@@ -34,7 +34,7 @@ Maker = Callable[..., Callable[[], Any]]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 #: Row fields that hold measurements (everything else identifies the row when merging).
 MEASURE_FIELDS = frozenset(
-    {"tflops", "ms", "gbps", "copy_gbps", "graph", "error", "note", "rel_err", "speedup", "peak_mem_mb"}
+    {"tflops", "ms", "gbps", "copy_gbps", "graph", "error", "note", "rel_err", "speedup", "peak_mem_mb", "tokens_per_s"}
 )
 #: The provider whose ratio to every other provider the markdown table shows.
 OURS = "fa-plus"

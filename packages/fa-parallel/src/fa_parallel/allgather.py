@@ -1,0 +1,207 @@
+"""All-gather attention (the Llama 3 recipe): gather the whole K/V, attend the local queries to it.
+
+One all-gather per pass instead of ``W - 1`` hops; each local q chunk needs exactly one kernel call (no
+partial results to merge), and the planner (:func:`fa_parallel.blocks.plan_block`) trims the keys the
+chunk cannot see. The backward re-gathers K/V (nothing of size ``S`` is kept between the passes), computes
+the full-length dK/dV contributions of the local queries, and reduce-scatters them to their owners.
+
+Varlen (packed documents, ``cu_seqlens`` over the global sequence) uses the contiguous layout: a rank's
+queries meet only the documents they belong to, which are contiguous in the gathered K/V.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from fa_backward.backward import flash_attn_backward, flash_attn_varlen_backward
+from fa_core.forward import flash_attn_forward, flash_attn_varlen_forward
+from fa_parallel.blocks import INF, BlockCall, plan_block
+from fa_parallel.comm import all_gather_seq, group_info, reduce_scatter_seq
+from fa_parallel.sharding import local_chunks, shard_sequence
+
+__all__ = ["AllGatherAttnFunc", "AllGatherVarlenAttnFunc", "VarlenPlan", "varlen_plan"]
+
+
+def _calls(rank: int, world: int, seqlen: int, layout: str, left: int, right: int) -> list[BlockCall]:
+    calls = []
+    for ch in local_chunks(rank, world, seqlen, layout):
+        c = plan_block(ch.start, ch.length, 0, world * seqlen, left, right)
+        if c is not None:
+            calls.append(BlockCall(c.q0 + ch.local, c.q1 + ch.local, c.k0, c.k1, c.causal, c.window))
+    return calls
+
+
+class AllGatherAttnFunc(torch.autograd.Function):
+    """Differentiable all-gather context-parallel attention on dense ``(b, s_local, h, d)`` shards."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, group, softmax_scale, left, right, softcap, layout, deterministic):
+        rank, world = group_info(group)
+        b, s, h, _ = q.shape
+        kg, vg = all_gather_seq(k, group, layout), all_gather_seq(v, group, layout)
+        # rows no call covers see no key: out 0, lse +inf (the kernels' convention)
+        out = torch.zeros(b, s, h, v.shape[-1], dtype=q.dtype, device=q.device)
+        lse = torch.full((b, h, s), float("inf"), dtype=torch.float32, device=q.device)
+        for c in _calls(rank, world, s, layout, left, right):
+            res = flash_attn_forward(
+                q[:, c.q0 : c.q1], kg[:, c.k0 : c.k1], vg[:, c.k0 : c.k1], softmax_scale=softmax_scale,
+                causal=c.causal, window_size=c.window, softcap=softcap, out=out[:, c.q0 : c.q1],
+            )  # fmt: skip
+            lse[:, :, c.q0 : c.q1] = res.lse
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (group, softmax_scale, left, right, softcap, layout, deterministic)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, softmax_scale, left, right, softcap, layout, deterministic = ctx.args
+        rank, world = group_info(group)
+        s = q.shape[1]
+        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+        kg, vg = all_gather_seq(k, group, layout), all_gather_seq(v, group, layout)
+        dq = torch.zeros_like(q)
+        dkg = torch.zeros(kg.shape, dtype=torch.float32, device=q.device)
+        dvg = torch.zeros(vg.shape, dtype=torch.float32, device=q.device)
+        for c in _calls(rank, world, s, layout, left, right):
+            res = flash_attn_backward(
+                dout[:, c.q0 : c.q1], q[:, c.q0 : c.q1], kg[:, c.k0 : c.k1], vg[:, c.k0 : c.k1],
+                out[:, c.q0 : c.q1], lse[:, :, c.q0 : c.q1], dq[:, c.q0 : c.q1], None, None,
+                softmax_scale=softmax_scale, causal=c.causal, window_size_left=c.window[0],
+                window_size_right=c.window[1], softcap=softcap, deterministic=deterministic,
+            )  # fmt: skip
+            dkg[:, c.k0 : c.k1] += res.dk
+            dvg[:, c.k0 : c.k1] += res.dv
+        shard = functools.partial(_shard, world=world, layout=layout)
+        dk = reduce_scatter_seq(dkg, group, shard).to(k.dtype)
+        dv = reduce_scatter_seq(dvg, group, shard).to(v.dtype)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def _shard(x: torch.Tensor, r: int, world: int, layout: str, dim: int = 1) -> torch.Tensor:
+    return shard_sequence(x, r, world, layout, dim)
+
+
+# --------------------------------------------------------------------------------------------- varlen
+
+
+class VarlenPlan(dict):
+    """Host-side plan of one rank's varlen call (built once per forward from ``cu_seqlens``).
+
+    Keys: ``q0, q1`` local rows covered by a document; ``k0, k1`` the gathered keys they may see;
+    ``cu_q, cu_k`` int32 prefix sums of the local pieces; ``max_q, max_k``.
+    """
+
+
+def varlen_plan(
+    cu_seqlens: list[int], rank: int, total_local: int, causal_like: bool, device: torch.device
+) -> VarlenPlan | None:
+    """Cut the documents ``cu_seqlens`` (global prefix sums) down to the rows of rank ``rank``.
+
+    Causal (``causal_like``): a document's keys end at the rank's last row inside it, so its pieces stay
+    bottom-right aligned (the kernel's diagonal is then the global one). Otherwise each document's keys are
+    all of it. Either way the pieces of consecutive documents are consecutive in the gathered K/V.
+    """
+    lo, hi = rank * total_local, (rank + 1) * total_local
+    cu_q, cu_k = [0], [0]
+    q0: int | None = None
+    k0 = 0
+    for b in range(len(cu_seqlens) - 1):
+        start, end = cu_seqlens[b], cu_seqlens[b + 1]
+        qs, qe = max(start, lo), min(end, hi)
+        if qs >= qe:
+            continue
+        if q0 is None:
+            q0, k0 = qs, start
+        ke = qe if causal_like else end
+        cu_q.append(cu_q[-1] + qe - qs)
+        cu_k.append(ke - k0)
+    if q0 is None:
+        return None
+
+    def t(x: list[int]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.int32, device=device)
+
+    return VarlenPlan(
+        q0=q0 - lo,
+        q1=q0 - lo + cu_q[-1],
+        k0=k0,
+        k1=k0 + cu_k[-1],
+        cu_q=t(cu_q),
+        cu_k=t(cu_k),
+        max_q=max(b - a for a, b in zip(cu_q, cu_q[1:])),
+        max_k=max(b - a for a, b in zip(cu_k, cu_k[1:])),
+    )
+
+
+def check_varlen_window(left: int, right: int) -> bool:
+    """True when the varlen path is causal-like; raises for the windows it cannot express."""
+    if right == 0:
+        return True
+    if left == INF and right == INF:
+        return False
+    raise NotImplementedError(
+        "context-parallel varlen supports window_size (-1, -1), causal, and (left, 0) windows; "
+        f"got the band [-{left}, {right}]"
+    )
+
+
+class AllGatherVarlenAttnFunc(torch.autograd.Function):
+    """Differentiable all-gather attention on packed ``(total_local, h, d)`` contiguous shards."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, group, softmax_scale, left, right, softcap, deterministic):
+        rank, world = group_info(group)
+        n, h, _ = q.shape
+        causal_like = check_varlen_window(left, right)
+        plan = varlen_plan([int(x) for x in cu_seqlens.tolist()], rank, n, causal_like, q.device)
+        out = torch.zeros(n, h, v.shape[-1], dtype=q.dtype, device=q.device)
+        lse = torch.full((h, n), float("inf"), dtype=torch.float32, device=q.device)
+        if plan is not None:
+            kg = all_gather_seq(k, group, "contiguous", dim=0)
+            vg = all_gather_seq(v, group, "contiguous", dim=0)
+            window = (left if left != INF else -1, 0 if causal_like else -1)
+            res = flash_attn_varlen_forward(
+                q[plan["q0"] : plan["q1"]], kg[plan["k0"] : plan["k1"]], vg[plan["k0"] : plan["k1"]],
+                plan["cu_q"], plan["cu_k"], plan["max_q"], plan["max_k"], softmax_scale=softmax_scale,
+                window_size=window, softcap=softcap, out=out[plan["q0"] : plan["q1"]],
+            )  # fmt: skip
+            lse[:, plan["q0"] : plan["q1"]] = res.lse
+        else:
+            # the collectives must still match across ranks
+            all_gather_seq(k, group, "contiguous", dim=0)
+            all_gather_seq(v, group, "contiguous", dim=0)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan = plan
+        ctx.args = (group, softmax_scale, left, causal_like, softcap, deterministic)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, softmax_scale, left, causal_like, softcap, deterministic = ctx.args
+        plan = ctx.plan
+        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+        kg = all_gather_seq(k, group, "contiguous", dim=0)
+        vg = all_gather_seq(v, group, "contiguous", dim=0)
+        dq = torch.zeros_like(q)
+        dkg = torch.zeros(kg.shape, dtype=torch.float32, device=q.device)
+        dvg = torch.zeros(vg.shape, dtype=torch.float32, device=q.device)
+        if plan is not None:
+            q0, q1, k0, k1 = plan["q0"], plan["q1"], plan["k0"], plan["k1"]
+            res = flash_attn_varlen_backward(
+                dout[q0:q1], q[q0:q1], kg[k0:k1], vg[k0:k1], out[q0:q1], lse[:, q0:q1], dq[q0:q1], None, None,
+                plan["cu_q"], plan["cu_k"], plan["max_q"], plan["max_k"], softmax_scale=softmax_scale,
+                window_size_left=left if left != INF else -1, window_size_right=0 if causal_like else -1,
+                softcap=softcap, deterministic=deterministic,
+            )  # fmt: skip
+            dkg[k0:k1] += res.dk
+            dvg[k0:k1] += res.dv
+        shard = functools.partial(_shard, world=group_info(group)[1], layout="contiguous", dim=0)
+        dk = reduce_scatter_seq(dkg, group, shard).to(k.dtype)
+        dv = reduce_scatter_seq(dvg, group, shard).to(v.dtype)
+        return dq, dk, dv, None, None, None, None, None, None, None
