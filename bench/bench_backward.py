@@ -99,7 +99,11 @@ def _flex(q, k, v, dout, causal) -> Built:
             return q_idx + off >= kv_idx
 
         block_mask = create_block_mask(causal_mod, B=None, H=None, Q_LEN=sq, KV_LEN=sk, device=q.device)
-    return (lambda: compiled(qt, kt, vt, block_mask=block_mask)), (qt, kt, vt), dout.transpose(1, 2).contiguous()
+    return (
+        (lambda: compiled(qt, kt, vt, block_mask=block_mask)),
+        (qt, kt, vt),
+        dout.transpose(1, 2).contiguous(),
+    )
 
 
 PROVIDERS: dict[str, Callable[..., Built]] = {
@@ -153,14 +157,17 @@ def check(providers: list[str], headdim: int, dtype: torch.dtype, tol: float = 3
     for causal in (False, True):
         try:
             ref_leaves = _leaves(*(t.float() for t in (q, k, v)), bhsd=True)
-            ref = torch.autograd.grad(sdpa(*ref_leaves, is_causal=causal), ref_leaves,
-                                      dout.float().transpose(1, 2))
+            ref = torch.autograd.grad(
+                sdpa(*ref_leaves, is_causal=causal), ref_leaves, dout.float().transpose(1, 2)
+            )
             fwd, leaves, d_out = _fa_plus(q, k, v, dout, causal)
             ours = torch.autograd.grad(fwd(), leaves, d_out)
             errs = [rel_error(o, r.transpose(1, 2)) for o, r in zip(ours, ref)]
             ok = max(errs) <= tol and all(bool(torch.isfinite(o).all()) for o in ours)
-            print(f"[check] fa-plus causal={causal} d={headdim}: rel err dq/dk/dv "
-                  f"{', '.join(f'{e:.2e}' for e in errs)} {'ok' if ok else 'FAIL'}")
+            print(
+                f"[check] fa-plus causal={causal} d={headdim}: rel err dq/dk/dv "
+                f"{', '.join(f'{e:.2e}' for e in errs)} {'ok' if ok else 'FAIL'}"
+            )
             if not ok:
                 bad["fa-plus"] = f"check failed: rel err {max(errs):.2e} vs fp32 SDPA (causal={causal})"
         except Exception as exc:
@@ -182,8 +189,9 @@ def _build(fns: dict[str, Callable[[], Any]], name: str, q, k, v, dout, causal: 
         torch.cuda.empty_cache()
 
 
-def _time_config(cfg: Row, providers: list[str], benches: list[str], dtype: torch.dtype,
-                 bad: dict[str, str]) -> list[Row]:
+def _time_config(
+    cfg: Row, providers: list[str], benches: list[str], dtype: torch.dtype, bad: dict[str, str]
+) -> list[Row]:
     b, s, h, d, causal = cfg["batch"], cfg["seqlen"], cfg["nheads"], cfg["headdim"], cfg["causal"]
     q, k, v, dout = _inputs(b, s, h, d, dtype)
     rows: list[Row] = []
@@ -214,15 +222,19 @@ def _time_config(cfg: Row, providers: list[str], benches: list[str], dtype: torc
         for row in new:
             val = row.get("tflops") if row.get("tflops") is not None else row.get("error")
             mem = f" peak {row['peak_mem_mb']} MiB" if "peak_mem_mb" in row else ""
-            print(f"  {row['bench']:7s} {name:10s} d={d:3d} causal={causal!s:5} s={s:5d} b={b:2d}: {val}{mem}",
-                  flush=True)
+            print(
+                f"  {row['bench']:7s} {name:10s} d={d:3d} causal={causal!s:5} s={s:5d} b={b:2d}: {val}{mem}",
+                flush=True,
+            )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="headdim 128, seqlen 1024 and 16384 only")
-    ap.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list out of {','.join(PROVIDERS)}")
+    ap.add_argument(
+        "--providers", default=",".join(PROVIDERS), help=f"comma list out of {','.join(PROVIDERS)}"
+    )
     ap.add_argument("--headdims", default=None, help="comma list (default 64,128; --quick: 128)")
     ap.add_argument("--seqlens", default=None, help="comma list (default 512..16384)")
     ap.add_argument("--causal", default=None, choices=["0", "1"], help="only non-causal (0) or causal (1)")
@@ -243,12 +255,19 @@ def main(argv: list[str] | None = None) -> int:
     benches = [x.strip() for x in args.benches.split(",") if x.strip()]
     if any(x not in BENCHES for x in benches):
         ap.error(f"--benches takes {BENCHES}")
-    headdims = [int(x) for x in args.headdims.split(",")] if args.headdims else ([128] if args.quick else [64, 128])
-    seqlens = [int(x) for x in args.seqlens.split(",")] if args.seqlens else ([1024, 16384] if args.quick else None)
+    headdims = (
+        [int(x) for x in args.headdims.split(",")] if args.headdims else ([128] if args.quick else [64, 128])
+    )
+    seqlens = (
+        [int(x) for x in args.seqlens.split(",")] if args.seqlens else ([1024, 16384] if args.quick else None)
+    )
     causals = (False, True) if args.causal is None else (args.causal == "1",)
     dtype = getattr(torch, args.dtype)
-    print(f"[bench_backward] {torch.cuda.get_device_name()} providers={providers} headdims={headdims} "
-          f"benches={benches} dtype={args.dtype}", flush=True)
+    print(
+        f"[bench_backward] {torch.cuda.get_device_name()} providers={providers} headdims={headdims} "
+        f"benches={benches} dtype={args.dtype}",
+        flush=True,
+    )
 
     bad = check(providers, headdims[-1], dtype) if args.check else {}
     rows: list[Row] = []
@@ -257,8 +276,13 @@ def main(argv: list[str] | None = None) -> int:
             rows += _time_config(cfg, providers, benches, dtype, bad)
     finally:
         if rows:
-            path = write_results(KIND, rows, merge=not args.no_merge, plot_kw={"bench": "fwd_bwd"},
-                                 table_kw={"title": f"forward+backward and backward ({args.dtype})"})
+            path = write_results(
+                KIND,
+                rows,
+                merge=not args.no_merge,
+                plot_kw={"bench": "fwd_bwd"},
+                table_kw={"title": f"forward+backward and backward ({args.dtype})"},
+            )
             print(f"[bench_backward] wrote {path} (+ .md, .png)")
     errors = sum(1 for r in rows if r.get("error"))
     print(f"[bench_backward] {len(rows)} rows, {errors} with errors")

@@ -34,7 +34,19 @@ Maker = Callable[..., Callable[[], Any]]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 #: Row fields that hold measurements (everything else identifies the row when merging).
 MEASURE_FIELDS = frozenset(
-    {"tflops", "ms", "gbps", "copy_gbps", "graph", "error", "note", "rel_err", "speedup", "peak_mem_mb", "tokens_per_s"}
+    {
+        "tflops",
+        "ms",
+        "gbps",
+        "copy_gbps",
+        "graph",
+        "error",
+        "note",
+        "rel_err",
+        "speedup",
+        "peak_mem_mb",
+        "tokens_per_s",
+    }
 )
 #: The provider whose ratio to every other provider the markdown table shows.
 OURS = "fa-plus"
@@ -429,7 +441,9 @@ def _fa_plus_fp8_maker(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
 
     def fn() -> Any:
         with torch.no_grad():
-            return flash_attn_forward(q8, k8, v8, causal=causal, q_descale=ones, k_descale=ones, v_descale=ones)
+            return flash_attn_forward(
+                q8, k8, v8, causal=causal, q_descale=ones, k_descale=ones, v_descale=ones
+            )
 
     return fn
 

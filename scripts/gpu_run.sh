@@ -72,7 +72,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         fi
     fi
 fi
-SRC="packages/fa-core/src:packages/fa-backward/src:packages/fa-kvcache/src:packages/fa-compat/src"
+SRC="packages/fa-core/src:packages/fa-backward/src:packages/fa-kvcache/src:packages/fa-compat/src:packages/fa-parallel/src"
 export PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}:/tmp/site"
 
 # ------------------------------------------------------------------------------------------ environment
