@@ -1,0 +1,478 @@
+"""Host side of the backward: validate, allocate, launch (flash-attn's ``_flash_attn_backward`` semantics).
+
+:func:`flash_attn_backward` and :func:`flash_attn_varlen_backward` take the forward's ``out``, ``softmax_lse``
+and ``rng_state`` and write dq, dk, dv into caller-provided tensors when given (any strides with a contiguous
+last dim, e.g. slices of a packed ``dqkv``), else into new ones.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+
+from fa_backward.backward_kernel import dkdv_kernel, dq_kernel, preprocess_kernel
+from fa_core import validation as V
+from fa_core.masking import normalize_window
+
+__all__ = ["BwdResult", "flash_attn_backward", "flash_attn_varlen_backward"]
+
+
+class BwdResult(NamedTuple):
+    """``dq, dk, dv`` (the tensors written) and ``softmax_d`` = rowsum(dout * out), float32, laid out like the
+    lse: ``(batch, nheads, seqlen_q)`` dense, ``(nheads, total_q)`` varlen. flash-attn's
+    ``_flash_attn_backward`` returns only ``softmax_d``; use ``.softmax_d`` for that."""
+
+    dq: torch.Tensor
+    dk: torch.Tensor
+    dv: torch.Tensor
+    softmax_d: torch.Tensor
+
+
+def _bucket(n: int) -> int:
+    # autotune key: powers of two (as fa_core's forward) so that tunings stay few across sequence lengths
+    return min(triton.next_power_of_2(max(int(n), 16)), 1 << 16)
+
+
+def _check_qkv(q, k, v, varlen: bool) -> None:
+    """fa_core's check; float64 is also accepted on CPU under the interpreter (for float64 gradcheck)."""
+    if (
+        isinstance(q, torch.Tensor)
+        and q.dtype == torch.float64
+        and q.device.type == "cpu"
+        and V.interpreting()
+        and all(
+            isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.device.type == "cpu"
+            for t in (k, v)
+        )
+    ):
+        meta = [
+            torch.empty_strided(t.shape, t.stride(), dtype=torch.float16, device="meta") for t in (q, k, v)
+        ]
+        V.check_qkv(meta[0], meta[1], meta[2], varlen=varlen)
+        return
+    V.check_qkv(q, k, v, varlen=varlen)
+
+
+def _check_like(name: str, t, shape, dtype, device, optional: bool = False) -> None:
+    if t is None and optional:
+        return
+    V.check_tensor(name, t, len(shape))
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype}, expected {dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}: all tensors must share a device")
+    V.check_last_dim_contiguous(name, t)
+
+
+def _common(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    softmax_lse,
+    dq,
+    dk,
+    dv,
+    dropout_p,
+    softmax_scale,
+    window,
+    softcap,
+    rng_state,
+    varlen,
+    lse_shape,
+):
+    _check_qkv(q, k, v, varlen)
+    V.check_window(window)
+    V.check_scalars(dropout_p, softcap, softmax_scale)
+    o_shape = (*q.shape[:-1], v.shape[-1])
+    _check_like("dout", dout, o_shape, q.dtype, q.device)
+    _check_like("out", out, o_shape, q.dtype, q.device)
+    _check_like("dq", dq, q.shape, q.dtype, q.device, optional=True)
+    _check_like("dk", dk, k.shape, q.dtype, q.device, optional=True)
+    _check_like("dv", dv, v.shape, q.dtype, q.device, optional=True)
+    V.check_tensor("softmax_lse", softmax_lse, len(lse_shape))
+    if tuple(softmax_lse.shape) != tuple(lse_shape) or softmax_lse.dtype != torch.float32:
+        raise ValueError(
+            f"softmax_lse must be a float32 tensor of shape {tuple(lse_shape)} (as the forward returns it), "
+            f"got {softmax_lse.dtype} {tuple(softmax_lse.shape)}"
+        )
+    V.check_device("softmax_lse", softmax_lse, "q", q)
+    if dropout_p > 0:
+        if rng_state is None:
+            raise ValueError("dropout_p > 0 needs the forward's rng_state to regenerate the dropout mask")
+        V.check_tensor("rng_state", rng_state, 1)
+        if rng_state.numel() != 2 or rng_state.dtype != torch.int64:
+            raise ValueError("rng_state must be an int64 tensor [seed, offset] as returned by the forward")
+    return softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+
+
+def _contig_last(t):
+    """flash-attn's ``maybe_contiguous``: inputs with a strided last dim are copied, outputs must not be."""
+    if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        return t.contiguous()
+    return t
+
+
+def _launch(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dq,
+    dk,
+    dv,
+    *,
+    varlen,
+    batch,
+    max_seqlen_q,
+    max_seqlen_k,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    seqused_k,
+    softmax_scale,
+    causal,
+    window,
+    softcap,
+    alibi_slopes,
+    dropout_p,
+    rng_state,
+):
+    nheads, nheads_k, d, d_v = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    left, right, is_local = normalize_window(causal, window)
+    lse = _contig_last(lse)
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    block_d = max(triton.next_power_of_2(d), 16)
+    block_dv = max(triton.next_power_of_2(d_v), 16)
+
+    if varlen:
+        pre_rows, pre_batch = q.shape[0], 1
+        stride_ob = stride_dob = stride_lb = stride_deltab = 0
+        stride_qb = stride_kb = stride_vb = stride_dqb = stride_dkb = stride_dvb = 0
+        stride_lh, stride_deltah = lse.stride(0), delta.stride(0)
+        sq_b = sk_b = 0
+    else:
+        pre_rows, pre_batch = q.shape[1], batch
+        stride_ob, stride_dob = out.stride(0), dout.stride(0)
+        stride_lb, stride_lh = lse.stride(0), lse.stride(1)
+        stride_deltab, stride_deltah = delta.stride(0), delta.stride(1)
+        stride_qb, stride_kb, stride_vb = q.stride(0), k.stride(0), v.stride(0)
+        stride_dqb, stride_dkb, stride_dvb = dq.stride(0), dk.stride(0), dv.stride(0)
+        sq_b, sk_b = q.shape[1], k.shape[1]
+
+    pre_block = max(16, min(128, 4096 // block_dv))  # ~32 elements of each tile per thread (4 warps)
+    if pre_rows > 0:
+        preprocess_kernel[(triton.cdiv(pre_rows, pre_block), nheads, pre_batch)](
+            out,
+            dout,
+            delta,
+            stride_ob,
+            out.stride(-3),
+            out.stride(-2),
+            stride_dob,
+            dout.stride(-3),
+            dout.stride(-2),
+            stride_deltab,
+            stride_deltah,
+            pre_rows,
+            HEADDIM_V=d_v,
+            BLOCK_DV=block_dv,
+            BLOCK_M=pre_block,
+        )
+
+    alibi = alibi_slopes if alibi_slopes is not None else q.new_empty(0, dtype=torch.float32)
+    stride_alb = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
+    dummy_i32 = q.new_empty(0, dtype=torch.int32)
+    seed, offset = (int(x) for x in rng_state.tolist()) if dropout_p > 0 else (0, 0)
+    common = dict(
+        cu_seqlens_q=cu_seqlens_q if varlen else dummy_i32,
+        cu_seqlens_k=cu_seqlens_k if varlen else dummy_i32,
+        seqused_k=seqused_k if seqused_k is not None else dummy_i32,
+        seqlen_q_dense=sq_b,
+        seqlen_k_dense=sk_b,
+        nheads=nheads,
+        group=nheads // nheads_k,
+        sm_scale=softmax_scale,
+        softcap=float(softcap),
+        Alibi=alibi,
+        stride_alb=stride_alb,
+        window_left=left,
+        window_right=right,
+        dropout_p=float(dropout_p),
+        seed=seed,
+        rng_offset=offset,
+        SEQ_BUCKET_Q=_bucket(max_seqlen_q),
+        SEQ_BUCKET_K=_bucket(max_seqlen_k),
+        HEADDIM=d,
+        HEADDIM_V=d_v,
+        BLOCK_D=block_d,
+        BLOCK_DV=block_dv,
+        IS_VARLEN=varlen,
+        HAS_SEQUSED=seqused_k is not None,
+        IS_LOCAL=is_local,
+        HAS_SOFTCAP=softcap > 0,
+        HAS_ALIBI=alibi_slopes is not None,
+        HAS_DROPOUT=dropout_p > 0,
+        # float32 accumulation; float64 (CPU interpreter only, for gradcheck) accumulates in float64
+        ACC_FP64=q.dtype == torch.float64,
+    )
+    qkv_strides = (
+        stride_qb,
+        q.stride(-3),
+        q.stride(-2),
+        stride_kb,
+        k.stride(-3),
+        k.stride(-2),
+        stride_vb,
+        v.stride(-3),
+        v.stride(-2),
+        stride_dob,
+        dout.stride(-3),
+        dout.stride(-2),
+        stride_lb,
+        stride_lh,
+        stride_deltab,
+        stride_deltah,
+    )
+    if max_seqlen_k > 0:
+        dkdv_kernel[lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), nheads_k, batch)](
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            dk,
+            dv,
+            *qkv_strides,
+            stride_dkb,
+            dk.stride(-3),
+            dk.stride(-2),
+            stride_dvb,
+            dv.stride(-3),
+            dv.stride(-2),
+            **common,
+        )
+    if max_seqlen_q > 0:
+        dq_kernel[lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), nheads, batch)](
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            dq,
+            *qkv_strides,
+            stride_dqb,
+            dq.stride(-3),
+            dq.stride(-2),
+            **common,
+        )
+    return delta
+
+
+def flash_attn_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    softmax_lse: torch.Tensor,
+    dq: torch.Tensor | None = None,
+    dk: torch.Tensor | None = None,
+    dv: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size_left: int = -1,
+    window_size_right: int = -1,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    rng_state: torch.Tensor | None = None,
+) -> BwdResult:
+    """Dense attention backward (argument order of flash-attn 2.8's ``_flash_attn_backward``).
+
+    Args:
+        dout, out: ``(batch, seqlen_q, nheads, headdim_v)``; q ``(batch, seqlen_q, nheads, headdim)``;
+            k ``(batch, seqlen_k, nheads_k, headdim)``; v ``(batch, seqlen_k, nheads_k, headdim_v)``.
+        softmax_lse: the forward's float32 ``(batch, nheads, seqlen_q)`` (+inf for rows with no visible key).
+        dq, dk, dv: optional outputs shaped like q, k, v (any strides with a contiguous last dim); allocated
+            when None.
+        rng_state: the forward's ``[seed, offset]``; required when ``dropout_p > 0``.
+        deterministic: accepted for compatibility: the kernels never use atomics, so the result is always
+            bitwise reproducible.
+        Other arguments: as the forward's (causal is bottom-right aligned; -1 = unbounded window side).
+
+    Returns:
+        :class:`BwdResult` ``(dq, dk, dv, softmax_d)``.
+    """
+    dout, q, k, v, out = (_contig_last(t) for t in (dout, q, k, v, out))
+    window = (window_size_left, window_size_right)
+    V.check_tensor("q", q, 4)
+    batch, seqlen_q, nheads = q.shape[0], q.shape[1], q.shape[2]
+    softmax_scale = _common(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        softmax_lse,
+        dq,
+        dk,
+        dv,
+        dropout_p,
+        softmax_scale,
+        window,
+        softcap,
+        rng_state,
+        False,
+        (batch, nheads, seqlen_q),
+    )
+    V.check_alibi(alibi_slopes, batch, nheads, q)
+    dq = torch.empty_like(q) if dq is None else dq
+    dk = torch.empty_like(k) if dk is None else dk
+    dv = torch.empty_like(v) if dv is None else dv
+    if batch == 0 or nheads == 0:
+        return BwdResult(dq, dk, dv, torch.zeros_like(softmax_lse))
+    delta = _launch(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        softmax_lse,
+        dq,
+        dk,
+        dv,
+        varlen=False,
+        batch=batch,
+        max_seqlen_q=seqlen_q,
+        max_seqlen_k=k.shape[1],
+        cu_seqlens_q=None,
+        cu_seqlens_k=None,
+        seqused_k=None,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        window=window,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p,
+        rng_state=rng_state,
+    )
+    return BwdResult(dq, dk, dv, delta)
+
+
+def flash_attn_varlen_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    softmax_lse: torch.Tensor,
+    dq: torch.Tensor | None,
+    dk: torch.Tensor | None,
+    dv: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size_left: int = -1,
+    window_size_right: int = -1,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    rng_state: torch.Tensor | None = None,
+    zero_tensors: bool = False,
+    seqused_k: torch.Tensor | None = None,
+) -> BwdResult:
+    """Varlen backward (argument order of flash-attn 2.8's ``_flash_attn_varlen_backward``).
+
+    Args:
+        dout, out ``(total_q, nheads, headdim_v)``; q ``(total_q, nheads, headdim)``; k, v ``(total_k, nheads_k, .)``.
+        softmax_lse: float32 ``(nheads, total_q)``. cu_seqlens_*: int32 ``(batch + 1,)``.
+        zero_tensors: zero dq/dk/dv first (flash-attn's flag; every row is written anyway, so it only matters
+            for rows outside every sequence, which then read 0 instead of their previous content).
+        seqused_k: extension (forward's argument): sequence b uses its first ``seqused_k[b]`` keys; the other
+            keys get a zero gradient.
+        Other arguments: as :func:`flash_attn_backward`.
+
+    Returns:
+        :class:`BwdResult` ``(dq, dk, dv, softmax_d)`` with ``softmax_d (nheads, total_q)``.
+    """
+    dout, q, k, v, out = (_contig_last(t) for t in (dout, q, k, v, out))
+    window = (window_size_left, window_size_right)
+    V.check_tensor("q", q, 3)
+    nheads = q.shape[1]
+    softmax_scale = _common(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        softmax_lse,
+        dq,
+        dk,
+        dv,
+        dropout_p,
+        softmax_scale,
+        window,
+        softcap,
+        rng_state,
+        True,
+        (nheads, q.shape[0]),
+    )
+    max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
+    if max_seqlen_q < 0 or max_seqlen_k < 0:
+        raise ValueError("max_seqlen_q and max_seqlen_k must be >= 0")
+    batch = V.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q, max_seqlen_q, "max_seqlen_q")
+    batch_k = V.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q, max_seqlen_k, "max_seqlen_k")
+    if batch_k != batch:
+        raise ValueError(f"cu_seqlens_k has {batch_k + 1} entries but cu_seqlens_q has {batch + 1}")
+    V.check_seqused(seqused_k, batch, cu_seqlens_k, q)
+    V.check_alibi(alibi_slopes, batch, nheads, q)
+    dq = torch.empty_like(q) if dq is None else dq
+    dk = torch.empty_like(k) if dk is None else dk
+    dv = torch.empty_like(v) if dv is None else dv
+    if zero_tensors:
+        dq.zero_()
+        dk.zero_()
+        dv.zero_()
+    if batch == 0 or nheads == 0 or (max_seqlen_q == 0 and max_seqlen_k == 0):
+        return BwdResult(dq, dk, dv, torch.zeros_like(softmax_lse))
+    delta = _launch(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        softmax_lse,
+        dq,
+        dk,
+        dv,
+        varlen=True,
+        batch=batch,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        seqused_k=seqused_k,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        window=window,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p,
+        rng_state=rng_state,
+    )
+    return BwdResult(dq, dk, dv, delta)
