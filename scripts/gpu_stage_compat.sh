@@ -5,5 +5,5 @@ set -uo pipefail
 rm -rf /tmp/fa_site
 python3 -m pip install -q --no-deps --no-compile --target /tmp/fa_site .whl/fa/*.whl || exit 1
 # only the installed wheels (and the carried extras in /tmp/site), not the source trees
-PYTHONPATH=/tmp/fa_site:/tmp/site FA_PLUS_AUTOTUNE=0 python3 -m pytest packages/fa-compat/tests -m gpu -q \
+PYTHONPATH=/tmp/fa_site:/tmp/site FA_PLUS_AUTOTUNE=0 python3 -m pytest packages/fa-compat/tests -m gpu -q ${COMPAT_PYTEST_ARGS:-} \
     -p no:cacheprovider -rs --durations=10
