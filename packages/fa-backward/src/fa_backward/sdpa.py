@@ -296,7 +296,7 @@ def flash_attention_forward(
     if cum_seq_q is None and seqused_k is not None:
         raise RuntimeError(f"{IMPL_NAME}: seqused_k needs the varlen path (cum_seq_q / cum_seq_k)")
     with torch.no_grad():  # as in sdpa_flash_forward: we run below autograd
-        if cum_seq_q is None:
+        if cum_seq_q is None or cum_seq_k is None:
             res = flash_attn_forward(q, k, v, **kw)
         else:
             res = flash_attn_varlen_forward(
