@@ -31,7 +31,7 @@ import os
 import triton
 import triton.language as tl
 
-from fa_core.masking import dropout_keep, kv_range, scores_log2, softcap_grad, visible
+from fa_core.masking import dropout_keep, kv_range, scores_log2, seq_bounds, softcap_grad, visible
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
@@ -164,16 +164,9 @@ def _bwd_dkdv_kernel(
     off_hk = tl.program_id(1)
     off_b = tl.program_id(2)
 
-    if IS_VARLEN:
-        q_start = tl.load(cu_seqlens_q + off_b)
-        seqlen_q = tl.load(cu_seqlens_q + off_b + 1) - q_start
-        k_start = tl.load(cu_seqlens_k + off_b)
-        seqlen_k_rows = tl.load(cu_seqlens_k + off_b + 1) - k_start
-    else:
-        q_start = 0
-        k_start = 0
-        seqlen_q = seqlen_q_dense
-        seqlen_k_rows = seqlen_k_dense
+    q_start, seqlen_q, k_start, seqlen_k_rows = seq_bounds(
+        off_b, cu_seqlens_q, cu_seqlens_k, seqlen_q_dense, seqlen_k_dense, IS_VARLEN
+    )
     # keys past seqused_k exist in the tensor but are never attended: their gradient is written as 0
     seqlen_k = seqlen_k_rows
     if HAS_SEQUSED:
@@ -325,16 +318,9 @@ def _bwd_dq_kernel(
     off_b = tl.program_id(2)
     off_hk = off_h // group
 
-    if IS_VARLEN:
-        q_start = tl.load(cu_seqlens_q + off_b)
-        seqlen_q = tl.load(cu_seqlens_q + off_b + 1) - q_start
-        k_start = tl.load(cu_seqlens_k + off_b)
-        seqlen_k = tl.load(cu_seqlens_k + off_b + 1) - k_start
-    else:
-        q_start = 0
-        k_start = 0
-        seqlen_q = seqlen_q_dense
-        seqlen_k = seqlen_k_dense
+    q_start, seqlen_q, k_start, seqlen_k = seq_bounds(
+        off_b, cu_seqlens_q, cu_seqlens_k, seqlen_q_dense, seqlen_k_dense, IS_VARLEN
+    )
     if HAS_SEQUSED:
         seqlen_k = tl.load(seqused_k + off_b)
     if start_m * BLOCK_M >= seqlen_q:

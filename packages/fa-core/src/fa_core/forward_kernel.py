@@ -12,7 +12,15 @@ import os
 import triton
 import triton.language as tl
 
-from fa_core.masking import chunk_kv_range, chunk_visible, dropout_keep, kv_range, scores_log2, visible
+from fa_core.masking import (
+    chunk_kv_range,
+    chunk_visible,
+    dropout_keep,
+    kv_range,
+    scores_log2,
+    seq_bounds,
+    visible,
+)
 
 
 @triton.jit
@@ -278,16 +286,9 @@ def fwd_kernel(
     off_b = tl.program_id(2)
     off_hk = off_h // group
 
-    if IS_VARLEN:
-        q_start = tl.load(cu_seqlens_q + off_b)
-        seqlen_q = tl.load(cu_seqlens_q + off_b + 1) - q_start
-        k_start = tl.load(cu_seqlens_k + off_b)
-        seqlen_k = tl.load(cu_seqlens_k + off_b + 1) - k_start
-    else:
-        q_start = 0
-        k_start = 0
-        seqlen_q = seqlen_q_dense
-        seqlen_k = seqlen_k_dense
+    q_start, seqlen_q, k_start, seqlen_k = seq_bounds(
+        off_b, cu_seqlens_q, cu_seqlens_k, seqlen_q_dense, seqlen_k_dense, IS_VARLEN
+    )
     if HAS_SEQUSED:
         seqlen_k = tl.load(seqused_k + off_b)
     if start_m * BLOCK_M >= seqlen_q:

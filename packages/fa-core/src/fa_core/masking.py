@@ -116,6 +116,23 @@ def dropout_keep(seed, rng_offset, bh, offs_m, offs_n, dropout_p):
 
 
 @triton.jit
+def seq_bounds(off_b, cu_seqlens_q, cu_seqlens_k, seqlen_q_dense, seqlen_k_dense, IS_VARLEN: tl.constexpr):
+    """``(q_start, seqlen_q, k_start, seqlen_k)`` of sequence ``off_b``: from ``cu_seqlens`` (varlen) or the
+    dense lengths. ``seqused_k`` is applied by the caller (the backward still owns the unused key rows)."""
+    if IS_VARLEN:
+        q_start = tl.load(cu_seqlens_q + off_b)
+        seqlen_q = tl.load(cu_seqlens_q + off_b + 1) - q_start
+        k_start = tl.load(cu_seqlens_k + off_b)
+        seqlen_k = tl.load(cu_seqlens_k + off_b + 1) - k_start
+    else:
+        q_start = 0
+        k_start = 0
+        seqlen_q = seqlen_q_dense
+        seqlen_k = seqlen_k_dense
+    return q_start, seqlen_q, k_start, seqlen_k
+
+
+@triton.jit
 def kv_range(
     start_m,
     seqlen_q,
