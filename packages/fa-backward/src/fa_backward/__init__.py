@@ -6,7 +6,10 @@ Public functions (flash-attn 2.8 signatures): :func:`flash_attn_func`, :func:`fl
 :func:`flash_attn_backward`, :func:`flash_attn_varlen_backward`.
 """
 
-from fa_backward import sdpa  # registers "FA_PLUS" with torch's SDPA registry; never activates it
+from fa_backward import (
+    programmable,  # attention with learnable sinks (gradient included)
+    sdpa,  # registers "FA_PLUS" with torch's SDPA registry; never activates it
+)
 from fa_backward.autograd import (
     FlashAttnFunc,
     FlashAttnKVPackedFunc,
@@ -28,6 +31,7 @@ from fa_backward.interface import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "programmable",
     "sdpa",
     "BwdResult",
     "FlashAttnFunc",
