@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from fa_core import attention_ref, attention_varlen_ref, flash_attn_forward, flash_attn_varlen_forward
 from fa_core.testing import DEVICE, assert_close_2x, poisoned
@@ -66,3 +68,63 @@ def test_programmable_bad_input():
         flash_attn_forward(q, q, q, learnable_sink=torch.zeros(3, device=DEVICE))
     with pytest.raises(TypeError, match="learnable_sink must be"):
         flash_attn_forward(q, q, q, learnable_sink=torch.zeros(2, device=DEVICE, dtype=torch.int32))
+
+
+# ----------------------------------------------------------------------------- user score_mod / mask_mod
+@triton.jit
+def _rel_bias(score, b, h, q_idx, kv_idx):
+    # a per-head relative-position bias, T5/ALiBi-like, plus a per-batch offset
+    return score + 0.05 * (h + 1) * (kv_idx - q_idx).to(tl.float32) / 16.0 + 0.1 * b
+
+
+def _rel_bias_ref(score, b, h, q_idx, kv_idx):
+    return score + 0.05 * (h + 1) * (kv_idx - q_idx).to(score.dtype) / 16.0 + 0.1 * b
+
+
+@triton.jit
+def _striped_mask(b, h, q_idx, kv_idx):
+    # drop every third key, and for odd heads keys ahead of the query by more than 5
+    keep = (kv_idx % 3) != 1
+    return keep & ((h % 2 == 0) | (kv_idx <= q_idx + 5))
+
+
+def _striped_mask_ref(b, h, q_idx, kv_idx):
+    keep = (kv_idx % 3) != 1
+    return keep & ((h % 2 == 0) | (kv_idx <= q_idx + 5))
+
+
+MOD_CASES = {
+    "score_mod": {"score_mod": (_rel_bias, _rel_bias_ref)},
+    "mask_mod": {"mask_mod": (_striped_mask, _striped_mask_ref)},
+    "both_causal_softcap": {
+        "score_mod": (_rel_bias, _rel_bias_ref),
+        "mask_mod": (_striped_mask, _striped_mask_ref),
+        "causal": True,
+        "softcap": 5.0,
+    },
+}
+
+
+@pytest.mark.parametrize("case", list(MOD_CASES))
+def test_user_mods(case):
+    torch.manual_seed(hash(case) % 2**31)
+    kw = dict(MOD_CASES[case])
+    kern_kw = {k_: (v_[0] if isinstance(v_, tuple) else v_) for k_, v_ in kw.items()}
+    ref_kw = {k_: (v_[1] if isinstance(v_, tuple) else v_) for k_, v_ in kw.items()}
+    q = torch.randn(2, 37, 4, 32, device=DEVICE, dtype=DTYPE)
+    k = torch.randn(2, 50, 2, 32, device=DEVICE, dtype=DTYPE)
+    v = torch.randn(2, 50, 2, 32, device=DEVICE, dtype=DTYPE)
+    res = flash_attn_forward(q, k, v, out=poisoned(q.shape, DTYPE, DEVICE), return_probs=True, **kern_kw)
+    ref, ref_lse = attention_ref(q, k, v, dtype=HI, **ref_kw)
+    low, low_lse = attention_ref(q, k, v, upcast=False, **ref_kw)
+    assert_close_2x(res.out, ref, low, "out")
+    assert_close_2x(res.lse, ref_lse, low_lse, "lse", slack=1e-3)
+    assert torch.isfinite(res.probs).all()
+
+
+def test_mods_must_be_triton_functions():
+    q = torch.randn(1, 8, 2, 16, device=DEVICE, dtype=DTYPE)
+    with pytest.raises(TypeError, match="score_mod must be a @triton.jit function"):
+        flash_attn_forward(q, q, q, score_mod=_rel_bias_ref)
+    with pytest.raises(TypeError, match="mask_mod must be a @triton.jit function"):
+        flash_attn_forward(q, q, q, mask_mod=lambda b, h, i, j: True)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -111,6 +112,8 @@ def _launch(
     rng_state,
     attention_chunk=0,
     learnable_sink=None,
+    score_mod=None,
+    mask_mod=None,
     descale=None,
 ):
     nheads, nheads_k, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
@@ -186,6 +189,10 @@ def _launch(
         IS_LOCAL=is_local,
         HAS_WINDOW_LEFT=is_local and left != UNBOUNDED,
         HAS_CHUNK=attention_chunk > 0,
+        score_mod_fn=score_mod,
+        mask_mod_fn=mask_mod,
+        HAS_SCORE_MOD=score_mod is not None,
+        HAS_MASK_MOD=mask_mod is not None,
         HAS_SINK=learnable_sink is not None,
         IS_FP8=is_fp8,
         HAS_SOFTCAP=softcap > 0,
@@ -216,6 +223,8 @@ def _probs(
     rng_state,
     attention_chunk=0,
     learnable_sink=None,
+    score_mod=None,
+    mask_mod=None,
 ):
     """Test/debug path: ``(batch, nheads, max_seqlen_q, max_seqlen_k)`` float32 probabilities."""
     nheads, nheads_k, d = q.shape[-2], k.shape[-2], q.shape[-1]
@@ -270,17 +279,22 @@ def _probs(
         HAS_ALIBI=alibi_slopes is not None,
         HAS_DROPOUT=dropout_p > 0,
         HAS_CHUNK=attention_chunk > 0,
+        score_mod_fn=score_mod,
+        mask_mod_fn=mask_mod,
+        HAS_SCORE_MOD=score_mod is not None,
+        HAS_MASK_MOD=mask_mod is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
     )
     return probs
 
 
-def _no_extras_on_backend(backend, attention_chunk, learnable_sink, *descales) -> None:
+def _no_extras_on_backend(backend, attention_chunk, *extras) -> None:
     """Beyond-flash-attn-2 features exist only in our kernels: never drop them silently."""
-    if attention_chunk or learnable_sink is not None or any(d is not None for d in descales):
+    if attention_chunk or any(e is not None for e in extras):
         raise NotImplementedError(
-            f"backend {backend or '$FA_BACKEND'} does not support attention_chunk, learnable_sink or FP8 descales"
+            f"backend {backend or '$FA_BACKEND'} does not support attention_chunk, learnable_sink, "
+            "score_mod / mask_mod or FP8 descales"
         )
 
 
@@ -356,6 +370,8 @@ def flash_attn_forward(
     backend: str | None = None,
     attention_chunk: int = 0,
     learnable_sink: torch.Tensor | None = None,
+    score_mod: Callable[..., Any] | None = None,
+    mask_mod: Callable[..., Any] | None = None,
     q_descale: torch.Tensor | None = None,
     k_descale: torch.Tensor | None = None,
     v_descale: torch.Tensor | None = None,
@@ -379,6 +395,10 @@ def flash_attn_forward(
             of that many positions (bottom-right aligned), combined with causal / window; 0 = off.
         learnable_sink: ``(nheads,)`` one extra logit per head in every row's softmax denominator, none in
             the output (gpt-oss attention sinks); the lse includes it.
+        score_mod: a ``@triton.jit`` function ``(score, b, h, q_idx, kv_idx) -> score`` applied to every
+            logit (natural-log units, after scale, softcap and ALiBi), FlexAttention-style; forward only.
+        mask_mod: a ``@triton.jit`` function ``(b, h, q_idx, kv_idx) -> bool``: keys where it is False are
+            masked out (combined with causal / window / chunk); forward only.
         q_descale, k_descale, v_descale: ``(batch, nheads_k)`` float32 dequantisation factors for
             ``float8_e4m3fn`` q, k, v (FlashAttention-3's convention; default 1). The output is bf16.
 
@@ -388,7 +408,9 @@ def flash_attn_forward(
     V.grad_guard(q, k, v)
     impl = get_forward(backend)
     if impl is not None:
-        _no_extras_on_backend(backend, attention_chunk, learnable_sink, q_descale, k_descale, v_descale)
+        _no_extras_on_backend(
+            backend, attention_chunk, learnable_sink, score_mod, mask_mod, q_descale, k_descale, v_descale
+        )
         return impl(
             q,
             k,
@@ -411,6 +433,7 @@ def flash_attn_forward(
     V.check_alibi(alibi_slopes, batch, nheads, q)
     descale = _fp8_descale(q, k, batch, q_descale, k_descale, v_descale, return_probs)
     V.check_chunk_and_sink(attention_chunk, learnable_sink, nheads, q)
+    V.check_mods(score_mod, mask_mod)
     if out is None:
         out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=_out_dtype(q))
     lse = torch.empty(batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
@@ -433,6 +456,8 @@ def flash_attn_forward(
         rng_state=rng_state,
         attention_chunk=int(attention_chunk),
         learnable_sink=learnable_sink,
+        score_mod=score_mod,
+        mask_mod=mask_mod,
     )
     window = _launch(q, k, v, out, lse, causal=causal, window_size=window_size, descale=descale, **kw)
     probs = _probs(q, k, lse, window=window, **kw) if return_probs else None
@@ -460,6 +485,8 @@ def flash_attn_varlen_forward(
     backend: str | None = None,
     attention_chunk: int = 0,
     learnable_sink: torch.Tensor | None = None,
+    score_mod: Callable[..., Any] | None = None,
+    mask_mod: Callable[..., Any] | None = None,
     q_descale: torch.Tensor | None = None,
     k_descale: torch.Tensor | None = None,
     v_descale: torch.Tensor | None = None,
@@ -479,7 +506,9 @@ def flash_attn_varlen_forward(
     V.grad_guard(q, k, v)
     impl = get_varlen_forward(backend)
     if impl is not None:
-        _no_extras_on_backend(backend, attention_chunk, learnable_sink, q_descale, k_descale, v_descale)
+        _no_extras_on_backend(
+            backend, attention_chunk, learnable_sink, score_mod, mask_mod, q_descale, k_descale, v_descale
+        )
         return impl(
             q,
             k,
@@ -514,6 +543,7 @@ def flash_attn_varlen_forward(
     V.check_alibi(alibi_slopes, batch, nheads, q)
     descale = _fp8_descale(q, k, batch, q_descale, k_descale, v_descale, return_probs)
     V.check_chunk_and_sink(attention_chunk, learnable_sink, nheads, q)
+    V.check_mods(score_mod, mask_mod)
     if out is None:
         out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=_out_dtype(q))
     lse = torch.empty(nheads, q.shape[0], dtype=torch.float32, device=q.device)
@@ -536,6 +566,8 @@ def flash_attn_varlen_forward(
         rng_state=rng_state,
         attention_chunk=int(attention_chunk),
         learnable_sink=learnable_sink,
+        score_mod=score_mod,
+        mask_mod=mask_mod,
     )
     window = _launch(q, k, v, out, lse, causal=causal, window_size=window_size, descale=descale, **kw)
     probs = _probs(q, k, lse, window=window, **kw) if return_probs else None

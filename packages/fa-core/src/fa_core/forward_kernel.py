@@ -17,6 +17,7 @@ from fa_core.masking import (
     chunk_visible,
     dropout_keep,
     kv_range,
+    score_mod,
     scores_log2,
     seq_bounds,
     visible,
@@ -87,6 +88,12 @@ def _fwd_inner(
     rng_offset,
     bh,
     dropout_p,
+    off_b,
+    off_h,
+    score_mod_fn: tl.constexpr,
+    mask_mod_fn: tl.constexpr,
+    HAS_SCORE_MOD: tl.constexpr,
+    HAS_MASK_MOD: tl.constexpr,
     MASKED: tl.constexpr,
     IS_LOCAL: tl.constexpr,
     HAS_CHUNK: tl.constexpr,
@@ -112,10 +119,15 @@ def _fwd_inner(
         s = scores_log2(
             qk, offs_m, offs_n, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, HAS_SOFTCAP, HAS_ALIBI
         )
+        if HAS_SCORE_MOD:
+            # user score_mod works on natural-log logits (after scale, softcap and ALiBi)
+            s = score_mod(score_mod_fn, s, off_b, off_h, offs_m, offs_n)
         if MASKED:
             ok = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, IS_LOCAL, True)
             if HAS_CHUNK:
                 ok = ok & chunk_visible(offs_m, offs_n, seqlen_q, seqlen_k, chunk)
+            if HAS_MASK_MOD:
+                ok = ok & mask_mod_fn(off_b, off_h, offs_m[:, None], offs_n[None, :])
             s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row that has seen no visible key yet keeps m = -inf: subtract 0 instead to avoid inf - inf
@@ -265,6 +277,10 @@ def fwd_kernel(
     HAS_WINDOW_LEFT: tl.constexpr,
     HAS_CHUNK: tl.constexpr,
     HAS_SINK: tl.constexpr,
+    score_mod_fn: tl.constexpr,
+    mask_mod_fn: tl.constexpr,
+    HAS_SCORE_MOD: tl.constexpr,
+    HAS_MASK_MOD: tl.constexpr,
     IS_FP8: tl.constexpr,
     TMA_OK: tl.constexpr,
     USE_TMA: tl.constexpr,
@@ -362,8 +378,10 @@ def fwd_kernel(
         start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, IS_LOCAL
     )
     if HAS_CHUNK:
-        # chunked attention: only the chunks of this block's rows, every block masked (right loop)
+        # chunked attention: only the chunks of this block's rows
         lo, hi = chunk_kv_range(lo, hi, start_m, seqlen_q, seqlen_k, attention_chunk, BLOCK_M, BLOCK_N)
+    if HAS_CHUNK or HAS_MASK_MOD:
+        # element masks the block ranges cannot see: every block goes through the masked (right) loop
         full_lo = lo
         full_hi = lo
     if HAS_WINDOW_LEFT:
@@ -396,6 +414,12 @@ def fwd_kernel(
             rng_offset,
             bh,
             dropout_p,
+            off_b,
+            off_h,
+            score_mod_fn,
+            mask_mod_fn,
+            HAS_SCORE_MOD,
+            HAS_MASK_MOD,
             True,
             IS_LOCAL,
             HAS_CHUNK,
@@ -438,6 +462,12 @@ def fwd_kernel(
         rng_offset,
         bh,
         dropout_p,
+        off_b,
+        off_h,
+        score_mod_fn,
+        mask_mod_fn,
+        HAS_SCORE_MOD,
+        HAS_MASK_MOD,
         False,
         IS_LOCAL,
         HAS_CHUNK,
@@ -480,6 +510,12 @@ def fwd_kernel(
         rng_offset,
         bh,
         dropout_p,
+        off_b,
+        off_h,
+        score_mod_fn,
+        mask_mod_fn,
+        HAS_SCORE_MOD,
+        HAS_MASK_MOD,
         True,
         IS_LOCAL,
         HAS_CHUNK,

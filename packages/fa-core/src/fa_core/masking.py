@@ -223,3 +223,11 @@ def chunk_kv_range(lo, hi, start_m, seqlen_q, seqlen_k, chunk, BLOCK_M: tl.const
     hi = tl.minimum(hi, last)
     hi = tl.maximum(hi, lo)
     return lo, hi
+
+
+@triton.jit
+def score_mod(fn: tl.constexpr, s2, off_b, off_h, offs_m, offs_n):
+    """Apply a user ``score_mod(score, b, h, q_idx, kv_idx)`` (natural-log logits, FlexAttention-style) to
+    log2-domain scores ``s2``; returns log2-domain scores."""
+    s = fn(s2 * 0.6931471805599453, off_b, off_h, offs_m[:, None], offs_n[None, :])
+    return s * 1.4426950408889634

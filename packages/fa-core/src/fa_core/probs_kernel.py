@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fa_core.masking import chunk_visible, dropout_keep, scores_log2, seq_bounds, visible
+from fa_core.masking import chunk_visible, dropout_keep, score_mod, scores_log2, seq_bounds, visible
 
 
 @triton.jit
@@ -58,6 +58,10 @@ def probs_kernel(
     HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     HAS_CHUNK: tl.constexpr,
+    score_mod_fn: tl.constexpr,
+    mask_mod_fn: tl.constexpr,
+    HAS_SCORE_MOD: tl.constexpr,
+    HAS_MASK_MOD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -110,9 +114,13 @@ def probs_kernel(
             HAS_SOFTCAP,
             HAS_ALIBI,
         )
+        if HAS_SCORE_MOD:
+            s = score_mod(score_mod_fn, s, off_b, off_h, offs_m, offs_n)
         ok = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, IS_LOCAL, True)
         if HAS_CHUNK:
             ok = ok & chunk_visible(offs_m, offs_n, seqlen_q, seqlen_k, attention_chunk)
+        if HAS_MASK_MOD:
+            ok = ok & mask_mod_fn(off_b, off_h, offs_m[:, None], offs_n[None, :])
         p = tl.where(ok, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, rng_offset, bh, offs_m, offs_n, dropout_p)

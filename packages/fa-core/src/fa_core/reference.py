@@ -58,6 +58,8 @@ def attention_ref(
     dtype: torch.dtype = torch.float32,
     attention_chunk: int = 0,
     learnable_sink: torch.Tensor | None = None,
+    score_mod=None,
+    mask_mod=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference attention.
 
@@ -70,6 +72,8 @@ def attention_ref(
         upcast: compute in ``dtype`` (float32/float64) when True, else in the inputs' dtype.
         attention_chunk: keys visible only inside the query's chunk (see :func:`visible_mask`).
         learnable_sink: ``(nheads,)`` extra logit per head in the softmax denominator (gpt-oss).
+        score_mod, mask_mod: PyTorch twins of the kernels' user functions, called with broadcastable index
+            tensors ``b (batch,1,1,1)``, ``h (1,nheads,1,1)``, ``q_idx (1,1,seqlen_q,1)``, ``kv_idx (1,1,1,seqlen_k)``.
 
     Returns:
         ``out (batch, seqlen_q, nheads, headdim_v)`` in q's dtype and ``lse (batch, nheads, seqlen_q)``
@@ -96,8 +100,18 @@ def attention_ref(
         rel = (i + seqlen_k - seqlen_q - j).abs().to(scores.dtype)
         scores = scores - slopes * rel
     ok = visible_mask(seqlen_q, seqlen_k, causal, window_size, q.device, attention_chunk)
+    if score_mod is not None or mask_mod is not None:
+        dev = q.device
+        bi = torch.arange(batch, device=dev).view(-1, 1, 1, 1)
+        hi = torch.arange(nheads, device=dev).view(1, -1, 1, 1)
+        qi = torch.arange(seqlen_q, device=dev).view(1, 1, -1, 1)
+        ki = torch.arange(seqlen_k, device=dev).view(1, 1, 1, -1)
+        if score_mod is not None:
+            scores = score_mod(scores, bi, hi, qi, ki)
+        if mask_mod is not None:
+            ok = ok & mask_mod(bi, hi, qi, ki)  # now (batch, nheads, seqlen_q, seqlen_k)
     scores = scores.masked_fill(~ok, float("-inf"))
-    empty = ~ok.any(dim=-1)  # (seqlen_q,)
+    empty = ~ok.any(dim=-1)  # (seqlen_q,) or (batch, nheads, seqlen_q)
     if learnable_sink is not None:
         # gpt-oss: softmax over [scores, sink], the sink's column dropped afterwards
         sink = learnable_sink.to(scores.dtype).reshape(1, nheads, 1, 1).expand(batch, nheads, seqlen_q, 1)
@@ -107,7 +121,7 @@ def attention_ref(
         empty = torch.zeros_like(empty)  # the sink keeps every row's denominator finite
     else:
         lse = torch.logsumexp(scores.float(), dim=-1)
-        attn = torch.softmax(scores, dim=-1).masked_fill(empty[:, None], 0.0)
+        attn = torch.softmax(scores, dim=-1).masked_fill(empty[..., None], 0.0)
     if dropout_mask is not None:
         attn = attn.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
     out = torch.einsum("bhts,bshd->bthd", attn, v)

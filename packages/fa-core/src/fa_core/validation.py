@@ -164,6 +164,15 @@ def check_chunk_and_sink(
         raise ValueError("learnable_sink must be contiguous")
 
 
+def check_mods(score_mod: object, mask_mod: object) -> None:
+    """score_mod / mask_mod must be Triton functions (``@triton.jit``): they are inlined into the kernel."""
+    for name, fn in (("score_mod", score_mod), ("mask_mod", mask_mod)):
+        if fn is None:
+            continue
+        if not (callable(fn) and hasattr(fn, "fn")):  # JITFunction, or InterpretedFunction on CPU
+            raise TypeError(f"{name} must be a @triton.jit function, got {type(fn).__name__}")
+
+
 def check_cu_seqlens(
     name: str, cu: torch.Tensor, total: int, q: torch.Tensor, max_seqlen: int | None, max_name: str
 ) -> int:
