@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from fa_core import attention_ref, attention_varlen_ref, flash_attn_forward, flash_attn_varlen_forward
+from fa_core.block_sparse import block_mask_from_dense, block_mask_to_dense, create_block_mask
 from fa_core.testing import DEVICE, assert_close_2x, poisoned
 
 DTYPE = torch.float32 if DEVICE == "cpu" else torch.bfloat16
@@ -128,3 +129,65 @@ def test_mods_must_be_triton_functions():
         flash_attn_forward(q, q, q, score_mod=_rel_bias_ref)
     with pytest.raises(TypeError, match="mask_mod must be a @triton.jit function"):
         flash_attn_forward(q, q, q, mask_mod=lambda b, h, i, j: True)
+
+
+# ----------------------------------------------------------------------------- block-sparse masks
+def _sliding_blocks(b, h, q_idx, kv_idx):
+    # a "local + global" pattern: the first 32 keys, plus keys within 40 positions of the query
+    return (kv_idx < 32) | ((q_idx - kv_idx).abs() <= 40)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_sparse_from_mask_fn(causal):
+    torch.manual_seed(21 + causal)
+    sq, sk = 150, 170
+    q = torch.randn(2, sq, 4, 16, device=DEVICE, dtype=DTYPE)
+    k = torch.randn(2, sk, 2, 16, device=DEVICE, dtype=DTYPE)
+    v = torch.randn(2, sk, 2, 16, device=DEVICE, dtype=DTYPE)
+    bm = create_block_mask(_sliding_blocks, None, None, sq, sk, block_size=(32, 32), device=DEVICE)
+    assert 0 < int(bm.kv_num_blocks.sum()) < bm.kv_indices.numel()  # really sparse
+    dense = block_mask_to_dense(bm, sq, sk)
+
+    def as_mask(b, h, q_idx, kv_idx):
+        return dense
+
+    res = flash_attn_forward(q, k, v, causal=causal, block_mask=bm, out=poisoned(q.shape, DTYPE, DEVICE))
+    ref, ref_lse = attention_ref(q, k, v, causal=causal, mask_mod=as_mask, dtype=HI)
+    low, low_lse = attention_ref(q, k, v, causal=causal, mask_mod=as_mask, upcast=False)
+    assert_close_2x(res.out, ref, low, "out")
+    assert_close_2x(res.lse, ref_lse, low_lse, "lse", slack=1e-3)
+
+
+def test_block_sparse_per_head_dense_blocks_with_mask_mod():
+    """Per-(batch, head) block lists from a dense boolean block mask, combined with a mask_mod."""
+    torch.manual_seed(23)
+    sq = sk = 96
+    q = torch.randn(2, sq, 2, 16, device=DEVICE, dtype=DTYPE)
+    k = torch.randn(2, sk, 2, 16, device=DEVICE, dtype=DTYPE)
+    v = torch.randn(2, sk, 2, 16, device=DEVICE, dtype=DTYPE)
+    blocks = torch.rand(2, 2, 3, 3, device=DEVICE) > 0.4
+    blocks[..., 0] = True  # every query block sees at least its first key block
+    bm = block_mask_from_dense(blocks, block_size=(32, 32))
+    dense = block_mask_to_dense(bm, sq, sk)
+    res = flash_attn_forward(q, k, v, block_mask=bm, mask_mod=_striped_mask)
+
+    def both(b, h, q_idx, kv_idx):
+        return dense & _striped_mask_ref(b, h, q_idx, kv_idx)
+
+    ref, ref_lse = attention_ref(q, k, v, mask_mod=both, dtype=HI)
+    low, low_lse = attention_ref(q, k, v, mask_mod=both, upcast=False)
+    assert_close_2x(res.out, ref, low, "out")
+    assert_close_2x(res.lse, ref_lse, low_lse, "lse", slack=1e-3)
+
+
+def test_block_mask_bad_input():
+    q = torch.randn(1, 64, 2, 16, device=DEVICE, dtype=DTYPE)
+    bm = create_block_mask(_sliding_blocks, None, None, 64, 64, block_size=(32, 32), device=DEVICE)
+    with pytest.raises(TypeError, match="kv_num_blocks must be int32"):
+        flash_attn_forward(q, q, q, block_mask=bm._replace(kv_num_blocks=bm.kv_num_blocks.long()))
+    with pytest.raises(ValueError, match="kv_indices entries must lie"):
+        flash_attn_forward(q, q, q, block_mask=bm._replace(kv_indices=bm.kv_indices + 5))
+    with pytest.raises(ValueError, match="block_size"):
+        flash_attn_forward(q, q, q, block_mask=bm._replace(block_size=(48, 32)))
+    with pytest.raises(ValueError, match="query blocks"):
+        flash_attn_forward(torch.randn(1, 200, 2, 16, device=DEVICE, dtype=DTYPE), q, q, block_mask=bm)

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from fa_core import validation as V
 from fa_core.backends import get_forward, get_varlen_forward
+from fa_core.block_sparse import BlockMask
 from fa_core.forward_kernel import fwd_kernel
 from fa_core.masking import UNBOUNDED, normalize_window
 from fa_core.probs_kernel import probs_kernel
@@ -47,6 +48,22 @@ def new_rng_state(dropout_p: float) -> torch.Tensor:
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
     offset = torch.randint(0, 2**31, (1,), dtype=torch.int64)
     return torch.cat([seed, offset])
+
+
+def _sparse_args(block_mask, dummy):
+    """Kernel arguments of a block mask: pointers and strides (0 on broadcast batch / head dims)."""
+    if block_mask is None:
+        return (dummy, dummy, 0, 0, 0, 0, 0)
+    num, idx = block_mask.kv_num_blocks, block_mask.kv_indices
+    return (
+        num,
+        idx,
+        num.stride(0) if num.shape[0] > 1 else 0,
+        num.stride(1) if num.shape[1] > 1 else 0,
+        idx.stride(0) if idx.shape[0] > 1 else 0,
+        idx.stride(1) if idx.shape[1] > 1 else 0,
+        idx.stride(2),
+    )
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
@@ -114,6 +131,7 @@ def _launch(
     learnable_sink=None,
     score_mod=None,
     mask_mod=None,
+    block_mask=None,
     descale=None,
 ):
     nheads, nheads_k, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
@@ -171,6 +189,7 @@ def _launch(
         descale if is_fp8 else alibi,
         descale.stride(0) if is_fp8 else 0,
         descale.stride(1) if is_fp8 else 0,
+        *_sparse_args(block_mask, dummy_i32),
         left,
         right,
         attention_chunk,
@@ -193,6 +212,9 @@ def _launch(
         mask_mod_fn=mask_mod,
         HAS_SCORE_MOD=score_mod is not None,
         HAS_MASK_MOD=mask_mod is not None,
+        IS_SPARSE=block_mask is not None,
+        SPARSE_Q=block_mask.block_size[0] if block_mask is not None else 128,
+        SPARSE_KV=block_mask.block_size[1] if block_mask is not None else 128,
         HAS_SINK=learnable_sink is not None,
         IS_FP8=is_fp8,
         HAS_SOFTCAP=softcap > 0,
@@ -372,6 +394,7 @@ def flash_attn_forward(
     learnable_sink: torch.Tensor | None = None,
     score_mod: Callable[..., Any] | None = None,
     mask_mod: Callable[..., Any] | None = None,
+    block_mask: BlockMask | None = None,
     q_descale: torch.Tensor | None = None,
     k_descale: torch.Tensor | None = None,
     v_descale: torch.Tensor | None = None,
@@ -399,6 +422,8 @@ def flash_attn_forward(
             logit (natural-log units, after scale, softcap and ALiBi), FlexAttention-style; forward only.
         mask_mod: a ``@triton.jit`` function ``(b, h, q_idx, kv_idx) -> bool``: keys where it is False are
             masked out (combined with causal / window / chunk); forward only.
+        block_mask: :class:`fa_core.block_sparse.BlockMask`: only the listed key blocks are loaded (dense
+            inputs only; not with ``return_probs``).
         q_descale, k_descale, v_descale: ``(batch, nheads_k)`` float32 dequantisation factors for
             ``float8_e4m3fn`` q, k, v (FlashAttention-3's convention; default 1). The output is bf16.
 
@@ -409,7 +434,15 @@ def flash_attn_forward(
     impl = get_forward(backend)
     if impl is not None:
         _no_extras_on_backend(
-            backend, attention_chunk, learnable_sink, score_mod, mask_mod, q_descale, k_descale, v_descale
+            backend,
+            attention_chunk,
+            learnable_sink,
+            score_mod,
+            mask_mod,
+            q_descale,
+            k_descale,
+            v_descale,
+            block_mask,
         )
         return impl(
             q,
@@ -434,6 +467,7 @@ def flash_attn_forward(
     descale = _fp8_descale(q, k, batch, q_descale, k_descale, v_descale, return_probs)
     V.check_chunk_and_sink(attention_chunk, learnable_sink, nheads, q)
     V.check_mods(score_mod, mask_mod)
+    V.check_block_mask(block_mask, batch, nheads, seqlen_q, seqlen_k, q, return_probs)
     if out is None:
         out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=_out_dtype(q))
     lse = torch.empty(batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
@@ -459,7 +493,18 @@ def flash_attn_forward(
         score_mod=score_mod,
         mask_mod=mask_mod,
     )
-    window = _launch(q, k, v, out, lse, causal=causal, window_size=window_size, descale=descale, **kw)
+    window = _launch(
+        q,
+        k,
+        v,
+        out,
+        lse,
+        causal=causal,
+        window_size=window_size,
+        descale=descale,
+        block_mask=block_mask,
+        **kw,
+    )
     probs = _probs(q, k, lse, window=window, **kw) if return_probs else None
     return FwdResult(out, lse, rng_state, probs)
 
@@ -507,7 +552,14 @@ def flash_attn_varlen_forward(
     impl = get_varlen_forward(backend)
     if impl is not None:
         _no_extras_on_backend(
-            backend, attention_chunk, learnable_sink, score_mod, mask_mod, q_descale, k_descale, v_descale
+            backend,
+            attention_chunk,
+            learnable_sink,
+            score_mod,
+            mask_mod,
+            q_descale,
+            k_descale,
+            v_descale,
         )
         return impl(
             q,

@@ -173,6 +173,47 @@ def check_mods(score_mod: object, mask_mod: object) -> None:
             raise TypeError(f"{name} must be a @triton.jit function, got {type(fn).__name__}")
 
 
+def check_block_mask(
+    block_mask, batch: int, nheads: int, seqlen_q: int, seqlen_k: int, q: torch.Tensor, return_probs: bool
+) -> None:
+    """Shapes, dtypes and (when value checks run) index ranges of a :class:`fa_core.block_sparse.BlockMask`."""
+    if block_mask is None:
+        return
+    if return_probs:
+        raise ValueError("return_probs is not supported together with block_mask")
+    num, idx = block_mask.kv_num_blocks, block_mask.kv_indices
+    bq, bk = (int(x) for x in block_mask.block_size)
+    for name, size in (("block_mask.block_size[0]", bq), ("block_mask.block_size[1]", bk)):
+        if size < 32 or size & (size - 1):
+            raise ValueError(f"{name} must be a power of two >= 32, got {size}")
+    check_tensor("block_mask.kv_num_blocks", num, 3)
+    check_tensor("block_mask.kv_indices", idx, 4)
+    for name, t in (("block_mask.kv_num_blocks", num), ("block_mask.kv_indices", idx)):
+        check_device(name, t, "q", q)
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+        if t.shape[0] not in (1, batch) or t.shape[1] not in (1, nheads):
+            raise ValueError(f"{name} must have leading dims (batch|1, nheads|1), got {tuple(t.shape)}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension")
+    if num.shape[:2] != idx.shape[:2]:
+        raise ValueError(
+            f"block_mask.kv_num_blocks {tuple(num.shape)} and kv_indices {tuple(idx.shape)} disagree"
+        )
+    nq, nk = -(-seqlen_q // bq), -(-seqlen_k // bk)
+    if num.shape[2] < nq or idx.shape[2] != num.shape[2]:
+        raise ValueError(
+            f"block_mask needs {nq} query blocks of {bq} rows, got kv_num_blocks {tuple(num.shape)} "
+            f"and kv_indices {tuple(idx.shape)}"
+        )
+    if value_checks_enabled(num):
+        if bool((num < 0).any()) or bool((num > idx.shape[3]).any()):
+            raise ValueError("block_mask.kv_num_blocks entries must lie in [0, kv_indices.shape[-1]]")
+        used = torch.arange(idx.shape[3], device=idx.device) < num[..., None].long()
+        if bool(((idx < 0) | (idx >= nk))[used].any()):
+            raise ValueError(f"block_mask.kv_indices entries must lie in [0, {nk}) for seqlen_k = {seqlen_k}")
+
+
 def check_cu_seqlens(
     name: str, cu: torch.Tensor, total: int, q: torch.Tensor, max_seqlen: int | None, max_name: str
 ) -> int:
