@@ -69,9 +69,9 @@ MAX_SEQ = 40
 GRAD_SLACK = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 LSE_SLACK = 1e-4
 
-#: Known bug (test_empty_tensor_with_strided_last_dim): an EMPTY tensor with a non-unit last stride is rejected,
-#: so the fuzzers draw empty tensors with a contiguous layout. Set False once fixed.
-AVOID_EMPTY_STRIDED_BUG = True
+#: An EMPTY tensor with a non-unit last stride used to be rejected (test_empty_tensor_with_strided_last_dim);
+#: fixed, so the fuzzers draw such tensors too.
+AVOID_EMPTY_STRIDED_BUG = False
 
 seqlens = st.one_of(st.sampled_from([0, 1, 2, 16, 17, 33, MAX_SEQ]), st.integers(0, MAX_SEQ))
 windows = st.tuples(st.integers(-1, MAX_SEQ), st.integers(-1, MAX_SEQ))
@@ -705,13 +705,6 @@ def test_settings_from_env():
     assert SETTINGS.derandomize == (FUZZ_SEED is None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: flash_attn_interface.maybe_contiguous calls x.contiguous(), a no-op for an empty tensor "
-    "(is_contiguous() is True when numel == 0), so the last stride stays 2 and fa_core.validation."
-    "check_last_dim_contiguous raises '<q|k> must have a contiguous last dimension' for seqlen 0 (found by the "
-    "fuzzer)",
-)
 @pytest.mark.parametrize("empty", ["q", "kv"])
 def test_empty_tensor_with_strided_last_dim(empty):
     q = torch.randn(1, 0 if empty == "q" else 3, 1, 8, 2, device=DEVICE)[..., 0]

@@ -557,9 +557,6 @@ KVCACHE = [
             rotary_sin=lambda: torch.rand(4, 4),
         ),
         "rotary",
-        bug="flash_attn_with_kvcache does not check seqlen_ro >= cache capacity (flash-attn does) in "
-        "fa_kvcache.checks.validate; with an int cache_seqlens, fa_core.rotary.apply_rotary(q) raises only "
-        "AFTER append_to_cache already wrote the new k/v into k_cache/v_cache",
     ),
     Case("kvcache-window", kvcache(window_size=(-2, 0)), "window_size"),
     Case("kvcache-softcap-negative", kvcache(softcap=-1.0), "softcap"),

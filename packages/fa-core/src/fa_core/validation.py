@@ -71,7 +71,8 @@ def check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...] | N
 
 
 def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
+    # an empty tensor has no element to reach: its strides do not matter (.contiguous() keeps them)
+    if t.numel() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
 
 

@@ -236,6 +236,12 @@ def flash_attn_with_kvcache(
     group = nheads // nheads_k
     paged = block_table is not None
     capacity = cache_capacity(k_cache, block_table)
+    if rotary_cos is not None and rotary_cos.shape[0] < capacity:
+        # checked before anything is written: a short table must not leave a half-updated cache behind
+        raise ValueError(
+            f"rotary_cos/rotary_sin have {rotary_cos.shape[0]} positions but the cache holds {capacity}: "
+            "seqlen_ro must be >= the cache capacity (as in flash-attn)"
+        )
     if softmax_scale is None:
         softmax_scale = d ** (-0.5)
     if block_table is not None:
