@@ -35,11 +35,6 @@ OTHER_DEVICE = "meta"
 B, S, H, HK, D = 2, 8, 4, 2, 16
 BAD = (ValueError, TypeError)
 #: Bug: a tensor on another device makes PyTorch's dispatcher pick the custom op's *fake* (meta) kernel.
-FAKE_DISPATCH_BUG = (
-    "a tensor on another device (meta) among the arguments of the torch.library custom op "
-    "flash_attn_plus::{op} makes the dispatcher run its register_fake implementation instead of fa_core's "
-    "validation: no error, an uninitialized {out} on q's device is returned (garbage output)"
-)
 
 
 @dataclass
@@ -104,8 +99,6 @@ DENSE = [
         "func-window-int",
         dense(window_size=4),
         "window_size",
-        bug="window_size=4 (not a pair) raises TypeError \"'int' object is not subscriptable\" in "
-        "flash_attn_interface._dense (int(window_size[0])) without naming window_size",
     ),
     Case("func-dropout-1", dense(dropout_p=1.0), "dropout_p"),
     Case("func-dropout-negative", dense(dropout_p=-0.1), "dropout_p"),
@@ -159,21 +152,16 @@ PACKED = [
         "qkvpacked-rank4",
         qkvpacked(qkv=lambda: rand(S, 3, H, D)),
         "qkv",
-        bug="flash_attn_qkvpacked_func with a 4-D qkv: the error names q ('q must have 4 dimensions'), not qkv "
-        "(flash_attn._autograd.FlashAttnQKVPackedFunc slices qkv[:, :, 0] without a shape check)",
     ),
     Case(
         "qkvpacked-dim2-is-2",
         qkvpacked(qkv=lambda: rand(B, S, 2, H, D)),
         "qkv",
-        bug="flash_attn_qkvpacked_func with qkv.shape[2] == 2: IndexError from qkv[:, :, 2] "
-        "(no check that qkv is (batch, seqlen, 3, nheads, headdim))",
     ),
     Case(
         "qkvpacked-dim2-is-4",
         qkvpacked(qkv=lambda: rand(B, S, 4, H, D)),
         "qkv",
-        bug="flash_attn_qkvpacked_func with qkv.shape[2] == 4 silently uses the first 3 slices",
     ),
     Case("qkvpacked-dropout-1", qkvpacked(dropout_p=1.0), "dropout_p"),
     Case("qkvpacked-window", qkvpacked(window_size=(-3, 0)), "window_size"),
@@ -186,14 +174,11 @@ PACKED = [
         "kvpacked-kv-dim2-is-3",
         kvpacked(kv=lambda: rand(B, S, 3, HK, D)),
         "kv",
-        bug="flash_attn_kvpacked_func with kv.shape[2] == 3 silently uses kv[:, :, 0] / kv[:, :, 1] "
-        "(no check that kv is (batch, seqlen_k, 2, nheads_k, headdim))",
     ),
     Case(
         "kvpacked-kv-rank4",
         kvpacked(kv=lambda: rand(B, S, 2, D)),
         "kv",
-        bug="flash_attn_kvpacked_func with a 4-D kv raises an error naming k, not kv (k = kv[:, :, 0] is 3-D)",
     ),
     Case("kvpacked-nheads-not-multiple", kvpacked(kv=lambda: rand(B, S, 2, 3, D)), "nheads"),
     Case(
@@ -305,30 +290,22 @@ VARLEN = [
         "varlen-block-table-out-of-range",
         _paged_varlen(lambda: _cu([[0], [7]])),
         "block_table",
-        bug="flash_attn_varlen_func(block_table=...) does not range-check block_table: "
-        "flash_attn_interface._gather_pages clamps indices (rows.clamp(0, num_blocks*page-1)), so an "
-        "out-of-range block silently reads the last block",
     ),
     Case(
         "varlen-block-table-int64",
         _paged_varlen(lambda: _cu([[0], [1]], torch.int64)),
         "block_table",
         (TypeError,),
-        bug="flash_attn_varlen_func accepts an int64 block_table (flash-attn requires int32; the kvcache path "
-        "raises TypeError naming block_table)",
     ),
     Case(
         "varlen-block-table-rank1",
         _paged_varlen(lambda: _cu([0, 1])),
         "block_table",
-        bug="flash_attn_varlen_func with a 1-D block_table raises 'not enough values to unpack' from "
-        "_gather_pages (does not name block_table)",
     ),
     Case(
         "varlen-block-table-negative",
         _paged_varlen(lambda: _cu([[0], [-1]])),
         "block_table",
-        bug="flash_attn_varlen_func(block_table=...) accepts a negative block index for a used page (clamped to 0)",
     ),
 ]
 
@@ -384,8 +361,6 @@ VARLEN_PACKED = [
         "varlen-qkvpacked-dim1-is-2",
         varlen_qkvpacked(qkv=lambda: rand(TOTAL, 2, H, D)),
         "qkv",
-        bug="flash_attn_varlen_qkvpacked_func with qkv.shape[1] == 2: IndexError from qkv[:, 2] (no shape check "
-        "naming qkv)",
     ),
     Case("varlen-qkvpacked-dropout", varlen_qkvpacked(dropout_p=1.0), "dropout_p"),
     Case(
@@ -409,7 +384,6 @@ VARLEN_PACKED = [
         "varlen-kvpacked-kv-dim1-is-3",
         varlen_kvpacked(kv=lambda: rand(TOTAL, 3, HK, D)),
         "kv",
-        bug="flash_attn_varlen_kvpacked_func with kv.shape[1] == 3 silently uses kv[:, 0] / kv[:, 1]",
     ),
     Case("varlen-kvpacked-window", varlen_kvpacked(window_size=(-2, -2)), "window_size"),
 ]
@@ -738,26 +712,7 @@ ROTARY = [
 ]
 
 #: bugs shared by several cases (case id -> reason), applied like ``Case.bug``
-KNOWN_BUGS = {
-    **dict.fromkeys(
-        ["func-k-other-device", "func-v-other-device", "func-alibi-other-device", "kvpacked-q-other-device"],
-        FAKE_DISPATCH_BUG.format(op="fwd", out="out"),
-    ),
-    **dict.fromkeys(
-        ["varlen-k-other-device", "varlen-cu-q-other-device", "varlen-kvpacked-kv-other-device"],
-        FAKE_DISPATCH_BUG.format(op="varlen_fwd", out="out"),
-    ),
-    **dict.fromkeys(
-        ["kvcache-vcache-other-device", "kvcache-k-other-device", "paged-block-table-other-device"],
-        FAKE_DISPATCH_BUG.format(op="kvcache", out="out/lse"),
-    ),
-    "func-q-not-tensor": "flash_attn_func(q=<list>) raises AttributeError ('list' object has no attribute "
-    "'stride') from flash_attn_interface.maybe_contiguous instead of a TypeError naming q",
-    "func-window-len3": "window_size=(1, 1, 1) is accepted: flash_attn_interface._dense passes "
-    "int(window_size[0]), int(window_size[1]) on and never checks the length",
-    "kvcache-seqlens-float": "flash_attn_with_kvcache(cache_seqlens=2.5) silently truncates to 2: "
-    "flash_attn_interface.flash_attn_with_kvcache does int(cache_seqlens) before fa_kvcache's type check",
-}
+KNOWN_BUGS: dict[str, str] = {}
 for _c in DENSE + PACKED + VARLEN + VARLEN_PACKED + KVCACHE:
     _c.bug = _c.bug or KNOWN_BUGS.get(_c.id)
 

@@ -21,8 +21,11 @@ Gradients need the ``backward`` extra (fa-backward) and ``flash_attn_with_kvcach
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
+from fa_core import validation as V
 from flash_attn import _extras
 from flash_attn import _ops as ops
 from flash_attn._autograd import (
@@ -67,6 +70,49 @@ def _check_grad(*tensors: Tensor | None) -> None:
     if _extras.BACKWARD is None and torch.is_grad_enabled():
         if any(t is not None and t.requires_grad for t in tensors):
             _extras.require_backward()
+
+
+def _check_args(window_size, **tensors: object) -> None:
+    """Checks the custom ops cannot do themselves. A tensor on another device (``meta`` included) would make
+    the dispatcher pick the op's fake implementation and return garbage instead of an error; a non-tensor
+    would fail deep inside; a window must be a pair. Everything named after the caller's argument."""
+    if window_size is not None:
+        V.check_window(window_size)
+    ref_name, ref = next(iter(tensors.items()))
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        V.check_tensor(name, t)
+        assert isinstance(t, torch.Tensor) and isinstance(ref, torch.Tensor)
+        V.check_device(name, t, ref_name, ref)
+
+
+def _check_packed(name: str, t: object, ndim: int, axis: int, n: int) -> None:
+    """``qkv`` / ``kv``: rank ``ndim`` with exactly ``n`` slices along ``axis``."""
+    V.check_tensor(name, t, ndim)
+    assert isinstance(t, torch.Tensor)
+    if t.shape[axis] != n:
+        raise ValueError(f"{name} must have {n} slices along dim {axis}, got shape {tuple(t.shape)}")
+
+
+def _check_block_table(block_table: Tensor, k_cache: Tensor, cu_seqlens_k: Tensor) -> None:
+    """Paged varlen keys: int32 ``(batch, max_blocks)`` on k's device, used entries in [0, num_blocks)."""
+    V.check_tensor("block_table", block_table, 2)
+    V.check_device("block_table", block_table, "k", k_cache)
+    if block_table.dtype != torch.int32:
+        raise TypeError(f"block_table must be int32, got {block_table.dtype}")
+    if block_table.shape[0] != cu_seqlens_k.numel() - 1:
+        raise ValueError(f"block_table must have one row per sequence, got {tuple(block_table.shape)}")
+    if V.value_checks_enabled(block_table):
+        page = k_cache.shape[1]
+        lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long().cpu()
+        need = (lens + page - 1) // page
+        if bool((need > block_table.shape[1]).any()):
+            raise ValueError("block_table has fewer columns than the longest sequence needs")
+        used = torch.arange(block_table.shape[1])[None, :] < need[:, None]
+        vals = block_table.cpu()[used]
+        if bool(((vals < 0) | (vals >= k_cache.shape[0])).any()):
+            raise ValueError(f"block_table entries must lie in [0, {k_cache.shape[0]}) for the pages in use")
 
 
 def _as_int(x) -> int:
@@ -239,6 +285,7 @@ def _dense(
     deterministic,
     return_attn_probs,
 ):
+    _check_args(window_size, q=q, k=k, v=v, alibi_slopes=alibi_slopes)
     _check_grad(q, k, v)
     q, k, v = (maybe_contiguous(x) for x in (q, k, v))
     out, lse, s_dmask, _ = torch.ops.flash_attn_plus.fwd(
@@ -266,11 +313,21 @@ def _varlen(
     return_attn_probs,
     block_table=None,
 ):
+    _check_args(
+        window_size,
+        q=q,
+        k=k,
+        v=v,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        alibi_slopes=alibi_slopes,
+    )
     _check_grad(q, k, v)
     q, k, v = (maybe_contiguous(x) for x in (q, k, v))
     max_seqlen_q, max_seqlen_k = _as_int(max_seqlen_q), _as_int(max_seqlen_k)
     seqused_k = None
     if block_table is not None:
+        _check_block_table(block_table, k, cu_seqlens_k)
         k, v, cu_seqlens_k, seqused_k = _gather_pages(k, v, block_table, cu_seqlens_k, max_seqlen_k, None)
     out, lse, s_dmask, _ = torch.ops.flash_attn_plus.varlen_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
@@ -293,6 +350,8 @@ def flash_attn_qkvpacked_func(
 ):
     """qkv ``(batch, seqlen, 3, nheads, headdim)`` -> out ``(batch, seqlen, nheads, headdim)``; with
     ``return_attn_probs`` ``(out, softmax_lse (b, h, s), S_dmask)`` (S_dmask ``(0,)`` without dropout)."""
+    _check_packed("qkv", qkv, 5, 2, 3)
+    _check_args(window_size, qkv=qkv, alibi_slopes=alibi_slopes)
     _check_grad(qkv)
     return FlashAttnQKVPackedFunc.apply(
         qkv,
@@ -321,6 +380,8 @@ def flash_attn_kvpacked_func(
     return_attn_probs=False,
 ):
     """q ``(batch, seqlen_q, nheads, headdim)``, kv ``(batch, seqlen_k, 2, nheads_k, headdim)``."""
+    _check_packed("kv", kv, 5, 2, 2)
+    _check_args(window_size, q=q, kv=kv, alibi_slopes=alibi_slopes)
     _check_grad(q, kv)
     return FlashAttnKVPackedFunc.apply(
         q,
@@ -395,6 +456,8 @@ def flash_attn_varlen_qkvpacked_func(
     return_attn_probs=False,
 ):
     """qkv ``(total, 3, nheads, headdim)``, cu_seqlens int32 ``(batch + 1,)`` -> out ``(total, nheads, headdim)``."""
+    _check_packed("qkv", qkv, 4, 1, 3)
+    _check_args(window_size, qkv=qkv, cu_seqlens=cu_seqlens, alibi_slopes=alibi_slopes)
     _check_grad(qkv)
     return FlashAttnVarlenQKVPackedFunc.apply(
         qkv,
@@ -429,6 +492,15 @@ def flash_attn_varlen_kvpacked_func(
     return_attn_probs=False,
 ):
     """q ``(total_q, nheads, headdim)``, kv ``(total_k, 2, nheads_k, headdim)``."""
+    _check_packed("kv", kv, 4, 1, 2)
+    _check_args(
+        window_size,
+        q=q,
+        kv=kv,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        alibi_slopes=alibi_slopes,
+    )
     _check_grad(q, kv)
     return FlashAttnVarlenKVPackedFunc.apply(
         q,
@@ -527,9 +599,23 @@ def flash_attn_with_kvcache(
     flash-attn: the result does not require grad). Needs fa-kvcache.
     """
     _extras.require_kvcache()
+    _check_args(
+        window_size, q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+        cache_seqlens=cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None,
+        cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, block_table=block_table,
+        alibi_slopes=alibi_slopes,
+    )  # fmt: skip
     q, k, v = (maybe_contiguous(x) for x in (q, k, v))
     seqlens_t = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
-    seqlens_i = int(cache_seqlens) if cache_seqlens is not None and seqlens_t is None else None
+    if cache_seqlens is not None and seqlens_t is None:
+        try:
+            seqlens_i: int | None = operator.index(cache_seqlens)
+        except TypeError:
+            raise TypeError(
+                f"cache_seqlens must be an int or an int32 tensor, got {type(cache_seqlens).__name__}"
+            ) from None
+    else:
+        seqlens_i = None
     with torch.no_grad():  # flash-attn's kernel is not differentiable and records no graph
         out, lse = torch.ops.flash_attn_plus.kvcache(
             q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens_t, seqlens_i, cache_batch_idx,

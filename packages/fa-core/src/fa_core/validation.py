@@ -117,7 +117,7 @@ def check_qkv(
 
 
 def check_window(window_size: tuple[int, int]) -> None:
-    if len(window_size) != 2:
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
     for side, w in zip(("left", "right"), window_size):
         if int(w) < -1:
