@@ -589,57 +589,41 @@ BERT = [
         "unpad-mask-shape",
         unpad(mask=lambda: torch.ones(B, S - 1, dtype=torch.bool)),
         "attention_mask",
-        bug=_NO_CHECK.format(
-            fn="unpad_input",
-            what="an attention_mask (batch, seqlen-1) for hidden_states (batch, seqlen, ...) "
-            "is accepted and the flat indices select the wrong tokens",
-        ),
     ),
     Case(
         "unpad-hidden-rank1",
         unpad(hidden=lambda: rand(B * S)),
         "hidden_states",
-        bug=_NO_CHECK.format(fn="unpad_input", what="a 1-D hidden_states fails an assert in IndexFirstAxis"),
     ),
     Case(
         "unpad-mask-other-device",
         unpad(mask=lambda: torch.ones(B, S, dtype=torch.bool, device=OTHER_DEVICE)),
         "attention_mask",
-        bug=_NO_CHECK.format(fn="unpad_input", what="attention_mask on another device fails inside torch"),
     ),
     Case(
         "unpad-unused-mask-shape",
         unpad(unused=lambda: torch.zeros(B, S + 2, dtype=torch.bool)),
         "unused_mask",
-        bug=_NO_CHECK.format(fn="unpad_input", what="unused_mask of another shape fails in a broadcast add"),
     ),
     Case(
         "pad-indices-out-of-range",
         pad(indices=lambda: torch.tensor([0, 1, 2, 8, 9, B * S])),
         "indices",
-        bug=_NO_CHECK.format(
-            fn="pad_input", what="indices >= batch * seqlen raise IndexError from index_put"
-        ),
     ),
     Case(
         "pad-indices-float",
         pad(indices=lambda: torch.tensor([0.0, 1, 2, 8, 9, 10])),
         "indices",
-        bug=_NO_CHECK.format(fn="pad_input", what="float indices raise IndexError from torch"),
     ),
     Case(
         "pad-indices-length",
         pad(indices=lambda: torch.tensor([0, 1, 2])),
         "indices",
-        bug=_NO_CHECK.format(
-            fn="pad_input", what="len(indices) != hidden_states.shape[0] fails inside index_put"
-        ),
     ),
     Case(
         "pad-hidden-rank1",
         pad(hidden=lambda: rand(6)),
         "hidden_states",
-        bug=_NO_CHECK.format(fn="pad_input", what="a 1-D hidden_states fails an assert in IndexPutFirstAxis"),
     ),
 ]
 
@@ -706,8 +690,6 @@ ROTARY = [
         "rotary-varlen-cu-decreasing",
         rotary(x=lambda: rand(TOTAL, H, D), cu_seqlens=lambda: _cu([0, 6, 3, 8]), max_seqlen=6),
         "cu_seqlens",
-        bug="apply_rotary_emb does not check that cu_seqlens is non-decreasing / ends at total_seqlen "
-        "(the attention functions do): a decreasing cu_seqlens silently leaves rows un-rotated",
     ),
 ]
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fa_core import validation as V
+
 __all__ = [
     "IndexFirstAxis",
     "IndexPutFirstAxis",
@@ -110,6 +112,48 @@ def _cu_seqlens(seqlens: torch.Tensor) -> torch.Tensor:
     return F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
 
 
+def _check_unpad(hidden_states: object, attention_mask: object, unused_mask: object) -> None:
+    """A mask of the wrong shape would select the wrong tokens silently: refuse it, naming the argument."""
+    V.check_tensor("hidden_states", hidden_states)
+    assert isinstance(hidden_states, torch.Tensor)
+    if hidden_states.dim() < 2:
+        raise ValueError(
+            f"hidden_states must be (batch, seqlen, ...), got shape {tuple(hidden_states.shape)}"
+        )
+    for name, m in (("attention_mask", attention_mask), ("unused_mask", unused_mask)):
+        if m is None:
+            continue
+        V.check_tensor(name, m)
+        assert isinstance(m, torch.Tensor)
+        V.check_device(name, m, "hidden_states", hidden_states)
+        if tuple(m.shape) != tuple(hidden_states.shape[:2]):
+            raise ValueError(
+                f"{name} must have shape (batch, seqlen) = {tuple(hidden_states.shape[:2])}, got {tuple(m.shape)}"
+            )
+
+
+def _check_pad(hidden_states: object, indices: object, total: int) -> None:
+    """indices must be the 1-D integer positions (in the flattened padded batch) of every row of hidden_states."""
+    V.check_tensor("hidden_states", hidden_states)
+    V.check_tensor("indices", indices, 1)
+    assert isinstance(hidden_states, torch.Tensor) and isinstance(indices, torch.Tensor)
+    if hidden_states.dim() < 2:
+        raise ValueError(
+            f"hidden_states must be (total_nnz, ...) with >= 2 dims, got {tuple(hidden_states.shape)}"
+        )
+    V.check_device("indices", indices, "hidden_states", hidden_states)
+    if indices.dtype.is_floating_point or indices.dtype == torch.bool or indices.is_complex():
+        raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
+    if indices.shape[0] != hidden_states.shape[0]:
+        raise ValueError(
+            f"indices has {indices.shape[0]} entries but hidden_states has {hidden_states.shape[0]} rows"
+        )
+    if indices.numel() and V.value_checks_enabled(indices):
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= total:
+            raise ValueError(f"indices must lie in [0, batch * seqlen = {total}), got [{lo}, {hi}]")
+
+
 def unpad_input(
     hidden_states: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -128,6 +172,7 @@ def unpad_input(
         max_seqlen_in_batch: int.
         seqused: (batch,) int32, number of tokens selected by attention_mask alone.
     """
+    _check_unpad(hidden_states, attention_mask, unused_mask)
     all_masks = attention_mask + unused_mask if unused_mask is not None else attention_mask
     seqlens_in_batch = all_masks.sum(dim=-1, dtype=torch.int32)
     used_seqlens_in_batch = attention_mask.sum(dim=-1, dtype=torch.int32)
@@ -187,5 +232,6 @@ def pad_input(hidden_states: torch.Tensor, indices: torch.Tensor, batch: int, se
     Return:
         hidden_states: (batch, seqlen, ...); rows not in ``indices`` are zero.
     """
+    _check_pad(hidden_states, indices, batch * seqlen)
     output = index_put_first_axis(hidden_states, indices, batch * seqlen)
     return output.reshape(batch, seqlen, *output.shape[1:])

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fa_core.validation import value_checks_enabled
+
 __all__ = ["apply_rotary"]
 
 _SUPPORTED_X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -196,6 +198,16 @@ def apply_rotary(
         batch = cu_seqlens.shape[0] - 1
         seqlen = max_seqlen
         cu_seqlens = cu_seqlens.contiguous()
+        if value_checks_enabled(cu_seqlens):
+            # a decreasing or short cu_seqlens would leave rows silently un-rotated
+            vals = cu_seqlens.cpu()
+            if int(vals[0]) != 0 or bool((vals[1:] < vals[:-1]).any()) or int(vals[-1]) != x.shape[0]:
+                raise ValueError(
+                    f"cu_seqlens must start at 0, be non-decreasing and end at total_seqlen = {x.shape[0]}, "
+                    f"got {vals.tolist()}"
+                )
+            if batch and int((vals[1:] - vals[:-1]).max()) > max_seqlen:
+                raise ValueError(f"max_seqlen = {max_seqlen} is smaller than the longest sequence")
 
     seqlen_ro, half = cos.shape
     rotary_dim = 2 * half
