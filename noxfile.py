@@ -6,7 +6,8 @@
     python3 -m nox -s quickstart        # not a default session
 
 Environment:
-    FA_LOCAL_WHEELS   folder with a local CPU torch wheel (default: a local folder). Where it exists, every
+    FA_LOCAL_WHEELS   folder with a local CPU torch wheel (default: the first folder of pip's own find-links,
+                      from $PIP_FIND_LINKS or `pip config`, that holds a torch-*+cpu wheel). Where it exists, every
                       install adds `--find-links <it> -c .ci/constraints-cpu.txt`, so the CPU torch is used
                       and no CUDA torch (GBs of nvidia-* wheels) is downloaded. Elsewhere: normal resolution.
     TRITON_INTERPRET  default 1 when no `nvidia-smi` is on PATH (kernels run on CPU tensors in Triton's
@@ -38,6 +39,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -64,7 +66,31 @@ ROOT = Path(__file__).resolve().parent
 PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
 TEST_TOOLS = nox.project.dependency_groups(PYPROJECT, "test")
 CONSTRAINTS_CPU = ROOT / ".ci" / "constraints-cpu.txt"
-LOCAL_WHEELS = Path(os.environ.get("FA_LOCAL_WHEELS", "") or ".nonexistent")
+
+
+def _local_wheels() -> Path | None:
+    """A folder holding a local CPU build of torch: $FA_LOCAL_WHEELS, else the first of pip's own find-links
+    (uv reads no pip configuration, so the sessions pass it on explicitly) that has one; None otherwise."""
+    candidates = [os.environ.get("FA_LOCAL_WHEELS", "")] + os.environ.get("PIP_FIND_LINKS", "").split()
+    try:
+        cfg = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "get", "global.find-links"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        ).stdout
+        candidates += cfg.split()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for c in candidates:
+        path = Path(c.removeprefix("file://")) if c else None
+        if path is not None and path.is_dir() and any(path.glob("torch-*+cpu-*.whl")):
+            return path
+    return None
+
+
+LOCAL_WHEELS = _local_wheels()
 XDIST = ["-n", "2"]
 
 
@@ -133,7 +159,7 @@ def _editable_args(member: str, extras: tuple[str, ...] = ()) -> list[str]:
 
 def _install_args() -> list[str]:
     """Extra arguments for every install: the local CPU torch where its wheel folder exists."""
-    if LOCAL_WHEELS.is_dir():
+    if LOCAL_WHEELS is not None:
         return ["--find-links", str(LOCAL_WHEELS), "-c", _rel(CONSTRAINTS_CPU)]
     return []
 
