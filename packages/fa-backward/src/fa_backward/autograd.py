@@ -14,6 +14,7 @@ from torch.autograd.function import once_differentiable
 from fa_backward.backward import flash_attn_backward, flash_attn_varlen_backward
 from fa_core import validation as V
 from fa_core.forward import flash_attn_forward, flash_attn_varlen_forward
+from fa_core.validation import contig_last
 
 __all__ = [
     "FlashAttnFunc",
@@ -23,10 +24,6 @@ __all__ = [
     "FlashAttnVarlenKVPackedFunc",
     "FlashAttnVarlenQKVPackedFunc",
 ]
-
-
-def _contig_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _forward(
@@ -94,7 +91,7 @@ def _backward(ctx, dout, q, k, v, out, lse, rng_state, cu, dq, dk, dv) -> None:
         deterministic=ctx.deterministic,
         rng_state=rng_state,
     )
-    dout = _contig_last(dout)
+    dout = contig_last(dout)
     if ctx.max_seqlens is None:
         flash_attn_backward(dout, q, k, v, out, lse, dq, dk, dv, **kw)
     else:

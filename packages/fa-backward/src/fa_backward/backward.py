@@ -15,6 +15,7 @@ import triton
 
 from fa_backward.backward_kernel import dkdv_kernel, dq_kernel, preprocess_kernel
 from fa_core import validation as V
+from fa_core.forward import seq_bucket
 from fa_core.masking import normalize_window
 
 __all__ = ["BwdResult", "flash_attn_backward", "flash_attn_varlen_backward"]
@@ -29,11 +30,6 @@ class BwdResult(NamedTuple):
     dk: torch.Tensor
     dv: torch.Tensor
     softmax_d: torch.Tensor
-
-
-def _bucket(n: int) -> int:
-    # autotune key: powers of two (as fa_core's forward) so that tunings stay few across sequence lengths
-    return min(triton.next_power_of_2(max(int(n), 16)), 1 << 16)
 
 
 def _check_qkv(q, k, v, varlen: bool) -> None:
@@ -112,13 +108,6 @@ def _common(
     return softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
 
 
-def _contig_last(t):
-    """flash-attn's ``maybe_contiguous``: inputs with a strided last dim are copied, outputs must not be."""
-    if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
-        return t.contiguous()
-    return t
-
-
 def _launch(
     dout,
     q,
@@ -147,7 +136,7 @@ def _launch(
 ):
     nheads, nheads_k, d, d_v = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     left, right, is_local = normalize_window(causal, window)
-    lse = _contig_last(lse)
+    lse = V.contig_last(lse)
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     block_d = max(triton.next_power_of_2(d), 16)
     block_dv = max(triton.next_power_of_2(d_v), 16)
@@ -208,8 +197,8 @@ def _launch(
         dropout_p=float(dropout_p),
         seed=seed,
         rng_offset=offset,
-        SEQ_BUCKET_Q=_bucket(max_seqlen_q),
-        SEQ_BUCKET_K=_bucket(max_seqlen_k),
+        SEQ_BUCKET_Q=seq_bucket(max_seqlen_q),
+        SEQ_BUCKET_K=seq_bucket(max_seqlen_k),
         HEADDIM=d,
         HEADDIM_V=d_v,
         BLOCK_D=block_d,
@@ -314,7 +303,7 @@ def flash_attn_backward(
     Returns:
         :class:`BwdResult` ``(dq, dk, dv, softmax_d)``.
     """
-    dout, q, k, v, out = (_contig_last(t) for t in (dout, q, k, v, out))
+    dout, q, k, v, out = (V.contig_last(t) for t in (dout, q, k, v, out))
     window = (window_size_left, window_size_right)
     V.check_tensor("q", q, 4)
     batch, seqlen_q, nheads = q.shape[0], q.shape[1], q.shape[2]
@@ -410,7 +399,7 @@ def flash_attn_varlen_backward(
     Returns:
         :class:`BwdResult` ``(dq, dk, dv, softmax_d)`` with ``softmax_d (nheads, total_q)``.
     """
-    dout, q, k, v, out = (_contig_last(t) for t in (dout, q, k, v, out))
+    dout, q, k, v, out = (V.contig_last(t) for t in (dout, q, k, v, out))
     window = (window_size_left, window_size_right)
     V.check_tensor("q", q, 3)
     nheads = q.shape[1]

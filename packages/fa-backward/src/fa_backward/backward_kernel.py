@@ -32,15 +32,12 @@ import triton
 import triton.language as tl
 
 from fa_core.masking import dropout_keep, kv_range, scores_log2, seq_bounds, softcap_grad, visible
+from fa_core.validation import interpreting
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 # Kernel code keeps Triton's customary compact argument lists (one line per group of strides / flags).
 # fmt: off
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ------------------------------------------------------------------------------------------ preprocess
@@ -417,8 +414,8 @@ DQ_SPACE = [
 INTERPRET_DKDV = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
 INTERPRET_DQ = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
 
-DKDV_CONFIGS = INTERPRET_DKDV if _interpreting() else _named(DKDV_SPACE)
-DQ_CONFIGS = INTERPRET_DQ if _interpreting() else _named(DQ_SPACE)
+DKDV_CONFIGS = INTERPRET_DKDV if interpreting() else _named(DKDV_SPACE)
+DQ_CONFIGS = INTERPRET_DQ if interpreting() else _named(DQ_SPACE)
 
 #: Autotune key: seqlens bucketed to powers of two (host side) so compiles/tunings stay few.
 TUNE_KEY = [

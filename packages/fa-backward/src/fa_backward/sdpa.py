@@ -39,6 +39,7 @@ import torch
 
 from fa_backward.backward import flash_attn_backward, flash_attn_varlen_backward
 from fa_core.forward import flash_attn_forward, flash_attn_varlen_forward
+from fa_core.validation import contig_last
 
 __all__ = [
     "IMPL_NAME",
@@ -84,14 +85,9 @@ def reset_call_counts() -> None:
 # ------------------------------------------------------------------------------------ layout helpers
 
 
-def _contig_last(t: torch.Tensor) -> torch.Tensor:
-    """The kernels take any strides but a unit stride on the last dim: copy only when that is not so."""
-    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
-
-
 def _bshd(t: torch.Tensor) -> torch.Tensor:
     """``(b, h, s, d)`` -> ``(b, s, h, d)`` as a view (a copy only when the last dim is strided)."""
-    return _contig_last(t.transpose(1, 2))
+    return contig_last(t.transpose(1, 2))
 
 
 def _new_bhsd(batch: int, nheads: int, seqlen: int, d: int, like: torch.Tensor) -> torch.Tensor:
@@ -290,7 +286,7 @@ def flash_attention_forward(
         return_probs=bool(return_debug_mask),
         out=out,
     )
-    q, k, v = _contig_last(query), _contig_last(key), _contig_last(value)
+    q, k, v = contig_last(query), contig_last(key), contig_last(value)
     if (cum_seq_q is None) != (cum_seq_k is None):
         raise RuntimeError(f"{IMPL_NAME}: cum_seq_q and cum_seq_k must be given together")
     if cum_seq_q is None and seqused_k is not None:
@@ -388,7 +384,7 @@ def flash_attention_backward(
         window_size_right=right,
         rng_state=_rng_input(rng_state, float(dropout_p)),
     )
-    g, q, k, v, o = (_contig_last(t) for t in (grad_out, query, key, value, out))
+    g, q, k, v, o = (contig_last(t) for t in (grad_out, query, key, value, out))
     if cum_seq_q is None:
         flash_attn_backward(g, q, k, v, o, logsumexp, dq=dq, dk=dk, dv=dv, **kw)
     else:

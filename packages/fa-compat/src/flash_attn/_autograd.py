@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from fa_core.validation import contig_last
 from flash_attn import _extras
 from flash_attn import _ops as ops
 
@@ -22,10 +23,6 @@ __all__ = [
     "FlashAttnVarlenKVPackedFunc",
     "FlashAttnVarlenQKVPackedFunc",
 ]
-
-
-def _mc(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous() if t.stride(-1) != 1 else t
 
 
 def _dense_forward(
@@ -43,7 +40,7 @@ def _dense_forward(
     return_softmax,
     is_grad_enabled,
 ):
-    q, k, v = _mc(q), _mc(k), _mc(v)
+    q, k, v = contig_last(q), contig_last(k), contig_last(v)
     scale = ops.default_scale(q, softmax_scale)
     left, right = int(window_size[0]), int(window_size[1])
     out, lse, s_dmask, rng_state = torch.ops.flash_attn_plus.fwd(
@@ -61,7 +58,7 @@ def _dense_backward(ctx, dout, dq, dk, dv) -> None:
     q, k, v, out, lse, rng_state, alibi = ctx.saved_tensors
     dropout_p, scale, causal, left, right, softcap, deterministic = ctx.args
     torch.ops.flash_attn_plus.bwd(
-        _mc(dout), q, k, v, out, lse, dq, dk, dv, dropout_p, scale, causal, left, right, softcap, alibi,
+        contig_last(dout), q, k, v, out, lse, dq, dk, dv, dropout_p, scale, causal, left, right, softcap, alibi,
         deterministic, rng_state,
     )  # fmt: skip
 
@@ -85,7 +82,7 @@ def _varlen_forward(
     return_softmax,
     is_grad_enabled,
 ):
-    q, k, v = _mc(q), _mc(k), _mc(v)
+    q, k, v = contig_last(q), contig_last(k), contig_last(v)
     scale = ops.default_scale(q, softmax_scale)
     left, right = int(window_size[0]), int(window_size[1])
     max_q, max_k = int(max_q), int(max_k)
@@ -104,7 +101,7 @@ def _varlen_backward(ctx, dout, dq, dk, dv) -> None:
     q, k, v, out, lse, rng_state, alibi, cu_q, cu_k = ctx.saved_tensors
     max_q, max_k, dropout_p, scale, causal, left, right, softcap, deterministic = ctx.args
     torch.ops.flash_attn_plus.varlen_bwd(
-        _mc(dout), q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, left,
+        contig_last(dout), q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, left,
         right, softcap, alibi, deterministic, rng_state, False, None,
     )  # fmt: skip
 

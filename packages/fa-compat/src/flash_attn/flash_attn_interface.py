@@ -56,8 +56,8 @@ __all__ = [
 Tensor = torch.Tensor
 
 
-def maybe_contiguous(x: Tensor | None) -> Tensor | None:
-    return x.contiguous() if x is not None and x.stride(-1) != 1 else x
+#: flash-attn's helper name (copies only a strided last dim), shared with fa_core
+maybe_contiguous = V.contig_last
 
 
 def round_multiple(x: int, m: int) -> int:

@@ -101,8 +101,8 @@ def _ensure_allocator() -> None:
     _ALLOCATOR_SET = True
 
 
-def _bucket(n: int) -> int:
-    # autotune key: powers of two so that compiles stay few across sequence lengths
+def seq_bucket(n: int) -> int:
+    """Autotune key for a sequence length: powers of two, so that tunings stay few (forward and backward)."""
     return min(triton.next_power_of_2(max(int(n), 16)), 1 << 16)
 
 
@@ -197,8 +197,8 @@ def _launch(
         float(dropout_p),
         seed,
         offset,
-        _bucket(max_seqlen_q),
-        _bucket(max_seqlen_k),
+        seq_bucket(max_seqlen_q),
+        seq_bucket(max_seqlen_k),
         HEADDIM=d,
         HEADDIM_V=dv,
         BLOCK_D=max(triton.next_power_of_2(d), min_block),

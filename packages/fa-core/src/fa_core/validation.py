@@ -70,6 +70,14 @@ def check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...] | N
         raise TypeError(f"{name} has dtype {t.dtype}; supported: {names}")
 
 
+def contig_last(t):
+    """flash-attn's ``maybe_contiguous``: copy a tensor only when its (non-trivial) last dim is strided.
+    Anything else (None, an empty or last-dim-1 tensor, a non-tensor left for the checks) passes unchanged."""
+    if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        return t.contiguous()
+    return t
+
+
 def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
     # an empty tensor has no element to reach: its strides do not matter (.contiguous() keeps them)
     if t.numel() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
