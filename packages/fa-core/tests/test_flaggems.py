@@ -319,6 +319,9 @@ def test_unsupported_features_raise(fg_ready):
             "seqused_k",
         ),
         (lambda: fgb.flaggems_varlen_forward(q12, q12, q12, cu, cu, 64, 64), "multiple of 8"),
+        (lambda: fgb.flaggems_forward(q[..., :20], q[..., :20], q[..., :20]), "multiple of 8"),
+        (lambda: fgb.flaggems_forward(q, q[:, :, :1], q[:, :, :1], dropout_p=0.1), "dropout with GQA"),
+        (lambda: fgb.flaggems_forward(q[..., :40], q[..., :40], q[..., :40], dropout_p=0.1), "head dim 40"),
         (
             lambda: fgb.flaggems_forward(
                 torch.randn(1, 9, 2, 64, device=dev, dtype=torch.float16),

@@ -127,7 +127,19 @@ def _expected_caches(case, interleaved):
 
 
 def _reference(
-    case, kc, vc, *, causal, window_size, softcap, alibi_slopes, interleaved, upcast, softmax_scale
+    case,
+    kc,
+    vc,
+    *,
+    causal,
+    window_size,
+    softcap,
+    alibi_slopes,
+    interleaved,
+    upcast,
+    softmax_scale,
+    attention_chunk=0,
+    learnable_sink=None,
 ):
     q = case["q"]
     batch, seqlen_q, nheads, d = q.shape
@@ -171,6 +183,8 @@ def _reference(
             alibi_slopes=slopes,
             upcast=upcast,
             dtype=torch.float64,
+            attention_chunk=attention_chunk,
+            learnable_sink=learnable_sink,
         )
         outs.append(o.double() if upcast else o)
         lses.append(l)
@@ -187,6 +201,8 @@ def _run_and_check(
     interleaved=True,
     num_splits=0,
     softmax_scale=None,
+    attention_chunk=0,
+    learnable_sink=None,
 ):
     kc_exp, vc_exp = _expected_caches(case, interleaved)
     args = {k: v for k, v in case.items() if k not in ("q",)}
@@ -200,6 +216,8 @@ def _run_and_check(
         num_splits=num_splits,
         softmax_scale=softmax_scale,
         return_softmax_lse=True,
+        attention_chunk=attention_chunk,
+        learnable_sink=learnable_sink,
         **args,
     )
     dtype = case["q"].dtype
@@ -224,6 +242,8 @@ def _run_and_check(
         alibi_slopes=alibi_slopes,
         interleaved=interleaved,
         softmax_scale=softmax_scale,
+        attention_chunk=attention_chunk,
+        learnable_sink=learnable_sink,
     )
     # reference on the caches the kernel actually attended to (isolates attention from rotary rounding)
     ref, ref_lse = _reference(case, case["k_cache"], case["v_cache"], upcast=True, **kw)
@@ -345,6 +365,36 @@ def test_more_splits_than_blocks_and_empty_rows(page):
     assert (out[0] == 0).all() and torch.isinf(lse[0]).all()
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("page", [0, 16, 24])
+@pytest.mark.parametrize("mode", ["plain", "causal", "chunk", "chunk_causal", "chunk_window"])
+def test_sink_and_chunk(splits, page, mode):
+    """learnable_sink (in the single-split epilogue and in the combine) and attention_chunk (beyond
+    flash-attn 2) against the reference; seqlen_q 3 so a chunk edge falls between query rows."""
+    case = _make_case(seqlen_q=3, seqlen_new=2, page=page, capacity=64, seed=21 + page)
+    kw: dict = dict(learnable_sink=(torch.randn(6) * 2).to(DEVICE))
+    if "chunk" in mode:
+        kw["attention_chunk"] = 16 if mode == "chunk_window" else 8
+    if "causal" in mode:
+        kw["causal"] = True
+    if mode == "chunk_window":
+        kw["window_size"] = (5, 2)
+    if mode == "chunk":
+        kw.pop("learnable_sink")
+    _run_and_check(case, num_splits=splits, **kw)
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_sink_empty_rows(splits):
+    # no visible key: out 0 and lse = the sink's logit (it is the only term of the denominator)
+    case = _make_case(seqlen_q=2, page=16, seed=9)
+    case["cache_seqlens"][0] = 0
+    sink = (torch.randn(6) * 2).to(DEVICE)
+    out, lse = _run_and_check(case, num_splits=splits, learnable_sink=sink)
+    assert (out[0] == 0).all()
+    torch.testing.assert_close(lse[0], sink.float()[:, None].expand(6, 2))
+
+
 @pytest.mark.parametrize("page", [0, 16, 24])
 def test_full_cache_and_odd_sizes(page):
     # the append fills the cache exactly; head dims not powers of two, v head dim != qk head dim
@@ -406,3 +456,15 @@ def test_return_types():
         False,
     )
     torch.testing.assert_close(out, out2)
+
+
+def test_num_splits_heuristic_fitted_points():
+    from fa_kvcache.interface import num_splits_heuristic
+
+    # the H200 (132 SMs) points it was fitted on: (work, 64-key blocks) -> best measured splits (or near)
+    assert num_splits_heuristic(8, 512, 132) == 66  # batch 1, 32k keys, 8 kv heads (64 measured best)
+    assert num_splits_heuristic(64, 128, 132) == 4  # batch 8, 8k
+    assert num_splits_heuristic(8, 16, 132) == 16  # batch 1, 1k: one block per split
+    assert num_splits_heuristic(256, 16, 132) == 1  # batch 32: the programs fill the machine
+    assert num_splits_heuristic(8, 1, 132) == 1
+    assert num_splits_heuristic(0, 10, 132) == 1

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 
 import torch
 import triton
@@ -40,32 +39,36 @@ def _sm_count(device: torch.device) -> int:
 
 
 def num_splits_heuristic(work: int, n_key_blocks: int, num_sms: int, max_splits: int = MAX_SPLITS) -> int:
-    """Number of key splits for ``work`` programs (batch * kv heads * query tiles) on ``num_sms`` SMs.
+    """Number of key splits for ``work`` programs (batch * kv heads * query tiles) on ``num_sms`` SMs, with
+    ``n_key_blocks`` blocks of 64 keys to share out.
 
-    No split when the programs already fill the machine; otherwise the smallest split count whose wave
-    efficiency is within 85% of the best, keeping at least two key blocks per split.
+    Fitted on an H200 (bench/tune_decode.py; docs/STATUS.md has the numbers): no split once the programs
+    fill the machine; otherwise fill about two programs per SM, or four when the work is tiny (batch 1),
+    never more splits than key blocks. Best measured split counts: batch 1 / 32k keys 64 (8 kv heads),
+    batch 8 / 8k 4, batch 1 / 1k 16 (one block each), batch 32 / 1k 1.
     """
-    if work <= 0 or work >= 0.8 * num_sms:
+    if work <= 0 or work >= 0.8 * num_sms or n_key_blocks <= 1:
         return 1
-    # >= 2 key blocks per split, and no more than ~4 waves of programs
-    max_splits = max(1, min(max_splits, n_key_blocks // 2, math.ceil(4 * num_sms / work)))
-    effs = []
-    for s in range(1, max_splits + 1):
-        waves = work * s / num_sms
-        effs.append(waves / math.ceil(waves))
-    best = max(effs)
-    # the largest near-best count: more splits = more loads in flight on a memory-bound kernel
-    return max(s for s in range(1, max_splits + 1) if effs[s - 1] >= 0.85 * best)
+    per_sm = 4 if 8 * work < num_sms else 2
+    return max(1, min(max_splits, n_key_blocks, (per_sm * num_sms) // work))
 
 
 def _launch_ctx(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+# Tuning hook for bench/tune_decode.py: (BLOCK_N, num_warps, num_stages) forced for every launch when set.
+_FORCE_TILE: tuple[int, int, int] | None = None
+
+
 def _tile_config(
-    seqlen_q: int, group: int, d: int, dv: int, interpret: bool
+    seqlen_q: int, group: int, d: int, dv: int, interpret: bool, keys_per_program: int = 0
 ) -> tuple[int, int, int, int, int]:
-    """``(BLOCK_M, HB, BLOCK_N, num_warps, num_stages)`` for the split-KV kernel."""
+    """``(BLOCK_M, HB, BLOCK_N, num_warps, num_stages)`` for the split-KV kernel.
+
+    Measured on an H200 (d128, bf16, seqlen_q 1, GQA 4): 64-key tiles, 4 warps, 2 stages win on short
+    per-program streams (many splits); 128-key tiles with 3 stages on long ones (>= 2k keys a program).
+    """
     gp = triton.next_power_of_2(group)
     rows = seqlen_q * gp
     cap_m = 32 if interpret else (64 if max(d, dv) > 128 else 128)
@@ -73,11 +76,16 @@ def _tile_config(
     hb = min(gp, block_m)
     if interpret:
         return block_m, hb, 16 if seqlen_q * gp <= 16 else 32, 1, 1
+    if _FORCE_TILE is not None:
+        return (block_m, hb, *_FORCE_TILE)
     dmax = max(d, dv)
-    block_n = 32 if dmax > 128 else 64
-    warps = 8 if block_m >= 128 else 4
-    stages = 2 if dmax > 128 or block_m >= 128 else 3
-    return block_m, hb, block_n, warps, stages
+    if dmax > 128:
+        return block_m, hb, 32, 8 if block_m >= 64 else 4, 2
+    if block_m >= 64:
+        return block_m, hb, 64, 8 if block_m >= 128 else 4, 2
+    if keys_per_program >= 2048:
+        return block_m, hb, 128, 4, 3
+    return block_m, hb, 64, 4, 2
 
 
 def append_to_cache(
@@ -177,6 +185,9 @@ def flash_attn_with_kvcache(
     alibi_slopes: torch.Tensor | None = None,
     num_splits: int = 0,
     return_softmax_lse: bool = False,
+    *,
+    attention_chunk: int = 0,
+    learnable_sink: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over a KV cache, optionally appending new k/v into the cache first (in place).
 
@@ -203,6 +214,11 @@ def flash_attn_with_kvcache(
         num_splits: key splits (flash-decoding); 0 = heuristic from batch * kv heads * query tiles vs the
             SM count and the cache length; 1 = no split.
         return_softmax_lse: also return lse ``(batch, nheads, seqlen_q)`` float32 (natural log).
+        attention_chunk: keyword only, beyond flash-attn 2 (FlashAttention-3's name): a query at position
+            ``p`` (bottom-right aligned) sees only keys in its own chunk ``[p // chunk * chunk, +chunk)``;
+            0 = off. Combines with causal / window.
+        learnable_sink: keyword only, beyond flash-attn 2: ``(nheads,)`` float logits, one extra term per
+            head in every row's softmax denominator and none in the output (gpt-oss). The lse includes it.
 
     Returns:
         ``out (batch, seqlen_q, nheads, headdim_v)``, or ``(out, softmax_lse)`` with return_softmax_lse.
@@ -232,6 +248,7 @@ def flash_attn_with_kvcache(
         softmax_scale,
     )
     batch, seqlen_q, nheads, d = q.shape
+    V.check_chunk_and_sink(attention_chunk, learnable_sink, nheads, q)
     nheads_k, dv = k_cache.shape[2], v_cache.shape[3]
     group = nheads // nheads_k
     paged = block_table is not None
@@ -297,14 +314,17 @@ def flash_attn_with_kvcache(
         return (out, lse) if return_softmax_lse else out
 
     interp = V.interpreting()
-    block_m, hb, block_n, warps, stages = _tile_config(seqlen_q, group, d, dv, interp)
+    block_m, hb, _, _, _ = _tile_config(seqlen_q, group, d, dv, interp)
     n_head_chunks = triton.cdiv(group, hb)
     n_qblocks = triton.cdiv(seqlen_q, block_m // hb)
     work = n_qblocks * n_head_chunks * batch * nheads_k
     if num_splits is None or int(num_splits) <= 0:
-        splits = num_splits_heuristic(work, triton.cdiv(capacity, block_n), _sm_count(q.device))
+        splits = num_splits_heuristic(work, triton.cdiv(capacity, 64), _sm_count(q.device))
     else:
         splits = min(int(num_splits), MAX_SPLITS)
+    block_m, hb, block_n, warps, stages = _tile_config(
+        seqlen_q, group, d, dv, interp, keys_per_program=capacity // splits
+    )
 
     seq_tensor = isinstance(cache_seqlens, torch.Tensor)
     cache_len_int = capacity if cache_seqlens is None else (0 if seq_tensor else int(cache_seqlens))
@@ -332,6 +352,7 @@ def flash_attn_with_kvcache(
             cache_batch_idx if cache_batch_idx is not None else dummy,
             cache_leftpad if cache_leftpad is not None else dummy,
             alibi,
+            learnable_sink if learnable_sink is not None else alibi,
             q.stride(0),
             q.stride(1),
             q.stride(2),
@@ -359,18 +380,22 @@ def flash_attn_with_kvcache(
             float(softcap),
             left,
             right,
+            int(attention_chunk),
             HEADDIM=d,
             HEADDIM_V=dv,
             BLOCK_D=max(triton.next_power_of_2(d), 16),
             BLOCK_DV=max(triton.next_power_of_2(dv), 16),
             PAGED=paged,
             PAGE=k_cache.shape[1] if paged else 1,
+            PAGE_TILE=paged and k_cache.shape[1] % block_n == 0 and cache_leftpad is None,
             SEQLENS_TENSOR=seq_tensor,
             HAS_BATCH_IDX=cache_batch_idx is not None,
             HAS_LEFTPAD=cache_leftpad is not None,
             IS_LOCAL=is_local,
+            HAS_CHUNK=attention_chunk > 0,
             HAS_SOFTCAP=softcap > 0,
             HAS_ALIBI=alibi_slopes is not None,
+            HAS_SINK=learnable_sink is not None,
             SPLIT=splits > 1,
             HB=hb,
             BLOCK_M=block_m,
@@ -380,12 +405,12 @@ def flash_attn_with_kvcache(
         )
         if splits > 1:
             n_rows = batch * seqlen_q * nheads
-            block_r = 16
-            combine_kernel[(triton.cdiv(n_rows, block_r),)](
+            combine_kernel[(n_rows,)](
                 out_part,
                 lse_part,
                 out,
                 lse,
+                learnable_sink if learnable_sink is not None else lse_part,
                 n_rows,
                 seqlen_q,
                 nheads,
@@ -395,7 +420,8 @@ def flash_attn_with_kvcache(
                 out.stride(2),
                 HEADDIM_V=dv,
                 BLOCK_DV=max(triton.next_power_of_2(dv), 16),
-                BLOCK_R=block_r,
-                num_warps=4,
+                BLOCK_S=min(triton.next_power_of_2(splits), 16),
+                HAS_SINK=learnable_sink is not None,
+                num_warps=4 if dv > 64 else 2,
             )
     return (out, lse) if return_softmax_lse else out

@@ -21,12 +21,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fa_core.masking import kv_range, scores_log2, visible
+from fa_core.masking import chunk_kv_range, chunk_visible, kv_range, scores_log2, visible
 
 
 @triton.jit
 def _row_offsets(
     bt_base,
+    start_n,
     rows,
     n_ok,
     stride_kb,
@@ -35,11 +36,18 @@ def _row_offsets(
     stride_vn,
     PAGED: tl.constexpr,
     PAGE: tl.constexpr,
+    PAGE_TILE: tl.constexpr,
     MASK_N: tl.constexpr,
 ):
     """K and V element offsets (int64, ``(BLOCK_N,)``) of cache rows ``rows`` (through the block table if
-    paged: one block-table read serves both)."""
+    paged: one block-table read serves both). ``PAGE_TILE``: the tile's rows ``start_n + [0, BLOCK_N)`` lie in
+    one page (page size a multiple of BLOCK_N, no left padding), so one scalar block-table read serves the
+    tile and the row offsets stay affine (cheaper address math, wider loads)."""
     if PAGED:
+        if PAGE_TILE:
+            blk = tl.load(bt_base + start_n // PAGE).to(tl.int64)
+            prow = (rows % PAGE).to(tl.int64)
+            return blk * stride_kb + prow * stride_kn, blk * stride_vb + prow * stride_vn
         if MASK_N:
             blk = tl.load(bt_base + rows // PAGE, mask=n_ok, other=0).to(tl.int64)
         else:
@@ -76,12 +84,15 @@ def _attn_inner(
     alibi_slope,
     window_left,
     window_right,
+    attention_chunk,
     MASKED: tl.constexpr,
     IS_LOCAL: tl.constexpr,
+    HAS_CHUNK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     PAGED: tl.constexpr,
     PAGE: tl.constexpr,
+    PAGE_TILE: tl.constexpr,
     HEADDIM: tl.constexpr,
     HEADDIM_V: tl.constexpr,
     EVEN_D: tl.constexpr,
@@ -94,7 +105,18 @@ def _attn_inner(
         n_ok = offs_n < seqlen_k
         rows = offs_n + leftpad
         k_off, v_off = _row_offsets(
-            bt_base, rows, n_ok, stride_kb, stride_kn, stride_vb, stride_vn, PAGED, PAGE, MASKED
+            bt_base,
+            start_n,
+            rows,
+            n_ok,
+            stride_kb,
+            stride_kn,
+            stride_vb,
+            stride_vn,
+            PAGED,
+            PAGE,
+            PAGE_TILE,
+            MASKED,
         )
         # K transposed: (BLOCK_D, BLOCK_N)
         k_ptrs = k_base + k_off[None, :] + offs_d[:, None]
@@ -123,6 +145,8 @@ def _attn_inner(
         )
         if MASKED:
             ok = visible(q_pos, offs_n, seqlen_q, seqlen_k, window_left, window_right, IS_LOCAL, True)
+            if HAS_CHUNK:
+                ok = ok & chunk_visible(q_pos, offs_n, seqlen_q, seqlen_k, attention_chunk)
             s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -149,6 +173,7 @@ def split_kv_kernel(
     CacheBatchIdx,
     LeftPad,
     Alibi,
+    Sink,
     stride_qb,
     stride_qm,
     stride_qh,
@@ -176,18 +201,22 @@ def split_kv_kernel(
     softcap,
     window_left,
     window_right,
+    attention_chunk,
     HEADDIM: tl.constexpr,
     HEADDIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     PAGED: tl.constexpr,
     PAGE: tl.constexpr,
+    PAGE_TILE: tl.constexpr,
     SEQLENS_TENSOR: tl.constexpr,
     HAS_BATCH_IDX: tl.constexpr,
     HAS_LEFTPAD: tl.constexpr,
     IS_LOCAL: tl.constexpr,
+    HAS_CHUNK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
+    HAS_SINK: tl.constexpr,
     SPLIT: tl.constexpr,
     HB: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -198,6 +227,8 @@ def split_kv_kernel(
     q ``(batch, seqlen_q, nheads, d)``; cache ``(batch_cache, seqlen_cache, nheads_k, d)`` or paged
     ``(num_blocks, PAGE, nheads_k, d)``; out ``(batch, seqlen_q, nheads, dv)``; lse ``(batch, nheads,
     seqlen_q)``; partials (``SPLIT``) ``(num_splits, batch, seqlen_q, nheads[, dv])`` fp32, contiguous.
+    A learnable sink (``HAS_SINK``, ``(nheads,)``) joins the denominator here without splits, else in the
+    combine.
     """
     QROWS: tl.constexpr = BLOCK_M // HB
     EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
@@ -262,6 +293,11 @@ def split_kv_kernel(
     lo, full_lo, full_hi, hi = kv_range(
         qblock, seqlen_q, seqlen_k, window_left, window_right, QROWS, BLOCK_N, IS_LOCAL
     )
+    if HAS_CHUNK:
+        # chunked attention: only the chunks this tile's positions live in, every block masked
+        lo, hi = chunk_kv_range(lo, hi, qblock, seqlen_q, seqlen_k, attention_chunk, QROWS, BLOCK_N)
+        full_lo = lo
+        full_hi = lo
     # this split's share of the key blocks; split edges stay multiples of BLOCK_N from lo
     n_blocks = tl.cdiv(hi - lo, BLOCK_N)
     per_split = tl.cdiv(n_blocks, num_splits)
@@ -270,130 +306,52 @@ def split_kv_kernel(
     a = tl.minimum(tl.maximum(full_lo, s_lo), s_hi)
     c = tl.minimum(tl.maximum(full_hi, a), s_hi)
 
+    # [s_lo, a) and [c, s_hi) need the element mask, [a, c) does not
+    # fmt: off
     acc, l_i, m_i = _attn_inner(
-        acc,
-        l_i,
-        m_i,
-        q,
-        k_base,
-        v_base,
-        bt_base,
-        s_lo,
-        a,
-        leftpad,
-        q_pos,
-        offs_d,
-        offs_dv,
-        seqlen_q,
-        seqlen_k,
-        stride_kb,
-        stride_kn,
-        stride_vb,
-        stride_vn,
-        sm_scale,
-        softcap,
-        alibi_slope,
-        window_left,
-        window_right,
-        True,
-        IS_LOCAL,
-        HAS_SOFTCAP,
-        HAS_ALIBI,
-        PAGED,
-        PAGE,
-        HEADDIM,
-        HEADDIM_V,
-        EVEN_D,
-        EVEN_DV,
-        BLOCK_N,
+        acc, l_i, m_i, q, k_base, v_base, bt_base, s_lo, a, leftpad, q_pos, offs_d, offs_dv, seqlen_q,
+        seqlen_k, stride_kb, stride_kn, stride_vb, stride_vn, sm_scale, softcap, alibi_slope, window_left,
+        window_right, attention_chunk, True, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI, PAGED, PAGE, PAGE_TILE,
+        HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N,
     )
     acc, l_i, m_i = _attn_inner(
-        acc,
-        l_i,
-        m_i,
-        q,
-        k_base,
-        v_base,
-        bt_base,
-        a,
-        c,
-        leftpad,
-        q_pos,
-        offs_d,
-        offs_dv,
-        seqlen_q,
-        seqlen_k,
-        stride_kb,
-        stride_kn,
-        stride_vb,
-        stride_vn,
-        sm_scale,
-        softcap,
-        alibi_slope,
-        window_left,
-        window_right,
-        False,
-        IS_LOCAL,
-        HAS_SOFTCAP,
-        HAS_ALIBI,
-        PAGED,
-        PAGE,
-        HEADDIM,
-        HEADDIM_V,
-        EVEN_D,
-        EVEN_DV,
-        BLOCK_N,
+        acc, l_i, m_i, q, k_base, v_base, bt_base, a, c, leftpad, q_pos, offs_d, offs_dv, seqlen_q,
+        seqlen_k, stride_kb, stride_kn, stride_vb, stride_vn, sm_scale, softcap, alibi_slope, window_left,
+        window_right, attention_chunk, False, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI, PAGED, PAGE,
+        PAGE_TILE, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N,
     )
     acc, l_i, m_i = _attn_inner(
-        acc,
-        l_i,
-        m_i,
-        q,
-        k_base,
-        v_base,
-        bt_base,
-        c,
-        s_hi,
-        leftpad,
-        q_pos,
-        offs_d,
-        offs_dv,
-        seqlen_q,
-        seqlen_k,
-        stride_kb,
-        stride_kn,
-        stride_vb,
-        stride_vn,
-        sm_scale,
-        softcap,
-        alibi_slope,
-        window_left,
-        window_right,
-        True,
-        IS_LOCAL,
-        HAS_SOFTCAP,
-        HAS_ALIBI,
-        PAGED,
-        PAGE,
-        HEADDIM,
-        HEADDIM_V,
-        EVEN_D,
-        EVEN_DV,
-        BLOCK_N,
+        acc, l_i, m_i, q, k_base, v_base, bt_base, c, s_hi, leftpad, q_pos, offs_d, offs_dv, seqlen_q,
+        seqlen_k, stride_kb, stride_kn, stride_vb, stride_vn, sm_scale, softcap, alibi_slope, window_left,
+        window_right, attention_chunk, True, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI, PAGED, PAGE, PAGE_TILE,
+        HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N,
     )
+    # fmt: on
 
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    acc = acc / l_safe[:, None]
-    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
     dv_ok = offs_dv[None, :] < HEADDIM_V
     if SPLIT:
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        acc = acc / l_safe[:, None]
+        lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
         # flattened row (split, b, q_pos, head); empty splits carry lse = -inf (weight 0 in the combine)
         prow = ((split * batch + b).to(tl.int64) * seqlen_q + q_pos) * nheads + head
         tl.store(LsePart + prow, tl.where(empty, float("-inf"), lse), mask=row_ok)
         tl.store(OutPart + prow[:, None] * HEADDIM_V + offs_dv[None, :], acc, mask=row_ok[:, None] & dv_ok)
     else:
-        lse = tl.where(empty, float("inf"), lse)
+        if HAS_SINK:
+            # learnable sink (gpt-oss): one extra logit per head in the denominator, none in the output
+            sink = tl.load(Sink + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+            m_sink = tl.maximum(m_i, sink)
+            alpha_sink = tl.exp2(m_i - m_sink)
+            l_i = l_i * alpha_sink + tl.exp2(sink - m_sink)
+            acc = acc * alpha_sink[:, None]
+            m_i = m_sink
+        # rows with no visible key: out 0, lse +inf (flash-attn 2.8's convention)
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        acc = acc / l_safe[:, None]
+        lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
         tl.store(Lse + (b.to(tl.int64) * nheads + head) * seqlen_q + q_pos, lse, mask=row_ok)
         o_ptrs = (
             Out
@@ -411,6 +369,7 @@ def combine_kernel(
     LsePart,
     Out,
     Lse,
+    Sink,
     n_rows,
     seqlen_q,
     nheads,
@@ -420,42 +379,55 @@ def combine_kernel(
     stride_oh,
     HEADDIM_V: tl.constexpr,
     BLOCK_DV: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    HAS_SINK: tl.constexpr,
 ):
-    """Grid ``(cdiv(n_rows, BLOCK_R),)`` with ``n_rows = batch * seqlen_q * nheads``: merge the splits."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = r < n_rows
-    r64 = r.to(tl.int64)
+    """Grid ``(n_rows,)`` with ``n_rows = batch * seqlen_q * nheads``: merge one row's splits.
+
+    Splits are read ``BLOCK_S`` at a time as one ``(BLOCK_S, BLOCK_DV)`` tile with an online rescale, so a
+    row costs ``cdiv(num_splits, BLOCK_S)`` wide loads and small batches still spread over many programs.
+    """
+    r = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
-    mask_o = r_ok[:, None] & (offs_dv[None, :] < HEADDIM_V)
-    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    for s in tl.range(0, num_splits):
-        m = tl.maximum(m, tl.load(LsePart + s * n_rows + r64, mask=r_ok, other=float("-inf")))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    den = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
-    for s in tl.range(0, num_splits):
-        row = s * n_rows + r64
-        w = tl.exp(tl.load(LsePart + row, mask=r_ok, other=float("-inf")) - m_safe)
-        o = tl.load(OutPart + row[:, None] * HEADDIM_V + offs_dv[None, :], mask=mask_o, other=0.0)
-        den += w
-        acc += w[:, None] * o
-    empty = den == 0.0
-    den_safe = tl.where(empty, 1.0, den)
-    acc = acc / den_safe[:, None]
-    lse = tl.where(empty, float("inf"), m_safe + tl.log(den_safe))
+    dv_ok = offs_dv < HEADDIM_V
+    m = tl.full([1], float("-inf"), dtype=tl.float32)
+    den = tl.zeros([1], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    for s0 in tl.range(0, num_splits, BLOCK_S):
+        sp = s0 + offs_s
+        s_ok = sp < num_splits
+        row = sp.to(tl.int64) * n_rows + r
+        lse_s = tl.load(LsePart + row, mask=s_ok, other=float("-inf"))
+        o = tl.load(
+            OutPart + row[:, None] * HEADDIM_V + offs_dv[None, :],
+            mask=s_ok[:, None] & dv_ok[None, :],
+            other=0.0,
+        )
+        m_new = tl.maximum(m, tl.max(lse_s, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        w = tl.exp(lse_s[None, :] - m_safe[:, None])  # (1, BLOCK_S)
+        den = den * alpha + tl.sum(w, 1)
+        acc = acc * alpha + tl.sum(tl.reshape(w, [BLOCK_S])[:, None] * o, 0)
+        m = m_new
     head = r % nheads
     q_pos = (r // nheads) % seqlen_q
     b = r // (nheads * seqlen_q)
-    tl.store(Lse + (b.to(tl.int64) * nheads + head) * seqlen_q + q_pos, lse, mask=r_ok)
-    o_ptrs = (
-        Out
-        + b[:, None].to(tl.int64) * stride_ob
-        + q_pos[:, None].to(tl.int64) * stride_om
-        + head[:, None].to(tl.int64) * stride_oh
-        + offs_dv[None, :]
-    )
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=mask_o)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    if HAS_SINK:
+        sink = tl.load(Sink + head + tl.zeros([1], dtype=tl.int64)).to(tl.float32)
+        m_sink = tl.maximum(m_safe, sink)
+        den = den * tl.exp(m_safe - m_sink) + tl.exp(sink - m_sink)
+        acc = acc * tl.exp(m_safe - m_sink)
+        m_safe = m_sink
+    empty = den == 0.0
+    den_safe = tl.where(empty, 1.0, den)
+    acc = acc / den_safe
+    lse = tl.where(empty, float("inf"), m_safe + tl.log(den_safe))
+    tl.store(Lse + (b * nheads + head) * seqlen_q + q_pos + tl.zeros([1], dtype=tl.int64), lse)
+    o_ptrs = Out + b * stride_ob + q_pos * stride_om + head * stride_oh + offs_dv
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=dv_ok)
 
 
 @triton.jit
@@ -519,7 +491,7 @@ def append_kernel(
     if PAGED:
         bt_base = BlockTable + b.to(tl.int64) * stride_btb
         k_off, v_off = _row_offsets(
-            bt_base, pos, ok, stride_kb, stride_kn, stride_vb, stride_vn, True, PAGE, True
+            bt_base, 0, pos, ok, stride_kb, stride_kn, stride_vb, stride_vn, True, PAGE, False, True
         )
         k_dst = K + h.to(tl.int64) * stride_kh + k_off
         v_dst = V + h.to(tl.int64) * stride_vh + v_off

@@ -28,6 +28,12 @@ What this adapter does on top of a plain call (all read from FlagGems 5.0.2's so
 * Varlen decode with GQA (``max_seqlen_q == 1``, ``nheads > nheads_k``, no window/ALiBi): FlagGems swaps
   the query-group and sequence dimensions and returns ``lse`` in the wrong order for ``batch > 1``; it is
   permuted back here. If some sequence has no query (``total_q != batch``) the swap is avoided instead.
+* Dense inputs run through FlagGems' *varlen* kernel (``(batch * seqlen, heads, d)`` views, ``cu_seqlens``
+  built on the device): measured on an H200 with FlagGems 5.0.2, its dense ``flash_attention_forward``
+  returns wrong values or NaN for GQA/MQA (``nheads_k < nheads``), for head dims that are not powers of two
+  without a window (80), and for causal/ALiBi decode (``seqlen_q = 1``), while the varlen kernel passed every
+  case. The dense kernel is kept only for dropout (the varlen one has none), restricted to the cases that
+  passed: ``nheads == nheads_k`` and head dim 32, 64, 128 or 256; anything else raises.
 * Dense causal with ``seqlen_q > seqlen_k``: rows with no visible key are set to ``out = 0``,
   ``lse = +inf`` (FlagGems' split-KV path can leave NaN there).
 * ``out=``: the dense entry point has no output argument, so the result is copied into ``out``.
@@ -236,39 +242,48 @@ def flaggems_forward(
         return FwdResult(o, lse, rng, None)
     left, right = flaggems_window(causal, window_size, seqlen_q, seqlen_k)
     kernel_causal = left < 0 and right == 0
-    with torch.cuda.device(q.device):
-        res, lse, philox_args, _unused, _p = fg.ops.flash_attention_forward(
-            q,
-            k,
-            v,
-            None,
-            None,
+    if dropout_p > 0:
+        res, lse, rng = _dense_dropout(
+            fg, q, k, v, dropout_p, scale, left, right, kernel_causal, softcap, alibi_slopes
+        )
+    else:
+        if d % 8 != 0:
+            raise _unsupported(
+                f"head dim {d} (FlagGems' varlen kernel, used for dense inputs, needs a multiple of 8)"
+            )
+        # (batch, seqlen, h, d) -> (batch * seqlen, h, d) views (copies only for exotic strides)
+        nheads_k, dv = k.shape[2], v.shape[-1]
+        cu_q = torch.arange(0, (batch + 1) * seqlen_q, seqlen_q, dtype=torch.int32, device=q.device)
+        cu_k = torch.arange(0, (batch + 1) * seqlen_k, seqlen_k, dtype=torch.int32, device=q.device)
+        out3 = None
+        if out is not None and out.is_contiguous():
+            out3 = out.view(batch * seqlen_q, nheads, dv)
+        res3, lse3 = _run_varlen(
+            fg,
+            q.reshape(batch * seqlen_q, nheads, d),
+            k.reshape(batch * seqlen_k, nheads_k, d),
+            v.reshape(batch * seqlen_k, nheads_k, dv),
+            cu_q,
+            cu_k,
             seqlen_q,
             seqlen_k,
-            float(dropout_p),
-            kernel_causal,
-            False,
-            scale=scale,
-            softcap=float(softcap),
-            window_size_left=left,
-            window_size_right=right,
-            alibi_slopes=alibi_slopes,
+            batch,
+            scale,
+            causal,
+            window_size,
+            softcap,
+            alibi_slopes,
+            out3,
         )
-    lse = lse.reshape(batch, nheads, seqlen_q)
-    if alibi_slopes is not None and kernel_causal:
-        # FlagGems' causal ALiBi bias is slope*(j - seqlen_k + 1): lse exceeds ours by slope*(i + 1 - seqlen_q)
-        rows = torch.arange(seqlen_q, device=q.device, dtype=torch.float32)
-        slopes = alibi_slopes.reshape(1 if alibi_slopes.dim() == 1 else batch, nheads, 1)
-        lse = lse + slopes * (seqlen_q - 1 - rows)
+        res = res3.view(batch, seqlen_q, nheads, dv)
+        lse = lse3.reshape(nheads, batch, seqlen_q).permute(1, 0, 2).contiguous()
     if kernel_causal and seqlen_q > seqlen_k:
         empty = seqlen_q - seqlen_k  # rows i < seqlen_q - seqlen_k see no key
         res[:, :empty].zero_()
         lse[:, :, :empty] = float("inf")
-    if out is not None:
+    if out is not None and res.data_ptr() != out.data_ptr():
         out.copy_(res)
         res = out
-    if dropout_p > 0:
-        rng = philox_args.to("cpu", torch.int64).reshape(2)
     return FwdResult(res, lse, rng, None)
 
 
@@ -308,7 +323,6 @@ def flaggems_varlen_forward(
     if seqused_k is not None:
         raise _unsupported("seqused_k with cu_seqlens_k (FlagGems takes seqused_k only for paged KV caches)")
     total_q, nheads, d = q.shape
-    nheads_k = k.shape[1]
     if d % 8 != 0:
         raise _unsupported(f"head dim {d} in the varlen path (FlagGems needs a multiple of 8)")
     max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
@@ -325,6 +339,33 @@ def flaggems_varlen_forward(
         o.zero_()
         lse = torch.full((nheads, total_q), float("inf"), dtype=torch.float32, device=q.device)
         return FwdResult(o, lse, rng, None)
+    res, lse = _run_varlen(
+        fg, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, batch, scale, causal,
+        window_size, softcap, alibi_slopes, out,
+    )  # fmt: skip
+    return FwdResult(res, lse, rng, None)
+
+
+def _run_varlen(
+    fg: ModuleType,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    batch: int,
+    scale: float,
+    causal: bool,
+    window_size: tuple[int, int],
+    softcap: float,
+    alibi_slopes: torch.Tensor | None,
+    out: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One call of FlagGems' varlen kernel with the fixes above; inputs already validated, non-empty."""
+    total_q, nheads, _ = q.shape
+    nheads_k = k.shape[1]
     left, right = flaggems_window(causal, window_size, max_seqlen_q, max_seqlen_k)
     kernel_causal = right == 0
     # FlagGems' decode path (one query per sequence, GQA) swaps query groups and sequences.
@@ -367,4 +408,57 @@ def flaggems_varlen_forward(
     if out is not None and res.data_ptr() != out.data_ptr():
         out.copy_(res)
         res = out
-    return FwdResult(res, lse, rng, None)
+    return res, lse
+
+
+_DROPOUT_HEADDIMS = (32, 64, 128, 256)
+
+
+def _dense_dropout(
+    fg: ModuleType,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dropout_p: float,
+    scale: float,
+    left: int,
+    right: int,
+    kernel_causal: bool,
+    softcap: float,
+    alibi_slopes: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FlagGems' dense kernel, used only for dropout and only where it was measured correct."""
+    batch, seqlen_q, nheads, d = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    if nheads_k != nheads:
+        raise _unsupported(
+            f"dropout with GQA/MQA (nheads={nheads}, nheads_k={nheads_k}): FlagGems' dense kernel, the "
+            "only one with dropout, gives wrong results there"
+        )
+    if d not in _DROPOUT_HEADDIMS:
+        raise _unsupported(f"dropout with head dim {d} (FlagGems' dense kernel: {_DROPOUT_HEADDIMS} only)")
+    with torch.cuda.device(q.device):
+        res, lse, philox_args, _unused, _p = fg.ops.flash_attention_forward(
+            q,
+            k,
+            v,
+            None,
+            None,
+            seqlen_q,
+            seqlen_k,
+            float(dropout_p),
+            kernel_causal,
+            False,
+            scale=scale,
+            softcap=float(softcap),
+            window_size_left=left,
+            window_size_right=right,
+            alibi_slopes=alibi_slopes,
+        )
+    lse = lse.reshape(batch, nheads, seqlen_q)
+    if alibi_slopes is not None and kernel_causal:
+        # FlagGems' causal ALiBi bias is slope*(j - seqlen_k + 1): lse exceeds ours by slope*(i + 1 - seqlen_q)
+        rows = torch.arange(seqlen_q, device=q.device, dtype=torch.float32)
+        slopes = alibi_slopes.reshape(1 if alibi_slopes.dim() == 1 else batch, nheads, 1)
+        lse = lse + slopes * (seqlen_q - 1 - rows)
+    return res, lse, philox_args.to("cpu", torch.int64).reshape(2)
