@@ -29,6 +29,7 @@ CASES = {
             layout="contiguous", causal=True, window=(5, -1), softcap=2.0, seed=3
         ),  # blocks skipped / trimmed
         _case(strategy="allgather", layout="contiguous", window=(3, 6), seed=4),
+        _case(window=(4, 5), nheads_k=1, seed=7),  # zig-zag ring, symmetric window: the band spans chunks
         _varlen([5, 19, 8], causal=True, nheads_k=1, seed=5),  # documents cross the shard boundary
         _varlen([14, 18], seed=6),
     ],

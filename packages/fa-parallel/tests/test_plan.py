@@ -9,7 +9,8 @@ import torch
 
 from fa_core.reference import visible_mask
 from fa_parallel import local_chunks, shard_sequence, unshard_sequence, zigzag_shard, zigzag_unshard
-from fa_parallel.blocks import merge_partial, plan_block, plan_chunks, window_bounds
+from fa_parallel.blocks import Coverage, merge_partial, plan_block, plan_chunks, window_bounds
+from fa_parallel.comm import rank_major
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -95,3 +96,31 @@ def test_merge_partial_handles_empty_rows():
     full_out, full_lse = part(slice(0, 8))
     torch.testing.assert_close(out_acc, full_out)
     torch.testing.assert_close(lse_acc, full_lse)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_rank_major_matches_shards(world, layout, batch):
+    """The reduce-scatter input: entry r of the rank-major tensor is rank r's shard (dense dim 1, varlen dim 0)."""
+    x = torch.randn(batch, 48, 3, 2)
+    y = rank_major(x, world, layout, dim=1)
+    assert y.is_contiguous() and y.shape == (world, batch, 48 // world, 3, 2)
+    assert all(torch.equal(y[r], shard_sequence(x, r, world, layout)) for r in range(world))
+    x0 = x[0]
+    y0 = rank_major(x0, world, layout, dim=0)
+    assert all(torch.equal(y0[r], shard_sequence(x0, r, world, layout, dim=0)) for r in range(world))
+
+
+def test_fresh_merge_is_a_copy():
+    """The first result of a row is copied (fresh), later ones merged: same as merging from empty."""
+    torch.manual_seed(1)
+    out_blk, lse_blk = torch.randn(1, 6, 2, 4), torch.randn(1, 2, 6)
+    lse_blk[0, 0, 2] = float("inf")  # a row that saw nothing: the kernels write out 0 there
+    out_blk[0, 2, 0] = 0.0
+    acc = [(torch.zeros(1, 6, 2, 4), torch.full((1, 2, 6), float("-inf"))) for _ in range(2)]
+    merge_partial(*acc[0], out_blk, lse_blk)
+    merge_partial(*acc[1], out_blk, lse_blk, fresh=True)
+    assert torch.equal(acc[0][0], acc[1][0]) and torch.equal(acc[0][1], acc[1][1])
+    cov = Coverage()
+    assert cov.claim(0, 4) and cov.claim(4, 6) and not cov.claim(3, 5)

@@ -11,15 +11,13 @@ queries meet only the documents they belong to, which are contiguous in the gath
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from fa_backward.backward import flash_attn_backward, flash_attn_varlen_backward
 from fa_core.forward import flash_attn_forward, flash_attn_varlen_forward
 from fa_parallel.blocks import INF, BlockCall, plan_block
 from fa_parallel.comm import all_gather_seq, group_info, reduce_scatter_seq
-from fa_parallel.sharding import local_chunks, shard_sequence
+from fa_parallel.sharding import local_chunks
 
 __all__ = ["AllGatherAttnFunc", "AllGatherVarlenAttnFunc", "VarlenPlan", "varlen_plan"]
 
@@ -75,14 +73,9 @@ class AllGatherAttnFunc(torch.autograd.Function):
             )  # fmt: skip
             dkg[:, c.k0 : c.k1] += res.dk
             dvg[:, c.k0 : c.k1] += res.dv
-        shard = functools.partial(_shard, world=world, layout=layout)
-        dk = reduce_scatter_seq(dkg, group, shard).to(k.dtype)
-        dv = reduce_scatter_seq(dvg, group, shard).to(v.dtype)
+        dk = reduce_scatter_seq(dkg, group, layout).to(k.dtype)
+        dv = reduce_scatter_seq(dvg, group, layout).to(v.dtype)
         return dq, dk, dv, None, None, None, None, None, None, None
-
-
-def _shard(x: torch.Tensor, r: int, world: int, layout: str, dim: int = 1) -> torch.Tensor:
-    return shard_sequence(x, r, world, layout, dim)
 
 
 # --------------------------------------------------------------------------------------------- varlen
@@ -201,7 +194,6 @@ class AllGatherVarlenAttnFunc(torch.autograd.Function):
             )  # fmt: skip
             dkg[k0:k1] += res.dk
             dvg[k0:k1] += res.dv
-        shard = functools.partial(_shard, world=group_info(group)[1], layout="contiguous", dim=0)
-        dk = reduce_scatter_seq(dkg, group, shard).to(k.dtype)
-        dv = reduce_scatter_seq(dvg, group, shard).to(v.dtype)
+        dk = reduce_scatter_seq(dkg, group, "contiguous", dim=0).to(k.dtype)
+        dv = reduce_scatter_seq(dvg, group, "contiguous", dim=0).to(v.dtype)
         return dq, dk, dv, None, None, None, None, None, None, None

@@ -21,6 +21,7 @@ from fa_parallel.sharding import Chunk
 __all__ = [
     "INF",
     "BlockCall",
+    "Coverage",
     "coalesce",
     "finalize",
     "forward_calls",
@@ -134,7 +135,11 @@ def coalesce(calls: list[BlockCall]) -> list[BlockCall]:
 
 
 def merge_partial(
-    out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tensor, lse_blk: torch.Tensor
+    out_acc: torch.Tensor,
+    lse_acc: torch.Tensor,
+    out_blk: torch.Tensor,
+    lse_blk: torch.Tensor,
+    fresh: bool = False,
 ) -> None:
     """Fold one partial attention result into the running one, in place.
 
@@ -143,15 +148,36 @@ def merge_partial(
         lse_acc: float32 ``(batch, nheads, seqlen)``; ``-inf`` = no key seen yet.
         out_blk, lse_blk: the kernel's result on the same rows; its ``lse = +inf`` marks a row that saw no key
             in the block (out 0), which must weigh nothing, hence the mapping to ``-inf``.
+        fresh: the caller knows no earlier result touched these rows (``out_acc`` 0, ``lse_acc`` -inf): the
+            merge is then a copy (one pass over the output instead of three).
     """
     lse_blk = lse_blk.masked_fill(lse_blk == float("inf"), float("-inf"))
+    if fresh:
+        out_acc.copy_(out_blk)
+        lse_acc.copy_(lse_blk)
+        return
     new = torch.logaddexp(lse_acc, lse_blk)
     # rows still empty after the merge: both weights must be 0 (not exp(-inf + inf) = nan)
     safe = new.masked_fill(new == float("-inf"), 0.0)
     w_acc = torch.exp(lse_acc - safe).transpose(1, 2).unsqueeze(-1)
     w_blk = torch.exp(lse_blk - safe).transpose(1, 2).unsqueeze(-1)
-    out_acc.mul_(w_acc).add_(out_blk.float() * w_blk)
+    # out_acc = out_acc * w_acc + out_blk * w_blk in two passes, without a float32 copy of out_blk
+    out_acc.mul_(w_acc).addcmul_(out_blk, w_blk)
     lse_acc.copy_(new)
+
+
+class Coverage:
+    """Host-side record of the local row ranges that already hold a partial result (so that the first
+    result of a row is copied, not merged)."""
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[int, int]] = []
+
+    def claim(self, q0: int, q1: int) -> bool:
+        """Mark ``[q0, q1)`` covered; True when none of it was covered before."""
+        fresh = all(q1 <= a or b <= q0 for a, b in self.ranges)
+        self.ranges.append((q0, q1))
+        return fresh
 
 
 def forward_calls(
@@ -163,6 +189,7 @@ def forward_calls(
     lse_acc: torch.Tensor,
     softmax_scale: float,
     softcap: float,
+    coverage: Coverage | None = None,
 ) -> None:
     """Run ``calls`` of q ``(b, sq, h, d)`` against k, v ``(b, sk, hk, d)`` and merge into the accumulators."""
     for c in calls:
@@ -175,7 +202,8 @@ def forward_calls(
             window_size=c.window,
             softcap=softcap,
         )
-        merge_partial(out_acc[:, c.q0 : c.q1], lse_acc[:, :, c.q0 : c.q1], res.out, res.lse)
+        fresh = coverage.claim(c.q0, c.q1) if coverage is not None else False
+        merge_partial(out_acc[:, c.q0 : c.q1], lse_acc[:, :, c.q0 : c.q1], res.out, res.lse, fresh)
 
 
 def finalize(

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from fa_parallel.sharding import unshard_sequence
+from fa_parallel.sharding import chunk_ids, num_chunks, unshard_sequence
 
-__all__ = ["RingComm", "all_gather_seq", "group_info", "reduce_scatter_seq"]
+__all__ = ["RingComm", "all_gather_seq", "group_info", "rank_major", "reduce_scatter_seq"]
 
 Group = dist.ProcessGroup | None
 
@@ -79,13 +79,27 @@ def all_gather_seq(x: torch.Tensor, group: Group, layout: str, dim: int = 1) -> 
     return unshard_sequence(shards, layout, dim)
 
 
-def reduce_scatter_seq(x: torch.Tensor, group: Group, shard_fn, dim: int = 1) -> torch.Tensor:
-    """Sum the global-sequence tensor ``x`` over ranks and return this rank's shard of the sum.
+def rank_major(x: torch.Tensor, world: int, layout: str, dim: int = 1) -> torch.Tensor:
+    """The global-sequence tensor ``x`` rearranged to ``(world, *shard shape)``: entry r is rank r's shard.
 
-    ``shard_fn(x, r)`` cuts rank r's shard out of a global tensor (``sharding.shard_sequence``).
+    One gather of the chunks (``index_select``); moving the rank dim to the front is free when the dims
+    before ``dim`` have size 1 (batch 1), else one more copy.
     """
+    n = num_chunks(world, layout)
+    per = n // world
+    order = [c for r in range(world) for c in chunk_ids(r, world, layout)]
+    xu = x.unflatten(dim, (n, x.shape[dim] // n))
+    if order != list(range(n)):
+        xu = xu.index_select(dim, torch.tensor(order, device=x.device))
+    # (..., world, per, chunk, ...) -> (world, ..., per * chunk, ...)
+    shards = xu.unflatten(dim, (world, per)).movedim(dim, 0).flatten(dim + 1, dim + 2)
+    return shards.contiguous()
+
+
+def reduce_scatter_seq(x: torch.Tensor, group: Group, layout: str, dim: int = 1) -> torch.Tensor:
+    """Sum the global-sequence tensor ``x`` over ranks and return this rank's shard (``layout``) of the sum."""
     rank, world = group_info(group)
-    stacked = torch.stack([shard_fn(x, r) for r in range(world)], dim=0)  # (world, *shard shape)
+    stacked = rank_major(x, world, layout, dim)  # (world, *shard shape)
     if _is_nccl(group):
         out = torch.empty_like(stacked[0])
         dist.reduce_scatter_tensor(out, stacked.flatten(0, 1), group=group)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from fa_backward.backward import flash_attn_backward
-from fa_parallel.blocks import BlockCall, finalize, forward_calls, plan_chunks
+from fa_parallel.blocks import BlockCall, Coverage, finalize, forward_calls, plan_chunks
 from fa_parallel.comm import RingComm
 from fa_parallel.sharding import local_chunks
 
@@ -68,13 +68,18 @@ def ring_forward(
     b, s, h, _ = q.shape
     out_acc = torch.zeros(b, s, h, v.shape[-1], dtype=torch.float32, device=q.device)
     lse_acc = torch.full((b, h, s), float("-inf"), dtype=torch.float32, device=q.device)
-    kv = _pack(k, v)
-    spare = torch.empty_like(kv) if world > 1 else kv
+    coverage = Coverage()  # the first result of a row is copied into the accumulators, not merged
+    if world == 1:
+        kv = None
+    else:
+        kv = _pack(k, v)
+        spare = torch.empty_like(kv)
     for step in range(world):
-        reqs = comm.exchange(kv, spare, _TAG_KV) if step + 1 < world else []
-        kk, vv = _unpack(kv, (k, v))
+        # the next shard is on its way (NCCL runs it on its own stream) before the kernels of this step start
+        reqs = comm.exchange(kv, spare, _TAG_KV) if kv is not None and step + 1 < world else []
+        kk, vv = (k, v) if kv is None else _unpack(kv, (k, v))
         calls = _step_calls(rank, (rank - step) % world, world, s, layout, left, right)
-        forward_calls(q, kk, vv, calls, out_acc, lse_acc, softmax_scale, softcap)
+        forward_calls(q, kk, vv, calls, out_acc, lse_acc, softmax_scale, softcap, coverage)
         if reqs:
             comm.wait(reqs)
             kv, spare = spare, kv
@@ -101,20 +106,26 @@ def ring_backward(
     rank, world = comm.rank, comm.world_size
     s = q.shape[1]
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    kv = _pack(k, v)
-    kv_spare = torch.empty_like(kv) if world > 1 else kv
-    # dk/dv of the shard in hand, float32, one flat buffer (one message per hop)
-    dkv_local = torch.zeros(kv.numel(), dtype=torch.float32, device=q.device)
-    dkv_recv = torch.empty_like(dkv_local)
-    dkv_send = torch.empty_like(dkv_local)
+    if world == 1:
+        kv = None
+        numel = k.numel() + v.numel()
+    else:
+        kv = _pack(k, v)
+        kv_spare = torch.empty_like(kv)
+        numel = kv.numel()
+    # dK/dV of the shard in hand, float32, one flat buffer (one message per hop). Three buffers take turns:
+    # ``local`` (this step's sums), ``recv`` (the travelling accumulator arriving), and the one sent at the
+    # previous step, which becomes the next ``local`` once its send is complete (no copy before sending).
+    dkv_local = torch.zeros(numel, dtype=torch.float32, device=q.device)
+    dkv_recv = torch.empty_like(dkv_local) if world > 1 else dkv_local
+    dkv_free = torch.empty_like(dkv_local) if world > 1 else dkv_local
     dkv_reqs: list = []
     # per-call kernel outputs (the kernels write, not accumulate)
     dq_blk, dk_blk, dv_blk = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     for step in range(world):
-        kv_reqs = comm.exchange(kv, kv_spare, _TAG_KV) if step + 1 < world else []
-        kk, vv = _unpack(kv, (k, v))
+        kv_reqs = comm.exchange(kv, kv_spare, _TAG_KV) if kv is not None and step + 1 < world else []
+        kk, vv = (k, v) if kv is None else _unpack(kv, (k, v))
         dkk, dvv = _unpack(dkv_local, (k, v))
-        dkv_local.zero_()
         for c in _step_calls(rank, (rank - step) % world, world, s, layout, left, right):
             nq, nk = c.q1 - c.q0, c.k1 - c.k0
             dq_c, dk_c, dv_c = dq_blk[:, :nq], dk_blk[:, :nk], dv_blk[:, :nk]
@@ -127,14 +138,18 @@ def ring_backward(
             dq_acc[:, c.q0 : c.q1] += dq_c
             dkk[:, c.k0 : c.k1] += dk_c
             dvv[:, c.k0 : c.k1] += dv_c
+        if world == 1:
+            break
         if step > 0:
-            # the accumulator of this shard, from the ranks it visited before; its hop overlapped our kernels
+            # the accumulator of this shard, from the ranks it visited before; its hop overlapped our kernels.
+            # The wait also completes the previous send, so that buffer is free again.
             comm.wait(dkv_reqs)
             dkv_local += dkv_recv
-        if world > 1:
-            # after the last step this hop brings every accumulator home (src of step W-1 is rank + 1)
-            dkv_send.copy_(dkv_local)
-            dkv_reqs = comm.exchange(dkv_send, dkv_recv, _TAG_DKV)
+        # after the last step this hop brings every accumulator home (src of step W-1 is rank + 1)
+        dkv_reqs = comm.exchange(dkv_local, dkv_recv, _TAG_DKV)
+        if step + 1 < world:
+            dkv_local, dkv_free = dkv_free, dkv_local
+            dkv_local.zero_()
         if kv_reqs:
             comm.wait(kv_reqs)
             kv, kv_spare = kv_spare, kv

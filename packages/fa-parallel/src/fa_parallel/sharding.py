@@ -21,6 +21,7 @@ import torch
 __all__ = [
     "LAYOUTS",
     "Chunk",
+    "chunk_ids",
     "local_chunks",
     "num_chunks",
     "shard_sequence",
@@ -52,7 +53,8 @@ def num_chunks(world_size: int, layout: str) -> int:
     return 2 * world_size if layout == "zigzag" else world_size
 
 
-def _chunk_ids(rank: int, world_size: int, layout: str) -> list[int]:
+def chunk_ids(rank: int, world_size: int, layout: str) -> list[int]:
+    """Indices of the global chunks rank ``rank`` holds, in local order."""
     if layout == "zigzag":
         return [rank, 2 * world_size - 1 - rank]
     return [rank]
@@ -66,7 +68,7 @@ def local_chunks(rank: int, world_size: int, seqlen_local: int, layout: str) -> 
             f"layout {layout!r} needs a local sequence length divisible by {n}, got {seqlen_local}"
         )
     size = seqlen_local // n
-    return [Chunk(i * size, c * size, size) for i, c in enumerate(_chunk_ids(rank, world_size, layout))]
+    return [Chunk(i * size, c * size, size) for i, c in enumerate(chunk_ids(rank, world_size, layout))]
 
 
 def shard_sequence(
@@ -81,7 +83,7 @@ def shard_sequence(
     if x.shape[dim] % n:
         raise ValueError(f"sequence length {x.shape[dim]} (dim {dim}) is not divisible by {n} ({layout})")
     chunks = x.chunk(n, dim=dim)
-    return torch.cat([chunks[c] for c in _chunk_ids(rank, world_size, layout)], dim=dim).contiguous()
+    return torch.cat([chunks[c] for c in chunk_ids(rank, world_size, layout)], dim=dim).contiguous()
 
 
 def unshard_sequence(shards: Sequence[torch.Tensor], layout: str = "zigzag", dim: int = 1) -> torch.Tensor:
@@ -91,7 +93,7 @@ def unshard_sequence(shards: Sequence[torch.Tensor], layout: str = "zigzag", dim
     per_rank = n // world_size
     pieces: list[torch.Tensor | None] = [None] * n
     for r, shard in enumerate(shards):
-        for c, piece in zip(_chunk_ids(r, world_size, layout), shard.chunk(per_rank, dim=dim)):
+        for c, piece in zip(chunk_ids(r, world_size, layout), shard.chunk(per_rank, dim=dim)):
             pieces[c] = piece
     return torch.cat(pieces, dim=dim)  # type: ignore[arg-type]
 
