@@ -44,10 +44,3 @@ def test_sink_gradients(case):
     for name, a, r, lo in zip(("dq", "dk", "dv", "dsink"), ours, ref, low):
         assert a.shape == r.shape
         assert_close_2x(a, r, lo, name, slack=1e-4 if torch.float32 == DTYPE else 2e-2)
-
-
-def test_chunk_backward_refused():
-    q = torch.randn(1, 8, 2, 16, device=DEVICE, dtype=DTYPE, requires_grad=True)
-    out, _ = attention(q, q, q, attention_chunk=4)
-    with pytest.raises(NotImplementedError, match="attention_chunk"):
-        out.sum().backward()

@@ -144,16 +144,39 @@ def test_block_sparse_from_mask_fn(causal):
     q = torch.randn(2, sq, 4, 16, device=DEVICE, dtype=DTYPE)
     k = torch.randn(2, sk, 2, 16, device=DEVICE, dtype=DTYPE)
     v = torch.randn(2, sk, 2, 16, device=DEVICE, dtype=DTYPE)
-    bm = create_block_mask(_sliding_blocks, None, None, sq, sk, block_size=(32, 32), device=DEVICE)
+    bm = create_block_mask(
+        _sliding_blocks, None, None, sq, sk, block_size=(32, 32), device=DEVICE, full_blocks=False
+    )
     assert 0 < int(bm.kv_num_blocks.sum()) < bm.kv_indices.numel()  # really sparse
-    dense = block_mask_to_dense(bm, sq, sk)
-
-    def as_mask(b, h, q_idx, kv_idx):
-        return dense
-
     res = flash_attn_forward(q, k, v, causal=causal, block_mask=bm, out=poisoned(q.shape, DTYPE, DEVICE))
-    ref, ref_lse = attention_ref(q, k, v, causal=causal, mask_mod=as_mask, dtype=HI)
-    low, low_lse = attention_ref(q, k, v, causal=causal, mask_mod=as_mask, upcast=False)
+    ref, ref_lse = attention_ref(q, k, v, causal=causal, block_mask=bm, dtype=HI)
+    low, low_lse = attention_ref(q, k, v, causal=causal, block_mask=bm, upcast=False)
+    assert_close_2x(res.out, ref, low, "out")
+    assert_close_2x(res.lse, ref_lse, low_lse, "lse", slack=1e-3)
+
+
+@triton.jit
+def _sliding_blocks_jit(b, h, q_idx, kv_idx):
+    rel = q_idx - kv_idx
+    return (kv_idx < 32) | ((rel <= 40) & (rel >= -40))
+
+
+@pytest.mark.parametrize("with_mask_mod", [False, True])
+def test_block_sparse_full_blocks_forward(with_mask_mod):
+    """Full blocks (``full_kv_*``: no mask_mod evaluation) and partial blocks through the forward; the
+    reference honours the same split (FlexAttention's semantics)."""
+    torch.manual_seed(25 + with_mask_mod)
+    sq, sk = 128, 112
+    q = torch.randn(1, sq, 2, 16, device=DEVICE, dtype=DTYPE)
+    k = torch.randn(1, sk, 1, 16, device=DEVICE, dtype=DTYPE)
+    v = torch.randn(1, sk, 1, 16, device=DEVICE, dtype=DTYPE)
+    bm = create_block_mask(_sliding_blocks, None, None, sq, sk, block_size=(32, 32), device=DEVICE)
+    assert bm.full_kv_num_blocks is not None and int(bm.full_kv_num_blocks.sum()) > 0
+    kern = {"mask_mod": _sliding_blocks_jit} if with_mask_mod else {}
+    ref_kw = {"mask_mod": _sliding_blocks} if with_mask_mod else {}
+    res = flash_attn_forward(q, k, v, block_mask=bm, out=poisoned(q.shape, DTYPE, DEVICE), **kern)
+    ref, ref_lse = attention_ref(q, k, v, block_mask=bm, dtype=HI, **ref_kw)
+    low, low_lse = attention_ref(q, k, v, block_mask=bm, upcast=False, **ref_kw)
     assert_close_2x(res.out, ref, low, "out")
     assert_close_2x(res.lse, ref_lse, low_lse, "lse", slack=1e-3)
 

@@ -8,13 +8,15 @@ last dim, e.g. slices of a packed ``dqkv``), else into new ones.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import triton
 
 from fa_backward.backward_kernel import dkdv_kernel, dq_kernel, preprocess_kernel
 from fa_core import validation as V
+from fa_core.block_sparse import BlockMask, transpose_block_mask
 from fa_core.forward import seq_bucket
 from fa_core.masking import normalize_window
 
@@ -108,6 +110,123 @@ def _common(
     return softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
 
 
+def _is_jit(fn: object) -> bool:
+    return callable(fn) and hasattr(fn, "fn")  # JITFunction, or InterpretedFunction on CPU
+
+
+def check_programmable(
+    attention_chunk: int,
+    score_mod: object,
+    score_mod_grad: object,
+    mask_mod: object,
+    dsoftmax_lse: torch.Tensor | None,
+    lse_shape: tuple[int, ...],
+    q: torch.Tensor,
+) -> None:
+    """Checks of the programmable-attention arguments of the backward (each error names its argument)."""
+    V.check_chunk_and_sink(attention_chunk, None, 1, q)
+    V.check_mods(score_mod, mask_mod)
+    if score_mod_grad is not None and not _is_jit(score_mod_grad):
+        raise TypeError(f"score_mod_grad must be a @triton.jit function, got {type(score_mod_grad).__name__}")
+    if score_mod is not None and score_mod_grad is None:
+        raise ValueError(
+            "score_mod needs score_mod_grad (a @triton.jit d score_mod / d score) for the backward; "
+            "fa_core.score_mods.additive_grad serves any score_mod that adds a bias"
+        )
+    if score_mod is None and score_mod_grad is not None:
+        raise ValueError("score_mod_grad was given without score_mod")
+    if dsoftmax_lse is not None:
+        V.check_tensor("dsoftmax_lse", dsoftmax_lse, len(lse_shape))
+        V.check_device("dsoftmax_lse", dsoftmax_lse, "q", q)
+        if tuple(dsoftmax_lse.shape) != tuple(lse_shape) or not dsoftmax_lse.is_floating_point():
+            raise ValueError(
+                f"dsoftmax_lse must be a floating tensor shaped like softmax_lse {tuple(lse_shape)}, "
+                f"got {dsoftmax_lse.dtype} {tuple(dsoftmax_lse.shape)}"
+            )
+
+
+def check_full_blocks(block_mask: BlockMask) -> None:
+    """The optional full-block fields: both or neither, int32, shaped like the partial ones, same device."""
+    fnum, fidx = block_mask.full_kv_num_blocks, block_mask.full_kv_indices
+    if (fnum is None) != (fidx is None):
+        raise ValueError(
+            "block_mask.full_kv_num_blocks and block_mask.full_kv_indices must be given together"
+        )
+    if fnum is None or fidx is None:
+        return
+    for name, t, like in (
+        ("block_mask.full_kv_num_blocks", fnum, block_mask.kv_num_blocks),
+        ("block_mask.full_kv_indices", fidx, block_mask.kv_indices),
+    ):
+        V.check_tensor(name, t, like.dim())
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+        if tuple(t.shape) != tuple(like.shape):
+            raise ValueError(
+                f"{name} must be shaped like the partial list {tuple(like.shape)}, got {tuple(t.shape)}"
+            )
+        if t.device != like.device:
+            raise ValueError(f"{name} is on {t.device} but the partial list is on {like.device}")
+    if V.value_checks_enabled(fnum):
+        if bool((fnum < 0).any()) or bool((fnum > fidx.shape[-1]).any()):
+            raise ValueError(
+                "block_mask.full_kv_num_blocks entries must lie in [0, full_kv_indices.shape[-1]]"
+            )
+
+
+_SPARSE_NAMES = (
+    "BlkNum",
+    "BlkIdx",
+    "FullNum",
+    "FullIdx",
+    "stride_bn_b",
+    "stride_bn_h",
+    "stride_bi_b",
+    "stride_bi_h",
+    "stride_bi_r",
+)
+
+
+def _named_sparse(*values: Any) -> dict[str, Any]:
+    return dict(zip(_SPARSE_NAMES, values, strict=True))
+
+
+def _sparse_args(block_mask: BlockMask | None, seqlen_k: int, dummy: torch.Tensor):
+    """``(dq lists, dk/dv lists, has_full, block_size)``: each a dict of kernel arguments (partial and full
+    lists, strides 0 on broadcast dims)."""
+    if block_mask is None:
+        none = _named_sparse(dummy, dummy, dummy, dummy, 0, 0, 0, 0, 0)
+        return none, none, False, (128, 128)
+
+    def pack(num, idx, fnum, fidx):
+        num, idx = num.contiguous(), idx.contiguous()
+        fnum = fnum.contiguous() if fnum is not None else num
+        fidx = fidx.contiguous() if fidx is not None else idx
+        return _named_sparse(
+            num,
+            idx,
+            fnum,
+            fidx,
+            num.stride(0) if num.shape[0] > 1 else 0,
+            num.stride(1) if num.shape[1] > 1 else 0,
+            idx.stride(0) if idx.shape[0] > 1 else 0,
+            idx.stride(1) if idx.shape[1] > 1 else 0,
+            idx.stride(2),
+        )
+
+    bq, bk = (int(x) for x in block_mask.block_size)
+    has_full = block_mask.full_kv_num_blocks is not None
+    tq = transpose_block_mask(block_mask, -(-seqlen_k // bk))
+    fwd = pack(
+        block_mask.kv_num_blocks,
+        block_mask.kv_indices,
+        block_mask.full_kv_num_blocks,
+        block_mask.full_kv_indices,
+    )
+    bwd = pack(tq.q_num_blocks, tq.q_indices, tq.full_q_num_blocks, tq.full_q_indices)
+    return fwd, bwd, has_full, (bq, bk)
+
+
 def _launch(
     dout,
     q,
@@ -133,6 +252,12 @@ def _launch(
     alibi_slopes,
     dropout_p,
     rng_state,
+    attention_chunk=0,
+    score_mod=None,
+    score_mod_grad=None,
+    mask_mod=None,
+    block_mask=None,
+    dsoftmax_lse=None,
 ):
     nheads, nheads_k, d, d_v = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     left, right, is_local = normalize_window(causal, window)
@@ -157,11 +282,17 @@ def _launch(
         sq_b, sk_b = q.shape[1], k.shape[1]
 
     pre_block = max(16, min(128, 4096 // block_dv))  # ~32 elements of each tile per thread (4 warps)
+    if dsoftmax_lse is not None:
+        dlse = V.contig_last(dsoftmax_lse)
+        stride_dlb, stride_dlh = (0, dlse.stride(0)) if varlen else (dlse.stride(0), dlse.stride(1))
+    else:
+        dlse, stride_dlb, stride_dlh = delta, 0, 0
     if pre_rows > 0:
         preprocess_kernel[(triton.cdiv(pre_rows, pre_block), nheads, pre_batch)](
             out,
             dout,
             delta,
+            dlse,
             stride_ob,
             out.stride(-3),
             out.stride(-2),
@@ -170,16 +301,22 @@ def _launch(
             dout.stride(-2),
             stride_deltab,
             stride_deltah,
+            stride_dlb,
+            stride_dlh,
             pre_rows,
             HEADDIM_V=d_v,
             BLOCK_DV=block_dv,
             BLOCK_M=pre_block,
+            HAS_DLSE=dsoftmax_lse is not None,
         )
 
     alibi = alibi_slopes if alibi_slopes is not None else q.new_empty(0, dtype=torch.float32)
     stride_alb = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
     dummy_i32 = q.new_empty(0, dtype=torch.int32)
     seed, offset = (int(x) for x in rng_state.tolist()) if dropout_p > 0 else (0, 0)
+    sparse_dq, sparse_dkdv, has_full, (sparse_q, sparse_kv) = _sparse_args(
+        block_mask, max_seqlen_k, dummy_i32
+    )
     common = dict(
         cu_seqlens_q=cu_seqlens_q if varlen else dummy_i32,
         cu_seqlens_k=cu_seqlens_k if varlen else dummy_i32,
@@ -194,6 +331,7 @@ def _launch(
         stride_alb=stride_alb,
         window_left=left,
         window_right=right,
+        chunk=int(attention_chunk),
         dropout_p=float(dropout_p),
         seed=seed,
         rng_offset=offset,
@@ -211,6 +349,16 @@ def _launch(
         HAS_DROPOUT=dropout_p > 0,
         # float32 accumulation; float64 (CPU interpreter only, for gradcheck) accumulates in float64
         ACC_FP64=q.dtype == torch.float64,
+        HAS_CHUNK=attention_chunk > 0,
+        score_mod_fn=score_mod,
+        score_grad_fn=score_mod_grad,
+        mask_mod_fn=mask_mod,
+        HAS_SCORE_MOD=score_mod is not None,
+        HAS_MASK_MOD=mask_mod is not None,
+        IS_SPARSE=block_mask is not None,
+        HAS_FULL=has_full,
+        SPARSE_Q=sparse_q,
+        SPARSE_KV=sparse_kv,
     )
     qkv_strides = (
         stride_qb,
@@ -247,6 +395,7 @@ def _launch(
             stride_dvb,
             dv.stride(-3),
             dv.stride(-2),
+            **sparse_dkdv,
             **common,
         )
     if max_seqlen_q > 0:
@@ -262,6 +411,7 @@ def _launch(
             stride_dqb,
             dq.stride(-3),
             dq.stride(-2),
+            **sparse_dq,
             **common,
         )
     return delta
@@ -286,6 +436,12 @@ def flash_attn_backward(
     alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
     rng_state: torch.Tensor | None = None,
+    attention_chunk: int = 0,
+    score_mod: Callable[..., Any] | None = None,
+    score_mod_grad: Callable[..., Any] | None = None,
+    mask_mod: Callable[..., Any] | None = None,
+    block_mask: BlockMask | None = None,
+    dsoftmax_lse: torch.Tensor | None = None,
 ) -> BwdResult:
     """Dense attention backward (argument order of flash-attn 2.8's ``_flash_attn_backward``).
 
@@ -298,6 +454,12 @@ def flash_attn_backward(
         rng_state: the forward's ``[seed, offset]``; required when ``dropout_p > 0``.
         deterministic: accepted for compatibility: the kernels never use atomics, so the result is always
             bitwise reproducible.
+        attention_chunk, mask_mod, block_mask: as the forward's (they must match the forward's). Block-sparse:
+            only listed blocks are loaded; ``full_kv_*`` blocks skip ``mask_mod``.
+        score_mod: the forward's ``score_mod``; ``score_mod_grad(score, b, h, q_idx, kv_idx)`` (``@triton.jit``,
+            required with it) returns ``d score_mod(score, ...) / d score`` at the unmodified score (natural-log
+            units, after scale, softcap and ALiBi).
+        dsoftmax_lse: gradient of the lse output, shaped like ``softmax_lse`` (None = not differentiated).
         Other arguments: as the forward's (causal is bottom-right aligned; -1 = unbounded window side).
 
     Returns:
@@ -326,6 +488,12 @@ def flash_attn_backward(
         (batch, nheads, seqlen_q),
     )
     V.check_alibi(alibi_slopes, batch, nheads, q)
+    check_programmable(
+        attention_chunk, score_mod, score_mod_grad, mask_mod, dsoftmax_lse, (batch, nheads, seqlen_q), q
+    )
+    V.check_block_mask(block_mask, batch, nheads, seqlen_q, k.shape[1], q, False)
+    if block_mask is not None:
+        check_full_blocks(block_mask)
     dq = torch.empty_like(q) if dq is None else dq
     dk = torch.empty_like(k) if dk is None else dk
     dv = torch.empty_like(v) if dv is None else dv
@@ -355,6 +523,12 @@ def flash_attn_backward(
         alibi_slopes=alibi_slopes,
         dropout_p=dropout_p,
         rng_state=rng_state,
+        attention_chunk=int(attention_chunk),
+        score_mod=score_mod,
+        score_mod_grad=score_mod_grad,
+        mask_mod=mask_mod,
+        block_mask=block_mask,
+        dsoftmax_lse=dsoftmax_lse,
     )
     return BwdResult(dq, dk, dv, delta)
 
@@ -384,6 +558,11 @@ def flash_attn_varlen_backward(
     rng_state: torch.Tensor | None = None,
     zero_tensors: bool = False,
     seqused_k: torch.Tensor | None = None,
+    attention_chunk: int = 0,
+    score_mod: Callable[..., Any] | None = None,
+    score_mod_grad: Callable[..., Any] | None = None,
+    mask_mod: Callable[..., Any] | None = None,
+    dsoftmax_lse: torch.Tensor | None = None,
 ) -> BwdResult:
     """Varlen backward (argument order of flash-attn 2.8's ``_flash_attn_varlen_backward``).
 
@@ -394,6 +573,8 @@ def flash_attn_varlen_backward(
             for rows outside every sequence, which then read 0 instead of their previous content).
         seqused_k: extension (forward's argument): sequence b uses its first ``seqused_k[b]`` keys; the other
             keys get a zero gradient.
+        attention_chunk, score_mod, score_mod_grad, mask_mod, dsoftmax_lse: as :func:`flash_attn_backward`
+            (``q_idx`` / ``kv_idx`` relative to the start of each sequence; ``dsoftmax_lse (nheads, total_q)``).
         Other arguments: as :func:`flash_attn_backward`.
 
     Returns:
@@ -430,6 +611,9 @@ def flash_attn_varlen_backward(
         raise ValueError(f"cu_seqlens_k has {batch_k + 1} entries but cu_seqlens_q has {batch + 1}")
     V.check_seqused(seqused_k, batch, cu_seqlens_k, q)
     V.check_alibi(alibi_slopes, batch, nheads, q)
+    check_programmable(
+        attention_chunk, score_mod, score_mod_grad, mask_mod, dsoftmax_lse, (nheads, q.shape[0]), q
+    )
     dq = torch.empty_like(q) if dq is None else dq
     dk = torch.empty_like(k) if dk is None else dk
     dv = torch.empty_like(v) if dv is None else dv
@@ -463,5 +647,10 @@ def flash_attn_varlen_backward(
         alibi_slopes=alibi_slopes,
         dropout_p=dropout_p,
         rng_state=rng_state,
+        attention_chunk=int(attention_chunk),
+        score_mod=score_mod,
+        score_mod_grad=score_mod_grad,
+        mask_mod=mask_mod,
+        dsoftmax_lse=dsoftmax_lse,
     )
     return BwdResult(dq, dk, dv, delta)

@@ -22,6 +22,18 @@ key ``j`` visible from query ``i`` iff ``i + diag - left <= j <= i + diag + righ
 transposed scores and the query-block range of a key block (``kv_range`` swapped has the bounds of
 ``q_range`` and also splits out the blocks that need no mask). Only the dropout mask is not symmetric
 (Philox is keyed on (key, query)): it is generated in the (query, key) orientation and transposed.
+User functions are elementwise, so calling them with ``q_idx (1, BLOCK_M)`` and ``kv_idx (BLOCK_N, 1)`` gives
+the transposed tile directly. Chunks are aligned on key positions, so their query range is computed here
+(:func:`_chunk_q_range`), not by swapping arguments.
+
+Programmable attention (issue 6): ``attention_chunk``; ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (needs no
+derivative); ``score_mod(score, b, h, q_idx, kv_idx)`` with its derivative ``score_mod_grad(score, b, h, q_idx,
+kv_idx) = d score_mod / d score`` evaluated at the unmodified score (natural-log units, after scale, softcap
+and ALiBi), so ``dS = dS_mod * score_mod_grad``; block-sparse masks: the dQ pass walks the key blocks of
+``kv_indices`` (partial, with ``mask_mod``) and ``full_kv_indices`` (full, without), the dK/dV pass the
+transposed lists (:func:`fa_core.block_sparse.transpose_block_mask`): blocks not listed are never loaded.
+A differentiated lse enters through ``delta = rowsum(dout * out) - dlse`` (preprocess): since
+``d lse_i / d s_ij = p_ij``, ``dS = P * (dP - delta + dlse)``, and the sink gradient keeps its form.
 """
 
 from __future__ import annotations
@@ -31,10 +43,21 @@ import os
 import triton
 import triton.language as tl
 
-from fa_core.masking import dropout_keep, kv_range, scores_log2, seq_bounds, softcap_grad, visible
+from fa_core.masking import (
+    _chunk_start,
+    chunk_kv_range,
+    chunk_visible,
+    dropout_keep,
+    kv_range,
+    scores_log2,
+    seq_bounds,
+    softcap_grad,
+    visible,
+)
 from fa_core.validation import interpreting
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 # Kernel code keeps Triton's customary compact argument lists (one line per group of strides / flags).
 # fmt: off
@@ -43,14 +66,15 @@ LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 # ------------------------------------------------------------------------------------------ preprocess
 @triton.jit
 def _bwd_preprocess(
-    Out, DO, Delta,
+    Out, DO, Delta, DLse,
     stride_ob, stride_om, stride_oh,
     stride_dob, stride_dom, stride_doh,
-    stride_deltab, stride_deltah,
+    stride_deltab, stride_deltah, stride_dlb, stride_dlh,
     seqlen_q,
-    HEADDIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEADDIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
-    """Grid ``(cdiv(seqlen_q, BLOCK_M), nheads, batch)``; varlen runs it as one sequence of ``total_q`` rows."""
+    """Grid ``(cdiv(seqlen_q, BLOCK_M), nheads, batch)``; varlen runs it as one sequence of ``total_q`` rows.
+    ``delta = rowsum(dout * out)``, minus ``dlse`` when the lse output is differentiated."""
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
@@ -62,6 +86,9 @@ def _bwd_preprocess(
     o = tl.load(o_ptrs + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :], mask=mask, other=0.0)
     do = tl.load(do_ptrs + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        dl_ptrs = DLse + off_b.to(tl.int64) * stride_dlb + off_h.to(tl.int64) * stride_dlh + offs_m
+        delta = delta - tl.load(dl_ptrs, mask=offs_m < seqlen_q, other=0.0).to(tl.float32)
     d_ptrs = Delta + off_b.to(tl.int64) * stride_deltab + off_h.to(tl.int64) * stride_deltah + offs_m
     tl.store(d_ptrs, delta, mask=offs_m < seqlen_q)
 
@@ -87,13 +114,44 @@ def _load_vec(ptrs, offs, n, other, CHECK: tl.constexpr):
     return tl.load(ptrs)
 
 
+# ------------------------------------------------------------------------------------- programmable
+@triton.jit
+def _chunk_visible_t(offs_n, offs_m, seqlen_q, seqlen_k, chunk):
+    """Transposed :func:`fa_core.masking.chunk_visible`: ``(BLOCK_N keys, BLOCK_M queries)``."""
+    start = _chunk_start(offs_m[None, :] + (seqlen_k - seqlen_q), chunk)
+    cols = offs_n[:, None]
+    return (cols >= start) & (cols < start + chunk)
+
+
+@triton.jit
+def _chunk_q_range(lo, hi, start_n, seqlen_q, seqlen_k, chunk, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Narrow the query rows ``[lo, hi)`` to those whose chunk holds a key of key block ``start_n``
+    (query ``i`` lives at key position ``i + seqlen_k - seqlen_q``)."""
+    diag = seqlen_k - seqlen_q
+    first = _chunk_start(start_n * BLOCK_N, chunk) - diag
+    last = _chunk_start(start_n * BLOCK_N + BLOCK_N - 1, chunk) + chunk - diag
+    lo = tl.maximum(lo, (tl.maximum(first, 0) // BLOCK_M) * BLOCK_M)
+    hi = tl.minimum(hi, last)
+    hi = tl.maximum(hi, lo)
+    return lo, hi
+
+
+@triton.jit
+def _mod_scores(s2, off_b, off_h, q_idx, kv_idx, score_mod_fn: tl.constexpr, score_grad_fn: tl.constexpr):
+    """User score_mod on log2-domain scores: ``(modified s2, d score_mod / d score)`` (natural-log units)."""
+    s = s2 * LN2
+    return score_mod_fn(s, off_b, off_h, q_idx, kv_idx) * LOG2E, score_grad_fn(s, off_b, off_h, q_idx, kv_idx)
+
+
 # ------------------------------------------------------------------------------------------------ dK/dV
 @triton.jit
 def _dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
     start, end, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k,
-    sm_scale, softcap, alibi_slope, window_left, window_right,
-    seed, rng_offset, bh, dropout_p,
+    sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
+    seed, rng_offset, bh, dropout_p, off_b, off_h,
+    score_mod_fn: tl.constexpr, score_grad_fn: tl.constexpr, mask_mod_fn: tl.constexpr,
+    HAS_SCORE_MOD: tl.constexpr, APPLY_MASK_MOD: tl.constexpr, HAS_CHUNK: tl.constexpr,
     MASKED: tl.constexpr, IS_LOCAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -112,9 +170,18 @@ def _dkdv_inner(
         qk_t = tl.dot(k, tl.trans(q))
         s_t = scores_log2(qk_t, offs_n, offs_m, seqlen_k, seqlen_q, sm_scale, softcap, alibi_slope,
                           HAS_SOFTCAP, HAS_ALIBI)
+        if HAS_SCORE_MOD:
+            s_t, dmod_t = _mod_scores(s_t, off_b, off_h, offs_m[None, :], offs_n[:, None], score_mod_fn,
+                                      score_grad_fn)
         if MASKED:
             ok_t = visible(offs_n, offs_m, seqlen_k, seqlen_q, window_right, window_left, IS_LOCAL, True)
+            if HAS_CHUNK:
+                ok_t = ok_t & _chunk_visible_t(offs_n, offs_m, seqlen_q, seqlen_k, chunk)
+            if APPLY_MASK_MOD:
+                ok_t = ok_t & mask_mod_fn(off_b, off_h, offs_m[None, :], offs_n[:, None])
             s_t = tl.where(ok_t, s_t, float("-inf"))
+            if HAS_SCORE_MOD:
+                dmod_t = tl.where(ok_t, dmod_t, 0.0)  # a derivative that is not finite off the mask is harmless
         # a row without any visible key has lse = +inf: exp2(s - inf) = 0, so its gradient is 0 (no NaN)
         p_t = tl.exp2(s_t - lse[None, :] * LOG2E)
         dp_t = tl.dot(v, tl.trans(do))
@@ -126,6 +193,8 @@ def _dkdv_inner(
         else:
             dv = tl.dot(p_t.to(do.dtype), do, dv)
         ds_t = p_t * (dp_t - delta[None, :])
+        if HAS_SCORE_MOD:
+            ds_t = ds_t * dmod_t
         if HAS_SOFTCAP:
             ds_t = ds_t * softcap_grad(qk_t, sm_scale, softcap)
         dk = tl.dot(ds_t.to(q.dtype), q, dk)
@@ -146,15 +215,22 @@ def _bwd_dkdv_kernel(
     seqlen_q_dense, seqlen_k_dense,
     nheads, group,
     sm_scale, softcap, Alibi, stride_alb,
-    window_left, window_right,
+    window_left, window_right, chunk,
     dropout_p, seed, rng_offset,
+    BlkNum, BlkIdx, FullNum, FullIdx, stride_bn_b, stride_bn_h, stride_bi_b, stride_bi_h, stride_bi_r,
     SEQ_BUCKET_Q, SEQ_BUCKET_K,
     HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, IS_LOCAL: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, ACC_FP64: tl.constexpr,
+    HAS_CHUNK: tl.constexpr, score_mod_fn: tl.constexpr, score_grad_fn: tl.constexpr, mask_mod_fn: tl.constexpr,
+    HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr,
+    IS_SPARSE: tl.constexpr, HAS_FULL: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid ``(cdiv(max_seqlen_k, BLOCK_N), nheads_k, batch)``; dK/dV of one key block, summed over the group."""
+    """Grid ``(cdiv(max_seqlen_k, BLOCK_N), nheads_k, batch)``; dK/dV of one key block, summed over the group.
+
+    Block-sparse: ``BlkNum (B|1, H|1, num_kv_blocks)`` / ``BlkIdx (B|1, H|1, num_kv_blocks, num_q_blocks)`` are
+    the transposed partial lists, ``FullNum`` / ``FullIdx`` the transposed full lists (same strides)."""
     EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
     EVEN_DV: tl.constexpr = HEADDIM_V == BLOCK_DV
     start_n = tl.program_id(0)
@@ -190,12 +266,19 @@ def _bwd_dkdv_kernel(
     # query rows that see this key block: kv_range of the transposed problem (see the module docstring)
     lo, full_lo, full_hi, hi = kv_range(start_n, seqlen_k, seqlen_q, window_right, window_left,
                                         BLOCK_N, BLOCK_M, IS_LOCAL)
+    if HAS_CHUNK:
+        lo, hi = _chunk_q_range(lo, hi, start_n, seqlen_q, seqlen_k, chunk, BLOCK_N, BLOCK_M)
+    if HAS_CHUNK or HAS_MASK_MOD:
+        # element masks the ranges do not describe: every block goes through the masked loop
+        full_lo = lo
+        full_hi = lo
     if HAS_SEQUSED:
         # the whole block lies past seqused_k: no query sees it
         past = start_n * BLOCK_N >= seqlen_k
         full_lo = tl.where(past, lo, full_lo)
         full_hi = tl.where(past, lo, full_hi)
         hi = tl.where(past, lo, hi)
+    kv_blk = (start_n * BLOCK_N) // SPARSE_KV
 
     for g in range(0, group):
         off_h = off_hk * group + g
@@ -207,25 +290,67 @@ def _bwd_dkdv_kernel(
         if HAS_ALIBI:
             alibi_slope = tl.load(Alibi + off_b * stride_alb + off_h).to(tl.float32)
         bh = off_b * nheads + off_h
-        if IS_LOCAL:
-            # the queries that see only part of the block (window / causal diagonal): masked
+        if IS_SPARSE:
+            # only the query blocks listed for this key block are loaded; all tiles masked (element rules)
+            num_off = off_b.to(tl.int64) * stride_bn_b + off_h * stride_bn_h + kv_blk
+            idx_off = off_b.to(tl.int64) * stride_bi_b + off_h * stride_bi_h + kv_blk * stride_bi_r
+            n_part = tl.load(BlkNum + num_off)
+            for i in range(n_part):
+                q_blk = tl.load(BlkIdx + idx_off + i)
+                b_lo = tl.maximum(q_blk * SPARSE_Q, lo)
+                b_hi = tl.maximum(tl.minimum(q_blk * SPARSE_Q + SPARSE_Q, hi), b_lo)
+                dk, dv = _dkdv_inner(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+                    b_lo, b_hi, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k,
+                    sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
+                    seed, rng_offset, bh, dropout_p, off_b, off_h,
+                    score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, HAS_CHUNK,
+                    True, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV,
+                    BLOCK_M)
+            if HAS_FULL:
+                # full blocks: mask_mod is all True there (not evaluated); the built-in rules still apply
+                n_full = tl.load(FullNum + num_off)
+                for i in range(n_full):
+                    q_blk = tl.load(FullIdx + idx_off + i)
+                    b_lo = tl.maximum(q_blk * SPARSE_Q, lo)
+                    b_hi = tl.maximum(tl.minimum(q_blk * SPARSE_Q + SPARSE_Q, hi), b_lo)
+                    dk, dv = _dkdv_inner(
+                        dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+                        b_lo, b_hi, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k,
+                        sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
+                        seed, rng_offset, bh, dropout_p, off_b, off_h,
+                        score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, False, HAS_CHUNK,
+                        True, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D,
+                        EVEN_DV, BLOCK_M)
+        else:
+            if IS_LOCAL:
+                # the queries that see only part of the block (window / causal diagonal): masked
+                dk, dv = _dkdv_inner(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+                    lo, full_lo, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k,
+                    sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
+                    seed, rng_offset, bh, dropout_p, off_b, off_h,
+                    score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, HAS_CHUNK,
+                    True, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV,
+                    BLOCK_M)
+            # queries that see the whole block: no mask at all
             dk, dv = _dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-                lo, full_lo, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k,
-                sm_scale, softcap, alibi_slope, window_left, window_right, seed, rng_offset, bh, dropout_p,
-                True, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_M)
-        # queries that see the whole block: no mask at all
-        dk, dv = _dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-            full_lo, full_hi, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k,
-            sm_scale, softcap, alibi_slope, window_left, window_right, seed, rng_offset, bh, dropout_p,
-            False, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_M)
-        # the other window edge and the ragged last query block
-        dk, dv = _dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-            full_hi, hi, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k,
-            sm_scale, softcap, alibi_slope, window_left, window_right, seed, rng_offset, bh, dropout_p,
-            True, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_M)
+                full_lo, full_hi, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k,
+                sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
+                seed, rng_offset, bh, dropout_p, off_b, off_h,
+                score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, False, False,
+                False, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV,
+                BLOCK_M)
+            # the other window edge and the ragged last query block
+            dk, dv = _dkdv_inner(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+                full_hi, hi, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k,
+                sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
+                seed, rng_offset, bh, dropout_p, off_b, off_h,
+                score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, HAS_CHUNK,
+                True, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV,
+                BLOCK_M)
 
     dk = dk * sm_scale
     if HAS_SEQUSED:
@@ -253,8 +378,10 @@ def _bwd_dkdv_kernel(
 def _dq_inner(
     dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
     start, end, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k,
-    sm_scale, softcap, alibi_slope, window_left, window_right,
-    seed, rng_offset, bh, dropout_p,
+    sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
+    seed, rng_offset, bh, dropout_p, off_b, off_h,
+    score_mod_fn: tl.constexpr, score_grad_fn: tl.constexpr, mask_mod_fn: tl.constexpr,
+    HAS_SCORE_MOD: tl.constexpr, APPLY_MASK_MOD: tl.constexpr, HAS_CHUNK: tl.constexpr,
     MASKED: tl.constexpr, IS_LOCAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -270,15 +397,25 @@ def _dq_inner(
         qk = tl.dot(q, tl.trans(k))
         s = scores_log2(qk, offs_m, offs_n, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope,
                         HAS_SOFTCAP, HAS_ALIBI)
+        if HAS_SCORE_MOD:
+            s, dmod = _mod_scores(s, off_b, off_h, offs_m[:, None], offs_n[None, :], score_mod_fn, score_grad_fn)
         if MASKED:
             ok = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, IS_LOCAL, True)
+            if HAS_CHUNK:
+                ok = ok & chunk_visible(offs_m, offs_n, seqlen_q, seqlen_k, chunk)
+            if APPLY_MASK_MOD:
+                ok = ok & mask_mod_fn(off_b, off_h, offs_m[:, None], offs_n[None, :])
             s = tl.where(ok, s, float("-inf"))
+            if HAS_SCORE_MOD:
+                dmod = tl.where(ok, dmod, 0.0)
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v))
         if HAS_DROPOUT:
             keep = dropout_keep(seed, rng_offset, bh, offs_m, offs_n, dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
+        if HAS_SCORE_MOD:
+            ds = ds * dmod
         if HAS_SOFTCAP:
             ds = ds * softcap_grad(qk, sm_scale, softcap)
         dq = tl.dot(ds.to(k.dtype), k, dq)
@@ -298,15 +435,22 @@ def _bwd_dq_kernel(
     seqlen_q_dense, seqlen_k_dense,
     nheads, group,
     sm_scale, softcap, Alibi, stride_alb,
-    window_left, window_right,
+    window_left, window_right, chunk,
     dropout_p, seed, rng_offset,
+    BlkNum, BlkIdx, FullNum, FullIdx, stride_bn_b, stride_bn_h, stride_bi_b, stride_bi_h, stride_bi_r,
     SEQ_BUCKET_Q, SEQ_BUCKET_K,
     HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, IS_LOCAL: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, ACC_FP64: tl.constexpr,
+    HAS_CHUNK: tl.constexpr, score_mod_fn: tl.constexpr, score_grad_fn: tl.constexpr, mask_mod_fn: tl.constexpr,
+    HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr,
+    IS_SPARSE: tl.constexpr, HAS_FULL: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid ``(cdiv(max_seqlen_q, BLOCK_M), nheads, batch)``; dQ of one query block."""
+    """Grid ``(cdiv(max_seqlen_q, BLOCK_M), nheads, batch)``; dQ of one query block.
+
+    Block-sparse: ``BlkNum`` / ``BlkIdx`` are the block mask's ``kv_num_blocks`` / ``kv_indices``, ``FullNum`` /
+    ``FullIdx`` its ``full_kv_*`` (same strides)."""
     EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
     EVEN_DV: tl.constexpr = HEADDIM_V == BLOCK_DV
     # last query blocks first: under a causal mask they see the most keys (longest programs start early)
@@ -349,22 +493,59 @@ def _bwd_dq_kernel(
 
     lo, full_lo, full_hi, hi = kv_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
                                         BLOCK_M, BLOCK_N, IS_LOCAL)
-    if IS_LOCAL:
+    if HAS_CHUNK:
+        lo, hi = chunk_kv_range(lo, hi, start_m, seqlen_q, seqlen_k, chunk, BLOCK_M, BLOCK_N)
+    if HAS_CHUNK or HAS_MASK_MOD:
+        full_lo = lo
+        full_hi = lo
+    if IS_SPARSE:
+        q_blk = (start_m * BLOCK_M) // SPARSE_Q
+        num_off = off_b.to(tl.int64) * stride_bn_b + off_h * stride_bn_h + q_blk
+        idx_off = off_b.to(tl.int64) * stride_bi_b + off_h * stride_bi_h + q_blk * stride_bi_r
+        n_part = tl.load(BlkNum + num_off)
+        for i in range(n_part):
+            kv_blk = tl.load(BlkIdx + idx_off + i)
+            b_lo = tl.maximum(kv_blk * SPARSE_KV, lo)
+            b_hi = tl.maximum(tl.minimum(kv_blk * SPARSE_KV + SPARSE_KV, hi), b_lo)
+            dq = _dq_inner(
+                dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, b_lo, b_hi, offs_m, offs_d, offs_dv,
+                seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
+                seed, rng_offset, bh, dropout_p, off_b, off_h,
+                score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, HAS_CHUNK,
+                True, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N)
+        if HAS_FULL:
+            n_full = tl.load(FullNum + num_off)
+            for i in range(n_full):
+                kv_blk = tl.load(FullIdx + idx_off + i)
+                b_lo = tl.maximum(kv_blk * SPARSE_KV, lo)
+                b_hi = tl.maximum(tl.minimum(kv_blk * SPARSE_KV + SPARSE_KV, hi), b_lo)
+                dq = _dq_inner(
+                    dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, b_lo, b_hi, offs_m, offs_d,
+                    offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left, window_right,
+                    chunk, seed, rng_offset, bh, dropout_p, off_b, off_h,
+                    score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, False, HAS_CHUNK,
+                    True, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV,
+                    BLOCK_N)
+    else:
+        if IS_LOCAL:
+            dq = _dq_inner(
+                dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, lo, full_lo, offs_m, offs_d, offs_dv,
+                seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
+                seed, rng_offset, bh, dropout_p, off_b, off_h,
+                score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, HAS_CHUNK,
+                True, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N)
         dq = _dq_inner(
-            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, lo, full_lo, offs_m, offs_d, offs_dv,
-            seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left, window_right,
-            seed, rng_offset, bh, dropout_p,
+            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, full_lo, full_hi, offs_m, offs_d, offs_dv,
+            seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
+            seed, rng_offset, bh, dropout_p, off_b, off_h,
+            score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, False, False,
+            False, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N)
+        dq = _dq_inner(
+            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, full_hi, hi, offs_m, offs_d, offs_dv,
+            seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
+            seed, rng_offset, bh, dropout_p, off_b, off_h,
+            score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, HAS_CHUNK,
             True, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N)
-    dq = _dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, full_lo, full_hi, offs_m, offs_d, offs_dv,
-        seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left, window_right,
-        seed, rng_offset, bh, dropout_p,
-        False, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N)
-    dq = _dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, full_hi, hi, offs_m, offs_d, offs_dv,
-        seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left, window_right,
-        seed, rng_offset, bh, dropout_p,
-        True, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N)
 
     dq = dq * sm_scale
     dq_ptrs = (DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
@@ -427,6 +608,12 @@ TUNE_KEY = [
     "IS_VARLEN",
     "HAS_DROPOUT",
     "HAS_SOFTCAP",
+    "HAS_CHUNK",
+    "HAS_SCORE_MOD",
+    "HAS_MASK_MOD",
+    "IS_SPARSE",
+    "SPARSE_Q",
+    "SPARSE_KV",
 ]
 
 
@@ -444,7 +631,23 @@ def _prune(owned: str, streamed: str):
                 continue
             if bucket_owned < b_own and b_own > 64:
                 continue
+            if args["IS_SPARSE"] and (
+                c.kwargs["BLOCK_M"] > args["SPARSE_Q"] or c.kwargs["BLOCK_N"] > args["SPARSE_KV"]
+            ):
+                continue  # a tile must lie inside one block of the block mask
             out.append(c)
+        if args["IS_SPARSE"] and not out:
+            # small sparse blocks (32): a tile that fits them
+            out = [
+                triton.Config(
+                    {
+                        "BLOCK_M": min(32, args["SPARSE_Q"]) // (2 if owned == "BLOCK_N" else 1),
+                        "BLOCK_N": min(32, args["SPARSE_KV"]) // (1 if owned == "BLOCK_N" else 2),
+                    },
+                    num_warps=4,
+                    num_stages=2,
+                )
+            ]
         out = out or configs[-1:]
         # FA_PLUS_AUTOTUNE=0 (as in fa_core; FA_PLUS_NO_AUTOTUNE=1 too): first surviving config only, for
         # fast GPU test runs; benchmarks leave it unset

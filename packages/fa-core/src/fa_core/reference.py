@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from fa_core.block_sparse import block_mask_to_dense
+
 __all__ = ["attention_ref", "attention_varlen_ref", "visible_mask"]
 
 
@@ -60,6 +62,7 @@ def attention_ref(
     learnable_sink: torch.Tensor | None = None,
     score_mod=None,
     mask_mod=None,
+    block_mask=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference attention.
 
@@ -74,6 +77,9 @@ def attention_ref(
         learnable_sink: ``(nheads,)`` extra logit per head in the softmax denominator (gpt-oss).
         score_mod, mask_mod: PyTorch twins of the kernels' user functions, called with broadcastable index
             tensors ``b (batch,1,1,1)``, ``h (1,nheads,1,1)``, ``q_idx (1,1,seqlen_q,1)``, ``kv_idx (1,1,1,seqlen_k)``.
+        block_mask: :class:`fa_core.block_sparse.BlockMask` (FlexAttention's semantics): only elements inside
+            listed blocks are visible; ``mask_mod`` applies inside the partial blocks only (full blocks skip
+            it). The built-in rules (causal, window, chunk) apply everywhere.
 
     Returns:
         ``out (batch, seqlen_q, nheads, headdim_v)`` in q's dtype and ``lse (batch, nheads, seqlen_q)``
@@ -109,7 +115,13 @@ def attention_ref(
         if score_mod is not None:
             scores = score_mod(scores, bi, hi, qi, ki)
         if mask_mod is not None:
-            ok = ok & mask_mod(bi, hi, qi, ki)  # now (batch, nheads, seqlen_q, seqlen_k)
+            mm = mask_mod(bi, hi, qi, ki)
+            if block_mask is not None:
+                # full blocks skip mask_mod (FlexAttention): there mask_mod is taken as all True
+                mm = mm | block_mask_to_dense(block_mask, seqlen_q, seqlen_k, "full")
+            ok = ok & mm  # now (batch, nheads, seqlen_q, seqlen_k)
+    if block_mask is not None:
+        ok = ok & block_mask_to_dense(block_mask, seqlen_q, seqlen_k)
     scores = scores.masked_fill(~ok, float("-inf"))
     empty = ~ok.any(dim=-1)  # (seqlen_q,) or (batch, nheads, seqlen_q)
     if learnable_sink is not None:
@@ -121,7 +133,10 @@ def attention_ref(
         empty = torch.zeros_like(empty)  # the sink keeps every row's denominator finite
     else:
         lse = torch.logsumexp(scores.float(), dim=-1)
-        attn = torch.softmax(scores, dim=-1).masked_fill(empty[..., None], 0.0)
+        # empty rows: softmax over zeros then zeroed, so that autograd through the reference stays NaN-free
+        attn = torch.softmax(scores.masked_fill(empty[..., None], 0.0), dim=-1).masked_fill(
+            empty[..., None], 0.0
+        )
     if dropout_mask is not None:
         attn = attn.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
     out = torch.einsum("bhts,bshd->bthd", attn, v)
