@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+import triton
+import triton.language as tl  # noqa: F401  (the interpreter needs it visible to @triton.jit functions)
 
 from fa_core import attention_ref, attention_varlen_ref, flash_attn_forward, flash_attn_varlen_forward
 from fa_core.testing import DEVICE, assert_close_2x, poisoned
@@ -233,3 +236,102 @@ def test_grad_guard_names_fa_backward():
         flash_attn_forward(q, q.detach(), q.detach())
     with torch.no_grad():
         flash_attn_forward(q, q.detach(), q.detach())
+
+
+# ----------------------------------------------------------------------------- block-sparse full blocks
+@triton.jit
+def _diag_stripes(b, h, q_idx, kv_idx):
+    # an element mask that really cuts: full blocks must NOT evaluate it
+    return ((q_idx + kv_idx + h) % 3) != 0
+
+
+def _diag_stripes_ref(b, h, q_idx, kv_idx):
+    return ((q_idx + kv_idx + h) % 3) != 0
+
+
+def _compact(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool ``(B, H, nq, nk)`` -> FlexAttention's ``(num, indices)`` int32, listed blocks first."""
+    num = blocks.sum(-1, dtype=torch.int32).contiguous()
+    idx = torch.sort((~blocks).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32).contiguous()
+    return num, idx
+
+
+def _block_mask_with_full(part, full, block_size):
+    pn, pi = _compact(part)
+    fn, fi = _compact(full)
+    try:
+        from fa_core.block_sparse import BlockMask
+
+        return BlockMask(pn, pi, block_size, full_kv_num_blocks=fn, full_kv_indices=fi)
+    except TypeError:  # a BlockMask without the full-block fields: a duck-typed one
+        return SimpleNamespace(
+            kv_num_blocks=pn, kv_indices=pi, block_size=block_size, full_kv_num_blocks=fn, full_kv_indices=fi
+        )
+
+
+@pytest.mark.parametrize(
+    "with_mask_mod, causal, lead",
+    [(True, True, (2, 4)), (True, False, (1, 1)), (False, False, (2, 4)), (False, True, (1, 4))],
+    ids=["mod-causal-per_bh", "mod-broadcast", "plain-per_bh", "causal-per_head"],
+)
+def test_block_sparse_full_blocks(with_mask_mod, causal, lead):
+    """Partial blocks get the element mask, full blocks skip it; causal and the ragged key end still apply
+    in both. Compared with the reference on the equivalent dense mask."""
+    torch.manual_seed(hash((with_mask_mod, causal, lead)) % 2**31)
+    batch, h, hk, d, sq, sk, bs = 2, 4, 2, 32, 70, 90, 32
+    nq, nk = -(-sq // bs), -(-sk // bs)
+    cls = torch.randint(0, 3, (*lead, nq, nk), device=DEVICE)  # 0 skipped, 1 partial, 2 full
+    cls[..., -1, -1] = 2  # the ragged corner block is full somewhere
+    part, full = cls == 1, cls == 2
+    bm = _block_mask_with_full(part, full, (bs, bs))
+    q = torch.randn(batch, sq, h, d, device=DEVICE)
+    k = torch.randn(batch, sk, hk, d, device=DEVICE)
+    v = torch.randn(batch, sk, hk, d, device=DEVICE)
+
+    def expand(blocks):
+        dense = blocks.repeat_interleave(bs, -2).repeat_interleave(bs, -1)[..., :sq, :sk]
+        return dense.expand(batch, h, sq, sk)
+
+    bi = torch.arange(batch, device=DEVICE).view(-1, 1, 1, 1)
+    hi = torch.arange(h, device=DEVICE).view(1, -1, 1, 1)
+    qi = torch.arange(sq, device=DEVICE).view(1, 1, -1, 1)
+    ki = torch.arange(sk, device=DEVICE).view(1, 1, 1, -1)
+    elem = _diag_stripes_ref(bi, hi, qi, ki) if with_mask_mod else torch.ones(1, 1, 1, 1, dtype=torch.bool)
+    dense = (expand(part) & elem) | expand(full)
+
+    def mask_ref(b_, h_, q_, k_):
+        return dense[b_, h_, q_, k_]
+
+    res = flash_attn_forward(
+        q,
+        k,
+        v,
+        causal=causal,
+        block_mask=bm,
+        mask_mod=_diag_stripes if with_mask_mod else None,
+        out=poisoned(q.shape, q.dtype, DEVICE),
+    )
+    ref, ref_lse = attention_ref(q, k, v, causal=causal, mask_mod=mask_ref, dtype=torch.float64)
+    low, low_lse = attention_ref(q, k, v, causal=causal, mask_mod=mask_ref, upcast=False)
+    assert_close_2x(res.out, ref, low, "out")
+    assert_close_2x(res.lse, ref_lse, low_lse, "lse", slack=1e-4)
+
+
+def test_block_sparse_full_blocks_bad_input():
+    blocks = torch.ones(1, 1, 2, 2, dtype=torch.bool, device=DEVICE)
+    pn, pi = _compact(blocks)
+    q = torch.randn(1, 64, 2, 16, device=DEVICE)
+
+    def mask(**full):
+        return SimpleNamespace(kv_num_blocks=pn, kv_indices=pi, block_size=(32, 32), **full)
+
+    # messages name the field (validation.check_block_mask may catch these first, in its own words)
+    with pytest.raises(ValueError, match="full_kv"):
+        flash_attn_forward(q, q, q, block_mask=mask(full_kv_num_blocks=pn, full_kv_indices=None))
+    with pytest.raises(TypeError, match="full_kv_num_blocks"):
+        flash_attn_forward(q, q, q, block_mask=mask(full_kv_num_blocks=pn.long(), full_kv_indices=pi))
+    with pytest.raises(ValueError, match="full_kv_indices"):
+        flash_attn_forward(q, q, q, block_mask=mask(full_kv_num_blocks=pn, full_kv_indices=pi[..., :1]))
+    with pytest.raises(ValueError, match="full_kv_num_blocks"):
+        bad = torch.zeros(3, 1, 2, dtype=torch.int32, device=DEVICE)
+        flash_attn_forward(q, q, q, block_mask=mask(full_kv_num_blocks=bad, full_kv_indices=pi))

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+import triton
+import triton.language as tl  # noqa: F401  (the interpreter needs it visible to @triton.jit functions)
 
 from fa_core import attention_ref, attention_varlen_ref, flash_attn_forward, flash_attn_varlen_forward
 from fa_core.testing import assert_close_2x, poisoned
@@ -74,3 +78,77 @@ def test_dropout_gpu():
     ref, _ = attention_ref(q, k, v, causal=True, dropout_p=p, dropout_mask=keep)
     low, _ = attention_ref(q, k, v, causal=True, dropout_p=p, dropout_mask=keep, upcast=False)
     assert_close_2x(res.out, ref, low, "out")
+
+
+@pytest.mark.parametrize("tma", ["1", "0"])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_fp8_layout_gpu(varlen, tma, monkeypatch):
+    """The FP8 path's layout (V transposed on the host, read through TMA or pointers) with bf16 inputs."""
+    monkeypatch.setenv("FA_PLUS_TMA", tma)
+    monkeypatch.setenv("FA_PLUS_FP8_LAYOUT", "1")
+    torch.manual_seed(9)
+    dt = torch.bfloat16
+    if varlen:
+        lens = [1, 300, 1029, 17, 2000]
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+        q, k, v = (torch.randn(sum(lens), h, 128, device="cuda", dtype=dt) for h in (16, 4, 4))
+        res = flash_attn_varlen_forward(
+            q, k, v, cu, cu, max(lens), max(lens), causal=True, out=poisoned(q.shape, dt, "cuda")
+        )
+        ref, ref_lse = attention_varlen_ref(q, k, v, cu, cu, causal=True)
+        low, low_lse = attention_varlen_ref(q, k, v, cu, cu, causal=True, upcast=False)
+    else:
+        q = torch.randn(2, 1000, 16, 128, device="cuda", dtype=dt)
+        k, v = (torch.randn(2, 1531, 4, 128, device="cuda", dtype=dt) for _ in range(2))
+        res = flash_attn_forward(q, k, v, causal=True, out=poisoned(q.shape, dt, "cuda"))
+        ref, ref_lse = attention_ref(q, k, v, causal=True)
+        low, low_lse = attention_ref(q, k, v, causal=True, upcast=False)
+    assert_close_2x(res.out, ref, low, "out")
+    assert_close_2x(res.lse, ref_lse, low_lse, "lse", slack=2e-2)
+
+
+@triton.jit
+def _stripes(b, h, q_idx, kv_idx):
+    return ((q_idx + kv_idx + h) % 3) != 0
+
+
+@pytest.mark.parametrize("tma", ["1", "0"])
+def test_block_sparse_full_blocks_gpu(tma, monkeypatch):
+    """Block-sparse mask with partial (mask_mod evaluated) and full (mask_mod skipped) blocks, causal, at
+    128 x 128 blocks; against the reference on the equivalent dense mask."""
+    monkeypatch.setenv("FA_PLUS_TMA", tma)
+    torch.manual_seed(10)
+    b, s, h, hk, d, bs = 2, 1000, 8, 2, 128, 128
+    nb = -(-s // bs)
+    cls = torch.randint(0, 3, (b, h, nb, nb), device="cuda")  # 0 skipped, 1 partial, 2 full
+    part, full = cls == 1, cls == 2
+
+    def compact(blocks):
+        num = blocks.sum(-1, dtype=torch.int32).contiguous()
+        idx = torch.sort((~blocks).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32).contiguous()
+        return num, idx
+
+    (pn, pi), (fn, fi) = compact(part), compact(full)
+    bm = SimpleNamespace(
+        kv_num_blocks=pn, kv_indices=pi, block_size=(bs, bs), full_kv_num_blocks=fn, full_kv_indices=fi
+    )
+    q = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(b, s, hk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+
+    def expand(blocks):
+        return blocks.repeat_interleave(bs, -2).repeat_interleave(bs, -1)[..., :s, :s]
+
+    ar = torch.arange(s, device="cuda")
+    stripes = ((ar[:, None] + ar[None, :] + torch.arange(h, device="cuda").view(1, -1, 1, 1)) % 3) != 0
+    dense = (expand(part) & stripes) | expand(full)
+
+    def mask_ref(b_, h_, q_, k_):
+        return dense[b_, h_, q_, k_]
+
+    res = flash_attn_forward(
+        q, k, v, causal=True, block_mask=bm, mask_mod=_stripes, out=poisoned(q.shape, q.dtype, "cuda")
+    )
+    ref, ref_lse = attention_ref(q, k, v, causal=True, mask_mod=mask_ref)
+    low, low_lse = attention_ref(q, k, v, causal=True, mask_mod=mask_ref, upcast=False)
+    assert_close_2x(res.out, ref, low, "out")
+    assert_close_2x(res.lse, ref_lse, low_lse, "lse", slack=2e-2)

@@ -6,8 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fa_core import attention_ref, flash_attn_forward, flash_attn_varlen_forward
-from fa_core.testing import DEVICE
+from fa_core import (
+    attention_ref,
+    attention_varlen_ref,
+    flash_attn_forward,
+    flash_attn_varlen_forward,
+)
+from fa_core.testing import DEVICE, assert_close_2x, poisoned
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -103,8 +108,59 @@ def test_fp8_varlen_gpu():
     res = flash_attn_varlen_forward(
         q8, k8, v8, cu, cu, 1000, 1000, causal=True, q_descale=ones, k_descale=ones, v_descale=ones
     )
-    from fa_core import attention_varlen_ref
-
     ref, _ = attention_varlen_ref(q8.float(), k8.float(), v8.float(), cu, cu, causal=True)
     err = (res.out.float() - ref).norm() / ref.norm()
     assert err < 5e-2, err
+
+
+# ----------------------------------------------------------------------------- the FP8 path's layout, 16-bit
+# FA_PLUS_FP8_LAYOUT=1 runs 16-bit inputs through the FP8 path's data layout (V transposed on the host and read
+# as (headdim, keys) tiles, probabilities scaled by 2^8): checks its indexing and masks where FP8 dots cannot
+# run (the CPU interpreter), and its TMA descriptors on a GPU.
+LAYOUT_DTYPE = torch.float16 if DEVICE == "cpu" else torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        {"causal": True, "sink": True},
+        {"window_size": (9, 4), "softcap": 3.0},
+    ],
+    ids=["causal_sink", "window_softcap"],
+)
+def test_fp8_layout_dense(monkeypatch, case):
+    monkeypatch.setenv("FA_PLUS_FP8_LAYOUT", "1")
+    torch.manual_seed(11)
+    b, sq, sk, h, hk, d, dv = 2, 45, 71, 4, 2, 40, 24  # ragged keys, odd head dims, GQA
+    q = torch.randn(b, sq, h, d, device=DEVICE, dtype=LAYOUT_DTYPE)
+    k = torch.randn(b, sk, hk, d, device=DEVICE, dtype=LAYOUT_DTYPE)
+    v = torch.randn(b, sk, hk, dv, device=DEVICE, dtype=LAYOUT_DTYPE)
+    kw = dict(case)
+    if kw.pop("sink", False):
+        kw["learnable_sink"] = torch.randn(h, device=DEVICE)
+    res = flash_attn_forward(q, k, v, out=poisoned((b, sq, h, dv), LAYOUT_DTYPE, DEVICE), **kw)
+    ref, ref_lse = attention_ref(q, k, v, dtype=torch.float32, **kw)
+    low, low_lse = attention_ref(q, k, v, upcast=False, **kw)
+    assert_close_2x(res.out, ref, low, "out")
+    assert_close_2x(res.lse, ref_lse, low_lse, "lse", slack=2e-3)
+
+
+def test_fp8_layout_varlen(monkeypatch):
+    monkeypatch.setenv("FA_PLUS_FP8_LAYOUT", "1")
+    torch.manual_seed(12)
+    lens_q, lens_k = [3, 40, 0, 17], [9, 33, 5, 50]
+    cq = torch.tensor([0, 3, 43, 43, 60], dtype=torch.int32, device=DEVICE)
+    ck = torch.tensor([0, 9, 42, 47, 97], dtype=torch.int32, device=DEVICE)
+    seqused = torch.tensor([9, 30, 0, 41], dtype=torch.int32, device=DEVICE)
+    h, hk, d = 4, 1, 32
+    q = torch.randn(sum(lens_q), h, d, device=DEVICE, dtype=LAYOUT_DTYPE)
+    k = torch.randn(sum(lens_k), hk, d, device=DEVICE, dtype=LAYOUT_DTYPE)
+    v = torch.randn(sum(lens_k), hk, d, device=DEVICE, dtype=LAYOUT_DTYPE)
+    kw = {"causal": True, "seqused_k": seqused}
+    res = flash_attn_varlen_forward(
+        q, k, v, cq, ck, max(lens_q), max(lens_k), out=poisoned(q.shape, LAYOUT_DTYPE, DEVICE), **kw
+    )
+    ref, ref_lse = attention_varlen_ref(q, k, v, cq, ck, dtype=torch.float32, **kw)
+    low, low_lse = attention_varlen_ref(q, k, v, cq, ck, upcast=False, **kw)
+    assert_close_2x(res.out, ref, low, "out")
+    assert_close_2x(res.lse, ref_lse, low_lse, "lse", slack=2e-3)

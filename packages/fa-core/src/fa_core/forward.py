@@ -50,11 +50,58 @@ def new_rng_state(dropout_p: float) -> torch.Tensor:
     return torch.cat([seed, offset])
 
 
-def _sparse_args(block_mask, dummy):
-    """Kernel arguments of a block mask: pointers and strides (0 on broadcast batch / head dims)."""
+def _full_blocks(block_mask, batch: int, nheads: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(full_kv_num_blocks, full_kv_indices)`` of a block mask that has them (FlexAttention's names), else
+    None. Read with getattr so that masks without the fields keep working."""
     if block_mask is None:
-        return (dummy, dummy, 0, 0, 0, 0, 0)
-    num, idx = block_mask.kv_num_blocks, block_mask.kv_indices
+        return None
+    num = getattr(block_mask, "full_kv_num_blocks", None)
+    idx = getattr(block_mask, "full_kv_indices", None)
+    if num is None and idx is None:
+        return None
+    if num is None or idx is None:
+        raise ValueError(
+            "block_mask.full_kv_num_blocks and block_mask.full_kv_indices must be given together"
+        )
+    part_num, part_idx = block_mask.kv_num_blocks, block_mask.kv_indices
+    for name, t, like in (
+        ("block_mask.full_kv_num_blocks", num, part_num),
+        ("block_mask.full_kv_indices", idx, part_idx),
+    ):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+        if t.device != like.device:
+            raise ValueError(f"{name} is on {t.device} but the block mask is on {like.device}")
+        if (
+            t.dim() != like.dim()
+            or t.shape[2:] != like.shape[2:]
+            or t.shape[:2] != num.shape[:2]
+            or t.shape[0] not in (1, batch)
+            or t.shape[1] not in (1, nheads)
+        ):
+            raise ValueError(
+                f"{name} must have the partial lists' layout {tuple(like.shape)} with leading dims "
+                f"(batch|1, nheads|1) = ({batch}|1, {nheads}|1), got {tuple(t.shape)}"
+            )
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension")
+    return num, idx
+
+
+def _sparse_args(block_mask, batch, nheads, dummy):
+    """Kernel arguments of a block mask: pointers and strides (0 on broadcast batch / head dims), for the
+    partial blocks then the full ones."""
+    if block_mask is None:
+        return (dummy, dummy, 0, 0, 0, 0, 0) * 2
+    full = _full_blocks(block_mask, batch, nheads)
+    return _block_list_args(block_mask.kv_num_blocks, block_mask.kv_indices) + (
+        _block_list_args(*full) if full is not None else (dummy, dummy, 0, 0, 0, 0, 0)
+    )
+
+
+def _block_list_args(num, idx):
     return (
         num,
         idx,
@@ -101,6 +148,21 @@ def _ensure_allocator() -> None:
     _ALLOCATOR_SET = True
 
 
+def _transposed_v(v: torch.Tensor, varlen: bool) -> torch.Tensor:
+    """V with keys last, ``(batch, nheads_k, headdim_v, seqlen_k)`` (varlen ``(nheads_k, headdim_v,
+    total_k)``), the key dim padded to a multiple of 16 elements so that its row stride suits TMA.
+
+    Hopper's FP8 tensor-core dot (wgmma) needs both operands K-major; for P @ V the K dim is the key dim, so
+    V must be read from a keys-contiguous copy. One copy per call: ~1% of the attention time at 4k keys.
+    """
+    keys = v.permute(1, 2, 0) if varlen else v.permute(0, 2, 3, 1)
+    n = keys.shape[-1]
+    padded = -(-n // 16) * 16
+    vt = torch.empty(*keys.shape[:-1], padded, dtype=v.dtype, device=v.device)
+    vt[..., :n].copy_(keys)
+    return vt
+
+
 def seq_bucket(n: int) -> int:
     """Autotune key for a sequence length: powers of two, so that tunings stay few (forward and backward)."""
     return min(triton.next_power_of_2(max(int(n), 16)), 1 << 16)
@@ -136,16 +198,26 @@ def _launch(
 ):
     nheads, nheads_k, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     is_fp8 = descale is not None
+    # FA_PLUS_FP8_LAYOUT=1: 16-bit inputs take the FP8 path's layout too (transposed V, shifted P), so that
+    # the CPU interpreter tests it (it cannot run FP8 dots) and timings can compare the layouts
+    v_t = is_fp8 or os.environ.get("FA_PLUS_FP8_LAYOUT", "0") == "1"
+    if v_t:
+        v = _transposed_v(v, varlen)
+        # kernel view: batch / head strides of the copy, keys contiguous, stride_vd between headdim rows
+        v_strides = (0 if varlen else v.stride(0), 1, v.stride(-3), v.stride(-2))
+    else:
+        v_strides = (0 if varlen else v.stride(0), v.stride(-3), v.stride(-2), 0)
+    full = _full_blocks(block_mask, batch, nheads)
     # fp8 tensor-core dots need K >= 32
     min_block = 32 if is_fp8 else 16
     left, right, is_local = normalize_window(causal, window_size)
     if varlen:
         sq_b = sk_b = 0
-        stride_qb = stride_kb = stride_vb = stride_ob = 0
+        stride_qb = stride_kb = stride_ob = 0
         stride_lb, stride_lh = 0, lse.stride(0)
     else:
         sq_b, sk_b = q.shape[1], k.shape[1]
-        stride_qb, stride_kb, stride_vb, stride_ob = q.stride(0), k.stride(0), v.stride(0), out.stride(0)
+        stride_qb, stride_kb, stride_ob = q.stride(0), k.stride(0), out.stride(0)
         stride_lb, stride_lh = lse.stride(0), lse.stride(1)
     alibi = alibi_slopes if alibi_slopes is not None else q.new_empty(0, dtype=torch.float32)
     stride_alb = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
@@ -167,9 +239,7 @@ def _launch(
         stride_kb,
         k.stride(-3),
         k.stride(-2),
-        stride_vb,
-        v.stride(-3),
-        v.stride(-2),
+        *v_strides,
         stride_ob,
         out.stride(-3),
         out.stride(-2),
@@ -189,7 +259,7 @@ def _launch(
         descale if is_fp8 else alibi,
         descale.stride(0) if is_fp8 else 0,
         descale.stride(1) if is_fp8 else 0,
-        *_sparse_args(block_mask, dummy_i32),
+        *_sparse_args(block_mask, batch, nheads, dummy_i32),
         left,
         right,
         attention_chunk,
@@ -213,10 +283,14 @@ def _launch(
         HAS_SCORE_MOD=score_mod is not None,
         HAS_MASK_MOD=mask_mod is not None,
         IS_SPARSE=block_mask is not None,
+        HAS_FULL=full is not None,
         SPARSE_Q=block_mask.block_size[0] if block_mask is not None else 128,
         SPARSE_KV=block_mask.block_size[1] if block_mask is not None else 128,
         HAS_SINK=learnable_sink is not None,
         IS_FP8=is_fp8,
+        V_T=v_t,
+        # FP8: p scaled by 2^8 before its e4m3 rounding (cancels in out = acc / l; lse subtracts it)
+        P_SHIFT=8.0 if v_t else 0.0,
         HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None,
         HAS_DROPOUT=dropout_p > 0,
@@ -423,9 +497,12 @@ def flash_attn_forward(
         mask_mod: a ``@triton.jit`` function ``(b, h, q_idx, kv_idx) -> bool``: keys where it is False are
             masked out (combined with causal / window / chunk); forward only.
         block_mask: :class:`fa_core.block_sparse.BlockMask`: only the listed key blocks are loaded (dense
-            inputs only; not with ``return_probs``).
+            inputs only; not with ``return_probs``). Its optional full blocks (``full_kv_num_blocks`` /
+            ``full_kv_indices``) skip ``mask_mod``; causal / window / chunk still apply in every block.
         q_descale, k_descale, v_descale: ``(batch, nheads_k)`` float32 dequantisation factors for
-            ``float8_e4m3fn`` q, k, v (FlashAttention-3's convention; default 1). The output is bf16.
+            ``float8_e4m3fn`` q, k, v (FlashAttention-3's convention; default 1). The output is bf16. V is
+            copied keys-last once per call (Hopper's FP8 dot needs a K-major V); P is rounded to e4m3 as
+            ``p * 2^8`` (the factor cancels in the normalisation).
 
     Returns:
         :class:`FwdResult` ``(out, lse (batch, nheads, seqlen_q), rng_state, probs)``.

@@ -60,6 +60,28 @@ def _load_k_tile(
 
 
 @triton.jit
+def _load_vt_tile(
+    vt_base,
+    offs_n,
+    offs_dv,
+    stride_vd,
+    seqlen_k,
+    HEADDIM_V: tl.constexpr,
+    MASKED: tl.constexpr,
+    EVEN_DV: tl.constexpr,
+):
+    """Tile of V stored transposed ``(headdim_v, seqlen_k)``: ``(BLOCK_DV, BLOCK_N)``, keys contiguous."""
+    ptrs = vt_base + offs_dv[:, None] * stride_vd + offs_n[None, :]
+    if MASKED:
+        if EVEN_DV:
+            return tl.load(ptrs, mask=offs_n[None, :] < seqlen_k, other=0.0)
+        return tl.load(ptrs, mask=(offs_n[None, :] < seqlen_k) & (offs_dv[:, None] < HEADDIM_V), other=0.0)
+    if EVEN_DV:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=offs_dv[:, None] < HEADDIM_V, other=0.0)
+
+
+@triton.jit
 def _fwd_inner(
     acc,
     l_i,
@@ -71,6 +93,7 @@ def _fwd_inner(
     v_desc,
     stride_kn,
     stride_vn,
+    stride_vd,
     start,
     end,
     offs_m,
@@ -106,6 +129,9 @@ def _fwd_inner(
     EVEN_DV: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
+    V_T: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    P_SHIFT: tl.constexpr,
 ):
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in tl.range(start, end, BLOCK_N):
@@ -132,11 +158,23 @@ def _fwd_inner(
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row that has seen no visible key yet keeps m = -inf: subtract 0 instead to avoid inf - inf
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
+        if P_SHIFT != 0.0:
+            # FP8: p in [0, 2^P_SHIFT] uses e4m3's range (max 448) instead of flushing p < 2^-10 to zero;
+            # l carries the same factor, so out = acc / l is unchanged (lse subtracts P_SHIFT)
+            m_safe = m_safe - P_SHIFT
+        p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if USE_TMA:
+        if V_T:
+            # V stored transposed (headdim, seqlen): the tile (BLOCK_DV, BLOCK_N) is K-major for P @ V,
+            # which Hopper's FP8 wgmma requires of its B operand
+            if USE_TMA and not IS_VARLEN:
+                vt = v_desc.load([0, start_n])
+            else:
+                vt = _load_vt_tile(v_base, offs_n, offs_dv, stride_vd, seqlen_k, HEADDIM_V, MASKED, EVEN_DV)
+            v = tl.trans(vt)
+        elif USE_TMA:
             v = v_desc.load([start_n, 0])
         else:
             v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :]
@@ -149,46 +187,90 @@ def _fwd_inner(
     return acc, l_i, m_i
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, TMA): measured on H200 (bf16), triton 3.6: 128x128/8 warps wins
-# at d128 on long sequences, 128x64 at d64, 64x64/4 warps on short causal ones. TMA tensor descriptors won
-# only a few percent on long causal rows, so only the three tiles that can use them carry a TMA twin
-# (compiles cost seconds each: the space stays small).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, TMA, where): measured on H200 (bf16), triton 3.6: 128x128/8 warps
+# wins at d128 on long sequences, 128x64 at d64, 64x64/4 warps on short causal ones. TMA tensor descriptors
+# won only a few percent on long causal rows, so only the three tiles that can use them carry a TMA twin
+# (compiles cost seconds each: the space stays small). ``where``: "any", or "short" / "long" (tried only
+# for key lengths <= 2048 / >= 2048), so that each autotune key times at most ~10 configs.
 FWD_TILES = [
-    (128, 128, 8, 3, False),
-    (128, 64, 8, 3, False),
-    (128, 64, 4, 3, False),
-    (128, 64, 4, 4, False),
-    (64, 64, 4, 3, False),
-    (64, 128, 4, 3, False),
-    (64, 32, 4, 2, False),
-    (128, 128, 8, 3, True),
-    (128, 64, 8, 3, True),
-    (64, 64, 4, 3, True),
+    (128, 128, 8, 3, False, "any"),
+    (128, 64, 8, 3, False, "any"),
+    (128, 64, 4, 3, False, "any"),
+    (128, 64, 4, 4, False, "any"),
+    (64, 64, 4, 3, False, "any"),
+    (64, 128, 4, 3, False, "any"),
+    (64, 32, 4, 2, False, "any"),
+    (128, 128, 8, 3, True, "any"),
+    (128, 64, 8, 3, True, "any"),
+    (64, 64, 4, 3, True, "any"),
+    # issue #2's losing points: short causal rows (d64 / d128 at 512) want small tiles, shallow pipelines
+    (64, 64, 8, 2, False, "short"),
+    (64, 64, 4, 2, False, "short"),
+    # d128 non-causal, long rows: a deeper pipeline on the 128x64 TMA tile
+    (128, 64, 8, 4, True, "long"),
 ]
+
+# FP8 (e4m3) tiles: BLOCK_N 128 (the P @ V dot has K = BLOCK_N; fp8 wgmma wants K >= 32 and the bytes of a
+# 128-key tile equal those of a 64-key bf16 one), V read transposed through TMA. d256 falls back to 64-key tiles.
+FP8_TILES = [
+    (128, 128, 8, 3, True, "any"),
+    (128, 128, 8, 3, False, "any"),
+    (128, 128, 8, 4, True, "long"),
+    (128, 64, 8, 3, True, "any"),
+    (64, 128, 4, 3, False, "short"),
+    (128, 64, 8, 2, False, "any"),
+]
+
+
+# used only when no tile above fits (block-sparse masks with 32-row / 32-key blocks)
+FALLBACK_TILE = (32, 32, 4, 2, False)
+
+
+_FAMILIES = {
+    True: {t[:5]: t[5] for t in FP8_TILES},
+    False: {t[:5]: t[5] for t in FWD_TILES},
+}
 
 
 def _configs() -> list[triton.Config]:
     """Named autotune space for the forward; a single small config under the CPU interpreter."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "USE_TMA": False}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma}, num_warps=warps, num_stages=stages)
-        for bm, bn, warps, stages, tma in FWD_TILES
-    ]
+    seen: dict[tuple, triton.Config] = {}
+    for bm, bn, warps, stages, tma, _ in [*FWD_TILES, *FP8_TILES, (*FALLBACK_TILE, "any")]:
+        seen.setdefault(
+            (bm, bn, warps, stages, tma),
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma}, num_warps=warps, num_stages=stages),
+        )
+    return list(seen.values())
 
 
 FWD_CONFIGS = _configs()
 
 
+def _cfg_key(c: triton.Config) -> tuple:
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.kwargs["USE_TMA"])
+
+
 def _prune(configs, named_args, **kwargs):
-    """Drop TMA configs where descriptors cannot be used, tiles too big for shared memory at large head
-    dims, and tiles far larger than the work."""
+    """Keep the tiles of the input type (FP8 or 16-bit) and sequence length; drop TMA configs where
+    descriptors cannot be used, tiles too big for shared memory at large head dims, and tiles far larger than
+    the work."""
     args = {**named_args, **kwargs}
     d = max(args["BLOCK_D"], args["BLOCK_DV"])
     bucket = args["SEQ_BUCKET_Q"]
+    bucket_k = args["SEQ_BUCKET_K"]
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    family = _FAMILIES[bool(args["IS_FP8"])]
     out = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        key = _cfg_key(c)
+        if not interp and key not in family:
+            continue
+        where = family.get(key, "any")
+        if (where == "short" and bucket_k > 2048) or (where == "long" and bucket_k < 2048):
+            continue
         if c.kwargs["USE_TMA"] and not args["TMA_OK"]:
             continue
         if d >= 256 and (bn > 64 or c.num_stages > 2):
@@ -200,7 +282,9 @@ def _prune(configs, named_args, **kwargs):
         if args["IS_SPARSE"] and (bm > args["SPARSE_Q"] or bn > args["SPARSE_KV"]):
             continue
         out.append(c)
-    out = out or [c for c in configs if not c.kwargs["USE_TMA"]][-1:]
+    if not out:
+        # the smallest tile fits every head dim, sparse block size (>= 32) and sequence length
+        out = [c for c in configs if _cfg_key(c) == FALLBACK_TILE] or configs[-1:]
     if os.environ.get("FA_PLUS_AUTOTUNE", "1") == "0":
         # tests: one config, no timing; FA_PLUS_TMA picks the load path to exercise
         want_tma = os.environ.get("FA_PLUS_TMA", "1") == "1"
@@ -219,6 +303,11 @@ def _prune(configs, named_args, **kwargs):
         "IS_VARLEN",
         "HAS_DROPOUT",
         "TMA_OK",
+        "IS_FP8",
+        "V_T",
+        "IS_SPARSE",
+        "SPARSE_Q",
+        "SPARSE_KV",
     ],
     prune_configs_by={"early_config_prune": _prune},
 )
@@ -238,6 +327,7 @@ def fwd_kernel(
     stride_vb,
     stride_vn,
     stride_vh,
+    stride_vd,
     stride_ob,
     stride_om,
     stride_oh,
@@ -264,6 +354,13 @@ def fwd_kernel(
     stride_idx_b,
     stride_idx_h,
     stride_idx_q,
+    FullNum,
+    FullIdx,
+    stride_fnb_b,
+    stride_fnb_h,
+    stride_fidx_b,
+    stride_fidx_h,
+    stride_fidx_q,
     window_left,
     window_right,
     attention_chunk,
@@ -291,9 +388,12 @@ def fwd_kernel(
     HAS_SCORE_MOD: tl.constexpr,
     HAS_MASK_MOD: tl.constexpr,
     IS_SPARSE: tl.constexpr,
+    HAS_FULL: tl.constexpr,
     SPARSE_Q: tl.constexpr,
     SPARSE_KV: tl.constexpr,
     IS_FP8: tl.constexpr,
+    V_T: tl.constexpr,
+    P_SHIFT: tl.constexpr,
     TMA_OK: tl.constexpr,
     USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -303,6 +403,9 @@ def fwd_kernel(
 
     Dense: q ``(batch, seqlen_q, nheads, d)``, lse ``(batch, nheads, seqlen_q)``.
     Varlen: q ``(total_q, nheads, d)`` (batch strides 0, rows offset by ``cu_seqlens``), lse ``(nheads, total_q)``.
+    ``V_T``: V is stored transposed, ``(batch, nheads_k, headdim_v, seqlen_k)`` (varlen ``(nheads_k,
+    headdim_v, total_k)``), ``stride_vn`` = 1 and ``stride_vd`` its row stride (the FP8 path: Hopper's FP8
+    tensor-core dot needs a K-major V). ``P_SHIFT``: probabilities are computed as ``p * 2^P_SHIFT``.
     """
     EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
     EVEN_DV: tl.constexpr = HEADDIM_V == BLOCK_DV
@@ -355,9 +458,21 @@ def fwd_kernel(
         k_desc = tl.make_tensor_descriptor(
             k_base, shape=[seqlen_k, HEADDIM], strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D]
         )
-        v_desc = tl.make_tensor_descriptor(
-            v_base, shape=[seqlen_k, HEADDIM_V], strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_DV]
-        )
+        if V_T:
+            if IS_VARLEN:
+                # a sequence's first key is not 16-byte aligned in the transposed V: pointer loads
+                v_desc = v_base
+            else:
+                v_desc = tl.make_tensor_descriptor(
+                    v_base,
+                    shape=[HEADDIM_V, seqlen_k],
+                    strides=[stride_vd, 1],
+                    block_shape=[BLOCK_DV, BLOCK_N],
+                )
+        else:
+            v_desc = tl.make_tensor_descriptor(
+                v_base, shape=[seqlen_k, HEADDIM_V], strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_DV]
+            )
         q = q_desc.load([start_m * BLOCK_M, 0])
     else:
         k_desc = k_base
@@ -390,15 +505,15 @@ def fwd_kernel(
         start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, IS_LOCAL
     )
     if HAS_CHUNK:
-        # chunked attention: only the chunks of this block's rows
+        # chunked attention: only the chunks of this block's rows; the chunk edges are element masks the
+        # block ranges cannot see: every block goes through a masked loop
         lo, hi = chunk_kv_range(lo, hi, start_m, seqlen_q, seqlen_k, attention_chunk, BLOCK_M, BLOCK_N)
-    if HAS_CHUNK or HAS_MASK_MOD:
-        # element masks the block ranges cannot see: every block goes through the masked (right) loop
         full_lo = lo
         full_hi = lo
     if IS_SPARSE:
-        # block-sparse: only the key blocks listed for this query block are loaded (all masked: the
-        # causal / window / chunk / mask_mod rules still apply inside them)
+        # block-sparse: only the key blocks listed for this query block are loaded. Partial blocks: every
+        # rule applies inside them (causal / window / chunk / mask_mod); full blocks skip mask_mod, and
+        # pay for the causal / window / chunk / ragged-end masks only where kv_range says they can cut
         q_blk = (start_m * BLOCK_M) // SPARSE_Q
         nb_ptr = KvNum + off_b.to(tl.int64) * stride_nb_b + off_h * stride_nb_h + q_blk
         idx_ptr = KvIdx + off_b.to(tl.int64) * stride_idx_b + off_h * stride_idx_h + q_blk * stride_idx_q
@@ -410,43 +525,89 @@ def fwd_kernel(
             blk_hi = tl.maximum(blk_hi, blk_lo)
             # fmt: off
             acc, l_i, m_i = _fwd_inner(
-                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, blk_lo, blk_hi,
-                offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left,
-                window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn,
-                mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, True, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI,
-                HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, USE_TMA,
+                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, blk_lo,
+                blk_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope,
+                window_left, window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h,
+                score_mod_fn, mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, True, IS_LOCAL, HAS_CHUNK,
+                HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, USE_TMA,
+                V_T, IS_VARLEN, P_SHIFT,
             )
             # fmt: on
+        if HAS_FULL:
+            fnb_ptr = FullNum + off_b.to(tl.int64) * stride_fnb_b + off_h * stride_fnb_h + q_blk
+            fidx_ptr = (
+                FullIdx + off_b.to(tl.int64) * stride_fidx_b + off_h * stride_fidx_h + q_blk * stride_fidx_q
+            )
+            n_full = tl.load(fnb_ptr)
+            for i in range(n_full):
+                kv_blk = tl.load(fidx_ptr + i)
+                blk_lo = tl.maximum(kv_blk * SPARSE_KV, lo)
+                blk_hi = tl.minimum(kv_blk * SPARSE_KV + SPARSE_KV, hi)
+                blk_hi = tl.maximum(blk_hi, blk_lo)
+                # [blk_lo, a) masked, [a, b) no mask at all, [b, blk_hi) masked (all multiples of BLOCK_N
+                # but blk_hi); mask_mod is never evaluated in a full block
+                a = tl.minimum(tl.maximum(full_lo, blk_lo), blk_hi)
+                b = tl.maximum(tl.minimum(full_hi, blk_hi), a)
+                # fmt: off
+                acc, l_i, m_i = _fwd_inner(
+                    acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, blk_lo,
+                    a, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope,
+                    window_left, window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h,
+                    score_mod_fn, mask_mod_fn, HAS_SCORE_MOD, False, True, IS_LOCAL, HAS_CHUNK,
+                    HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, USE_TMA,
+                    V_T, IS_VARLEN, P_SHIFT,
+                )
+                acc, l_i, m_i = _fwd_inner(
+                    acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, a, b,
+                    offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope,
+                    window_left, window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h,
+                    score_mod_fn, mask_mod_fn, HAS_SCORE_MOD, False, False, IS_LOCAL, HAS_CHUNK,
+                    HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, USE_TMA,
+                    V_T, IS_VARLEN, P_SHIFT,
+                )
+                acc, l_i, m_i = _fwd_inner(
+                    acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, b,
+                    blk_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope,
+                    window_left, window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h,
+                    score_mod_fn, mask_mod_fn, HAS_SCORE_MOD, False, True, IS_LOCAL, HAS_CHUNK,
+                    HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, USE_TMA,
+                    V_T, IS_VARLEN, P_SHIFT,
+                )
+                # fmt: on
     else:
+        if HAS_MASK_MOD:
+            # element masks the block ranges cannot see: every block goes through the masked (right) loop
+            full_lo = lo
+            full_hi = lo
         if HAS_WINDOW_LEFT:
             # left edge of the band (sliding window): masked; compiled out for plain causal
             # fmt: off
             acc, l_i, m_i = _fwd_inner(
-                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, lo, full_lo, offs_m,
-                offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left,
+                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, lo, full_lo,
+                offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left,
                 window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn,
                 mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, True, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI,
-                HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, USE_TMA,
+                HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, USE_TMA, V_T, IS_VARLEN, P_SHIFT,
             )
             # fmt: on
         # interior: no mask at all
         # fmt: off
         acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, full_lo, full_hi, offs_m,
-            offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left, window_right,
-            attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn, mask_mod_fn,
-            HAS_SCORE_MOD, HAS_MASK_MOD, False, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-            HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, USE_TMA,
+            acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, full_lo, full_hi,
+            offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left,
+            window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn,
+            mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, False, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI,
+            HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, USE_TMA, V_T, IS_VARLEN, P_SHIFT,
         )
         # fmt: on
         # right edge: the causal diagonal / window edge and the ragged end of the keys
         # fmt: off
         acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, full_hi, hi, offs_m,
-            offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left, window_right,
-            attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn, mask_mod_fn,
-            HAS_SCORE_MOD, HAS_MASK_MOD, True, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-            HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, USE_TMA,
+            acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, full_hi, hi,
+            offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left,
+            window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn,
+            mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, True, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI,
+            HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, USE_TMA, V_T, IS_VARLEN, P_SHIFT,
         )
         # fmt: on
     if HAS_SINK:
@@ -454,7 +615,7 @@ def fwd_kernel(
         sink = tl.load(Sink + off_h).to(tl.float32) * 1.4426950408889634
         m_sink = tl.maximum(m_i, sink)
         alpha_sink = tl.exp2(m_i - m_sink)
-        l_i = l_i * alpha_sink + tl.exp2(sink - m_sink)
+        l_i = l_i * alpha_sink + tl.exp2(sink - m_sink + P_SHIFT)
         acc = acc * alpha_sink[:, None]
         m_i = m_sink
     # rows with no visible key: out 0, lse +inf (flash-attn 2.8's convention)
@@ -466,7 +627,7 @@ def fwd_kernel(
     if IS_FP8:
         scale = scale * v_descale
     acc = acc * scale[:, None]
-    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe) - P_SHIFT) * 0.6931471805599453)
     tl.store(
         Lse + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + q_start + offs_m,
         lse,
