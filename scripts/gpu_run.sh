@@ -38,10 +38,12 @@ remaining() { echo $((BUDGET - ($(date +%s) - START))); }
 pack() {
     # results + logs -> one tarball (the device tool returns at most 8 files from $OUT)
     trap - EXIT TERM INT
-    local stage_dir="/tmp/gpu_run_pack"
+    local stage_dir
+    stage_dir="$(mktemp -d)"  # unique: two runners may pack at once (one per GPU)
     rm -rf "$stage_dir" && mkdir -p "$stage_dir"
     cp -r "$LOGS" "$stage_dir/logs" 2>/dev/null
     [ -d bench/results ] && cp -r bench/results "$stage_dir/results" 2>/dev/null
+    [ -d reports ] && cp -r reports "$stage_dir/reports" 2>/dev/null
     cp "$SUMMARY" "$stage_dir/" 2>/dev/null
     if tar -C "$stage_dir" -czf "$OUT/results.tar.gz" . 2>/dev/null; then
         rm -rf "$LOGS"
