@@ -1,5 +1,8 @@
 """Every recorded flash-attn 2.8.3 signature (tests/data/flash_attn_2_8_signatures.json) holds here: names,
-order, kinds and defaults of the parameters, aliases, and the public names of ``flash_attn``."""
+order, kinds and defaults of the parameters, aliases, and the public names of ``flash_attn``.
+
+The only parameters beyond the record are the documented keyword-only extras of :data:`EXTRAS` (newer
+flash-attn interfaces' names), after every recorded parameter, so positional calls keep 2.8's meaning."""
 
 from __future__ import annotations
 
@@ -15,6 +18,14 @@ import flash_attn
 
 DATA = json.loads((Path(__file__).parent / "data" / "flash_attn_2_8_signatures.json").read_text())
 RECORDS = DATA["records"]
+
+_EXTRA_FUNCS = ("flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache")
+#: {(module, function): [(name, default)]}: keyword-only parameters allowed after the recorded ones.
+EXTRAS: dict[tuple[str, str], list[tuple[str, object]]] = {
+    (module, name): [("attention_chunk", 0), ("learnable_sink", None)]
+    for module in ("flash_attn", "flash_attn.flash_attn_interface")
+    for name in _EXTRA_FUNCS
+}
 
 
 def _resolve(module: str, name: str):
@@ -38,6 +49,14 @@ def test_signature_matches_flash_attn_2_8(record):
     params = list(inspect.signature(obj).parameters.values())
     if record.get("note", "").startswith("first parameter"):
         params = params[1:]  # self / ctx
+    extras = EXTRAS.get((record["module"], record["name"]), [])
+    n = len(params) - len(extras)
+    params, extra_params = params[:n], params[n:]
+    got_extras = [(p.name, p.kind.name, p.default) for p in extra_params]
+    want_extras = [(name, "KEYWORD_ONLY", default) for name, default in extras]
+    assert got_extras == want_extras, f"{_id(record)}: extra parameters {got_extras} != {want_extras}"
+    for p, (_, default) in zip(extra_params, extras):
+        assert type(p.default) is type(default), f"{_id(record)}: default of {p.name} is {p.default!r}"
     got = [(p.name, p.kind.name) for p in params]
     want = [(p["name"], p["kind"]) for p in record["params"]]
     assert got == want, f"{_id(record)}: parameters {got} != flash-attn's {want}"
@@ -49,6 +68,12 @@ def test_signature_matches_flash_attn_2_8(record):
             assert p.default == expected and type(p.default) is type(expected), (
                 f"{_id(record)}: default of {p.name} is {p.default!r}, flash-attn has {rec['default']}"
             )
+
+
+def test_extras_cover_recorded_functions():
+    """Every allow-listed function is a recorded one (the allow-list cannot silently go stale)."""
+    recorded = {(r["module"], r["name"]) for r in RECORDS if "alias_of" not in r}
+    assert set(EXTRAS) <= recorded
 
 
 def test_top_level_exports_and_versions():

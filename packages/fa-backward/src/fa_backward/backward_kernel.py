@@ -159,9 +159,9 @@ def _dkdv_inner(
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in tl.range(start, end, BLOCK_M):
         offs_m = start_m + offs_m0
-        q = _load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, seqlen_q, offs_d,
+        q = _load_rows(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :], offs_m, seqlen_q, offs_d,
                        HEADDIM, MASKED, EVEN_D)
-        do = _load_rows(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, seqlen_q, offs_dv,
+        do = _load_rows(do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :], offs_m, seqlen_q, offs_dv,
                         HEADDIM_V, MASKED, EVEN_DV)
         # ragged query rows get lse = +inf, hence p = 0
         lse = _load_vec(lse_base + offs_m, offs_m, seqlen_q, float("inf"), MASKED)
@@ -184,6 +184,9 @@ def _dkdv_inner(
                 dmod_t = tl.where(ok_t, dmod_t, 0.0)  # a derivative that is not finite off the mask is harmless
         # a row without any visible key has lse = +inf: exp2(s - inf) = 0, so its gradient is 0 (no NaN)
         p_t = tl.exp2(s_t - lse[None, :] * LOG2E)
+        if MASKED:
+            # a row with a NaN/Inf lse would give exp2(-inf - nan) = NaN at keys it does not see
+            p_t = tl.where(ok_t, p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do))
         if HAS_DROPOUT:
             keep_t = tl.trans(dropout_keep(seed, rng_offset, bh, offs_m, offs_n, dropout_p))
@@ -193,6 +196,8 @@ def _dkdv_inner(
         else:
             dv = tl.dot(p_t.to(do.dtype), do, dv)
         ds_t = p_t * (dp_t - delta[None, :])
+        if MASKED:
+            ds_t = tl.where(ok_t, ds_t, 0.0)  # 0 * NaN from a NaN row's delta stays out of other keys
         if HAS_SCORE_MOD:
             ds_t = ds_t * dmod_t
         if HAS_SOFTCAP:
@@ -252,9 +257,9 @@ def _bwd_dkdv_kernel(
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, seqlen_k, offs_d,
+    k = _load_rows(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :], offs_n, seqlen_k, offs_d,
                    HEADDIM, True, EVEN_D)
-    v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, seqlen_k, offs_dv,
+    v = _load_rows(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :], offs_n, seqlen_k, offs_dv,
                    HEADDIM_V, True, EVEN_DV)
     if ACC_FP64:  # float64 inputs (CPU interpreter only, for gradcheck) accumulate in float64
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float64)
@@ -358,9 +363,9 @@ def _bwd_dkdv_kernel(
         dk = tl.where(keep_rows, dk, 0.0)
         dv = tl.where(keep_rows, dv, 0.0)
     dk_ptrs = (DK + off_b.to(tl.int64) * stride_dkb + off_hk.to(tl.int64) * stride_dkh
-               + k_start.to(tl.int64) * stride_dkn + offs_n[:, None] * stride_dkn + offs_d[None, :])
+               + k_start.to(tl.int64) * stride_dkn + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :])
     dv_ptrs = (DV + off_b.to(tl.int64) * stride_dvb + off_hk.to(tl.int64) * stride_dvh
-               + k_start.to(tl.int64) * stride_dvn + offs_n[:, None] * stride_dvn + offs_dv[None, :])
+               + k_start.to(tl.int64) * stride_dvn + offs_n[:, None].to(tl.int64) * stride_dvn + offs_dv[None, :])
     if EVEN_D:
         tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=offs_n[:, None] < seqlen_k_rows)
     else:
@@ -390,9 +395,9 @@ def _dq_inner(
     lse2 = lse * LOG2E
     for start_n in tl.range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
-        k = _load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, seqlen_k, offs_d,
+        k = _load_rows(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :], offs_n, seqlen_k, offs_d,
                        HEADDIM, MASKED, EVEN_D)
-        v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, seqlen_k, offs_dv,
+        v = _load_rows(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :], offs_n, seqlen_k, offs_dv,
                        HEADDIM_V, MASKED, EVEN_DV)
         qk = tl.dot(q, tl.trans(k))
         s = scores_log2(qk, offs_m, offs_n, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope,
@@ -409,11 +414,15 @@ def _dq_inner(
             if HAS_SCORE_MOD:
                 dmod = tl.where(ok, dmod, 0.0)
         p = tl.exp2(s - lse2[:, None])
+        if MASKED:
+            p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         if HAS_DROPOUT:
             keep = dropout_keep(seed, rng_offset, bh, offs_m, offs_n, dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
+        if MASKED:
+            ds = tl.where(ok, ds, 0.0)
         if HAS_SCORE_MOD:
             ds = ds * dmod
         if HAS_SOFTCAP:
@@ -474,9 +483,9 @@ def _bwd_dq_kernel(
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, seqlen_q, offs_d,
+    q = _load_rows(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :], offs_m, seqlen_q, offs_d,
                    HEADDIM, True, EVEN_D)
-    do = _load_rows(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, seqlen_q, offs_dv,
+    do = _load_rows(do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :], offs_m, seqlen_q, offs_dv,
                     HEADDIM_V, True, EVEN_DV)
     lse = tl.load(Lse + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + q_start + offs_m,
                   mask=offs_m < seqlen_q, other=float("inf"))
@@ -549,7 +558,7 @@ def _bwd_dq_kernel(
 
     dq = dq * sm_scale
     dq_ptrs = (DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
-               + q_start.to(tl.int64) * stride_dqm + offs_m[:, None] * stride_dqm + offs_d[None, :])
+               + q_start.to(tl.int64) * stride_dqm + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :])
     if EVEN_D:
         tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=offs_m[:, None] < seqlen_q)
     else:

@@ -333,15 +333,19 @@ def kvcache(
     rotary_interleaved: bool,
     alibi_slopes: Tensor | None,
     num_splits: int,
+    attention_chunk: int = 0,
+    learnable_sink: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """fa-kvcache's ``flash_attn_with_kvcache`` (always returns ``(out (b, sq, h, dv), lse (b, h, sq))``).
-    ``cache_seqlens`` is split in a tensor and an int argument because an op schema has no union type."""
+    ``cache_seqlens`` is split in a tensor and an int argument because an op schema has no union type.
+    ``attention_chunk`` / ``learnable_sink``: fa-kvcache's keyword-only extras (defaults: off)."""
     fak = _extras.require_kvcache()
     seqlens = cache_seqlens if cache_seqlens is not None else cache_seqlens_int
     out, lse = fak.flash_attn_with_kvcache(
         _detach(q), k_cache, v_cache, _detach(k), _detach(v), rotary_cos, rotary_sin, seqlens, cache_batch_idx,
         cache_leftpad, block_table, softmax_scale, causal, (window_size_left, window_size_right), softcap,
-        rotary_interleaved, alibi_slopes, num_splits, True,
+        rotary_interleaved, alibi_slopes, num_splits, True, attention_chunk=attention_chunk,
+        learnable_sink=_detach(learnable_sink),
     )  # fmt: skip
     return out, lse
 

@@ -14,6 +14,9 @@ Differences from flash-attn (all supersets, none changes a result flash-attn wou
 * softcap and dropout may be combined; ``_flash_attn_forward(return_softmax=True)`` works without dropout.
 * varlen ``block_table`` (paged keys) gathers the pages into a padded copy of K/V (forward only, as in
   flash-attn); ``leftpad_k`` is not supported (NotImplementedError).
+* keyword-only extras of newer flash-attn interfaces, after every 2.8 parameter: ``attention_chunk`` (FA3) in
+  ``flash_attn_func`` / ``flash_attn_varlen_func`` / ``flash_attn_with_kvcache``, ``learnable_sink`` (FA4)
+  in the same three; at their defaults nothing changes (see :mod:`flash_attn._extensions`).
 
 Gradients need the ``backward`` extra (fa-backward) and ``flash_attn_with_kvcache`` the ``kvcache`` extra
 (fa-kvcache): without them the call raises :class:`flash_attn._extras.MissingExtraError` saying what to install.
@@ -26,7 +29,7 @@ import operator
 import torch
 
 from fa_core import validation as V
-from flash_attn import _extras
+from flash_attn import _extensions, _extras
 from flash_attn import _ops as ops
 from flash_attn._autograd import (
     FlashAttnFunc,
@@ -284,10 +287,17 @@ def _dense(
     alibi_slopes,
     deterministic,
     return_attn_probs,
+    attention_chunk=0,
+    learnable_sink=None,
 ):
-    _check_args(window_size, q=q, k=k, v=v, alibi_slopes=alibi_slopes)
-    _check_grad(q, k, v)
+    _check_args(window_size, q=q, k=k, v=v, alibi_slopes=alibi_slopes, learnable_sink=learnable_sink)
+    _check_grad(q, k, v, learnable_sink)
     q, k, v = (maybe_contiguous(x) for x in (q, k, v))
+    if not _extensions.is_default(attention_chunk, learnable_sink):
+        return _extensions.dense(
+            q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
+            attention_chunk, learnable_sink,
+        )  # fmt: skip
     out, lse, s_dmask, _ = torch.ops.flash_attn_plus.fwd(
         q, k, v, dropout_p, ops.default_scale(q, softmax_scale), causal, int(window_size[0]),
         int(window_size[1]), softcap, alibi_slopes, bool(return_attn_probs and dropout_p > 0), deterministic,
@@ -312,6 +322,8 @@ def _varlen(
     deterministic,
     return_attn_probs,
     block_table=None,
+    attention_chunk=0,
+    learnable_sink=None,
 ):
     _check_args(
         window_size,
@@ -321,14 +333,20 @@ def _varlen(
         cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k,
         alibi_slopes=alibi_slopes,
+        learnable_sink=learnable_sink,
     )
-    _check_grad(q, k, v)
+    _check_grad(q, k, v, learnable_sink)
     q, k, v = (maybe_contiguous(x) for x in (q, k, v))
     max_seqlen_q, max_seqlen_k = _as_int(max_seqlen_q), _as_int(max_seqlen_k)
     seqused_k = None
     if block_table is not None:
         _check_block_table(block_table, k, cu_seqlens_k)
         k, v, cu_seqlens_k, seqused_k = _gather_pages(k, v, block_table, cu_seqlens_k, max_seqlen_k, None)
+    if not _extensions.is_default(attention_chunk, learnable_sink):
+        return _extensions.varlen(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+            window_size, softcap, alibi_slopes, return_attn_probs, seqused_k, attention_chunk, learnable_sink,
+        )  # fmt: skip
     out, lse, s_dmask, _ = torch.ops.flash_attn_plus.varlen_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
         ops.default_scale(q, softmax_scale), causal, int(window_size[0]), int(window_size[1]), softcap,
@@ -410,6 +428,9 @@ def flash_attn_func(
     alibi_slopes=None,
     deterministic=False,
     return_attn_probs=False,
+    *,
+    attention_chunk: int = 0,
+    learnable_sink: Tensor | None = None,
 ):
     """Dense attention.
 
@@ -423,6 +444,16 @@ def flash_attn_func(
         alibi_slopes: fp32 ``(nheads,)`` or ``(batch, nheads)``: bias ``-slope * |i + seqlen_k - seqlen_q - j|``.
         deterministic: accepted (our backward is always deterministic).
         return_attn_probs: also return ``softmax_lse (batch, nheads, seqlen_q)`` fp32 and ``S_dmask``.
+        attention_chunk: keyword only, beyond flash-attn 2.8 (FlashAttention-3's name): a query at position
+            ``p = i + seqlen_k - seqlen_q`` sees only keys ``j`` with ``j // chunk == p // chunk``; combines
+            with causal / window; 0 = off.
+        learnable_sink: keyword only, beyond flash-attn 2.8 (FlashAttention-4's name, gpt-oss's sinks):
+            ``(nheads,)`` fp32/fp16/bf16, one extra logit per head in every row's softmax denominator and
+            none in the output; differentiable (needs fa-backward). ``softmax_lse`` includes it.
+        With either extra set, the call runs ``fa_backward.programmable.attention`` (fa-core's forward
+        without fa-backward) instead of the registered ``flash_attn_plus`` custom op: ``torch.compile``
+        graph-breaks there. ``softmax_lse`` is then differentiable, and ``return_attn_probs`` with
+        ``dropout_p > 0`` raises ``ValueError``.
 
     Returns:
         ``out (batch, seqlen_q, nheads, headdim)``, or ``(out, softmax_lse, S_dmask)``.
@@ -439,6 +470,8 @@ def flash_attn_func(
         alibi_slopes,
         deterministic,
         return_attn_probs,
+        attention_chunk,
+        learnable_sink,
     )
 
 
@@ -538,6 +571,9 @@ def flash_attn_varlen_func(
     deterministic=False,
     return_attn_probs=False,
     block_table=None,
+    *,
+    attention_chunk: int = 0,
+    learnable_sink: Tensor | None = None,
 ):
     """Variable-length attention over packed sequences.
 
@@ -545,7 +581,9 @@ def flash_attn_varlen_func(
         q: ``(total_q, nheads, headdim)``; k, v: ``(total_k, nheads_k, headdim)``, or paged
             ``(num_blocks, page_block_size, nheads_k, headdim)`` with ``block_table (batch, max_blocks)`` int32.
         cu_seqlens_q, cu_seqlens_k: int32 ``(batch + 1,)``; max_seqlen_q, max_seqlen_k: int (or 0-dim tensor).
-        Other arguments: as :func:`flash_attn_func`; causal/window are aligned per sequence.
+        Other arguments: as :func:`flash_attn_func` (``attention_chunk`` and ``learnable_sink`` too, keyword
+            only; with either set, ``fa_backward.programmable.attention_varlen`` runs, not a custom op);
+            causal/window/chunks are aligned per sequence.
 
     Returns:
         ``out (total_q, nheads, headdim)``, or ``(out, softmax_lse (nheads, total_q), S_dmask)``.
@@ -567,6 +605,8 @@ def flash_attn_varlen_func(
         deterministic,
         return_attn_probs,
         block_table,
+        attention_chunk,
+        learnable_sink,
     )
 
 
@@ -590,6 +630,9 @@ def flash_attn_with_kvcache(
     alibi_slopes=None,
     num_splits=0,
     return_softmax_lse=False,
+    *,
+    attention_chunk: int = 0,
+    learnable_sink: Tensor | None = None,
 ):
     """Attention over a KV cache, appending ``k``/``v`` into it in place first (see fa_kvcache for details).
 
@@ -597,14 +640,20 @@ def flash_attn_with_kvcache(
     or paged ``(num_blocks, page_block_size, nheads_k, headdim)`` with ``block_table``; ``cache_seqlens`` int or
     int32 ``(batch,)``. Returns ``out``, or ``(out, softmax_lse (batch, nheads, seqlen_q))``. No backward (as in
     flash-attn: the result does not require grad). Needs fa-kvcache.
+
+    Keyword only, beyond flash-attn 2.8: ``attention_chunk`` (FlashAttention-3's chunked attention, 0 = off)
+    and ``learnable_sink`` ``(nheads,)`` (one extra softmax logit per head, as in :func:`flash_attn_func`;
+    included in ``softmax_lse``). Both go through the same ``flash_attn_plus::kvcache`` custom op.
     """
     _extras.require_kvcache()
     _check_args(
         window_size, q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
         cache_seqlens=cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None,
         cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, block_table=block_table,
-        alibi_slopes=alibi_slopes,
+        alibi_slopes=alibi_slopes, learnable_sink=learnable_sink,
     )  # fmt: skip
+    if isinstance(attention_chunk, bool) or not isinstance(attention_chunk, int) or attention_chunk < 0:
+        raise ValueError(f"attention_chunk must be an int >= 0 (0 = off), got {attention_chunk!r}")
     q, k, v = (maybe_contiguous(x) for x in (q, k, v))
     seqlens_t = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
     if cache_seqlens is not None and seqlens_t is None:
@@ -620,6 +669,7 @@ def flash_attn_with_kvcache(
         out, lse = torch.ops.flash_attn_plus.kvcache(
             q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens_t, seqlens_i, cache_batch_idx,
             cache_leftpad, maybe_contiguous(block_table), softmax_scale, causal, int(window_size[0]),
-            int(window_size[1]), softcap, rotary_interleaved, alibi_slopes, num_splits,
+            int(window_size[1]), softcap, rotary_interleaved, alibi_slopes, num_splits, attention_chunk,
+            learnable_sink,
         )  # fmt: skip
     return (out, lse) if return_softmax_lse else out

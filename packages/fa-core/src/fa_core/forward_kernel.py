@@ -49,7 +49,7 @@ def _load_k_tile(
     EVEN_D: tl.constexpr,
 ):
     """K block loaded transposed: ``(BLOCK_D, BLOCK_N)``."""
-    k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
+    k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None]
     if MASKED:
         if EVEN_D:
             return tl.load(k_ptrs, mask=offs_n[None, :] < seqlen_k, other=0.0)
@@ -177,7 +177,7 @@ def _fwd_inner(
         elif USE_TMA:
             v = v_desc.load([start_n, 0])
         else:
-            v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :]
+            v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :]
             v = _load_tile(v_ptrs, offs_n, seqlen_k, offs_dv, HEADDIM_V, MASKED, EVEN_DV)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, rng_offset, bh, offs_m, offs_n, dropout_p)
@@ -478,7 +478,7 @@ def fwd_kernel(
         k_desc = k_base
         v_desc = v_base
         q = _load_tile(
-            q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
+            q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
             offs_m,
             seqlen_q,
             offs_d,
@@ -633,7 +633,7 @@ def fwd_kernel(
         lse,
         mask=offs_m < seqlen_q,
     )
-    o_ptrs = o_base + offs_m[:, None] * stride_om + offs_dv[None, :]
+    o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :]
     if USE_TMA:
         # the descriptor clips rows past seqlen_q and columns past HEADDIM_V
         o_desc = tl.make_tensor_descriptor(

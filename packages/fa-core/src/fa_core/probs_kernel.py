@@ -81,7 +81,7 @@ def probs_kernel(
     q_base = Q + off_b.to(tl.int64) * stride_qb + off_h * stride_qh + q_start.to(tl.int64) * stride_qm
     k_base = K + off_b.to(tl.int64) * stride_kb + off_hk * stride_kh + k_start.to(tl.int64) * stride_kn
     q = tl.load(
-        q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
+        q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
         mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEADDIM),
         other=0.0,
     )
@@ -98,7 +98,7 @@ def probs_kernel(
     for start_n in range(0, max_seqlen_k, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = tl.load(
-            k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
+            k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None],
             mask=(offs_n[None, :] < seqlen_k) & (offs_d[:, None] < HEADDIM),
             other=0.0,
         )
