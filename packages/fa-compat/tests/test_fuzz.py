@@ -721,3 +721,90 @@ def test_make_layouts(layout):
     assert t.shape == (2, 5, 3, 8)
     assert t.is_contiguous() == (layout == "contiguous")
     assert (t.stride(-1) == 1) == (layout != "strided_last")
+
+
+# ------------------------------------------------------------------------------- programmable attention
+@st.composite
+def programmable_cases(draw):
+    """score_mod / mask_mod / block masks (with full blocks) / chunks / sinks, forward and backward."""
+    nheads, nheads_k = heads(draw)
+    kw = draw(features(allow_dropout=False))
+    return dict(
+        batch=draw(st.integers(1, 2)),
+        sq=draw(st.integers(1, MAX_SEQ + 24)),
+        sk=draw(st.integers(1, MAX_SEQ + 24)),
+        nheads=nheads,
+        nheads_k=nheads_k,
+        d=draw(st.sampled_from(HEADDIMS)),
+        dv=draw(st.sampled_from(HEADDIMS)),
+        dtype=draw(st.sampled_from(DTYPES)),
+        layout=draw(st.sampled_from(["contiguous", "slice", "transposed"])),
+        kw=kw,
+        chunk=draw(st.sampled_from([0, 0, 8, 13, 32])),
+        sink=draw(st.booleans()),
+        score_mod=draw(st.sampled_from([None, "relbias", "softcap"])),
+        mask_mod=draw(st.sampled_from([None, "prefix_lm"])),
+        block_mask=draw(st.sampled_from([None, "random", "random_full"])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@needs_backward
+@fuzz
+@given(c=programmable_cases())
+def test_fuzz_programmable(c):
+    import fa_core.score_mods as sm
+    from fa_backward.programmable import attention
+    from fa_core.block_sparse import block_mask_from_dense
+
+    gen = torch.Generator().manual_seed(c["seed"])
+    b, sq, sk, h, hk = (c[x] for x in ("batch", "sq", "sk", "nheads", "nheads_k"))
+    d, dv, dtype, layout = (c[x] for x in ("d", "dv", "dtype", "layout"))
+    q = make((b, sq, h, d), dtype, layout, gen).requires_grad_()
+    k = make((b, sk, hk, d), dtype, layout, gen).requires_grad_()
+    v = make((b, sk, hk, dv), dtype, layout, gen).requires_grad_()
+    kw = dict(with_scale(c["kw"], d), attention_chunk=c["chunk"])
+    ours: dict = {}
+    ref_kw: dict = {}
+    if c["sink"]:
+        kw["learnable_sink"] = (torch.randn(h, generator=gen) * 2).to(DEVICE)
+    if c["score_mod"] == "relbias":
+        ours.update(score_mod=sm.relative_position_bias, score_mod_grad=sm.additive_grad)
+        ref_kw["score_mod"] = sm.relative_position_bias_torch
+    elif c["score_mod"] == "softcap":
+        ours.update(score_mod=sm.tanh_softcap, score_mod_grad=sm.tanh_softcap_grad)
+        ref_kw["score_mod"] = sm.tanh_softcap_torch
+    if c["mask_mod"]:
+        ours["mask_mod"] = sm.prefix_lm
+        ref_kw["mask_mod"] = sm.prefix_lm_torch
+    if c["block_mask"]:
+        bs = 32
+        nq, nk = -(-sq // bs), -(-sk // bs)
+        visible = torch.rand(1, 1, nq, nk, generator=gen) < 0.6
+        full = (
+            (visible & (torch.rand(1, 1, nq, nk, generator=gen) < 0.5))
+            if c["block_mask"] == "random_full"
+            else None
+        )
+        bm = block_mask_from_dense(
+            visible.to(DEVICE), (bs, bs), full_blocks=None if full is None else full.to(DEVICE)
+        )
+        ours["block_mask"] = ref_kw["block_mask"] = bm
+    out, lse = attention(q, k, v, **kw, **ours)
+    dout = make(out.shape, out.dtype, layout, gen)
+    out.backward(dout)
+
+    def ref(upcast):
+        dt = torch.float64 if upcast else dtype
+        ins = [x.detach().to(dt).requires_grad_() for x in (q, k, v)]
+        o, l = attention_ref(*ins, upcast=False, **kw, **ref_kw)
+        grads = torch.autograd.grad(o, ins, dout.to(dt), allow_unused=True)
+        return o, l, [torch.zeros_like(x) if g is None else g for g, x in zip(grads, ins)]
+
+    o_t, l_t, g_t = ref(True)
+    o_l, l_l, g_l = ref(False)
+    assert_close_2x(out.detach(), o_t, o_l, "out")
+    assert_close_2x(lse.detach(), l_t, l_l.float(), "lse", slack=LSE_SLACK)
+    for name, g, t, lo in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), g_t, g_l):
+        assert g is not None, name
+        assert_close_2x(g, t, lo, name, slack=grad_slack(dtype, t))
