@@ -16,7 +16,12 @@ import torch.distributed as dist
 
 from fa_core.reference import attention_ref, attention_varlen_ref
 from fa_core.testing import assert_close_2x
-from fa_parallel import context_parallel_attn_func, context_parallel_varlen_attn_func, shard_sequence
+from fa_parallel import (
+    context_parallel_attn_func,
+    context_parallel_varlen_attn_func,
+    document_shard,
+    shard_sequence,
+)
 
 Case = dict[str, Any]
 
@@ -45,10 +50,12 @@ def run_case(rank: int, world: int, case: Case) -> None:
     ref = _ref(q, k, v, dout, case, torch.float64, True)
     low = _ref(q, k, v, dout, case, torch.float32, False)
 
-    layout = "contiguous" if varlen else case["layout"]
+    layout = case.get("varlen_layout", "contiguous") if varlen else case["layout"]
     seq_dim = 0 if varlen else 1
 
     def shard(x: torch.Tensor, dim: int = seq_dim) -> torch.Tensor:
+        if varlen and layout == "zigzag":  # per-document head-tail
+            return document_shard(x, case["cu"], rank, world, dim)
         return shard_sequence(x, rank, world, layout, dim)
 
     ql, kl, vl = (shard(t).requires_grad_() for t in (q, k, v))
@@ -57,7 +64,7 @@ def run_case(rank: int, world: int, case: Case) -> None:
     )
     if varlen:
         out, lse, _ = context_parallel_varlen_attn_func(
-            ql, kl, vl, case["cu"], int(case["cu"].diff().max()), **kw
+            ql, kl, vl, case["cu"], int(case["cu"].diff().max()), layout=layout, **kw
         )
     else:
         out, lse, _ = context_parallel_attn_func(ql, kl, vl, strategy=case["strategy"], layout=layout, **kw)

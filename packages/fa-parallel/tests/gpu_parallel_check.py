@@ -83,6 +83,8 @@ def _configs(args: argparse.Namespace, world: int) -> list[dict[str, Any]]:
     out += [_cfg(small, st, False) for st in strategies]
     w = max(small // 8, 1)
     out += [_cfg(small, "ring", True, window=(w, -1))]  # sliding window over the zig-zag layout
+    if "allgather" in strategies:  # packed documents, per-document head-tail layout (balanced)
+        out += [_cfg(small, "allgather", True, docs=_docs(small), doc_layout="zigzag", gqa=True)]
     if args.quick:
         return out
     out += [_cfg(small, st, True, gqa=True) for st in strategies]
@@ -93,6 +95,7 @@ def _configs(args: argparse.Namespace, world: int) -> list[dict[str, Any]]:
         out += [
             _cfg(small, "allgather", True, docs=_docs(small)),
             _cfg(small, "allgather", False, docs=_docs(small)),
+            _cfg(small, "allgather", False, docs=_docs(small), doc_layout="zigzag"),
         ]
     for s in lens[1:]:
         out += [_cfg(s, st, c) for c in (True, False) for st in strategies]
@@ -137,8 +140,14 @@ def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def _check_one(cfg: dict[str, Any], args: argparse.Namespace, rank: int, world: int) -> tuple[bool, str]:
     from fa_backward import flash_attn_func, flash_attn_varlen_func
     from fa_core.testing import slack_for
-    from fa_parallel import context_parallel_attn_func, context_parallel_varlen_attn_func, shard_sequence
-    from fa_parallel.comm import all_gather_seq
+    from fa_parallel import (
+        context_parallel_attn_func,
+        context_parallel_varlen_attn_func,
+        document_shard,
+        document_sharding,
+        shard_sequence,
+    )
+    from fa_parallel.comm import all_gather_documents, all_gather_seq
 
     s, causal, strategy, window, layout = (
         cfg["seqlen"],
@@ -163,15 +172,23 @@ def _check_one(cfg: dict[str, Any], args: argparse.Namespace, rank: int, world: 
         cu = torch.tensor([0, *torch.tensor(docs).cumsum(0).tolist()], dtype=torch.int32, device=dev)
         q, k, v, dout = (t[0] for t in (q, k, v, dout))
     seq_dim = 0 if docs is not None else 1
-    ql, kl, vl = (shard_sequence(t, rank, world, layout, seq_dim).requires_grad_() for t in (q, k, v))
-    dl = shard_sequence(dout, rank, world, layout, seq_dim)
+    doc_zz = document_sharding(cu, world) if docs is not None and cfg.get("doc_layout") == "zigzag" else None
+
+    def shard(t: torch.Tensor) -> torch.Tensor:
+        if doc_zz is not None:
+            return document_shard(t, doc_zz, rank, world)
+        return shard_sequence(t, rank, world, layout, seq_dim)
+
+    ql, kl, vl = (shard(t).requires_grad_() for t in (q, k, v))
+    dl = shard(dout)
     kw = dict(causal=causal, window_size=window, return_attn_probs=True)
 
     def cp_step():
         for t in (ql, kl, vl):
             t.grad = None
         if docs is not None:
-            o, lse, _ = context_parallel_varlen_attn_func(ql, kl, vl, cu, max(docs), **kw)
+            vl_layout = "zigzag" if doc_zz is not None else "contiguous"
+            o, lse, _ = context_parallel_varlen_attn_func(ql, kl, vl, cu, max(docs), layout=vl_layout, **kw)
         else:
             o, lse, _ = context_parallel_attn_func(ql, kl, vl, strategy=strategy, layout=layout, **kw)
         o.backward(dl)
@@ -186,9 +203,17 @@ def _check_one(cfg: dict[str, Any], args: argparse.Namespace, rank: int, world: 
     out_l, lse_l = cp_step()
     _sync(args)
     ms = (time.perf_counter() - t0) * 1e3
-    gathered = [all_gather_seq(t.detach(), None, layout, seq_dim) for t in (out_l, ql.grad, kl.grad, vl.grad)]
-    lse_cp = all_gather_seq(lse_l, None, layout, dim=seq_dim + 1)
-    name = "docs" if docs is not None else f"{strategy}/{layout}"
+    if doc_zz is not None:
+        gathered = [
+            all_gather_documents(t.detach(), None, doc_zz) for t in (out_l, ql.grad, kl.grad, vl.grad)
+        ]
+        lse_cp = all_gather_documents(lse_l.T.contiguous(), None, doc_zz).T
+    else:
+        gathered = [
+            all_gather_seq(t.detach(), None, layout, seq_dim) for t in (out_l, ql.grad, kl.grad, vl.grad)
+        ]
+        lse_cp = all_gather_seq(lse_l, None, layout, dim=seq_dim + 1)
+    name = ("docs-zigzag" if doc_zz is not None else "docs") if docs is not None else f"{strategy}/{layout}"
     msg = (
         f"seqlen={s:>6} causal={causal!s:5} window={window!s:14} {name:20} heads={h}/{hk}: "
         f"cp fwd+bwd {ms:8.1f} ms (first {first:5.1f} s)"

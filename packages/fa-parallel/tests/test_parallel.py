@@ -32,11 +32,16 @@ CASES = {
         _case(window=(4, 5), nheads_k=1, seed=7),  # zig-zag ring, symmetric window: the band spans chunks
         _varlen([5, 19, 8], causal=True, nheads_k=1, seed=5),  # documents cross the shard boundary
         _varlen([14, 18], seed=6),
+        # per-document head-tail (zig-zag) layout: document lengths 1, 2W - 1 and longer ones
+        _varlen([1, 3, 13, 15], causal=True, nheads_k=1, varlen_layout="zigzag", seed=8),  # GQA
+        _varlen([1, 3, 13, 15], varlen_layout="zigzag", seed=9),
+        _varlen([6, 26], causal=True, window=(5, 0), softcap=2.0, varlen_layout="zigzag", seed=10),
     ],
     4: [
         _case(causal=True, nheads_k=1),
         _case(strategy="allgather", causal=True, window=(6, -1), seed=1),
         _varlen([3, 21, 8], causal=True, seed=2),
+        _varlen([1, 7, 2, 22], causal=True, nheads_k=1, varlen_layout="zigzag", seed=11),
     ],
 }
 

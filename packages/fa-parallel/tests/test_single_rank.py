@@ -50,3 +50,25 @@ def test_needs_process_group():
     q = torch.randn(1, 8, 2, 16)
     with pytest.raises(RuntimeError, match="init_process_group"):
         context_parallel_attn_func(q, q, q)
+
+
+def test_documents_zigzag_world_one_and_checks(group):
+    from fa_core.reference import attention_varlen_ref
+    from fa_parallel import context_parallel_varlen_attn_func, document_sharding
+
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 1, 6, 20], dtype=torch.int32)
+    q, k, v = (torch.randn(20, 2, 16, requires_grad=True) for _ in range(3))
+    docs = document_sharding(cu, 1)
+    out = context_parallel_varlen_attn_func(q, k, v, docs, causal=True, layout="zigzag")
+    ref, _ = attention_varlen_ref(*(t.double() for t in (q, k, v)), cu, cu, causal=True, dtype=torch.float64)
+    low, _ = attention_varlen_ref(q, k, v, cu, cu, causal=True, upcast=False)
+    assert_close_2x(out, ref, low, "out")
+    with pytest.raises(NotImplementedError, match="window_size"):
+        context_parallel_varlen_attn_func(q, k, v, cu, window_size=(2, 3), layout="zigzag")
+    with pytest.raises(ValueError, match="holds 20 tokens"):
+        context_parallel_varlen_attn_func(q[:19], k[:19], v[:19], cu, layout="zigzag")
+    with pytest.raises(TypeError, match="layout='zigzag'"):
+        context_parallel_varlen_attn_func(q, k, v, docs)
+    with pytest.raises(ValueError, match="layout"):
+        context_parallel_varlen_attn_func(q, k, v, cu, layout="striped")

@@ -5,8 +5,12 @@ partial results to merge), and the planner (:func:`fa_parallel.blocks.plan_block
 chunk cannot see. The backward re-gathers K/V (nothing of size ``S`` is kept between the passes), computes
 the full-length dK/dV contributions of the local queries, and reduce-scatters them to their owners.
 
-Varlen (packed documents, ``cu_seqlens`` over the global sequence) uses the contiguous layout: a rank's
-queries meet only the documents they belong to, which are contiguous in the gathered K/V.
+Varlen (packed documents, ``cu_seqlens`` over the global sequence), contiguous layout: a rank's queries meet
+only the documents they belong to, which are contiguous in the gathered K/V. Per-document zig-zag layout
+(:mod:`fa_parallel.documents`, balanced): the local queries, reordered "first chunks, then second chunks",
+need two varlen calls whose key segments are the documents of the gathered K/V (``cu_seqlens_k`` = the
+global ``cu_seqlens``) cut by ``seqused_k`` at each chunk's end (bottom-right aligned: exactly the causal
+keys of the chunk).
 """
 
 from __future__ import annotations
@@ -16,10 +20,23 @@ import torch
 from fa_backward.backward import flash_attn_backward, flash_attn_varlen_backward
 from fa_core.forward import flash_attn_forward, flash_attn_varlen_forward
 from fa_parallel.blocks import INF, BlockCall, plan_block
-from fa_parallel.comm import all_gather_seq, group_info, reduce_scatter_seq
+from fa_parallel.comm import (
+    all_gather_documents,
+    all_gather_seq,
+    group_info,
+    reduce_scatter_documents,
+    reduce_scatter_seq,
+)
+from fa_parallel.documents import DocumentSharding
 from fa_parallel.sharding import local_chunks
 
-__all__ = ["AllGatherAttnFunc", "AllGatherVarlenAttnFunc", "VarlenPlan", "varlen_plan"]
+__all__ = [
+    "AllGatherAttnFunc",
+    "AllGatherDocumentsAttnFunc",
+    "AllGatherVarlenAttnFunc",
+    "VarlenPlan",
+    "varlen_plan",
+]
 
 
 def _calls(rank: int, world: int, seqlen: int, layout: str, left: int, right: int) -> list[BlockCall]:
@@ -196,4 +213,75 @@ class AllGatherVarlenAttnFunc(torch.autograd.Function):
             dvg[k0:k1] += res.dv
         dk = reduce_scatter_seq(dkg, group, "contiguous", dim=0).to(k.dtype)
         dv = reduce_scatter_seq(dvg, group, "contiguous", dim=0).to(v.dtype)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def _document_calls(layout: DocumentSharding, rank: int, causal_like: bool):
+    """The two varlen calls of a rank: ``(local rows [r0, r1) in the first/second-chunk order, cu_q,
+    seqused_k)``; empty ones are dropped. ``seqused_k`` = chunk end (causal) or the document length."""
+    loc = layout.local(rank)
+    doc_len = (layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]).to(torch.int32)
+    spans = ((0, loc.n_first), (loc.n_first, loc.n))
+    calls = []
+    for j, (r0, r1) in enumerate(spans):
+        if r1 > r0:
+            calls.append((r0, r1, loc.cu_q[j], loc.kv_end[j] if causal_like else doc_len))
+    return loc, calls
+
+
+class AllGatherDocumentsAttnFunc(torch.autograd.Function):
+    """Differentiable all-gather attention on per-document zig-zag shards ``(n_local, h, d)``
+    (:func:`fa_parallel.documents.document_sharding`); dK/dV reduce-scattered back in that layout."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout, group, softmax_scale, left, right, softcap, deterministic):
+        rank, _ = group_info(group)
+        n, h, _ = q.shape
+        causal_like = check_varlen_window(left, right)
+        loc, calls = _document_calls(layout, rank, causal_like)
+        perm = loc.perm.to(q.device)
+        kg, vg = all_gather_documents(k, group, layout), all_gather_documents(v, group, layout)
+        cu_k = layout.cu_seqlens.to(device=q.device, dtype=torch.int32)
+        qp = q.index_select(0, perm)
+        outp = torch.zeros(n, h, v.shape[-1], dtype=q.dtype, device=q.device)
+        lsep = torch.full((h, n), float("inf"), dtype=torch.float32, device=q.device)
+        window = (left if left != INF else -1, 0 if causal_like else -1)
+        for r0, r1, cu_q, used in calls:
+            res = flash_attn_varlen_forward(
+                qp[r0:r1], kg, vg, cu_q.to(q.device), cu_k, layout.max_chunk, layout.max_doc,
+                softmax_scale=softmax_scale, window_size=window, softcap=softcap, seqused_k=used.to(q.device),
+                out=outp[r0:r1],
+            )  # fmt: skip
+            lsep[:, r0:r1] = res.lse
+        inv = loc.inv_perm.to(q.device)
+        out, lse = outp.index_select(0, inv), lsep.index_select(1, inv)
+        ctx.save_for_backward(qp, k, v, outp, lsep)
+        ctx.plan = (layout, loc, calls)
+        ctx.args = (group, softmax_scale, left, causal_like, softcap, deterministic)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        qp, k, v, outp, lsep = ctx.saved_tensors
+        group, softmax_scale, left, causal_like, softcap, deterministic = ctx.args
+        layout, loc, calls = ctx.plan
+        doutp = dout.index_select(0, loc.perm.to(dout.device))
+        kg, vg = all_gather_documents(k, group, layout), all_gather_documents(v, group, layout)
+        cu_k = layout.cu_seqlens.to(device=qp.device, dtype=torch.int32)
+        dqp = torch.zeros_like(qp)
+        dkg = torch.zeros(kg.shape, dtype=torch.float32, device=qp.device)
+        dvg = torch.zeros(vg.shape, dtype=torch.float32, device=qp.device)
+        for r0, r1, cu_q, used in calls:
+            res = flash_attn_varlen_backward(
+                doutp[r0:r1], qp[r0:r1], kg, vg, outp[r0:r1], lsep[:, r0:r1], dqp[r0:r1], None, None,
+                cu_q.to(qp.device), cu_k, layout.max_chunk, layout.max_doc, softmax_scale=softmax_scale,
+                window_size_left=left if left != INF else -1, window_size_right=0 if causal_like else -1,
+                softcap=softcap, deterministic=deterministic, seqused_k=used.to(qp.device),
+            )  # fmt: skip
+            dkg += res.dk
+            dvg += res.dv
+        dq = dqp.index_select(0, loc.inv_perm.to(qp.device))
+        dk = reduce_scatter_documents(dkg, group, layout).to(k.dtype)
+        dv = reduce_scatter_documents(dvg, group, layout).to(v.dtype)
         return dq, dk, dv, None, None, None, None, None, None, None

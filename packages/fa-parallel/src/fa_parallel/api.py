@@ -6,9 +6,10 @@ import torch
 import torch.distributed as dist
 
 from fa_core import validation as V
-from fa_parallel.allgather import AllGatherAttnFunc, AllGatherVarlenAttnFunc
-from fa_parallel.blocks import window_bounds
+from fa_parallel.allgather import AllGatherAttnFunc, AllGatherDocumentsAttnFunc, AllGatherVarlenAttnFunc
+from fa_parallel.blocks import INF, window_bounds
 from fa_parallel.comm import group_info
+from fa_parallel.documents import DocumentSharding, document_sharding
 from fa_parallel.ring import RingAttnFunc
 from fa_parallel.sharding import LAYOUTS, num_chunks
 
@@ -98,7 +99,7 @@ def context_parallel_varlen_attn_func(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
+    cu_seqlens: torch.Tensor | DocumentSharding,
     max_seqlen: int | None = None,
     dropout_p: float = 0.0,
     softmax_scale: float | None = None,
@@ -109,19 +110,33 @@ def context_parallel_varlen_attn_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     group: dist.ProcessGroup | None = None,
+    *,
+    layout: str = "contiguous",
 ):
-    """Packed documents sharded contiguously across ``group`` (all-gather strategy).
+    """Packed documents sharded across ``group`` (all-gather strategy).
 
-    The global packed sequence ``(world_size * total_local, ...)`` is cut into equal contiguous shards; rank
-    ``r`` holds rows ``[r * total_local, (r + 1) * total_local)``. Documents may cross shard boundaries.
+    ``layout="contiguous"`` (default): the global packed sequence ``(world_size * total_local, ...)`` is cut
+    into equal contiguous shards; rank ``r`` holds rows ``[r * total_local, (r + 1) * total_local)``.
+    Documents may cross shard boundaries. Under a causal mask the ranks holding the ends of long documents
+    do most of the work.
+
+    ``layout="zigzag"`` (per-document head-tail, load balanced): every document is cut into
+    ``2 * world_size`` near-equal chunks and rank ``r`` holds chunks ``r`` and ``2 * world_size - 1 - r`` of
+    every document (see :mod:`fa_parallel.documents`; shard with :func:`fa_parallel.document_shard`, get
+    the positions inside the documents from :func:`fa_parallel.document_sharding`). Ranks may hold slightly
+    different numbers of tokens (``document_sharding(cu_seqlens, world_size).lengths``).
 
     Args:
         q: ``(total_local, nheads, headdim)``; k, v: ``(total_local, nheads_k, headdim[_v])``.
         cu_seqlens: int32 ``(ndocs + 1,)`` prefix sums over the GLOBAL packed sequence, identical on every
-            rank (read on the host once per call); ``cu_seqlens[-1] <= world_size * total_local`` (rows past
-            the last document get out 0, lse +inf).
+            rank (read on the host once per call: a device sync when it is on the GPU);
+            contiguous: ``cu_seqlens[-1] <= world_size * total_local`` (rows past the last document get
+            out 0, lse +inf); zigzag: the packed sequence is exactly ``cu_seqlens[-1]`` tokens. With
+            ``layout="zigzag"`` a prebuilt :class:`fa_parallel.DocumentSharding` is accepted too (reuse it
+            across layers: it skips the host read).
         max_seqlen: accepted for flash-attn compatibility (the per-rank pieces' maxima are computed).
         window_size: ``(-1, -1)``, causal, or ``(left, 0)``; other windows raise NotImplementedError.
+        layout: ``"contiguous"`` or ``"zigzag"`` (per-document head-tail).
         Other arguments: as :func:`context_parallel_attn_func`.
 
     Returns:
@@ -133,8 +148,35 @@ def context_parallel_varlen_attn_func(
         raise ValueError(
             f"q and k must hold the same number of local tokens, got {q.shape[0]} and {k.shape[0]}"
         )
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    rank, world = group_info(group)
+    if layout == "zigzag":
+        if isinstance(cu_seqlens, DocumentSharding):
+            docs = cu_seqlens
+        else:
+            V.check_tensor("cu_seqlens", cu_seqlens, 1)
+            docs = document_sharding(cu_seqlens, world)
+        if docs.world_size != world:
+            raise ValueError(f"the DocumentSharding is for {docs.world_size} ranks, the group has {world}")
+        if q.shape[0] != docs.lengths[rank]:
+            raise ValueError(
+                f"layout 'zigzag' (per document): rank {rank} holds {docs.lengths[rank]} tokens of the "
+                f"documents cu_seqlens, got q with {q.shape[0]} (shard with fa_parallel.document_shard)"
+            )
+        left, right = window_bounds(causal, window_size)
+        if right != 0 and not (left == INF and right == INF):
+            raise NotImplementedError(
+                "context-parallel varlen with layout='zigzag' supports window_size (-1, -1), causal, and "
+                f"(left, 0) windows; got window_size={tuple(window_size)} with causal={causal}"
+            )
+        out, lse = AllGatherDocumentsAttnFunc.apply(
+            q, k, v, docs, group, scale, left, right, float(softcap), deterministic
+        )
+        return (out, lse, None) if return_attn_probs else out
+    if isinstance(cu_seqlens, DocumentSharding):
+        raise TypeError("a DocumentSharding is the per-document layout: pass layout='zigzag' with it")
     V.check_tensor("cu_seqlens", cu_seqlens, 1)
-    _, world = group_info(group)
     cu = cu_seqlens.tolist()
     if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])) or cu[-1] > world * q.shape[0]:
         raise ValueError(

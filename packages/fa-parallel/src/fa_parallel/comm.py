@@ -11,9 +11,18 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from fa_parallel.documents import DocumentSharding
 from fa_parallel.sharding import chunk_ids, num_chunks, unshard_sequence
 
-__all__ = ["RingComm", "all_gather_seq", "group_info", "rank_major", "reduce_scatter_seq"]
+__all__ = [
+    "RingComm",
+    "all_gather_documents",
+    "all_gather_seq",
+    "group_info",
+    "rank_major",
+    "reduce_scatter_documents",
+    "reduce_scatter_seq",
+]
 
 Group = dist.ProcessGroup | None
 
@@ -106,3 +115,38 @@ def reduce_scatter_seq(x: torch.Tensor, group: Group, layout: str, dim: int = 1)
         return out
     dist.all_reduce(stacked, group=group)
     return stacked[rank].clone()
+
+
+def all_gather_documents(x: torch.Tensor, group: Group, layout: DocumentSharding) -> torch.Tensor:
+    """The packed ``(total, ...)`` tensor, in global order, from every rank's per-document zig-zag shard ``x``.
+
+    Shards differ in length: each is padded to ``layout.max_length`` for the collective, then one
+    ``index_select`` puts the rows back in packed order.
+    """
+    rank, world = group_info(group)
+    m = layout.max_length
+    pad = x.new_zeros((m, *x.shape[1:]))
+    pad[: x.shape[0]] = x
+    if _is_nccl(group):
+        flat = torch.empty((world * m, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(flat, pad, group=group)
+    else:
+        parts = [torch.empty_like(pad) for _ in range(world)]
+        dist.all_gather(parts, pad, group=group)
+        flat = torch.cat(parts)
+    return flat.index_select(0, layout.src.to(x.device))
+
+
+def reduce_scatter_documents(x: torch.Tensor, group: Group, layout: DocumentSharding) -> torch.Tensor:
+    """Sum the packed ``(total, ...)`` tensor ``x`` over ranks; return this rank's per-document zig-zag shard."""
+    rank, world = group_info(group)
+    padded = torch.cat([x, x.new_zeros((1, *x.shape[1:]))])  # row ``total``: the padding
+    stacked = padded.index_select(0, layout.rows.reshape(-1).to(x.device))
+    stacked = stacked.unflatten(0, (world, layout.max_length))
+    if _is_nccl(group):
+        out = torch.empty_like(stacked[0])
+        dist.reduce_scatter_tensor(out, stacked.flatten(0, 1), group=group)
+    else:
+        dist.all_reduce(stacked, group=group)
+        out = stacked[rank]
+    return out[: layout.lengths[rank]].clone()
