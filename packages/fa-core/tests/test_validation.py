@@ -151,3 +151,71 @@ def test_varlen_bad_input(case):
     kwargs.update(override)
     with pytest.raises(exc, match=match):
         flash_attn_varlen_forward(**kwargs)
+
+
+def _full_mask(lead_partial=(1, 2), lead_full=(1, 2), nq=2, nk=2):
+    """A 32x32-block mask for seqlen 64: partial lists with leading dims ``lead_partial``, full lists with
+    ``lead_full`` (empty: no block listed, so only the layout is under test)."""
+    from fa_core.block_sparse import BlockMask
+
+    def lists(lead):
+        return (
+            torch.zeros(*lead, nq, dtype=torch.int32, device=DEVICE),
+            torch.zeros(*lead, nq, nk, dtype=torch.int32, device=DEVICE),
+        )
+
+    pn, pi = lists(lead_partial)
+    fn, fi = lists(lead_full)
+    return BlockMask(pn, pi, (32, 32), fn, fi)
+
+
+def _check(mask, **kw):
+    from fa_core import validation as V
+
+    q = torch.empty(1, 64, 2, 16, device=DEVICE)
+    V.check_block_mask(mask, 1, 2, 64, 64, q, False, **kw)
+
+
+def test_full_blocks_checked_by_check_block_mask():
+    from types import SimpleNamespace
+
+    good = _full_mask()
+    _check(good)
+    _check(good, full_like_partial=True)
+    # a mask type without the full-block fields passes (read with getattr)
+    _check(SimpleNamespace(kv_num_blocks=good.kv_num_blocks, kv_indices=good.kv_indices, block_size=(32, 32)))
+    with pytest.raises(ValueError, match="must be given together"):
+        _check(good._replace(full_kv_indices=None))
+    with pytest.raises(TypeError, match="block_mask.full_kv_indices must be int32"):
+        _check(good._replace(full_kv_indices=good.full_kv_indices.long()))
+    with pytest.raises(TypeError, match="block_mask.full_kv_num_blocks must be a torch.Tensor"):
+        _check(good._replace(full_kv_num_blocks=[0, 0]))
+    with pytest.raises(ValueError, match="block_mask.full_kv_indices must have the partial lists' layout"):
+        _check(good._replace(full_kv_indices=good.full_kv_indices[..., :1]))
+    with pytest.raises(ValueError, match="block_mask.full_kv_num_blocks must have a contiguous last"):
+        strided = torch.zeros(1, 2, 4, dtype=torch.int32, device=DEVICE)[..., ::2]
+        _check(good._replace(full_kv_num_blocks=strided))
+    bad = good.full_kv_num_blocks.clone()
+    bad[0, 1, 1] = 3  # > full_kv_indices.shape[-1] = 2
+    with pytest.raises(ValueError, match="full_kv_num_blocks entries must lie"):
+        _check(good._replace(full_kv_num_blocks=bad))
+
+
+def test_full_blocks_layout_forward_vs_backward():
+    """The forward reads the full lists with their own strides (they may broadcast where the partial lists do
+    not); ``full_like_partial`` (the backward) wants the partial lists' exact shapes."""
+    mixed = _full_mask(lead_partial=(1, 2), lead_full=(1, 1))
+    _check(mixed)
+    with pytest.raises(
+        ValueError, match="block_mask.full_kv_num_blocks must be shaped like the partial list"
+    ):
+        _check(mixed, full_like_partial=True)
+
+
+def test_full_blocks_count_range_in_forward():
+    q = torch.randn(1, 64, 2, 16, device=DEVICE)
+    good = _full_mask()
+    bad = good.full_kv_num_blocks.clone()
+    bad[0, 0, 0] = -1
+    with pytest.raises(ValueError, match="full_kv_num_blocks entries must lie"):
+        flash_attn_forward(q, q, q, block_mask=good._replace(full_kv_num_blocks=bad))

@@ -2,7 +2,8 @@
 
 Design (FlashAttention-2 backward, split in two passes so that nothing is accumulated with atomics):
 
-* ``_bwd_preprocess``: ``delta = rowsum(dout * out)`` in float32, laid out like the lse.
+* ``_bwd_preprocess`` (:mod:`fa_backward.backward_preprocess`): ``delta = rowsum(dout * out)`` in float32,
+  laid out like the lse.
 * ``_bwd_dkdv_kernel``: one program per key block of one (batch, kv head). It loops over the q heads of
   the GQA group and, for each, over the query blocks that can see the key block, and accumulates dK and dV
   in registers: the reduction over the group happens inside the program, so repeated K/V are never
@@ -38,11 +39,20 @@ A differentiated lse enters through ``delta = rowsum(dout * out) - dlse`` (prepr
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
+from fa_backward.backward_configs import (
+    DKDV_CONFIGS,
+    DKDV_SPACE,
+    DQ_CONFIGS,
+    DQ_SPACE,
+    INTERPRET_DKDV,
+    INTERPRET_DQ,
+    TUNE_KEY,
+    _prune,
+)
+from fa_backward.backward_preprocess import _bwd_preprocess, preprocess_kernel
 from fa_core.masking import (
     _chunk_start,
     chunk_kv_range,
@@ -54,43 +64,28 @@ from fa_core.masking import (
     softcap_grad,
     visible,
 )
-from fa_core.validation import interpreting
+
+# re-exported: the autotune names of fa_backward.backward_configs and the preprocess kernel of
+# fa_backward.backward_preprocess stay importable from here
+__all__ = [
+    "DKDV_CONFIGS",
+    "DKDV_SPACE",
+    "DQ_CONFIGS",
+    "DQ_SPACE",
+    "INTERPRET_DKDV",
+    "INTERPRET_DQ",
+    "TUNE_KEY",
+    "_bwd_preprocess",
+    "dkdv_kernel",
+    "dq_kernel",
+    "preprocess_kernel",
+]
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 # Kernel code keeps Triton's customary compact argument lists (one line per group of strides / flags).
 # fmt: off
-
-
-# ------------------------------------------------------------------------------------------ preprocess
-@triton.jit
-def _bwd_preprocess(
-    Out, DO, Delta, DLse,
-    stride_ob, stride_om, stride_oh,
-    stride_dob, stride_dom, stride_doh,
-    stride_deltab, stride_deltah, stride_dlb, stride_dlh,
-    seqlen_q,
-    HEADDIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
-):
-    """Grid ``(cdiv(seqlen_q, BLOCK_M), nheads, batch)``; varlen runs it as one sequence of ``total_q`` rows.
-    ``delta = rowsum(dout * out)``, minus ``dlse`` when the lse output is differentiated."""
-    start_m = tl.program_id(0)
-    off_h = tl.program_id(1)
-    off_b = tl.program_id(2)
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    mask = (offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEADDIM_V)
-    o_ptrs = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
-    do_ptrs = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
-    o = tl.load(o_ptrs + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :], mask=mask, other=0.0)
-    do = tl.load(do_ptrs + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :], mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    if HAS_DLSE:
-        dl_ptrs = DLse + off_b.to(tl.int64) * stride_dlb + off_h.to(tl.int64) * stride_dlh + offs_m
-        delta = delta - tl.load(dl_ptrs, mask=offs_m < seqlen_q, other=0.0).to(tl.float32)
-    d_ptrs = Delta + off_b.to(tl.int64) * stride_deltab + off_h.to(tl.int64) * stride_deltah + offs_m
-    tl.store(d_ptrs, delta, mask=offs_m < seqlen_q)
 
 
 # ------------------------------------------------------------------------------------------------ tiles
@@ -567,109 +562,10 @@ def _bwd_dq_kernel(
 
 # fmt: on
 # ---------------------------------------------------------------------------------------------- autotune
-def _named(space):
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in space
-    ]
-
-
-#: dK/dV: (BLOCK_M queries streamed, BLOCK_N keys owned, num_warps, num_stages). Big BLOCK_N amortises the
-#: K/V tiles; the dK/dV accumulators (BLOCK_N x d fp32, twice) set the register pressure: compiled for sm_90a
-#: (Triton 3.9), the first entries do not spill at d <= 128, the 64 x 128 ones spill a little at d = 128 but
-#: issue larger MMAs. The last entries fit head dims up to 256 (see ``_prune``).
-DKDV_SPACE = [
-    (32, 128, 8, 2),
-    (16, 128, 8, 2),
-    (32, 128, 8, 3),
-    (64, 128, 8, 2),
-    (64, 128, 8, 3),
-    (32, 64, 8, 2),
-    (64, 64, 8, 2),
-    (32, 64, 8, 1),
-    (16, 64, 4, 2),
-]
-#: dQ: (BLOCK_M queries owned, BLOCK_N keys streamed, num_warps, num_stages); no spill for the first two at d 128.
-DQ_SPACE = [
-    (128, 64, 8, 2),
-    (64, 64, 8, 2),
-    (128, 64, 8, 3),
-    (128, 128, 8, 2),
-    (64, 64, 4, 3),
-    (128, 32, 4, 3),
-    (64, 32, 4, 2),
-    (64, 32, 8, 1),
-    (32, 64, 4, 2),
-]
-#: Under the CPU interpreter: one small config (blocks of different sizes so the edge logic is exercised).
-INTERPRET_DKDV = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-INTERPRET_DQ = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-
-DKDV_CONFIGS = INTERPRET_DKDV if interpreting() else _named(DKDV_SPACE)
-DQ_CONFIGS = INTERPRET_DQ if interpreting() else _named(DQ_SPACE)
-
-#: Autotune key: seqlens bucketed to powers of two (host side) so compiles/tunings stay few.
-TUNE_KEY = [
-    "HEADDIM",
-    "HEADDIM_V",
-    "SEQ_BUCKET_Q",
-    "SEQ_BUCKET_K",
-    "IS_LOCAL",
-    "IS_VARLEN",
-    "HAS_DROPOUT",
-    "HAS_SOFTCAP",
-    "HAS_CHUNK",
-    "HAS_SCORE_MOD",
-    "HAS_MASK_MOD",
-    "IS_SPARSE",
-    "SPARSE_Q",
-    "SPARSE_KV",
-]
-
-
-def _prune(owned: str, streamed: str):
-    """Drop configs whose owned tile + accumulators cannot fit at large head dims, or far larger than the work."""
-
-    def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        d = max(args["BLOCK_D"], args["BLOCK_DV"])
-        bucket_owned = args["SEQ_BUCKET_K"] if owned == "BLOCK_N" else args["SEQ_BUCKET_Q"]
-        out = []
-        for c in configs:
-            b_own, b_str = c.kwargs[owned], c.kwargs[streamed]
-            if d > 128 and (b_own > 64 or b_str > 64 or c.num_stages > 2 or (c.num_warps < 8 and b_own > 32)):
-                continue
-            if bucket_owned < b_own and b_own > 64:
-                continue
-            if args["IS_SPARSE"] and (
-                c.kwargs["BLOCK_M"] > args["SPARSE_Q"] or c.kwargs["BLOCK_N"] > args["SPARSE_KV"]
-            ):
-                continue  # a tile must lie inside one block of the block mask
-            out.append(c)
-        if args["IS_SPARSE"] and not out:
-            # small sparse blocks (32): a tile that fits them
-            out = [
-                triton.Config(
-                    {
-                        "BLOCK_M": min(32, args["SPARSE_Q"]) // (2 if owned == "BLOCK_N" else 1),
-                        "BLOCK_N": min(32, args["SPARSE_KV"]) // (1 if owned == "BLOCK_N" else 2),
-                    },
-                    num_warps=4,
-                    num_stages=2,
-                )
-            ]
-        out = out or configs[-1:]
-        # FA_PLUS_AUTOTUNE=0 (as in fa_core; FA_PLUS_NO_AUTOTUNE=1 too): first surviving config only, for
-        # fast GPU test runs; benchmarks leave it unset
-        untuned = os.environ.get("FA_PLUS_AUTOTUNE") == "0" or os.environ.get("FA_PLUS_NO_AUTOTUNE") == "1"
-        return out[:1] if untuned else out
-
-    return prune
-
-
+# configs, key and pruning: fa_backward.backward_configs (its names stay importable from here)
 dkdv_kernel = triton.autotune(
     configs=DKDV_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune("BLOCK_N", "BLOCK_M")}
 )(_bwd_dkdv_kernel)
 dq_kernel = triton.autotune(
     configs=DQ_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune("BLOCK_M", "BLOCK_N")}
 )(_bwd_dq_kernel)
-preprocess_kernel = _bwd_preprocess

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from fa_core.validation import contig_last
-from flash_attn import _extras
 from flash_attn import _ops as ops
 
 __all__ = [
@@ -48,19 +47,15 @@ def _dense_forward(
         return_softmax and dropout_p > 0, deterministic,
     )  # fmt: skip
     if is_grad_enabled:
-        ctx.save_for_backward(q, k, v, out, lse, rng_state, alibi_slopes)
-        ctx.args = (dropout_p, scale, causal, left, right, softcap, deterministic)
+        ops.save_dense(
+            ctx, q, k, v, out, lse, rng_state, alibi_slopes, dropout_p, scale, causal, left, right, softcap,
+            deterministic,
+        )  # fmt: skip
     return out, lse, s_dmask
 
 
 def _dense_backward(ctx, dout, dq, dk, dv) -> None:
-    _extras.require_backward()
-    q, k, v, out, lse, rng_state, alibi = ctx.saved_tensors
-    dropout_p, scale, causal, left, right, softcap, deterministic = ctx.args
-    torch.ops.flash_attn_plus.bwd(
-        contig_last(dout), q, k, v, out, lse, dq, dk, dv, dropout_p, scale, causal, left, right, softcap, alibi,
-        deterministic, rng_state,
-    )  # fmt: skip
+    ops.dense_backward_into(ctx, contig_last(dout), dq, dk, dv)
 
 
 def _varlen_forward(
@@ -91,19 +86,16 @@ def _varlen_forward(
         return_softmax and dropout_p > 0, None, deterministic,
     )  # fmt: skip
     if is_grad_enabled:
-        ctx.save_for_backward(q, k, v, out, lse, rng_state, alibi_slopes, cu_q, cu_k)
-        ctx.args = (max_q, max_k, dropout_p, scale, causal, left, right, softcap, deterministic)
+        ops.save_varlen(
+            ctx, q, k, v, out, lse, rng_state, alibi_slopes, cu_q, cu_k, None, max_q, max_k, dropout_p, scale,
+            causal, left, right, softcap, deterministic,
+        )  # fmt: skip
     return out, lse, s_dmask
 
 
 def _varlen_backward(ctx, dout, dq, dk, dv) -> None:
-    _extras.require_backward()
-    q, k, v, out, lse, rng_state, alibi, cu_q, cu_k = ctx.saved_tensors
-    max_q, max_k, dropout_p, scale, causal, left, right, softcap, deterministic = ctx.args
-    torch.ops.flash_attn_plus.varlen_bwd(
-        contig_last(dout), q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, left,
-        right, softcap, alibi, deterministic, rng_state, False, None,
-    )  # fmt: skip
+    # zero_tensors=False and no seqused_k, as flash-attn's FlashAttnVarlenFunc
+    ops.varlen_backward_into(ctx, contig_last(dout), dq, dk, dv, False)
 
 
 def _result(res: tuple[torch.Tensor, torch.Tensor, torch.Tensor], return_softmax: bool):

@@ -35,6 +35,22 @@ def round_multiple(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
+def _dmask_shape(batch: int, nheads: int, sq: int, sk: int) -> tuple[int, int, int, int]:
+    """flash-attn's ``S_dmask`` shape: ``(b, h, round128(sq), round128(sk))``."""
+    return (batch, nheads, round_multiple(sq, 128), round_multiple(sk, 128))
+
+
+def _softmax_d_shape(q: Tensor) -> tuple[int, int, int]:
+    """flash-attn's dense ``softmax_d`` shape: ``(b, h, round128(sq))``."""
+    b, sq, h = q.shape[:3]
+    return (b, h, round_multiple(sq, 128))
+
+
+def _varlen_softmax_d_shape(q: Tensor, cu_seqlens_q: Tensor) -> tuple[int, int]:
+    """flash-attn's varlen ``softmax_d`` shape: ``(h, total_q + 128 * b)``."""
+    return (q.shape[1], q.shape[0] + 128 * (cu_seqlens_q.shape[0] - 1))
+
+
 def _dmask(
     want: bool, probs: Tensor | None, batch: int, nheads: int, sq: int, sk: int, like: Tensor
 ) -> Tensor:
@@ -43,7 +59,7 @@ def _dmask(
     Entries: the probabilities (normalized, unlike flash-attn's block-scaled ones), dropped entries negated."""
     if not want:
         return like.new_empty((0,))
-    s = like.new_zeros((batch, nheads, round_multiple(sq, 128), round_multiple(sk, 128)))
+    s = like.new_zeros(_dmask_shape(batch, nheads, sq, sk))
     if probs is not None:  # None: empty problem, the kernel did not run
         s[:, :, : probs.shape[2], : probs.shape[3]] = probs.to(like.dtype)
     return s
@@ -103,7 +119,7 @@ def _fwd_fake(
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     lse = q.new_empty((b, h, sq), dtype=torch.float32)
     if return_softmax:
-        s = q.new_empty((b, h, round_multiple(sq, 128), round_multiple(k.shape[1], 128)))
+        s = q.new_empty(_dmask_shape(b, h, sq, k.shape[1]))
     else:
         s = q.new_empty((0,))
     return out, lse, s, torch.empty((2,), dtype=torch.int64, device="cpu")
@@ -166,7 +182,7 @@ def _varlen_fwd_fake(
     lse = q.new_empty((h, q.shape[0]), dtype=torch.float32)
     if return_softmax:
         batch = cu_seqlens_q.shape[0] - 1
-        s = q.new_empty((batch, h, round_multiple(max_seqlen_q, 128), round_multiple(max_seqlen_k, 128)))
+        s = q.new_empty(_dmask_shape(batch, h, max_seqlen_q, max_seqlen_k))
     else:
         s = q.new_empty((0,))
     return out, lse, s, torch.empty((2,), dtype=torch.int64, device="cpu")
@@ -200,16 +216,14 @@ def bwd(
         dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal, window_size_left,
         window_size_right, softcap, alibi_slopes, deterministic, rng_state,
     )  # fmt: skip
-    b, sq, h = q.shape[:3]
-    softmax_d = softmax_lse.new_zeros((b, h, round_multiple(sq, 128)))
-    softmax_d[:, :, :sq] = res.softmax_d
+    softmax_d = softmax_lse.new_zeros(_softmax_d_shape(q))
+    softmax_d[:, :, : q.shape[1]] = res.softmax_d
     return softmax_d
 
 
 @bwd.register_fake
 def _bwd_fake(dout, q, k, v, out, softmax_lse, dq, dk, dv, *args):
-    b, sq, h = q.shape[:3]
-    return softmax_lse.new_empty((b, h, round_multiple(sq, 128)))
+    return softmax_lse.new_empty(_softmax_d_shape(q))
 
 
 @torch.library.custom_op(f"{NS}::varlen_bwd", mutates_args=("dq", "dk", "dv"))
@@ -246,16 +260,14 @@ def varlen_bwd(
         dropout_p, softmax_scale, causal, window_size_left, window_size_right, softcap, alibi_slopes,
         deterministic, rng_state, zero_tensors, seqused_k,
     )  # fmt: skip
-    batch = cu_seqlens_q.shape[0] - 1
-    softmax_d = softmax_lse.new_zeros((q.shape[1], q.shape[0] + 128 * batch))
+    softmax_d = softmax_lse.new_zeros(_varlen_softmax_d_shape(q, cu_seqlens_q))
     softmax_d[:, : q.shape[0]] = res.softmax_d
     return softmax_d
 
 
 @varlen_bwd.register_fake
 def _varlen_bwd_fake(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, *args):
-    batch = cu_seqlens_q.shape[0] - 1
-    return softmax_lse.new_empty((q.shape[1], q.shape[0] + 128 * batch))
+    return softmax_lse.new_empty(_varlen_softmax_d_shape(q, cu_seqlens_q))
 
 
 # -------------------------------------------------------------------------------------------- autograd
@@ -263,24 +275,57 @@ def _maybe_contiguous(t: Tensor) -> Tensor:
     return t.contiguous() if t.stride(-1) != 1 else t
 
 
+def save_dense(ctx, q, k, v, out, lse, rng_state, alibi, dropout_p, scale, causal, left, right, softcap,
+               deterministic) -> None:  # fmt: skip
+    """Stash what :func:`dense_backward_into` reads (``fwd``'s autograd and the ``FlashAttn*Func`` classes)."""
+    ctx.save_for_backward(q, k, v, out, lse, rng_state, alibi)
+    ctx.args = (dropout_p, scale, causal, left, right, softcap, deterministic)
+
+
+def dense_backward_into(ctx, dout, dq, dk, dv) -> None:
+    """``bwd`` writing dq, dk, dv from what :func:`save_dense` stashed (``dout`` with a contiguous last dim)."""
+    _extras.require_backward()
+    q, k, v, out, lse, rng_state, alibi = ctx.saved_tensors
+    dropout_p, scale, causal, left, right, softcap, deterministic = ctx.args
+    torch.ops.flash_attn_plus.bwd(
+        dout, q, k, v, out, lse, dq, dk, dv, dropout_p, scale, causal, left, right, softcap, alibi,
+        deterministic, rng_state,
+    )  # fmt: skip
+
+
+def save_varlen(ctx, q, k, v, out, lse, rng_state, alibi, cu_q, cu_k, seqused_k, max_q, max_k, dropout_p, scale,
+                causal, left, right, softcap, deterministic) -> None:  # fmt: skip
+    """Stash what :func:`varlen_backward_into` reads."""
+    ctx.save_for_backward(q, k, v, out, lse, rng_state, alibi, cu_q, cu_k, seqused_k)
+    ctx.args = (max_q, max_k, dropout_p, scale, causal, left, right, softcap, deterministic)
+
+
+def varlen_backward_into(ctx, dout, dq, dk, dv, zero_tensors: bool) -> None:
+    """``varlen_bwd`` writing dq, dk, dv from what :func:`save_varlen` stashed."""
+    _extras.require_backward()
+    q, k, v, out, lse, rng_state, alibi, cu_q, cu_k, seqused_k = ctx.saved_tensors
+    max_q, max_k, dropout_p, scale, causal, left, right, softcap, deterministic = ctx.args
+    torch.ops.flash_attn_plus.varlen_bwd(
+        dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, left, right,
+        softcap, alibi, deterministic, rng_state, zero_tensors, seqused_k,
+    )  # fmt: skip
+
+
 def _fwd_setup_context(ctx, inputs, output) -> None:
     q, k, v, dropout_p, scale, causal, left, right, softcap, alibi, _, deterministic = inputs
     out, lse, _, rng_state = output
-    ctx.save_for_backward(q, k, v, out, lse, rng_state, alibi)
-    ctx.args = (dropout_p, scale, causal, left, right, softcap, deterministic)
+    save_dense(
+        ctx, q, k, v, out, lse, rng_state, alibi, dropout_p, scale, causal, left, right, softcap, deterministic
+    )  # fmt: skip
 
 
 def _fwd_backward(ctx, dout, dlse, ds, drng):
     # flash-attn ignores gradients flowing into softmax_lse and S_dmask (they are not differentiable outputs).
     _extras.require_backward()
-    q, k, v, out, lse, rng_state, alibi = ctx.saved_tensors
-    dropout_p, scale, causal, left, right, softcap, deterministic = ctx.args
+    q, k, v, out = ctx.saved_tensors[:4]
     dout = torch.zeros_like(out) if dout is None else _maybe_contiguous(dout)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    torch.ops.flash_attn_plus.bwd(
-        dout, q, k, v, out, lse, dq, dk, dv, dropout_p, scale, causal, left, right, softcap, alibi,
-        deterministic, rng_state,
-    )  # fmt: skip
+    dense_backward_into(ctx, dout, dq, dk, dv)
     return (dq, dk, dv) + (None,) * 9
 
 
@@ -288,21 +333,19 @@ def _varlen_setup_context(ctx, inputs, output) -> None:
     (q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, left, right, softcap, alibi, _, seqused_k,
      deterministic) = inputs  # fmt: skip
     out, lse, _, rng_state = output
-    ctx.save_for_backward(q, k, v, out, lse, rng_state, alibi, cu_q, cu_k, seqused_k)
-    ctx.args = (max_q, max_k, dropout_p, scale, causal, left, right, softcap, deterministic)
+    save_varlen(
+        ctx, q, k, v, out, lse, rng_state, alibi, cu_q, cu_k, seqused_k, max_q, max_k, dropout_p, scale, causal,
+        left, right, softcap, deterministic,
+    )  # fmt: skip
 
 
 def _varlen_backward(ctx, dout, dlse, ds, drng):
     _extras.require_backward()
-    q, k, v, out, lse, rng_state, alibi, cu_q, cu_k, seqused_k = ctx.saved_tensors
-    max_q, max_k, dropout_p, scale, causal, left, right, softcap, deterministic = ctx.args
+    q, k, v, out = ctx.saved_tensors[:4]
     dout = torch.zeros_like(out) if dout is None else _maybe_contiguous(dout)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     # zero_tensors=True: rows of k/v past a sequence's seqused_k (or outside every sequence) get a 0 gradient.
-    torch.ops.flash_attn_plus.varlen_bwd(
-        dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, left, right,
-        softcap, alibi, deterministic, rng_state, True, seqused_k,
-    )  # fmt: skip
+    varlen_backward_into(ctx, dout, dq, dk, dv, True)
     return (dq, dk, dv) + (None,) * 14
 
 

@@ -18,6 +18,10 @@ Differences from flash-attn (all supersets, none changes a result flash-attn wou
   ``flash_attn_func`` / ``flash_attn_varlen_func`` / ``flash_attn_with_kvcache``, ``learnable_sink`` (FA4)
   in the same three; at their defaults nothing changes (see :mod:`flash_attn._extensions`).
 
+Layout of the implementation: the argument checks are in :mod:`flash_attn._checks`, the low-level 2.8 functions
+(``_flash_attn_forward`` & co, re-exported here) in :mod:`flash_attn._lowlevel`, the autograd Functions in
+:mod:`flash_attn._autograd`, the custom ops in :mod:`flash_attn._ops`.
+
 Gradients need the ``backward`` extra (fa-backward) and ``flash_attn_with_kvcache`` the ``kvcache`` extra
 (fa-kvcache): without them the call raises :class:`flash_attn._extras.MissingExtraError` saying what to install.
 """
@@ -39,6 +43,15 @@ from flash_attn._autograd import (
     FlashAttnVarlenKVPackedFunc,
     FlashAttnVarlenQKVPackedFunc,
 )
+from flash_attn._checks import _as_int, _check_args, _check_block_table, _check_grad, _check_packed
+
+# `x as x`: re-exported, flash-attn 2.8's low-level functions and helper live in this module
+from flash_attn._lowlevel import _flash_attn_backward as _flash_attn_backward
+from flash_attn._lowlevel import _flash_attn_forward as _flash_attn_forward
+from flash_attn._lowlevel import _flash_attn_varlen_backward as _flash_attn_varlen_backward
+from flash_attn._lowlevel import _flash_attn_varlen_forward as _flash_attn_varlen_forward
+from flash_attn._lowlevel import _gather_pages
+from flash_attn._ops import round_multiple as round_multiple
 
 __all__ = [
     "FlashAttnFunc",
@@ -61,217 +74,6 @@ Tensor = torch.Tensor
 
 #: flash-attn's helper name (copies only a strided last dim), shared with fa_core
 maybe_contiguous = V.contig_last
-
-
-def round_multiple(x: int, m: int) -> int:
-    return (x + m - 1) // m * m
-
-
-def _check_grad(*tensors: Tensor | None) -> None:
-    """Refuse at the forward (not at the backward, long after) when a gradient is wanted but fa-backward is
-    absent. ``BACKWARD`` and ``requires_grad`` are constants for torch.compile's tracer: no graph break."""
-    if _extras.BACKWARD is None and torch.is_grad_enabled():
-        if any(t is not None and t.requires_grad for t in tensors):
-            _extras.require_backward()
-
-
-def _check_args(window_size, **tensors: object) -> None:
-    """Checks the custom ops cannot do themselves. A tensor on another device (``meta`` included) would make
-    the dispatcher pick the op's fake implementation and return garbage instead of an error; a non-tensor
-    would fail deep inside; a window must be a pair. Everything named after the caller's argument."""
-    if window_size is not None:
-        V.check_window(window_size)
-    ref_name, ref = next(iter(tensors.items()))
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        V.check_tensor(name, t)
-        assert isinstance(t, torch.Tensor) and isinstance(ref, torch.Tensor)
-        V.check_device(name, t, ref_name, ref)
-
-
-def _check_packed(name: str, t: object, ndim: int, axis: int, n: int) -> None:
-    """``qkv`` / ``kv``: rank ``ndim`` with exactly ``n`` slices along ``axis``."""
-    V.check_tensor(name, t, ndim)
-    assert isinstance(t, torch.Tensor)
-    if t.shape[axis] != n:
-        raise ValueError(f"{name} must have {n} slices along dim {axis}, got shape {tuple(t.shape)}")
-
-
-def _check_block_table(block_table: Tensor, k_cache: Tensor, cu_seqlens_k: Tensor) -> None:
-    """Paged varlen keys: int32 ``(batch, max_blocks)`` on k's device, used entries in [0, num_blocks)."""
-    V.check_tensor("block_table", block_table, 2)
-    V.check_device("block_table", block_table, "k", k_cache)
-    if block_table.dtype != torch.int32:
-        raise TypeError(f"block_table must be int32, got {block_table.dtype}")
-    if block_table.shape[0] != cu_seqlens_k.numel() - 1:
-        raise ValueError(f"block_table must have one row per sequence, got {tuple(block_table.shape)}")
-    if V.value_checks_enabled(block_table):
-        page = k_cache.shape[1]
-        lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long().cpu()
-        need = (lens + page - 1) // page
-        if bool((need > block_table.shape[1]).any()):
-            raise ValueError("block_table has fewer columns than the longest sequence needs")
-        used = torch.arange(block_table.shape[1])[None, :] < need[:, None]
-        vals = block_table.cpu()[used]
-        if bool(((vals < 0) | (vals >= k_cache.shape[0])).any()):
-            raise ValueError(f"block_table entries must lie in [0, {k_cache.shape[0]}) for the pages in use")
-
-
-def _as_int(x) -> int:
-    # HF transformers passes max_seqlen as a 0-dim tensor (cu_seqlens.diff().max()): one host sync, as in
-    # flash-attn, where the C++ binding converts it too.
-    return int(x)
-
-
-# ------------------------------------------------------------------------------------ low-level (2.8)
-def _flash_attn_forward(
-    q,
-    k,
-    v,
-    dropout_p,
-    softmax_scale,
-    causal,
-    window_size_left,
-    window_size_right,
-    softcap,
-    alibi_slopes,
-    return_softmax,
-):
-    """-> ``(out, softmax_lse (b, h, sq) fp32, S_dmask, rng_state (2,) int64)``; flash-attn 2.8 semantics."""
-    q, k, v = (maybe_contiguous(x) for x in (q, k, v))
-    return torch.ops.flash_attn_plus.fwd(
-        q, k, v, dropout_p, ops.default_scale(q, softmax_scale), causal, window_size_left, window_size_right,
-        softcap, alibi_slopes, return_softmax, False,
-    )  # fmt: skip
-
-
-def _flash_attn_varlen_forward(
-    q,
-    k,
-    v,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    dropout_p,
-    softmax_scale,
-    causal,
-    window_size_left=-1,
-    window_size_right=-1,
-    softcap=0.0,
-    alibi_slopes=None,
-    return_softmax=False,
-    block_table=None,
-    leftpad_k=None,
-    seqused_k=None,
-    zero_tensors=False,
-):
-    """-> ``(out, softmax_lse (h, total_q) fp32, S_dmask, rng_state)``. ``zero_tensors`` has nothing to do here:
-    every row of out/lse belongs to a sequence and is written."""
-    if leftpad_k is not None:
-        raise NotImplementedError("leftpad_k is not supported by Flash Attention Plus's varlen forward")
-    q, k, v = (maybe_contiguous(x) for x in (q, k, v))
-    max_seqlen_q, max_seqlen_k = _as_int(max_seqlen_q), _as_int(max_seqlen_k)
-    if block_table is not None:
-        k, v, cu_seqlens_k, seqused_k = _gather_pages(
-            k, v, block_table, cu_seqlens_k, max_seqlen_k, seqused_k
-        )
-    return torch.ops.flash_attn_plus.varlen_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-        ops.default_scale(q, softmax_scale), causal, window_size_left, window_size_right, softcap, alibi_slopes,
-        return_softmax, seqused_k, False,
-    )  # fmt: skip
-
-
-def _flash_attn_backward(
-    dout,
-    q,
-    k,
-    v,
-    out,
-    softmax_lse,
-    dq,
-    dk,
-    dv,
-    dropout_p,
-    softmax_scale,
-    causal,
-    window_size_left,
-    window_size_right,
-    softcap,
-    alibi_slopes,
-    deterministic,
-    rng_state=None,
-):
-    """Writes dq, dk, dv (allocated and dropped when None, as flash-attn); returns softmax_d
-    ``(b, h, round128(sq))`` fp32. Needs fa-backward."""
-    _extras.require_backward()
-    dout, q, k, v, out = (maybe_contiguous(x) for x in (dout, q, k, v, out))
-    return torch.ops.flash_attn_plus.bwd(
-        dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, ops.default_scale(q, softmax_scale), causal,
-        window_size_left, window_size_right, softcap, alibi_slopes, deterministic, rng_state,
-    )  # fmt: skip
-
-
-def _flash_attn_varlen_backward(
-    dout,
-    q,
-    k,
-    v,
-    out,
-    softmax_lse,
-    dq,
-    dk,
-    dv,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    dropout_p,
-    softmax_scale,
-    causal,
-    window_size_left,
-    window_size_right,
-    softcap,
-    alibi_slopes,
-    deterministic,
-    rng_state=None,
-    zero_tensors=False,
-):
-    """Returns softmax_d ``(h, total_q + 128 * b)`` fp32. Needs fa-backward."""
-    _extras.require_backward()
-    dout, q, k, v, out = (maybe_contiguous(x) for x in (dout, q, k, v, out))
-    return torch.ops.flash_attn_plus.varlen_bwd(
-        dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, _as_int(max_seqlen_q),
-        _as_int(max_seqlen_k), dropout_p, ops.default_scale(q, softmax_scale), causal, window_size_left,
-        window_size_right, softcap, alibi_slopes, deterministic, rng_state, zero_tensors, None,
-    )  # fmt: skip
-
-
-def _gather_pages(
-    k_cache: Tensor,
-    v_cache: Tensor,
-    block_table: Tensor,
-    cu_seqlens_k: Tensor,
-    max_seqlen_k: int,
-    seqused_k: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Paged keys ``(num_blocks, page, hk, d)`` -> a padded varlen layout ``(batch * max_seqlen_k, hk, d)``
-    with ``cu_seqlens_k = arange * max_seqlen_k`` and ``seqused_k`` = the true lengths. Device-side only (no
-    sync); costs one copy of the used K/V."""
-    batch, n_cols = block_table.shape
-    page = k_cache.shape[1]
-    t = torch.arange(max_seqlen_k, device=block_table.device)
-    cols = (t // page).clamp_max(n_cols - 1)
-    rows = block_table[:, cols].long() * page + (t % page)  # (batch, max_seqlen_k)
-    rows = rows.clamp(0, k_cache.shape[0] * page - 1).reshape(-1)  # unused slots may hold -1
-    k = k_cache.reshape(-1, *k_cache.shape[2:])[rows]
-    v = v_cache.reshape(-1, *v_cache.shape[2:])[rows]
-    if seqused_k is None:
-        seqused_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
-    cu = torch.arange(batch + 1, device=block_table.device, dtype=torch.int32) * max_seqlen_k
-    return k, v, cu, seqused_k
 
 
 # ---------------------------------------------------------------------------------------- public API

@@ -3,293 +3,31 @@
 Layout: a program owns ``BLOCK_M`` query rows of one (batch, head) and streams the key blocks that
 :func:`fa_core.masking.kv_range` says it can see, with an online softmax in the log2 domain. Blocks
 strictly inside the visible band skip all masking; only the edge blocks pay for it.
+
+The tile loads and the inner loop are in :mod:`fa_core.forward_inner`, the autotune space in
+:mod:`fa_core.forward_configs` (its tile lists are re-exported here).
 """
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
-from fa_core.masking import (
-    chunk_kv_range,
-    chunk_visible,
-    dropout_keep,
-    kv_range,
-    score_mod,
-    scores_log2,
-    seq_bounds,
-    visible,
+from fa_core.forward_configs import (
+    FALLBACK_TILE,
+    FP8_TILES,
+    FWD_CONFIGS,
+    FWD_TILES,
+    TILE_FAMILIES,
+    prune_configs,
 )
+from fa_core.forward_inner import fwd_inner, load_tile
+from fa_core.masking import chunk_kv_range, kv_range, seq_bounds
 
+__all__ = ["FALLBACK_TILE", "FP8_TILES", "FWD_CONFIGS", "FWD_TILES", "fwd_kernel"]
 
-@triton.jit
-def _load_tile(
-    ptrs, offs_rows, n_rows, offs_d, HEADDIM: tl.constexpr, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr
-):
-    if CHECK_ROWS:
-        if EVEN_D:
-            return tl.load(ptrs, mask=offs_rows[:, None] < n_rows, other=0.0)
-        return tl.load(ptrs, mask=(offs_rows[:, None] < n_rows) & (offs_d[None, :] < HEADDIM), other=0.0)
-    if EVEN_D:
-        return tl.load(ptrs)
-    return tl.load(ptrs, mask=offs_d[None, :] < HEADDIM, other=0.0)
-
-
-@triton.jit
-def _load_k_tile(
-    k_base,
-    offs_n,
-    offs_d,
-    stride_kn,
-    seqlen_k,
-    HEADDIM: tl.constexpr,
-    MASKED: tl.constexpr,
-    EVEN_D: tl.constexpr,
-):
-    """K block loaded transposed: ``(BLOCK_D, BLOCK_N)``."""
-    k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None]
-    if MASKED:
-        if EVEN_D:
-            return tl.load(k_ptrs, mask=offs_n[None, :] < seqlen_k, other=0.0)
-        return tl.load(k_ptrs, mask=(offs_n[None, :] < seqlen_k) & (offs_d[:, None] < HEADDIM), other=0.0)
-    if EVEN_D:
-        return tl.load(k_ptrs)
-    return tl.load(k_ptrs, mask=offs_d[:, None] < HEADDIM, other=0.0)
-
-
-@triton.jit
-def _load_vt_tile(
-    vt_base,
-    offs_n,
-    offs_dv,
-    stride_vd,
-    seqlen_k,
-    HEADDIM_V: tl.constexpr,
-    MASKED: tl.constexpr,
-    EVEN_DV: tl.constexpr,
-):
-    """Tile of V stored transposed ``(headdim_v, seqlen_k)``: ``(BLOCK_DV, BLOCK_N)``, keys contiguous."""
-    ptrs = vt_base + offs_dv[:, None] * stride_vd + offs_n[None, :]
-    if MASKED:
-        if EVEN_DV:
-            return tl.load(ptrs, mask=offs_n[None, :] < seqlen_k, other=0.0)
-        return tl.load(ptrs, mask=(offs_n[None, :] < seqlen_k) & (offs_dv[:, None] < HEADDIM_V), other=0.0)
-    if EVEN_DV:
-        return tl.load(ptrs)
-    return tl.load(ptrs, mask=offs_dv[:, None] < HEADDIM_V, other=0.0)
-
-
-@triton.jit
-def _fwd_inner(
-    acc,
-    l_i,
-    m_i,
-    q,
-    k_base,
-    v_base,
-    k_desc,
-    v_desc,
-    stride_kn,
-    stride_vn,
-    stride_vd,
-    start,
-    end,
-    offs_m,
-    offs_d,
-    offs_dv,
-    seqlen_q,
-    seqlen_k,
-    sm_scale,
-    softcap,
-    alibi_slope,
-    window_left,
-    window_right,
-    chunk,
-    seed,
-    rng_offset,
-    bh,
-    dropout_p,
-    off_b,
-    off_h,
-    score_mod_fn: tl.constexpr,
-    mask_mod_fn: tl.constexpr,
-    HAS_SCORE_MOD: tl.constexpr,
-    HAS_MASK_MOD: tl.constexpr,
-    MASKED: tl.constexpr,
-    IS_LOCAL: tl.constexpr,
-    HAS_CHUNK: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    HEADDIM: tl.constexpr,
-    HEADDIM_V: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    EVEN_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr,
-    V_T: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    P_SHIFT: tl.constexpr,
-):
-    offs_n0 = tl.arange(0, BLOCK_N)
-    for start_n in tl.range(start, end, BLOCK_N):
-        offs_n = start_n + offs_n0
-        if USE_TMA:
-            # the descriptor zero-fills rows past seqlen_k and columns past HEADDIM
-            k = tl.trans(k_desc.load([start_n, 0]))
-        else:
-            k = _load_k_tile(k_base, offs_n, offs_d, stride_kn, seqlen_k, HEADDIM, MASKED, EVEN_D)
-        qk = tl.dot(q, k)
-        s = scores_log2(
-            qk, offs_m, offs_n, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, HAS_SOFTCAP, HAS_ALIBI
-        )
-        if HAS_SCORE_MOD:
-            # user score_mod works on natural-log logits (after scale, softcap and ALiBi)
-            s = score_mod(score_mod_fn, s, off_b, off_h, offs_m, offs_n)
-        if MASKED:
-            ok = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, IS_LOCAL, True)
-            if HAS_CHUNK:
-                ok = ok & chunk_visible(offs_m, offs_n, seqlen_q, seqlen_k, chunk)
-            if HAS_MASK_MOD:
-                ok = ok & mask_mod_fn(off_b, off_h, offs_m[:, None], offs_n[None, :])
-            s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row that has seen no visible key yet keeps m = -inf: subtract 0 instead to avoid inf - inf
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        if P_SHIFT != 0.0:
-            # FP8: p in [0, 2^P_SHIFT] uses e4m3's range (max 448) instead of flushing p < 2^-10 to zero;
-            # l carries the same factor, so out = acc / l is unchanged (lse subtracts P_SHIFT)
-            m_safe = m_safe - P_SHIFT
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if V_T:
-            # V stored transposed (headdim, seqlen): the tile (BLOCK_DV, BLOCK_N) is K-major for P @ V,
-            # which Hopper's FP8 wgmma requires of its B operand
-            if USE_TMA and not IS_VARLEN:
-                vt = v_desc.load([0, start_n])
-            else:
-                vt = _load_vt_tile(v_base, offs_n, offs_dv, stride_vd, seqlen_k, HEADDIM_V, MASKED, EVEN_DV)
-            v = tl.trans(vt)
-        elif USE_TMA:
-            v = v_desc.load([start_n, 0])
-        else:
-            v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :]
-            v = _load_tile(v_ptrs, offs_n, seqlen_k, offs_dv, HEADDIM_V, MASKED, EVEN_DV)
-        if HAS_DROPOUT:
-            keep = dropout_keep(seed, rng_offset, bh, offs_m, offs_n, dropout_p)
-            p = tl.where(keep, p, 0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
-    return acc, l_i, m_i
-
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, TMA, where): measured on H200 (bf16), triton 3.6: 128x128/8 warps
-# wins at d128 on long sequences, 128x64 at d64, 64x64/4 warps on short causal ones. TMA tensor descriptors
-# won only a few percent on long causal rows, so only the three tiles that can use them carry a TMA twin
-# (compiles cost seconds each: the space stays small). ``where``: "any", or "short" / "long" (tried only
-# for key lengths <= 2048 / >= 2048), so that each autotune key times at most ~10 configs.
-FWD_TILES = [
-    (128, 128, 8, 3, False, "any"),
-    (128, 64, 8, 3, False, "any"),
-    (128, 64, 4, 3, False, "any"),
-    (128, 64, 4, 4, False, "any"),
-    (64, 64, 4, 3, False, "any"),
-    (64, 128, 4, 3, False, "any"),
-    (64, 32, 4, 2, False, "any"),
-    (128, 128, 8, 3, True, "any"),
-    (128, 64, 8, 3, True, "any"),
-    (64, 64, 4, 3, True, "any"),
-    # issue #2's losing points: short causal rows (d64 / d128 at 512) want small tiles, shallow pipelines
-    (64, 64, 8, 2, False, "short"),
-    (64, 64, 4, 2, False, "short"),
-    # d128 non-causal, long rows: a deeper pipeline on the 128x64 TMA tile
-    (128, 64, 8, 4, True, "long"),
-]
-
-# FP8 (e4m3) tiles: BLOCK_N 128 (the P @ V dot has K = BLOCK_N; fp8 wgmma wants K >= 32 and the bytes of a
-# 128-key tile equal those of a 64-key bf16 one), V read transposed through TMA. d256 falls back to 64-key tiles.
-FP8_TILES = [
-    (128, 128, 8, 3, True, "any"),
-    (128, 128, 8, 3, False, "any"),
-    (128, 128, 8, 4, True, "long"),
-    (128, 64, 8, 3, True, "any"),
-    (64, 128, 4, 3, False, "short"),
-    (128, 64, 8, 2, False, "any"),
-]
-
-
-# used only when no tile above fits (block-sparse masks with 32-row / 32-key blocks)
-FALLBACK_TILE = (32, 32, 4, 2, False)
-
-
-_FAMILIES = {
-    True: {t[:5]: t[5] for t in FP8_TILES},
-    False: {t[:5]: t[5] for t in FWD_TILES},
-}
-
-
-def _configs() -> list[triton.Config]:
-    """Named autotune space for the forward; a single small config under the CPU interpreter."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "USE_TMA": False}, num_warps=4, num_stages=1)]
-    seen: dict[tuple, triton.Config] = {}
-    for bm, bn, warps, stages, tma, _ in [*FWD_TILES, *FP8_TILES, (*FALLBACK_TILE, "any")]:
-        seen.setdefault(
-            (bm, bn, warps, stages, tma),
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma}, num_warps=warps, num_stages=stages),
-        )
-    return list(seen.values())
-
-
-FWD_CONFIGS = _configs()
-
-
-def _cfg_key(c: triton.Config) -> tuple:
-    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.kwargs["USE_TMA"])
-
-
-def _prune(configs, named_args, **kwargs):
-    """Keep the tiles of the input type (FP8 or 16-bit) and sequence length; drop TMA configs where
-    descriptors cannot be used, tiles too big for shared memory at large head dims, and tiles far larger than
-    the work."""
-    args = {**named_args, **kwargs}
-    d = max(args["BLOCK_D"], args["BLOCK_DV"])
-    bucket = args["SEQ_BUCKET_Q"]
-    bucket_k = args["SEQ_BUCKET_K"]
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
-    family = _FAMILIES[bool(args["IS_FP8"])]
-    out = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        key = _cfg_key(c)
-        if not interp and key not in family:
-            continue
-        where = family.get(key, "any")
-        if (where == "short" and bucket_k > 2048) or (where == "long" and bucket_k < 2048):
-            continue
-        if c.kwargs["USE_TMA"] and not args["TMA_OK"]:
-            continue
-        if d >= 256 and (bn > 64 or c.num_stages > 2):
-            continue
-        if d >= 256 and bm == 128 and c.num_warps < 8:
-            continue
-        if bucket < bm and bm > 64:
-            continue
-        if args["IS_SPARSE"] and (bm > args["SPARSE_Q"] or bn > args["SPARSE_KV"]):
-            continue
-        out.append(c)
-    if not out:
-        # the smallest tile fits every head dim, sparse block size (>= 32) and sequence length
-        out = [c for c in configs if _cfg_key(c) == FALLBACK_TILE] or configs[-1:]
-    if os.environ.get("FA_PLUS_AUTOTUNE", "1") == "0":
-        # tests: one config, no timing; FA_PLUS_TMA picks the load path to exercise
-        want_tma = os.environ.get("FA_PLUS_TMA", "1") == "1"
-        return [c for c in out if c.kwargs["USE_TMA"] == want_tma][:1] or out[:1]
-    return out
+# the historical private name: bench/bench_fp8.py mutates it in place (the same dict) to force one tile
+_FAMILIES = TILE_FAMILIES
 
 
 @triton.autotune(
@@ -309,7 +47,7 @@ def _prune(configs, named_args, **kwargs):
         "SPARSE_Q",
         "SPARSE_KV",
     ],
-    prune_configs_by={"early_config_prune": _prune},
+    prune_configs_by={"early_config_prune": prune_configs},
 )
 @triton.jit
 def fwd_kernel(
@@ -477,7 +215,7 @@ def fwd_kernel(
     else:
         k_desc = k_base
         v_desc = v_base
-        q = _load_tile(
+        q = load_tile(
             q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
             offs_m,
             seqlen_q,
@@ -524,7 +262,7 @@ def fwd_kernel(
             blk_hi = tl.minimum(kv_blk * SPARSE_KV + SPARSE_KV, hi)
             blk_hi = tl.maximum(blk_hi, blk_lo)
             # fmt: off
-            acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i = fwd_inner(
                 acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, blk_lo,
                 blk_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope,
                 window_left, window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h,
@@ -549,7 +287,7 @@ def fwd_kernel(
                 a = tl.minimum(tl.maximum(full_lo, blk_lo), blk_hi)
                 b = tl.maximum(tl.minimum(full_hi, blk_hi), a)
                 # fmt: off
-                acc, l_i, m_i = _fwd_inner(
+                acc, l_i, m_i = fwd_inner(
                     acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, blk_lo,
                     a, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope,
                     window_left, window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h,
@@ -557,7 +295,7 @@ def fwd_kernel(
                     HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, USE_TMA,
                     V_T, IS_VARLEN, P_SHIFT,
                 )
-                acc, l_i, m_i = _fwd_inner(
+                acc, l_i, m_i = fwd_inner(
                     acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, a, b,
                     offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope,
                     window_left, window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h,
@@ -565,7 +303,7 @@ def fwd_kernel(
                     HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, USE_TMA,
                     V_T, IS_VARLEN, P_SHIFT,
                 )
-                acc, l_i, m_i = _fwd_inner(
+                acc, l_i, m_i = fwd_inner(
                     acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, b,
                     blk_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope,
                     window_left, window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h,
@@ -582,7 +320,7 @@ def fwd_kernel(
         if HAS_WINDOW_LEFT:
             # left edge of the band (sliding window): masked; compiled out for plain causal
             # fmt: off
-            acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i = fwd_inner(
                 acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, lo, full_lo,
                 offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left,
                 window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn,
@@ -592,7 +330,7 @@ def fwd_kernel(
             # fmt: on
         # interior: no mask at all
         # fmt: off
-        acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i = fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, full_lo, full_hi,
             offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left,
             window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn,
@@ -602,7 +340,7 @@ def fwd_kernel(
         # fmt: on
         # right edge: the causal diagonal / window edge and the ragged end of the keys
         # fmt: off
-        acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i = fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, full_hi, hi,
             offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left,
             window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn,

@@ -183,9 +183,17 @@ def check_mods(score_mod: object, mask_mod: object) -> None:
 
 
 def check_block_mask(
-    block_mask, batch: int, nheads: int, seqlen_q: int, seqlen_k: int, q: torch.Tensor, return_probs: bool
+    block_mask,
+    batch: int,
+    nheads: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    q: torch.Tensor,
+    return_probs: bool,
+    full_like_partial: bool = False,
 ) -> None:
-    """Shapes, dtypes and (when value checks run) index ranges of a :class:`fa_core.block_sparse.BlockMask`."""
+    """Shapes, dtypes and (when value checks run) index ranges of a :class:`fa_core.block_sparse.BlockMask`,
+    its optional full-block fields included (:func:`check_full_blocks`; ``full_like_partial`` as there)."""
     if block_mask is None:
         return
     if return_probs:
@@ -221,6 +229,59 @@ def check_block_mask(
         used = torch.arange(idx.shape[3], device=idx.device) < num[..., None].long()
         if bool(((idx < 0) | (idx >= nk))[used].any()):
             raise ValueError(f"block_mask.kv_indices entries must lie in [0, {nk}) for seqlen_k = {seqlen_k}")
+    check_full_blocks(block_mask, batch, nheads, q, full_like_partial)
+
+
+def check_full_blocks(
+    block_mask, batch: int, nheads: int, q: torch.Tensor, like_partial: bool = False
+) -> None:
+    """The optional full-block lists of a block mask, ``full_kv_num_blocks`` / ``full_kv_indices`` (read with
+    getattr: masks without the fields pass). Both or neither; int32 tensors on q's device with a contiguous
+    last dim; laid out like the partial lists: the partial lists' trailing dims and leading dims
+    ``(batch|1, nheads|1)``, the same for the two full lists (the forward reads them with their own strides),
+    or, with ``like_partial``, exactly the partial lists' shapes (the backward reads both with one set of
+    strides); when value checks run, counts in ``[0, full_kv_indices.shape[-1]]``.
+
+    Called by :func:`check_block_mask` after the partial lists passed."""
+    num = getattr(block_mask, "full_kv_num_blocks", None)
+    idx = getattr(block_mask, "full_kv_indices", None)
+    if num is None and idx is None:
+        return
+    if num is None or idx is None:
+        raise ValueError(
+            "block_mask.full_kv_num_blocks and block_mask.full_kv_indices must be given together"
+        )
+    for name, t, like in (
+        ("block_mask.full_kv_num_blocks", num, block_mask.kv_num_blocks),
+        ("block_mask.full_kv_indices", idx, block_mask.kv_indices),
+    ):
+        check_tensor(name, t)
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+        check_device(name, t, "q", q)
+        if like_partial:
+            if tuple(t.shape) != tuple(like.shape):
+                raise ValueError(
+                    f"{name} must be shaped like the partial list {tuple(like.shape)}, got {tuple(t.shape)}"
+                )
+        elif (
+            t.dim() != like.dim()
+            or t.shape[2:] != like.shape[2:]
+            or t.shape[:2] != num.shape[:2]
+            or t.shape[0] not in (1, batch)
+            or t.shape[1] not in (1, nheads)
+        ):
+            raise ValueError(
+                f"{name} must have the partial lists' layout {tuple(like.shape)} with leading dims "
+                f"(batch|1, nheads|1) = ({batch}|1, {nheads}|1), got {tuple(t.shape)}"
+            )
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension")
+    if value_checks_enabled(num):
+        if bool((num < 0).any()) or bool((num > idx.shape[-1]).any()):
+            raise ValueError(
+                "block_mask.full_kv_num_blocks entries must lie in [0, full_kv_indices.shape[-1]]"
+            )
 
 
 def check_cu_seqlens(

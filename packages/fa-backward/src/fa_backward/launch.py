@@ -1,0 +1,208 @@
+"""Kernel launches of the backward (dense and varlen): preprocess (delta), then the dK/dV and dQ passes.
+
+:func:`_launch` takes checked inputs (see :mod:`fa_backward.backward`), computes the strides, constexprs and
+block-sparse arguments of the kernels of :mod:`fa_backward.backward_kernel`, launches them and returns
+``delta`` (``softmax_d``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from fa_backward.backward_kernel import dkdv_kernel, dq_kernel
+from fa_backward.backward_preprocess import preprocess_kernel
+from fa_backward.sparse_args import _sparse_args
+from fa_core import validation as V
+from fa_core.forward import seq_bucket
+from fa_core.masking import normalize_window
+
+
+def _launch(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dq,
+    dk,
+    dv,
+    *,
+    varlen,
+    batch,
+    max_seqlen_q,
+    max_seqlen_k,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    seqused_k,
+    softmax_scale,
+    causal,
+    window,
+    softcap,
+    alibi_slopes,
+    dropout_p,
+    rng_state,
+    attention_chunk=0,
+    score_mod=None,
+    score_mod_grad=None,
+    mask_mod=None,
+    block_mask=None,
+    dsoftmax_lse=None,
+):
+    nheads, nheads_k, d, d_v = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    left, right, is_local = normalize_window(causal, window)
+    lse = V.contig_last(lse)
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    block_d = max(triton.next_power_of_2(d), 16)
+    block_dv = max(triton.next_power_of_2(d_v), 16)
+
+    if varlen:
+        pre_rows, pre_batch = q.shape[0], 1
+        stride_ob = stride_dob = stride_lb = stride_deltab = 0
+        stride_qb = stride_kb = stride_vb = stride_dqb = stride_dkb = stride_dvb = 0
+        stride_lh, stride_deltah = lse.stride(0), delta.stride(0)
+        sq_b = sk_b = 0
+    else:
+        pre_rows, pre_batch = q.shape[1], batch
+        stride_ob, stride_dob = out.stride(0), dout.stride(0)
+        stride_lb, stride_lh = lse.stride(0), lse.stride(1)
+        stride_deltab, stride_deltah = delta.stride(0), delta.stride(1)
+        stride_qb, stride_kb, stride_vb = q.stride(0), k.stride(0), v.stride(0)
+        stride_dqb, stride_dkb, stride_dvb = dq.stride(0), dk.stride(0), dv.stride(0)
+        sq_b, sk_b = q.shape[1], k.shape[1]
+
+    pre_block = max(16, min(128, 4096 // block_dv))  # ~32 elements of each tile per thread (4 warps)
+    if dsoftmax_lse is not None:
+        dlse = V.contig_last(dsoftmax_lse)
+        stride_dlb, stride_dlh = (0, dlse.stride(0)) if varlen else (dlse.stride(0), dlse.stride(1))
+    else:
+        dlse, stride_dlb, stride_dlh = delta, 0, 0
+    if pre_rows > 0:
+        preprocess_kernel[(triton.cdiv(pre_rows, pre_block), nheads, pre_batch)](
+            out,
+            dout,
+            delta,
+            dlse,
+            stride_ob,
+            out.stride(-3),
+            out.stride(-2),
+            stride_dob,
+            dout.stride(-3),
+            dout.stride(-2),
+            stride_deltab,
+            stride_deltah,
+            stride_dlb,
+            stride_dlh,
+            pre_rows,
+            HEADDIM_V=d_v,
+            BLOCK_DV=block_dv,
+            BLOCK_M=pre_block,
+            HAS_DLSE=dsoftmax_lse is not None,
+        )
+
+    alibi = alibi_slopes if alibi_slopes is not None else q.new_empty(0, dtype=torch.float32)
+    stride_alb = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
+    dummy_i32 = q.new_empty(0, dtype=torch.int32)
+    seed, offset = (int(x) for x in rng_state.tolist()) if dropout_p > 0 else (0, 0)
+    sparse_dq, sparse_dkdv, has_full, (sparse_q, sparse_kv) = _sparse_args(
+        block_mask, max_seqlen_k, dummy_i32
+    )
+    common = dict(
+        cu_seqlens_q=cu_seqlens_q if varlen else dummy_i32,
+        cu_seqlens_k=cu_seqlens_k if varlen else dummy_i32,
+        seqused_k=seqused_k if seqused_k is not None else dummy_i32,
+        seqlen_q_dense=sq_b,
+        seqlen_k_dense=sk_b,
+        nheads=nheads,
+        group=nheads // nheads_k,
+        sm_scale=softmax_scale,
+        softcap=float(softcap),
+        Alibi=alibi,
+        stride_alb=stride_alb,
+        window_left=left,
+        window_right=right,
+        chunk=int(attention_chunk),
+        dropout_p=float(dropout_p),
+        seed=seed,
+        rng_offset=offset,
+        SEQ_BUCKET_Q=seq_bucket(max_seqlen_q),
+        SEQ_BUCKET_K=seq_bucket(max_seqlen_k),
+        HEADDIM=d,
+        HEADDIM_V=d_v,
+        BLOCK_D=block_d,
+        BLOCK_DV=block_dv,
+        IS_VARLEN=varlen,
+        HAS_SEQUSED=seqused_k is not None,
+        IS_LOCAL=is_local,
+        HAS_SOFTCAP=softcap > 0,
+        HAS_ALIBI=alibi_slopes is not None,
+        HAS_DROPOUT=dropout_p > 0,
+        # float32 accumulation; float64 (CPU interpreter only, for gradcheck) accumulates in float64
+        ACC_FP64=q.dtype == torch.float64,
+        HAS_CHUNK=attention_chunk > 0,
+        score_mod_fn=score_mod,
+        score_grad_fn=score_mod_grad,
+        mask_mod_fn=mask_mod,
+        HAS_SCORE_MOD=score_mod is not None,
+        HAS_MASK_MOD=mask_mod is not None,
+        IS_SPARSE=block_mask is not None,
+        HAS_FULL=has_full,
+        SPARSE_Q=sparse_q,
+        SPARSE_KV=sparse_kv,
+    )
+    qkv_strides = (
+        stride_qb,
+        q.stride(-3),
+        q.stride(-2),
+        stride_kb,
+        k.stride(-3),
+        k.stride(-2),
+        stride_vb,
+        v.stride(-3),
+        v.stride(-2),
+        stride_dob,
+        dout.stride(-3),
+        dout.stride(-2),
+        stride_lb,
+        stride_lh,
+        stride_deltab,
+        stride_deltah,
+    )
+    if max_seqlen_k > 0:
+        dkdv_kernel[lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), nheads_k, batch)](
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            dk,
+            dv,
+            *qkv_strides,
+            stride_dkb,
+            dk.stride(-3),
+            dk.stride(-2),
+            stride_dvb,
+            dv.stride(-3),
+            dv.stride(-2),
+            **sparse_dkdv,
+            **common,
+        )
+    if max_seqlen_q > 0:
+        dq_kernel[lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), nheads, batch)](
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            dq,
+            *qkv_strides,
+            stride_dqb,
+            dq.stride(-3),
+            dq.stride(-2),
+            **sparse_dq,
+            **common,
+        )
+    return delta

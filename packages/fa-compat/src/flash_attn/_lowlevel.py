@@ -1,0 +1,164 @@
+"""flash-attn 2.8's low-level functions (``_flash_attn_forward``, ``_flash_attn_varlen_forward``,
+``_flash_attn_backward``, ``_flash_attn_varlen_backward``) on the ``flash_attn_plus`` custom ops, and the page
+gather of paged varlen keys. Re-exported by :mod:`flash_attn.flash_attn_interface`, where flash-attn has them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fa_core.validation import contig_last as maybe_contiguous
+from flash_attn import _extras
+from flash_attn import _ops as ops
+from flash_attn._checks import _as_int
+
+Tensor = torch.Tensor
+
+
+def _flash_attn_forward(
+    q,
+    k,
+    v,
+    dropout_p,
+    softmax_scale,
+    causal,
+    window_size_left,
+    window_size_right,
+    softcap,
+    alibi_slopes,
+    return_softmax,
+):
+    """-> ``(out, softmax_lse (b, h, sq) fp32, S_dmask, rng_state (2,) int64)``; flash-attn 2.8 semantics."""
+    q, k, v = (maybe_contiguous(x) for x in (q, k, v))
+    return torch.ops.flash_attn_plus.fwd(
+        q, k, v, dropout_p, ops.default_scale(q, softmax_scale), causal, window_size_left, window_size_right,
+        softcap, alibi_slopes, return_softmax, False,
+    )  # fmt: skip
+
+
+def _flash_attn_varlen_forward(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p,
+    softmax_scale,
+    causal,
+    window_size_left=-1,
+    window_size_right=-1,
+    softcap=0.0,
+    alibi_slopes=None,
+    return_softmax=False,
+    block_table=None,
+    leftpad_k=None,
+    seqused_k=None,
+    zero_tensors=False,
+):
+    """-> ``(out, softmax_lse (h, total_q) fp32, S_dmask, rng_state)``. ``zero_tensors`` has nothing to do here:
+    every row of out/lse belongs to a sequence and is written."""
+    if leftpad_k is not None:
+        raise NotImplementedError("leftpad_k is not supported by Flash Attention Plus's varlen forward")
+    q, k, v = (maybe_contiguous(x) for x in (q, k, v))
+    max_seqlen_q, max_seqlen_k = _as_int(max_seqlen_q), _as_int(max_seqlen_k)
+    if block_table is not None:
+        k, v, cu_seqlens_k, seqused_k = _gather_pages(
+            k, v, block_table, cu_seqlens_k, max_seqlen_k, seqused_k
+        )
+    return torch.ops.flash_attn_plus.varlen_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+        ops.default_scale(q, softmax_scale), causal, window_size_left, window_size_right, softcap, alibi_slopes,
+        return_softmax, seqused_k, False,
+    )  # fmt: skip
+
+
+def _flash_attn_backward(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    softmax_lse,
+    dq,
+    dk,
+    dv,
+    dropout_p,
+    softmax_scale,
+    causal,
+    window_size_left,
+    window_size_right,
+    softcap,
+    alibi_slopes,
+    deterministic,
+    rng_state=None,
+):
+    """Writes dq, dk, dv (allocated and dropped when None, as flash-attn); returns softmax_d
+    ``(b, h, round128(sq))`` fp32. Needs fa-backward."""
+    _extras.require_backward()
+    dout, q, k, v, out = (maybe_contiguous(x) for x in (dout, q, k, v, out))
+    return torch.ops.flash_attn_plus.bwd(
+        dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, ops.default_scale(q, softmax_scale), causal,
+        window_size_left, window_size_right, softcap, alibi_slopes, deterministic, rng_state,
+    )  # fmt: skip
+
+
+def _flash_attn_varlen_backward(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    softmax_lse,
+    dq,
+    dk,
+    dv,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p,
+    softmax_scale,
+    causal,
+    window_size_left,
+    window_size_right,
+    softcap,
+    alibi_slopes,
+    deterministic,
+    rng_state=None,
+    zero_tensors=False,
+):
+    """Returns softmax_d ``(h, total_q + 128 * b)`` fp32. Needs fa-backward."""
+    _extras.require_backward()
+    dout, q, k, v, out = (maybe_contiguous(x) for x in (dout, q, k, v, out))
+    return torch.ops.flash_attn_plus.varlen_bwd(
+        dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, _as_int(max_seqlen_q),
+        _as_int(max_seqlen_k), dropout_p, ops.default_scale(q, softmax_scale), causal, window_size_left,
+        window_size_right, softcap, alibi_slopes, deterministic, rng_state, zero_tensors, None,
+    )  # fmt: skip
+
+
+def _gather_pages(
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_table: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_k: int,
+    seqused_k: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Paged keys ``(num_blocks, page, hk, d)`` -> a padded varlen layout ``(batch * max_seqlen_k, hk, d)``
+    with ``cu_seqlens_k = arange * max_seqlen_k`` and ``seqused_k`` = the true lengths. Device-side only (no
+    sync); costs one copy of the used K/V."""
+    batch, n_cols = block_table.shape
+    page = k_cache.shape[1]
+    t = torch.arange(max_seqlen_k, device=block_table.device)
+    cols = (t // page).clamp_max(n_cols - 1)
+    rows = block_table[:, cols].long() * page + (t % page)  # (batch, max_seqlen_k)
+    rows = rows.clamp(0, k_cache.shape[0] * page - 1).reshape(-1)  # unused slots may hold -1
+    k = k_cache.reshape(-1, *k_cache.shape[2:])[rows]
+    v = v_cache.reshape(-1, *v_cache.shape[2:])[rows]
+    if seqused_k is None:
+        seqused_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
+    cu = torch.arange(batch + 1, device=block_table.device, dtype=torch.int32) * max_seqlen_k
+    return k, v, cu, seqused_k

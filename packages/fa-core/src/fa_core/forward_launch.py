@@ -1,0 +1,278 @@
+"""Host launchers of the forward kernels: kernel arguments (strides, pointers, constexpr flags) from
+validated inputs, and the on-device tensor-descriptor (TMA) setup.
+
+:func:`launch_forward` runs :func:`fa_core.forward_kernel.fwd_kernel`; :func:`launch_probs` the test-only
+probabilities kernel. Inputs are validated by :mod:`fa_core.forward` before they get here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fa_core import validation as V
+from fa_core.forward_configs import seq_bucket
+from fa_core.forward_kernel import fwd_kernel
+from fa_core.fp8 import transposed_v
+from fa_core.masking import UNBOUNDED, normalize_window
+from fa_core.probs_kernel import probs_kernel
+from fa_core.sparse_args import full_blocks, sparse_args
+
+__all__ = ["launch_forward", "launch_probs", "tma_ok"]
+
+
+def tma_ok(*tensors: torch.Tensor) -> bool:
+    """Use on-device tensor descriptors (TMA) on Hopper+ when every stride and base is 16-byte aligned."""
+    t0 = tensors[0]
+    if not t0.is_cuda or os.environ.get("FA_PLUS_TMA", "1") == "0" or V.interpreting():
+        return False
+    if not hasattr(tl, "make_tensor_descriptor") or torch.cuda.get_device_capability(t0.device)[0] < 9:
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any((s * size) % 16 for s in t.stride()[:-1]):
+            return False
+    _ensure_allocator()
+    return True
+
+
+_ALLOCATOR_SET = False
+
+
+def _ensure_allocator() -> None:
+    """On-device descriptors need a small global scratch buffer; install a torch-backed allocator once,
+    unless the user already installed one."""
+    global _ALLOCATOR_SET
+    if _ALLOCATOR_SET:
+        return
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+
+        user_set = not isinstance(_allocator.get(), NullAllocator)
+    except Exception:  # private API moved: install ours
+        user_set = False
+    if not user_set:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    _ALLOCATOR_SET = True
+
+
+def launch_forward(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    *,
+    varlen,
+    batch,
+    max_seqlen_q,
+    max_seqlen_k,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    seqused_k,
+    softmax_scale,
+    causal,
+    window_size,
+    softcap,
+    alibi_slopes,
+    dropout_p,
+    rng_state,
+    attention_chunk=0,
+    learnable_sink=None,
+    score_mod=None,
+    mask_mod=None,
+    block_mask=None,
+    descale=None,
+):
+    """Launch :func:`fwd_kernel` writing ``out`` and ``lse``; return the normalised window
+    ``(left, right, is_local)`` (for :func:`launch_probs`)."""
+    nheads, nheads_k, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    is_fp8 = descale is not None
+    # FA_PLUS_FP8_LAYOUT=1: 16-bit inputs take the FP8 path's layout too (transposed V, shifted P), so that
+    # the CPU interpreter tests it (it cannot run FP8 dots) and timings can compare the layouts
+    v_t = is_fp8 or os.environ.get("FA_PLUS_FP8_LAYOUT", "0") == "1"
+    if v_t:
+        v = transposed_v(v, varlen)
+        # kernel view: batch / head strides of the copy, keys contiguous, stride_vd between headdim rows
+        v_strides = (0 if varlen else v.stride(0), 1, v.stride(-3), v.stride(-2))
+    else:
+        v_strides = (0 if varlen else v.stride(0), v.stride(-3), v.stride(-2), 0)
+    full = full_blocks(block_mask)
+    # fp8 tensor-core dots need K >= 32
+    min_block = 32 if is_fp8 else 16
+    left, right, is_local = normalize_window(causal, window_size)
+    if varlen:
+        sq_b = sk_b = 0
+        stride_qb = stride_kb = stride_ob = 0
+        stride_lb, stride_lh = 0, lse.stride(0)
+    else:
+        sq_b, sk_b = q.shape[1], k.shape[1]
+        stride_qb, stride_kb, stride_ob = q.stride(0), k.stride(0), out.stride(0)
+        stride_lb, stride_lh = lse.stride(0), lse.stride(1)
+    alibi = alibi_slopes if alibi_slopes is not None else q.new_empty(0, dtype=torch.float32)
+    stride_alb = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
+    dummy_i32 = cu_seqlens_q if cu_seqlens_q is not None else q.new_empty(0, dtype=torch.int32)
+    seed, offset = (int(x) for x in rng_state.tolist())
+
+    def grid(meta):
+        return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), nheads, batch)
+
+    fwd_kernel[grid](
+        q,
+        k,
+        v,
+        out,
+        lse,
+        stride_qb,
+        q.stride(-3),
+        q.stride(-2),
+        stride_kb,
+        k.stride(-3),
+        k.stride(-2),
+        *v_strides,
+        stride_ob,
+        out.stride(-3),
+        out.stride(-2),
+        stride_lb,
+        stride_lh,
+        cu_seqlens_q if varlen else dummy_i32,
+        cu_seqlens_k if varlen else dummy_i32,
+        seqused_k if seqused_k is not None else dummy_i32,
+        sq_b,
+        sk_b,
+        nheads,
+        nheads // nheads_k,
+        softmax_scale,
+        float(softcap),
+        alibi,
+        stride_alb,
+        descale if is_fp8 else alibi,
+        descale.stride(0) if is_fp8 else 0,
+        descale.stride(1) if is_fp8 else 0,
+        *sparse_args(block_mask, dummy_i32),
+        left,
+        right,
+        attention_chunk,
+        learnable_sink if learnable_sink is not None else alibi,
+        float(dropout_p),
+        seed,
+        offset,
+        seq_bucket(max_seqlen_q),
+        seq_bucket(max_seqlen_k),
+        HEADDIM=d,
+        HEADDIM_V=dv,
+        BLOCK_D=max(triton.next_power_of_2(d), min_block),
+        BLOCK_DV=max(triton.next_power_of_2(dv), min_block),
+        IS_VARLEN=varlen,
+        HAS_SEQUSED=seqused_k is not None,
+        IS_LOCAL=is_local,
+        HAS_WINDOW_LEFT=is_local and left != UNBOUNDED,
+        HAS_CHUNK=attention_chunk > 0,
+        score_mod_fn=score_mod,
+        mask_mod_fn=mask_mod,
+        HAS_SCORE_MOD=score_mod is not None,
+        HAS_MASK_MOD=mask_mod is not None,
+        IS_SPARSE=block_mask is not None,
+        HAS_FULL=full is not None,
+        SPARSE_Q=block_mask.block_size[0] if block_mask is not None else 128,
+        SPARSE_KV=block_mask.block_size[1] if block_mask is not None else 128,
+        HAS_SINK=learnable_sink is not None,
+        IS_FP8=is_fp8,
+        V_T=v_t,
+        # FP8: p scaled by 2^8 before its e4m3 rounding (cancels in out = acc / l; lse subtracts it)
+        P_SHIFT=8.0 if v_t else 0.0,
+        HAS_SOFTCAP=softcap > 0,
+        HAS_ALIBI=alibi_slopes is not None,
+        HAS_DROPOUT=dropout_p > 0,
+        TMA_OK=tma_ok(q, k, v, out),
+    )
+    return left, right, is_local
+
+
+def launch_probs(
+    q,
+    k,
+    lse,
+    *,
+    varlen,
+    batch,
+    max_seqlen_q,
+    max_seqlen_k,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    seqused_k,
+    softmax_scale,
+    window,
+    softcap,
+    alibi_slopes,
+    dropout_p,
+    rng_state,
+    attention_chunk=0,
+    learnable_sink=None,
+    score_mod=None,
+    mask_mod=None,
+):
+    """Test/debug path: ``(batch, nheads, max_seqlen_q, max_seqlen_k)`` float32 probabilities."""
+    nheads, nheads_k, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    left, right, is_local = window
+    probs = torch.zeros(batch, nheads, max_seqlen_q, max_seqlen_k, dtype=torch.float32, device=q.device)
+    dummy_i32 = q.new_empty(0, dtype=torch.int32)
+    alibi = alibi_slopes if alibi_slopes is not None else q.new_empty(0, dtype=torch.float32)
+    stride_alb = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
+    seed, offset = (int(x) for x in rng_state.tolist())
+    block_m, block_n = 16, 16
+    grid = (triton.cdiv(max_seqlen_q, block_m), nheads, batch)
+    probs_kernel[grid](
+        q,
+        k,
+        lse,
+        probs,
+        0 if varlen else q.stride(0),
+        q.stride(-3),
+        q.stride(-2),
+        0 if varlen else k.stride(0),
+        k.stride(-3),
+        k.stride(-2),
+        0 if varlen else lse.stride(0),
+        lse.stride(-2),
+        probs.stride(0),
+        probs.stride(1),
+        probs.stride(2),
+        cu_seqlens_q if varlen else dummy_i32,
+        cu_seqlens_k if varlen else dummy_i32,
+        seqused_k if seqused_k is not None else dummy_i32,
+        0 if varlen else q.shape[1],
+        0 if varlen else k.shape[1],
+        max_seqlen_k,
+        nheads,
+        nheads // nheads_k,
+        softmax_scale,
+        float(softcap),
+        alibi,
+        stride_alb,
+        left,
+        right,
+        attention_chunk,
+        float(dropout_p),
+        seed,
+        offset,
+        HEADDIM=d,
+        BLOCK_D=max(triton.next_power_of_2(d), 16),
+        IS_VARLEN=varlen,
+        HAS_SEQUSED=seqused_k is not None,
+        IS_LOCAL=is_local,
+        HAS_SOFTCAP=softcap > 0,
+        HAS_ALIBI=alibi_slopes is not None,
+        HAS_DROPOUT=dropout_p > 0,
+        HAS_CHUNK=attention_chunk > 0,
+        score_mod_fn=score_mod,
+        mask_mod_fn=mask_mod,
+        HAS_SCORE_MOD=score_mod is not None,
+        HAS_MASK_MOD=mask_mod is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+    )
+    return probs
