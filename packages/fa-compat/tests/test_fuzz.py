@@ -136,10 +136,32 @@ def ref_grads(q, k, v, dout, varlen=None, upcast=True, **kw):
 def check_grads(grads, q, k, v, dout, varlen=None, **kw):
     true = ref_grads(q, k, v, dout, varlen=varlen, **kw)
     low = ref_grads(q, k, v, dout, varlen=varlen, upcast=False, **kw)
+    cancel = delta_cancellation(q, k, v, dout, varlen=varlen, **kw)
     for name, g, t, lo in zip(("dq", "dk", "dv"), grads, true, low):
         assert g is not None, f"{name} is None"
         assert g.shape == t.shape, (name, g.shape, t.shape)
-        assert_close_2x(g, t, lo, name, slack=grad_slack(q.dtype, t))
+        slack = grad_slack(q.dtype, t) + (cancel if name != "dv" else 0.0)
+        assert_close_2x(g, t, lo, name, slack=slack)
+
+
+def delta_cancellation(q, k, v, dout, varlen=None, **kw) -> float:
+    """Bound of the error FA2's ``dS = P * (dP - delta)`` inherits from ``delta = rowsum(dout * out)`` taken on
+    the *rounded* out (the reference's autograd has no such term: with one visible key its dq is exactly 0).
+    |delta error| <= u * sum_d |dout * out| per row; dq and dk multiply it by softmax_scale * max|k| (or |q|)
+    (sum_j P_j = 1). Found by the long fuzz run (seed 20261128): fp16, one key, dropout 0.17 / scale x2."""
+    if q.dtype == torch.float32 or q.numel() == 0 or k.numel() == 0:
+        return 0.0
+    ref_kw = {n: x for n, x in kw.items() if n not in ("seqused_k",)}
+    if varlen is None:
+        out, _ = attention_ref(q, k, v, dtype=torch.float64, **ref_kw)
+    else:
+        out, _ = attention_varlen_ref(q, k, v, varlen[0], varlen[1], dtype=torch.float64, **kw)
+    if out.numel() == 0:
+        return 0.0
+    u = torch.finfo(q.dtype).eps / 2
+    row = float((dout.double().abs() * out.abs()).sum(-1).max())
+    scale = kw.get("softmax_scale") or q.shape[-1] ** -0.5
+    return u * row * abs(scale) * max(_amax(k.double()), _amax(q.double()))
 
 
 def with_scale(kw: dict, d: int) -> dict:
