@@ -5,7 +5,7 @@ d128, bf16): phase 1 times every tile ``(BLOCK_N, num_warps, num_stages)`` of ``
 split count; phase 2 times the best tile at split counts around it. Every time is a CUDA-graph median
 (``do_bench_cudagraph``), beside SDPA on the contiguous cache in the same run. Prints one line per point with
 the best choice and its ratio to SDPA, and writes bench/results/<device>-decode-tune.json; the table in
-``fa_kvcache.interface._tile_config`` / ``num_splits_heuristic`` is set from it.
+``fa_kvcache.interface._key_tile`` / ``num_splits_heuristic`` is set from it.
 
     python bench/tune_decode.py [--quick]
 """

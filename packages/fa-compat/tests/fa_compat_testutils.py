@@ -46,10 +46,16 @@ def ref_out_lse(q, k, v, *, varlen=None, upcast=True, **kw):
     return attention_varlen_ref(q, k, v, varlen[0], varlen[1], upcast=upcast, **kw)
 
 
+def ref_out_and_grads(q, k, v, dout, *, varlen=None, upcast=True, **kw):
+    """Reference ``out`` and ``(dq, dk, dv)``: float64 when ``upcast`` (the truth), else in the inputs'
+    precision; zeros for inputs the output does not use."""
+    dtype = torch.float64 if upcast else q.dtype
+    ins = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+    out, _ = ref_out_lse(*ins, varlen=varlen, upcast=False, **kw)
+    grads = torch.autograd.grad(out, ins, dout.to(dtype), allow_unused=True)
+    return out.detach(), tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, ins))
+
+
 def ref_grads(q, k, v, dout, *, varlen=None, upcast=True, **kw):
     """Gradients of the reference: float64 when ``upcast`` (the truth), else in the inputs' precision."""
-    dtype = torch.float64 if upcast else q.dtype
-    q_, k_, v_ = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
-    out, _ = ref_out_lse(q_, k_, v_, varlen=varlen, upcast=False, **kw)
-    out.backward(dout.to(dtype))
-    return q_.grad, k_.grad, v_.grad
+    return ref_out_and_grads(q, k, v, dout, varlen=varlen, upcast=upcast, **kw)[1]

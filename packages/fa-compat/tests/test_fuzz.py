@@ -24,7 +24,15 @@ import os
 
 import pytest
 import torch
-from fa_compat_testutils import DTYPES, HAS_BACKWARD, needs_backward, needs_kvcache
+from fa_compat_testutils import (
+    DTYPES,
+    HAS_BACKWARD,
+    needs_backward,
+    needs_kvcache,
+    ref_grads,
+    ref_out_and_grads,
+)
+from fa_compat_testutils import cu_seqlens as cu
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
@@ -97,13 +105,6 @@ def make(shape, dtype, layout: str, gen: torch.Generator, scale: float = 1.0) ->
     return randn(*shape)
 
 
-def cu(lengths: list[int]) -> torch.Tensor:
-    out = [0]
-    for n in lengths:
-        out.append(out[-1] + n)
-    return torch.tensor(out, dtype=torch.int32, device=DEVICE)
-
-
 def refs(q, k, v, varlen=None, **kw):
     """(truth in float64, baseline in the inputs' precision) of ``(out, lse)``."""
     if varlen is None:
@@ -121,22 +122,10 @@ def check_out_lse(out, lse, q, k, v, varlen=None, **kw):
         assert_close_2x(lse, ref_lse, low_lse.float(), "lse", slack=LSE_SLACK)
 
 
-def ref_grads(q, k, v, dout, varlen=None, upcast=True, **kw):
-    """Gradients of the reference (float64 when ``upcast``); zeros for inputs the output does not use."""
-    dtype = torch.float64 if upcast else q.dtype
-    ins = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
-    if varlen is None:
-        out, _ = attention_ref(*ins, upcast=False, **kw)
-    else:
-        out, _ = attention_varlen_ref(*ins, varlen[0], varlen[1], upcast=False, **kw)
-    grads = torch.autograd.grad(out, ins, dout.to(dtype), allow_unused=True)
-    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, ins)]
-
-
 def check_grads(grads, q, k, v, dout, varlen=None, **kw):
-    true = ref_grads(q, k, v, dout, varlen=varlen, **kw)
+    out64, true = ref_out_and_grads(q, k, v, dout, varlen=varlen, **kw)
     low = ref_grads(q, k, v, dout, varlen=varlen, upcast=False, **kw)
-    cancel = delta_cancellation(q, k, v, dout, varlen=varlen, **kw)
+    cancel = delta_cancellation(q, k, dout, out64, kw.get("softmax_scale"))
     for name, g, t, lo in zip(("dq", "dk", "dv"), grads, true, low):
         assert g is not None, f"{name} is None"
         assert g.shape == t.shape, (name, g.shape, t.shape)
@@ -144,23 +133,17 @@ def check_grads(grads, q, k, v, dout, varlen=None, **kw):
         assert_close_2x(g, t, lo, name, slack=slack)
 
 
-def delta_cancellation(q, k, v, dout, varlen=None, **kw) -> float:
+def delta_cancellation(q, k, dout, out64, softmax_scale) -> float:
     """Bound of the error FA2's ``dS = P * (dP - delta)`` inherits from ``delta = rowsum(dout * out)`` taken on
     the *rounded* out (the reference's autograd has no such term: with one visible key its dq is exactly 0).
     |delta error| <= u * sum_d |dout * out| per row; dq and dk multiply it by softmax_scale * max|k| (or |q|)
-    (sum_j P_j = 1). Found by the long fuzz run (seed 20261128): fp16, one key, dropout 0.17 / scale x2."""
-    if q.dtype == torch.float32 or q.numel() == 0 or k.numel() == 0:
-        return 0.0
-    ref_kw = {n: x for n, x in kw.items() if n not in ("seqused_k",)}
-    if varlen is None:
-        out, _ = attention_ref(q, k, v, dtype=torch.float64, **ref_kw)
-    else:
-        out, _ = attention_varlen_ref(q, k, v, varlen[0], varlen[1], dtype=torch.float64, **kw)
-    if out.numel() == 0:
+    (sum_j P_j = 1). ``out64``: the float64 reference output. Found by the long fuzz run (seed 20261128):
+    fp16, one key, dropout 0.17 / scale x2."""
+    if q.dtype == torch.float32 or out64.numel() == 0 or k.numel() == 0:
         return 0.0
     u = torch.finfo(q.dtype).eps / 2
-    row = float((dout.double().abs() * out.abs()).sum(-1).max())
-    scale = kw.get("softmax_scale") or q.shape[-1] ** -0.5
+    row = float((dout.double().abs() * out64.abs()).sum(-1).max())
+    scale = softmax_scale or q.shape[-1] ** -0.5
     return u * row * abs(scale) * max(_amax(k.double()), _amax(q.double()))
 
 

@@ -61,31 +61,34 @@ def _launch_ctx(t: torch.Tensor):
 _FORCE_TILE: tuple[int, int, int] | None = None
 
 
-def _tile_config(
-    seqlen_q: int, group: int, d: int, dv: int, interpret: bool, keys_per_program: int = 0
-) -> tuple[int, int, int, int, int]:
-    """``(BLOCK_M, HB, BLOCK_N, num_warps, num_stages)`` for the split-KV kernel.
-
-    Measured on an H200 (d128, bf16, seqlen_q 1, GQA 4): 64-key tiles, 4 warps, 2 stages win on short
-    per-program streams (many splits); 128-key tiles with 3 stages on long ones (>= 2k keys a program).
-    """
+def _row_tile(seqlen_q: int, group: int, d: int, dv: int, interpret: bool) -> tuple[int, int]:
+    """``(BLOCK_M, HB)``: query rows per program and the GQA heads packed into them."""
     gp = triton.next_power_of_2(group)
     rows = seqlen_q * gp
     cap_m = 32 if interpret else (64 if max(d, dv) > 128 else 128)
     block_m = min(max(16, triton.next_power_of_2(rows)), cap_m)
-    hb = min(gp, block_m)
+    return block_m, min(gp, block_m)
+
+
+def _key_tile(
+    seqlen_q: int, group: int, block_m: int, dmax: int, interpret: bool, keys_per_program: int
+) -> tuple[int, int, int]:
+    """``(BLOCK_N, num_warps, num_stages)`` for the split-KV kernel.
+
+    Measured on an H200 (d128, bf16, seqlen_q 1, GQA 4): 64-key tiles, 4 warps, 2 stages win on short
+    per-program streams (many splits); 128-key tiles with 3 stages on long ones (>= 2k keys a program).
+    """
     if interpret:
-        return block_m, hb, 16 if seqlen_q * gp <= 16 else 32, 1, 1
+        return 16 if seqlen_q * triton.next_power_of_2(group) <= 16 else 32, 1, 1
     if _FORCE_TILE is not None:
-        return (block_m, hb, *_FORCE_TILE)
-    dmax = max(d, dv)
+        return _FORCE_TILE
     if dmax > 128:
-        return block_m, hb, 32, 8 if block_m >= 64 else 4, 2
+        return 32, 8 if block_m >= 64 else 4, 2
     if block_m >= 64:
-        return block_m, hb, 64, 8 if block_m >= 128 else 4, 2
+        return 64, 8 if block_m >= 128 else 4, 2
     if keys_per_program >= 2048:
-        return block_m, hb, 128, 4, 3
-    return block_m, hb, 64, 4, 2
+        return 128, 4, 3
+    return 64, 4, 2
 
 
 def append_to_cache(
@@ -314,7 +317,7 @@ def flash_attn_with_kvcache(
         return (out, lse) if return_softmax_lse else out
 
     interp = V.interpreting()
-    block_m, hb, _, _, _ = _tile_config(seqlen_q, group, d, dv, interp)
+    block_m, hb = _row_tile(seqlen_q, group, d, dv, interp)
     n_head_chunks = triton.cdiv(group, hb)
     n_qblocks = triton.cdiv(seqlen_q, block_m // hb)
     work = n_qblocks * n_head_chunks * batch * nheads_k
@@ -322,9 +325,7 @@ def flash_attn_with_kvcache(
         splits = num_splits_heuristic(work, triton.cdiv(capacity, 64), _sm_count(q.device))
     else:
         splits = min(int(num_splits), MAX_SPLITS)
-    block_m, hb, block_n, warps, stages = _tile_config(
-        seqlen_q, group, d, dv, interp, keys_per_program=capacity // splits
-    )
+    block_n, warps, stages = _key_tile(seqlen_q, group, block_m, max(d, dv), interp, capacity // splits)
 
     seq_tensor = isinstance(cache_seqlens, torch.Tensor)
     cache_len_int = capacity if cache_seqlens is None else (0 if seq_tensor else int(cache_seqlens))
