@@ -38,9 +38,17 @@ TILES = {
 
 
 def _force_tile(tile: tuple[int, int, int, int, bool], fp8: bool) -> None:
-    """Make the forward's autotuner use exactly ``tile`` (private hooks of fa_core.forward_kernel)."""
-    from fa_core import forward_kernel as fk
+    """Make the forward's autotuner use exactly ``tile`` (private hooks of fa_core.forward_kernel); a tile
+    outside the autotune space (``--extra-tiles``) is added to it."""
+    import triton
 
+    from fa_core import forward_kernel as fk
+    from fa_core.forward_configs import config_key
+
+    if not any(config_key(c) == tile for c in fk.fwd_kernel.configs):
+        bm, bn, warps, stages, tma = tile
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma}
+        fk.fwd_kernel.configs.append(triton.Config(cfg, num_warps=warps, num_stages=stages))
     fk._FAMILIES[fp8] = {tile: "any"}
     os.environ["FA_PLUS_AUTOTUNE"] = "0"
     os.environ["FA_PLUS_TMA"] = "1" if tile[4] else "0"
@@ -113,8 +121,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--jobs", type=int, default=4, help="parallel compile processes (0: compile while timing)"
     )
+    ap.add_argument(
+        "--extra-tiles",
+        default="",
+        help="exploration: ';'-separated BM,BN,warps,stages,tma (tma 0/1) tried for fp8 besides its family",
+    )
     ap.add_argument("--compile-only", default=None, help=argparse.SUPPRESS)  # "d,causal": worker mode
     args = ap.parse_args(argv)
+    if args.extra_tiles:
+        # workers inherit the tiles through the environment
+        os.environ["BENCH_FP8_EXTRA_TILES"] = args.extra_tiles
+    for spec in filter(None, os.environ.get("BENCH_FP8_EXTRA_TILES", "").split(";")):
+        bm, bn, warps, stages, tma = (int(x) for x in spec.split(","))
+        TILES["fp8"].append((bm, bn, warps, stages, bool(tma)))
     if not torch.cuda.is_available():
         print("bench_fp8: no CUDA GPU; nothing to time", file=sys.stderr)
         return 3

@@ -25,6 +25,9 @@ FEATURES = {
     "alibi": {"alibi": True},
     "causal_softcap_alibi": {"causal": True, "softcap": 5.0, "alibi": True},
     "window_alibi_scale": {"window_size": (-1, 4), "alibi": True, "softmax_scale": 0.3},
+    # the plain-score path folds the scale into exp2: a negative scale flips q, a zero one must not NaN
+    "causal_negative_scale": {"causal": True, "softmax_scale": -0.4},
+    "window_zero_scale": {"window_size": (6, 2), "softmax_scale": 0.0},
 }
 
 # (seqlen_q, seqlen_k, nheads, nheads_k, headdim)

@@ -161,11 +161,16 @@ def _sliding_blocks_jit(b, h, q_idx, kv_idx):
     return (kv_idx < 32) | ((rel <= 40) & (rel >= -40))
 
 
-@pytest.mark.parametrize("with_mask_mod", [False, True])
-def test_block_sparse_full_blocks_forward(with_mask_mod):
+@pytest.mark.parametrize(
+    "with_mask_mod,rules",
+    [(False, {}), (True, {}), (False, {"causal": True}), (True, {"window_size": (40, 8)})],
+    ids=["plain", "mask_mod", "causal", "mask_mod_window"],
+)
+def test_block_sparse_full_blocks_forward(with_mask_mod, rules):
     """Full blocks (``full_kv_*``: no mask_mod evaluation) and partial blocks through the forward; the
-    reference honours the same split (FlexAttention's semantics)."""
-    torch.manual_seed(25 + with_mask_mod)
+    reference honours the same split (FlexAttention's semantics). With causal / window, the full blocks'
+    tiles that cut the band edge (and the ragged last key block) must still be masked."""
+    torch.manual_seed(25 + with_mask_mod + 2 * len(rules))
     sq, sk = 128, 112
     q = torch.randn(1, sq, 2, 16, device=DEVICE, dtype=DTYPE)
     k = torch.randn(1, sk, 1, 16, device=DEVICE, dtype=DTYPE)
@@ -174,9 +179,9 @@ def test_block_sparse_full_blocks_forward(with_mask_mod):
     assert bm.full_kv_num_blocks is not None and int(bm.full_kv_num_blocks.sum()) > 0
     kern = {"mask_mod": _sliding_blocks_jit} if with_mask_mod else {}
     ref_kw = {"mask_mod": _sliding_blocks} if with_mask_mod else {}
-    res = flash_attn_forward(q, k, v, block_mask=bm, out=poisoned(q.shape, DTYPE, DEVICE), **kern)
-    ref, ref_lse = attention_ref(q, k, v, block_mask=bm, dtype=HI, **ref_kw)
-    low, low_lse = attention_ref(q, k, v, block_mask=bm, upcast=False, **ref_kw)
+    res = flash_attn_forward(q, k, v, block_mask=bm, out=poisoned(q.shape, DTYPE, DEVICE), **kern, **rules)
+    ref, ref_lse = attention_ref(q, k, v, block_mask=bm, dtype=HI, **ref_kw, **rules)
+    low, low_lse = attention_ref(q, k, v, block_mask=bm, upcast=False, **ref_kw, **rules)
     assert_close_2x(res.out, ref, low, "out")
     assert_close_2x(res.lse, ref_lse, low_lse, "lse", slack=1e-3)
 

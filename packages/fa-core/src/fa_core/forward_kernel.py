@@ -235,6 +235,18 @@ def fwd_kernel(
         sm_scale = sm_scale * tl.load(desc) * tl.load(desc + stride_desc_w)
         v_descale = tl.load(desc + 2 * stride_desc_w)
 
+    # plain scores: the row max is taken on raw q @ k^T and the scale folds into exp2's FMA (fwd_step). That
+    # needs a positive scale: a negative one flips q's sign instead (exact), a zero one becomes 1e-30 (scores
+    # of 1e-30 * qk equal 0 to fp32 precision; a true 0 would make the masked 0 * -inf a NaN)
+    FUSED_SCALE: tl.constexpr = not (HAS_SOFTCAP or HAS_ALIBI or HAS_SCORE_MOD)
+    if FUSED_SCALE:
+        if IS_FP8:
+            q_bits = q.to(tl.uint8, bitcast=True)
+            q = tl.where(sm_scale < 0, (q_bits ^ 0x80).to(tl.uint8), q_bits).to(q.dtype, bitcast=True)
+        else:
+            q = tl.where(sm_scale < 0, -q, q)
+        sm_scale = tl.maximum(tl.abs(sm_scale), 1e-30)
+
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -249,69 +261,40 @@ def fwd_kernel(
         full_lo = lo
         full_hi = lo
     if IS_SPARSE:
-        # block-sparse: only the key blocks listed for this query block are loaded. Partial blocks: every
-        # rule applies inside them (causal / window / chunk / mask_mod); full blocks skip mask_mod, and
-        # pay for the causal / window / chunk / ragged-end masks only where kv_range says they can cut
+        # block-sparse: only the key blocks listed for this query block are loaded, each list as one flattened
+        # loop of key tiles. Partial blocks: every rule applies inside them (causal / window / chunk /
+        # mask_mod); full blocks skip mask_mod, and pay for the causal / window / chunk / ragged-end masks only
+        # in the tiles that reach outside the band interior [full_lo, full_hi) that kv_range computed
         q_blk = (start_m * BLOCK_M) // SPARSE_Q
         nb_ptr = KvNum + off_b.to(tl.int64) * stride_nb_b + off_h * stride_nb_h + q_blk
         idx_ptr = KvIdx + off_b.to(tl.int64) * stride_idx_b + off_h * stride_idx_h + q_blk * stride_idx_q
         n_blocks = tl.load(nb_ptr)
-        for i in range(n_blocks):
-            kv_blk = tl.load(idx_ptr + i)
-            blk_lo = tl.maximum(kv_blk * SPARSE_KV, lo)
-            blk_hi = tl.minimum(kv_blk * SPARSE_KV + SPARSE_KV, hi)
-            blk_hi = tl.maximum(blk_hi, blk_lo)
-            # fmt: off
-            acc, l_i, m_i = fwd_inner(
-                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, blk_lo,
-                blk_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope,
-                window_left, window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h,
-                score_mod_fn, mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, True, IS_LOCAL, HAS_CHUNK,
-                HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, USE_TMA,
-                V_T, IS_VARLEN, P_SHIFT,
-            )
-            # fmt: on
+        # fmt: off
+        acc, l_i, m_i = fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, lo, hi, idx_ptr,
+            n_blocks, full_lo, full_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap,
+            alibi_slope, window_left, window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b,
+            off_h, score_mod_fn, mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, True, True, False, IS_LOCAL,
+            HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N,
+            SPARSE_KV, USE_TMA, V_T, IS_VARLEN, P_SHIFT, FUSED_SCALE,
+        )
+        # fmt: on
         if HAS_FULL:
             fnb_ptr = FullNum + off_b.to(tl.int64) * stride_fnb_b + off_h * stride_fnb_h + q_blk
             fidx_ptr = (
                 FullIdx + off_b.to(tl.int64) * stride_fidx_b + off_h * stride_fidx_h + q_blk * stride_fidx_q
             )
             n_full = tl.load(fnb_ptr)
-            for i in range(n_full):
-                kv_blk = tl.load(fidx_ptr + i)
-                blk_lo = tl.maximum(kv_blk * SPARSE_KV, lo)
-                blk_hi = tl.minimum(kv_blk * SPARSE_KV + SPARSE_KV, hi)
-                blk_hi = tl.maximum(blk_hi, blk_lo)
-                # [blk_lo, a) masked, [a, b) no mask at all, [b, blk_hi) masked (all multiples of BLOCK_N
-                # but blk_hi); mask_mod is never evaluated in a full block
-                a = tl.minimum(tl.maximum(full_lo, blk_lo), blk_hi)
-                b = tl.maximum(tl.minimum(full_hi, blk_hi), a)
-                # fmt: off
-                acc, l_i, m_i = fwd_inner(
-                    acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, blk_lo,
-                    a, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope,
-                    window_left, window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h,
-                    score_mod_fn, mask_mod_fn, HAS_SCORE_MOD, False, True, IS_LOCAL, HAS_CHUNK,
-                    HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, USE_TMA,
-                    V_T, IS_VARLEN, P_SHIFT,
-                )
-                acc, l_i, m_i = fwd_inner(
-                    acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, a, b,
-                    offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope,
-                    window_left, window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h,
-                    score_mod_fn, mask_mod_fn, HAS_SCORE_MOD, False, False, IS_LOCAL, HAS_CHUNK,
-                    HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, USE_TMA,
-                    V_T, IS_VARLEN, P_SHIFT,
-                )
-                acc, l_i, m_i = fwd_inner(
-                    acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, b,
-                    blk_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope,
-                    window_left, window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h,
-                    score_mod_fn, mask_mod_fn, HAS_SCORE_MOD, False, True, IS_LOCAL, HAS_CHUNK,
-                    HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, USE_TMA,
-                    V_T, IS_VARLEN, P_SHIFT,
-                )
-                # fmt: on
+            # fmt: off
+            acc, l_i, m_i = fwd_inner(
+                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, lo, hi,
+                fidx_ptr, n_full, full_lo, full_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale,
+                softcap, alibi_slope, window_left, window_right, attention_chunk, seed, rng_offset, bh, dropout_p,
+                off_b, off_h, score_mod_fn, mask_mod_fn, HAS_SCORE_MOD, False, True, True, True, IS_LOCAL,
+                HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N,
+                SPARSE_KV, USE_TMA, V_T, IS_VARLEN, P_SHIFT, FUSED_SCALE,
+            )
+            # fmt: on
     else:
         if HAS_MASK_MOD:
             # element masks the block ranges cannot see: every block goes through the masked (right) loop
@@ -322,30 +305,33 @@ def fwd_kernel(
             # fmt: off
             acc, l_i, m_i = fwd_inner(
                 acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, lo, full_lo,
-                offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left,
+                KvIdx, 0, full_lo, full_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left,
                 window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn,
-                mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, True, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI,
-                HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, USE_TMA, V_T, IS_VARLEN, P_SHIFT,
+                mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, True, False, False, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI,
+                HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, SPARSE_KV, USE_TMA, V_T, IS_VARLEN, P_SHIFT,
+            FUSED_SCALE,
             )
             # fmt: on
         # interior: no mask at all
         # fmt: off
         acc, l_i, m_i = fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, full_lo, full_hi,
-            offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left,
+            KvIdx, 0, full_lo, full_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left,
             window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn,
-            mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, False, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI,
-            HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, USE_TMA, V_T, IS_VARLEN, P_SHIFT,
+            mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, False, False, False, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI,
+            HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, SPARSE_KV, USE_TMA, V_T, IS_VARLEN, P_SHIFT,
+            FUSED_SCALE,
         )
         # fmt: on
         # right edge: the causal diagonal / window edge and the ragged end of the keys
         # fmt: off
         acc, l_i, m_i = fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, full_hi, hi,
-            offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left,
+            KvIdx, 0, full_lo, full_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left,
             window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn,
-            mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, True, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI,
-            HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, USE_TMA, V_T, IS_VARLEN, P_SHIFT,
+            mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, True, False, False, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI,
+            HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, SPARSE_KV, USE_TMA, V_T, IS_VARLEN, P_SHIFT,
+            FUSED_SCALE,
         )
         # fmt: on
     if HAS_SINK:

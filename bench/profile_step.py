@@ -1,0 +1,90 @@
+"""Where does a fa-plus training step spend its time at one shape? (GPU only; a diagnosis tool, no results file)
+
+For each shape: median times (``do_bench``) of forward, backward-only and forward+backward through
+``fa_backward.flash_attn_func``; the host time of one step (launch-only: 20 steps without a sync, divided);
+and a ``torch.profiler`` table of the GPU kernels of one forward+backward step. A step whose host time exceeds
+its GPU time is launch-bound: its kernels wait for Python.
+
+    python bench/profile_step.py                            # d64 seqlen 512 / 1024 (batch 16384 / seqlen)
+    python bench/profile_step.py --shapes 32x512x32x64 --causal 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+
+def _shape(text: str) -> tuple[int, int, int, int]:
+    b, s, h, d = (int(x) for x in text.split("x"))
+    return b, s, h, d
+
+
+def profile(b: int, s: int, h: int, d: int, causal: bool) -> None:
+    import triton
+
+    from fa_backward import flash_attn_func
+
+    torch.manual_seed(0)
+    q, k, v, dout = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def fwd() -> torch.Tensor:
+        return flash_attn_func(q, k, v, causal=causal)
+
+    def step() -> object:
+        return torch.autograd.grad(fwd(), (q, k, v), dout)
+
+    step()
+    out = fwd()
+
+    def bwd() -> object:
+        return torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+
+    bwd()
+    torch.cuda.synchronize()
+    flop = 4 * b * h * s * s * d / (2 if causal else 1)
+    t_f = triton.testing.do_bench(fwd)
+    t_b = triton.testing.do_bench(bwd)
+    t_fb = triton.testing.do_bench(step)
+    # host time: enqueue 20 steps back to back (the GPU lags behind), then sync
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        step()
+    host = (time.perf_counter() - t0) / 20 * 1e3
+    torch.cuda.synchronize()
+    print(
+        f"\n== b{b} s{s} h{h} d{d} causal={causal}: fwd {t_f:.3f} ms ({flop / t_f * 1e-9:.0f} TF/s), "
+        f"bwd {t_b:.3f} ms ({2.5 * flop / t_b * 1e-9:.0f}), fwd+bwd {t_fb:.3f} ms "
+        f"({3.5 * flop / t_fb * 1e-9:.0f}); fwd+bwd sum of parts {t_f + t_b:.3f} ms; host {host:.3f} ms/step"
+    )
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    print(p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="32x512x32x64,16x1024x32x64", help="comma list of BxSxHxD")
+    ap.add_argument("--causal", default="0,1", help="comma list of 0/1")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_step: no CUDA GPU", file=sys.stderr)
+        return 3
+    for text in args.shapes.split(","):
+        for c in args.causal.split(","):
+            profile(*_shape(text), causal=c == "1")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
