@@ -113,6 +113,28 @@ def test_fp8_varlen_gpu():
     assert err < 5e-2, err
 
 
+@pytest.mark.gpu
+@needs_fp8_gpu
+def test_fp8_negative_descale_gpu():
+    """A negative q descale (a negated q) must flip the scores, not break the row max: the plain-score path
+    takes the max on raw q @ k^T and flips q's sign bits when the combined scale is negative."""
+    torch.manual_seed(2)
+    b, s, h, d = 2, 300, 4, 128
+    q, qd = quantize(torch.randn(b, s, h, d, device="cuda"))
+    k, kd = quantize(torch.randn(b, s, h, d, device="cuda"))
+    v, vd = quantize(torch.randn(b, s, h, d, device="cuda"))
+    qd_neg = qd.clone()
+    qd_neg[:, ::2] *= -1.0
+    for causal in (False, True):
+        res = flash_attn_forward(q, k, v, causal=causal, q_descale=qd_neg, k_descale=kd, v_descale=vd)
+        qf, kf, vf = dequantize(q, qd_neg), dequantize(k, kd), dequantize(v, vd)
+        ref, _ = attention_ref(qf, kf, vf, causal=causal)
+        emu = _emulated_ref(qf, kf, vf, causal)
+        err = (res.out.float() - ref).norm() / ref.norm()
+        emu_err = (emu - ref).norm() / ref.norm()
+        assert err <= 2 * emu_err + 1e-2, (causal, float(err), float(emu_err))
+
+
 # ----------------------------------------------------------------------------- the FP8 path's layout, 16-bit
 # FA_PLUS_FP8_LAYOUT=1 runs 16-bit inputs through the FP8 path's data layout (V transposed on the host and read
 # as (headdim, keys) tiles, probabilities scaled by 2^8): checks its indexing and masks where FP8 dots cannot
