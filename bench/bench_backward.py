@@ -87,6 +87,10 @@ def _flex(q, k, v, dout, causal) -> Built:
     if hasattr(dynamo.config, "accumulated_recompile_limit"):
         dynamo.config.accumulated_recompile_limit = 100000
     if "fn" not in _FLEX:
+        # the backward-only timing replays one graph (retain_graph=True), which donated buffers forbid
+        import torch._functorch.config as functorch_config
+
+        functorch_config.donated_buffer = False
         _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
     compiled = _FLEX["fn"]
     qt, kt, vt = _leaves(q, k, v, bhsd=True)

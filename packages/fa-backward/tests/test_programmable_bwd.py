@@ -176,26 +176,46 @@ def test_block_sparse_grads_partial_blocks(causal):
     )
 
 
-@pytest.mark.parametrize("with_mask_mod", [False, True])
-def test_block_sparse_full_blocks_backward(with_mask_mod):
+@pytest.mark.parametrize(
+    "with_mask_mod,rules,shape",
+    [
+        (False, {}, (96, 96)),
+        (True, {}, (96, 96)),
+        (False, {}, (128, 112)),
+        (False, {"causal": True}, (128, 112)),
+        (True, {"causal": True}, (112, 128)),
+        (True, {"window_size": (40, 8)}, (128, 112)),
+        (False, {"window_size": (20, 3)}, (112, 128)),
+    ],
+    ids=["plain", "mask_mod", "ragged", "causal", "mask_mod_causal", "mask_mod_window", "window"],
+)
+def test_block_sparse_full_blocks_backward(with_mask_mod, rules, shape):
     """Full + partial blocks (from a mask function), backward against the reference's out / lse and autograd:
-    full blocks skip mask_mod, partial ones evaluate it."""
-    sq = sk = 96
+    full blocks skip mask_mod, partial ones evaluate it. With causal (bottom-right, seqlen_q != seqlen_k) /
+    window, the full blocks' tiles that cut the band edge must still be masked; a ragged key length (112,
+    not a multiple of the 32-key blocks) leaves a last full block that reaches past the keys."""
+    sq, sk = shape
     bm = create_block_mask(_window_global, None, None, sq, sk, block_size=(32, 32), device=DEVICE)
     partial, full = block_mask_to_dense_blocks(bm)
     assert bool(full.any()) and bool(partial.any()) and not bool((partial & full).any())
-    q, k, v = _inputs(1, sq, sk, 2, 1, 16, 16, seed=31 + with_mask_mod)
+    q, k, v = _inputs(1, sq, sk, 2, 1, 16, 16, seed=31 + with_mask_mod + 2 * len(rules) + sq % 7)
     dout = torch.randn(1, sq, 2, 16, generator=torch.Generator().manual_seed(2)).to(DEVICE, DTYPE)
     mods = {"mask_mod": _window_global_jit} if with_mask_mod else {}
     ref_mods = {"mask_mod": _window_global} if with_mask_mod else {}
+    ref_kw = {**ref_mods, **rules}
+    kern = dict(mods)
+    if "causal" in rules:
+        kern["causal"] = True
+    if "window_size" in rules:
+        kern["window_size_left"], kern["window_size_right"] = rules["window_size"]
     with torch.no_grad():
-        out, lse = attention_ref(q, k, v, block_mask=bm, dtype=HI, **ref_mods)
+        out, lse = attention_ref(q, k, v, block_mask=bm, dtype=HI, **ref_kw)
     out = out.to(DTYPE)
-    grads = flash_attn_backward(dout, q.detach(), k.detach(), v.detach(), out, lse, block_mask=bm, **mods)
+    grads = flash_attn_backward(dout, q.detach(), k.detach(), v.detach(), out, lse, block_mask=bm, **kern)
     _compare(
         ("dq", "dk", "dv"),
         grads[:3],
-        lambda q_, k_, v_, up: attention_ref(q_, k_, v_, block_mask=bm, upcast=up, dtype=HI, **ref_mods),
+        lambda q_, k_, v_, up: attention_ref(q_, k_, v_, block_mask=bm, upcast=up, dtype=HI, **ref_kw),
         [q, k, v],
         dout,
     )

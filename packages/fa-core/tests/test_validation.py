@@ -68,6 +68,17 @@ def _dense_cases():
     }
 
 
+def test_row_stride_too_large():
+    """Tiles are addressed as a 64-bit row base plus 32-bit in-tile offsets: a sequence stride that could
+    overflow them is refused, not silently wrapped."""
+    q, _, v = _qkv(s=2)
+    stride = 1 << 23
+    storage = torch.randn(stride + 64, dtype=q.dtype, device=DEVICE)
+    k = storage.as_strided((1, 2, 2, 16), (2 * stride, stride, 16, 1))
+    with pytest.raises(ValueError, match="k has a sequence stride"):
+        flash_attn_forward(q, k, v)
+
+
 @pytest.mark.parametrize("case", list(_dense_cases()))
 def test_dense_bad_input(case):
     kwargs, exc, match = _dense_cases()[case]

@@ -31,7 +31,8 @@ def load_tile(
 
 @triton.jit
 def load_k_tile(
-    k_base,
+    k_tile,
+    offs_n0,
     offs_n,
     offs_d,
     stride_kn,
@@ -40,8 +41,10 @@ def load_k_tile(
     MASKED: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):
-    """K block loaded transposed: ``(BLOCK_D, BLOCK_N)``."""
-    k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None]
+    """K block loaded transposed: ``(BLOCK_D, BLOCK_N)``. ``k_tile`` points at the block's first row (a 64-bit
+    scalar base); ``offs_n0`` are the rows inside the block (32-bit, loop-invariant), ``offs_n`` the absolute
+    rows for the bounds check."""
+    k_ptrs = k_tile + offs_n0[None, :] * stride_kn + offs_d[:, None]
     if MASKED:
         if EVEN_D:
             return tl.load(k_ptrs, mask=offs_n[None, :] < seqlen_k, other=0.0)
@@ -134,12 +137,15 @@ def fwd_step(
     ``FUSED_SCALE`` (no softcap / ALiBi / score_mod, ``sm_scale > 0``): the row max is taken over the raw
     ``q @ k^T`` and the scale folds into the exponent's FMA, one multiply per element fewer.
     """
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_n = start_n + offs_n0
     if USE_TMA:
         # the descriptor zero-fills rows past seqlen_k and columns past HEADDIM
         k = tl.trans(k_desc.load([start_n, 0]))
     else:
-        k = load_k_tile(k_base, offs_n, offs_d, stride_kn, seqlen_k, HEADDIM, MASKED, EVEN_D)
+        # 64-bit scalar tile base + 32-bit in-tile offsets (hoisted out of the loop): cheap and overflow-free
+        k_tile = k_base + tl.cast(start_n, tl.int64) * stride_kn
+        k = load_k_tile(k_tile, offs_n0, offs_n, offs_d, stride_kn, seqlen_k, HEADDIM, MASKED, EVEN_D)
     qk = tl.dot(q, k)
     if FUSED_SCALE:
         s = qk
@@ -193,7 +199,9 @@ def fwd_step(
     elif USE_TMA:
         v = v_desc.load([start_n, 0])
     else:
-        v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :]
+        v_ptrs = (v_base + tl.cast(start_n, tl.int64) * stride_vn) + (
+            offs_n0[:, None] * stride_vn + offs_dv[None, :]
+        )
         v = load_tile(v_ptrs, offs_n, seqlen_k, offs_dv, HEADDIM_V, MASKED, EVEN_DV)
     if HAS_DROPOUT:
         keep = dropout_keep(seed, rng_offset, bh, offs_m, offs_n, dropout_p)

@@ -132,6 +132,7 @@ def fwd_kernel(
     IS_FP8: tl.constexpr,
     V_T: tl.constexpr,
     P_SHIFT: tl.constexpr,
+    FUSED_SCALE: tl.constexpr,
     TMA_OK: tl.constexpr,
     USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -235,16 +236,13 @@ def fwd_kernel(
         sm_scale = sm_scale * tl.load(desc) * tl.load(desc + stride_desc_w)
         v_descale = tl.load(desc + 2 * stride_desc_w)
 
-    # plain scores: the row max is taken on raw q @ k^T and the scale folds into exp2's FMA (fwd_step). That
-    # needs a positive scale: a negative one flips q's sign instead (exact), a zero one becomes 1e-30 (scores
-    # of 1e-30 * qk equal 0 to fp32 precision; a true 0 would make the masked 0 * -inf a NaN)
-    FUSED_SCALE: tl.constexpr = not (HAS_SOFTCAP or HAS_ALIBI or HAS_SCORE_MOD)
-    if FUSED_SCALE:
-        if IS_FP8:
-            q_bits = q.to(tl.uint8, bitcast=True)
-            q = tl.where(sm_scale < 0, (q_bits ^ 0x80).to(tl.uint8), q_bits).to(q.dtype, bitcast=True)
-        else:
-            q = tl.where(sm_scale < 0, -q, q)
+    if FUSED_SCALE and IS_FP8:
+        # plain scores take the row max on raw q @ k^T and fold the scale into exp2's FMA (fwd_step), which
+        # needs a positive scale. 16-bit inputs get FUSED_SCALE only with softmax_scale > 0 (host-known); the
+        # FP8 descales live on the device: a negative product flips q's sign bits instead (exact), a zero one
+        # becomes 1e-30 (scores equal 0 to fp32 precision; a true 0 would turn masked 0 * -inf into NaN)
+        q_bits = q.to(tl.uint8, bitcast=True)
+        q = tl.where(sm_scale < 0, (q_bits ^ 0x80).to(tl.uint8), q_bits).to(q.dtype, bitcast=True)
         sm_scale = tl.maximum(tl.abs(sm_scale), 1e-30)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)

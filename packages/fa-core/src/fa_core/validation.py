@@ -84,6 +84,19 @@ def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
 
 
+#: kernels address a tile as a 64-bit row base plus 32-bit offsets inside the tile (at most 256 rows)
+MAX_ROW_STRIDE = (1 << 31) // 256
+
+
+def check_row_stride(name: str, t: torch.Tensor) -> None:
+    """The sequence dim's stride (dim -3) must keep 256 rows' offsets inside int32."""
+    if t.numel() > 0 and t.dim() >= 3 and t.stride(-3) >= MAX_ROW_STRIDE:
+        raise ValueError(
+            f"{name} has a sequence stride of {t.stride(-3)} elements; the kernels need < {MAX_ROW_STRIDE} "
+            f"(call .contiguous())"
+        )
+
+
 def check_qkv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: bool, allow_v_headdim: bool = True
 ) -> tuple[int, int, int, int]:
@@ -101,6 +114,7 @@ def check_qkv(
         raise TypeError(f"v has dtype {v.dtype} but q has {q.dtype}: q, k, v must share a dtype")
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_last_dim_contiguous(name, t)
+        check_row_stride(name, t)
     nheads, d = q.shape[-2], q.shape[-1]
     nheads_k, dk = k.shape[-2], k.shape[-1]
     dv = v.shape[-1]
