@@ -33,7 +33,7 @@ FP8 = torch.float8_e4m3fn
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, TMA): the leading tiles of each autotune family
 TILES = {
     "bf16": [(128, 128, 8, 3, True), (128, 64, 8, 3, True)],
-    "fp8": [(128, 128, 8, 3, True), (128, 128, 8, 4, True), (128, 128, 8, 3, False)],
+    "fp8": [(64, 128, 4, 3, True), (64, 128, 4, 4, True), (128, 64, 8, 4, True), (128, 128, 8, 3, True)],
 }
 
 

@@ -99,7 +99,12 @@ def _count_visible(mask_fn: Callable[..., torch.Tensor], b: int, h: int, s: int,
 def _flex_mask(mask_fn, b, h, s, device, block):
     from torch.nn.attention.flex_attention import create_block_mask as flex_cbm
 
-    return flex_cbm(mask_fn, B=b, H=h, Q_LEN=s, KV_LEN=s, device=device, BLOCK_SIZE=block)
+    # _compile: build the mask block by block (the eager path materialises (b, h, s, s) and runs out of
+    # memory at 32k)
+    try:
+        return flex_cbm(mask_fn, B=b, H=h, Q_LEN=s, KV_LEN=s, device=device, BLOCK_SIZE=block, _compile=True)
+    except TypeError:
+        return flex_cbm(mask_fn, B=b, H=h, Q_LEN=s, KV_LEN=s, device=device, BLOCK_SIZE=block)
 
 
 def build_case(pattern: str, b: int, h: int, s: int, device: str, block: int, gen: torch.Generator) -> Case:

@@ -8,13 +8,13 @@ block-sparse arguments of the kernels of :mod:`fa_backward.backward_kernel`, lau
 from __future__ import annotations
 
 import torch
-import triton
 
 from fa_backward.backward_kernel import dkdv_kernel, dq_kernel
 from fa_backward.backward_preprocess import preprocess_kernel
 from fa_backward.sparse_args import _sparse_args
 from fa_core import validation as V
 from fa_core.forward import seq_bucket
+from fa_core.forward_configs import cdiv, next_pow2
 from fa_core.masking import normalize_window
 
 
@@ -54,8 +54,8 @@ def _launch(
     left, right, is_local = normalize_window(causal, window)
     lse = V.contig_last(lse)
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
-    block_d = max(triton.next_power_of_2(d), 16)
-    block_dv = max(triton.next_power_of_2(d_v), 16)
+    block_d = max(next_pow2(d), 16)
+    block_dv = max(next_pow2(d_v), 16)
 
     if varlen:
         pre_rows, pre_batch = q.shape[0], 1
@@ -79,7 +79,7 @@ def _launch(
     else:
         dlse, stride_dlb, stride_dlh = delta, 0, 0
     if pre_rows > 0:
-        preprocess_kernel[(triton.cdiv(pre_rows, pre_block), nheads, pre_batch)](
+        preprocess_kernel[(cdiv(pre_rows, pre_block), nheads, pre_batch)](
             out,
             dout,
             delta,
@@ -170,7 +170,7 @@ def _launch(
         stride_deltah,
     )
     if max_seqlen_k > 0:
-        dkdv_kernel[lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), nheads_k, batch)](
+        dkdv_kernel[lambda meta: (cdiv(max_seqlen_k, meta["BLOCK_N"]), nheads_k, batch)](
             q,
             k,
             v,
@@ -190,7 +190,7 @@ def _launch(
             **common,
         )
     if max_seqlen_q > 0:
-        dq_kernel[lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), nheads, batch)](
+        dq_kernel[lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), nheads, batch)](
             q,
             k,
             v,

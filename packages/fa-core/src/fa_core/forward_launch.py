@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from fa_core import validation as V
-from fa_core.forward_configs import seq_bucket
+from fa_core.forward_configs import cdiv, next_pow2, seq_bucket
 from fa_core.forward_kernel import fwd_kernel
 from fa_core.fp8 import transposed_v
 from fa_core.masking import UNBOUNDED, normalize_window
@@ -118,7 +118,7 @@ def launch_forward(
     seed, offset = (int(x) for x in rng_state.tolist())
 
     def grid(meta):
-        return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), nheads, batch)
+        return (cdiv(max_seqlen_q, meta["BLOCK_M"]), nheads, batch)
 
     fwd_kernel[grid](
         q,
@@ -164,8 +164,8 @@ def launch_forward(
         seq_bucket(max_seqlen_k),
         HEADDIM=d,
         HEADDIM_V=dv,
-        BLOCK_D=max(triton.next_power_of_2(d), min_block),
-        BLOCK_DV=max(triton.next_power_of_2(dv), min_block),
+        BLOCK_D=max(next_pow2(d), min_block),
+        BLOCK_DV=max(next_pow2(dv), min_block),
         IS_VARLEN=varlen,
         HAS_SEQUSED=seqused_k is not None,
         IS_LOCAL=is_local,
@@ -228,7 +228,7 @@ def launch_probs(
     stride_alb = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
     seed, offset = (int(x) for x in rng_state.tolist())
     block_m, block_n = 16, 16
-    grid = (triton.cdiv(max_seqlen_q, block_m), nheads, batch)
+    grid = (cdiv(max_seqlen_q, block_m), nheads, batch)
     probs_kernel[grid](
         q,
         k,
@@ -264,7 +264,7 @@ def launch_probs(
         seed,
         offset,
         HEADDIM=d,
-        BLOCK_D=max(triton.next_power_of_2(d), 16),
+        BLOCK_D=max(next_pow2(d), 16),
         IS_VARLEN=varlen,
         HAS_SEQUSED=seqused_k is not None,
         IS_LOCAL=is_local,

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fa_core.forward_configs import cdiv, next_pow2
 from fa_core.validation import value_checks_enabled
 
 __all__ = ["apply_rotary"]
@@ -259,7 +260,7 @@ def apply_rotary(
 
     block_m = 8 if rotary_dim <= 128 else 4
     block_h = 2
-    grid = (triton.cdiv(nheads, block_h), triton.cdiv(seqlen, block_m), batch)
+    grid = (cdiv(nheads, block_h), cdiv(seqlen, block_m), batch)
     strides_out = (
         0 if is_varlen else output.stride(0),
         output.stride(-3),
@@ -283,7 +284,7 @@ def apply_rotary(
             *strides_out,
             *strides_x,
             ROTARY_DIM=rotary_dim,
-            BLOCK_K=triton.next_power_of_2(half),
+            BLOCK_K=next_pow2(half),
             IS_OFFSETS_TENSOR=offsets_is_tensor,
             IS_VARLEN=is_varlen,
             INTERLEAVED=bool(interleaved),

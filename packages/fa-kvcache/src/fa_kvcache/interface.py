@@ -12,9 +12,9 @@ import contextlib
 import functools
 
 import torch
-import triton
 
 from fa_core import validation as V
+from fa_core.forward_configs import cdiv, next_pow2
 from fa_core.masking import normalize_window
 from fa_core.rotary import apply_rotary
 from fa_kvcache.checks import cache_capacity, kvcache_value_checks_enabled, validate, value_checks
@@ -63,10 +63,10 @@ _FORCE_TILE: tuple[int, int, int] | None = None
 
 def _row_tile(seqlen_q: int, group: int, d: int, dv: int, interpret: bool) -> tuple[int, int]:
     """``(BLOCK_M, HB)``: query rows per program and the GQA heads packed into them."""
-    gp = triton.next_power_of_2(group)
+    gp = next_pow2(group)
     rows = seqlen_q * gp
     cap_m = 32 if interpret else (64 if max(d, dv) > 128 else 128)
-    block_m = min(max(16, triton.next_power_of_2(rows)), cap_m)
+    block_m = min(max(16, next_pow2(rows)), cap_m)
     return block_m, min(gp, block_m)
 
 
@@ -79,7 +79,7 @@ def _key_tile(
     per-program streams (many splits); 128-key tiles with 3 stages on long ones (>= 2k keys a program).
     """
     if interpret:
-        return 16 if seqlen_q * triton.next_power_of_2(group) <= 16 else 32, 1, 1
+        return 16 if seqlen_q * next_pow2(group) <= 16 else 32, 1, 1
     if _FORCE_TILE is not None:
         return _FORCE_TILE
     if dmax > 128:
@@ -123,7 +123,7 @@ def append_to_cache(
     rot_dim = 2 * cos.shape[1] if has_rot else 0
     bt = block_table if block_table is not None else dummy
     block_t = 16 if V.interpreting() else 32
-    grid = (triton.cdiv(seqlen_new, block_t), batch, nheads_k)
+    grid = (cdiv(seqlen_new, block_t), batch, nheads_k)
     with _launch_ctx(k):
         append_kernel[grid](
             k,
@@ -154,11 +154,11 @@ def append_to_cache(
             cos.shape[0] if has_rot else 0,
             HEADDIM=d,
             HEADDIM_V=dv,
-            BLOCK_D=max(triton.next_power_of_2(d), 16),
-            BLOCK_DV=max(triton.next_power_of_2(dv), 16),
+            BLOCK_D=max(next_pow2(d), 16),
+            BLOCK_DV=max(next_pow2(dv), 16),
             HAS_ROTARY=has_rot,
             ROTARY_DIM=rot_dim,
-            BLOCK_HALF=max(triton.next_power_of_2(max(rot_dim // 2, 1)), 2),
+            BLOCK_HALF=max(next_pow2(max(rot_dim // 2, 1)), 2),
             INTERLEAVED=bool(rotary_interleaved),
             PAGED=paged,
             PAGE=page,
@@ -318,11 +318,11 @@ def flash_attn_with_kvcache(
 
     interp = V.interpreting()
     block_m, hb = _row_tile(seqlen_q, group, d, dv, interp)
-    n_head_chunks = triton.cdiv(group, hb)
-    n_qblocks = triton.cdiv(seqlen_q, block_m // hb)
+    n_head_chunks = cdiv(group, hb)
+    n_qblocks = cdiv(seqlen_q, block_m // hb)
     work = n_qblocks * n_head_chunks * batch * nheads_k
     if num_splits is None or int(num_splits) <= 0:
-        splits = num_splits_heuristic(work, triton.cdiv(capacity, 64), _sm_count(q.device))
+        splits = num_splits_heuristic(work, cdiv(capacity, 64), _sm_count(q.device))
     else:
         splits = min(int(num_splits), MAX_SPLITS)
     block_n, warps, stages = _key_tile(seqlen_q, group, block_m, max(d, dv), interp, capacity // splits)
@@ -384,8 +384,8 @@ def flash_attn_with_kvcache(
             int(attention_chunk),
             HEADDIM=d,
             HEADDIM_V=dv,
-            BLOCK_D=max(triton.next_power_of_2(d), 16),
-            BLOCK_DV=max(triton.next_power_of_2(dv), 16),
+            BLOCK_D=max(next_pow2(d), 16),
+            BLOCK_DV=max(next_pow2(dv), 16),
             PAGED=paged,
             PAGE=k_cache.shape[1] if paged else 1,
             PAGE_TILE=paged and k_cache.shape[1] % block_n == 0 and cache_leftpad is None,
@@ -420,8 +420,8 @@ def flash_attn_with_kvcache(
                 out.stride(1),
                 out.stride(2),
                 HEADDIM_V=dv,
-                BLOCK_DV=max(triton.next_power_of_2(dv), 16),
-                BLOCK_S=min(triton.next_power_of_2(splits), 16),
+                BLOCK_DV=max(next_pow2(dv), 16),
+                BLOCK_S=min(next_pow2(splits), 16),
                 HAS_SINK=learnable_sink is not None,
                 num_warps=4 if dv > 64 else 2,
             )
