@@ -50,13 +50,19 @@ def profile(b: int, s: int, h: int, d: int, causal: bool) -> None:
     t_f = triton.testing.do_bench(fwd)
     t_b = triton.testing.do_bench(bwd)
     t_fb = triton.testing.do_bench(step)
-    # host time: enqueue 20 steps back to back (the GPU lags behind), then sync
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(20):
-        step()
-    host = (time.perf_counter() - t0) / 20 * 1e3
-    torch.cuda.synchronize()
+
+    def host_ms(fn) -> float:
+        # enqueue 20 calls back to back (the GPU lags behind), then sync
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            fn()
+        dt = (time.perf_counter() - t0) / 20 * 1e3
+        torch.cuda.synchronize()
+        return dt
+
+    host_f, host_b, host = host_ms(fwd), host_ms(bwd), host_ms(step)
+    print(f"   host ms/call: fwd {host_f:.3f}, bwd {host_b:.3f}, fwd+bwd {host:.3f}")
     print(
         f"\n== b{b} s{s} h{h} d{d} causal={causal}: fwd {t_f:.3f} ms ({flop / t_f * 1e-9:.0f} TF/s), "
         f"bwd {t_b:.3f} ms ({2.5 * flop / t_b * 1e-9:.0f}), fwd+bwd {t_fb:.3f} ms "
