@@ -126,8 +126,20 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="exploration: ';'-separated BM,BN,warps,stages,tma (tma 0/1) tried for fp8 besides its family",
     )
+    ap.add_argument(
+        "--all-tiles",
+        action="store_true",
+        help="time every tile of both autotune families (is autotuning picking well at these points?)",
+    )
     ap.add_argument("--compile-only", default=None, help=argparse.SUPPRESS)  # "d,causal": worker mode
     args = ap.parse_args(argv)
+    if args.all_tiles:
+        os.environ["BENCH_FP8_ALL_TILES"] = "1"
+    if os.environ.get("BENCH_FP8_ALL_TILES") == "1":
+        from fa_core.forward_configs import FP8_TILES, FWD_TILES
+
+        TILES["bf16"] = [t[:5] for t in FWD_TILES]
+        TILES["fp8"] = [t[:5] for t in FP8_TILES]
     if args.extra_tiles:
         # workers inherit the tiles through the environment
         os.environ["BENCH_FP8_EXTRA_TILES"] = args.extra_tiles

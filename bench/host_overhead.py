@@ -1,0 +1,92 @@
+"""Host (CPU) cost of one call of the public functions, split into our Python and Triton's launch path.
+
+Short sequences are launch-bound: a forward+backward step at seqlen 512 runs ~1 ms of GPU work, so tens of
+microseconds of host time per launch decide whether we beat FA2 there. This script times, on tiny inputs (GPU
+work negligible), the host time per call of: the forward (direct and through autograd), the backward alone,
+and forward+backward; then the same with every Triton kernel replaced by a no-op, which leaves our Python
+(validation, argument building, allocations) and torch's autograd. The difference is Triton's launch path
+(autotuner lookup, argument binding/specialization, the driver launch).
+
+    python bench/host_overhead.py            # GPU: real and no-op launches; CPU: no-op only (interpreter)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def _per_call_us(fn: Callable[[], Any], n: int = 300) -> float:
+    for _ in range(20):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    dt = time.perf_counter() - t0  # host time only: no sync inside the loop
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return dt / n * 1e6
+
+
+def _calls(device: str) -> dict[str, Callable[[], Any]]:
+    from fa_backward import flash_attn_func
+    from fa_core import flash_attn_forward
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    q, k, v, do = (torch.randn(2, 128, 4, 64, device=device, dtype=dtype) for _ in range(4))
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    out = flash_attn_func(qg, kg, vg, causal=True)
+    return {
+        "forward (fa_core, no autograd)": lambda: flash_attn_forward(q, k, v, causal=True),
+        "forward (flash_attn_func, autograd)": lambda: flash_attn_func(qg, kg, vg, causal=True),
+        "backward only (retain_graph)": lambda: torch.autograd.grad(out, (qg, kg, vg), do, retain_graph=True),
+        "forward + backward": lambda: torch.autograd.grad(
+            flash_attn_func(qg, kg, vg, causal=True), (qg, kg, vg), do
+        ),
+    }
+
+
+class _Nop:
+    def __getitem__(self, grid: Any) -> Callable[..., None]:
+        return lambda *a, **k: None
+
+
+def _patch_nop() -> None:
+    import fa_backward.launch as bl
+    import fa_core.forward_launch as fl
+
+    fl.fwd_kernel = _Nop()
+    for name in ("dkdv_kernel", "dq_kernel", "preprocess_kernel"):
+        setattr(bl, name, _Nop())
+
+
+def main() -> int:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    results: dict[str, dict[str, float]] = {}
+    if device == "cuda":
+        for name, fn in _calls(device).items():
+            results.setdefault(name, {})["real"] = _per_call_us(fn)
+    _patch_nop()
+    for name, fn in _calls(device).items():
+        results.setdefault(name, {})["nop"] = _per_call_us(fn)
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "no GPU"
+    print(f"host time per call, us ({gpu}; 'nop': Triton kernels replaced by no-ops)")
+    print(f"{'call':<40} {'real':>8} {'nop':>8} {'launch path':>12}")
+    for name, r in results.items():
+        real = r.get("real")
+        launch = f"{real - r['nop']:12.1f}" if real is not None else f"{'-':>12}"
+        print(f"{name:<40} {real if real is not None else float('nan'):8.1f} {r['nop']:8.1f} {launch}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
