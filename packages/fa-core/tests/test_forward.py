@@ -338,3 +338,15 @@ def test_block_sparse_full_blocks_bad_input():
     with pytest.raises(ValueError, match="full_kv_num_blocks"):
         bad = torch.zeros(3, 1, 2, dtype=torch.int32, device=DEVICE)
         flash_attn_forward(q, q, q, block_mask=mask(full_kv_num_blocks=bad, full_kv_indices=pi))
+
+
+def test_autotuner_arg_names_are_fast_and_unchanged():
+    """The forward's autotuner gets O(1) argument-name lookups (launch overhead) without changing the names."""
+    from fa_core.forward_configs import ArgNames, fast_autotuner
+    from fa_core.forward_kernel import fwd_kernel
+
+    assert isinstance(fwd_kernel.arg_names, ArgNames)
+    assert list(fwd_kernel.arg_names) == list(fwd_kernel.fn.arg_names)
+    assert "Q" in fwd_kernel.arg_names and "not_an_argument" not in fwd_kernel.arg_names
+    assert dict(zip(fwd_kernel.arg_names, range(3))) == {"Q": 0, "K": 1, "V": 2}
+    assert fast_autotuner(fwd_kernel) is fwd_kernel

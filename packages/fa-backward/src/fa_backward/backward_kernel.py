@@ -53,6 +53,7 @@ from fa_backward.backward_configs import (
     _prune,
 )
 from fa_backward.backward_preprocess import _bwd_preprocess, preprocess_kernel
+from fa_core.forward_configs import fast_autotuner
 from fa_core.masking import (
     _chunk_start,
     chunk_kv_range,
@@ -669,9 +670,18 @@ def _bwd_dq_kernel(
 # fmt: on
 # ---------------------------------------------------------------------------------------------- autotune
 # configs, key and pruning: fa_backward.backward_configs (its names stay importable from here)
-dkdv_kernel = triton.autotune(
-    configs=DKDV_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune("BLOCK_N", "BLOCK_M")}
-)(_bwd_dkdv_kernel)
-dq_kernel = triton.autotune(
-    configs=DQ_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune("BLOCK_M", "BLOCK_N")}
-)(_bwd_dq_kernel)
+# fast_autotuner: O(1) argument-name lookups in the autotuner's per-call filtering (launch overhead)
+dkdv_kernel = fast_autotuner(
+    triton.autotune(
+        configs=DKDV_CONFIGS,
+        key=TUNE_KEY,
+        prune_configs_by={"early_config_prune": _prune("BLOCK_N", "BLOCK_M")},
+    )(_bwd_dkdv_kernel)
+)
+dq_kernel = fast_autotuner(
+    triton.autotune(
+        configs=DQ_CONFIGS,
+        key=TUNE_KEY,
+        prune_configs_by={"early_config_prune": _prune("BLOCK_M", "BLOCK_N")},
+    )(_bwd_dq_kernel)
+)

@@ -12,7 +12,9 @@ import triton
 
 __all__ = [
     "FALLBACK_TILE",
+    "ArgNames",
     "cdiv",
+    "fast_autotuner",
     "next_pow2",
     "FP8_TILES",
     "FWD_CONFIGS",
@@ -33,6 +35,27 @@ def next_pow2(n: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+class ArgNames(list):
+    """A kernel's argument names with O(1) membership. Triton's ``Autotuner.run`` filters every call's
+    arguments with ``k in self.arg_names`` on a list: quadratic in the argument count, ~120 us a launch for our
+    80-odd arguments (measured on the CPU), ~40 us with this. Iteration and indexing are the list's."""
+
+    def __init__(self, names):
+        super().__init__(names)
+        self._set = frozenset(self)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._set
+
+
+def fast_autotuner(kernel):
+    """Give an autotuned kernel (``triton.autotune(...)(jit_fn)``) O(1) argument-name lookups; returns it."""
+    names = getattr(kernel, "arg_names", None)
+    if isinstance(names, list) and not isinstance(names, ArgNames):
+        kernel.arg_names = ArgNames(names)
+    return kernel
 
 
 def seq_bucket(n: int) -> int:

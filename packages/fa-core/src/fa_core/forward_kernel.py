@@ -19,6 +19,7 @@ from fa_core.forward_configs import (
     FWD_CONFIGS,
     FWD_TILES,
     TILE_FAMILIES,
+    fast_autotuner,
     prune_configs,
 )
 from fa_core.forward_inner import fwd_inner, load_tile
@@ -370,3 +371,7 @@ def fwd_kernel(
             acc.to(Out.dtype.element_ty),
             mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEADDIM_V),
         )
+
+
+# launch overhead: the autotuner's per-call argument filtering is quadratic in the argument count
+fwd_kernel = fast_autotuner(fwd_kernel)
