@@ -11,10 +11,9 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from fa_backward.backward import flash_attn_backward, flash_attn_varlen_backward
+from fa_backward.backward import backward_from_autograd
 from fa_core import validation as V
 from fa_core.forward import flash_attn_forward, flash_attn_varlen_forward
-from fa_core.validation import contig_last
 
 __all__ = [
     "FlashAttnFunc",
@@ -80,22 +79,27 @@ def _forward(
 
 
 def _backward(ctx, dout, q, k, v, out, lse, rng_state, cu, dq, dk, dv) -> None:
-    kw = dict(
+    # the forward validated q, k, v, out, lse and the options: skip the public entry points' checks
+    varlen = None if ctx.max_seqlens is None else (cu[0], cu[1], *ctx.max_seqlens)
+    backward_from_autograd(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        dq,
+        dk,
+        dv,
+        varlen=varlen,
         dropout_p=ctx.dropout_p,
         softmax_scale=ctx.softmax_scale,
         causal=ctx.causal,
-        window_size_left=ctx.window_size[0],
-        window_size_right=ctx.window_size[1],
+        window_size=tuple(ctx.window_size),
         softcap=ctx.softcap,
         alibi_slopes=ctx.alibi_slopes,
-        deterministic=ctx.deterministic,
         rng_state=rng_state,
     )
-    dout = contig_last(dout)
-    if ctx.max_seqlens is None:
-        flash_attn_backward(dout, q, k, v, out, lse, dq, dk, dv, **kw)
-    else:
-        flash_attn_varlen_backward(dout, q, k, v, out, lse, dq, dk, dv, cu[0], cu[1], *ctx.max_seqlens, **kw)
 
 
 def _check_packed(name: str, t, ndim: int, axis: int, n: int) -> None:

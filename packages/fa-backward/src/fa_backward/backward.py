@@ -23,7 +23,7 @@ from fa_backward.sparse_args import check_programmable
 from fa_core import validation as V
 from fa_core.block_sparse import BlockMask
 
-__all__ = ["BwdResult", "flash_attn_backward", "flash_attn_varlen_backward"]
+__all__ = ["BwdResult", "backward_from_autograd", "flash_attn_backward", "flash_attn_varlen_backward"]
 
 
 class BwdResult(NamedTuple):
@@ -349,3 +349,64 @@ def flash_attn_varlen_backward(
         dsoftmax_lse=dsoftmax_lse,
     )
     return BwdResult(dq, dk, dv, delta)
+
+
+def backward_from_autograd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    softmax_lse: torch.Tensor,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    *,
+    varlen: tuple[torch.Tensor, torch.Tensor, int, int] | None,
+    dropout_p: float,
+    softmax_scale: float,
+    causal: bool,
+    window_size: tuple[int, int],
+    softcap: float,
+    alibi_slopes: torch.Tensor | None,
+    rng_state: torch.Tensor,
+) -> None:
+    """The backward of the autograd Functions: no input checks (q, k, v, out, lse, rng_state and the options
+    are the ones the forward validated and saved; autograd hands ``dout`` with ``out``'s shape, dtype and
+    device), only the last-dim layout of ``dout``. Host time matters here: at short sequences a training step
+    waits on it. ``varlen``: ``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)``."""
+    # the saved inputs are the caller's tensors: a strided last dim was copied by the forward, not saved
+    dout, q, k, v, out = (V.contig_last(t) for t in (dout, q, k, v, out))
+    if varlen is None:
+        batch, max_q, max_k = q.shape[0], q.shape[1], k.shape[1]
+        cu_q = cu_k = None
+    else:
+        cu_q, cu_k, max_q, max_k = varlen
+        batch = cu_q.shape[0] - 1
+    if batch == 0 or q.shape[-2] == 0 or (max_q == 0 and max_k == 0):
+        return
+    _launch(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        softmax_lse,
+        dq,
+        dk,
+        dv,
+        varlen=varlen is not None,
+        batch=batch,
+        max_seqlen_q=max_q,
+        max_seqlen_k=max_k,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        seqused_k=None,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        window=window_size,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p,
+        rng_state=rng_state,
+    )
