@@ -133,6 +133,12 @@ def _chunk_q_range(lo, hi, start_n, seqlen_q, seqlen_k, chunk, BLOCK_N: tl.const
 
 
 @triton.jit
+def _mod_score_only(s2, off_b, off_h, q_idx, kv_idx, score_mod_fn: tl.constexpr):
+    """User score_mod on log2-domain scores, for a score_mod whose derivative is 1 (``HAS_SCORE_MOD == 2``)."""
+    return score_mod_fn(s2 * LN2, off_b, off_h, q_idx, kv_idx) * LOG2E
+
+
+@triton.jit
 def _mod_scores(s2, off_b, off_h, q_idx, kv_idx, score_mod_fn: tl.constexpr, score_grad_fn: tl.constexpr):
     """User score_mod on log2-domain scores: ``(modified s2, d score_mod / d score)`` (natural-log units)."""
     s = s2 * LN2
@@ -173,9 +179,11 @@ def _dkdv_step(
     qk_t = tl.dot(k, tl.trans(q))
     s_t = scores_log2(qk_t, offs_n, offs_m, seqlen_k, seqlen_q, sm_scale, softcap, alibi_slope,
                       HAS_SOFTCAP, HAS_ALIBI)
-    if HAS_SCORE_MOD:
+    if HAS_SCORE_MOD == 1:
         s_t, dmod_t = _mod_scores(s_t, off_b, off_h, offs_m[None, :], offs_n[:, None], score_mod_fn,
                                   score_grad_fn)
+    elif HAS_SCORE_MOD == 2:  # derivative 1 (an additive bias): no dmod tile at all
+        s_t = _mod_score_only(s_t, off_b, off_h, offs_m[None, :], offs_n[:, None], score_mod_fn)
     if STATIC:
         ok_t = visible(offs_n, offs_m, seqlen_k, seqlen_q, window_right, window_left, IS_LOCAL, True)
         if HAS_CHUNK:
@@ -183,7 +191,7 @@ def _dkdv_step(
         if APPLY_MASK_MOD:
             ok_t = ok_t & mask_mod_fn(off_b, off_h, offs_m[None, :], offs_n[:, None])
         s_t = tl.where(ok_t, s_t, float("-inf"))
-        if HAS_SCORE_MOD:
+        if HAS_SCORE_MOD == 1:
             dmod_t = tl.where(ok_t, dmod_t, 0.0)  # a derivative that is not finite off the mask is harmless
     # a row without any visible key has lse = +inf: exp2(s - inf) = 0, so its gradient is 0 (no NaN)
     p_t = tl.exp2(s_t - lse[None, :] * LOG2E)
@@ -203,7 +211,7 @@ def _dkdv_step(
     ds_t = p_t * (dp_t - delta[None, :])
     if STATIC:
         ds_t = tl.where(ok_t, ds_t, 0.0)  # 0 * NaN from a NaN row's delta stays out of other keys
-    if HAS_SCORE_MOD:
+    if HAS_SCORE_MOD == 1:
         ds_t = ds_t * dmod_t
     if HAS_SOFTCAP:
         ds_t = ds_t * softcap_grad(qk_t, sm_scale, softcap)
@@ -461,8 +469,10 @@ def _dq_step(
     qk = tl.dot(q, tl.trans(k))
     s = scores_log2(qk, offs_m, offs_n, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope,
                     HAS_SOFTCAP, HAS_ALIBI)
-    if HAS_SCORE_MOD:
+    if HAS_SCORE_MOD == 1:
         s, dmod = _mod_scores(s, off_b, off_h, offs_m[:, None], offs_n[None, :], score_mod_fn, score_grad_fn)
+    elif HAS_SCORE_MOD == 2:  # derivative 1 (an additive bias): no dmod tile at all
+        s = _mod_score_only(s, off_b, off_h, offs_m[:, None], offs_n[None, :], score_mod_fn)
     if STATIC:
         ok = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, IS_LOCAL, True)
         if HAS_CHUNK:
@@ -470,7 +480,7 @@ def _dq_step(
         if APPLY_MASK_MOD:
             ok = ok & mask_mod_fn(off_b, off_h, offs_m[:, None], offs_n[None, :])
         s = tl.where(ok, s, float("-inf"))
-        if HAS_SCORE_MOD:
+        if HAS_SCORE_MOD == 1:
             dmod = tl.where(ok, dmod, 0.0)
     p = tl.exp2(s - lse2[:, None])
     if STATIC:
@@ -482,7 +492,7 @@ def _dq_step(
     ds = p * (dp - delta[:, None])
     if STATIC:
         ds = tl.where(ok, ds, 0.0)
-    if HAS_SCORE_MOD:
+    if HAS_SCORE_MOD == 1:
         ds = ds * dmod
     if HAS_SOFTCAP:
         ds = ds * softcap_grad(qk, sm_scale, softcap)

@@ -16,6 +16,7 @@ from fa_core import validation as V
 from fa_core.forward import seq_bucket
 from fa_core.forward_configs import cdiv, next_pow2
 from fa_core.masking import normalize_window
+from fa_core.score_mods import additive_grad
 
 
 def _launch(
@@ -144,7 +145,8 @@ def _launch(
         score_mod_fn=score_mod,
         score_grad_fn=score_mod_grad,
         mask_mod_fn=mask_mod,
-        HAS_SCORE_MOD=score_mod is not None,
+        # 0: none; 1: score_mod with its derivative; 2: derivative 1 (additive bias): no dmod tile
+        HAS_SCORE_MOD=0 if score_mod is None else (2 if score_mod_grad is additive_grad else 1),
         HAS_MASK_MOD=mask_mod is not None,
         IS_SPARSE=block_mask is not None,
         HAS_FULL=has_full,
