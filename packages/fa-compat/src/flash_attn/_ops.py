@@ -283,10 +283,21 @@ def save_dense(ctx, q, k, v, out, lse, rng_state, alibi, dropout_p, scale, causa
 
 
 def dense_backward_into(ctx, dout, dq, dk, dv) -> None:
-    """``bwd`` writing dq, dk, dv from what :func:`save_dense` stashed (``dout`` with a contiguous last dim)."""
-    _extras.require_backward()
+    """``bwd`` writing dq, dk, dv from what :func:`save_dense` stashed (``dout`` with a contiguous last dim).
+
+    Eager calls skip the custom op (its public checks and flash-attn's padded ``softmax_d``, a memset and a
+    copy kernel that autograd discards) when fa-backward has its unchecked autograd entry point; under
+    torch.compile the op is what gets traced."""
+    fab = _extras.require_backward()
     q, k, v, out, lse, rng_state, alibi = ctx.saved_tensors
     dropout_p, scale, causal, left, right, softcap, deterministic = ctx.args
+    direct = getattr(getattr(fab, "backward", None), "backward_from_autograd", None)
+    if direct is not None and not torch.compiler.is_compiling():
+        direct(
+            dout, q, k, v, out, lse, dq, dk, dv, varlen=None, dropout_p=dropout_p, softmax_scale=scale,
+            causal=causal, window_size=(left, right), softcap=softcap, alibi_slopes=alibi, rng_state=rng_state,
+        )  # fmt: skip
+        return
     torch.ops.flash_attn_plus.bwd(
         dout, q, k, v, out, lse, dq, dk, dv, dropout_p, scale, causal, left, right, softcap, alibi,
         deterministic, rng_state,
