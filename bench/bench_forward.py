@@ -107,9 +107,14 @@ def _time_config(cfg: Row, providers: list[str], dtype: torch.dtype, bad: dict[s
 
 
 def dense_rows(
-    configs: list[Row], providers: list[str], dtype: torch.dtype, bad: dict[str, str]
+    configs: list[Row],
+    providers: list[str],
+    dtype: torch.dtype,
+    bad: dict[str, str],
+    into: list[Row] | None = None,
 ) -> list[Row]:
-    rows: list[Row] = []
+    """Rows of the standard sweep, appended to ``into`` as they are measured (a timeout keeps them)."""
+    rows: list[Row] = [] if into is None else into
     for cfg in progress(configs, desc="forward"):
         rows += _time_config(cfg, providers, dtype, bad)
     return rows
@@ -148,12 +153,17 @@ def _varlen_fn(
 
 
 def varlen_rows(
-    headdims: list[int], providers: list[str], dtype: torch.dtype, bad: dict[str, str]
+    headdims: list[int],
+    providers: list[str],
+    dtype: torch.dtype,
+    bad: dict[str, str],
+    into: list[Row] | None = None,
 ) -> list[Row]:
+    """Varlen rows, appended to ``into`` as they are measured."""
     lens = varlen_lengths()
     total, maxlen = sum(lens), max(lens)
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-    rows: list[Row] = []
+    rows: list[Row] = [] if into is None else into
     for d in headdims:
         h = 2048 // d
         torch.manual_seed(0)
@@ -226,9 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     bad = check(providers, headdims[-1], dtype) if args.check else {}
     rows: list[Row] = []
     try:
-        rows += dense_rows(standard_sweep(headdims, seqlens), providers, dtype, bad)
+        # rows fill in place: a SIGTERM (timeout) still writes what was measured in the finally block
+        dense_rows(standard_sweep(headdims, seqlens), providers, dtype, bad, into=rows)
         if not args.no_varlen:
-            rows += varlen_rows(headdims, providers, dtype, bad)
+            varlen_rows(headdims, providers, dtype, bad, into=rows)
     finally:
         if rows:
             path = write_results(
