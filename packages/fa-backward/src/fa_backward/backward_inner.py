@@ -9,6 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from fa_core.forward_inner import load_tile
 from fa_core.masking import (
     _chunk_start,
     chunk_visible,
@@ -25,19 +26,6 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 # fmt: off
 
 # ------------------------------------------------------------------------------------------------ tiles
-@triton.jit
-def _load_rows(ptrs, offs_rows, n_rows, offs_d, HEADDIM: tl.constexpr, CHECK_ROWS: tl.constexpr,
-               EVEN_D: tl.constexpr):
-    """Load a ``(rows, BLOCK_D)`` tile, masking the ragged rows and/or the padded head dim."""
-    if CHECK_ROWS:
-        if EVEN_D:
-            return tl.load(ptrs, mask=offs_rows[:, None] < n_rows, other=0.0)
-        return tl.load(ptrs, mask=(offs_rows[:, None] < n_rows) & (offs_d[None, :] < HEADDIM), other=0.0)
-    if EVEN_D:
-        return tl.load(ptrs)
-    return tl.load(ptrs, mask=offs_d[None, :] < HEADDIM, other=0.0)
-
-
 @triton.jit
 def _load_vec(ptrs, offs, n, other, CHECK: tl.constexpr):
     if CHECK:
@@ -103,10 +91,10 @@ def _dkdv_step(
     # 64-bit tile base (a scalar) + 32-bit offsets inside the tile: loop-invariant, hoisted out of the loop
     q_tile = q_base + tl.cast(start_m, tl.int64) * stride_qm
     do_tile = do_base + tl.cast(start_m, tl.int64) * stride_dom
-    q = _load_rows(q_tile + offs_m0[:, None] * stride_qm + offs_d[None, :], offs_m, seqlen_q, offs_d,
-                   HEADDIM, MASKED, EVEN_D)
-    do = _load_rows(do_tile + offs_m0[:, None] * stride_dom + offs_dv[None, :], offs_m, seqlen_q, offs_dv,
-                    HEADDIM_V, MASKED, EVEN_DV)
+    q = load_tile(q_tile + offs_m0[:, None] * stride_qm + offs_d[None, :], offs_m, seqlen_q, offs_d,
+                  HEADDIM, MASKED, EVEN_D)
+    do = load_tile(do_tile + offs_m0[:, None] * stride_dom + offs_dv[None, :], offs_m, seqlen_q, offs_dv,
+                   HEADDIM_V, MASKED, EVEN_DV)
     # ragged query rows get lse = +inf, hence p = 0
     lse = _load_vec(lse_base + offs_m, offs_m, seqlen_q, float("inf"), MASKED)
     delta = _load_vec(delta_base + offs_m, offs_m, seqlen_q, 0.0, MASKED)
@@ -226,10 +214,10 @@ def _dq_step(
     # 64-bit tile base (a scalar) + 32-bit offsets inside the tile: loop-invariant, hoisted out of the loop
     k_tile = k_base + tl.cast(start_n, tl.int64) * stride_kn
     v_tile = v_base + tl.cast(start_n, tl.int64) * stride_vn
-    k = _load_rows(k_tile + offs_n0[:, None] * stride_kn + offs_d[None, :], offs_n, seqlen_k, offs_d,
-                   HEADDIM, MASKED, EVEN_D)
-    v = _load_rows(v_tile + offs_n0[:, None] * stride_vn + offs_dv[None, :], offs_n, seqlen_k, offs_dv,
-                   HEADDIM_V, MASKED, EVEN_DV)
+    k = load_tile(k_tile + offs_n0[:, None] * stride_kn + offs_d[None, :], offs_n, seqlen_k, offs_d,
+                  HEADDIM, MASKED, EVEN_D)
+    v = load_tile(v_tile + offs_n0[:, None] * stride_vn + offs_dv[None, :], offs_n, seqlen_k, offs_dv,
+                  HEADDIM_V, MASKED, EVEN_DV)
     qk = tl.dot(q, tl.trans(k))
     s = scores_log2(qk, offs_m, offs_n, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope,
                     HAS_SOFTCAP, HAS_ALIBI)

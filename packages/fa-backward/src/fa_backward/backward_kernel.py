@@ -55,9 +55,10 @@ from fa_backward.backward_configs import (
     TUNE_KEY,
     _prune,
 )
-from fa_backward.backward_inner import _chunk_q_range, _dkdv_inner, _dq_inner, _load_rows
+from fa_backward.backward_inner import _chunk_q_range, _dkdv_inner, _dq_inner
 from fa_backward.backward_preprocess import _bwd_preprocess, preprocess_kernel
 from fa_core.forward_configs import fast_autotuner
+from fa_core.forward_inner import load_tile
 from fa_core.masking import (
     chunk_kv_range,
     kv_range,
@@ -135,10 +136,10 @@ def _bwd_dkdv_kernel(
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load_rows(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :], offs_n, seqlen_k, offs_d,
-                   HEADDIM, True, EVEN_D)
-    v = _load_rows(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :], offs_n, seqlen_k, offs_dv,
-                   HEADDIM_V, True, EVEN_DV)
+    k = load_tile(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :], offs_n, seqlen_k, offs_d,
+                  HEADDIM, True, EVEN_D)
+    v = load_tile(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :], offs_n, seqlen_k, offs_dv,
+                  HEADDIM_V, True, EVEN_DV)
     if ACC_FP64:  # float64 inputs (CPU interpreter only, for gradcheck) accumulate in float64
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float64)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float64)
@@ -307,10 +308,10 @@ def _bwd_dq_kernel(
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_rows(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :], offs_m, seqlen_q, offs_d,
-                   HEADDIM, True, EVEN_D)
-    do = _load_rows(do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :], offs_m, seqlen_q, offs_dv,
-                    HEADDIM_V, True, EVEN_DV)
+    q = load_tile(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :], offs_m, seqlen_q, offs_d,
+                  HEADDIM, True, EVEN_D)
+    do = load_tile(do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :], offs_m, seqlen_q, offs_dv,
+                   HEADDIM_V, True, EVEN_DV)
     lse = tl.load(Lse + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + q_start + offs_m,
                   mask=offs_m < seqlen_q, other=float("inf"))
     delta = tl.load(Delta + off_b.to(tl.int64) * stride_deltab + off_h.to(tl.int64) * stride_deltah + q_start

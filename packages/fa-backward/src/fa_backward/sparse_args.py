@@ -14,6 +14,7 @@ import torch
 
 from fa_core import validation as V
 from fa_core.block_sparse import BlockMask, transpose_block_mask
+from fa_core.sparse_args import block_list_args
 
 __all__ = ["check_full_blocks", "check_programmable"]
 
@@ -92,17 +93,9 @@ def _sparse_args(block_mask: BlockMask | None, seqlen_k: int, dummy: torch.Tenso
         num, idx = num.contiguous(), idx.contiguous()
         fnum = fnum.contiguous() if fnum is not None else num
         fidx = fidx.contiguous() if fidx is not None else idx
-        return _named_sparse(
-            num,
-            idx,
-            fnum,
-            fidx,
-            num.stride(0) if num.shape[0] > 1 else 0,
-            num.stride(1) if num.shape[1] > 1 else 0,
-            idx.stride(0) if idx.shape[0] > 1 else 0,
-            idx.stride(1) if idx.shape[1] > 1 else 0,
-            idx.stride(2),
-        )
+        # full lists share the partial lists' layout (check_full_blocks), hence their strides
+        _, _, *strides = block_list_args(num, idx)
+        return _named_sparse(num, idx, fnum, fidx, *strides)
 
     bq, bk = (int(x) for x in block_mask.block_size)
     has_full = block_mask.full_kv_num_blocks is not None
