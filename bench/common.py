@@ -295,6 +295,22 @@ def bench_ms(fn: Callable[[], Any], warmup: int = 25, rep: int = 100) -> float:
         return float(do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5])[0])
 
 
+def host_ms_per_call(fn: Callable[[], Any], n: int = 20, warmup: int = 0) -> float:
+    """Host (CPU) milliseconds per call of ``fn``: ``n`` calls enqueued back to back with no sync inside the
+    loop (the GPU lags behind), synchronised before and after."""
+    for _ in range(warmup):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    dt = time.perf_counter() - t0
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return dt / n * 1e3
+
+
 def try_provider(row: Row, fn: Callable[[], float], flop: float | None = None) -> Row:
     """Run ``fn`` (returns milliseconds); fill ``row`` with ``ms``/``tflops``, or ``error`` on failure
     (OOM, compile error, unsupported feature...) so that one provider cannot stop the sweep."""

@@ -14,25 +14,19 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import host_ms_per_call  # noqa: E402
+
 
 def _per_call_us(fn: Callable[[], Any], n: int = 300) -> float:
-    for _ in range(20):
-        fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    dt = time.perf_counter() - t0  # host time only: no sync inside the loop
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return dt / n * 1e6
+    return host_ms_per_call(fn, n=n, warmup=20) * 1e3
 
 
 def _calls(device: str) -> dict[str, Callable[[], Any]]:

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import host_ms_per_call  # noqa: E402
 
 
 def _shape(text: str) -> tuple[int, int, int, int]:
@@ -51,17 +55,7 @@ def profile(b: int, s: int, h: int, d: int, causal: bool) -> None:
     t_b = triton.testing.do_bench(bwd)
     t_fb = triton.testing.do_bench(step)
 
-    def host_ms(fn) -> float:
-        # enqueue 20 calls back to back (the GPU lags behind), then sync
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(20):
-            fn()
-        dt = (time.perf_counter() - t0) / 20 * 1e3
-        torch.cuda.synchronize()
-        return dt
-
-    host_f, host_b, host = host_ms(fwd), host_ms(bwd), host_ms(step)
+    host_f, host_b, host = host_ms_per_call(fwd), host_ms_per_call(bwd), host_ms_per_call(step)
     print(f"   host ms/call: fwd {host_f:.3f}, bwd {host_b:.3f}, fwd+bwd {host:.3f}")
     print(
         f"\n== b{b} s{s} h{h} d{d} causal={causal}: fwd {t_f:.3f} ms ({flop / t_f * 1e-9:.0f} TF/s), "
