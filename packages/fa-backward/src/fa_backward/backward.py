@@ -375,8 +375,8 @@ def backward_from_autograd(
     are the ones the forward validated and saved; autograd hands ``dout`` with ``out``'s shape, dtype and
     device), only the last-dim layout of ``dout``. Host time matters here: at short sequences a training step
     waits on it. ``varlen``: ``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)``."""
-    # the saved inputs are the caller's tensors: a strided last dim was copied by the forward, not saved
-    dout, q, k, v, out = (V.contig_last(t) for t in (dout, q, k, v, out))
+    # q, k, v, out passed the forward's last-dim check (fa-compat saves contig_last copies); dout is autograd's
+    dout = V.contig_last(dout)
     if varlen is None:
         batch, max_q, max_k = q.shape[0], q.shape[1], k.shape[1]
         cu_q = cu_k = None
