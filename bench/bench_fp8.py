@@ -55,6 +55,9 @@ def _force_tile(tile: tuple[int, int, int, int, bool], fp8: bool) -> None:
     cache = getattr(fk.fwd_kernel, "cache", None)
     if isinstance(cache, dict):
         cache.clear()  # the autotuner remembers its pick per key: forget it
+    from fa_core import forward_launch
+
+    forward_launch.fwd_launch.clear()  # and so do the direct launches (fa_core.fast_launch)
 
 
 def _inputs(batch: int, seqlen: int, nheads: int, d: int, fp8: bool) -> tuple[Any, dict[str, Any]]:

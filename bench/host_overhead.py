@@ -5,7 +5,8 @@ microseconds of host time per launch decide whether we beat FA2 there. This scri
 work negligible), the host time per call of: the forward (direct and through autograd), the backward alone,
 and forward+backward; then the same with every Triton kernel replaced by a no-op, which leaves our Python
 (validation, argument building, allocations) and torch's autograd. The difference is Triton's launch path
-(autotuner lookup, argument binding/specialization, the driver launch).
+(autotuner lookup, argument binding/specialization, the driver launch). On the GPU, the real calls are timed
+twice: through Triton's own launch path and through ``fa_core.fast_launch`` (the default).
 
     python bench/host_overhead.py            # GPU: real and no-op launches; CPU: no-op only (interpreter)
 """
@@ -47,18 +48,17 @@ def _calls(device: str) -> dict[str, Callable[[], Any]]:
     }
 
 
-class _Nop:
-    def __getitem__(self, grid: Any) -> Callable[..., None]:
-        return lambda *a, **k: None
+def _nop(*args: Any, **kwargs: Any) -> None:
+    return None
 
 
 def _patch_nop() -> None:
     import fa_backward.launch as bl
     import fa_core.forward_launch as fl
 
-    fl.fwd_kernel = _Nop()
-    for name in ("dkdv_kernel", "dq_kernel", "preprocess_kernel"):
-        setattr(bl, name, _Nop())
+    fl.fwd_launch = _nop
+    for name in ("dkdv_launch", "dq_launch", "preprocess_launch"):
+        setattr(bl, name, _nop)
 
 
 def main() -> int:
@@ -67,18 +67,23 @@ def main() -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     results: dict[str, dict[str, float]] = {}
     if device == "cuda":
-        for name, fn in _calls(device).items():
-            results.setdefault(name, {})["real"] = _per_call_us(fn)
+        from fa_core.fast_launch import set_fast_launch
+
+        for fast in (False, True):
+            set_fast_launch(fast)
+            for name, fn in _calls(device).items():
+                results.setdefault(name, {})["real" if fast else "triton"] = _per_call_us(fn)
     _patch_nop()
     for name, fn in _calls(device).items():
         results.setdefault(name, {})["nop"] = _per_call_us(fn)
     gpu = torch.cuda.get_device_name() if device == "cuda" else "no GPU"
-    print(f"host time per call, us ({gpu}; 'nop': Triton kernels replaced by no-ops)")
-    print(f"{'call':<40} {'real':>8} {'nop':>8} {'launch path':>12}")
+    print(
+        f"host time per call, us ({gpu}; 'nop': Triton kernels replaced by no-ops; 'triton path': fa_core.fast_launch off)"
+    )
+    print(f"{'call':<40} {'triton path':>12} {'real':>8} {'nop':>8} {'launch path':>12}")
     for name, r in results.items():
-        real = r.get("real")
-        launch = f"{real - r['nop']:12.1f}" if real is not None else f"{'-':>12}"
-        print(f"{name:<40} {real if real is not None else float('nan'):8.1f} {r['nop']:8.1f} {launch}")
+        real, slow = r.get("real", float("nan")), r.get("triton", float("nan"))
+        print(f"{name:<40} {slow:12.1f} {real:8.1f} {r['nop']:8.1f} {real - r['nop']:12.1f}")
     return 0
 
 

@@ -184,3 +184,45 @@ def test_compile_dropout_draws_a_new_mask_each_call():
         return flash_attn_func(q, k, v, dropout_p=0.5)
 
     assert not torch.equal(f(q, k, v), f(q, k, v))
+
+
+@needs_backward
+def test_compiled_backward_never_launches_on_traced_tensors(monkeypatch):
+    """AOT autograd traces the backward under fake / functional tensors after dynamo is done
+    (``torch.compiler.is_compiling()`` is False there): the eager shortcut must not launch kernels on them
+    (on the GPU, Triton raised "Cannot access data pointer"); the custom op is what gets traced."""
+    import fa_backward.backward as fab_backward
+
+    real = fab_backward.backward_from_autograd
+    seen: list[type] = []
+
+    def spy(dout, q, *args, **kwargs):
+        seen.extend({type(dout), type(q)})
+        return real(dout, q, *args, **kwargs)
+
+    monkeypatch.setattr(fab_backward, "backward_from_autograd", spy)
+    torch._dynamo.reset()
+    q = rand(1, 12, 2, 16, requires_grad=True)
+    k, v = (rand(1, 12, 2, 16, requires_grad=True) for _ in range(2))
+    compiled = torch.compile(lambda q, k, v: flash_attn_func(q, k, v, causal=True), fullgraph=True,
+                             backend="aot_eager")  # fmt: skip
+    out = compiled(q, k, v)
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    assert all(t is torch.Tensor for t in seen), seen
+    # and eager calls do take the shortcut
+    seen.clear()
+    grads_eager = torch.autograd.grad(flash_attn_func(q, k, v, causal=True).float().sum(), (q, k, v))
+    assert seen and all(t is torch.Tensor for t in seen)
+    for g, ge in zip(grads, grads_eager):
+        torch.testing.assert_close(g, ge)
+
+
+def test_eager_tensors_predicate():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from flash_attn._ops import eager_tensors
+
+    t = torch.ones(2)
+    assert eager_tensors(t, t)
+    with FakeTensorMode():
+        assert not eager_tensors(torch.ones(2))

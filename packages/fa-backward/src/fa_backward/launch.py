@@ -13,10 +13,16 @@ from fa_backward.backward_kernel import dkdv_kernel, dq_kernel
 from fa_backward.backward_preprocess import preprocess_kernel
 from fa_backward.sparse_args import _sparse_args
 from fa_core import validation as V
+from fa_core.fast_launch import FastLaunch
 from fa_core.forward import seq_bucket
 from fa_core.forward_configs import cdiv, next_pow2
 from fa_core.masking import normalize_window
 from fa_core.score_mods import additive_grad
+
+# launches skip Triton's per-call Python once a specialization is compiled (fa_core.fast_launch)
+preprocess_launch = FastLaunch(preprocess_kernel)
+dkdv_launch = FastLaunch(dkdv_kernel)
+dq_launch = FastLaunch(dq_kernel)
 
 
 def _launch(
@@ -80,7 +86,8 @@ def _launch(
     else:
         dlse, stride_dlb, stride_dlh = delta, 0, 0
     if pre_rows > 0:
-        preprocess_kernel[(cdiv(pre_rows, pre_block), nheads, pre_batch)](
+        preprocess_launch(
+            (cdiv(pre_rows, pre_block), nheads, pre_batch),
             out,
             dout,
             delta,
@@ -172,7 +179,8 @@ def _launch(
         stride_deltah,
     )
     if max_seqlen_k > 0:
-        dkdv_kernel[lambda meta: (cdiv(max_seqlen_k, meta["BLOCK_N"]), nheads_k, batch)](
+        dkdv_launch(
+            lambda meta: (cdiv(max_seqlen_k, meta["BLOCK_N"]), nheads_k, batch),
             q,
             k,
             v,
@@ -192,7 +200,8 @@ def _launch(
             **common,
         )
     if max_seqlen_q > 0:
-        dq_kernel[lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), nheads, batch)](
+        dq_launch(
+            lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), nheads, batch),
             q,
             k,
             v,

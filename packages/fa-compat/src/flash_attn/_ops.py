@@ -282,6 +282,17 @@ def save_dense(ctx, q, k, v, out, lse, rng_state, alibi, dropout_p, scale, causa
     ctx.args = (dropout_p, scale, causal, left, right, softcap, deterministic)
 
 
+def eager_tensors(*tensors: Tensor) -> bool:
+    """True for plain tensors outside any tracing. ``torch.compiler.is_compiling()`` covers dynamo only: AOT
+    autograd traces the backward afterwards under fake / functional tensor modes, where a Triton launch cannot
+    read data pointers; there the custom op must be what gets traced."""
+    return (
+        not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and all(type(t) is Tensor for t in tensors)
+    )
+
+
 def dense_backward_into(ctx, dout, dq, dk, dv) -> None:
     """``bwd`` writing dq, dk, dv from what :func:`save_dense` stashed (``dout`` with a contiguous last dim).
 
@@ -292,7 +303,7 @@ def dense_backward_into(ctx, dout, dq, dk, dv) -> None:
     q, k, v, out, lse, rng_state, alibi = ctx.saved_tensors
     dropout_p, scale, causal, left, right, softcap, deterministic = ctx.args
     direct = getattr(getattr(fab, "backward", None), "backward_from_autograd", None)
-    if direct is not None and not torch.compiler.is_compiling():
+    if direct is not None and eager_tensors(dout, q, k, v, out, lse):
         direct(
             dout, q, k, v, out, lse, dq, dk, dv, varlen=None, dropout_p=dropout_p, softmax_scale=scale,
             causal=causal, window_size=(left, right), softcap=softcap, alibi_slopes=alibi, rng_state=rng_state,

@@ -7,6 +7,7 @@ probabilities kernel. Inputs are validated by :mod:`fa_core.forward` before they
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -14,6 +15,7 @@ import triton
 import triton.language as tl
 
 from fa_core import validation as V
+from fa_core.fast_launch import FastLaunch
 from fa_core.forward_configs import cdiv, next_pow2, seq_bucket
 from fa_core.forward_kernel import fwd_kernel
 from fa_core.fp8 import transposed_v
@@ -21,7 +23,10 @@ from fa_core.masking import UNBOUNDED, normalize_window
 from fa_core.probs_kernel import probs_kernel
 from fa_core.sparse_args import full_blocks, sparse_args
 
-__all__ = ["launch_forward", "launch_probs", "tma_ok"]
+__all__ = ["fwd_launch", "launch_forward", "launch_probs", "tma_ok"]
+
+# launches skip Triton's per-call Python once a specialization is compiled (fa_core.fast_launch)
+fwd_launch = FastLaunch(fwd_kernel)
 
 
 def tma_ok(*tensors: torch.Tensor) -> bool:
@@ -29,7 +34,7 @@ def tma_ok(*tensors: torch.Tensor) -> bool:
     t0 = tensors[0]
     if not t0.is_cuda or os.environ.get("FA_PLUS_TMA", "1") == "0" or V.interpreting():
         return False
-    if not hasattr(tl, "make_tensor_descriptor") or torch.cuda.get_device_capability(t0.device)[0] < 9:
+    if not hasattr(tl, "make_tensor_descriptor") or _major(t0.device.index) < 9:
         return False
     for t in tensors:
         size = t.element_size()
@@ -37,6 +42,12 @@ def tma_ok(*tensors: torch.Tensor) -> bool:
             return False
     _ensure_allocator()
     return True
+
+
+@functools.cache
+def _major(device_index: int | None) -> int:
+    # cached: torch.cuda.get_device_capability costs microseconds on every launch
+    return torch.cuda.get_device_capability(device_index)[0]
 
 
 _ALLOCATOR_SET = False
@@ -120,7 +131,8 @@ def launch_forward(
     def grid(meta):
         return (cdiv(max_seqlen_q, meta["BLOCK_M"]), nheads, batch)
 
-    fwd_kernel[grid](
+    fwd_launch(
+        grid,
         q,
         k,
         v,
