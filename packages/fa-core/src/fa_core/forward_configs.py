@@ -98,6 +98,8 @@ FP8_TILES = [
     (128, 64, 8, 4, True, "any"),
     (128, 128, 8, 3, True, "any"),
     (64, 128, 4, 3, False, "short"),
+    # H200, bench_fp8 --all-tiles (session 4): 64x64 / 4 warps won d64 causal at 4k, 8k and 16k
+    (64, 64, 4, 3, True, "any"),
     # d256 (64-key tiles, 2 stages fit shared memory)
     (128, 64, 8, 2, False, "any"),
 ]
