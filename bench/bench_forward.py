@@ -76,6 +76,16 @@ def check(providers: list[str], headdim: int, dtype: torch.dtype, tol: float = 2
     return bad
 
 
+def _autotuned_tile() -> list[Any] | None:
+    """The forward's tile (BLOCK_M, BLOCK_N, warps, stages, TMA) of the last launch: the autotuner's pick for
+    the shape just timed (tiles differ between runs when configs time close; the rows record which one ran)."""
+    from fa_core.forward_configs import config_key
+    from fa_core.forward_launch import fwd_launch
+
+    config = fwd_launch.last_config
+    return list(config_key(config)) if config is not None else None
+
+
 def _time_config(cfg: Row, providers: list[str], dtype: torch.dtype, bad: dict[str, str]) -> list[Row]:
     b, s, h, d, causal = cfg["batch"], cfg["seqlen"], cfg["nheads"], cfg["headdim"], cfg["causal"]
     torch.manual_seed(0)
@@ -97,6 +107,8 @@ def _time_config(cfg: Row, providers: list[str], dtype: torch.dtype, bad: dict[s
         else:
             maker = FORWARD_PROVIDERS[name]
             try_provider(row, lambda maker=maker: bench_ms(maker(q, k, v, causal)), flop)
+            if name.startswith("fa-plus") and not row.get("error"):
+                row["tile"] = _autotuned_tile()
         rows.append(row)
         print(
             f"  {name:11s} d={d:3d} causal={causal!s:5} s={s:5d} b={b:2d}: "

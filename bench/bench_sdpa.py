@@ -5,9 +5,9 @@ contiguous inputs, backend forced with ``sdpa_kernel``):
   ``sdpa-fa-plus``  FLASH_ATTENTION backend after ``fa_backward.sdpa.activate()`` (our kernels)
   ``sdpa-flash``    FLASH_ATTENTION backend, torch's kernel (ours restored)
   ``sdpa-cudnn``    CUDNN_ATTENTION backend
-Benches: ``forward`` rows go to bench/results/<device>-forward.json, ``fwd_bwd`` rows (forward + backward,
-``torch.autograd.grad``, FLOPs = 3.5 x forward) to <device>-backward.json; rows merge with the other
-benchmarks' by (bench, provider, headdim, causal, seqlen, batch, nheads). Standard sweep: batch * seqlen =
+Benches: ``sdpa_forward`` rows go to bench/results/<device>-forward.json, ``sdpa_fwd_bwd`` rows (forward +
+backward, ``torch.autograd.grad``, FLOPs = 3.5 x forward) to <device>-backward.json, each its own table there:
+its three providers come from one run (bench_forward's and bench_backward's own sdpa-flash rows stay theirs). Standard sweep: batch * seqlen =
 16384, hidden 2048, headdim 64/128, seqlen 512..16384, causal and not, bf16.
 
     python bench/bench_sdpa.py --quick        # d128, seqlen 1k / 4k / 16k
@@ -35,13 +35,14 @@ from common import (  # noqa: E402
     flops,
     install_sigterm_handler,
     progress,
+    result_layout,
     standard_sweep,
     try_provider,
     write_results,
 )
 
 PROVIDERS = ("sdpa-fa-plus", "sdpa-flash", "sdpa-cudnn")
-BENCHES = {"forward": "forward", "fwd_bwd": "backward"}  # bench -> results kind (file)
+BENCHES = {"forward": "forward", "fwd_bwd": "backward"}  # --benches name -> results kind (file)
 
 
 def _backend(provider: str) -> Any:
@@ -106,7 +107,7 @@ def _time_config(cfg: Row, providers: list[str], benches: list[str], dtype: torc
     for name in providers:
         new = [
             {
-                "bench": bench,
+                "bench": f"sdpa_{bench}",
                 "provider": name,
                 "headdim": d,
                 "causal": causal,
@@ -194,10 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         if fa_sdpa.is_active():
             fa_sdpa.restore()
         for bench, kind in BENCHES.items():
-            sel = [r for r in rows if r["bench"] == bench]
+            sel = [r for r in rows if r["bench"] == f"sdpa_{bench}"]
             if sel:
-                path = write_results(kind, sel, merge=not args.no_merge)
-                print(f"[bench_sdpa] {len(sel)} {bench} rows -> {path}")
+                plot_kw, table_kw = result_layout(kind, args.dtype)
+                path = write_results(kind, sel, merge=not args.no_merge, plot_kw=plot_kw, table_kw=table_kw)
+                print(f"[bench_sdpa] {len(sel)} sdpa_{bench} rows -> {path}")
     return 0
 
 

@@ -46,6 +46,7 @@ MEASURE_FIELDS = frozenset(
         "speedup",
         "peak_mem_mb",
         "tokens_per_s",
+        "tile",
     }
 )
 #: The provider whose ratio to every other provider the markdown table shows.
@@ -89,6 +90,21 @@ def row_key(row: Row) -> tuple[tuple[str, str], ...]:
     return tuple(
         sorted((k, json.dumps(v, sort_keys=True)) for k, v in row.items() if k not in MEASURE_FIELDS)
     )
+
+
+#: how a results file is drawn: the bench its plot shows and its markdown title (``{dtype}`` filled in)
+RESULT_LAYOUT = {
+    "forward": ("forward", "forward ({dtype})"),
+    "backward": ("fwd_bwd", "forward+backward and backward ({dtype})"),
+}
+
+
+def result_layout(kind: str, dtype: str = "bfloat16") -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(plot_kw, table_kw)`` of :func:`write_results` for ``kind`` (empty for kinds not listed)."""
+    if kind not in RESULT_LAYOUT:
+        return {}, {}
+    bench, title = RESULT_LAYOUT[kind]
+    return {"bench": bench}, {"title": title.format(dtype=dtype)}
 
 
 def write_results(
@@ -151,18 +167,21 @@ def markdown_table(
             if k not in MEASURE_FIELDS and k not in ("bench", "provider")
         ]
         cfg_fields = [k for k in cfg_fields if any(r.get(k) is not None for r in brows)]
-        providers.sort(key=lambda p: p != ours)  # ours first, then the anchors in order of appearance
+        # ours first, then the anchors in order of appearance; a table without "fa-plus" (bench_sdpa's) takes
+        # the provider that ends with it ("sdpa-fa-plus") as ours
+        mine = ours if ours in providers else next((p for p in providers if p.endswith(ours)), ours)
+        providers.sort(key=lambda p: p != mine)
         table: dict[tuple[str, ...], dict[str, Any]] = {}
         for r in brows:
             cfg = tuple(json.dumps(r.get(k)) for k in cfg_fields)
             table.setdefault(cfg, {})[str(r.get("provider"))] = "err" if r.get("error") else r.get(metric)
-        anchors = [p for p in providers if p != ours] if ours in providers else []
-        head = cfg_fields + [f"{p} ({metric})" for p in providers] + [f"{ours}/{p}" for p in anchors]
+        anchors = [p for p in providers if p != mine] if mine in providers else []
+        head = cfg_fields + [f"{p} ({metric})" for p in providers] + [f"{mine}/{p}" for p in anchors]
         out += [f"## {bench}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for cfg, vals in table.items():
             cells = [_fmt(json.loads(c)) for c in cfg] + [_fmt(vals.get(p)) for p in providers]
             for p in anchors:
-                a, b = vals.get(ours), vals.get(p)
+                a, b = vals.get(mine), vals.get(p)
                 ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and b
                 cells.append(f"{a / b:.2f}x" if ok else "-")
             out.append("| " + " | ".join(cells) + " |")

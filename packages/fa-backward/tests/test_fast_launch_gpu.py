@@ -82,6 +82,7 @@ def test_fast_launch_bitwise_equal_to_triton_path(name, monkeypatch):
     torch.cuda.synchronize()
     assert not slow, "a repeated step went through Triton's launch path"
     assert all(len(launcher._cache) for launcher in LAUNCHERS)
+    assert fl.fwd_launch.last_config is not None and bl.dq_launch.last_config is not None
     for got in (first, again):
         for a, b in zip(got, ref):
             assert torch.equal(a, b)

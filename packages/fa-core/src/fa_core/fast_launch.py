@@ -98,6 +98,8 @@ class FastLaunch:
         self.ok = bool(params) and all(flags[n_rt:]) and _RUNTIME is not None
         self.tune_keys: list[str] = list(getattr(kernel, "keys", None) or [])
         self._cache: dict[tuple, tuple] = {}
+        #: the autotuner's config of the last launch through this launcher (benchmarks record it)
+        self.last_config: Any = None
         self._layout: dict[tuple, tuple | None] = {}  # (n positional, kwargs names) -> lookup plan
 
     # ------------------------------------------------------------------------------------------ plan
@@ -146,7 +148,7 @@ class FastLaunch:
         if entry is None or _hooks_active():
             self._slow(key, grid, args, kwargs)
             return
-        run, function, packed, tail, meta = entry
+        run, function, packed, tail, meta, self.last_config = entry
         g = grid(meta) if callable(grid) else grid
         stream = torch._C._cuda_getCurrentRawStream(device)
         run(
@@ -165,11 +167,12 @@ class FastLaunch:
 
     def _slow(self, key: tuple, grid: Any, args: tuple, kwargs: dict) -> None:
         compiled = self.kernel[grid](*args, **kwargs)
+        self.last_config = getattr(self.kernel, "best_config", None) if self.tune_keys else None
         if _hooks_active():
             return
         if not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
             return
-        config = getattr(self.kernel, "best_config", None) if self.tune_keys else None
+        config = self.last_config
         full = {**kwargs, **(config.kwargs if config is not None else {})}
         try:
             tail = tuple(full[n] for n in self.const_names)
@@ -177,7 +180,7 @@ class FastLaunch:
             return  # a constexpr left to its default: not worth special-casing
         # constexprs only: the grid callable reads the meta-parameters; no caller tensors kept alive
         meta = dict(zip(self.const_names, tail))
-        self._cache[key] = (compiled.run, compiled.function, compiled.packed_metadata, tail, meta)
+        self._cache[key] = (compiled.run, compiled.function, compiled.packed_metadata, tail, meta, config)
 
     def clear(self) -> None:
         self._cache.clear()
