@@ -38,6 +38,9 @@ def test_plan_maps_keywords_and_autotune_key():
     rt_kw, given_const, key_rt = launcher._plan(3, ("scale", "SEQ_BUCKET", "FLAG"))
     assert rt_kw == ("scale", "SEQ_BUCKET") and given_const == ("FLAG",) and key_rt == (4,)
     assert launcher._plan(3, ("scale", "FLAG")) is None  # a runtime argument missing
+    # compile options are key values next to the constexprs, never kernel arguments
+    rt_kw, given_const, _ = launcher._plan(3, ("scale", "SEQ_BUCKET", "FLAG", "num_warps", "num_stages"))
+    assert rt_kw == ("scale", "SEQ_BUCKET") and given_const == ("FLAG", "num_warps", "num_stages")
     assert launcher._plan(3, ("scale", "SEQ_BUCKET", "FLAG", "typo")) is None  # an unknown keyword
 
 

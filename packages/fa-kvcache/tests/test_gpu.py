@@ -167,3 +167,42 @@ def test_cuda_graph_decode_step(page):
         torch.cuda.synchronize()
         assert torch.equal(kc, kc_g) and torch.equal(vc, vc_g)
         torch.testing.assert_close(out_graph, out_eager, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("page", [0, 16])
+def test_fast_launch_bitwise_equal_to_triton_path(page):
+    """fa_core.fast_launch's direct launches (append, split-KV, combine) give Triton's path's bits, and a
+    repeated decode step hits their caches."""
+    import fa_kvcache.interface as ki
+    from fa_core.fast_launch import set_fast_launch
+
+    torch.manual_seed(3)
+    dt = torch.bfloat16
+    q = torch.randn(2, 1, 32, 128, device=DEVICE, dtype=dt)
+    kc = torch.randn(2, 4096, 8, 128, device=DEVICE, dtype=dt)
+    vc = torch.randn_like(kc)
+    k_new, v_new = (torch.randn(2, 1, 8, 128, device=DEVICE, dtype=dt) for _ in range(2))
+    lens = torch.tensor([3000, 777], dtype=torch.int32, device=DEVICE)
+    bt = None
+    if page:
+        kc, vc, bt = _paged_from_contiguous(kc, vc, page)
+
+    def run():
+        kcc, vcc = kc.clone(), vc.clone()
+        out, lse = flash_attn_with_kvcache(
+            q, kcc, vcc, k_new, v_new, cache_seqlens=lens, block_table=bt, causal=True, num_splits=4,
+            return_softmax_lse=True,
+        )  # fmt: skip
+        return out, lse, kcc, vcc
+
+    previous = set_fast_launch(False)
+    try:
+        ref = run()
+    finally:
+        set_fast_launch(previous)
+    set_fast_launch(True)
+    for _ in range(2):
+        got = run()
+        for a, b in zip(got, ref):
+            assert torch.equal(a, b)
+    assert all(len(launch._cache) for launch in (ki.append_launch, ki.split_kv_launch, ki.combine_launch))

@@ -22,9 +22,21 @@ from typing import Any
 
 import torch
 
-__all__ = ["FastLaunch", "fast_launch_enabled", "set_fast_launch"]
+__all__ = ["FastLaunch", "empty_arg", "fast_launch_enabled", "set_fast_launch"]
 
 _I32_MIN, _I32_MAX, _U64_FROM = -(2**31), 2**31 - 1, 2**63
+#: keyword arguments of a launch that are compile options, not kernel parameters (part of the cache key)
+LAUNCH_OPTIONS = frozenset(
+    {
+        "num_warps",
+        "num_stages",
+        "num_ctas",
+        "maxnreg",
+        "enable_fp_fusion",
+        "launch_cooperative_grid",
+        "launch_pdl",
+    }
+)
 _STATE = {"enabled": os.environ.get("FA_PLUS_FAST_LAUNCH", "1") != "0"}
 
 
@@ -53,6 +65,19 @@ def _arg_class(a: Any) -> Any:
     if a is None:
         return None
     raise TypeError  # unknown kind: the caller takes Triton's path
+
+
+_EMPTY: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def empty_arg(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A zero-size tensor on ``like``'s device: the placeholder for an absent optional pointer argument (its
+    kernel branch is compiled out). Cached per (device, dtype): an allocation costs microseconds per launch."""
+    key = (like.device, dtype)
+    t = _EMPTY.get(key)
+    if t is None:
+        t = _EMPTY[key] = torch.empty(0, dtype=dtype, device=like.device)
+    return t
 
 
 def _runtime_knobs() -> Any:
@@ -110,7 +135,10 @@ class FastLaunch:
         kwset = set(kw_names)
         if not set(rt_kw) <= kwset:
             return None
-        given_const = tuple(n for n in self.const_names if n in kwset)
+        # caller constexprs and compile options (num_warps, ...): both are key values, not runtime arguments
+        given_const = tuple(n for n in self.const_names if n in kwset) + tuple(
+            n for n in kw_names if n in LAUNCH_OPTIONS
+        )
         if len(rt_kw) + len(given_const) != len(kw_names):
             return None  # an unknown keyword: Triton's path raises the proper error
         rt_index = {n: i for i, n in enumerate(self.runtime_names)}
@@ -149,7 +177,14 @@ class FastLaunch:
             self._slow(key, grid, args, kwargs)
             return
         run, function, packed, tail, meta, self.last_config = entry
-        g = grid(meta) if callable(grid) else grid
+        if callable(grid):
+            try:
+                g = grid(meta)
+            except KeyError:  # a grid that reads runtime arguments: Triton's path gives it all of them
+                self.kernel[grid](*args, **kwargs)
+                return
+        else:
+            g = grid
         stream = torch._C._cuda_getCurrentRawStream(device)
         run(
             g[0],

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from fa_core import validation as V
-from fa_core.fast_launch import FastLaunch
+from fa_core.fast_launch import FastLaunch, empty_arg
 from fa_core.forward_configs import cdiv, next_pow2, seq_bucket
 from fa_core.forward_kernel import fwd_kernel
 from fa_core.fp8 import transposed_v
@@ -108,24 +108,28 @@ def launch_forward(
     if v_t:
         v = transposed_v(v, varlen)
         # kernel view: batch / head strides of the copy, keys contiguous, stride_vd between headdim rows
-        v_strides = (0 if varlen else v.stride(0), 1, v.stride(-3), v.stride(-2))
+        sv = v.stride()
+        v_strides = (0 if varlen else sv[0], 1, sv[-3], sv[-2])
     else:
-        v_strides = (0 if varlen else v.stride(0), v.stride(-3), v.stride(-2), 0)
+        sv = v.stride()
+        v_strides = (0 if varlen else sv[0], sv[-3], sv[-2], 0)
     full = full_blocks(block_mask)
     # fp8 tensor-core dots need K >= 32
     min_block = 32 if is_fp8 else 16
     left, right, is_local = normalize_window(causal, window_size)
+    # stride tuples once per tensor: each .stride(i) call costs ~0.5 us on the launch path
+    sq, sk, so, sl = q.stride(), k.stride(), out.stride(), lse.stride()
     if varlen:
         sq_b = sk_b = 0
         stride_qb = stride_kb = stride_ob = 0
-        stride_lb, stride_lh = 0, lse.stride(0)
+        stride_lb, stride_lh = 0, sl[0]
     else:
         sq_b, sk_b = q.shape[1], k.shape[1]
-        stride_qb, stride_kb, stride_ob = q.stride(0), k.stride(0), out.stride(0)
-        stride_lb, stride_lh = lse.stride(0), lse.stride(1)
-    alibi = alibi_slopes if alibi_slopes is not None else q.new_empty(0, dtype=torch.float32)
+        stride_qb, stride_kb, stride_ob = sq[0], sk[0], so[0]
+        stride_lb, stride_lh = sl[0], sl[1]
+    alibi = alibi_slopes if alibi_slopes is not None else empty_arg(q, torch.float32)
     stride_alb = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
-    dummy_i32 = cu_seqlens_q if cu_seqlens_q is not None else q.new_empty(0, dtype=torch.int32)
+    dummy_i32 = cu_seqlens_q if cu_seqlens_q is not None else empty_arg(q, torch.int32)
     seed, offset = (int(x) for x in rng_state.tolist())
 
     def grid(meta):
@@ -139,15 +143,15 @@ def launch_forward(
         out,
         lse,
         stride_qb,
-        q.stride(-3),
-        q.stride(-2),
+        sq[-3],
+        sq[-2],
         stride_kb,
-        k.stride(-3),
-        k.stride(-2),
+        sk[-3],
+        sk[-2],
         *v_strides,
         stride_ob,
-        out.stride(-3),
-        out.stride(-2),
+        so[-3],
+        so[-2],
         stride_lb,
         stride_lh,
         cu_seqlens_q if varlen else dummy_i32,

@@ -14,11 +14,17 @@ import functools
 import torch
 
 from fa_core import validation as V
+from fa_core.fast_launch import FastLaunch
 from fa_core.forward_configs import cdiv, next_pow2
 from fa_core.masking import normalize_window
 from fa_core.rotary import apply_rotary
 from fa_kvcache.checks import cache_capacity, kvcache_value_checks_enabled, validate, value_checks
 from fa_kvcache.kernels import append_kernel, combine_kernel, split_kv_kernel
+
+# eager decode steps: launches skip Triton's per-call Python once a specialization is compiled
+append_launch = FastLaunch(append_kernel)
+split_kv_launch = FastLaunch(split_kv_kernel)
+combine_launch = FastLaunch(combine_kernel)
 
 __all__ = [
     "append_to_cache",
@@ -125,7 +131,8 @@ def append_to_cache(
     block_t = 16 if V.interpreting() else 32
     grid = (cdiv(seqlen_new, block_t), batch, nheads_k)
     with _launch_ctx(k):
-        append_kernel[grid](
+        append_launch(
+            grid,
             k,
             v,
             k_cache,
@@ -340,7 +347,8 @@ def flash_attn_with_kvcache(
     stride_alb = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
     grid = (n_qblocks * n_head_chunks, batch * nheads_k, splits)
     with _launch_ctx(q):
-        split_kv_kernel[grid](
+        split_kv_launch(
+            grid,
             q,
             k_cache,
             v_cache,
@@ -406,7 +414,8 @@ def flash_attn_with_kvcache(
         )
         if splits > 1:
             n_rows = batch * seqlen_q * nheads
-            combine_kernel[(n_rows,)](
+            combine_launch(
+                (n_rows,),
                 out_part,
                 lse_part,
                 out,
