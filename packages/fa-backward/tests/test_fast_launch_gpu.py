@@ -141,3 +141,21 @@ def test_fast_launch_keys_on_sequence_bucket_and_alignment():
     set_fast_launch(True)
     assert torch.equal(out, ref)
     assert len(fl.fwd_launch._cache) > n
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_inputs_on_a_device_other_than_the_current_one():
+    """Triton launches on the current device; like flash-attn's CUDA guard, we run on the inputs' device."""
+    if torch.cuda.current_device() == 1:
+        pytest.skip("the current device is already cuda:1")
+    torch.manual_seed(4)
+    q, k, v = (
+        torch.randn(2, 256, 4, 64, device="cuda:1", dtype=torch.bfloat16).requires_grad_() for _ in range(3)
+    )
+    dout = torch.randn_like(q)
+    got = _step(q, k, v, dout, {"causal": True})  # current device: not 1
+    with torch.cuda.device(1):
+        ref = _step(q, k, v, dout, {"causal": True})
+    torch.cuda.synchronize(1)
+    for a, b in zip(got, ref):
+        assert a.device == torch.device("cuda:1") and torch.equal(a, b)

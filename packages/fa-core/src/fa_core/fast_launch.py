@@ -105,7 +105,9 @@ class FastLaunch:
     """Launch ``kernel`` (a ``@triton.jit`` function, optionally under ``@triton.autotune``) with
     ``launcher(grid, *args, **kwargs)``, same arguments as ``kernel[grid](*args, **kwargs)``.
 
-    ``grid`` is a tuple or a callable of the meta-parameters (constexprs, including the autotuned ones)."""
+    ``grid`` is a tuple or a callable of the meta-parameters (constexprs, including the autotuned ones). The
+    first argument is a tensor: its device is where the kernel runs (the current device is switched to it for
+    the launch when they differ, as flash-attn's CUDA guard does)."""
 
     def __init__(self, kernel: Any) -> None:
         self.kernel = kernel
@@ -147,7 +149,20 @@ class FastLaunch:
 
     # ------------------------------------------------------------------------------------------ launch
     def __call__(self, grid: Any, *args: Any, **kwargs: Any) -> None:
-        if not (_STATE["enabled"] and self.ok and args[0].is_cuda):
+        first = args[0]
+        if not first.is_cuda:  # the CPU interpreter
+            self.kernel[grid](*args, **kwargs)
+            return
+        device = first.get_device()
+        if device != torch.cuda.current_device():
+            # Triton launches on the current device: guard it to the inputs' one, as flash-attn's CUDAGuard does
+            with torch.cuda.device(device):
+                self._launch(grid, device, args, kwargs)
+            return
+        self._launch(grid, device, args, kwargs)
+
+    def _launch(self, grid: Any, device: int, args: tuple, kwargs: dict) -> None:
+        if not (_STATE["enabled"] and self.ok):
             self.kernel[grid](*args, **kwargs)
             return
         layout_key = (len(args), tuple(kwargs))
@@ -164,7 +179,6 @@ class FastLaunch:
         except TypeError:
             self.kernel[grid](*args, **kwargs)
             return
-        device = torch.cuda.current_device()
         key = (
             device,
             layout_key,

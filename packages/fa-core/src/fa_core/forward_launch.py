@@ -27,6 +27,7 @@ __all__ = ["fwd_launch", "launch_forward", "launch_probs", "tma_ok"]
 
 # launches skip Triton's per-call Python once a specialization is compiled (fa_core.fast_launch)
 fwd_launch = FastLaunch(fwd_kernel)
+probs_launch = FastLaunch(probs_kernel)
 
 
 def tma_ok(*tensors: torch.Tensor) -> bool:
@@ -245,7 +246,8 @@ def launch_probs(
     seed, offset = (int(x) for x in rng_state.tolist())
     block_m, block_n = 16, 16
     grid = (cdiv(max_seqlen_q, block_m), nheads, batch)
-    probs_kernel[grid](
+    probs_launch(
+        grid,
         q,
         k,
         lse,
