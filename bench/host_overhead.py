@@ -73,6 +73,15 @@ def main() -> int:
             set_fast_launch(fast)
             for name, fn in _calls(device).items():
                 results.setdefault(name, {})["real" if fast else "triton"] = _per_call_us(fn)
+        # the forward uses on-device TMA descriptors (global scratch allocated per launch); without them:
+        os.environ["FA_PLUS_TMA"] = "0"
+        for fast in (False, True):
+            set_fast_launch(fast)
+            fn = _calls(device)["forward (fa_core, no autograd)"]
+            results.setdefault("forward (fa_core), FA_PLUS_TMA=0", {})["real" if fast else "triton"] = (
+                _per_call_us(fn)
+            )
+        del os.environ["FA_PLUS_TMA"]
     _patch_nop()
     for name, fn in _calls(device).items():
         results.setdefault(name, {})["nop"] = _per_call_us(fn)
@@ -82,8 +91,12 @@ def main() -> int:
     )
     print(f"{'call':<40} {'triton path':>12} {'real':>8} {'nop':>8} {'launch path':>12}")
     for name, r in results.items():
-        real, slow = r.get("real", float("nan")), r.get("triton", float("nan"))
-        print(f"{name:<40} {slow:12.1f} {real:8.1f} {r['nop']:8.1f} {real - r['nop']:12.1f}")
+        real, slow, nop = (
+            r.get("real", float("nan")),
+            r.get("triton", float("nan")),
+            r.get("nop", float("nan")),
+        )
+        print(f"{name:<40} {slow:12.1f} {real:8.1f} {nop:8.1f} {real - nop:12.1f}")
     return 0
 
 
