@@ -230,3 +230,16 @@ def test_full_blocks_count_range_in_forward():
     bad[0, 0, 0] = -1
     with pytest.raises(ValueError, match="full_kv_num_blocks entries must lie"):
         flash_attn_forward(q, q, q, block_mask=good._replace(full_kv_num_blocks=bad))
+
+
+def test_check_packed_names_the_argument():
+    from fa_core.validation import check_packed
+
+    good = torch.zeros(2, 5, 3, 4, 8)
+    assert check_packed("qkv", good, 5, 2, 3) is good
+    with pytest.raises(ValueError, match=r"qkv must have 3 slices along dim 2"):
+        check_packed("qkv", torch.zeros(2, 5, 2, 4, 8), 5, 2, 3)
+    with pytest.raises(ValueError, match="kv must have 4 dimensions"):
+        check_packed("kv", good, 4, 1, 2)
+    with pytest.raises(TypeError, match="kv must be a torch.Tensor"):
+        check_packed("kv", [1, 2], 4, 1, 2)

@@ -102,12 +102,6 @@ def _backward(ctx, dout, q, k, v, out, lse, rng_state, cu, dq, dk, dv) -> None:
     )
 
 
-def _check_packed(name: str, t, ndim: int, axis: int, n: int) -> None:
-    V.check_tensor(name, t, ndim)
-    if t.shape[axis] != n:
-        raise ValueError(f"{name} must have size {n} at dim {axis}, got shape {tuple(t.shape)}")
-
-
 class FlashAttnFunc(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -168,7 +162,7 @@ class FlashAttnQKVPackedFunc(torch.autograd.Function):
         return_softmax,
         is_grad_enabled,
     ):
-        _check_packed("qkv", qkv, 5, 2, 3)
+        V.check_packed("qkv", qkv, 5, 2, 3)
         q, k, v = qkv[:, :, 0].detach(), qkv[:, :, 1].detach(), qkv[:, :, 2].detach()
         is_grad = is_grad_enabled and qkv.requires_grad
         return _forward(
@@ -227,7 +221,7 @@ class FlashAttnKVPackedFunc(torch.autograd.Function):
         return_softmax,
         is_grad_enabled,
     ):
-        _check_packed("kv", kv, 5, 2, 2)
+        V.check_packed("kv", kv, 5, 2, 2)
         k, v = kv[:, :, 0].detach(), kv[:, :, 1].detach()
         is_grad = is_grad_enabled and any(x.requires_grad for x in (q, kv))
         return _forward(
@@ -333,7 +327,7 @@ class FlashAttnVarlenQKVPackedFunc(torch.autograd.Function):
         return_softmax,
         is_grad_enabled,
     ):
-        _check_packed("qkv", qkv, 4, 1, 3)
+        V.check_packed("qkv", qkv, 4, 1, 3)
         q, k, v = qkv[:, 0].detach(), qkv[:, 1].detach(), qkv[:, 2].detach()
         is_grad = is_grad_enabled and qkv.requires_grad
         varlen = (cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
@@ -397,7 +391,7 @@ class FlashAttnVarlenKVPackedFunc(torch.autograd.Function):
         return_softmax,
         is_grad_enabled,
     ):
-        _check_packed("kv", kv, 4, 1, 2)
+        V.check_packed("kv", kv, 4, 1, 2)
         k, v = kv[:, 0].detach(), kv[:, 1].detach()
         is_grad = is_grad_enabled and any(x.requires_grad for x in (q, kv))
         varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)

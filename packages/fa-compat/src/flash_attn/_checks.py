@@ -34,14 +34,6 @@ def _check_args(window_size, **tensors: object) -> None:
         V.check_device(name, t, ref_name, ref)
 
 
-def _check_packed(name: str, t: object, ndim: int, axis: int, n: int) -> None:
-    """``qkv`` / ``kv``: rank ``ndim`` with exactly ``n`` slices along ``axis``."""
-    V.check_tensor(name, t, ndim)
-    assert isinstance(t, torch.Tensor)
-    if t.shape[axis] != n:
-        raise ValueError(f"{name} must have {n} slices along dim {axis}, got shape {tuple(t.shape)}")
-
-
 def _check_block_table(block_table: Tensor, k_cache: Tensor, cu_seqlens_k: Tensor) -> None:
     """Paged varlen keys: int32 ``(batch, max_blocks)`` on k's device, used entries in [0, num_blocks)."""
     V.check_tensor("block_table", block_table, 2)

@@ -43,7 +43,7 @@ from flash_attn._autograd import (
     FlashAttnVarlenKVPackedFunc,
     FlashAttnVarlenQKVPackedFunc,
 )
-from flash_attn._checks import _as_int, _check_args, _check_block_table, _check_grad, _check_packed
+from flash_attn._checks import _as_int, _check_args, _check_block_table, _check_grad
 
 # `x as x`: re-exported, flash-attn 2.8's low-level functions and helper live in this module
 from flash_attn._lowlevel import _flash_attn_backward as _flash_attn_backward
@@ -170,7 +170,7 @@ def flash_attn_qkvpacked_func(
 ):
     """qkv ``(batch, seqlen, 3, nheads, headdim)`` -> out ``(batch, seqlen, nheads, headdim)``; with
     ``return_attn_probs`` ``(out, softmax_lse (b, h, s), S_dmask)`` (S_dmask ``(0,)`` without dropout)."""
-    _check_packed("qkv", qkv, 5, 2, 3)
+    V.check_packed("qkv", qkv, 5, 2, 3)
     _check_args(window_size, qkv=qkv, alibi_slopes=alibi_slopes)
     _check_grad(qkv)
     return FlashAttnQKVPackedFunc.apply(
@@ -200,7 +200,7 @@ def flash_attn_kvpacked_func(
     return_attn_probs=False,
 ):
     """q ``(batch, seqlen_q, nheads, headdim)``, kv ``(batch, seqlen_k, 2, nheads_k, headdim)``."""
-    _check_packed("kv", kv, 5, 2, 2)
+    V.check_packed("kv", kv, 5, 2, 2)
     _check_args(window_size, q=q, kv=kv, alibi_slopes=alibi_slopes)
     _check_grad(q, kv)
     return FlashAttnKVPackedFunc.apply(
@@ -291,7 +291,7 @@ def flash_attn_varlen_qkvpacked_func(
     return_attn_probs=False,
 ):
     """qkv ``(total, 3, nheads, headdim)``, cu_seqlens int32 ``(batch + 1,)`` -> out ``(total, nheads, headdim)``."""
-    _check_packed("qkv", qkv, 4, 1, 3)
+    V.check_packed("qkv", qkv, 4, 1, 3)
     _check_args(window_size, qkv=qkv, cu_seqlens=cu_seqlens, alibi_slopes=alibi_slopes)
     _check_grad(qkv)
     return FlashAttnVarlenQKVPackedFunc.apply(
@@ -327,7 +327,7 @@ def flash_attn_varlen_kvpacked_func(
     return_attn_probs=False,
 ):
     """q ``(total_q, nheads, headdim)``, kv ``(total_k, 2, nheads_k, headdim)``."""
-    _check_packed("kv", kv, 4, 1, 2)
+    V.check_packed("kv", kv, 4, 1, 2)
     _check_args(
         window_size,
         q=q,

@@ -39,6 +39,14 @@ def check_tensor(name: str, t: object, ndim: int | None = None) -> torch.Tensor:
     return t
 
 
+def check_packed(name: str, t: object, ndim: int, axis: int, n: int) -> torch.Tensor:
+    """Packed ``qkv`` / ``kv``: rank ``ndim`` with exactly ``n`` slices along ``axis``."""
+    t = check_tensor(name, t, ndim)
+    if t.shape[axis] != n:
+        raise ValueError(f"{name} must have {n} slices along dim {axis}, got shape {tuple(t.shape)}")
+    return t
+
+
 def check_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if t.device != ref.device:
         raise ValueError(
