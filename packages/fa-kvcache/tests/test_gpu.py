@@ -206,3 +206,47 @@ def test_fast_launch_bitwise_equal_to_triton_path(page):
         for a, b in zip(got, ref):
             assert torch.equal(a, b)
     assert all(len(launch._cache) for launch in (ki.append_launch, ki.split_kv_launch, ki.combine_launch))
+
+
+@pytest.mark.parametrize("page", [0, 16, 256])
+@pytest.mark.parametrize("splits", [4, 64])
+def test_fused_combine_gpu(monkeypatch, page, splits):
+    """FA_PLUS_FUSED_COMBINE=1 (the last split of a tile merges in the split-KV kernel) against the combine
+    kernel, eager and inside a CUDA graph replayed with new lengths (the arrival counters must reset)."""
+    import fa_kvcache.interface as ki
+
+    torch.manual_seed(5)
+    dt = torch.bfloat16
+    q = torch.randn(4, 1, 32, 128, device=DEVICE, dtype=dt)
+    kc = torch.randn(4, 8192, 8, 128, device=DEVICE, dtype=dt)
+    vc = torch.randn_like(kc)
+    bt = None
+    if page:
+        kc, vc, bt = _paged_from_contiguous(kc, vc, page)
+    lens = torch.tensor([8000, 1, 4096, 777], dtype=torch.int32, device=DEVICE)
+
+    def run():
+        return flash_attn_with_kvcache(
+            q, kc, vc, cache_seqlens=lens, block_table=bt, num_splits=splits, return_softmax_lse=True
+        )
+
+    monkeypatch.setenv("FA_PLUS_FUSED_COMBINE", "0")
+    ref = [t.clone() for t in run()]
+    monkeypatch.setenv("FA_PLUS_FUSED_COMBINE", "1")
+    for _ in range(3):
+        out, lse = run()
+        torch.testing.assert_close(out, ref[0], atol=2e-3, rtol=1e-2)
+        torch.testing.assert_close(lse, ref[1], atol=1e-4, rtol=1e-4)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out, g_lse = run()
+    for new_lens in ([8000, 1, 4096, 777], [100, 8191, 33, 5000]):
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        monkeypatch.setenv("FA_PLUS_FUSED_COMBINE", "0")
+        want_out, want_lse = run()
+        monkeypatch.setenv("FA_PLUS_FUSED_COMBINE", "1")
+        torch.testing.assert_close(g_out, want_out, atol=2e-3, rtol=1e-2)
+        torch.testing.assert_close(g_lse, want_lse, atol=1e-4, rtol=1e-4)
+    assert all(int(c.abs().sum()) == 0 for c in ki._COUNTERS.values())

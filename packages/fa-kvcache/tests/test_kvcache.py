@@ -468,3 +468,32 @@ def test_num_splits_heuristic_fitted_points():
     assert num_splits_heuristic(256, 16, 132) == 1  # batch 32: the programs fill the machine
     assert num_splits_heuristic(8, 1, 132) == 1
     assert num_splits_heuristic(0, 10, 132) == 1
+
+
+@pytest.mark.parametrize("page", [0, 16])
+@pytest.mark.parametrize("seqlen_q", [1, 3])
+@pytest.mark.parametrize("sink", [False, True])
+@pytest.mark.parametrize("splits", [3, 16])
+def test_fused_combine(monkeypatch, page, seqlen_q, sink, splits):
+    """FA_PLUS_FUSED_COMBINE=1: the last split of each tile merges the splits inside the split-KV kernel;
+    same results as the combine kernel (and the reference), counters back to zero afterwards. splits=16 has
+    more splits than key blocks (empty splits) and a sequence with no key (empty rows)."""
+    import fa_kvcache.interface as ki
+
+    results = []
+    # fused first: its output buffer cannot inherit the combine kernel's freshly freed result
+    for fused in ("1", "0"):
+        monkeypatch.setenv("FA_PLUS_FUSED_COMBINE", fused)
+        case = _make_case(seqlen_q=seqlen_q, seqlen_new=1, page=page, capacity=96, seed=31 + page)
+        if splits == 16:
+            case["cache_seqlens"][0] = 0
+        kw: dict = dict(causal=True, num_splits=splits)
+        if sink:
+            kw["learnable_sink"] = (torch.randn(6, generator=torch.Generator().manual_seed(3)) * 2).to(DEVICE)
+        if splits == 16:
+            kw["window_size"] = (3, 0)
+        results.append(_run_and_check(case, **kw))
+    assert ki._COUNTERS and all(int(c.abs().sum()) == 0 for c in ki._COUNTERS.values())
+    (out1, lse1), (out0, lse0) = results
+    torch.testing.assert_close(out1, out0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse1, lse0, atol=1e-5, rtol=1e-5)

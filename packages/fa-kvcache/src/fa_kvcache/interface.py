@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 
@@ -57,6 +58,30 @@ def num_splits_heuristic(work: int, n_key_blocks: int, num_sms: int, max_splits:
         return 1
     per_sm = 4 if 8 * work < num_sms else 2
     return max(1, min(max_splits, n_key_blocks, (per_sm * num_sms) // work))
+
+
+def fused_combine_enabled() -> bool:
+    """``FA_PLUS_FUSED_COMBINE=1``: the last split of each tile merges the splits inside the split-KV kernel
+    (one launch fewer per decode step). Off by default until measured on a GPU. One arrival-counter buffer
+    per device serves every call: do not run two such decode calls concurrently on different streams of one
+    device (a CUDA graph replayed while another stream decodes counts as such)."""
+    return os.environ.get("FA_PLUS_FUSED_COMBINE", "0") == "1"
+
+
+# arrival counters of the fused combine, one buffer per device: zero between calls (the last split of a tile
+# resets its counter), so it serves every call, CUDA-graph replays included
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(q: torch.Tensor, n: int) -> torch.Tensor | None:
+    """An int32 buffer of at least ``n`` zeros for the fused combine; None (use the combine kernel) when it
+    would have to be allocated during CUDA-graph capture (make one eager call with the flag first)."""
+    buf = _COUNTERS.get(q.device)
+    if buf is None or buf.numel() < n:
+        if q.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _COUNTERS[q.device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=q.device)
+    return buf
 
 
 def _launch_ctx(t: torch.Tensor):
@@ -343,9 +368,10 @@ def flash_attn_with_kvcache(
         lse_part = torch.empty(splits, batch, seqlen_q, nheads, dtype=torch.float32, device=q.device)
     else:
         out_part = lse_part = q.new_empty(0, dtype=torch.float32)
+    grid = (n_qblocks * n_head_chunks, batch * nheads_k, splits)
+    counters = _split_counters(q, grid[0] * grid[1]) if splits > 1 and fused_combine_enabled() else None
     alibi = alibi_slopes if alibi_slopes is not None else q.new_empty(0, dtype=torch.float32)
     stride_alb = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
-    grid = (n_qblocks * n_head_chunks, batch * nheads_k, splits)
     with _launch_ctx(q):
         split_kv_launch(
             grid,
@@ -356,6 +382,7 @@ def flash_attn_with_kvcache(
             lse,
             out_part,
             lse_part,
+            counters if counters is not None else dummy,
             bt,
             cache_seqlens if seq_tensor else dummy,
             cache_batch_idx if cache_batch_idx is not None else dummy,
@@ -406,13 +433,14 @@ def flash_attn_with_kvcache(
             HAS_ALIBI=alibi_slopes is not None,
             HAS_SINK=learnable_sink is not None,
             SPLIT=splits > 1,
+            FUSED_COMBINE=counters is not None,
             HB=hb,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             num_warps=warps,
             num_stages=stages,
         )
-        if splits > 1:
+        if splits > 1 and counters is None:
             n_rows = batch * seqlen_q * nheads
             combine_launch(
                 (n_rows,),

@@ -10,7 +10,8 @@ Split-KV attention (flash-decoding)
     paged cache that row lives in block ``block_table[b, row // PAGE]`` at offset ``row % PAGE`` (a per-key
     gather, so any page size works and a tile may straddle pages).
     With one split the kernel writes ``out`` and ``lse`` directly; with several, each split writes a
-    normalised partial output and its lse (fp32), and :func:`combine_kernel` merges them.
+    normalised partial output and its lse (fp32), and :func:`combine_kernel` merges them, or (``FUSED_COMBINE``)
+    the last split of each tile to finish merges them in the same kernel (an arrival counter per tile).
 
 Masking and score modification come from :mod:`fa_core.masking` (``kv_range``, ``visible``,
 ``scores_log2``), the project's single definition of causal / window / softcap / ALiBi.
@@ -168,6 +169,7 @@ def split_kv_kernel(
     Lse,
     OutPart,
     LsePart,
+    Counter,
     BlockTable,
     CacheSeqlens,
     CacheBatchIdx,
@@ -218,6 +220,7 @@ def split_kv_kernel(
     HAS_ALIBI: tl.constexpr,
     HAS_SINK: tl.constexpr,
     SPLIT: tl.constexpr,
+    FUSED_COMBINE: tl.constexpr,
     HB: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -338,6 +341,41 @@ def split_kv_kernel(
         prow = ((split * batch + b).to(tl.int64) * seqlen_q + q_pos) * nheads + head
         tl.store(LsePart + prow, tl.where(empty, float("-inf"), lse), mask=row_ok)
         tl.store(OutPart + prow[:, None] * HEADDIM_V + offs_dv[None, :], acc, mask=row_ok[:, None] & dv_ok)
+        if FUSED_COMBINE:
+            # the last split of this tile to arrive merges all of them (no combine launch): every thread's
+            # partial stores precede the barrier, the acq_rel atomic publishes them at GPU scope and acquires
+            # the other splits'; the counter goes back to 0 for the next call (CUDA-graph replays included)
+            tl.debug_barrier()
+            tile = pid_bh * tl.num_programs(0) + pid_m
+            arrived = tl.atomic_add(Counter + tile, 1, sem="acq_rel")
+            if arrived == num_splits - 1:
+                tl.atomic_xchg(Counter + tile, 0)
+                m_c = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+                den = tl.zeros([BLOCK_M], dtype=tl.float32)
+                acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+                for sp in range(0, num_splits):
+                    prow = ((sp * batch + b).to(tl.int64) * seqlen_q + q_pos) * nheads + head
+                    # .cg: read through L2, where the other programs' partials are
+                    lse_s = tl.load(LsePart + prow, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+                    o = tl.load(
+                        OutPart + prow[:, None] * HEADDIM_V + offs_dv[None, :],
+                        mask=row_ok[:, None] & dv_ok,
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                    m_new = tl.maximum(m_c, lse_s)
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = tl.exp(m_c - m_safe)
+                    w = tl.exp(lse_s - m_safe)
+                    den = den * alpha + w
+                    acc = acc * alpha[:, None] + w[:, None] * o
+                    m_c = m_new
+                sink = tl.zeros([BLOCK_M], dtype=tl.float32)
+                if HAS_SINK:
+                    sink = tl.load(Sink + head, mask=row_ok, other=0.0).to(tl.float32)
+                acc, lse = _merged_rows(acc, den, m_c, sink, HAS_SINK)
+                _store_rows(Out, Lse, acc, lse, b, q_pos, head, row_ok, offs_dv, dv_ok, seqlen_q, nheads,
+                            stride_ob, stride_om, stride_oh)  # fmt: skip
     else:
         if HAS_SINK:
             # learnable sink (gpt-oss): one extra logit per head in the denominator, none in the output
@@ -361,6 +399,52 @@ def split_kv_kernel(
             + offs_dv[None, :]
         )
         tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok)
+
+
+@triton.jit
+def _merged_rows(acc, den, m, sink, HAS_SINK: tl.constexpr):
+    """Finish merged split rows (natural-log domain): ``acc (R, DV)`` sum of weighted partial outputs, ``den
+    (R,)`` their weights, ``m (R,)`` the max partial lse (-inf: no visible key), ``sink (R,)`` the learnable
+    sink logit. Returns ``(out rows, lse)``; rows with no visible key give out 0 and lse +inf."""
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    if HAS_SINK:
+        m_sink = tl.maximum(m_safe, sink)
+        den = den * tl.exp(m_safe - m_sink) + tl.exp(sink - m_sink)
+        acc = acc * tl.exp(m_safe - m_sink)[:, None]
+        m_safe = m_sink
+    empty = den == 0.0
+    den_safe = tl.where(empty, 1.0, den)
+    return acc / den_safe[:, None], tl.where(empty, float("inf"), m_safe + tl.log(den_safe))
+
+
+@triton.jit
+def _store_rows(
+    Out,
+    Lse,
+    acc,
+    lse,
+    b,
+    q_pos,
+    head,
+    row_ok,
+    offs_dv,
+    dv_ok,
+    seqlen_q,
+    nheads,
+    stride_ob,
+    stride_om,
+    stride_oh,
+):
+    """Store final rows: lse ``(batch, nheads, seqlen_q)``, out ``(batch, seqlen_q, nheads, dv)``."""
+    tl.store(Lse + (b.to(tl.int64) * nheads + head) * seqlen_q + q_pos, lse, mask=row_ok)
+    o_ptrs = (
+        Out
+        + b.to(tl.int64) * stride_ob
+        + q_pos[:, None].to(tl.int64) * stride_om
+        + head[:, None].to(tl.int64) * stride_oh
+        + offs_dv[None, :]
+    )
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok)
 
 
 @triton.jit
@@ -411,23 +495,16 @@ def combine_kernel(
         den = den * alpha + tl.sum(w, 1)
         acc = acc * alpha + tl.sum(tl.reshape(w, [BLOCK_S])[:, None] * o, 0)
         m = m_new
-    head = r % nheads
-    q_pos = (r // nheads) % seqlen_q
-    b = r // (nheads * seqlen_q)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    one = tl.zeros([1], dtype=tl.int64)
+    head = r % nheads + one
+    q_pos = (r // nheads) % seqlen_q + one
+    b = r // (nheads * seqlen_q) + one
+    sink = tl.zeros([1], dtype=tl.float32)
     if HAS_SINK:
-        sink = tl.load(Sink + head + tl.zeros([1], dtype=tl.int64)).to(tl.float32)
-        m_sink = tl.maximum(m_safe, sink)
-        den = den * tl.exp(m_safe - m_sink) + tl.exp(sink - m_sink)
-        acc = acc * tl.exp(m_safe - m_sink)
-        m_safe = m_sink
-    empty = den == 0.0
-    den_safe = tl.where(empty, 1.0, den)
-    acc = acc / den_safe
-    lse = tl.where(empty, float("inf"), m_safe + tl.log(den_safe))
-    tl.store(Lse + (b * nheads + head) * seqlen_q + q_pos + tl.zeros([1], dtype=tl.int64), lse)
-    o_ptrs = Out + b * stride_ob + q_pos * stride_om + head * stride_oh + offs_dv
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=dv_ok)
+        sink = tl.load(Sink + head).to(tl.float32)
+    out_row, lse = _merged_rows(acc[None, :], den, m, sink, HAS_SINK)
+    _store_rows(Out, Lse, out_row, lse, b, q_pos, head, one == 0, offs_dv, dv_ok[None, :], seqlen_q, nheads,
+                stride_ob, stride_om, stride_oh)  # fmt: skip
 
 
 @triton.jit
