@@ -193,6 +193,19 @@ def _build(fns: dict[str, Callable[[], Any]], name: str, q, k, v, dout, causal: 
         torch.cuda.empty_cache()
 
 
+def _autotuned_tiles() -> dict[str, Any]:
+    """The backward kernels' autotuned configs of the last launch (the shape just timed): rows record them,
+    since picks differ between runs when configs time close."""
+    from fa_backward import launch
+
+    tiles: dict[str, Any] = {}
+    for name in ("dkdv", "dq"):
+        config = getattr(launch, f"{name}_launch").last_config
+        if config is not None:
+            tiles[name] = [*config.kwargs.values(), config.num_warps, config.num_stages]
+    return tiles
+
+
 def _time_config(
     cfg: Row, providers: list[str], benches: list[str], dtype: torch.dtype, bad: dict[str, str]
 ) -> list[Row]:
@@ -215,6 +228,8 @@ def _time_config(
                     continue
                 fn = fns[row["bench"]]
                 try_provider(row, lambda fn=fn: bench_ms(fn), flops(b, s, s, h, d, causal, mode=row["bench"]))
+                if name == "fa-plus" and not row.get("error"):
+                    row["tile"] = _autotuned_tiles()
                 if row["bench"] == "fwd_bwd" and not row.get("error"):
                     try:
                         row["peak_mem_mb"] = peak_mem_mb(fn)
