@@ -74,6 +74,7 @@ def main() -> int:
             for name, fn in _calls(device).items():
                 results.setdefault(name, {})["real" if fast else "triton"] = _per_call_us(fn)
         # the forward uses on-device TMA descriptors (global scratch allocated per launch); without them:
+        tma_env = os.environ.get("FA_PLUS_TMA")
         os.environ["FA_PLUS_TMA"] = "0"
         for fast in (False, True):
             set_fast_launch(fast)
@@ -81,7 +82,10 @@ def main() -> int:
             results.setdefault("forward (fa_core), FA_PLUS_TMA=0", {})["real" if fast else "triton"] = (
                 _per_call_us(fn)
             )
-        del os.environ["FA_PLUS_TMA"]
+        if tma_env is None:
+            del os.environ["FA_PLUS_TMA"]
+        else:
+            os.environ["FA_PLUS_TMA"] = tma_env
     _patch_nop()
     for name, fn in _calls(device).items():
         results.setdefault(name, {})["nop"] = _per_call_us(fn)

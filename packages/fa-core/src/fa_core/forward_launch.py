@@ -240,8 +240,8 @@ def launch_probs(
     nheads, nheads_k, d = q.shape[-2], k.shape[-2], q.shape[-1]
     left, right, is_local = window
     probs = torch.zeros(batch, nheads, max_seqlen_q, max_seqlen_k, dtype=torch.float32, device=q.device)
-    dummy_i32 = q.new_empty(0, dtype=torch.int32)
-    alibi = alibi_slopes if alibi_slopes is not None else q.new_empty(0, dtype=torch.float32)
+    dummy_i32 = empty_arg(q, torch.int32)
+    alibi = alibi_slopes if alibi_slopes is not None else empty_arg(q, torch.float32)
     stride_alb = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
     seed, offset = (int(x) for x in rng_state.tolist())
     block_m, block_n = 16, 16

@@ -15,7 +15,7 @@ import os
 import torch
 
 from fa_core import validation as V
-from fa_core.fast_launch import FastLaunch
+from fa_core.fast_launch import FastLaunch, empty_arg
 from fa_core.forward_configs import cdiv, next_pow2
 from fa_core.masking import normalize_window
 from fa_core.rotary import apply_rotary
@@ -147,7 +147,7 @@ def append_to_cache(
     page = k_cache.shape[1] if paged else 1
     capacity = cache_capacity(k_cache, block_table)
     seq_tensor = isinstance(cache_seqlens, torch.Tensor)
-    dummy = k_cache.new_empty(0, dtype=torch.int32)
+    dummy = empty_arg(k_cache, torch.int32)
     has_rot = rotary_cos is not None and rotary_sin is not None
     cos = rotary_cos.contiguous() if rotary_cos is not None and has_rot else k_cache.new_empty(0, 1)
     sin = rotary_sin.contiguous() if rotary_sin is not None and has_rot else k_cache.new_empty(0, 1)
@@ -361,16 +361,16 @@ def flash_attn_with_kvcache(
 
     seq_tensor = isinstance(cache_seqlens, torch.Tensor)
     cache_len_int = capacity if cache_seqlens is None else (0 if seq_tensor else int(cache_seqlens))
-    dummy = q.new_empty(0, dtype=torch.int32)
+    dummy = empty_arg(q, torch.int32)
     bt = block_table if block_table is not None else dummy
     if splits > 1:
         out_part = torch.empty(splits, batch, seqlen_q, nheads, dv, dtype=torch.float32, device=q.device)
         lse_part = torch.empty(splits, batch, seqlen_q, nheads, dtype=torch.float32, device=q.device)
     else:
-        out_part = lse_part = q.new_empty(0, dtype=torch.float32)
+        out_part = lse_part = empty_arg(q, torch.float32)
     grid = (n_qblocks * n_head_chunks, batch * nheads_k, splits)
     counters = _split_counters(q, grid[0] * grid[1]) if splits > 1 and fused_combine_enabled() else None
-    alibi = alibi_slopes if alibi_slopes is not None else q.new_empty(0, dtype=torch.float32)
+    alibi = alibi_slopes if alibi_slopes is not None else empty_arg(q, torch.float32)
     stride_alb = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
     with _launch_ctx(q):
         split_kv_launch(

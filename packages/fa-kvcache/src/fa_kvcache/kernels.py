@@ -390,15 +390,8 @@ def split_kv_kernel(
         l_safe = tl.where(empty, 1.0, l_i)
         acc = acc / l_safe[:, None]
         lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-        tl.store(Lse + (b.to(tl.int64) * nheads + head) * seqlen_q + q_pos, lse, mask=row_ok)
-        o_ptrs = (
-            Out
-            + b.to(tl.int64) * stride_ob
-            + q_pos[:, None].to(tl.int64) * stride_om
-            + head[:, None].to(tl.int64) * stride_oh
-            + offs_dv[None, :]
-        )
-        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok)
+        _store_rows(Out, Lse, acc, lse, b, q_pos, head, row_ok, offs_dv, dv_ok, seqlen_q, nheads,
+                    stride_ob, stride_om, stride_oh)  # fmt: skip
 
 
 @triton.jit
