@@ -1,9 +1,11 @@
 """Decode bandwidth (GB/s of K/V read) of fa-plus's flash_attn_with_kvcache vs SDPA, FlexAttention, FlagGems.
 
-One query token per sequence (seqlen_q 1), nheads 32, nheads_k 8 (GQA), headdim 128, bf16, for
-batch x context in {(1, 1k), (1, 32k), (8, 8k), (32, 1k), (64, 32k)}:
+One query token per sequence (seqlen_q 1) and four (speculative decoding, ``--seqlen-q 1,4``), nheads 32,
+nheads_k 8 (GQA), headdim 128, bf16, for batch x context in {(1, 1k), (1, 32k), (8, 8k), (32, 1k), (64, 32k)}:
 
-* ``fa-plus``: contiguous cache (page 0) and paged caches (page 16, 256; shuffled block table);
+* ``fa-plus``: contiguous cache (page 0) and paged caches (page 16, 64, 256; shuffled block table);
+* ``fa-plus-fused``: the same with ``FA_PLUS_FUSED_COMBINE=1`` (the last split of a tile merges the splits:
+  one launch fewer per step);
 * ``sdpa``: ``scaled_dot_product_attention(enable_gqa=True)`` on a contiguous (b, h, s, d) cache;
 * ``flex``: ``torch.compile(flex_attention)`` (its decode kernel) on the same contiguous cache;
 * ``flaggems``: ``flag_gems.ops.flash_attn_varlen_func`` with ``block_table`` + ``seqused_k`` (pages 16, 256;
@@ -13,7 +15,9 @@ batch x context in {(1, 1k), (1, 32k), (8, 8k), (32, 1k), (64, 32k)}:
 
 GB/s = K/V bytes / time. Every provider except FlagGems is timed inside a CUDA graph
 (``triton.testing.do_bench_cudagraph``); when capture fails it is timed eagerly and its row has
-``"graph": false``. Writes bench/results/<device>-decode.{json,md,png}.
+``"graph": false``. With seqlen_q 4, fa-plus and FlagGems are causal (bottom-right: the drafted tokens see the
+cache and each other), SDPA and Flex attend to the whole cache (same bytes read). Writes
+bench/results/<device>-decode.{json,md,png}.
 
     python bench/bench_decode.py                       # everything
     python bench/bench_decode.py --quick               # (1, 1k) and (8, 8k) only
@@ -41,7 +45,9 @@ from common import Row, bench_ms, install_sigterm_handler, markdown_table, resul
 KIND = "decode"
 SHAPES = [(1, 1024), (1, 32768), (8, 8192), (32, 1024), (64, 32768)]
 NHEADS, NHEADS_K, HEADDIM = 32, 8, 128
-PROVIDERS = ("fa-plus", "sdpa", "flex", "flaggems")
+PROVIDERS = ("fa-plus", "fa-plus-fused", "sdpa", "flex", "flaggems")
+#: providers timed at every page size (the others: FlagGems paged only, SDPA / Flex contiguous only)
+PAGED = ("fa-plus", "fa-plus-fused")
 KEY_FIELDS = ("bench", "provider", "batch", "context", "page", "seqlen_q", "nheads", "nheads_k", "headdim")
 
 
@@ -79,10 +85,11 @@ def _paged(kc: torch.Tensor, vc: torch.Tensor, page: int) -> tuple[torch.Tensor,
 def _fa_plus(q, kc, vc, lens, page):
     from fa_kvcache import flash_attn_with_kvcache
 
+    causal = q.shape[1] > 1
     if page == 0:
-        return lambda: flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens)
+        return lambda: flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=causal)
     kp, vp, bt = _paged(kc, vc, page)
-    return lambda: flash_attn_with_kvcache(q, kp, vp, cache_seqlens=lens, block_table=bt)
+    return lambda: flash_attn_with_kvcache(q, kp, vp, cache_seqlens=lens, block_table=bt, causal=causal)
 
 
 def _sdpa(q, kc, vc, lens, page):
@@ -109,18 +116,36 @@ def _flaggems(q, kc, vc, lens, page):
     from fa_core.backends.flaggems import _flag_gems
 
     fg = _flag_gems()  # raises with the reason when FlagGems is unavailable
-    batch, ctx = kc.shape[:2]
+    batch, sq = q.shape[:2]
+    ctx = kc.shape[1]
     kp, vp, bt = _paged(kc, vc, page)
-    q3 = q.reshape(batch, NHEADS, HEADDIM)
-    cu_q = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
+    q3 = q.reshape(batch * sq, NHEADS, HEADDIM)
+    cu_q = torch.arange(0, batch * sq + 1, sq, dtype=torch.int32, device=q.device)
     scale = HEADDIM**-0.5
     # vLLM's order: q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, ...
     return lambda: fg.ops.flash_attn_varlen_func(
-        q3, kp, vp, 1, cu_q, ctx, seqused_k=lens, softmax_scale=scale, causal=True, block_table=bt
+        q3, kp, vp, sq, cu_q, ctx, seqused_k=lens, softmax_scale=scale, causal=True, block_table=bt
     )
 
 
-MAKERS = {"fa-plus": _fa_plus, "sdpa": _sdpa, "flex": _flex, "flaggems": _flaggems}
+MAKERS = {"fa-plus": _fa_plus, "fa-plus-fused": _fa_plus, "sdpa": _sdpa, "flex": _flex, "flaggems": _flaggems}
+
+
+def _timed(prov: str, fn: Callable[[], Any]) -> tuple[float, bool]:
+    """Time one provider; ``fa-plus-fused`` with the fused split combine switched on (read at capture)."""
+    if prov != "fa-plus-fused":
+        return _time(fn, graph=prov != "flaggems")
+    import os
+
+    old = os.environ.get("FA_PLUS_FUSED_COMBINE")
+    os.environ["FA_PLUS_FUSED_COMBINE"] = "1"
+    try:
+        return _time(fn, graph=True)
+    finally:
+        if old is None:
+            del os.environ["FA_PLUS_FUSED_COMBINE"]
+        else:
+            os.environ["FA_PLUS_FUSED_COMBINE"] = old
 
 
 def _copy_gbps(nbytes: int) -> float:
@@ -143,76 +168,87 @@ def _check(q, kc, vc, lens, pages) -> None:
             raise SystemExit(f"fa-plus page={page} is wrong (rel err {err:.2e})")
 
 
-def run(shapes, providers, pages, check: bool) -> list[Row]:
+def run(shapes, providers, pages, check: bool, seqlens_q=(1,)) -> list[Row]:
+    rows: list[Row] = []
+    for batch, ctx in shapes:
+        for sq in seqlens_q:
+            rows += _run_shape(
+                batch, ctx, sq, providers, pages, check and (batch, ctx) == shapes[0] and sq == 1
+            )
+    return rows
+
+
+def _run_shape(batch, ctx, sq, providers, pages, check: bool) -> list[Row]:
     rows: list[Row] = []
     dtype = torch.bfloat16
-    for batch, ctx in shapes:
-        torch.manual_seed(0)
-        q = torch.randn(batch, 1, NHEADS, HEADDIM, device="cuda", dtype=dtype)
-        kc = torch.randn(batch, ctx, NHEADS_K, HEADDIM, device="cuda", dtype=dtype)
-        vc = torch.randn_like(kc)
-        lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-        nbytes = 2 * kc.numel() * kc.element_size()
-        if check and (batch, ctx) == shapes[0]:
-            _check(q, kc, vc, lens, pages)
-        copy = round(_copy_gbps(nbytes), 1)
-        for prov in providers:
-            prov_pages = (
-                pages if prov == "fa-plus" else [p for p in pages if p] if prov == "flaggems" else [0]
-            )
-            for page in prov_pages:
-                row: Row = {
-                    "bench": "decode",
-                    "provider": prov,
-                    "batch": batch,
-                    "context": ctx,
-                    "page": page,
-                    "seqlen_q": 1,
-                    "nheads": NHEADS,
-                    "nheads_k": NHEADS_K,
-                    "headdim": HEADDIM,
-                }
-                try:
-                    fn = MAKERS[prov](q, kc, vc, lens, page)
-                    ms, graphed = _time(fn, graph=prov != "flaggems")
-                    row.update(ms=round(ms, 5), gbps=round(nbytes / (ms * 1e-3) / 1e9, 1), graph=graphed)
-                except (KeyboardInterrupt, SystemExit):
-                    raise
-                except BaseException as exc:
-                    row.update(
-                        ms=None,
-                        gbps=None,
-                        graph=None,
-                        error=f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300],
-                    )
-                row["copy_gbps"] = copy
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-                torch.cuda.empty_cache()
-        del q, kc, vc
-        torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    q = torch.randn(batch, sq, NHEADS, HEADDIM, device="cuda", dtype=dtype)
+    kc = torch.randn(batch, ctx, NHEADS_K, HEADDIM, device="cuda", dtype=dtype)
+    vc = torch.randn_like(kc)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    nbytes = 2 * kc.numel() * kc.element_size()
+    if check:
+        _check(q, kc, vc, lens, pages)
+    copy = round(_copy_gbps(nbytes), 1)
+    for prov in providers:
+        prov_pages = pages if prov in PAGED else [p for p in pages if p] if prov == "flaggems" else [0]
+        for page in prov_pages:
+            row: Row = {
+                "bench": "decode",
+                "provider": prov,
+                "batch": batch,
+                "context": ctx,
+                "page": page,
+                "seqlen_q": sq,
+                "nheads": NHEADS,
+                "nheads_k": NHEADS_K,
+                "headdim": HEADDIM,
+            }
+            try:
+                fn = MAKERS[prov](q, kc, vc, lens, page)
+                ms, graphed = _timed(prov, fn)
+                row.update(ms=round(ms, 5), gbps=round(nbytes / (ms * 1e-3) / 1e9, 1), graph=graphed)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:
+                row.update(
+                    ms=None,
+                    gbps=None,
+                    graph=None,
+                    error=f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300],
+                )
+            row["copy_gbps"] = copy
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            torch.cuda.empty_cache()
+    del q, kc, vc
+    torch.cuda.empty_cache()
     return rows
 
 
 def bars(rows: list[Row]) -> list[str]:
-    """The targets: paged fa-plus >= 0.9x SDPA (context >= 8k), >= 0.7x (1k); >= 1.0x FlagGems everywhere."""
-    get = {(r["provider"], r["batch"], r["context"], r["page"]): r.get("gbps") for r in rows}
+    """The targets: paged fa-plus >= 0.9x SDPA (context >= 8k), >= 0.7x (1k); >= 1.0x FlagGems everywhere;
+    >= 0.8x copy_gbps at batch >= 8 and context >= 8k."""
+    get = {
+        (r["provider"], r["batch"], r["context"], r["page"], r.get("seqlen_q", 1)): r.get("gbps")
+        for r in rows
+    }
+    copy = {(r["batch"], r["context"], r.get("seqlen_q", 1)): r.get("copy_gbps") for r in rows}
     msgs = []
-    for (prov, b, ctx, page), g in get.items():
-        if prov != "fa-plus" or not page or not g:
+    for (prov, b, ctx, page, sq), g in get.items():
+        if prov not in PAGED or not page or not g:
             continue
-        sd = get.get(("sdpa", b, ctx, 0))
+        tag = f"{prov} page {page} b{b} ctx{ctx} q{sq}"
+        sd = get.get(("sdpa", b, ctx, 0, sq))
         if sd:
             need = 0.9 if ctx >= 8192 else 0.7
-            msgs.append(
-                f"{'ok  ' if g >= need * sd else 'MISS'} page {page} b{b} ctx{ctx}: "
-                f"{g / sd:.2f}x sdpa (bar {need})"
-            )
-        fgm = get.get(("flaggems", b, ctx, page))
+            msgs.append(f"{'ok  ' if g >= need * sd else 'MISS'} {tag}: {g / sd:.2f}x sdpa (bar {need})")
+        fgm = get.get(("flaggems", b, ctx, page, sq))
         if fgm:
-            msgs.append(
-                f"{'ok  ' if g >= fgm else 'MISS'} page {page} b{b} ctx{ctx}: {g / fgm:.2f}x flaggems (bar 1.0)"
-            )
+            msgs.append(f"{'ok  ' if g >= fgm else 'MISS'} {tag}: {g / fgm:.2f}x flaggems (bar 1.0)")
+        cp = copy.get((b, ctx, sq))
+        if cp and b >= 8 and ctx >= 8192:
+            msgs.append(f"{'ok  ' if g >= 0.8 * cp else 'MISS'} {tag}: {g / cp:.2f}x copy_gbps (bar 0.8)")
     return msgs
 
 
@@ -264,7 +300,8 @@ def plot_bars(rows: list[Row], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--providers", default=",".join(PROVIDERS))
-    ap.add_argument("--pages", default="0,16,256")
+    ap.add_argument("--pages", default="0,16,64,256")
+    ap.add_argument("--seqlen-q", default="1,4", help="comma list of query tokens per step")
     ap.add_argument("--quick", action="store_true", help="(1, 1k) and (8, 8k) only")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-merge", action="store_true")
@@ -275,7 +312,8 @@ def main() -> None:
     pages = [int(p) for p in args.pages.split(",")]
     rows: list[Row] = []
     try:
-        rows = run(shapes, providers, pages, check=not args.no_check)
+        seqlens_q = tuple(int(x) for x in args.seqlen_q.split(","))
+        rows = run(shapes, providers, pages, check=not args.no_check, seqlens_q=seqlens_q)
     finally:
         if rows:
             all_rows = rows if args.no_merge else _merge(rows)
