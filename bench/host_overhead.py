@@ -9,6 +9,7 @@ and forward+backward; then the same with every Triton kernel replaced by a no-op
 twice: through Triton's own launch path and through ``fa_core.fast_launch`` (the default).
 
     python bench/host_overhead.py            # GPU: real and no-op launches; CPU: no-op only (interpreter)
+    python bench/host_overhead.py --profile  # also cProfile forward+backward (real launches): top functions
 """
 
 from __future__ import annotations
@@ -61,8 +62,28 @@ def _patch_nop() -> None:
         setattr(bl, name, _nop)
 
 
+def _profile(fn: Callable[[], Any], n: int = 500, top: int = 30) -> None:
+    """Where the host time of one call goes, by function (self time first)."""
+    import cProfile
+    import pstats
+
+    for _ in range(20):
+        fn()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        fn()
+    prof.disable()
+    print(f"cProfile of {n} calls (times include the profiler's own overhead):")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+
+
 def main() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "--profile" in sys.argv[1:]:
+        if device == "cpu":
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        _profile(_calls(device)["forward + backward"])
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
     results: dict[str, dict[str, float]] = {}

@@ -3,12 +3,14 @@ comparison with Triton's launch path is ``packages/fa-backward/tests/test_fast_l
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from fa_core.fast_launch import FastLaunch, _arg_class, fast_launch_enabled, set_fast_launch
+from fa_core.fast_launch import FastLaunch, _arg_class, _classes, fast_launch_enabled, set_fast_launch
 
 
 def _kernel(X, Y, n, scale, SEQ_BUCKET, BLOCK: tl.constexpr, FLAG: tl.constexpr):
@@ -35,11 +37,11 @@ def test_layout_of_runtime_and_constexpr_arguments():
 
 def test_plan_maps_keywords_and_autotune_key():
     launcher = FastLaunch(_FakeAutotuner(JITFunction(_kernel), ["SEQ_BUCKET", "FLAG"]))
-    rt_kw, given_const, key_rt = launcher._plan(3, ("scale", "SEQ_BUCKET", "FLAG"))
+    rt_kw, given_const, key_rt = launcher._plan(3, ("scale", "SEQ_BUCKET", "FLAG"))[:3]
     assert rt_kw == ("scale", "SEQ_BUCKET") and given_const == ("FLAG",) and key_rt == (4,)
     assert launcher._plan(3, ("scale", "FLAG")) is None  # a runtime argument missing
     # compile options are key values next to the constexprs, never kernel arguments
-    rt_kw, given_const, _ = launcher._plan(3, ("scale", "SEQ_BUCKET", "FLAG", "num_warps", "num_stages"))
+    rt_kw, given_const, _ = launcher._plan(3, ("scale", "SEQ_BUCKET", "FLAG", "num_warps", "num_stages"))[:3]
     assert rt_kw == ("scale", "SEQ_BUCKET") and given_const == ("FLAG", "num_warps", "num_stages")
     assert launcher._plan(3, ("scale", "SEQ_BUCKET", "FLAG", "typo")) is None  # an unknown keyword
 
@@ -66,3 +68,23 @@ def test_switch():
     finally:
         set_fast_launch(previous)
     assert fast_launch_enabled() == previous
+
+
+def test_fast_classes_never_merge_what_arg_class_separates():
+    """The launch key's fast form (C-level maps) must be at least as fine as the per-argument classes:
+    two argument lists with one fast key have equal classes at every position."""
+    rng = random.Random(0)
+    base = torch.zeros(64)
+    pool = [1, 0, 16, 17, 48, 2**31 - 1, 2**31, -(2**31), -(2**31) - 1, 2**62, 2**63, True, False, 0.5, None]
+    pool += [base, base[1:], base[4:], base.half(), base.double()]
+    seen: dict = {}
+    for _ in range(4000):
+        vals = tuple(rng.choice(pool) for _ in range(rng.randint(1, 5)))
+        key = _classes(vals)
+        exact = tuple(map(_arg_class, vals))
+        assert seen.setdefault(key, exact) == exact, vals
+    # same classes and residues mod 16, same key: one cache entry serves them all
+    assert _classes((base, 32, 7, 0.5)) == _classes((base[4:], 48, 23, 2.0))
+    assert _classes((base, 32)) != _classes((base[1:], 32)) != _classes((base, 33))
+    with pytest.raises(TypeError):
+        _classes((object(),))
