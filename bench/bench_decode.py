@@ -303,11 +303,14 @@ def main() -> None:
     ap.add_argument("--pages", default="0,16,64,256")
     ap.add_argument("--seqlen-q", default="1,4", help="comma list of query tokens per step")
     ap.add_argument("--quick", action="store_true", help="(1, 1k) and (8, 8k) only")
+    ap.add_argument("--shapes", default=None, help="comma list of BATCHxCONTEXT (default: all of SHAPES)")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-merge", action="store_true")
     args = ap.parse_args()
     install_sigterm_handler()
     shapes = [(1, 1024), (8, 8192)] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(x) for x in spec.split("x")) for spec in args.shapes.split(",")]
     providers = [p for p in args.providers.split(",") if p]
     pages = [int(p) for p in args.pages.split(",")]
     rows: list[Row] = []

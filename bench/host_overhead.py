@@ -58,7 +58,7 @@ def _patch_nop() -> None:
     import fa_core.forward_launch as fl
 
     fl.fwd_launch = _nop
-    for name in ("dkdv_launch", "dq_launch", "preprocess_launch"):
+    for name in ("dkdv_launch", "dq_launch"):
         setattr(bl, name, _nop)
 
 

@@ -20,7 +20,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-LAUNCHERS = (fl.fwd_launch, bl.preprocess_launch, bl.dkdv_launch, bl.dq_launch)
+LAUNCHERS = (fl.fwd_launch, bl.dkdv_launch, bl.dq_launch)
 
 # (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, kwargs)
 CASES = {

@@ -1,15 +1,16 @@
-"""Backward attention kernels: preprocess (delta), dK/dV and dQ. Dense and varlen share every kernel.
+"""Backward attention kernels: dQ (with delta), then dK/dV. Dense and varlen share every kernel.
 
 Design (FlashAttention-2 backward, split in two passes so that nothing is accumulated with atomics):
 
-* ``_bwd_preprocess`` (:mod:`fa_backward.backward_preprocess`): ``delta = rowsum(dout * out)`` in float32,
-  laid out like the lse.
-* ``_bwd_dkdv_kernel``: one program per key block of one (batch, kv head). It loops over the q heads of
-  the GQA group and, for each, over the query blocks that can see the key block, and accumulates dK and dV
-  in registers: the reduction over the group happens inside the program, so repeated K/V are never
-  materialised and no two programs write the same dK/dV row.
-* ``_bwd_dq_kernel``: one program per query block of one (batch, q head); it streams the visible key
-  blocks and accumulates dQ in registers.
+* ``_bwd_dq_kernel`` (launched first): one program per query block of one (batch, q head). It computes its
+  rows' ``delta = rowsum(dout * out)`` in float32 (laid out like the lse) from the ``dout`` tile it loads
+  anyway plus one ``out`` tile, stores it for the dK/dV pass, then streams the visible key blocks and
+  accumulates dQ in registers. (A separate preprocess kernel for delta cost a launch: ~60 us of host time
+  on the GPU machine's host, which decides short-sequence steps.)
+* ``_bwd_dkdv_kernel`` (second, reads delta): one program per key block of one (batch, kv head). It loops
+  over the q heads of the GQA group and, for each, over the query blocks that can see the key block, and
+  accumulates dK and dV in registers: the reduction over the group happens inside the program, so repeated
+  K/V are never materialised and no two programs write the same dK/dV row.
 
 Hence the backward is deterministic (bitwise identical from run to run) whatever ``deterministic`` says,
 and its extra memory is ``delta`` only: O(batch * nheads * seqlen_q) floats.
@@ -36,7 +37,7 @@ kv_idx) = d score_mod / d score`` evaluated at the unmodified score (natural-log
 and ALiBi), so ``dS = dS_mod * score_mod_grad``; block-sparse masks: the dQ pass walks the key blocks of
 ``kv_indices`` (partial, with ``mask_mod``) and ``full_kv_indices`` (full, without), the dK/dV pass the
 transposed lists (:func:`fa_core.block_sparse.transpose_block_mask`): blocks not listed are never loaded.
-A differentiated lse enters through ``delta = rowsum(dout * out) - dlse`` (preprocess): since
+A differentiated lse enters through ``delta = rowsum(dout * out) - dlse`` (dQ pass): since
 ``d lse_i / d s_ij = p_ij``, ``dS = P * (dP - delta + dlse)``, and the sink gradient keeps its form.
 """
 
@@ -56,7 +57,6 @@ from fa_backward.backward_configs import (
     _prune,
 )
 from fa_backward.backward_inner import _chunk_q_range, _dkdv_inner, _dq_inner
-from fa_backward.backward_preprocess import _bwd_preprocess, preprocess_kernel
 from fa_core.forward_configs import fast_autotuner
 from fa_core.forward_inner import load_tile
 from fa_core.masking import (
@@ -65,8 +65,7 @@ from fa_core.masking import (
     seq_bounds,
 )
 
-# re-exported: the autotune names of fa_backward.backward_configs and the preprocess kernel of
-# fa_backward.backward_preprocess stay importable from here
+# re-exported: the autotune names of fa_backward.backward_configs stay importable from here
 __all__ = [
     "DKDV_CONFIGS",
     "DKDV_SPACE",
@@ -75,10 +74,8 @@ __all__ = [
     "INTERPRET_DKDV",
     "INTERPRET_DQ",
     "TUNE_KEY",
-    "_bwd_preprocess",
     "dkdv_kernel",
     "dq_kernel",
-    "preprocess_kernel",
 ]
 
 # Kernel code keeps Triton's customary compact argument lists (one line per group of strides / flags).
@@ -258,13 +255,14 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ,
+    Q, K, V, DO, Lse, Delta, DQ, Out, DLse,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
     stride_dob, stride_dom, stride_doh,
     stride_lb, stride_lh, stride_deltab, stride_deltah,
     stride_dqb, stride_dqm, stride_dqh,
+    stride_ob, stride_om, stride_oh, stride_dlb, stride_dlh,
     cu_seqlens_q, cu_seqlens_k, seqused_k,
     seqlen_q_dense, seqlen_k_dense,
     nheads, group,
@@ -279,9 +277,10 @@ def _bwd_dq_kernel(
     HAS_CHUNK: tl.constexpr, score_mod_fn: tl.constexpr, score_grad_fn: tl.constexpr, mask_mod_fn: tl.constexpr,
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr,
     IS_SPARSE: tl.constexpr, HAS_FULL: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid ``(cdiv(max_seqlen_q, BLOCK_M), nheads, batch)``; dQ of one query block.
+    """Grid ``(cdiv(max_seqlen_q, BLOCK_M), nheads, batch)``; dQ of one query block, and its rows' ``delta``
+    (stored for the dK/dV pass, launched after this one).
 
     Block-sparse: ``BlkNum`` / ``BlkIdx`` are the block mask's ``kv_num_blocks`` / ``kv_indices``, ``FullNum`` /
     ``FullIdx`` its ``full_kv_*`` (same strides)."""
@@ -314,8 +313,17 @@ def _bwd_dq_kernel(
                    HEADDIM_V, True, EVEN_DV)
     lse = tl.load(Lse + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + q_start + offs_m,
                   mask=offs_m < seqlen_q, other=float("inf"))
-    delta = tl.load(Delta + off_b.to(tl.int64) * stride_deltab + off_h.to(tl.int64) * stride_deltah + q_start
-                    + offs_m, mask=offs_m < seqlen_q, other=0.0)
+    # delta = rowsum(dout * out) (- dlse) of these rows, before anything else can end the program: the dK/dV
+    # pass reads it for every row, including rows that see no key
+    o_base = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_om
+    o = load_tile(o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :], offs_m, seqlen_q, offs_dv,
+                  HEADDIM_V, True, EVEN_DV)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta = delta - tl.load(DLse + off_b.to(tl.int64) * stride_dlb + off_h.to(tl.int64) * stride_dlh + q_start
+                                + offs_m, mask=offs_m < seqlen_q, other=0.0).to(tl.float32)
+    tl.store(Delta + off_b.to(tl.int64) * stride_deltab + off_h.to(tl.int64) * stride_deltah + q_start + offs_m,
+             delta, mask=offs_m < seqlen_q)
     alibi_slope = 0.0
     if HAS_ALIBI:
         alibi_slope = tl.load(Alibi + off_b * stride_alb + off_h).to(tl.float32)

@@ -1,4 +1,4 @@
-"""Kernel launches of the backward (dense and varlen): preprocess (delta), then the dK/dV and dQ passes.
+"""Kernel launches of the backward (dense and varlen): the dQ pass (which also computes delta), then dK/dV.
 
 :func:`_launch` takes checked inputs (see :mod:`fa_backward.backward`), computes the strides, constexprs and
 block-sparse arguments of the kernels of :mod:`fa_backward.backward_kernel`, launches them and returns
@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from fa_backward.backward_kernel import dkdv_kernel, dq_kernel
-from fa_backward.backward_preprocess import preprocess_kernel
 from fa_backward.sparse_args import _sparse_args
 from fa_core import validation as V
 from fa_core.fast_launch import FastLaunch, empty_arg
@@ -20,7 +19,6 @@ from fa_core.masking import normalize_window
 from fa_core.score_mods import additive_grad
 
 # launches skip Triton's per-call Python once a specialization is compiled (fa_core.fast_launch)
-preprocess_launch = FastLaunch(preprocess_kernel)
 dkdv_launch = FastLaunch(dkdv_kernel)
 dq_launch = FastLaunch(dq_kernel)
 
@@ -68,13 +66,11 @@ def _launch(
     sq, sk, sv, so, sdo = q.stride(), k.stride(), v.stride(), out.stride(), dout.stride()
     sdq, sdk, sdv, sl, sdelta = dq.stride(), dk.stride(), dv.stride(), lse.stride(), delta.stride()
     if varlen:
-        pre_rows, pre_batch = q.shape[0], 1
         stride_ob = stride_dob = stride_lb = stride_deltab = 0
         stride_qb = stride_kb = stride_vb = stride_dqb = stride_dkb = stride_dvb = 0
         stride_lh, stride_deltah = sl[0], sdelta[0]
         sq_b = sk_b = 0
     else:
-        pre_rows, pre_batch = q.shape[1], batch
         stride_ob, stride_dob = so[0], sdo[0]
         stride_lb, stride_lh = sl[0], sl[1]
         stride_deltab, stride_deltah = sdelta[0], sdelta[1]
@@ -82,35 +78,11 @@ def _launch(
         stride_dqb, stride_dkb, stride_dvb = sdq[0], sdk[0], sdv[0]
         sq_b, sk_b = q.shape[1], k.shape[1]
 
-    pre_block = max(16, min(128, 4096 // block_dv))  # ~32 elements of each tile per thread (4 warps)
     if dsoftmax_lse is not None:
         dlse = V.contig_last(dsoftmax_lse)
         stride_dlb, stride_dlh = (0, dlse.stride(0)) if varlen else (dlse.stride(0), dlse.stride(1))
     else:
         dlse, stride_dlb, stride_dlh = delta, 0, 0
-    if pre_rows > 0:
-        preprocess_launch(
-            (cdiv(pre_rows, pre_block), nheads, pre_batch),
-            out,
-            dout,
-            delta,
-            dlse,
-            stride_ob,
-            so[-3],
-            so[-2],
-            stride_dob,
-            sdo[-3],
-            sdo[-2],
-            stride_deltab,
-            stride_deltah,
-            stride_dlb,
-            stride_dlh,
-            pre_rows,
-            HEADDIM_V=d_v,
-            BLOCK_DV=block_dv,
-            BLOCK_M=pre_block,
-            HAS_DLSE=dsoftmax_lse is not None,
-        )
 
     alibi = alibi_slopes if alibi_slopes is not None else empty_arg(q, torch.float32)
     stride_alb = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
@@ -181,6 +153,32 @@ def _launch(
         stride_deltab,
         stride_deltah,
     )
+    # dQ first: it writes delta (every row of every sequence), which the dK/dV pass reads
+    if max_seqlen_q > 0:
+        dq_launch(
+            lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), nheads, batch),
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            dq,
+            out,
+            dlse,
+            *qkv_strides,
+            stride_dqb,
+            sdq[-3],
+            sdq[-2],
+            stride_ob,
+            so[-3],
+            so[-2],
+            stride_dlb,
+            stride_dlh,
+            HAS_DLSE=dsoftmax_lse is not None,
+            **sparse_dq,
+            **common,
+        )
     if max_seqlen_k > 0:
         dkdv_launch(
             lambda meta: (cdiv(max_seqlen_k, meta["BLOCK_N"]), nheads_k, batch),
@@ -200,23 +198,6 @@ def _launch(
             sdv[-3],
             sdv[-2],
             **sparse_dkdv,
-            **common,
-        )
-    if max_seqlen_q > 0:
-        dq_launch(
-            lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), nheads, batch),
-            q,
-            k,
-            v,
-            dout,
-            lse,
-            delta,
-            dq,
-            *qkv_strides,
-            stride_dqb,
-            sdq[-3],
-            sdq[-2],
-            **sparse_dq,
             **common,
         )
     return delta
