@@ -168,8 +168,9 @@ def _check(q, kc, vc, lens, pages) -> None:
             raise SystemExit(f"fa-plus page={page} is wrong (rel err {err:.2e})")
 
 
-def run(shapes, providers, pages, check: bool, seqlens_q=(1,)) -> list[Row]:
-    rows: list[Row] = []
+def run(shapes, providers, pages, check: bool, seqlens_q=(1,), into: list[Row] | None = None) -> list[Row]:
+    """Rows of every point, appended to ``into`` shape by shape (a run cut short keeps what it measured)."""
+    rows: list[Row] = [] if into is None else into
     for batch, ctx in shapes:
         for sq in seqlens_q:
             rows += _run_shape(
@@ -316,7 +317,7 @@ def main() -> None:
     rows: list[Row] = []
     try:
         seqlens_q = tuple(int(x) for x in args.seqlen_q.split(","))
-        rows = run(shapes, providers, pages, check=not args.no_check, seqlens_q=seqlens_q)
+        run(shapes, providers, pages, check=not args.no_check, seqlens_q=seqlens_q, into=rows)
     finally:
         if rows:
             all_rows = rows if args.no_merge else _merge(rows)
