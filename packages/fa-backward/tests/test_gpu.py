@@ -11,10 +11,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from fa_backward_testutils import check_2x, cu_seqlens, keep_mask, rand, ref_grads
 
 from fa_backward import flash_attn_func, flash_attn_varlen_func
+from fa_backward.training_check import max_relative_gap, train_losses
 
 pytestmark = [
     pytest.mark.gpu,
@@ -116,81 +116,19 @@ def test_gpu_deterministic():
 
 
 # ------------------------------------------------------------------------------------------- training
-class _Block(torch.nn.Module):
-    def __init__(self, dim, nheads, attn):
-        super().__init__()
-        self.nheads, self.attn = nheads, attn
-        self.ln1, self.ln2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
-        self.qkv, self.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
-        self.mlp = torch.nn.Sequential(
-            torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim)
-        )
-
-    def forward(self, x):
-        b, s, dim = x.shape
-        qkv = self.qkv(self.ln1(x)).view(b, s, 3, self.nheads, dim // self.nheads).to(torch.bfloat16)
-        q, k, v = qkv.unbind(2)
-        if self.attn == "ours":
-            a = flash_attn_func(q, k, v, causal=True)
-        else:
-            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
-                a = F.scaled_dot_product_attention(
-                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
-                ).transpose(1, 2)
-        x = x + self.proj(a.reshape(b, s, dim).float())
-        return x + self.mlp(self.ln2(x))
-
-
-class _Model(torch.nn.Module):
-    def __init__(self, attn, vocab=256, dim=256, nheads=4, layers=3):
-        super().__init__()
-        self.emb = torch.nn.Embedding(vocab, dim)
-        self.blocks = torch.nn.ModuleList(_Block(dim, nheads, attn) for _ in range(layers))
-        self.head = torch.nn.Linear(dim, vocab)
-
-    def forward(self, tokens):
-        x = self.emb(tokens)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.head(x)
-
-
-def _train(attn, steps, data):
-    torch.manual_seed(0)
-    model = _Model(attn).cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for step in range(steps):
-        tokens = data[step % data.shape[0]]
-        logits = model(tokens[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
 def test_gpu_training_matches_sdpa():
     """3 attention layers + MLP, 300 AdamW steps on a fixed random corpus (memorisation): the loss curves
     of ours and SDPA (flash backend) agree within bf16 noise."""
     torch.manual_seed(123)
     steps = 300
     data = torch.randint(0, 256, (8, 8, 513), device="cuda")  # 8 fixed batches of 8 x 512 (+1) tokens
-    ours = _train("ours", steps, data)
-    sdpa = _train("sdpa", steps, data)
-
-    def smooth(xs, w=20):
-        return [
-            sum(xs[max(0, i - w + 1) : i + 1]) / len(xs[max(0, i - w + 1) : i + 1]) for i in range(len(xs))
-        ]
-
-    so, ss = smooth(ours), smooth(sdpa)
-    rel = [abs(a - b) / max(abs(b), 1e-6) for a, b in zip(so, ss)]
+    ours = train_losses("ours", steps, data)
+    sdpa = train_losses("sdpa", steps, data)
+    gap = max_relative_gap(ours, sdpa)
     print(
         f"\n[training] final loss ours {ours[-1]:.4f} sdpa {sdpa[-1]:.4f} (start {ours[0]:.4f}/{sdpa[0]:.4f}); "
-        f"max relative difference of the 20-step smoothed curves {max(rel):.4f}"
+        f"max relative difference of the 20-step smoothed curves {gap:.4f}"
     )
     assert all(math.isfinite(x) for x in ours)
     assert ours[-1] < ours[0] - 0.5, "the model did not learn"
-    assert max(rel) < 0.05
+    assert gap < 0.05

@@ -73,6 +73,44 @@ def test_dense(feature, shape, dtype):
     _check(q, k, v, res, fkw, slopes, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("feature", ["plain", "softcap", "alibi", "window_alibi_scale"])
+@pytest.mark.parametrize("shape", [(33, 128, 2, 1, 32), (1, 256, 4, 2, 16)], ids=lambda s: "x".join(map(str, s)))
+def test_keys_in_whole_tiles(feature, shape, dtype):
+    """seqlen_k a multiple of 128 without a band rule: the kernel is compiled without its right-edge loop."""
+    from fa_core.forward_launch import has_right_edge
+
+    sq, sk, h, hk, d = shape
+    fkw = FEATURES[feature]
+    is_local = "window_size" in fkw
+    assert has_right_edge(False, is_local, 0, None, None, sk) == is_local
+    torch.manual_seed(sk + sq)
+    q = torch.randn(2, sq, h, d, device=DEVICE, dtype=dtype)
+    k = torch.randn(2, sk, hk, d, device=DEVICE, dtype=dtype)
+    v = torch.randn(2, sk, hk, d, device=DEVICE, dtype=dtype)
+    slopes = _slopes(2, h, per_batch=False) if fkw.get("alibi") else None
+    kw = {k_: v_ for k_, v_ in fkw.items() if k_ != "alibi"}
+    out = poisoned((2, sq, h, d), dtype, DEVICE)
+    res = flash_attn_forward(q, k, v, alibi_slopes=slopes, out=out, **kw)
+    _check(q, k, v, res, fkw, slopes, dtype)
+
+
+def test_right_edge_rule():
+    """The right-edge loop may be dropped only when every tile is whole and nothing cuts the band; every
+    BLOCK_N of the autotune space must divide 128 for that rule to hold."""
+    from fa_core.forward_configs import FALLBACK_TILE, FP8_TILES, FWD_TILES
+    from fa_core.forward_launch import has_right_edge
+
+    assert all(128 % t[1] == 0 for t in [*FWD_TILES, *FP8_TILES, FALLBACK_TILE])
+    assert not has_right_edge(False, False, 0, None, None, 4096)
+    assert has_right_edge(False, False, 0, None, None, 4000)  # ragged end
+    assert has_right_edge(True, False, 0, None, None, 4096)  # varlen: per-sequence lengths
+    assert has_right_edge(False, True, 0, None, None, 4096)  # causal / window
+    assert has_right_edge(False, False, 64, None, None, 4096)  # chunks
+    assert has_right_edge(False, False, 0, object(), None, 4096)  # mask_mod
+    assert has_right_edge(False, False, 0, None, torch.zeros(1), 4096)  # seqused_k
+
+
 @pytest.mark.parametrize("d", [1, 8, 96, 200, 256])
 def test_head_dims(d):
     torch.manual_seed(d)

@@ -23,7 +23,7 @@ from fa_core.masking import UNBOUNDED, normalize_window
 from fa_core.probs_kernel import probs_kernel
 from fa_core.sparse_args import full_blocks, sparse_args
 
-__all__ = ["fwd_launch", "launch_forward", "launch_probs", "tma_ok"]
+__all__ = ["fwd_launch", "has_right_edge", "launch_forward", "launch_probs", "tma_ok"]
 
 # launches skip Triton's per-call Python once a specialization is compiled (fa_core.fast_launch)
 fwd_launch = FastLaunch(fwd_kernel)
@@ -69,6 +69,20 @@ def _ensure_allocator() -> None:
     if not user_set:
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     _ALLOCATOR_SET = True
+
+
+def has_right_edge(varlen, is_local, attention_chunk, mask_mod, seqused_k, seqlen_k) -> bool:
+    """Whether some query block needs the forward's masked right-edge loop: a causal / window / chunk / mask_mod
+    rule, or keys that may end inside a tile (varlen, seqused_k, or a length that is not a multiple of 128,
+    which every BLOCK_N of the autotune space divides)."""
+    return bool(
+        varlen
+        or is_local
+        or attention_chunk > 0
+        or mask_mod is not None
+        or seqused_k is not None
+        or seqlen_k % 128
+    )
 
 
 def launch_forward(
@@ -188,6 +202,7 @@ def launch_forward(
         HAS_SEQUSED=seqused_k is not None,
         IS_LOCAL=is_local,
         HAS_WINDOW_LEFT=is_local and left != UNBOUNDED,
+        HAS_RIGHT_EDGE=has_right_edge(varlen, is_local, attention_chunk, mask_mod, seqused_k, max_seqlen_k),
         HAS_CHUNK=attention_chunk > 0,
         score_mod_fn=score_mod,
         mask_mod_fn=mask_mod,

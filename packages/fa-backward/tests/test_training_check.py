@@ -1,0 +1,32 @@
+"""CPU checks of the training-comparison helpers (the training itself runs on the GPU: test_gpu.py and
+bench/train_compare.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fa_backward.training_check import TinyLM, max_relative_gap, smooth
+
+
+def test_smooth_is_a_trailing_mean():
+    assert smooth([1.0, 3.0, 5.0, 7.0], w=2) == [1.0, 2.0, 4.0, 6.0]
+    assert smooth([2.0], w=20) == [2.0]
+
+
+def test_gap_of_the_smoothed_curves():
+    ref = [4.0] * 30
+    assert max_relative_gap(ref, ref) == 0.0
+    # a single 2x spike is diluted by the 20-step mean: 1/20 of +100 %
+    spiky = [4.0] * 29 + [8.0]
+    assert max_relative_gap(spiky, ref) == pytest.approx(0.05)
+    assert max_relative_gap([4.4] * 30, ref) == pytest.approx(0.1)
+
+
+def test_tiny_lm_names_its_attention():
+    with pytest.raises(ValueError, match="attn"):
+        TinyLM("flex")
+    model = TinyLM("sdpa", dim=32, nheads=2, layers=1)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert model.emb.weight.shape == (256, 32)
+    assert isinstance(model.blocks[0].qkv, torch.nn.Linear)
