@@ -75,7 +75,9 @@ def test_dense(feature, shape, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("feature", ["plain", "softcap", "alibi", "window_alibi_scale"])
-@pytest.mark.parametrize("shape", [(33, 128, 2, 1, 32), (1, 256, 4, 2, 16)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(33, 128, 2, 1, 32), (1, 256, 4, 2, 16)], ids=lambda s: "x".join(map(str, s))
+)
 def test_keys_in_whole_tiles(feature, shape, dtype):
     """seqlen_k a multiple of 128 without a band rule: the kernel is compiled without its right-edge loop."""
     from fa_core.forward_launch import has_right_edge
