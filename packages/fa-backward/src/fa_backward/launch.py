@@ -153,16 +153,12 @@ def _launch(
         stride_deltab,
         stride_deltah,
     )
+    inputs = (q, k, v, dout, lse, delta)  # the leading pointer arguments of both kernels
     # dQ first: it writes delta (every row of every sequence), which the dK/dV pass reads
     if max_seqlen_q > 0:
         dq_launch(
             lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), nheads, batch),
-            q,
-            k,
-            v,
-            dout,
-            lse,
-            delta,
+            *inputs,
             dq,
             out,
             dlse,
@@ -182,12 +178,7 @@ def _launch(
     if max_seqlen_k > 0:
         dkdv_launch(
             lambda meta: (cdiv(max_seqlen_k, meta["BLOCK_N"]), nheads_k, batch),
-            q,
-            k,
-            v,
-            dout,
-            lse,
-            delta,
+            *inputs,
             dk,
             dv,
             *qkv_strides,
