@@ -62,6 +62,7 @@ TUNE_KEY = [
     "SEQ_BUCKET_Q",
     "SEQ_BUCKET_K",
     "IS_LOCAL",
+    "HAS_RIGHT_EDGE",
     "IS_VARLEN",
     "HAS_DROPOUT",
     "HAS_SOFTCAP",

@@ -15,7 +15,8 @@ from fa_core import validation as V
 from fa_core.fast_launch import FastLaunch, empty_arg
 from fa_core.forward import seq_bucket
 from fa_core.forward_configs import cdiv, next_pow2
-from fa_core.masking import normalize_window
+from fa_core.forward_launch import has_right_edge
+from fa_core.masking import UNBOUNDED, normalize_window
 from fa_core.score_mods import additive_grad
 
 # launches skip Triton's per-call Python once a specialization is compiled (fa_core.fast_launch)
@@ -154,6 +155,7 @@ def _launch(
         stride_deltah,
     )
     inputs = (q, k, v, dout, lse, delta)  # the leading pointer arguments of both kernels
+    has_left = is_local and left != UNBOUNDED  # a finite left window: masked key blocks left of the band
     # dQ first: it writes delta (every row of every sequence), which the dK/dV pass reads
     if max_seqlen_q > 0:
         dq_launch(
@@ -172,6 +174,10 @@ def _launch(
             stride_dlb,
             stride_dlh,
             HAS_DLSE=dsoftmax_lse is not None,
+            HAS_WINDOW_LEFT=has_left,
+            HAS_RIGHT_EDGE=has_right_edge(
+                varlen, is_local, attention_chunk, mask_mod, seqused_k, max_seqlen_k
+            ),
             **sparse_dq,
             **common,
         )
@@ -188,6 +194,8 @@ def _launch(
             stride_dvb,
             sdv[-3],
             sdv[-2],
+            # transposed problem: the masked query edge past the band is the left window's (see backward_kernel)
+            HAS_RIGHT_EDGE=has_right_edge(varlen, has_left, attention_chunk, mask_mod, None, max_seqlen_q),
             **sparse_dkdv,
             **common,
         )
