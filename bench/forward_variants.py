@@ -1,0 +1,139 @@
+"""Time source-level variants of the forward kernel against the current one and FlagGems (GPU exploration).
+
+Each variant is a copy of ``packages/fa-core/src`` with one textual edit of the kernel (a function below), run
+in its own process (Triton caches kernels by source, so copies never mix) at the chosen points; every process
+also times FlagGems at the same points, so each variant's numbers sit beside a reference measured with them.
+Tiles are forced one at a time (``bench_fp8._force_tile``); the best per point is reported.
+
+    python bench/forward_variants.py                               # every variant, d128, default points
+    python bench/forward_variants.py --variants base,masked_first --points nc1024,c4096
+
+Points: ``nc<seqlen>`` / ``c<seqlen>`` (non-causal / causal), batch x seqlen = 16k tokens, hidden 2048, bf16.
+Writes nothing to bench/results (exploration only); prints a table and the JSON of every timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNEL = "fa_core/forward_kernel.py"
+TILES = [(128, 128, 8, 3, False), (128, 128, 8, 3, True), (128, 64, 8, 3, True)]
+
+
+def _move_right_edge_first(src: str) -> str:
+    """The masked diagonal / right-edge tiles before the unmasked interior (FlagGems' order)."""
+    interior = src.index("        # interior: no mask at all")
+    edge = src.index("        if HAS_RIGHT_EDGE:")
+    end = src.index("    if HAS_SINK:")
+    return src[:interior] + src[edge:end] + src[interior:edge] + src[end:]
+
+
+def _no_reverse(src: str) -> str:
+    """Programs in launch order for causal / local too (no heaviest-first reversal)."""
+    old = "    if IS_LOCAL:\n        # the heaviest query blocks (right end of a causal band) start first: a shorter tail\n"
+    assert old in src
+    return src.replace(old, "    if False:\n")
+
+
+VARIANTS: dict[str, Callable[[str], str]] = {
+    "base": lambda src: src,
+    "masked_first": _move_right_edge_first,
+    "no_reverse": _no_reverse,
+}
+
+
+def _worker(points: list[str], tag: str) -> None:
+    """Time every tile at every point with this process's fa_core; FlagGems beside it."""
+    import torch
+    import triton
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_fp8 import _force_tile
+
+    from fa_core import flash_attn_forward
+    from fa_core.backends.flaggems import _flag_gems
+
+    fg = _flag_gems()
+    for point in points:
+        causal, s = point.startswith("c"), int(point.lstrip("nc"))
+        b, h, d = 16384 // s, 16, 128
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            *(t.transpose(1, 2) for t in (q, k, v)), is_causal=causal
+        ).transpose(1, 2)  # a wrong variant shows in the error column
+        flop = 4 * b * h * s * s * d / (2 if causal else 1)
+        ours = functools.partial(flash_attn_forward, q, k, v, causal=causal)
+        theirs = functools.partial(
+            fg.ops.flash_attention_forward, q, k, v, None, None, s, s, 0.0, causal, False, scale=d**-0.5
+        )
+        row: dict = {"variant": tag, "point": point}
+        for tile in TILES:
+            _force_tile(tile, False)
+            try:
+                err = float((ours().out.float() - ref.float()).abs().max())
+                ms = triton.testing.do_bench(ours, rep=60)
+                row[str(tile)] = (round(flop / ms * 1e-9, 1), err)
+            except Exception as exc:  # a variant may not compile for every tile
+                row[str(tile)] = f"{type(exc).__name__}: {str(exc)[:80]}"
+
+        row["flaggems"] = round(flop / triton.testing.do_bench(theirs, rep=60) * 1e-9, 1)
+        print("ROW " + json.dumps(row), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--points", default="nc1024,nc4096,c4096,c16384")
+    ap.add_argument("--timeout", type=float, default=150.0, help="seconds per variant")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    points = args.points.split(",")
+    if args.worker:
+        _worker(points, args.worker)
+        return 0
+    rows = []
+    for name in args.variants.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            src_dir = Path(tmp) / "src"
+            shutil.copytree(ROOT / "packages/fa-core/src", src_dir)
+            kernel = src_dir / KERNEL
+            kernel.write_text(VARIANTS[name](kernel.read_text()))
+            env = dict(os.environ, PYTHONPATH=f"{src_dir}:{os.environ.get('PYTHONPATH', '')}")
+            cmd = [sys.executable, __file__, "--worker", name, "--points", args.points]
+            try:
+                res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+                out = res.stdout + res.stderr
+            except subprocess.TimeoutExpired as exc:
+                out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+                print(f"[variants] {name}: timed out after {args.timeout:.0f} s")
+            for line in out.splitlines():
+                if line.startswith("ROW "):
+                    rows.append(json.loads(line[4:]))
+                    print(line[4:], flush=True)
+            if not any(r["variant"] == name for r in rows):
+                print(f"[variants] {name}: no rows; output tail:\n{out[-1500:]}")
+    print(f"\n{'variant':<14} {'point':<8} {'best':>7} {'tile':<24} {'flaggems':>8} {'ratio':>6}")
+    for r in rows:
+        timed = {k: v[0] for k, v in r.items() if isinstance(v, list)}
+        if not timed:
+            continue
+        tile, best = max(timed.items(), key=lambda kv: kv[1])
+        print(
+            f"{r['variant']:<14} {r['point']:<8} {best:7.1f} {tile:<24} {r['flaggems']:8.1f} {best / r['flaggems']:6.2f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
