@@ -147,17 +147,19 @@ LAYOUT_DTYPE = torch.float16 if DEVICE == "cpu" else torch.bfloat16
     [
         {"causal": True, "sink": True},
         {"window_size": (9, 4), "softcap": 3.0},
+        # keys in whole tiles, no band rule: the kernel without its right-edge loop
+        {"sink": True, "sk": 128},
     ],
-    ids=["causal_sink", "window_softcap"],
+    ids=["causal_sink", "window_softcap", "whole_tiles_sink"],
 )
 def test_fp8_layout_dense(monkeypatch, case):
     monkeypatch.setenv("FA_PLUS_FP8_LAYOUT", "1")
     torch.manual_seed(11)
-    b, sq, sk, h, hk, d, dv = 2, 45, 71, 4, 2, 40, 24  # ragged keys, odd head dims, GQA
+    kw = dict(case)
+    b, sq, sk, h, hk, d, dv = 2, 45, kw.pop("sk", 71), 4, 2, 40, 24  # ragged keys, odd head dims, GQA
     q = torch.randn(b, sq, h, d, device=DEVICE, dtype=LAYOUT_DTYPE)
     k = torch.randn(b, sk, hk, d, device=DEVICE, dtype=LAYOUT_DTYPE)
     v = torch.randn(b, sk, hk, dv, device=DEVICE, dtype=LAYOUT_DTYPE)
-    kw = dict(case)
     if kw.pop("sink", False):
         kw["learnable_sink"] = torch.randn(h, device=DEVICE)
     res = flash_attn_forward(q, k, v, out=poisoned((b, sq, h, dv), LAYOUT_DTYPE, DEVICE), **kw)
