@@ -80,7 +80,7 @@ def test_dense(feature, shape, dtype):
 )
 def test_keys_in_whole_tiles(feature, shape, dtype):
     """seqlen_k a multiple of 128 without a band rule: the kernel is compiled without its right-edge loop."""
-    from fa_core.forward_launch import has_right_edge
+    from fa_core.masking import has_right_edge
 
     sq, sk, h, hk, d = shape
     fkw = FEATURES[feature]
@@ -101,7 +101,7 @@ def test_right_edge_rule():
     """The right-edge loop may be dropped only when every tile is whole and nothing cuts the band; every
     BLOCK_N of the autotune space must divide 128 for that rule to hold."""
     from fa_core.forward_configs import FALLBACK_TILE, FP8_TILES, FWD_TILES
-    from fa_core.forward_launch import has_right_edge
+    from fa_core.masking import has_right_edge
 
     assert all(128 % t[1] == 0 for t in [*FWD_TILES, *FP8_TILES, FALLBACK_TILE])
     assert not has_right_edge(False, False, 0, None, None, 4096)

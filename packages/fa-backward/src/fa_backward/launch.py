@@ -15,8 +15,7 @@ from fa_core import validation as V
 from fa_core.fast_launch import FastLaunch, empty_arg
 from fa_core.forward import seq_bucket
 from fa_core.forward_configs import cdiv, next_pow2
-from fa_core.forward_launch import has_right_edge
-from fa_core.masking import UNBOUNDED, normalize_window
+from fa_core.masking import has_right_edge, has_window_left, normalize_window
 from fa_core.score_mods import additive_grad
 
 # launches skip Triton's per-call Python once a specialization is compiled (fa_core.fast_launch)
@@ -155,7 +154,7 @@ def _launch(
         stride_deltah,
     )
     inputs = (q, k, v, dout, lse, delta)  # the leading pointer arguments of both kernels
-    has_left = is_local and left != UNBOUNDED  # a finite left window: masked key blocks left of the band
+    has_left = has_window_left(is_local, left)
     # dQ first: it writes delta (every row of every sequence), which the dK/dV pass reads
     if max_seqlen_q > 0:
         dq_launch(

@@ -19,11 +19,11 @@ from fa_core.fast_launch import FastLaunch, empty_arg
 from fa_core.forward_configs import cdiv, next_pow2, seq_bucket
 from fa_core.forward_kernel import fwd_kernel
 from fa_core.fp8 import transposed_v
-from fa_core.masking import UNBOUNDED, normalize_window
+from fa_core.masking import has_right_edge, has_window_left, normalize_window
 from fa_core.probs_kernel import probs_kernel
 from fa_core.sparse_args import full_blocks, sparse_args
 
-__all__ = ["fwd_launch", "has_right_edge", "launch_forward", "launch_probs", "tma_ok"]
+__all__ = ["fwd_launch", "launch_forward", "launch_probs", "tma_ok"]
 
 # launches skip Triton's per-call Python once a specialization is compiled (fa_core.fast_launch)
 fwd_launch = FastLaunch(fwd_kernel)
@@ -71,20 +71,6 @@ def _ensure_allocator() -> None:
     _ALLOCATOR_SET = True
 
 
-def has_right_edge(varlen, is_local, attention_chunk, mask_mod, seqused_k, seqlen_k) -> bool:
-    """Whether some query block needs the forward's masked right-edge loop: a causal / window / chunk / mask_mod
-    rule, or keys that may end inside a tile (varlen, seqused_k, or a length that is not a multiple of 128,
-    which every BLOCK_N of the autotune space divides)."""
-    return bool(
-        varlen
-        or is_local
-        or attention_chunk > 0
-        or mask_mod is not None
-        or seqused_k is not None
-        or seqlen_k % 128
-    )
-
-
 def launch_forward(
     q,
     k,
@@ -122,12 +108,10 @@ def launch_forward(
     v_t = is_fp8 or os.environ.get("FA_PLUS_FP8_LAYOUT", "0") == "1"
     if v_t:
         v = transposed_v(v, varlen)
-        # kernel view: batch / head strides of the copy, keys contiguous, stride_vd between headdim rows
-        sv = v.stride()
-        v_strides = (0 if varlen else sv[0], 1, sv[-3], sv[-2])
-    else:
-        sv = v.stride()
-        v_strides = (0 if varlen else sv[0], sv[-3], sv[-2], 0)
+    sv = v.stride()
+    stride_vb = 0 if varlen else sv[0]
+    # (stride_vb, stride_vn, stride_vh, stride_vd); the keys-last copy: keys contiguous, stride_vd between headdim rows
+    v_strides = (stride_vb, 1, sv[-3], sv[-2]) if v_t else (stride_vb, sv[-3], sv[-2], 0)
     full = full_blocks(block_mask)
     # fp8 tensor-core dots need K >= 32
     min_block = 32 if is_fp8 else 16
@@ -201,7 +185,7 @@ def launch_forward(
         IS_VARLEN=varlen,
         HAS_SEQUSED=seqused_k is not None,
         IS_LOCAL=is_local,
-        HAS_WINDOW_LEFT=is_local and left != UNBOUNDED,
+        HAS_WINDOW_LEFT=has_window_left(is_local, left),
         HAS_RIGHT_EDGE=has_right_edge(varlen, is_local, attention_chunk, mask_mod, seqused_k, max_seqlen_k),
         HAS_CHUNK=attention_chunk > 0,
         score_mod_fn=score_mod,

@@ -42,6 +42,27 @@ def normalize_window(causal: bool, window_size: tuple[int, int]) -> tuple[int, i
     return left, right, not (left == UNBOUNDED and right == UNBOUNDED)
 
 
+def has_window_left(is_local: bool, left: int) -> bool:
+    """Whether a finite left window bounds the keys (``left`` and ``is_local`` from :func:`normalize_window`):
+    only then do the kernels' masked left-edge loops have work; they are compiled out otherwise."""
+    return is_local and left != UNBOUNDED
+
+
+def has_right_edge(varlen, is_local, attention_chunk, mask_mod, seqused_k, seqlen_k) -> bool:
+    """Whether some block needs a kernel's masked right-edge loop: a causal / window / chunk / mask_mod rule, or
+    keys that may end inside a tile (varlen, ``seqused_k``, or a length that is not a multiple of 128, which
+    every BLOCK_N / BLOCK_M of the autotune spaces divides). The backward's dK/dV pass asks it of the transposed
+    problem (query rows, the left window)."""
+    return bool(
+        varlen
+        or is_local
+        or attention_chunk > 0
+        or mask_mod is not None
+        or seqused_k is not None
+        or seqlen_k % 128
+    )
+
+
 @triton.jit
 def visible(
     offs_m,

@@ -17,7 +17,7 @@ import torch
 from fa_core import validation as V
 from fa_core.fast_launch import FastLaunch, empty_arg
 from fa_core.forward_configs import cdiv, next_pow2
-from fa_core.masking import UNBOUNDED, normalize_window
+from fa_core.masking import has_window_left, normalize_window
 from fa_core.rotary import apply_rotary
 from fa_kvcache.checks import cache_capacity, kvcache_value_checks_enabled, validate, value_checks
 from fa_kvcache.kernels import append_kernel, combine_kernel, split_kv_kernel
@@ -430,7 +430,7 @@ def flash_attn_with_kvcache(
             HAS_BATCH_IDX=cache_batch_idx is not None,
             HAS_LEFTPAD=cache_leftpad is not None,
             IS_LOCAL=is_local,
-            HAS_WINDOW_LEFT=is_local and left != UNBOUNDED,
+            HAS_WINDOW_LEFT=has_window_left(is_local, left),
             HAS_CHUNK=attention_chunk > 0,
             HAS_SOFTCAP=softcap > 0,
             HAS_ALIBI=alibi_slopes is not None,
