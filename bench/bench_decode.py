@@ -40,7 +40,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Row, bench_ms, install_sigterm_handler, markdown_table, results_path, write_results  # noqa: E402
+from common import (  # noqa: E402
+    Row,
+    bench_ms,
+    env_override,
+    install_sigterm_handler,
+    markdown_table,
+    results_path,
+    write_results,
+)
 
 KIND = "decode"
 SHAPES = [(1, 1024), (1, 32768), (8, 8192), (32, 1024), (64, 32768)]
@@ -137,17 +145,8 @@ def _timed(prov: str, fn: Callable[[], Any]) -> tuple[float, bool]:
     """Time one provider; ``fa-plus-fused`` with the fused split combine switched on (read at capture)."""
     if prov != "fa-plus-fused":
         return _time(fn, graph=prov != "flaggems")
-    import os
-
-    old = os.environ.get("FA_PLUS_FUSED_COMBINE")
-    os.environ["FA_PLUS_FUSED_COMBINE"] = "1"
-    try:
+    with env_override("FA_PLUS_FUSED_COMBINE", "1"):
         return _time(fn, graph=True)
-    finally:
-        if old is None:
-            del os.environ["FA_PLUS_FUSED_COMBINE"]
-        else:
-            os.environ["FA_PLUS_FUSED_COMBINE"] = old
 
 
 def _copy_gbps(nbytes: int) -> float:

@@ -13,6 +13,7 @@ markdown table (``.md``) and a plot (``.png``) beside it. A provider that fails 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -312,6 +313,21 @@ def bench_ms(fn: Callable[[], Any], warmup: int = 25, rep: int = 100) -> float:
         return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
     except TypeError:  # triton without return_mode
         return float(do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5])[0])
+
+
+@contextlib.contextmanager
+def env_override(name: str, value: str) -> Iterator[None]:
+    """Set environment variable ``name`` for the body (the kernels' switches are read per call), then restore
+    the caller's value, or its absence."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def host_ms_per_call(fn: Callable[[], Any], n: int = 20, warmup: int = 0) -> float:

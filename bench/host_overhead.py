@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import host_ms_per_call  # noqa: E402
+from common import env_override, host_ms_per_call  # noqa: E402
 
 
 def _per_call_us(fn: Callable[[], Any], n: int = 300) -> float:
@@ -95,18 +95,13 @@ def main() -> int:
             for name, fn in _calls(device).items():
                 results.setdefault(name, {})["real" if fast else "triton"] = _per_call_us(fn)
         # the forward uses on-device TMA descriptors (global scratch allocated per launch); without them:
-        tma_env = os.environ.get("FA_PLUS_TMA")
-        os.environ["FA_PLUS_TMA"] = "0"
-        for fast in (False, True):
-            set_fast_launch(fast)
-            fn = _calls(device)["forward (fa_core, no autograd)"]
-            results.setdefault("forward (fa_core), FA_PLUS_TMA=0", {})["real" if fast else "triton"] = (
-                _per_call_us(fn)
-            )
-        if tma_env is None:
-            del os.environ["FA_PLUS_TMA"]
-        else:
-            os.environ["FA_PLUS_TMA"] = tma_env
+        with env_override("FA_PLUS_TMA", "0"):
+            for fast in (False, True):
+                set_fast_launch(fast)
+                fn = _calls(device)["forward (fa_core, no autograd)"]
+                results.setdefault("forward (fa_core), FA_PLUS_TMA=0", {})["real" if fast else "triton"] = (
+                    _per_call_us(fn)
+                )
     _patch_nop()
     for name, fn in _calls(device).items():
         results.setdefault(name, {})["nop"] = _per_call_us(fn)
