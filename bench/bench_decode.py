@@ -116,6 +116,9 @@ def _flex(q, kc, vc, lens, page):
     from torch.nn.attention.flex_attention import flex_attention
 
     if "fn" not in _FLEX:
+        # one static compile per (batch, context, seqlen_q): the sweep has more shapes than dynamo's default
+        # recompile limit (8), past which it silently runs flex eagerly (the full score matrix, ~80 ms a step)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
     compiled = _FLEX["fn"]
     qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, kc, vc))

@@ -3,7 +3,8 @@
 Each variant is a copy of ``packages/fa-core/src`` with one textual edit of the kernel (a function below), run
 in its own process (Triton caches kernels by source, so copies never mix) at the chosen points; every process
 also times FlagGems at the same points, so each variant's numbers sit beside a reference measured with them.
-Tiles are forced one at a time (``bench_fp8._force_tile``); the best per point is reported.
+Tiles are forced one at a time (``bench_fp8._force_tile``; ``--tiles`` may name tiles outside the autotune
+space); the best per point is reported, with the config FlagGems' own autotuner picked.
 
     python bench/forward_variants.py                               # every variant, d128, default points
     python bench/forward_variants.py --variants base,masked_first --points nc1024,c4096
@@ -27,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL = "fa_core/forward_kernel.py"
+INNER = "fa_core/forward_inner.py"
 TILES = [(128, 128, 8, 3, False), (128, 128, 8, 3, True), (128, 64, 8, 3, True)]
 
 
@@ -45,14 +47,43 @@ def _no_reverse(src: str) -> str:
     return src.replace(old, "    if False:\n")
 
 
-VARIANTS: dict[str, Callable[[str], str]] = {
-    "base": lambda src: src,
-    "masked_first": _move_right_edge_first,
-    "no_reverse": _no_reverse,
+def _no_m_safe(src: str) -> str:
+    """Unmasked tiles without the -inf guard on the running max (FlagGems' interior loop): with every key
+    visible and finite scores, m_new is finite there."""
+    old = '    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)\n'
+    assert old in src
+    new = (
+        "    if MASKED or HAS_SCORE_MOD:\n"
+        '        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)\n'
+        "    else:\n"
+        "        m_safe = m_new\n"
+    )
+    return src.replace(old, new)
+
+
+#: name -> (file under packages/fa-core/src, edit of its source)
+VARIANTS: dict[str, tuple[str, Callable[[str], str]]] = {
+    "base": (KERNEL, lambda src: src),
+    "masked_first": (KERNEL, _move_right_edge_first),
+    "no_reverse": (KERNEL, _no_reverse),
+    "no_m_safe": (INNER, _no_m_safe),
 }
 
 
-def _worker(points: list[str], tag: str) -> None:
+def _flaggems_pick() -> str:
+    """The config FlagGems' autotuner chose for its dense forward (its key is the head dim only)."""
+    from flag_gems.ops import flash_kernel
+
+    obj, seen = getattr(flash_kernel, "flash_fwd_kernel", None), 0
+    while obj is not None and seen < 4:
+        cache = getattr(obj, "cache", None)
+        if isinstance(cache, dict) and cache:
+            return "; ".join(f"{k}: {v}" for k, v in list(cache.items())[:3])
+        obj, seen = getattr(obj, "fn", None), seen + 1
+    return "unknown"
+
+
+def _worker(points: list[str], tag: str, tiles: list[tuple]) -> None:
     """Time every tile at every point with this process's fa_core; FlagGems beside it."""
     import torch
     import triton
@@ -78,7 +109,7 @@ def _worker(points: list[str], tag: str) -> None:
             fg.ops.flash_attention_forward, q, k, v, None, None, s, s, 0.0, causal, False, scale=d**-0.5
         )
         row: dict = {"variant": tag, "point": point}
-        for tile in TILES:
+        for tile in tiles:
             _force_tile(tile, False)
             try:
                 err = float((ours().out.float() - ref.float()).abs().max())
@@ -88,6 +119,7 @@ def _worker(points: list[str], tag: str) -> None:
                 row[str(tile)] = f"{type(exc).__name__}: {str(exc)[:80]}"
 
         row["flaggems"] = round(flop / triton.testing.do_bench(theirs, rep=60) * 1e-9, 1)
+        row["flaggems_config"] = _flaggems_pick()
         print("ROW " + json.dumps(row), flush=True)
 
 
@@ -96,21 +128,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--points", default="nc1024,nc4096,c4096,c16384")
     ap.add_argument("--timeout", type=float, default=150.0, help="seconds per variant")
+    ap.add_argument(
+        "--tiles",
+        default=";".join(",".join(str(int(x)) for x in t) for t in TILES),
+        help="';'-separated BLOCK_M,BLOCK_N,warps,stages,tma (tma 0/1), e.g. '128,128,8,2,0;128,64,8,3,1'",
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     points = args.points.split(",")
+    tiles = [(*(int(x) for x in t.split(",")[:4]), t.split(",")[4] == "1") for t in args.tiles.split(";")]
     if args.worker:
-        _worker(points, args.worker)
+        _worker(points, args.worker, tiles)
         return 0
     rows = []
     for name in args.variants.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             src_dir = Path(tmp) / "src"
             shutil.copytree(ROOT / "packages/fa-core/src", src_dir)
-            kernel = src_dir / KERNEL
-            kernel.write_text(VARIANTS[name](kernel.read_text()))
+            where, edit = VARIANTS[name]
+            edited = src_dir / where
+            edited.write_text(edit(edited.read_text()))
             env = dict(os.environ, PYTHONPATH=f"{src_dir}:{os.environ.get('PYTHONPATH', '')}")
-            cmd = [sys.executable, __file__, "--worker", name, "--points", args.points]
+            cmd = [sys.executable, __file__, "--worker", name, "--points", args.points, "--tiles", args.tiles]
             try:
                 res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
                 out = res.stdout + res.stderr
@@ -131,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         tile, best = max(timed.items(), key=lambda kv: kv[1])
         print(
             f"{r['variant']:<14} {r['point']:<8} {best:7.1f} {tile:<24} {r['flaggems']:8.1f} {best / r['flaggems']:6.2f}"
+            f"  (flaggems: {r.get('flaggems_config', '?')})"
         )
     return 0
 

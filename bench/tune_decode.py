@@ -8,6 +8,7 @@ the best choice and its ratio to SDPA, and writes bench/results/<device>-decode-
 ``fa_kvcache.interface._key_tile`` / ``num_splits_heuristic`` is set from it.
 
     python bench/tune_decode.py [--quick]
+    python bench/tune_decode.py --shapes 64x32768 --pages 16,64
 """
 
 from __future__ import annotations
@@ -106,12 +107,18 @@ def _sweep_point(q, kc, vc, lens, page, ref, sd_ms, nbytes, t0) -> dict | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="two shapes, pages 0 and 256")
+    ap.add_argument("--shapes", default=None, help="comma list of BATCHxCONTEXT (default: all of SHAPES)")
+    ap.add_argument("--pages", default=None, help="comma list of page sizes (default 0,16,256)")
     args = ap.parse_args()
     install_sigterm_handler()
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
     shapes = SHAPES[:2] if args.quick else SHAPES
-    pages = (0, 256) if args.quick else (0, 16, 256)
+    if args.shapes:
+        shapes = [tuple(int(x) for x in sh.split("x")) for sh in args.shapes.split(",")]
+    pages: tuple[int, ...] = (0, 256) if args.quick else (0, 16, 256)
+    if args.pages:
+        pages = tuple(int(p) for p in args.pages.split(","))
     out_rows = []
     t0 = time.time()
     for batch, ctx in shapes:

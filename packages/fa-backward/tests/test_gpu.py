@@ -14,7 +14,7 @@ import torch
 from fa_backward_testutils import check_2x, cu_seqlens, keep_mask, rand, ref_grads
 
 from fa_backward import flash_attn_func, flash_attn_varlen_func
-from fa_backward.training_check import max_relative_gap, train_losses
+from fa_backward.training_check import compare_training
 
 pytestmark = [
     pytest.mark.gpu,
@@ -117,18 +117,16 @@ def test_gpu_deterministic():
 
 # ------------------------------------------------------------------------------------------- training
 def test_gpu_training_matches_sdpa():
-    """3 attention layers + MLP, 300 AdamW steps on a fixed random corpus (memorisation): the loss curves
-    of ours and SDPA (flash backend) agree within bf16 noise."""
+    """3 attention layers + MLP, 300 AdamW steps on a fixed random corpus (memorisation): the loss curve of ours
+    stays within the run-to-run spread of SDPA's flash backend (see fa_backward.training_check)."""
     torch.manual_seed(123)
-    steps = 300
     data = torch.randint(0, 256, (8, 8, 513), device="cuda")  # 8 fixed batches of 8 x 512 (+1) tokens
-    ours = train_losses("ours", steps, data)
-    sdpa = train_losses("sdpa", steps, data)
-    gap = max_relative_gap(ours, sdpa)
+    cmp = compare_training(300, data)
+    (ours,) = cmp.curves["ours"]
     print(
-        f"\n[training] final loss ours {ours[-1]:.4f} sdpa {sdpa[-1]:.4f} (start {ours[0]:.4f}/{sdpa[0]:.4f}); "
-        f"max relative difference of the 20-step smoothed curves {gap:.4f}"
+        f"\n[training] final loss ours {ours[-1]:.4f} sdpa {[round(c[-1], 4) for c in cmp.curves['sdpa']]}; "
+        f"gap {cmp.gap:.4f}, sdpa run-to-run {cmp.noise:.4f}, bar {cmp.bar:.4f}"
     )
     assert all(math.isfinite(x) for x in ours)
     assert ours[-1] < ours[0] - 0.5, "the model did not learn"
-    assert gap < 0.05
+    assert cmp.ok, f"gap {cmp.gap:.4f} > bar {cmp.bar:.4f}"

@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fa_backward.training_check import TinyLM, max_relative_gap, smooth
+from fa_backward.training_check import (
+    GAP_FLOOR,
+    TinyLM,
+    TrainingComparison,
+    compare_training,
+    max_relative_gap,
+    smooth,
+)
 
 
 def test_smooth_is_a_trailing_mean():
@@ -30,3 +37,23 @@ def test_tiny_lm_names_its_attention():
     assert sum(p.numel() for p in model.parameters()) > 0
     assert model.emb.weight.shape == (256, 32)
     assert isinstance(model.blocks[0].qkv, torch.nn.Linear)
+
+
+def test_verdict_uses_the_reference_spread():
+    curves = {"ours": [[1.0] * 30], "sdpa": [[1.0] * 30, [1.0] * 30]}
+    # no spread in the reference: the floor decides
+    assert TrainingComparison(curves, {}, gap=0.049, noise=0.0).ok
+    assert not TrainingComparison(curves, {}, gap=0.051, noise=0.0).ok
+    # SDPA 4 % apart from itself: ours may be up to 8 % from it, not more
+    cmp = TrainingComparison(curves, {}, gap=0.079, noise=0.04)
+    assert cmp.bar == pytest.approx(0.08) and cmp.ok
+    assert not TrainingComparison(curves, {}, gap=0.081, noise=0.04).ok
+    assert GAP_FLOOR == 0.05
+
+
+def test_compare_training_needs_two_reference_runs():
+    data = torch.zeros(1, 1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="repeats"):
+        compare_training(1, data, repeats={"ours": 1, "sdpa": 1})
+    with pytest.raises(ValueError, match="repeats"):
+        compare_training(1, data, repeats={"ours": 0, "sdpa": 3})
