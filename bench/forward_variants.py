@@ -130,13 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=150.0, help="seconds per variant")
     ap.add_argument(
         "--tiles",
-        default=";".join(",".join(str(int(x)) for x in t) for t in TILES),
-        help="';'-separated BLOCK_M,BLOCK_N,warps,stages,tma (tma 0/1), e.g. '128,128,8,2,0;128,64,8,3,1'",
+        default="/".join(",".join(str(int(x)) for x in t) for t in TILES),
+        help="'/'-separated BLOCK_M,BLOCK_N,warps,stages,tma (tma 0/1), e.g. 128,128,8,2,0/128,64,8,3,1",
     )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     points = args.points.split(",")
-    tiles = [(*(int(x) for x in t.split(",")[:4]), t.split(",")[4] == "1") for t in args.tiles.split(";")]
+    tiles = [(*(int(x) for x in t.split(",")[:4]), t.split(",")[4] == "1") for t in args.tiles.split("/")]
     if args.worker:
         _worker(points, args.worker, tiles)
         return 0

@@ -470,6 +470,18 @@ def test_num_splits_heuristic_fitted_points():
     assert num_splits_heuristic(0, 10, 132) == 1
 
 
+def test_key_tile_fitted_points():
+    from fa_kvcache.interface import _key_tile
+
+    # (seqlen_q, group, block_m, dmax, interpret, keys per program, page) -> (BLOCK_N, warps, stages), H200
+    assert _key_tile(1, 4, 16, 128, False, 512, 0) == (64, 4, 2)  # short streams (batch 1, many splits)
+    assert _key_tile(1, 4, 16, 128, False, 32768, 0) == (128, 4, 3)  # long, contiguous
+    assert _key_tile(1, 4, 16, 128, False, 32768, 256) == (128, 4, 3)  # long, a tile inside one page
+    # long, pages smaller than a 128-key tile: 64-key tiles (batch 64, 32k: 3507 -> 4255 GB/s at page 16)
+    assert _key_tile(1, 4, 16, 128, False, 32768, 16) == (64, 4, 3)
+    assert _key_tile(4, 4, 16, 128, False, 4096, 64) == (64, 4, 3)
+
+
 @pytest.mark.parametrize("page", [0, 16])
 @pytest.mark.parametrize("seqlen_q", [1, 3])
 @pytest.mark.parametrize("sink", [False, True])

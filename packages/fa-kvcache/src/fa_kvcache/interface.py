@@ -104,12 +104,15 @@ def _row_tile(seqlen_q: int, group: int, d: int, dv: int, interpret: bool) -> tu
 
 
 def _key_tile(
-    seqlen_q: int, group: int, block_m: int, dmax: int, interpret: bool, keys_per_program: int
+    seqlen_q: int, group: int, block_m: int, dmax: int, interpret: bool, keys_per_program: int, page: int = 0
 ) -> tuple[int, int, int]:
     """``(BLOCK_N, num_warps, num_stages)`` for the split-KV kernel.
 
     Measured on an H200 (d128, bf16, seqlen_q 1, GQA 4): 64-key tiles, 4 warps, 2 stages win on short
-    per-program streams (many splits); 128-key tiles with 3 stages on long ones (>= 2k keys a program).
+    per-program streams (many splits); 128-key tiles with 3 stages on long ones (>= 2k keys a program), except
+    in a paged cache whose pages hold fewer than 128 keys (``page``; 0 = contiguous): there a 128-key tile
+    gathers its rows from several pages, and 64-key tiles with 3 stages stream faster (batch 64, 32k context:
+    3507 -> 4255 GB/s at page 16, 3523 -> 4428 at page 64; bench/results/h200-decode-tune-b64.json).
     """
     if interpret:
         return 16 if seqlen_q * next_pow2(group) <= 16 else 32, 1, 1
@@ -120,7 +123,7 @@ def _key_tile(
     if block_m >= 64:
         return 64, 8 if block_m >= 128 else 4, 2
     if keys_per_program >= 2048:
-        return 128, 4, 3
+        return (64, 4, 3) if 0 < page < 128 else (128, 4, 3)
     return 64, 4, 2
 
 
@@ -359,7 +362,8 @@ def flash_attn_with_kvcache(
         splits = num_splits_heuristic(work, cdiv(capacity, 64), _sm_count(q.device))
     else:
         splits = min(int(num_splits), MAX_SPLITS)
-    block_n, warps, stages = _key_tile(seqlen_q, group, block_m, max(d, dv), interp, capacity // splits)
+    page = k_cache.shape[1] if paged else 0
+    block_n, warps, stages = _key_tile(seqlen_q, group, block_m, max(d, dv), interp, capacity // splits, page)
 
     seq_tensor = isinstance(cache_seqlens, torch.Tensor)
     cache_len_int = capacity if cache_seqlens is None else (0 if seq_tensor else int(cache_seqlens))
