@@ -3,7 +3,7 @@
 :func:`fwd_inner` runs the online softmax over the key blocks ``[start, end)`` of one query block, or over the
 blocks a block-sparse mask lists for it, with or without element masks (``MASKED``); :func:`fwd_step` is one
 key tile. :func:`fa_core.forward_kernel.fwd_kernel` calls :func:`fwd_inner` once per band segment (left edge,
-interior, right edge) or once per list (partial blocks, full blocks) of a block-sparse mask.
+right edge, then the interior) or once per list (partial blocks, full blocks) of a block-sparse mask.
 """
 
 from __future__ import annotations
