@@ -479,7 +479,8 @@ def test_key_tile_fitted_points():
     assert _key_tile(1, 4, 16, 128, False, 32768, 256) == (128, 4, 3)  # long, a tile inside one page
     # long, pages smaller than a 128-key tile: 64-key tiles (batch 64, 32k: 3507 -> 4255 GB/s at page 16)
     assert _key_tile(1, 4, 16, 128, False, 32768, 16) == (64, 4, 3)
-    assert _key_tile(4, 4, 16, 128, False, 4096, 64) == (64, 4, 3)
+    assert _key_tile(4, 4, 16, 128, False, 8192, 64) == (64, 4, 3)
+    assert _key_tile(1, 4, 16, 128, False, 2048, 16) == (128, 4, 3)  # batch 8, 8k, 4 splits: 128 won there
 
 
 @pytest.mark.parametrize("page", [0, 16])

@@ -110,9 +110,10 @@ def _key_tile(
 
     Measured on an H200 (d128, bf16, seqlen_q 1, GQA 4): 64-key tiles, 4 warps, 2 stages win on short
     per-program streams (many splits); 128-key tiles with 3 stages on long ones (>= 2k keys a program), except
-    in a paged cache whose pages hold fewer than 128 keys (``page``; 0 = contiguous): there a 128-key tile
-    gathers its rows from several pages, and 64-key tiles with 3 stages stream faster (batch 64, 32k context:
-    3507 -> 4255 GB/s at page 16, 3523 -> 4428 at page 64; bench/results/h200-decode-tune-b64.json).
+    on very long streams (>= 8k keys a program) through pages of fewer than 128 keys (``page``; 0 =
+    contiguous): there 64-key tiles with 3 stages stream faster (batch 64, 32k context: 3507 -> 4255 GB/s at
+    page 16, 3523 -> 4428 at page 64; bench/results/h200-decode-tune-b64.json). At 2k keys a program (batch 8,
+    8k context, 4 splits) the 64-key tile lost (0.91x -> 0.77x SDPA at page 16).
     """
     if interpret:
         return 16 if seqlen_q * next_pow2(group) <= 16 else 32, 1, 1
@@ -122,8 +123,10 @@ def _key_tile(
         return 32, 8 if block_m >= 64 else 4, 2
     if block_m >= 64:
         return 64, 8 if block_m >= 128 else 4, 2
+    if keys_per_program >= 8192 and 0 < page < 128:
+        return 64, 4, 3
     if keys_per_program >= 2048:
-        return (64, 4, 3) if 0 < page < 128 else (128, 4, 3)
+        return 128, 4, 3
     return 64, 4, 2
 
 
