@@ -302,6 +302,20 @@ def plot_bars(rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
+def render(all_rows: list[Row], path: Path) -> None:
+    """The decode table (GB/s, eager rows named, the bar checks) and plot beside ``path`` (the JSON); also
+    used by ``merge_results.py`` after merging lanes."""
+    # "graph" differs between providers of one shape: keep it out of the table's configuration columns
+    table = markdown_table([{k: v for k, v in r.items() if k != "graph"} for r in all_rows], metric="gbps")
+    eager = sorted({f"{r['provider']} (page {r['page']})" for r in all_rows if r.get("graph") is False})
+    note = f"Timed eagerly (no CUDA graph): {', '.join(eager)}.\n" if eager else ""
+    path.with_suffix(".md").write_text(table + note + "\n".join(bars(all_rows)) + "\n")
+    try:
+        plot_bars(all_rows, path.with_suffix(".png"))
+    except Exception as exc:
+        print(f"[decode] no plot: {exc}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -334,19 +348,7 @@ def main() -> None:
                 table_kw={"metric": "gbps"},
                 plot_kw={"metric": "gbps", "x": "context", "panels": ("page",)},
             )
-            # "graph" differs between providers of one shape: keep it out of the table's configuration columns
-            table = markdown_table(
-                [{k: v for k, v in r.items() if k != "graph"} for r in all_rows], metric="gbps"
-            )
-            eager = sorted(
-                {f"{r['provider']} (page {r['page']})" for r in all_rows if r.get("graph") is False}
-            )
-            note = f"Timed eagerly (no CUDA graph): {', '.join(eager)}.\n" if eager else ""
-            path.with_suffix(".md").write_text(table + note + "\n".join(bars(all_rows)) + "\n")
-            try:
-                plot_bars(all_rows, path.with_suffix(".png"))
-            except Exception as exc:
-                print(f"[decode] no plot: {exc}")
+            render(all_rows, path)
             print(f"[decode] wrote {path}")
             for m in bars(all_rows):
                 print(m)

@@ -55,6 +55,12 @@ def merge_file(base_path: Path, lane_paths: list[Path], dtype: str = "bfloat16")
     doc["rows"] = rows
     base_path.write_text(json.dumps(doc, indent=1) + "\n")
     kind = base_path.stem.split("-", 1)[1]
+    if kind == "decode":
+        # GB/s, not TFLOP/s: the decode script's own table, bar checks and plot
+        from bench_decode import render
+
+        render(rows, base_path)
+        return taken
     plot_kw, table_kw = result_layout(kind, dtype)
     base_path.with_suffix(".md").write_text(markdown_table(rows, **table_kw))
     title = f"{plot_kw.get('bench', kind)} ({doc.get('device', '')}, torch {doc.get('torch', '')})"
