@@ -51,13 +51,17 @@ def num_splits_heuristic(work: int, n_key_blocks: int, num_sms: int, max_splits:
 
     Fitted on an H200 (bench/tune_decode.py; docs/STATUS.md has the numbers): no split once the programs
     fill the machine; otherwise fill about two programs per SM, or four when the work is tiny (batch 1),
-    never more splits than key blocks. Best measured split counts: batch 1 / 32k keys 64 (8 kv heads),
+    never more splits than key blocks, and none left without a block. Best measured split counts: batch 1 / 32k keys 64 (8 kv heads),
     batch 8 / 8k 4, batch 1 / 1k 16 (one block each), batch 32 / 1k 1.
     """
     if work <= 0 or work >= 0.8 * num_sms or n_key_blocks <= 1:
         return 1
     per_sm = 4 if 8 * work < num_sms else 2
-    return max(1, min(max_splits, n_key_blocks, (per_sm * num_sms) // work))
+    splits = max(1, min(max_splits, n_key_blocks, (per_sm * num_sms) // work))
+    # each split takes cdiv(blocks, splits) blocks: drop the splits that would get none (they cost a program
+    # and a combine read each). Batch 1, 32k keys: 66 -> 64 splits, 2989 -> 3092 GB/s at page 16, 3055 -> 3183
+    # at page 64, 3068 -> 3179 at page 256 (H200, bench/results/h200-decode-tune-b1.json)
+    return cdiv(n_key_blocks, cdiv(n_key_blocks, splits))
 
 
 def fused_combine_enabled() -> bool:
