@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -86,14 +87,20 @@ def _autotuned_tile() -> list[Any] | None:
     return list(config_key(config)) if config is not None else None
 
 
-def _time_config(cfg: Row, providers: list[str], dtype: torch.dtype, bad: dict[str, str]) -> list[Row]:
+def _time_config(
+    cfg: Row, providers: list[str], dtype: torch.dtype, bad: dict[str, str], rounds: int = 1
+) -> list[Row]:
+    """One sweep point: every provider timed ``rounds`` times, interleaved (round 1 of all providers, then round
+    2...), so that a drift of the GPU's clocks during the point hits every provider alike; a row's ``ms`` is the
+    median over its rounds (each a ``do_bench`` median), ``ms_rounds`` lists them when ``rounds > 1``."""
     b, s, h, d, causal = cfg["batch"], cfg["seqlen"], cfg["nheads"], cfg["headdim"], cfg["causal"]
     torch.manual_seed(0)
     q, k, v = _qkv(b, s, h, d, dtype)
     flop = flops(b, s, s, h, d, causal)
-    rows: list[Row] = []
+    rows: dict[str, Row] = {}
+    times: dict[str, list[float]] = {}
     for name in providers:
-        row: Row = {
+        rows[name] = {
             "bench": KIND,
             "provider": name,
             "headdim": d,
@@ -103,19 +110,46 @@ def _time_config(cfg: Row, providers: list[str], dtype: torch.dtype, bad: dict[s
             "nheads": h,
         }
         if name in bad:
-            row.update(ms=None, tflops=None, error=bad[name])
+            rows[name].update(ms=None, tflops=None, error=bad[name])
         else:
-            maker = FORWARD_PROVIDERS[name]
-            try_provider(row, lambda maker=maker: bench_ms(maker(q, k, v, causal)), flop)
-            if name.startswith("fa-plus") and not row.get("error"):
+            times[name] = []
+    fns: dict[str, Callable[[], Any]] = {}
+    for _ in range(max(1, rounds)):
+        for name in [n for n in providers if n in times and not rows[n].get("error")]:
+            row = rows[name]
+
+            def timed(name: str = name) -> float:
+                if name not in fns:
+                    fns[name] = FORWARD_PROVIDERS[name](q, k, v, causal)
+                return bench_ms(fns[name])
+
+            try_provider(row, timed, flop)
+            if row.get("error"):
+                continue
+            times[name].append(row["ms"])
+            if name.startswith("fa-plus"):
                 row["tile"] = _autotuned_tile()
-        rows.append(row)
+    for name, ms_list in times.items():
+        row = rows[name]
+        if row.get("error") or not ms_list:
+            continue
+        ms = statistics.median(ms_list)
+        row["ms"], row["tflops"] = round(ms, 5), round(flop / (ms * 1e-3) / 1e12, 2)
+        if len(ms_list) > 1:
+            row["ms_rounds"] = ms_list
+    for name in providers:
+        row = rows[name]
         print(
             f"  {name:11s} d={d:3d} causal={causal!s:5} s={s:5d} b={b:2d}: "
-            f"{row.get('tflops') if row.get('tflops') is not None else row.get('error')}",
+            f"{row.get('tflops') if row.get('tflops') is not None else row.get('error')}"
+            + (
+                f"  rounds {[round(flop / (m * 1e-3) / 1e12, 1) for m in times[name]]}"
+                if rounds > 1 and times.get(name)
+                else ""
+            ),
             flush=True,
         )
-    return rows
+    return list(rows.values())
 
 
 def dense_rows(
@@ -124,11 +158,12 @@ def dense_rows(
     dtype: torch.dtype,
     bad: dict[str, str],
     into: list[Row] | None = None,
+    rounds: int = 1,
 ) -> list[Row]:
     """Rows of the standard sweep, appended to ``into`` as they are measured (a timeout keeps them)."""
     rows: list[Row] = [] if into is None else into
     for cfg in progress(configs, desc="forward"):
-        rows += _time_config(cfg, providers, dtype, bad)
+        rows += _time_config(cfg, providers, dtype, bad, rounds)
     return rows
 
 
@@ -222,6 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="check fa-plus/flaggems vs fp32 SDPA before timing")
     ap.add_argument("--no-merge", action="store_true", help="overwrite the results file instead of merging")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="time every provider this many times per point, interleaved; the median is reported (H200 runs "
+        "drift by ~5%% between timings of one kernel: 3 rounds make close ratios trustworthy)",
+    )
     args = ap.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -249,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     try:
         # rows fill in place: a SIGTERM (timeout) still writes what was measured in the finally block
-        dense_rows(standard_sweep(headdims, seqlens), providers, dtype, bad, into=rows)
+        dense_rows(standard_sweep(headdims, seqlens), providers, dtype, bad, into=rows, rounds=args.rounds)
         if not args.no_varlen:
             varlen_rows(headdims, providers, dtype, bad, into=rows)
     finally:
