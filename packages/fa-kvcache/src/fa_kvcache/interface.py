@@ -19,8 +19,9 @@ from fa_core.fast_launch import FastLaunch, empty_arg
 from fa_core.forward_configs import cdiv, next_pow2
 from fa_core.masking import has_window_left, normalize_window
 from fa_core.rotary import apply_rotary
+from fa_kvcache.append import append_kernel
 from fa_kvcache.checks import cache_capacity, kvcache_value_checks_enabled, validate, value_checks
-from fa_kvcache.kernels import append_kernel, combine_kernel, split_kv_kernel
+from fa_kvcache.kernels import combine_kernel, split_kv_kernel
 
 # eager decode steps: launches skip Triton's per-call Python once a specialization is compiled
 append_launch = FastLaunch(append_kernel)

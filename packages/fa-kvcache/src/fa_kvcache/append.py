@@ -1,0 +1,122 @@
+"""Triton kernel of the cache append: new k (rotated when cos/sin are given) and v written into a contiguous or
+paged cache at each sequence's ``cache_seqlens`` (launched by :func:`fa_kvcache.interface.append_to_cache`).
+Rows are addressed through :func:`fa_kvcache.kernels._row_offsets`, the split-KV kernel's own paging rule."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from fa_kvcache.kernels import _row_offsets
+
+__all__ = ["append_kernel"]
+
+
+@triton.jit
+def append_kernel(
+    Knew,
+    Vnew,
+    K,
+    V,
+    BlockTable,
+    CacheSeqlens,
+    CacheBatchIdx,
+    Cos,
+    Sin,
+    stride_knb,
+    stride_knm,
+    stride_knh,
+    stride_vnb,
+    stride_vnm,
+    stride_vnh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_btb,
+    seqlen_new,
+    cache_seqlen_int,
+    capacity,
+    seqlen_ro,
+    HEADDIM: tl.constexpr,
+    HEADDIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HAS_ROTARY: tl.constexpr,
+    ROTARY_DIM: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    PAGED: tl.constexpr,
+    PAGE: tl.constexpr,
+    SEQLENS_TENSOR: tl.constexpr,
+    HAS_BATCH_IDX: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """Grid ``(cdiv(seqlen_new, BLOCK_T), batch, nheads_k)``: write new k (rotated) and v into the cache.
+
+    Token ``t`` of sequence ``b`` goes to cache row ``cache_seqlens[b] + t`` (also its rotary position, as
+    in flash-attn, leftpad or not). Rows at or past ``capacity`` are not written (the host-side value
+    check, when enabled, reports them). Rotary in fp32, rounded once, like ``fa_core.rotary``.
+    """
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    if SEQLENS_TENSOR:
+        cache_len = tl.load(CacheSeqlens + b).to(tl.int32)
+    else:
+        cache_len = cache_seqlen_int
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    pos = cache_len + t
+    ok = (t < seqlen_new) & (pos < capacity) & (pos >= 0)
+    if PAGED:
+        bt_base = BlockTable + b.to(tl.int64) * stride_btb
+        k_off, v_off = _row_offsets(
+            bt_base, 0, pos, ok, stride_kb, stride_kn, stride_vb, stride_vn, True, PAGE, False, True
+        )
+        k_dst = K + h.to(tl.int64) * stride_kh + k_off
+        v_dst = V + h.to(tl.int64) * stride_vh + v_off
+    else:
+        cb = b
+        if HAS_BATCH_IDX:
+            cb = tl.load(CacheBatchIdx + b)
+        k_dst = K + cb.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + pos.to(tl.int64) * stride_kn
+        v_dst = V + cb.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + pos.to(tl.int64) * stride_vn
+    k_src = Knew + b.to(tl.int64) * stride_knb + h.to(tl.int64) * stride_knh + t.to(tl.int64) * stride_knm
+    v_src = Vnew + b.to(tl.int64) * stride_vnb + h.to(tl.int64) * stride_vnh + t.to(tl.int64) * stride_vnm
+
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_v = ok[:, None] & (offs_dv[None, :] < HEADDIM_V)
+    vv = tl.load(v_src[:, None] + offs_dv[None, :], mask=mask_v, other=0.0)
+    tl.store(v_dst[:, None] + offs_dv[None, :], vv.to(V.dtype.element_ty), mask=mask_v)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    if HAS_ROTARY:
+        # pass-through channels [ROTARY_DIM, HEADDIM)
+        mask_p = ok[:, None] & (offs_d[None, :] >= ROTARY_DIM) & (offs_d[None, :] < HEADDIM)
+        kp = tl.load(k_src[:, None] + offs_d[None, :], mask=mask_p, other=0.0)
+        tl.store(k_dst[:, None] + offs_d[None, :], kp.to(K.dtype.element_ty), mask=mask_p)
+        HALF: tl.constexpr = ROTARY_DIM // 2
+        offs_k = tl.arange(0, BLOCK_HALF)
+        if INTERLEAVED:
+            k0 = 2 * offs_k
+            k1 = 2 * offs_k + 1
+        else:
+            k0 = offs_k
+            k1 = offs_k + HALF
+        mask_r = ok[:, None] & (offs_k[None, :] < HALF)
+        cs_mask = mask_r & (pos[:, None] < seqlen_ro)
+        cs_off = pos[:, None].to(tl.int64) * HALF + offs_k[None, :]
+        cos = tl.load(Cos + cs_off, mask=cs_mask, other=1.0).to(tl.float32)
+        sin = tl.load(Sin + cs_off, mask=cs_mask, other=0.0).to(tl.float32)
+        x0 = tl.load(k_src[:, None] + k0[None, :], mask=mask_r, other=0.0).to(tl.float32)
+        x1 = tl.load(k_src[:, None] + k1[None, :], mask=mask_r, other=0.0).to(tl.float32)
+        o0 = x0 * cos - x1 * sin
+        o1 = x0 * sin + x1 * cos
+        tl.store(k_dst[:, None] + k0[None, :], o0.to(K.dtype.element_ty), mask=mask_r)
+        tl.store(k_dst[:, None] + k1[None, :], o1.to(K.dtype.element_ty), mask=mask_r)
+    else:
+        mask_k = ok[:, None] & (offs_d[None, :] < HEADDIM)
+        kk = tl.load(k_src[:, None] + offs_d[None, :], mask=mask_k, other=0.0)
+        tl.store(k_dst[:, None] + offs_d[None, :], kk.to(K.dtype.element_ty), mask=mask_k)
