@@ -2,7 +2,7 @@
 
 For every (batch, context, page) of ``bench_decode.SHAPES`` x pages {0, 16, 256} (seqlen_q 1, 32 / 8 heads,
 d128, bf16): phase 1 times every tile ``(BLOCK_N, num_warps, num_stages)`` of ``TILES`` at the heuristic's
-split count; phase 2 times the best tile at split counts around it. Every time is a CUDA-graph median
+split count; phase 2 times the best tiles (``--top``) at split counts around it. Every time is a CUDA-graph median
 (``do_bench_cudagraph``), beside SDPA on the contiguous cache in the same run. Prints one line per point with
 the best choice and its ratio to SDPA, and writes bench/results/<device>-decode-tune.json; the table in
 ``fa_kvcache.interface._key_tile`` / ``num_splits_heuristic`` is set from it.
@@ -37,8 +37,9 @@ def _ms(fn) -> float:
     return float(do_bench_cudagraph(fn, rep=20, return_mode="median"))
 
 
-def _sweep_point(q, kc, vc, lens, page, ref, sd_ms, nbytes, t0) -> dict | None:
-    """Phase 1 (tiles at the heuristic's splits) and phase 2 (splits for the best tile) at one point."""
+def _sweep_point(q, kc, vc, lens, page, ref, sd_ms, nbytes, t0, top: int = 3) -> dict | None:
+    """Phase 1 (tiles at the heuristic's splits) and phase 2 (split counts for the ``top`` best tiles: a tile
+    that loses at the heuristic's count may win at another, e.g. 32-key tiles with fewer splits) at one point."""
     import fa_kvcache.interface as fi
     from fa_kvcache import flash_attn_with_kvcache
 
@@ -68,15 +69,17 @@ def _sweep_point(q, kc, vc, lens, page, ref, sd_ms, nbytes, t0) -> dict | None:
     if not results:
         fi._FORCE_TILE = None
         return None
-    best_tile = min(results, key=results.get)[0]
-    fi._FORCE_TILE = best_tile
-    for s in sorted({1, max(1, heur // 2), heur * 2, heur * 3 // 2, 16, 32, 64, 128} - {heur}):
-        if s > 128:
-            continue
-        try:
-            results[(best_tile, s)] = _ms(lambda s=s: call(s))
-        except Exception as exc:
-            print(f"  splits {s} failed: {type(exc).__name__}: {str(exc)[:100]}")
+    ranked = [t for (t, _), _ms_ in sorted(results.items(), key=lambda kv: kv[1])]
+    best_tile = ranked[0]
+    for cand in ranked[: max(1, top)]:
+        fi._FORCE_TILE = cand
+        for s in sorted({1, max(1, heur // 2), heur * 2, heur * 3 // 2, 16, 32, 64, 128} - {heur}):
+            if s > 128:
+                continue
+            try:
+                results[(cand, s)] = _ms(lambda s=s: call(s))
+            except Exception as exc:
+                print(f"  tile {cand} splits {s} failed: {type(exc).__name__}: {str(exc)[:100]}")
     fi._FORCE_TILE = None
     (tile, splits), ms = min(results.items(), key=lambda kv: kv[1])
 
@@ -109,6 +112,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="two shapes, pages 0 and 256")
     ap.add_argument("--shapes", default=None, help="comma list of BATCHxCONTEXT (default: all of SHAPES)")
     ap.add_argument("--pages", default=None, help="comma list of page sizes (default 0,16,256)")
+    ap.add_argument("--top", type=int, default=3, help="tiles whose split counts phase 2 sweeps")
     args = ap.parse_args()
     install_sigterm_handler()
     from torch.nn.functional import scaled_dot_product_attention as sdpa
@@ -132,7 +136,7 @@ def main() -> None:
         sd_ms = _ms(lambda qt=qt, kt=kt, vt=vt: sdpa(qt, kt, vt, enable_gqa=True))
         ref = sdpa(*(t.float().transpose(1, 2) for t in (q, kc, vc)), enable_gqa=True).transpose(1, 2)
         for page in pages:
-            row = _sweep_point(q, kc, vc, lens, page, ref, sd_ms, nbytes, t0)
+            row = _sweep_point(q, kc, vc, lens, page, ref, sd_ms, nbytes, t0, args.top)
             if row:
                 out_rows.append(row)
         torch.cuda.empty_cache()
