@@ -28,9 +28,38 @@ import triton.language as tl
 from fa_core.forward_configs import cdiv, next_pow2
 from fa_core.validation import value_checks_enabled
 
-__all__ = ["apply_rotary"]
+__all__ = ["apply_rotary", "load_cos_sin", "rotary_pair_cols", "rotate_pair"]
 
 _SUPPORTED_X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def rotary_pair_cols(offs_k, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Columns of the two channels of rotated pair ``offs_k``: ``(2i, 2i + 1)`` interleaved (GPT-J style),
+    ``(i, i + HALF)`` otherwise (GPT-NeoX style)."""
+    if INTERLEAVED:
+        k0 = 2 * offs_k
+        k1 = 2 * offs_k + 1
+    else:
+        k0 = offs_k
+        k1 = offs_k + HALF
+    return k0, k1
+
+
+@triton.jit
+def load_cos_sin(COS, SIN, pos, offs_k, HALF: tl.constexpr, mask):
+    """fp32 ``cos``/``sin`` ``(rows, pairs)`` of the contiguous ``(seqlen_ro, HALF)`` tables at positions ``pos``;
+    where ``mask`` is False (rows past the table, padding) the identity rotation (cos 1, sin 0)."""
+    cs_off = pos[:, None].to(tl.int64) * HALF + offs_k[None, :]
+    cos = tl.load(COS + cs_off, mask=mask, other=1.0).to(tl.float32)
+    sin = tl.load(SIN + cs_off, mask=mask, other=0.0).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
+def rotate_pair(x0, x1, cos, sin):
+    """The rotated pair in fp32 (rounded once by the caller's store)."""
+    return x0 * cos - x1 * sin, x0 * sin + x1 * cos
 
 
 @triton.jit
@@ -89,22 +118,15 @@ def _rotary_kernel(
         pos = offs_m + SEQLEN_OFFSETS
 
     # cos/sin are contiguous (seqlen_ro, HALF); out-of-table rows become the identity rotation.
-    cs_mask = (pos[:, None] < seqlen_ro) & (offs_k[None, :] < HALF)
-    cs_off = pos[:, None].to(tl.int64) * HALF + offs_k[None, :]
-    cos = tl.load(COS + cs_off, mask=cs_mask, other=1.0).to(tl.float32)
-    sin = tl.load(SIN + cs_off, mask=cs_mask, other=0.0).to(tl.float32)
+    cos, sin = load_cos_sin(
+        COS, SIN, pos, offs_k, HALF, (pos[:, None] < seqlen_ro) & (offs_k[None, :] < HALF)
+    )
     if CONJUGATE:
         sin = -sin
     cos = cos[None, :, :]
     sin = sin[None, :, :]
 
-    if INTERLEAVED:
-        k0 = 2 * offs_k
-        k1 = 2 * offs_k + 1
-    else:
-        k0 = offs_k
-        k1 = offs_k + HALF
-
+    k0, k1 = rotary_pair_cols(offs_k, HALF, INTERLEAVED)
     mask = (
         (offs_h[:, None, None] < nheads) & (offs_m[None, :, None] < seqlen) & (offs_k[None, None, :] < HALF)
     )
@@ -114,8 +136,7 @@ def _rotary_kernel(
     )
     x0 = tl.load(X + row_x + k0[None, None, :] * stride_x_k, mask=mask, other=0.0).to(tl.float32)
     x1 = tl.load(X + row_x + k1[None, None, :] * stride_x_k, mask=mask, other=0.0).to(tl.float32)
-    o0 = x0 * cos - x1 * sin
-    o1 = x0 * sin + x1 * cos
+    o0, o1 = rotate_pair(x0, x1, cos, sin)
     tl.store(OUT + row_o + k0[None, None, :] * stride_out_k, o0.to(OUT.dtype.element_ty), mask=mask)
     tl.store(OUT + row_o + k1[None, None, :] * stride_out_k, o1.to(OUT.dtype.element_ty), mask=mask)
 

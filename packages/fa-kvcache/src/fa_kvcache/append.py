@@ -7,6 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from fa_core.rotary import load_cos_sin, rotary_pair_cols, rotate_pair
 from fa_kvcache.kernels import _row_offsets
 
 __all__ = ["append_kernel"]
@@ -99,21 +100,12 @@ def append_kernel(
         tl.store(k_dst[:, None] + offs_d[None, :], kp.to(K.dtype.element_ty), mask=mask_p)
         HALF: tl.constexpr = ROTARY_DIM // 2
         offs_k = tl.arange(0, BLOCK_HALF)
-        if INTERLEAVED:
-            k0 = 2 * offs_k
-            k1 = 2 * offs_k + 1
-        else:
-            k0 = offs_k
-            k1 = offs_k + HALF
+        k0, k1 = rotary_pair_cols(offs_k, HALF, INTERLEAVED)
         mask_r = ok[:, None] & (offs_k[None, :] < HALF)
-        cs_mask = mask_r & (pos[:, None] < seqlen_ro)
-        cs_off = pos[:, None].to(tl.int64) * HALF + offs_k[None, :]
-        cos = tl.load(Cos + cs_off, mask=cs_mask, other=1.0).to(tl.float32)
-        sin = tl.load(Sin + cs_off, mask=cs_mask, other=0.0).to(tl.float32)
+        cos, sin = load_cos_sin(Cos, Sin, pos, offs_k, HALF, mask_r & (pos[:, None] < seqlen_ro))
         x0 = tl.load(k_src[:, None] + k0[None, :], mask=mask_r, other=0.0).to(tl.float32)
         x1 = tl.load(k_src[:, None] + k1[None, :], mask=mask_r, other=0.0).to(tl.float32)
-        o0 = x0 * cos - x1 * sin
-        o1 = x0 * sin + x1 * cos
+        o0, o1 = rotate_pair(x0, x1, cos, sin)
         tl.store(k_dst[:, None] + k0[None, :], o0.to(K.dtype.element_ty), mask=mask_r)
         tl.store(k_dst[:, None] + k1[None, :], o1.to(K.dtype.element_ty), mask=mask_r)
     else:
