@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(args.rounds):
             _unforce(orig)
             ms = bench_ms(ours)
+            assert forward_launch.fwd_launch.last_config is not None
             pick = config_key(forward_launch.fwd_launch.last_config)
             timings: list[tuple[str, float, Any]] = [("auto", ms, pick)]
-            assert pick is not None
             with env_override("FA_PLUS_TMA", "0"):
                 ms = bench_ms(ours)
                 timings.append(("auto-notma", ms, config_key(forward_launch.fwd_launch.last_config)))

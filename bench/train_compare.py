@@ -37,10 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("train_compare: no CUDA GPU; nothing to train", file=sys.stderr)
         return 3
-    from fa_backward.training_check import GAP_FLOOR, compare_training, smooth
+    from fa_backward.training_check import GAP_FLOOR, compare_training, corpus, smooth
 
-    torch.manual_seed(args.seed)
-    data = torch.randint(0, 256, (8, 8, 513), device="cuda")
+    data = corpus(args.seed)
     cmp = compare_training(
         args.steps,
         data,

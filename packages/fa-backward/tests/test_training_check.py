@@ -11,6 +11,7 @@ from fa_backward.training_check import (
     TinyLM,
     TrainingComparison,
     compare_training,
+    corpus,
     max_relative_gap,
     smooth,
 )
@@ -57,3 +58,10 @@ def test_compare_training_needs_two_reference_runs():
         compare_training(1, data, repeats={"ours": 1, "sdpa": 1})
     with pytest.raises(ValueError, match="repeats"):
         compare_training(1, data, repeats={"ours": 0, "sdpa": 3})
+
+
+def test_corpus_is_fixed_by_its_seed():
+    a, b = corpus(123, device="cpu"), corpus(123, device="cpu")
+    assert a.shape == (8, 8, 513) and a.dtype == torch.int64
+    assert torch.equal(a, b) and not torch.equal(a, corpus(124, device="cpu"))
+    assert int(a.min()) >= 0 and int(a.max()) < 256

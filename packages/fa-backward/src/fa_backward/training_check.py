@@ -25,6 +25,7 @@ __all__ = [
     "TinyLM",
     "TrainingComparison",
     "compare_training",
+    "corpus",
     "max_relative_gap",
     "smooth",
     "train_losses",
@@ -80,6 +81,13 @@ class TinyLM(torch.nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return self.head(x)
+
+
+def corpus(seed: int = 123, device: str = "cuda") -> torch.Tensor:
+    """The fixed token corpus of the comparison: 8 batches of 8 x 512 (+1) random byte ids from ``seed``,
+    ``(8, 8, 513)`` int64 (the model memorises them)."""
+    torch.manual_seed(seed)
+    return torch.randint(0, 256, (8, 8, 513), device=device)
 
 
 def train_losses(

@@ -52,8 +52,8 @@ def num_splits_heuristic(work: int, n_key_blocks: int, num_sms: int, max_splits:
 
     Fitted on an H200 (bench/tune_decode.py; docs/STATUS.md has the numbers): no split once the programs
     fill the machine; otherwise fill about two programs per SM, or four when the work is tiny (batch 1),
-    never more splits than key blocks, and none left without a block. Best measured split counts: batch 1 / 32k keys 64 (8 kv heads),
-    batch 8 / 8k 4, batch 1 / 1k 16 (one block each), batch 32 / 1k 1.
+    never more splits than key blocks, and none left without a block. Best measured split counts: batch 1 /
+    32k keys 64 (8 kv heads), batch 8 / 8k 4, batch 1 / 1k 16 (one block each), batch 32 / 1k 1.
     """
     if work <= 0 or work >= 0.8 * num_sms or n_key_blocks <= 1:
         return 1
