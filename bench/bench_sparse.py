@@ -12,8 +12,9 @@ Patterns (rows ``"pattern"``, ``"density"`` = visible elements / all elements):
 * ``sink``: causal with learnable sinks, ``"fa-plus"`` vs ``"fa-plus-dense"`` (same kernel, no sink);
 * ``chunk``: ``attention_chunk=4096`` causal, vs ``"fa-plus-dense"`` (plain causal).
 
-FlexAttention gets the same block sparsity (a BlockMask built by its ``create_block_mask`` from the same
-mask, causal inside its mask_mod since it has no built-in causal) and the same score_mod, through
+FlexAttention gets the same block sparsity (random patterns: the same whole blocks, as full blocks through
+``BlockMask.from_kv_blocks``; the others: its ``create_block_mask`` from the same mask, broadcast over batch and
+heads, causal inside its mask_mod since it has no built-in causal) and the same score_mod, through
 ``torch.compile(flex_attention)``. TFLOP/s are counted on the visible elements only: fwd = 4 * d * visible,
 fwd+bwd = 3.5 x that (``common.flops`` convention). Rows go to ``bench/results/<device>-sparse.json`` with
 ``"bench": "sparse_fwd"`` / ``"sparse_fwd_bwd"``; ``rel_err`` = max |ours - flex| / max |flex| on the output.
@@ -96,15 +97,34 @@ def _count_visible(mask_fn: Callable[..., torch.Tensor], b: int, h: int, s: int,
     return total
 
 
-def _flex_mask(mask_fn, b, h, s, device, block):
+def _flex_mask(spec, h, s, device, block):
+    """FlexAttention's BlockMask for a case: ``("blocks", dense_blocks)`` becomes full blocks through
+    ``BlockMask.from_kv_blocks`` (no element mask to evaluate, as flex's own builder would find for whole
+    blocks); ``("mask", fn, per_head)`` goes through flex's ``create_block_mask``, broadcast over batch and,
+    unless ``per_head``, over heads (a (batch, heads, s, s) build needs 128 GiB at 32k)."""
+    from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
     from torch.nn.attention.flex_attention import create_block_mask as flex_cbm
 
-    # _compile: build the mask block by block (the eager path materialises (b, h, s, s) and runs out of
-    # memory at 32k)
-    try:
-        return flex_cbm(mask_fn, B=b, H=h, Q_LEN=s, KV_LEN=s, device=device, BLOCK_SIZE=block, _compile=True)
-    except TypeError:
-        return flex_cbm(mask_fn, B=b, H=h, Q_LEN=s, KV_LEN=s, device=device, BLOCK_SIZE=block)
+    if spec[0] == "blocks":
+        blocks = spec[1]
+        ours = block_mask_from_dense(blocks, (block, block), full_blocks=blocks)
+
+        def lookup(bi, hi, qi, ki):  # flex evaluates it only in eager mode: its kernels skip full blocks
+            return blocks[0][hi, qi // block, ki // block]
+
+        assert ours.full_kv_num_blocks is not None and ours.full_kv_indices is not None
+        return FlexBlockMask.from_kv_blocks(
+            torch.zeros_like(ours.full_kv_num_blocks),
+            torch.zeros_like(ours.full_kv_indices),
+            ours.full_kv_num_blocks,
+            ours.full_kv_indices,
+            BLOCK_SIZE=block,
+            mask_mod=lookup,
+        )
+    _, mask_fn, per_head = spec
+    return flex_cbm(
+        mask_fn, B=None, H=h if per_head else None, Q_LEN=s, KV_LEN=s, device=device, BLOCK_SIZE=block
+    )
 
 
 def build_case(pattern: str, b: int, h: int, s: int, device: str, block: int, gen: torch.Generator) -> Case:
@@ -116,11 +136,8 @@ def build_case(pattern: str, b: int, h: int, s: int, device: str, block: int, ge
         blocks = blocks.to(device)
         bm = block_mask_from_dense(blocks, (block, block), full_blocks=blocks)
 
-        def lookup(bi, hi, qi, ki):
-            return blocks[0][hi, qi // block, ki // block]
-
         return Case(
-            {"block_mask": bm}, {"block_mask": ("mask", lookup)}, float(blocks.sum()) * block * block * b
+            {"block_mask": bm}, {"block_mask": ("blocks", blocks)}, float(blocks.sum()) * block * block * b
         )
     if pattern == "window_global":
         bm = create_block_mask(
@@ -132,7 +149,9 @@ def build_case(pattern: str, b: int, h: int, s: int, device: str, block: int, ge
             return _causal_torch(bi, hi, qi, ki) & _window_global_torch(bi, hi, qi, ki)
 
         ours = {"block_mask": bm, "mask_mod": _window_global, "causal": True}
-        return Case(ours, {"block_mask": ("mask", both)}, _count_visible(both, 1, 1, s, device) * b * h)
+        return Case(
+            ours, {"block_mask": ("mask", both, False)}, _count_visible(both, 1, 1, s, device) * b * h
+        )
     if pattern == "document":
         lens, left = [], nb
         while left > 0:
@@ -147,11 +166,11 @@ def build_case(pattern: str, b: int, h: int, s: int, device: str, block: int, ge
             return _causal_torch(bi, hi, qi, ki) & same(bi, hi, qi, ki)
 
         visible = float(sum(n * block * (n * block + 1) / 2 for n in lens)) * b * h
-        return Case({"block_mask": bm, "causal": True}, {"block_mask": ("mask", both)}, visible)
+        return Case({"block_mask": bm, "causal": True}, {"block_mask": ("mask", both, False)}, visible)
     causal_visible = s * (s + 1) / 2 * b * h
     if pattern == "relbias":
         ours = {"score_mod": sm.relative_position_bias, "score_mod_grad": sm.additive_grad, "causal": True}
-        flex = {"score_mod": sm.relative_position_bias_torch, "block_mask": ("mask", _causal_torch)}
+        flex = {"score_mod": sm.relative_position_bias_torch, "block_mask": ("mask", _causal_torch, False)}
         return Case(ours, flex, causal_visible)
     if pattern == "sink":
         return Case({"causal": True, "_sink": True}, None, causal_visible, dense={"causal": True})
@@ -185,8 +204,7 @@ def _flex_fn(kw: dict[str, Any], q, k, v, b: int, h: int, s: int, block: int):
             if hasattr(dynamo.config, name):
                 setattr(dynamo.config, name, 1000)
         _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
-    _, mask_fn = kw["block_mask"]
-    bm = _flex_mask(mask_fn, 1, h, s, q.device.type, block)
+    bm = _flex_mask(kw["block_mask"], h, s, q.device.type, block)
     qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
     gqa = {"enable_gqa": True} if kt.shape[1] != qt.shape[1] else {}
     score_mod = kw.get("score_mod")
