@@ -64,12 +64,35 @@ def _no_m_safe(src: str) -> str:
     return src.replace(old, new)
 
 
+_L_UPDATE = "    l_i = l_i * alpha + tl.sum(p, 1)\n"
+_ACC_RESCALE = "    acc = acc * alpha[:, None]\n"
+_PV_DOT = "    acc = tl.dot(p.to(v.dtype), v, acc)\n"
+
+
+def _rescale_first(src: str) -> str:
+    """The accumulator rescale right after alpha, before the probabilities (FlagGems' order)."""
+    assert _ACC_RESCALE in src
+    src = src.replace(_ACC_RESCALE, "")
+    anchor = "    alpha = tl.exp2(m_i - m_safe)\n"
+    assert anchor in src
+    return src.replace(anchor, anchor + _ACC_RESCALE)
+
+
+def _sum_after_dot(src: str) -> str:
+    """The row sum of p after the P @ V dot is issued, so that it can overlap the asynchronous wgmma."""
+    assert _L_UPDATE in src and _PV_DOT in src
+    return src.replace(_L_UPDATE, "").replace(_PV_DOT, _PV_DOT + _L_UPDATE)
+
+
 #: name -> (file under packages/fa-core/src, edit of its source)
 VARIANTS: dict[str, tuple[str, Callable[[str], str]]] = {
     "base": (KERNEL, lambda src: src),
     "interior_first": (KERNEL, _swap_edge_and_interior),
     "no_reverse": (KERNEL, _no_reverse),
     "no_m_safe": (INNER, _no_m_safe),
+    "rescale_first": (INNER, _rescale_first),
+    "sum_after_dot": (INNER, _sum_after_dot),
+    "both_orders": (INNER, lambda src: _sum_after_dot(_rescale_first(src))),
 }
 
 

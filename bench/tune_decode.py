@@ -113,8 +113,15 @@ def main() -> None:
     ap.add_argument("--shapes", default=None, help="comma list of BATCHxCONTEXT (default: all of SHAPES)")
     ap.add_argument("--pages", default=None, help="comma list of page sizes (default 0,16,256)")
     ap.add_argument("--top", type=int, default=3, help="tiles whose split counts phase 2 sweeps")
+    ap.add_argument(
+        "--tiles",
+        default=None,
+        help="'/'-separated BLOCK_N,warps,stages tiles for phase 1 instead of TILES, e.g. 64,4,4/64,4,7",
+    )
     args = ap.parse_args()
     install_sigterm_handler()
+    if args.tiles:
+        TILES[:] = [tuple(int(x) for x in t.split(",")) for t in args.tiles.split("/")]
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
     shapes = SHAPES[:2] if args.quick else SHAPES
