@@ -484,6 +484,34 @@ def test_key_tile_fitted_points():
     assert _key_tile(1, 4, 16, 128, False, 2048, 16) == (128, 4, 3)  # batch 8, 8k, 4 splits: 128 won there
 
 
+@pytest.mark.parametrize("page", [16, 32, 48])
+@pytest.mark.parametrize("leftpad", [False, True])
+@pytest.mark.parametrize("splits", [1, 3, 7])
+def test_block_table_preload(monkeypatch, page, leftpad, splits):
+    """Paged caches with the split's block-table entries preloaded into registers (BT_PRELOAD > 0, the
+    default) and read inside the key loop (FA_PLUS_BT_PRELOAD=0): both match the reference and each other,
+    with splits that start mid-page (leftpad, 48-key pages) and the ragged end of the keys."""
+    import fa_kvcache.interface as ki
+
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FA_PLUS_BT_PRELOAD", flag)
+        case = _make_case(
+            batch=3, seqlen_q=2, seqlen_new=3, leftpad=leftpad, page=page, capacity=192, seed=41 + page
+        )
+        results.append(_run_and_check(case, causal=True, num_splits=splits))
+    (out1, lse1), (out0, lse0) = results
+    torch.testing.assert_close(out1, out0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse1, lse0, atol=1e-5, rtol=1e-5)
+    # the sizes it picks: every page of the longest split, the first one possibly partial
+    monkeypatch.setenv("FA_PLUS_BT_PRELOAD", "1")
+    assert ki.bt_preload(16, 32768, 16, 64) == 256  # 2048 keys: 128 pages + 1
+    assert ki.bt_preload(64, 32768, 16, 64) == 64  # 32 + 1 pages
+    assert ki.bt_preload(256, 32768, 64, 64) == 4  # 512 keys: 2 + 1 pages
+    assert ki.bt_preload(16, 32768, 1, 64) == 0  # 2048 pages: loaded inside the loop
+    assert ki.bt_preload(0, 32768, 16, 64) == 0  # contiguous cache
+
+
 @pytest.mark.parametrize("page", [0, 16])
 @pytest.mark.parametrize("seqlen_q", [1, 3])
 @pytest.mark.parametrize("sink", [False, True])

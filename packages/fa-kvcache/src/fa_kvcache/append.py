@@ -74,7 +74,7 @@ def append_kernel(
     if PAGED:
         bt_base = BlockTable + b.to(tl.int64) * stride_btb
         k_off, v_off = _row_offsets(
-            bt_base, 0, pos, ok, stride_kb, stride_kn, stride_vb, stride_vn, True, PAGE, False, True
+            bt_base, 0, 0, 0, pos, ok, stride_kb, stride_kn, stride_vb, stride_vn, True, PAGE, False, True, 0
         )
         k_dst = K + h.to(tl.int64) * stride_kh + k_off
         v_dst = V + h.to(tl.int64) * stride_vh + v_off

@@ -108,6 +108,22 @@ def _row_tile(seqlen_q: int, group: int, d: int, dv: int, interpret: bool) -> tu
     return block_m, min(gp, block_m)
 
 
+#: most block-table entries a split-KV program preloads into registers (int32, 2 per thread at 4 warps)
+MAX_BT_PRELOAD = 256
+
+
+def bt_preload(page: int, capacity: int, splits: int, block_n: int) -> int:
+    """``BT_PRELOAD`` of the split-KV kernel: a power of two covering the block-table entries of the longest
+    split (its keys span at most ``cdiv(per_split * block_n, page) + 1`` pages: the first may start mid-page),
+    or 0 (load them inside the key loop) when that exceeds :data:`MAX_BT_PRELOAD` or the cache is contiguous
+    (``page`` 0). ``FA_PLUS_BT_PRELOAD=0`` turns it off (A/B timing)."""
+    if page <= 0 or os.environ.get("FA_PLUS_BT_PRELOAD", "1") == "0":
+        return 0
+    per_split = cdiv(cdiv(capacity, block_n), max(1, splits))
+    n = cdiv(per_split * block_n, page) + 1
+    return max(2, next_pow2(n)) if n <= MAX_BT_PRELOAD else 0
+
+
 def _key_tile(
     seqlen_q: int, group: int, block_m: int, dmax: int, interpret: bool, keys_per_program: int, page: int = 0
 ) -> tuple[int, int, int]:
@@ -438,6 +454,7 @@ def flash_attn_with_kvcache(
             PAGED=paged,
             PAGE=k_cache.shape[1] if paged else 1,
             PAGE_TILE=paged and k_cache.shape[1] % block_n == 0 and cache_leftpad is None,
+            BT_PRELOAD=bt_preload(page, capacity, splits, block_n),
             SEQLENS_TENSOR=seq_tensor,
             HAS_BATCH_IDX=cache_batch_idx is not None,
             HAS_LEFTPAD=cache_leftpad is not None,
