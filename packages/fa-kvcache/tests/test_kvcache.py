@@ -462,10 +462,13 @@ def test_num_splits_heuristic_fitted_points():
     from fa_kvcache.interface import num_splits_heuristic
 
     # the H200 (132 SMs) points it was fitted on: (work, 64-key blocks) -> best measured splits (or near)
-    assert num_splits_heuristic(8, 512, 132) == 64  # batch 1, 32k keys, 8 kv heads (66 leave 2 empty)
-    assert num_splits_heuristic(8, 500, 132) == 63  # 66 -> 8 blocks each -> 63 splits hold them all
-    assert num_splits_heuristic(64, 128, 132) == 4  # batch 8, 8k
+    assert num_splits_heuristic(8, 512, 132) == 16  # batch 1, 32k keys, 8 kv heads, contiguous
+    assert num_splits_heuristic(8, 512, 132, paged=True) == 32  # the same, paged (33 would leave one empty)
+    assert num_splits_heuristic(8, 500, 132, paged=True) == 32  # 33 -> 16 blocks each -> 32 splits hold them
+    assert num_splits_heuristic(64, 128, 132) == 2  # batch 8, 8k, contiguous
+    assert num_splits_heuristic(64, 128, 132, paged=True) == 6  # batch 8, 8k, paged
     assert num_splits_heuristic(8, 16, 132) == 16  # batch 1, 1k: one block per split
+    assert num_splits_heuristic(8, 16, 132, paged=True) == 16
     assert num_splits_heuristic(256, 16, 132) == 1  # batch 32: the programs fill the machine
     assert num_splits_heuristic(8, 1, 132) == 1
     assert num_splits_heuristic(0, 10, 132) == 1
@@ -475,13 +478,17 @@ def test_key_tile_fitted_points():
     from fa_kvcache.interface import _key_tile
 
     # (seqlen_q, group, block_m, dmax, interpret, keys per program, page) -> (BLOCK_N, warps, stages), H200
-    assert _key_tile(1, 4, 16, 128, False, 512, 0) == (64, 4, 2)  # short streams (batch 1, many splits)
+    assert _key_tile(1, 4, 16, 128, False, 64, 0) == (64, 4, 2)  # short streams (batch 1 / 1k, 16 splits)
+    assert _key_tile(1, 4, 16, 128, False, 64, 16) == (64, 4, 2)
+    assert _key_tile(1, 4, 16, 128, False, 2048, 0) == (64, 4, 4)  # batch 1 / 32k contiguous, 16 splits
+    assert _key_tile(1, 4, 16, 128, False, 4096, 0) == (64, 4, 4)  # batch 8 / 8k contiguous, 2 splits
+    assert _key_tile(1, 4, 16, 128, False, 1024, 16) == (32, 4, 3)  # batch 1 / 32k paged, 32 splits
+    assert _key_tile(1, 4, 16, 128, False, 1365, 256) == (32, 4, 3)  # batch 8 / 8k paged, 6 splits
     assert _key_tile(1, 4, 16, 128, False, 32768, 0) == (128, 4, 3)  # long, contiguous
     assert _key_tile(1, 4, 16, 128, False, 32768, 256) == (128, 4, 3)  # long, a tile inside one page
     # long, pages smaller than a 128-key tile: 64-key tiles (batch 64, 32k: 3507 -> 4255 GB/s at page 16)
     assert _key_tile(1, 4, 16, 128, False, 32768, 16) == (64, 4, 3)
     assert _key_tile(4, 4, 16, 128, False, 8192, 64) == (64, 4, 3)
-    assert _key_tile(1, 4, 16, 128, False, 2048, 16) == (128, 4, 3)  # batch 8, 8k, 4 splits: 128 won there
 
 
 @pytest.mark.parametrize("page", [16, 32, 48])

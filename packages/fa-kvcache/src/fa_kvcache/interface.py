@@ -46,22 +46,28 @@ def _sm_count(device: torch.device) -> int:
     return _CPU_SM_FALLBACK
 
 
-def num_splits_heuristic(work: int, n_key_blocks: int, num_sms: int, max_splits: int = MAX_SPLITS) -> int:
+def num_splits_heuristic(
+    work: int, n_key_blocks: int, num_sms: int, max_splits: int = MAX_SPLITS, paged: bool = False
+) -> int:
     """Number of key splits for ``work`` programs (batch * kv heads * query tiles) on ``num_sms`` SMs, with
     ``n_key_blocks`` blocks of 64 keys to share out.
 
-    Fitted on an H200 (bench/tune_decode.py; docs/STATUS.md has the numbers): no split once the programs
-    fill the machine; otherwise fill about two programs per SM, or four when the work is tiny (batch 1),
-    never more splits than key blocks, and none left without a block. Best measured split counts: batch 1 /
-    32k keys 64 (8 kv heads), batch 8 / 8k 4, batch 1 / 1k 16 (one block each), batch 32 / 1k 1.
+    Fitted on an H200 (bench/tune_decode.py, block-table preload on; docs/STATUS.md has the numbers): no split
+    once the programs fill the machine. Otherwise a contiguous cache wants about one program per SM, each
+    streaming a long run of keys through a deep pipeline (batch 1 / 32k: 16 splits 3533 GB/s vs 64 splits
+    3211; batch 8 / 8k: 2 splits 3993 vs 4 3769); a paged cache wants more, shorter programs with 32-key
+    tiles (batch 1 / 32k: 32 splits; batch 8 / 8k: 6 splits, 3757 vs 3363 GB/s at page 16). Never more splits
+    than key blocks, and none left without a block.
     """
     if work <= 0 or work >= 0.8 * num_sms or n_key_blocks <= 1:
         return 1
-    per_sm = 4 if 8 * work < num_sms else 2
+    if paged:
+        per_sm = 2 if 8 * work < num_sms else 3
+    else:
+        per_sm = 1
     splits = max(1, min(max_splits, n_key_blocks, (per_sm * num_sms) // work))
     # each split takes cdiv(blocks, splits) blocks: drop the splits that would get none (they cost a program
-    # and a combine read each). Batch 1, 32k keys: 66 -> 64 splits, 2989 -> 3092 GB/s at page 16, 3055 -> 3183
-    # at page 64, 3068 -> 3179 at page 256 (H200, bench/results/h200-decode-tune-b1.json)
+    # and a combine read each). Batch 1, 32k keys: 66 -> 64 splits, 2989 -> 3092 GB/s at page 16 (session 6)
     return cdiv(n_key_blocks, cdiv(n_key_blocks, splits))
 
 
@@ -129,12 +135,11 @@ def _key_tile(
 ) -> tuple[int, int, int]:
     """``(BLOCK_N, num_warps, num_stages)`` for the split-KV kernel.
 
-    Measured on an H200 (d128, bf16, seqlen_q 1, GQA 4): 64-key tiles, 4 warps, 2 stages win on short
-    per-program streams (many splits); 128-key tiles with 3 stages on long ones (>= 2k keys a program), except
-    on very long streams (>= 8k keys a program) through pages of fewer than 128 keys (``page``; 0 =
-    contiguous): there 64-key tiles with 3 stages stream faster (batch 64, 32k context: 3507 -> 4255 GB/s at
-    page 16, 3523 -> 4428 at page 64; bench/results/h200-decode-tune-b64.json). At 2k keys a program (batch 8,
-    8k context, 4 splits) the 64-key tile lost (0.91x -> 0.77x SDPA at page 16).
+    Measured on an H200 (d128, bf16, seqlen_q 1, GQA 4; bench/tune_decode.py, h200-decode-tune-*.json): 64-key
+    tiles, 4 warps, 2 stages on short per-program streams; on medium ones (the split counts of
+    :func:`num_splits_heuristic`) 32-key tiles with 3 stages through a paged cache and 64-key tiles with 4 stages
+    on a contiguous one; on very long streams (>= 8k keys a program, batch 64 / 32k) 128-key tiles with 3 stages,
+    or 64-key tiles through pages of fewer than 128 keys (``page``; 0 = contiguous; 3507 -> 4255 GB/s at page 16).
     """
     if interpret:
         return 16 if seqlen_q * next_pow2(group) <= 16 else 32, 1, 1
@@ -144,10 +149,17 @@ def _key_tile(
         return 32, 8 if block_m >= 64 else 4, 2
     if block_m >= 64:
         return 64, 8 if block_m >= 128 else 4, 2
-    if keys_per_program >= 8192 and 0 < page < 128:
-        return 64, 4, 3
-    if keys_per_program >= 2048:
-        return 128, 4, 3
+    if keys_per_program >= 8192:
+        # batch 64 / 32k (one split): 64-key tiles through pages smaller than a 128-key tile
+        return (64, 4, 3) if 0 < page < 128 else (128, 4, 3)
+    if page > 0 and keys_per_program >= 512:
+        # paged, medium streams: 32-key tiles (batch 1 / 32k, 32 splits: 3092 / 3230 GB/s at page 16 / 64;
+        # batch 8 / 8k, 6 splits: 3757 / 3806)
+        return 32, 4, 3
+    if page == 0 and keys_per_program >= 2048:
+        # contiguous, medium streams: a 4-stage pipeline (batch 1 / 32k, 16 splits: 3533 GB/s; batch 8 / 8k,
+        # 2 splits: 3993)
+        return 64, 4, 4
     return 64, 4, 2
 
 
@@ -383,7 +395,7 @@ def flash_attn_with_kvcache(
     n_qblocks = cdiv(seqlen_q, block_m // hb)
     work = n_qblocks * n_head_chunks * batch * nheads_k
     if num_splits is None or int(num_splits) <= 0:
-        splits = num_splits_heuristic(work, cdiv(capacity, 64), _sm_count(q.device))
+        splits = num_splits_heuristic(work, cdiv(capacity, 64), _sm_count(q.device), paged=paged)
     else:
         splits = min(int(num_splits), MAX_SPLITS)
     page = k_cache.shape[1] if paged else 0
