@@ -250,3 +250,54 @@ def test_fused_combine_gpu(monkeypatch, page, splits):
         torch.testing.assert_close(g_out, want_out, atol=2e-3, rtol=1e-2)
         torch.testing.assert_close(g_lse, want_lse, atol=1e-4, rtol=1e-4)
     assert all(int(c.abs().sum()) == 0 for c in ki._COUNTERS.values())
+
+
+@pytest.mark.parametrize("page", [0, 16, 256])
+def test_combine_pdl_bitwise(monkeypatch, page):
+    """The combine launched as a programmatic dependent of the split-KV kernel (FA_PLUS_DECODE_PDL, on by
+    default on Hopper) gives the bits of the plain launch order, eagerly and inside a CUDA graph replayed with
+    new lengths (the combine must wait for every split's partials)."""
+    import fa_kvcache.interface as ki
+
+    if not ki._pdl_supported(torch.device(DEVICE)):
+        pytest.skip("programmatic dependent launch needs sm_90+ and a Triton with launch_pdl")
+    torch.manual_seed(6)
+    dt = torch.bfloat16
+    q = torch.randn(2, 1, 32, 128, device=DEVICE, dtype=dt)
+    kc = torch.randn(2, 16384, 8, 128, device=DEVICE, dtype=dt)
+    vc = torch.randn_like(kc)
+    bt = None
+    if page:
+        kc, vc, bt = _paged_from_contiguous(kc, vc, page)
+    lens = torch.tensor([16000, 777], dtype=torch.int32, device=DEVICE)
+
+    def run():
+        return flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, block_table=bt, return_softmax_lse=True)
+
+    monkeypatch.setenv("FA_PLUS_DECODE_PDL", "0")
+    assert not ki.decode_pdl_enabled(q.device)
+    ref = [t.clone() for t in run()]
+    monkeypatch.setenv("FA_PLUS_DECODE_PDL", "1")
+    assert ki.decode_pdl_enabled(q.device)
+    for _ in range(3):
+        for a, b in zip(run(), ref):
+            assert torch.equal(a, b)
+    _check(ref[0], q, *(_dense(kc, vc, bt, 16384) if page else (kc, vc)), lens, False)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out, g_lse = run()
+    for new_lens in ([16000, 777], [33, 16384]):
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        monkeypatch.setenv("FA_PLUS_DECODE_PDL", "0")
+        want_out, want_lse = run()
+        monkeypatch.setenv("FA_PLUS_DECODE_PDL", "1")
+        assert torch.equal(g_out, want_out) and torch.equal(g_lse, want_lse)
+
+
+def _dense(kp, vp, bt, cap):
+    """The contiguous (batch, cap, h, d) view of a paged cache, for the reference."""
+    k = kp[bt.long()].reshape(bt.shape[0], -1, *kp.shape[2:])[:, :cap]
+    v = vp[bt.long()].reshape(bt.shape[0], -1, *vp.shape[2:])[:, :cap]
+    return k, v
