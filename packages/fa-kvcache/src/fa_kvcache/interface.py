@@ -21,7 +21,7 @@ from fa_core.masking import has_window_left, normalize_window
 from fa_core.rotary import apply_rotary
 from fa_kvcache.append import append_kernel
 from fa_kvcache.checks import cache_capacity, kvcache_value_checks_enabled, validate, value_checks
-from fa_kvcache.kernels import GDC_AVAILABLE, combine_kernel, split_kv_kernel
+from fa_kvcache.kernels import combine_kernel, split_kv_kernel
 
 # eager decode steps: launches skip Triton's per-call Python once a specialization is compiled
 append_launch = FastLaunch(append_kernel)
@@ -79,28 +79,6 @@ def fused_combine_enabled() -> bool:
     per device serves every call: do not run two such decode calls concurrently on different streams of one
     device (a CUDA graph replayed while another stream decodes counts as such)."""
     return os.environ.get("FA_PLUS_FUSED_COMBINE", "0") == "1"
-
-
-@functools.lru_cache(maxsize=16)
-def _pdl_supported(device: torch.device) -> bool:
-    """Programmatic dependent launch: a Hopper-or-newer GPU and a Triton that can launch with it."""
-    if device.type != "cuda" or not GDC_AVAILABLE:
-        return False
-    try:
-        from triton.backends.nvidia.compiler import CUDAOptions
-    except ImportError:  # pragma: no cover
-        return False
-    fields = getattr(CUDAOptions, "__dataclass_fields__", {})
-    return "launch_pdl" in fields and torch.cuda.get_device_capability(device) >= (9, 0)
-
-
-def decode_pdl_enabled(device: torch.device) -> bool:
-    """Launch the split combine as a programmatic dependent of the split-KV kernel (its launch overlaps the
-    split kernel's tail; one kernel boundary fewer on the critical path of a decode step). On by default where
-    supported; ``FA_PLUS_DECODE_PDL=0`` turns it off."""
-    return (
-        os.environ.get("FA_PLUS_DECODE_PDL", "1") != "0" and not V.interpreting() and _pdl_supported(device)
-    )
 
 
 # arrival counters of the fused combine, one buffer per device: zero between calls (the last split of a tile
@@ -434,7 +412,6 @@ def flash_attn_with_kvcache(
         out_part = lse_part = empty_arg(q, torch.float32)
     grid = (n_qblocks * n_head_chunks, batch * nheads_k, splits)
     counters = _split_counters(q, grid[0] * grid[1]) if splits > 1 and fused_combine_enabled() else None
-    pdl = splits > 1 and counters is None and decode_pdl_enabled(q.device)
     alibi = alibi_slopes if alibi_slopes is not None else empty_arg(q, torch.float32)
     stride_alb = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
     with _launch_ctx(q):
@@ -501,7 +478,6 @@ def flash_attn_with_kvcache(
             HAS_SINK=learnable_sink is not None,
             SPLIT=splits > 1,
             FUSED_COMBINE=counters is not None,
-            PDL=pdl,
             HB=hb,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
@@ -528,8 +504,6 @@ def flash_attn_with_kvcache(
                 BLOCK_DV=max(next_pow2(dv), 16),
                 BLOCK_S=min(next_pow2(splits), 16),
                 HAS_SINK=learnable_sink is not None,
-                PDL=pdl,
                 num_warps=4 if dv > 64 else 2,
-                launch_pdl=pdl,
             )
     return (out, lse) if return_softmax_lse else out

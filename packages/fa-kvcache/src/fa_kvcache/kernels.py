@@ -25,14 +25,6 @@ import triton.language as tl
 
 from fa_core.masking import chunk_kv_range, chunk_visible, kv_range, scores_log2, visible
 
-try:  # grid dependency control (programmatic dependent launch, sm_90+): Triton >= 3.3
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-    GDC_AVAILABLE = True
-except ImportError:  # pragma: no cover - older Triton: the kernels never take the PDL branches
-    gdc_launch_dependents = gdc_wait = None
-    GDC_AVAILABLE = False
-
 
 @triton.jit
 def _row_offsets(
@@ -255,7 +247,6 @@ def split_kv_kernel(
     HAS_SINK: tl.constexpr,
     SPLIT: tl.constexpr,
     FUSED_COMBINE: tl.constexpr,
-    PDL: tl.constexpr,
     HB: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -268,10 +259,6 @@ def split_kv_kernel(
     A learnable sink (``HAS_SINK``, ``(nheads,)``) joins the denominator here without splits, else in the
     combine.
     """
-    if PDL:
-        # the combine kernel (launched as a programmatic dependent) may start now: its programs wait in
-        # gdc_wait for this grid's completion, so its launch latency overlaps this kernel's tail
-        gdc_launch_dependents()
     QROWS: tl.constexpr = BLOCK_M // HB
     EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
     EVEN_DV: tl.constexpr = HEADDIM_V == BLOCK_DV
@@ -508,16 +495,12 @@ def combine_kernel(
     BLOCK_DV: tl.constexpr,
     BLOCK_S: tl.constexpr,
     HAS_SINK: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     """Grid ``(n_rows,)`` with ``n_rows = batch * seqlen_q * nheads``: merge one row's splits.
 
     Splits are read ``BLOCK_S`` at a time as one ``(BLOCK_S, BLOCK_DV)`` tile with an online rescale, so a
     row costs ``cdiv(num_splits, BLOCK_S)`` wide loads and small batches still spread over many programs.
     """
-    if PDL:
-        # launched before the split kernel finished (programmatic dependent launch): wait for its partials
-        gdc_wait()
     r = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
