@@ -48,6 +48,7 @@ MEASURE_FIELDS = frozenset(
         "peak_mem_mb",
         "tokens_per_s",
         "tile",
+        "ms_rounds",
     }
 )
 #: The provider whose ratio to every other provider the markdown table shows.
