@@ -84,6 +84,27 @@ def _sum_after_dot(src: str) -> str:
     return src.replace(_L_UPDATE, "").replace(_PV_DOT, _PV_DOT + _L_UPDATE)
 
 
+def _even_m(src: str) -> str:
+    """No row masks on the Q load, the O store and the LSE store (diagnostic: every point's seqlen is a multiple
+    of 128, so this measures what the masks cost, not a general kernel)."""
+    old_q = "            HEADDIM,\n            True,\n            EVEN_D,\n        )"
+    assert old_q in src
+    src = src.replace(old_q, "            HEADDIM,\n            False,\n            EVEN_D,\n        )")
+    old_o = "tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=offs_m[:, None] < seqlen_q)"
+    assert old_o in src
+    src = src.replace(old_o, "tl.store(o_ptrs, acc.to(Out.dtype.element_ty))")
+    old_l = "        lse,\n        mask=offs_m < seqlen_q,\n"
+    assert old_l in src
+    return src.replace(old_l, "        lse,\n")
+
+
+def _no_lse(src: str) -> str:
+    """No LSE store at all (diagnostic: the epilogue's cost; the LSE output is left unwritten)."""
+    start = src.index("    tl.store(\n        Lse + ")
+    end = src.index("    )\n", start) + len("    )\n")
+    return src[:start] + src[end:]
+
+
 #: name -> (file under packages/fa-core/src, edit of its source)
 VARIANTS: dict[str, tuple[str, Callable[[str], str]]] = {
     "base": (KERNEL, lambda src: src),
@@ -93,6 +114,8 @@ VARIANTS: dict[str, tuple[str, Callable[[str], str]]] = {
     "rescale_first": (INNER, _rescale_first),
     "sum_after_dot": (INNER, _sum_after_dot),
     "both_orders": (INNER, lambda src: _sum_after_dot(_rescale_first(src))),
+    "even_m": (KERNEL, _even_m),
+    "no_lse": (KERNEL, _no_lse),
 }
 
 
