@@ -97,6 +97,29 @@ def test_keys_in_whole_tiles(feature, shape, dtype):
     _check(q, k, v, res, fkw, slopes, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("feature", ["plain", "causal", "window", "causal_softcap_alibi"])
+@pytest.mark.parametrize(
+    "shape",
+    [(128, 47, 2, 1, 32), (256, 256, 2, 2, 16), (129, 64, 2, 1, 16)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_full_query_blocks(feature, shape, dtype):
+    """seqlen_q a multiple of 128 (dense): the kernel drops the row masks of the Q load and the O / LSE stores
+    (EVEN_M); 129 rows keep them. Both against the reference, output poisoned."""
+    sq, sk, h, hk, d = shape
+    fkw = FEATURES[feature]
+    torch.manual_seed(sq * 7 + sk)
+    q = torch.randn(2, sq, h, d, device=DEVICE, dtype=dtype)
+    k = torch.randn(2, sk, hk, d, device=DEVICE, dtype=dtype)
+    v = torch.randn(2, sk, hk, d, device=DEVICE, dtype=dtype)
+    slopes = _slopes(2, h, per_batch=True) if fkw.get("alibi") else None
+    kw = {k_: v_ for k_, v_ in fkw.items() if k_ != "alibi"}
+    out = poisoned((2, sq, h, d), dtype, DEVICE)
+    res = flash_attn_forward(q, k, v, alibi_slopes=slopes, out=out, **kw)
+    _check(q, k, v, res, fkw, slopes, dtype)
+
+
 def test_right_edge_rule():
     """The right-edge loop may be dropped only when every tile is whole and nothing cuts the band; every
     BLOCK_N of the autotune space must divide 128 for that rule to hold."""

@@ -463,8 +463,8 @@ def test_num_splits_heuristic_fitted_points():
 
     # the H200 (132 SMs) points it was fitted on: (work, 64-key blocks) -> best measured splits (or near)
     assert num_splits_heuristic(8, 512, 132) == 16  # batch 1, 32k keys, 8 kv heads, contiguous
-    assert num_splits_heuristic(8, 512, 132, paged=True) == 32  # the same, paged (33 would leave one empty)
-    assert num_splits_heuristic(8, 500, 132, paged=True) == 32  # 33 -> 16 blocks each -> 32 splits hold them
+    assert num_splits_heuristic(8, 512, 132, paged=True) == 47  # the same, paged (49 would leave two empty)
+    assert num_splits_heuristic(8, 500, 132, paged=True) == 46  # 49 -> 11 blocks each -> 46 splits hold them
     assert num_splits_heuristic(64, 128, 132) == 2  # batch 8, 8k, contiguous
     assert num_splits_heuristic(64, 128, 132, paged=True) == 6  # batch 8, 8k, paged
     assert num_splits_heuristic(8, 16, 132) == 16  # batch 1, 1k: one block per split
@@ -482,7 +482,7 @@ def test_key_tile_fitted_points():
     assert _key_tile(1, 4, 16, 128, False, 64, 16) == (64, 4, 2)
     assert _key_tile(1, 4, 16, 128, False, 2048, 0) == (64, 4, 4)  # batch 1 / 32k contiguous, 16 splits
     assert _key_tile(1, 4, 16, 128, False, 4096, 0) == (64, 4, 4)  # batch 8 / 8k contiguous, 2 splits
-    assert _key_tile(1, 4, 16, 128, False, 1024, 16) == (32, 4, 3)  # batch 1 / 32k paged, 32 splits
+    assert _key_tile(1, 4, 16, 128, False, 697, 16) == (32, 4, 3)  # batch 1 / 32k paged, 47 splits
     assert _key_tile(1, 4, 16, 128, False, 1365, 256) == (32, 4, 3)  # batch 8 / 8k paged, 6 splits
     assert _key_tile(1, 4, 16, 128, False, 32768, 0) == (128, 4, 3)  # long, contiguous
     assert _key_tile(1, 4, 16, 128, False, 32768, 256) == (128, 4, 3)  # long, a tile inside one page

@@ -209,6 +209,8 @@ def launch_forward(
         HAS_ALIBI=alibi_slopes is not None,
         HAS_DROPOUT=dropout_p > 0,
         TMA_OK=tma_ok(q, k, v, out),
+        # full query blocks for every tile (BLOCK_M <= 128): no row masks on Q, O, LSE
+        EVEN_M=not varlen and max_seqlen_q % 128 == 0,
     )
     return left, right, is_local
 

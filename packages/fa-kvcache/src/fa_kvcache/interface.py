@@ -55,16 +55,13 @@ def num_splits_heuristic(
     Fitted on an H200 (bench/tune_decode.py, block-table preload on; docs/STATUS.md has the numbers): no split
     once the programs fill the machine. Otherwise a contiguous cache wants about one program per SM, each
     streaming a long run of keys through a deep pipeline (batch 1 / 32k: 16 splits 3533 GB/s vs 64 splits
-    3211; batch 8 / 8k: 2 splits 3993 vs 4 3769); a paged cache wants more, shorter programs with 32-key
-    tiles (batch 1 / 32k: 32 splits; batch 8 / 8k: 6 splits, 3757 vs 3363 GB/s at page 16). Never more splits
-    than key blocks, and none left without a block.
+    3211; batch 8 / 8k: 2 splits 3993 vs 4 3769); a paged cache wants about three, shorter programs with
+    32-key tiles (batch 1 / 32k: 47 splits, 3164 / 3270 GB/s at page 16 / 256 vs 3092 / 3179 at 32; batch 8 / 8k:
+    6 splits, 3757 vs 3363 GB/s at page 16). Never more splits than key blocks, and none left without a block.
     """
     if work <= 0 or work >= 0.8 * num_sms or n_key_blocks <= 1:
         return 1
-    if paged:
-        per_sm = 2 if 8 * work < num_sms else 3
-    else:
-        per_sm = 1
+    per_sm = 3 if paged else 1
     splits = max(1, min(max_splits, n_key_blocks, (per_sm * num_sms) // work))
     # each split takes cdiv(blocks, splits) blocks: drop the splits that would get none (they cost a program
     # and a combine read each). Batch 1, 32k keys: 66 -> 64 splits, 2989 -> 3092 GB/s at page 16 (session 6)
@@ -153,7 +150,7 @@ def _key_tile(
         # batch 64 / 32k (one split): 64-key tiles through pages smaller than a 128-key tile
         return (64, 4, 3) if 0 < page < 128 else (128, 4, 3)
     if page > 0 and keys_per_program >= 512:
-        # paged, medium streams: 32-key tiles (batch 1 / 32k, 32 splits: 3092 / 3230 GB/s at page 16 / 64;
+        # paged, medium streams: 32-key tiles (batch 1 / 32k, 47 splits: 3164 / 3270 GB/s at page 16 / 256;
         # batch 8 / 8k, 6 splits: 3757 / 3806)
         return 32, 4, 3
     if page == 0 and keys_per_program >= 2048:
