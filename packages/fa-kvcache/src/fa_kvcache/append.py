@@ -73,9 +73,13 @@ def append_kernel(
     ok = (t < seqlen_new) & (pos < capacity) & (pos >= 0)
     if PAGED:
         bt_base = BlockTable + b.to(tl.int64) * stride_btb
+        # a per-row block-table read (no preloaded entries, no page pick; BLOCK_N is unused on that path)
+        # fmt: off
         k_off, v_off = _row_offsets(
-            bt_base, 0, 0, 0, pos, ok, stride_kb, stride_kn, stride_vb, stride_vn, True, PAGE, False, True, 0
+            bt_base, 0, 0, 0, pos, ok, stride_kb, stride_kn, stride_vb, stride_vn, True, PAGE, False, True, 0,
+            False, 16,
         )
+        # fmt: on
         k_dst = K + h.to(tl.int64) * stride_kh + k_off
         v_dst = V + h.to(tl.int64) * stride_vh + v_off
     else:

@@ -115,16 +115,33 @@ def _row_tile(seqlen_q: int, group: int, d: int, dv: int, interpret: bool) -> tu
 MAX_BT_PRELOAD = 256
 
 
-def bt_preload(page: int, capacity: int, splits: int, block_n: int) -> int:
+def bt_preload(page: int, capacity: int, splits: int, block_n: int, aligned: bool = False) -> int:
     """``BT_PRELOAD`` of the split-KV kernel: a power of two covering the block-table entries of the longest
-    split (its keys span at most ``cdiv(per_split * block_n, page) + 1`` pages: the first may start mid-page),
-    or 0 (load them inside the key loop) when that exceeds :data:`MAX_BT_PRELOAD` or the cache is contiguous
-    (``page`` 0). ``FA_PLUS_BT_PRELOAD=0`` turns it off (A/B timing)."""
+    split (``cdiv(per_split * block_n, page)`` pages, one more unless ``aligned``: key tiles start on page
+    boundaries, i.e. pages no larger than the tile and no left padding), or 0 (load them inside the key loop)
+    when that exceeds :data:`MAX_BT_PRELOAD` or the cache is contiguous (``page`` 0). ``FA_PLUS_BT_PRELOAD=0``
+    turns it off (A/B timing)."""
     if page <= 0 or os.environ.get("FA_PLUS_BT_PRELOAD", "1") == "0":
         return 0
     per_split = cdiv(cdiv(capacity, block_n), max(1, splits))
-    n = cdiv(per_split * block_n, page) + 1
+    n = cdiv(per_split * block_n, page) + (0 if aligned else 1)
     return max(2, next_pow2(n)) if n <= MAX_BT_PRELOAD else 0
+
+
+#: most preloaded entries for which the scalar page pick compiles without extra barriers (sm_90 PTX, Triton 3.9)
+MAX_PAGE_PICK = 32
+
+
+def page_pick_enabled(page: int, block_n: int, preload: int, leftpad: bool) -> bool:
+    """``PAGE_PICK``: pages smaller than the key tile, tiles on page boundaries, few enough preloaded entries;
+    opt-in (``FA_PLUS_PAGE_PICK=1``) until measured on a GPU against the ``tl.gather`` path."""
+    return (
+        os.environ.get("FA_PLUS_PAGE_PICK", "0") == "1"
+        and 0 < page < block_n
+        and block_n % page == 0
+        and not leftpad
+        and 0 < preload <= MAX_PAGE_PICK
+    )
 
 
 def _key_tile(
@@ -397,6 +414,8 @@ def flash_attn_with_kvcache(
         splits = min(int(num_splits), MAX_SPLITS)
     page = k_cache.shape[1] if paged else 0
     block_n, warps, stages = _key_tile(seqlen_q, group, block_m, max(d, dv), interp, capacity // splits, page)
+    aligned = 0 < page <= block_n and block_n % page == 0 and cache_leftpad is None
+    preload = bt_preload(page, capacity, splits, block_n, aligned)
 
     seq_tensor = isinstance(cache_seqlens, torch.Tensor)
     cache_len_int = capacity if cache_seqlens is None else (0 if seq_tensor else int(cache_seqlens))
@@ -463,7 +482,8 @@ def flash_attn_with_kvcache(
             PAGED=paged,
             PAGE=k_cache.shape[1] if paged else 1,
             PAGE_TILE=paged and k_cache.shape[1] % block_n == 0 and cache_leftpad is None,
-            BT_PRELOAD=bt_preload(page, capacity, splits, block_n),
+            BT_PRELOAD=preload,
+            PAGE_PICK=page_pick_enabled(page, block_n, preload, cache_leftpad is not None),
             SEQLENS_TENSOR=seq_tensor,
             HAS_BATCH_IDX=cache_batch_idx is not None,
             HAS_LEFTPAD=cache_leftpad is not None,
