@@ -202,9 +202,14 @@ def launch_forward(
         # FP8: p scaled by 2^8 before its e4m3 rounding (cancels in out = acc / l; lse subtracts it)
         P_SHIFT=8.0 if v_t else 0.0,
         # plain scores: row max on raw q @ k^T, scale folded into exp2's FMA (needs a positive scale; FP8's
-        # device-side descales are handled in the kernel)
+        # device-side descales are handled in the kernel by flipping q's sign bits, which makes the FP8 loop
+        # reload Q from shared memory every tile: FA_PLUS_FP8_FUSED_SCALE=0 scales the scores instead, for the
+        # A/B timing of docs/STATUS.md)
         FUSED_SCALE=not (softcap > 0 or alibi_slopes is not None or score_mod is not None)
-        and (is_fp8 or softmax_scale > 0),
+        and (
+            (is_fp8 and os.environ.get("FA_PLUS_FP8_FUSED_SCALE", "1") != "0")
+            or (not is_fp8 and softmax_scale > 0)
+        ),
         HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None,
         HAS_DROPOUT=dropout_p > 0,
