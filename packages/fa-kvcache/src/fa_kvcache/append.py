@@ -1,6 +1,6 @@
 """Triton kernel of the cache append: new k (rotated when cos/sin are given) and v written into a contiguous or
 paged cache at each sequence's ``cache_seqlens`` (launched by :func:`fa_kvcache.interface.append_to_cache`).
-Rows are addressed through :func:`fa_kvcache.kernels._row_offsets`, the split-KV kernel's own paging rule."""
+Rows are addressed through :func:`fa_kvcache.kernels.page_offsets`, the split-KV kernel's own paging rule."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from fa_core.rotary import load_cos_sin, rotary_pair_cols, rotate_pair
-from fa_kvcache.kernels import _row_offsets
+from fa_kvcache.kernels import page_offsets
 
 __all__ = ["append_kernel"]
 
@@ -73,13 +73,8 @@ def append_kernel(
     ok = (t < seqlen_new) & (pos < capacity) & (pos >= 0)
     if PAGED:
         bt_base = BlockTable + b.to(tl.int64) * stride_btb
-        # a per-row block-table read (no preloaded entries, no page pick; BLOCK_N is unused on that path)
-        # fmt: off
-        k_off, v_off = _row_offsets(
-            bt_base, 0, 0, 0, pos, ok, stride_kb, stride_kn, stride_vb, stride_vn, True, PAGE, False, True, 0,
-            False, 16,
-        )
-        # fmt: on
+        blk = tl.load(bt_base + pos // PAGE, mask=ok, other=0)
+        k_off, v_off = page_offsets(blk, pos, stride_kb, stride_kn, stride_vb, stride_vn, PAGE)
         k_dst = K + h.to(tl.int64) * stride_kh + k_off
         v_dst = V + h.to(tl.int64) * stride_vh + v_off
     else:

@@ -27,6 +27,15 @@ from fa_core.masking import chunk_kv_range, chunk_visible, kv_range, scores_log2
 
 
 @triton.jit
+def page_offsets(blk, rows, stride_kb, stride_kn, stride_vb, stride_vn, PAGE: tl.constexpr):
+    """K and V element offsets (int64) of cache rows ``rows`` held in cache blocks ``blk`` of ``PAGE`` rows: the
+    paging rule shared by the split-KV kernel and the cache append."""
+    blk = blk.to(tl.int64)
+    prow = (rows % PAGE).to(tl.int64)
+    return blk * stride_kb + prow * stride_kn, blk * stride_vb + prow * stride_vn
+
+
+@triton.jit
 def _row_offsets(
     bt_base,
     bt_vec,
@@ -63,7 +72,7 @@ def _row_offsets(
         if BT_PRELOAD > 0:
             if PAGE_TILE:
                 pick = tl.arange(0, BT_PRELOAD) == start_n // PAGE - pg0
-                blk = tl.sum(tl.where(pick, bt_vec, 0)).to(tl.int64)
+                blk = tl.sum(tl.where(pick, bt_vec, 0))
             elif PAGE_PICK:
                 # pages smaller than the tile, tiles on page boundaries: pick the tile's BLOCK_N // PAGE entries as
                 # scalars (masked sums over the preloaded vector) and choose per key with selects
@@ -73,22 +82,15 @@ def _row_offsets(
                 for i in tl.static_range(BLOCK_N // PAGE):
                     ent = tl.sum(tl.where(tl.arange(0, BT_PRELOAD) == j0 + i, bt_vec, 0))
                     blk = tl.where(sel == i, ent, blk)
-                blk = blk.to(tl.int64)
             else:
-                idx = tl.minimum(rows // PAGE - pg0, BT_PRELOAD - 1)
-                blk = tl.gather(bt_vec, idx, 0).to(tl.int64)
-            prow = (rows % PAGE).to(tl.int64)
-            return blk * stride_kb + prow * stride_kn, blk * stride_vb + prow * stride_vn
-        if PAGE_TILE:
-            blk = tl.load(bt_base + start_n // PAGE).to(tl.int64)
-            prow = (rows % PAGE).to(tl.int64)
-            return blk * stride_kb + prow * stride_kn, blk * stride_vb + prow * stride_vn
-        if MASK_N:
-            blk = tl.load(bt_base + rows // PAGE, mask=n_ok, other=0).to(tl.int64)
+                blk = tl.gather(bt_vec, tl.minimum(rows // PAGE - pg0, BT_PRELOAD - 1), 0)
+        elif PAGE_TILE:
+            blk = tl.load(bt_base + start_n // PAGE)
+        elif MASK_N:
+            blk = tl.load(bt_base + rows // PAGE, mask=n_ok, other=0)
         else:
-            blk = tl.load(bt_base + rows // PAGE).to(tl.int64)
-        prow = (rows % PAGE).to(tl.int64)
-        return blk * stride_kb + prow * stride_kn, blk * stride_vb + prow * stride_vn
+            blk = tl.load(bt_base + rows // PAGE)
+        return page_offsets(blk, rows, stride_kb, stride_kn, stride_vb, stride_vn, PAGE)
     r64 = rows.to(tl.int64)
     return r64 * stride_kn, r64 * stride_vn
 
