@@ -54,23 +54,30 @@ def _check(q, k, v, res, feature_kwargs, slopes, dtype):
     assert_close_2x(res.lse, ref_lse, low_lse, "lse", slack=1e-4 if dtype == torch.float32 else 2e-3)
 
 
+def _run_checked(shape, fkw, dtype, seed, per_batch_slopes):
+    """Dense forward (batch 2) of ``(seqlen_q, seqlen_k, nheads, nheads_k, headdim)`` with the feature kwargs
+    ``fkw`` into a NaN-poisoned output, checked against the reference; returns ``(result, out)``."""
+    sq, sk, h, hk, d = shape
+    torch.manual_seed(seed)
+    q = torch.randn(2, sq, h, d, device=DEVICE, dtype=dtype)
+    k = torch.randn(2, sk, hk, d, device=DEVICE, dtype=dtype)
+    v = torch.randn(2, sk, hk, d, device=DEVICE, dtype=dtype)
+    slopes = _slopes(2, h, per_batch=per_batch_slopes) if fkw.get("alibi") else None
+    kw = {k_: v_ for k_, v_ in fkw.items() if k_ != "alibi"}
+    out = poisoned((2, sq, h, d), dtype, DEVICE)
+    res = flash_attn_forward(q, k, v, alibi_slopes=slopes, out=out, **kw)
+    _check(q, k, v, res, fkw, slopes, dtype)
+    return res, out
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("feature", list(FEATURES))
 def test_dense(feature, shape, dtype):
-    torch.manual_seed(hash((feature, shape)) % 2**31)
-    sq, sk, h, hk, d = shape
-    batch = 2
-    q = torch.randn(batch, sq, h, d, device=DEVICE, dtype=dtype)
-    k = torch.randn(batch, sk, hk, d, device=DEVICE, dtype=dtype)
-    v = torch.randn(batch, sk, hk, d, device=DEVICE, dtype=dtype)
-    fkw = FEATURES[feature]
-    slopes = _slopes(batch, h, per_batch=sq % 2 == 1) if fkw.get("alibi") else None
-    kw = {k_: v_ for k_, v_ in fkw.items() if k_ != "alibi"}
-    out = poisoned((batch, sq, h, d), dtype, DEVICE)
-    res = flash_attn_forward(q, k, v, alibi_slopes=slopes, out=out, **kw)
+    res, out = _run_checked(
+        shape, FEATURES[feature], dtype, hash((feature, shape)) % 2**31, shape[0] % 2 == 1
+    )
     assert res.out.data_ptr() == out.data_ptr()
-    _check(q, k, v, res, fkw, slopes, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -82,19 +89,11 @@ def test_keys_in_whole_tiles(feature, shape, dtype):
     """seqlen_k a multiple of 128 without a band rule: the kernel is compiled without its right-edge loop."""
     from fa_core.masking import has_right_edge
 
-    sq, sk, h, hk, d = shape
+    sq, sk = shape[:2]
     fkw = FEATURES[feature]
     is_local = "window_size" in fkw
     assert has_right_edge(False, is_local, 0, None, None, sk) == is_local
-    torch.manual_seed(sk + sq)
-    q = torch.randn(2, sq, h, d, device=DEVICE, dtype=dtype)
-    k = torch.randn(2, sk, hk, d, device=DEVICE, dtype=dtype)
-    v = torch.randn(2, sk, hk, d, device=DEVICE, dtype=dtype)
-    slopes = _slopes(2, h, per_batch=False) if fkw.get("alibi") else None
-    kw = {k_: v_ for k_, v_ in fkw.items() if k_ != "alibi"}
-    out = poisoned((2, sq, h, d), dtype, DEVICE)
-    res = flash_attn_forward(q, k, v, alibi_slopes=slopes, out=out, **kw)
-    _check(q, k, v, res, fkw, slopes, dtype)
+    _run_checked(shape, fkw, dtype, sk + sq, False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -107,17 +106,7 @@ def test_keys_in_whole_tiles(feature, shape, dtype):
 def test_full_query_blocks(feature, shape, dtype):
     """seqlen_q a multiple of 128 (dense): the kernel drops the row masks of the Q load and the O / LSE stores
     (EVEN_M); 129 rows keep them. Both against the reference, output poisoned."""
-    sq, sk, h, hk, d = shape
-    fkw = FEATURES[feature]
-    torch.manual_seed(sq * 7 + sk)
-    q = torch.randn(2, sq, h, d, device=DEVICE, dtype=dtype)
-    k = torch.randn(2, sk, hk, d, device=DEVICE, dtype=dtype)
-    v = torch.randn(2, sk, hk, d, device=DEVICE, dtype=dtype)
-    slopes = _slopes(2, h, per_batch=True) if fkw.get("alibi") else None
-    kw = {k_: v_ for k_, v_ in fkw.items() if k_ != "alibi"}
-    out = poisoned((2, sq, h, d), dtype, DEVICE)
-    res = flash_attn_forward(q, k, v, alibi_slopes=slopes, out=out, **kw)
-    _check(q, k, v, res, fkw, slopes, dtype)
+    _run_checked(shape, FEATURES[feature], dtype, shape[0] * 7 + shape[1], True)
 
 
 def test_right_edge_rule():
