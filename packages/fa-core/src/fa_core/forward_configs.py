@@ -12,6 +12,7 @@ import triton
 
 __all__ = [
     "FALLBACK_TILE",
+    "MAX_BLOCK_M",
     "ArgNames",
     "cdiv",
     "fast_autotuner",
@@ -107,6 +108,10 @@ FP8_TILES = [
 
 # used only when no tile above fits (block-sparse masks with 32-row / 32-key blocks)
 FALLBACK_TILE = (32, 32, 4, 2, False)
+
+#: the largest BLOCK_M of any forward tile: a dense seqlen_q that is a multiple of it fills every query block of
+#: every tile (the kernel's EVEN_M drops its row masks then)
+MAX_BLOCK_M = max(t[0] for t in [*FWD_TILES, *FP8_TILES, FALLBACK_TILE])
 
 
 #: ``{is_fp8: {tile[:5]: where}}``: the tiles :func:`prune_configs` keeps for each input type. Mutated in place

@@ -149,7 +149,7 @@ def fwd_kernel(
     ``V_T``: V is stored transposed, ``(batch, nheads_k, headdim_v, seqlen_k)`` (varlen ``(nheads_k,
     headdim_v, total_k)``), ``stride_vn`` = 1 and ``stride_vd`` its row stride (the FP8 path: Hopper's FP8
     tensor-core dot needs a K-major V). ``P_SHIFT``: probabilities are computed as ``p * 2^P_SHIFT``.
-    ``EVEN_M``: every query block is full (dense, seqlen_q a multiple of 128, the largest BLOCK_M): the Q load and
+    ``EVEN_M``: every query block is full (dense, seqlen_q a multiple of MAX_BLOCK_M = 128): the Q load and
     the O / LSE stores drop their row masks (H200, 128x128 tile: d128 non-causal 1k 405 -> 419, 4k 477 -> 486
     TFLOP/s, bench/forward_variants.py even_m).
     """

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from fa_core import validation as V
 from fa_core.fast_launch import FastLaunch, empty_arg
-from fa_core.forward_configs import cdiv, next_pow2, seq_bucket
+from fa_core.forward_configs import MAX_BLOCK_M, cdiv, next_pow2, seq_bucket
 from fa_core.forward_kernel import fwd_kernel
 from fa_core.fp8 import transposed_v
 from fa_core.masking import has_right_edge, has_window_left, normalize_window
@@ -214,8 +214,8 @@ def launch_forward(
         HAS_ALIBI=alibi_slopes is not None,
         HAS_DROPOUT=dropout_p > 0,
         TMA_OK=tma_ok(q, k, v, out),
-        # full query blocks for every tile (BLOCK_M <= 128): no row masks on Q, O, LSE
-        EVEN_M=not varlen and max_seqlen_q % 128 == 0,
+        # full query blocks for every tile: no row masks on Q, O, LSE
+        EVEN_M=not varlen and max_seqlen_q % MAX_BLOCK_M == 0,
     )
     return left, right, is_local
 
