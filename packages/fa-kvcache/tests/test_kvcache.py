@@ -494,16 +494,12 @@ def test_key_tile_fitted_points():
 @pytest.mark.parametrize("page", [16, 32, 48])
 @pytest.mark.parametrize("leftpad", [False, True])
 @pytest.mark.parametrize("splits", [1, 3, 7])
-@pytest.mark.parametrize("pick", [False, True])
-def test_block_table_preload(monkeypatch, page, leftpad, splits, pick):
+def test_block_table_preload(monkeypatch, page, leftpad, splits):
     """Paged caches with the split's block-table entries preloaded into registers (BT_PRELOAD > 0, the
     default) and read inside the key loop (FA_PLUS_BT_PRELOAD=0): both match the reference and each other,
-    with splits that start mid-page (leftpad, 48-key pages) and the ragged end of the keys. ``pick``:
-    FA_PLUS_PAGE_PICK=1 (scalar entries per tile where pages are smaller than the tile: the interpreter's
-    16/32-key tiles with 16-key pages)."""
+    with splits that start mid-page (leftpad, 48-key pages) and the ragged end of the keys."""
     import fa_kvcache.interface as ki
 
-    monkeypatch.setenv("FA_PLUS_PAGE_PICK", "1" if pick else "0")
     results = []
     for flag in ("1", "0"):
         monkeypatch.setenv("FA_PLUS_BT_PRELOAD", flag)
@@ -519,11 +515,6 @@ def test_block_table_preload(monkeypatch, page, leftpad, splits, pick):
     assert ki.bt_preload(16, 32768, 16, 64) == 256  # 2048 keys: 128 pages + 1
     assert ki.bt_preload(16, 32768, 16, 64, aligned=True) == 128  # tiles on page boundaries: no partial page
     assert ki.bt_preload(16, 32768, 64, 32, aligned=True) == 32  # b1/32k, 64 splits: 512 keys
-    monkeypatch.setenv("FA_PLUS_PAGE_PICK", "1")
-    assert ki.page_pick_enabled(16, 32, 32, False)
-    assert not ki.page_pick_enabled(16, 32, 64, False)  # too many entries for a barrier-free pick
-    assert not ki.page_pick_enabled(16, 32, 32, True)  # left padding: tiles straddle pages
-    assert not ki.page_pick_enabled(64, 32, 16, False)  # a page holds whole tiles: PAGE_TILE
     assert ki.bt_preload(64, 32768, 16, 64) == 64  # 32 + 1 pages
     assert ki.bt_preload(256, 32768, 64, 64) == 4  # 512 keys: 2 + 1 pages
     assert ki.bt_preload(16, 32768, 1, 64) == 0  # 2048 pages: loaded inside the loop
@@ -532,20 +523,14 @@ def test_block_table_preload(monkeypatch, page, leftpad, splits, pick):
 
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("causal", [False, True])
-def test_page_pick_smaller_pages_than_tile(monkeypatch, splits, causal):
-    """16-key pages under 32-key tiles (8 query rows x GQA 4 = 32 rows: the interpreter's 32-key tile), the
-    scalar page pick (FA_PLUS_PAGE_PICK=1) against the tl.gather path and the reference."""
+def test_pages_smaller_than_tile(splits, causal):
+    """16-key pages under 32-key tiles (8 query rows x GQA 4 = 32 rows: the interpreter's 32-key tile): the
+    preloaded entries picked per key (``tl.gather``), against the reference."""
     import fa_kvcache.interface as ki
 
-    results = []
-    for pick in ("1", "0"):
-        monkeypatch.setenv("FA_PLUS_PAGE_PICK", pick)
-        case = _make_case(seqlen_q=8, nheads=8, nheads_k=2, seqlen_new=2, page=16, capacity=192, seed=77)
-        assert ki._row_tile(8, 4, 32, 32, True)[0] == 32 and ki._key_tile(8, 4, 32, 32, True, 96, 16)[0] == 32
-        results.append(_run_and_check(case, causal=causal, num_splits=splits))
-    (out1, lse1), (out0, lse0) = results
-    torch.testing.assert_close(out1, out0, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse1, lse0, atol=1e-5, rtol=1e-5)
+    case = _make_case(seqlen_q=8, nheads=8, nheads_k=2, seqlen_new=2, page=16, capacity=192, seed=77)
+    assert ki._row_tile(8, 4, 32, 32, True)[0] == 32 and ki._key_tile(8, 4, 32, 32, True, 96, 16)[0] == 32
+    _run_and_check(case, causal=causal, num_splits=splits)
 
 
 @pytest.mark.parametrize("page", [0, 16])

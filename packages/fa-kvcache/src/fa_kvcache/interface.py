@@ -128,22 +128,6 @@ def bt_preload(page: int, capacity: int, splits: int, block_n: int, aligned: boo
     return max(2, next_pow2(n)) if n <= MAX_BT_PRELOAD else 0
 
 
-#: most preloaded entries for which the scalar page pick compiles without extra barriers (sm_90 PTX, Triton 3.9)
-MAX_PAGE_PICK = 32
-
-
-def page_pick_enabled(page: int, block_n: int, preload: int, leftpad: bool) -> bool:
-    """``PAGE_PICK``: pages smaller than the key tile, tiles on page boundaries, few enough preloaded entries;
-    opt-in (``FA_PLUS_PAGE_PICK=1``) until measured on a GPU against the ``tl.gather`` path."""
-    return (
-        os.environ.get("FA_PLUS_PAGE_PICK", "0") == "1"
-        and 0 < page < block_n
-        and block_n % page == 0
-        and not leftpad
-        and 0 < preload <= MAX_PAGE_PICK
-    )
-
-
 def _key_tile(
     seqlen_q: int, group: int, block_m: int, dmax: int, interpret: bool, keys_per_program: int, page: int = 0
 ) -> tuple[int, int, int]:
@@ -483,7 +467,6 @@ def flash_attn_with_kvcache(
             PAGE=k_cache.shape[1] if paged else 1,
             PAGE_TILE=paged and k_cache.shape[1] % block_n == 0 and cache_leftpad is None,
             BT_PRELOAD=preload,
-            PAGE_PICK=page_pick_enabled(page, block_n, preload, cache_leftpad is not None),
             SEQLENS_TENSOR=seq_tensor,
             HAS_BATCH_IDX=cache_batch_idx is not None,
             HAS_LEFTPAD=cache_leftpad is not None,

@@ -52,7 +52,6 @@ def _row_offsets(
     PAGE_TILE: tl.constexpr,
     MASK_N: tl.constexpr,
     BT_PRELOAD: tl.constexpr,
-    PAGE_PICK: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """K and V element offsets (int64, ``(BLOCK_N,)``) of cache rows ``rows`` (through the block table if
@@ -65,23 +64,14 @@ def _row_offsets(
     indirect, and Triton's pipeliner then splits the stages between the two loads (num_stages 4 prefetched
     K/V one tile ahead instead of three): a paged cache streamed at about half the contiguous rate per program.
     Pages smaller than the tile take one entry per key through ``tl.gather`` (shared memory: 10 barriers per
-    iteration instead of 7 in the sm_90 PTX), or with ``PAGE_PICK`` (opt-in, ``FA_PLUS_PAGE_PICK=1``, pending a GPU
-    measurement: tiles on page boundaries, <= 32 preloaded entries) the tile's ``BLOCK_N // PAGE`` entries as
-    scalars, which compiles without extra barriers."""
+    iteration instead of 7 in the sm_90 PTX). Picking the tile's ``BLOCK_N // PAGE`` entries as scalars instead
+    compiles without the extra barriers (<= 32 entries, i.e. 64 splits at b1/32k page 16) but measured on an
+    H200 it did not pay: 3127 vs 3096 GB/s at 64 splits, both below the gather at 47 splits (3143), so it is gone."""
     if PAGED:
         if BT_PRELOAD > 0:
             if PAGE_TILE:
                 pick = tl.arange(0, BT_PRELOAD) == start_n // PAGE - pg0
                 blk = tl.sum(tl.where(pick, bt_vec, 0))
-            elif PAGE_PICK:
-                # pages smaller than the tile, tiles on page boundaries: pick the tile's BLOCK_N // PAGE entries as
-                # scalars (masked sums over the preloaded vector) and choose per key with selects
-                j0 = start_n // PAGE - pg0
-                sel = (rows - start_n) // PAGE
-                blk = tl.zeros_like(rows)
-                for i in tl.static_range(BLOCK_N // PAGE):
-                    ent = tl.sum(tl.where(tl.arange(0, BT_PRELOAD) == j0 + i, bt_vec, 0))
-                    blk = tl.where(sel == i, ent, blk)
             else:
                 blk = tl.gather(bt_vec, tl.minimum(rows // PAGE - pg0, BT_PRELOAD - 1), 0)
         elif PAGE_TILE:
@@ -133,7 +123,6 @@ def _attn_inner(
     PAGE: tl.constexpr,
     PAGE_TILE: tl.constexpr,
     BT_PRELOAD: tl.constexpr,
-    PAGE_PICK: tl.constexpr,
     HEADDIM: tl.constexpr,
     HEADDIM_V: tl.constexpr,
     EVEN_D: tl.constexpr,
@@ -161,7 +150,6 @@ def _attn_inner(
             PAGE_TILE,
             MASKED,
             BT_PRELOAD,
-            PAGE_PICK,
             BLOCK_N,
         )
         # K transposed: (BLOCK_D, BLOCK_N)
@@ -257,7 +245,6 @@ def split_kv_kernel(
     PAGE: tl.constexpr,
     PAGE_TILE: tl.constexpr,
     BT_PRELOAD: tl.constexpr,
-    PAGE_PICK: tl.constexpr,
     SEQLENS_TENSOR: tl.constexpr,
     HAS_BATCH_IDX: tl.constexpr,
     HAS_LEFTPAD: tl.constexpr,
@@ -374,19 +361,19 @@ def split_kv_kernel(
             acc, l_i, m_i, q, k_base, v_base, bt_base, bt_vec, pg0, s_lo, a, leftpad, q_pos, offs_d, offs_dv, seqlen_q,
             seqlen_k, stride_kb, stride_kn, stride_vb, stride_vn, sm_scale, softcap, alibi_slope, window_left,
             window_right, attention_chunk, True, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI, PAGED, PAGE,
-            PAGE_TILE, BT_PRELOAD, PAGE_PICK, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N,
+            PAGE_TILE, BT_PRELOAD, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N,
         )
     acc, l_i, m_i = _attn_inner(
         acc, l_i, m_i, q, k_base, v_base, bt_base, bt_vec, pg0, a, c, leftpad, q_pos, offs_d, offs_dv, seqlen_q,
         seqlen_k, stride_kb, stride_kn, stride_vb, stride_vn, sm_scale, softcap, alibi_slope, window_left,
         window_right, attention_chunk, False, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI, PAGED, PAGE,
-        PAGE_TILE, BT_PRELOAD, PAGE_PICK, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N,
+        PAGE_TILE, BT_PRELOAD, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N,
     )
     acc, l_i, m_i = _attn_inner(
         acc, l_i, m_i, q, k_base, v_base, bt_base, bt_vec, pg0, c, s_hi, leftpad, q_pos, offs_d, offs_dv, seqlen_q,
         seqlen_k, stride_kb, stride_kn, stride_vb, stride_vn, sm_scale, softcap, alibi_slope, window_left,
         window_right, attention_chunk, True, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI, PAGED, PAGE, PAGE_TILE,
-        BT_PRELOAD, PAGE_PICK, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N,
+        BT_PRELOAD, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N,
     )
     # fmt: on
 
