@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL = "fa_core/forward_kernel.py"
 INNER = "fa_core/forward_inner.py"
+SCHEDULING = "fa_core/scheduling.py"
 TILES = [(128, 128, 8, 3, False), (128, 128, 8, 3, True), (128, 64, 8, 3, True)]
 
 
@@ -45,9 +46,17 @@ def _swap_edge_and_interior(src: str) -> str:
 
 def _no_reverse(src: str) -> str:
     """Programs in launch order for causal / local too (no heaviest-first reversal)."""
-    old = "    if IS_LOCAL:\n        # the heaviest query blocks (right end of a causal band) start first: a shorter tail\n"
+    old = "    if HEAVY_LAST:\n"
     assert old in src
     return src.replace(old, "    if False:\n")
+
+
+def _no_lpt(src: str) -> str:
+    """Causal programs in the plain order (one head's blocks together, heaviest first within the head) instead
+    of longest-processing-time first over all heads (``fa_core.scheduling``)."""
+    old = 'os.environ.get("FA_PLUS_LPT", "1") != "0"'
+    assert old in src
+    return src.replace(old, "False")
 
 
 def _no_m_safe(src: str) -> str:
@@ -109,7 +118,8 @@ def _no_lse(src: str) -> str:
 VARIANTS: dict[str, tuple[str, Callable[[str], str]]] = {
     "base": (KERNEL, lambda src: src),
     "interior_first": (KERNEL, _swap_edge_and_interior),
-    "no_reverse": (KERNEL, _no_reverse),
+    "no_reverse": (SCHEDULING, _no_reverse),
+    "no_lpt": (SCHEDULING, _no_lpt),
     "no_m_safe": (INNER, _no_m_safe),
     "rescale_first": (INNER, _rescale_first),
     "sum_after_dot": (INNER, _sum_after_dot),

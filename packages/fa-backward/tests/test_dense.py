@@ -121,3 +121,37 @@ def test_strided_inputs_and_dout():
     _, _, truth = ref_grads(q, k, v, dout, causal=True)
     _, _, lowp = ref_grads(q, k, v, dout, causal=True, upcast=False)
     check_2x((q.grad, k.grad, v.grad), truth, lowp, FP)
+
+
+@pytest.mark.parametrize("seqlen_q", [45, 64])
+def test_lpt_order_same_results(monkeypatch, seqlen_q):
+    """Causal launches renumber their programs longest-processing-time first over all heads
+    (fa_core.scheduling, on by default): forward and gradients are bitwise those of the plain order
+    (FA_PLUS_LPT=0), on grids with several blocks, heads and batches and a ragged last block, and match the
+    reference (a program the renumbering skipped would leave rows unwritten)."""
+    from fa_core.scheduling import lpt_enabled
+
+    torch.manual_seed(7)
+    q = rand(3, seqlen_q, 4, 16)
+    k = rand(3, 64, 2, 16)
+    v = rand(3, 64, 2, 16)
+    dout = rand(3, seqlen_q, 4, 16)
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FA_PLUS_LPT", flag)
+        assert lpt_enabled(True, False, False) == (flag == "1")
+        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+        out = flash_attn_func(qq, kk, vv, causal=True)
+        out.backward(dout)
+        results.append((out, qq.grad, kk.grad, vv.grad))
+    assert (
+        not lpt_enabled(True, True, False)
+        and not lpt_enabled(True, False, True)
+        and not lpt_enabled(False, False, False)
+    )
+    for a, b in zip(*results):
+        assert torch.isfinite(a).all()
+        assert torch.equal(a, b)
+    out_t, _, truth = ref_grads(q, k, v, dout, causal=True)
+    out_l, _, lowp = ref_grads(q, k, v, dout, causal=True, upcast=False)
+    check_2x(results[0], (out_t, *truth), (out_l, *lowp), FP, names=("out", "dq", "dk", "dv"))

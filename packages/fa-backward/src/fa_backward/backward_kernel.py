@@ -64,6 +64,7 @@ from fa_core.masking import (
     kv_range,
     seq_bounds,
 )
+from fa_core.scheduling import lpt_program_ids
 
 # re-exported: the autotune names of fa_backward.backward_configs stay importable from here
 __all__ = [
@@ -101,7 +102,7 @@ def _bwd_dkdv_kernel(
     BlkNum, BlkIdx, FullNum, FullIdx, stride_bn_b, stride_bn_h, stride_bi_b, stride_bi_h, stride_bi_r,
     SEQ_BUCKET_Q, SEQ_BUCKET_K,
     HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, IS_LOCAL: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, IS_LOCAL: tl.constexpr, LPT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, ACC_FP64: tl.constexpr,
     HAS_CHUNK: tl.constexpr, score_mod_fn: tl.constexpr, score_grad_fn: tl.constexpr, mask_mod_fn: tl.constexpr,
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr,
@@ -118,9 +119,8 @@ def _bwd_dkdv_kernel(
     the transposed partial lists, ``FullNum`` / ``FullIdx`` the transposed full lists (same strides)."""
     EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
     EVEN_DV: tl.constexpr = HEADDIM_V == BLOCK_DV
-    start_n = tl.program_id(0)
-    off_hk = tl.program_id(1)
-    off_b = tl.program_id(2)
+    # first key blocks first: under a causal mask every query sees them (LPT: every head's, fa_core.scheduling)
+    start_n, off_hk, off_b = lpt_program_ids(LPT, False)
 
     q_start, seqlen_q, k_start, seqlen_k_rows = seq_bounds(
         off_b, cu_seqlens_q, cu_seqlens_k, seqlen_q_dense, seqlen_k_dense, IS_VARLEN
@@ -277,7 +277,7 @@ def _bwd_dq_kernel(
     BlkNum, BlkIdx, FullNum, FullIdx, stride_bn_b, stride_bn_h, stride_bi_b, stride_bi_h, stride_bi_r,
     SEQ_BUCKET_Q, SEQ_BUCKET_K,
     HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, IS_LOCAL: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, IS_LOCAL: tl.constexpr, LPT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, ACC_FP64: tl.constexpr,
     HAS_CHUNK: tl.constexpr, score_mod_fn: tl.constexpr, score_grad_fn: tl.constexpr, mask_mod_fn: tl.constexpr,
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr,
@@ -292,10 +292,9 @@ def _bwd_dq_kernel(
     ``FullIdx`` its ``full_kv_*`` (same strides)."""
     EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
     EVEN_DV: tl.constexpr = HEADDIM_V == BLOCK_DV
-    # last query blocks first: under a causal mask they see the most keys (longest programs start early)
-    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    off_h = tl.program_id(1)
-    off_b = tl.program_id(2)
+    # last query blocks first: under a causal mask they see the most keys (longest programs start early; LPT:
+    # every head's, see fa_core.scheduling)
+    start_m, off_h, off_b = lpt_program_ids(LPT, True)
     off_hk = off_h // group
 
     q_start, seqlen_q, k_start, seqlen_k = seq_bounds(

@@ -24,6 +24,7 @@ from fa_core.forward_configs import (
 )
 from fa_core.forward_inner import fwd_inner, load_tile
 from fa_core.masking import chunk_kv_range, kv_range, seq_bounds
+from fa_core.scheduling import lpt_program_ids
 
 __all__ = ["FALLBACK_TILE", "FP8_TILES", "FWD_CONFIGS", "FWD_TILES", "fwd_kernel"]
 
@@ -117,6 +118,7 @@ def fwd_kernel(
     IS_VARLEN: tl.constexpr,
     HAS_SEQUSED: tl.constexpr,
     IS_LOCAL: tl.constexpr,
+    LPT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -155,12 +157,8 @@ def fwd_kernel(
     """
     EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
     EVEN_DV: tl.constexpr = HEADDIM_V == BLOCK_DV
-    start_m = tl.program_id(0)
-    if IS_LOCAL:
-        # the heaviest query blocks (right end of a causal band) start first: a shorter tail
-        start_m = tl.num_programs(0) - 1 - start_m
-    off_h = tl.program_id(1)
-    off_b = tl.program_id(2)
+    # the heaviest query blocks (right end of a causal band) start first: a shorter tail
+    start_m, off_h, off_b = lpt_program_ids(LPT, IS_LOCAL)
     off_hk = off_h // group
 
     q_start, seqlen_q, k_start, seqlen_k = seq_bounds(
