@@ -55,7 +55,9 @@ def _sweep_point(q, kc, vc, lens, page, ref, sd_ms, nbytes, t0, top: int = 3) ->
             return flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, num_splits=splits)
 
     fi._FORCE_TILE = None
-    heur = fi.num_splits_heuristic(batch * NHEADS_K, -(-ctx // 64), fi._sm_count(q.device), paged=page > 0)
+    heur = fi.num_splits_heuristic(
+        batch * NHEADS_K, -(-ctx // 64), fi._sm_count(q.device), paged=page > 0, page=page
+    )
     results: dict = {}
     for tile in TILES:
         fi._FORCE_TILE = tile

@@ -464,9 +464,18 @@ def test_num_splits_heuristic_fitted_points():
     # the H200 (132 SMs) points it was fitted on: (work, 64-key blocks) -> best measured splits (or near)
     assert num_splits_heuristic(8, 512, 132) == 16  # batch 1, 32k keys, 8 kv heads, contiguous
     assert num_splits_heuristic(8, 512, 132, paged=True) == 47  # the same, paged (49 would leave two empty)
+    assert num_splits_heuristic(8, 512, 132, paged=True, page=256) == 47
+    assert num_splits_heuristic(8, 512, 132, paged=True, page=16) == 32  # pages smaller than the tile
     assert num_splits_heuristic(8, 500, 132, paged=True) == 46  # 49 -> 11 blocks each -> 46 splits hold them
     assert num_splits_heuristic(64, 128, 132) == 2  # batch 8, 8k, contiguous
     assert num_splits_heuristic(64, 128, 132, paged=True) == 6  # batch 8, 8k, paged
+    assert num_splits_heuristic(64, 128, 132, paged=True, page=16) == 4
+    # batch 64, 32k: the programs fill the machine; through 16-key pages they split into 2048-key runs (the
+    # block-table entries of a run fit the preload)
+    assert num_splits_heuristic(512, 512, 132, paged=True, page=16) == 16
+    assert num_splits_heuristic(512, 512, 132, paged=True, page=64) == 1
+    assert num_splits_heuristic(512, 512, 132) == 1
+    assert num_splits_heuristic(256, 16, 132, paged=True, page=16) == 1  # batch 32, 1k: short runs
     assert num_splits_heuristic(8, 16, 132) == 16  # batch 1, 1k: one block per split
     assert num_splits_heuristic(8, 16, 132, paged=True) == 16
     assert num_splits_heuristic(256, 16, 132) == 1  # batch 32: the programs fill the machine
@@ -482,7 +491,9 @@ def test_key_tile_fitted_points():
     assert _key_tile(1, 4, 16, 128, False, 64, 16) == (64, 4, 2)
     assert _key_tile(1, 4, 16, 128, False, 2048, 0) == (64, 4, 4)  # batch 1 / 32k contiguous, 16 splits
     assert _key_tile(1, 4, 16, 128, False, 4096, 0) == (64, 4, 4)  # batch 8 / 8k contiguous, 2 splits
-    assert _key_tile(1, 4, 16, 128, False, 697, 16) == (32, 4, 3)  # batch 1 / 32k paged, 47 splits
+    assert _key_tile(1, 4, 16, 128, False, 697, 256) == (32, 4, 3)  # batch 1 / 32k paged, 47 splits
+    assert _key_tile(1, 4, 16, 128, False, 1024, 16) == (64, 4, 3)  # the same at page 16, 32 splits
+    assert _key_tile(1, 4, 16, 128, False, 2048, 16) == (64, 4, 3)  # batch 64 / 32k at page 16, 16 splits
     assert _key_tile(1, 4, 16, 128, False, 1365, 256) == (32, 4, 3)  # batch 8 / 8k paged, 6 splits
     assert _key_tile(1, 4, 16, 128, False, 32768, 0) == (128, 4, 3)  # long, contiguous
     assert _key_tile(1, 4, 16, 128, False, 32768, 256) == (128, 4, 3)  # long, a tile inside one page

@@ -47,21 +47,33 @@ def _sm_count(device: torch.device) -> int:
 
 
 def num_splits_heuristic(
-    work: int, n_key_blocks: int, num_sms: int, max_splits: int = MAX_SPLITS, paged: bool = False
+    work: int,
+    n_key_blocks: int,
+    num_sms: int,
+    max_splits: int = MAX_SPLITS,
+    paged: bool = False,
+    page: int = 0,
 ) -> int:
     """Number of key splits for ``work`` programs (batch * kv heads * query tiles) on ``num_sms`` SMs, with
-    ``n_key_blocks`` blocks of 64 keys to share out.
+    ``n_key_blocks`` blocks of 64 keys to share out (``page``: the cache's page size, 0 unknown / contiguous).
 
     Fitted on an H200 (bench/tune_decode.py, block-table preload on; docs/STATUS.md has the numbers): no split
-    once the programs fill the machine. Otherwise a contiguous cache wants about one program per SM, each
+    once the programs fill the machine, except through pages smaller than the 64-key tile, where a program
+    whose block-table entries do not fit the preload reads one entry per key inside the key loop (an indirect
+    K/V load that halves the pipeline): those split into runs of 2048 keys (batch 64 / 32k at page 16: 16
+    splits 4383 GB/s vs 4266 unsplit). Otherwise a contiguous cache wants about one program per SM, each
     streaming a long run of keys through a deep pipeline (batch 1 / 32k: 16 splits 3533 GB/s vs 64 splits
     3211; batch 8 / 8k: 2 splits 3993 vs 4 3769); a paged cache wants about three, shorter programs with
-    32-key tiles (batch 1 / 32k: 47 splits, 3164 / 3270 GB/s at page 16 / 256 vs 3092 / 3179 at 32; batch 8 / 8k:
-    6 splits, 3757 vs 3363 GB/s at page 16). Never more splits than key blocks, and none left without a block.
+    32-key tiles (batch 1 / 32k: 47 splits, 3270 GB/s at page 256 vs 3179 at 32), or two with 64-key tiles
+    through pages smaller than the tile (batch 1 / 32k at page 16: 32 splits 3263 GB/s vs 3167 at 47). Never
+    more splits than key blocks, and none left without a block.
     """
-    if work <= 0 or work >= 0.8 * num_sms or n_key_blocks <= 1:
+    small_pages = paged and 0 < page < 64
+    if work <= 0 or n_key_blocks <= 1:
         return 1
-    per_sm = 3 if paged else 1
+    if work >= 0.8 * num_sms:
+        return min(max_splits, cdiv(n_key_blocks, 32)) if small_pages else 1
+    per_sm = (2 if small_pages else 3) if paged else 1
     splits = max(1, min(max_splits, n_key_blocks, (per_sm * num_sms) // work))
     # each split takes cdiv(blocks, splits) blocks: drop the splits that would get none (they cost a program
     # and a combine read each). Batch 1, 32k keys: 66 -> 64 splits, 2989 -> 3092 GB/s at page 16 (session 6)
@@ -135,8 +147,8 @@ def _key_tile(
 
     Measured on an H200 (d128, bf16, seqlen_q 1, GQA 4; bench/tune_decode.py, h200-decode-tune-*.json): 64-key
     tiles, 4 warps, 2 stages on short per-program streams; on medium ones (the split counts of
-    :func:`num_splits_heuristic`) 32-key tiles with 3 stages through a paged cache and 64-key tiles with 4 stages
-    on a contiguous one; on very long streams (>= 8k keys a program, batch 64 / 32k) 128-key tiles with 3 stages,
+    :func:`num_splits_heuristic`) 32-key tiles with 3 stages through a paged cache (64-key tiles through pages
+    smaller than the tile, >= 1024 keys a program) and 64-key tiles with 4 stages on a contiguous one; on very long streams (>= 8k keys a program, batch 64 / 32k) 128-key tiles with 3 stages,
     or 64-key tiles through pages of fewer than 128 keys (``page``; 0 = contiguous; 3507 -> 4255 GB/s at page 16).
     """
     if interpret:
@@ -150,6 +162,10 @@ def _key_tile(
     if keys_per_program >= 8192:
         # batch 64 / 32k (one split): 64-key tiles through pages smaller than a 128-key tile
         return (64, 4, 3) if 0 < page < 128 else (128, 4, 3)
+    if 0 < page < 64 and keys_per_program >= 1024:
+        # paged, pages smaller than the tile, medium streams: 64-key tiles (batch 1 / 32k, 32 splits: 3263 GB/s
+        # at page 16; batch 64 / 32k, 16 splits: 4383)
+        return 64, 4, 3
     if page > 0 and keys_per_program >= 512:
         # paged, medium streams: 32-key tiles (batch 1 / 32k, 47 splits: 3164 / 3270 GB/s at page 16 / 256;
         # batch 8 / 8k, 6 splits: 3757 / 3806)
@@ -392,11 +408,11 @@ def flash_attn_with_kvcache(
     n_head_chunks = cdiv(group, hb)
     n_qblocks = cdiv(seqlen_q, block_m // hb)
     work = n_qblocks * n_head_chunks * batch * nheads_k
+    page = k_cache.shape[1] if paged else 0
     if num_splits is None or int(num_splits) <= 0:
-        splits = num_splits_heuristic(work, cdiv(capacity, 64), _sm_count(q.device), paged=paged)
+        splits = num_splits_heuristic(work, cdiv(capacity, 64), _sm_count(q.device), paged=paged, page=page)
     else:
         splits = min(int(num_splits), MAX_SPLITS)
-    page = k_cache.shape[1] if paged else 0
     block_n, warps, stages = _key_tile(seqlen_q, group, block_m, max(d, dv), interp, capacity // splits, page)
     aligned = 0 < page <= block_n and block_n % page == 0 and cache_leftpad is None
     preload = bt_preload(page, capacity, splits, block_n, aligned)
