@@ -119,7 +119,7 @@ def _launch(
         IS_VARLEN=varlen,
         HAS_SEQUSED=seqused_k is not None,
         IS_LOCAL=is_local,
-        LPT=lpt_enabled(is_local, has_window_left(is_local, left), block_mask is not None),
+        LPT=lpt_enabled(is_local, has_window_left(is_local, left)),
         HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None,
         HAS_DROPOUT=dropout_p > 0,

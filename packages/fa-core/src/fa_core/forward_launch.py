@@ -186,7 +186,7 @@ def launch_forward(
         IS_VARLEN=varlen,
         HAS_SEQUSED=seqused_k is not None,
         IS_LOCAL=is_local,
-        LPT=lpt_enabled(is_local, has_window_left(is_local, left), block_mask is not None),
+        LPT=lpt_enabled(is_local, has_window_left(is_local, left)),
         HAS_WINDOW_LEFT=has_window_left(is_local, left),
         HAS_RIGHT_EDGE=has_right_edge(varlen, is_local, attention_chunk, mask_mod, seqused_k, max_seqlen_k),
         HAS_CHUNK=attention_chunk > 0,

@@ -38,8 +38,10 @@ def lpt_program_ids(LPT: tl.constexpr, HEAVY_LAST: tl.constexpr):
     return pid_blk, pid_h, pid_b
 
 
-def lpt_enabled(is_local: bool, window_left_bounded: bool, sparse: bool) -> bool:
-    """``LPT`` for a launch: causal-shaped masks only (a band bounded on the right, unbounded on the left, so the
-    work grows with the block index), not block-sparse ones (work set by the mask's lists).
+def lpt_enabled(is_local: bool, window_left_bounded: bool) -> bool:
+    """``LPT`` for a launch: causal-shaped masks (bounded on the right, unbounded on the left: the forward's and
+    dQ pass's work grows with the block index, the dK/dV pass's shrinks), block-sparse ones included (a causal
+    block mask with global keys, e.g. a sliding window plus global tokens, makes the first key blocks the
+    heaviest dK/dV programs by far: one per head, which the plain order starts as late as the last head).
     ``FA_PLUS_LPT=0`` keeps the plain order (A/B timing)."""
-    return is_local and not window_left_bounded and not sparse and os.environ.get("FA_PLUS_LPT", "1") != "0"
+    return is_local and not window_left_bounded and os.environ.get("FA_PLUS_LPT", "1") != "0"
