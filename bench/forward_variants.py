@@ -51,12 +51,16 @@ def _no_reverse(src: str) -> str:
     return src.replace(old, "    if False:\n")
 
 
-def _no_lpt(src: str) -> str:
-    """Causal programs in the plain order (one head's blocks together, heaviest first within the head) instead
-    of longest-processing-time first over all heads (``fa_core.scheduling``)."""
-    old = 'os.environ.get("FA_PLUS_LPT", "1") != "0"'
-    assert old in src
-    return src.replace(old, "False")
+def _lpt(width: int) -> Callable[[str], str]:
+    """Causal programs longest-processing-time first within sections of ``width`` heads (``fa_core.scheduling``,
+    opt-in ``FA_PLUS_LPT``) instead of the plain order (one head's blocks together, heaviest first)."""
+
+    def edit(src: str) -> str:
+        old = 'int(os.environ.get("FA_PLUS_LPT", "1") or 1)'
+        assert old in src
+        return src.replace(old, str(width))
+
+    return edit
 
 
 def _no_m_safe(src: str) -> str:
@@ -119,7 +123,9 @@ VARIANTS: dict[str, tuple[str, Callable[[str], str]]] = {
     "base": (KERNEL, lambda src: src),
     "interior_first": (KERNEL, _swap_edge_and_interior),
     "no_reverse": (SCHEDULING, _no_reverse),
-    "no_lpt": (SCHEDULING, _no_lpt),
+    "lpt4": (SCHEDULING, _lpt(4)),
+    "lpt16": (SCHEDULING, _lpt(16)),
+    "lpt_all": (SCHEDULING, _lpt(1 << 16)),
     "no_m_safe": (INNER, _no_m_safe),
     "rescale_first": (INNER, _rescale_first),
     "sum_after_dot": (INNER, _sum_after_dot),

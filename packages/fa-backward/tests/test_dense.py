@@ -125,11 +125,12 @@ def test_strided_inputs_and_dout():
 
 @pytest.mark.parametrize("seqlen_q", [45, 64])
 def test_lpt_order_same_results(monkeypatch, seqlen_q):
-    """Causal launches renumber their programs longest-processing-time first over all heads
-    (fa_core.scheduling, on by default): forward and gradients are bitwise those of the plain order
-    (FA_PLUS_LPT=0), on grids with several blocks, heads and batches and a ragged last block, and match the
-    reference (a program the renumbering skipped would leave rows unwritten)."""
-    from fa_core.scheduling import lpt_enabled
+    """Causal launches can renumber their programs longest-processing-time first within sections of heads
+    (fa_core.scheduling, FA_PLUS_LPT=<width>): forward and gradients are bitwise those of the plain order
+    (the default), on grids with several blocks, heads and batches (12 head-batch pairs: sections of 5 leave a
+    short last one) and a ragged last block, and match the reference (a program the renumbering skipped would
+    leave rows unwritten)."""
+    from fa_core.scheduling import lpt_section
 
     torch.manual_seed(7)
     q = rand(3, seqlen_q, 4, 16)
@@ -137,18 +138,18 @@ def test_lpt_order_same_results(monkeypatch, seqlen_q):
     v = rand(3, 64, 2, 16)
     dout = rand(3, seqlen_q, 4, 16)
     results = []
-    for flag in ("1", "0"):
-        monkeypatch.setenv("FA_PLUS_LPT", flag)
-        assert lpt_enabled(True, False) == (flag == "1")
+    for width in ("1", "5", "65536"):
+        monkeypatch.setenv("FA_PLUS_LPT", width)
+        assert lpt_section(True, False) == int(width)
         qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
         out = flash_attn_func(qq, kk, vv, causal=True)
         out.backward(dout)
         results.append((out, qq.grad, kk.grad, vv.grad))
-    monkeypatch.setenv("FA_PLUS_LPT", "1")
-    assert not lpt_enabled(True, True) and not lpt_enabled(False, False)  # a left window; no mask
-    for a, b in zip(*results):
-        assert torch.isfinite(a).all()
-        assert torch.equal(a, b)
+    assert lpt_section(True, True) == 1 and lpt_section(False, False) == 1  # a left window; no mask
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.isfinite(a).all()
+            assert torch.equal(a, b)
     out_t, _, truth = ref_grads(q, k, v, dout, causal=True)
     out_l, _, lowp = ref_grads(q, k, v, dout, causal=True, upcast=False)
     check_2x(results[0], (out_t, *truth), (out_l, *lowp), FP, names=("out", "dq", "dk", "dv"))

@@ -16,7 +16,7 @@ from fa_core.fast_launch import FastLaunch, empty_arg
 from fa_core.forward import seq_bucket
 from fa_core.forward_configs import cdiv, next_pow2
 from fa_core.masking import has_right_edge, has_window_left, normalize_window
-from fa_core.scheduling import lpt_enabled
+from fa_core.scheduling import lpt_section
 from fa_core.score_mods import additive_grad
 
 # launches skip Triton's per-call Python once a specialization is compiled (fa_core.fast_launch)
@@ -119,7 +119,7 @@ def _launch(
         IS_VARLEN=varlen,
         HAS_SEQUSED=seqused_k is not None,
         IS_LOCAL=is_local,
-        LPT=lpt_enabled(is_local, has_window_left(is_local, left)),
+        LPT=lpt_section(is_local, has_window_left(is_local, left)),
         HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None,
         HAS_DROPOUT=dropout_p > 0,

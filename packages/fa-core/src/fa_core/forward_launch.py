@@ -21,7 +21,7 @@ from fa_core.forward_kernel import fwd_kernel
 from fa_core.fp8 import transposed_v
 from fa_core.masking import has_right_edge, has_window_left, normalize_window
 from fa_core.probs_kernel import probs_kernel
-from fa_core.scheduling import lpt_enabled
+from fa_core.scheduling import lpt_section
 from fa_core.sparse_args import full_blocks, sparse_args
 
 __all__ = ["fwd_launch", "launch_forward", "launch_probs", "tma_ok"]
@@ -186,7 +186,7 @@ def launch_forward(
         IS_VARLEN=varlen,
         HAS_SEQUSED=seqused_k is not None,
         IS_LOCAL=is_local,
-        LPT=lpt_enabled(is_local, has_window_left(is_local, left)),
+        LPT=lpt_section(is_local, has_window_left(is_local, left)),
         HAS_WINDOW_LEFT=has_window_left(is_local, left),
         HAS_RIGHT_EDGE=has_right_edge(varlen, is_local, attention_chunk, mask_mod, seqused_k, max_seqlen_k),
         HAS_CHUNK=attention_chunk > 0,

@@ -6,6 +6,13 @@ blocks differ in work (block ``m`` of the forward sees ``m + 1`` key blocks), an
 last heads starts near the end of the launch: a tail of up to one long program per SM. ``lpt_program_ids``
 renumbers the programs longest-processing-time first: every head's heaviest block, then every head's next one,
 and so on (the order FlashAttention-3's causal scheduler uses), so the launch ends on the lightest blocks.
+
+Opt-in (``FA_PLUS_LPT=<heads per section>``, e.g. 65536 for the whole grid): measured on an H200 (d128 bf16,
+causal) the whole-grid order lost. Forward, side by side in one run
+(bench/forward_variants.py, 128x128 tile): 4k 402 vs 420 TFLOP/s, 8k 453 vs 456, 16k 480 vs 497; backward
+0.86-0.91x flex against 0.90-0.98x without it. Running every head at once spreads the working set over all
+heads' K / V (the plain order keeps a few heads' K / V in L2), which costs more than the tail it saves; an L2
+swizzle (LPT within sections of a few heads) is the untried next step.
 """
 
 from __future__ import annotations
@@ -18,30 +25,36 @@ import triton.language as tl
 
 @triton.jit
 def lpt_program_ids(LPT: tl.constexpr, HEAVY_LAST: tl.constexpr):
-    """``(block, head, batch)`` of this program. ``LPT``: blocks in order of work over all heads and batches
-    (a bijection of the grid: any grid shape stays covered exactly once). ``HEAVY_LAST``: the heaviest block
-    is the last index (the forward and the dQ pass under a causal mask); else the first (the dK / dV pass)."""
+    """``(block, head, batch)`` of this program. ``LPT`` > 1: the head-batch pairs go in sections of ``LPT``
+    (the last one possibly smaller), and inside a section the blocks in order of work over its heads (a
+    bijection of the grid: any grid shape stays covered exactly once). A section's K / V stay in L2 while its
+    programs run; ``LPT`` 1 is the plain order. ``HEAVY_LAST``: the heaviest block is the last index (the
+    forward and the dQ pass under a causal mask); else the first (the dK / dV pass)."""
     pid_blk = tl.program_id(0)
     pid_h = tl.program_id(1)
     pid_b = tl.program_id(2)
-    if LPT:
+    if LPT > 1:
         n_blk = tl.num_programs(0)
         n_h = tl.num_programs(1)
         n_hb = n_h * tl.num_programs(2)
         lin = pid_blk + n_blk * (pid_h + n_h * pid_b)
-        pid_blk = lin // n_hb
-        r = lin - pid_blk * n_hb
-        pid_h = r % n_h
-        pid_b = r // n_h
+        section = lin // (n_blk * LPT)
+        width = tl.minimum(LPT, n_hb - section * LPT)  # head-batch pairs in this section
+        inner = lin - section * (n_blk * LPT)
+        pid_blk = inner // width
+        hb = section * LPT + inner % width
+        pid_h = hb % n_h
+        pid_b = hb // n_h
     if HEAVY_LAST:
         pid_blk = tl.num_programs(0) - 1 - pid_blk
     return pid_blk, pid_h, pid_b
 
 
-def lpt_enabled(is_local: bool, window_left_bounded: bool) -> bool:
-    """``LPT`` for a launch: causal-shaped masks (bounded on the right, unbounded on the left: the forward's and
-    dQ pass's work grows with the block index, the dK/dV pass's shrinks), block-sparse ones included (a causal
-    block mask with global keys, e.g. a sliding window plus global tokens, makes the first key blocks the
-    heaviest dK/dV programs by far: one per head, which the plain order starts as late as the last head).
-    ``FA_PLUS_LPT=0`` keeps the plain order (A/B timing)."""
-    return is_local and not window_left_bounded and os.environ.get("FA_PLUS_LPT", "1") != "0"
+def lpt_section(is_local: bool, window_left_bounded: bool) -> int:
+    """``LPT`` for a launch (``FA_PLUS_LPT``, default 1 = the plain order): the section width, for causal-shaped
+    masks only (bounded on the right, unbounded on the left: the forward's and dQ pass's work grows with the
+    block index, the dK/dV pass's shrinks), block-sparse ones included (a causal block mask with global keys
+    makes the first key blocks the heaviest dK/dV programs by far). Off by default: see the module docstring."""
+    if not is_local or window_left_bounded:
+        return 1
+    return max(1, int(os.environ.get("FA_PLUS_LPT", "1") or 1))
