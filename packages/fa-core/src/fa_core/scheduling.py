@@ -4,15 +4,21 @@ Grids are ``(blocks, heads, batch)``. The GPU hands out programs in linear order
 plain mapping one head's blocks run together: good for L2 (they share K / V), but under a causal mask the
 blocks differ in work (block ``m`` of the forward sees ``m + 1`` key blocks), and the heaviest block of the
 last heads starts near the end of the launch: a tail of up to one long program per SM. ``lpt_program_ids``
-renumbers the programs longest-processing-time first: every head's heaviest block, then every head's next one,
-and so on (the order FlashAttention-3's causal scheduler uses), so the launch ends on the lightest blocks.
+renumbers the programs longest-processing-time first within sections of a few heads: every head's heaviest block,
+then every head's next one, and so on (FlashAttention-3's causal scheduler: LPT with an L2 swizzle), so the launch
+ends on the lightest blocks while a section's K / V stay in L2.
 
-Opt-in (``FA_PLUS_LPT=<heads per section>``, e.g. 65536 for the whole grid): measured on an H200 (d128 bf16,
-causal) the whole-grid order lost. Forward, side by side in one run
-(bench/forward_variants.py, 128x128 tile): 4k 402 vs 420 TFLOP/s, 8k 453 vs 456, 16k 480 vs 497; backward
-0.86-0.91x flex against 0.90-0.98x without it. Running every head at once spreads the working set over all
-heads' K / V (the plain order keeps a few heads' K / V in L2), which costs more than the tail it saves; an L2
-swizzle (LPT within sections of a few heads) is the untried next step.
+Opt-in, ``FA_PLUS_LPT=<head-batch pairs per section>`` (default 1: the plain order). Measured on an H200 (d128
+bf16 causal, 128x128 tile forced, bench/forward_variants.py, each variant beside FlagGems in its own process):
+
+* the whole grid as one section lost: 4k 402 vs 420 TFLOP/s, 8k 453 vs 456, 16k 480 vs 497 (every head's K / V
+  in flight at once; the plain order keeps a few heads' K / V in L2), and the backward ran 0.86-0.91x flex
+  against 0.90-0.98x without it (another run);
+* sections of 4 won: 4k 446 vs 426, 8k 471 vs 458, 16k 500 vs 495 (1.06 / 1.04 / 1.05x FlagGems against 1.01 /
+  1.00 / 1.03x); sections of 16: 438 / 463 / 481.
+
+Not yet the default: the full sweep (both head dims, the short sequences with their 64x64 tiles, the backward)
+has not run with it.
 """
 
 from __future__ import annotations
