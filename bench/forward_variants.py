@@ -56,9 +56,9 @@ def _lpt(width: int) -> Callable[[str], str]:
     opt-in ``FA_PLUS_LPT``) instead of the plain order (one head's blocks together, heaviest first)."""
 
     def edit(src: str) -> str:
-        old = 'int(os.environ.get("FA_PLUS_LPT", "1") or 1)'
+        old = 'raw = os.environ.get("FA_PLUS_LPT", "1") or "1"'
         assert old in src
-        return src.replace(old, str(width))
+        return src.replace(old, f'raw = "{width}"')
 
     return edit
 

@@ -146,6 +146,9 @@ def test_lpt_order_same_results(monkeypatch, seqlen_q):
         out.backward(dout)
         results.append((out, qq.grad, kk.grad, vv.grad))
     assert lpt_section(True, True) == 1 and lpt_section(False, False) == 1  # a left window; no mask
+    monkeypatch.setenv("FA_PLUS_LPT", "four")
+    with pytest.raises(ValueError, match="FA_PLUS_LPT"):
+        lpt_section(True, False)
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.isfinite(a).all()

@@ -63,4 +63,8 @@ def lpt_section(is_local: bool, window_left_bounded: bool) -> int:
     makes the first key blocks the heaviest dK/dV programs by far). Off by default: see the module docstring."""
     if not is_local or window_left_bounded:
         return 1
-    return max(1, int(os.environ.get("FA_PLUS_LPT", "1") or 1))
+    raw = os.environ.get("FA_PLUS_LPT", "1") or "1"
+    try:
+        return max(1, int(raw))
+    except ValueError:
+        raise ValueError(f"FA_PLUS_LPT must be a positive integer (heads per section), got {raw!r}") from None
