@@ -58,6 +58,7 @@ def _launch(
 ):
     nheads, nheads_k, d, d_v = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     left, right, is_local = normalize_window(causal, window)
+    has_left = has_window_left(is_local, left)
     lse = V.contig_last(lse)
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     block_d = max(next_pow2(d), 16)
@@ -119,7 +120,7 @@ def _launch(
         IS_VARLEN=varlen,
         HAS_SEQUSED=seqused_k is not None,
         IS_LOCAL=is_local,
-        LPT=lpt_section(is_local, has_window_left(is_local, left)),
+        LPT=lpt_section(is_local, has_left),
         HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None,
         HAS_DROPOUT=dropout_p > 0,
@@ -156,7 +157,6 @@ def _launch(
         stride_deltah,
     )
     inputs = (q, k, v, dout, lse, delta)  # the leading pointer arguments of both kernels
-    has_left = has_window_left(is_local, left)
     # dQ first: it writes delta (every row of every sequence), which the dK/dV pass reads
     if max_seqlen_q > 0:
         dq_launch(

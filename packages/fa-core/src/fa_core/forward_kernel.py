@@ -153,7 +153,7 @@ def fwd_kernel(
     tensor-core dot needs a K-major V). ``P_SHIFT``: probabilities are computed as ``p * 2^P_SHIFT``.
     ``EVEN_M``: every query block is full (dense, seqlen_q a multiple of MAX_BLOCK_M = 128): the Q load and
     the O / LSE stores drop their row masks (H200, 128x128 tile: d128 non-causal 1k 405 -> 419, 4k 477 -> 486
-    TFLOP/s, bench/forward_variants.py even_m).
+    TFLOP/s; bench/forward_variants.py masked_rows times the masks back in).
     """
     EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
     EVEN_DV: tl.constexpr = HEADDIM_V == BLOCK_DV

@@ -117,6 +117,7 @@ def launch_forward(
     # fp8 tensor-core dots need K >= 32
     min_block = 32 if is_fp8 else 16
     left, right, is_local = normalize_window(causal, window_size)
+    has_left = has_window_left(is_local, left)
     # stride tuples once per tensor: each .stride(i) call costs ~0.5 us on the launch path
     sq, sk, so, sl = q.stride(), k.stride(), out.stride(), lse.stride()
     if varlen:
@@ -186,8 +187,8 @@ def launch_forward(
         IS_VARLEN=varlen,
         HAS_SEQUSED=seqused_k is not None,
         IS_LOCAL=is_local,
-        LPT=lpt_section(is_local, has_window_left(is_local, left)),
-        HAS_WINDOW_LEFT=has_window_left(is_local, left),
+        LPT=lpt_section(is_local, has_left),
+        HAS_WINDOW_LEFT=has_left,
         HAS_RIGHT_EDGE=has_right_edge(varlen, is_local, attention_chunk, mask_mod, seqused_k, max_seqlen_k),
         HAS_CHUNK=attention_chunk > 0,
         score_mod_fn=score_mod,

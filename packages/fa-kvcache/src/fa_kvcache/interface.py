@@ -148,8 +148,9 @@ def _key_tile(
     Measured on an H200 (d128, bf16, seqlen_q 1, GQA 4; bench/tune_decode.py, h200-decode-tune-*.json): 64-key
     tiles, 4 warps, 2 stages on short per-program streams; on medium ones (the split counts of
     :func:`num_splits_heuristic`) 32-key tiles with 3 stages through a paged cache (64-key tiles through pages
-    smaller than the tile, >= 1024 keys a program) and 64-key tiles with 4 stages on a contiguous one; on very long streams (>= 8k keys a program, batch 64 / 32k) 128-key tiles with 3 stages,
-    or 64-key tiles through pages of fewer than 128 keys (``page``; 0 = contiguous; 3507 -> 4255 GB/s at page 16).
+    smaller than the tile, >= 1024 keys a program) and 64-key tiles with 4 stages on a contiguous one; on very
+    long streams (>= 8k keys a program, batch 64 / 32k) 128-key tiles with 3 stages, or 64-key tiles through
+    pages of fewer than 128 keys (``page``; 0 = contiguous; 3507 -> 4255 GB/s at page 16).
     """
     if interpret:
         return 16 if seqlen_q * next_pow2(group) <= 16 else 32, 1, 1
@@ -480,8 +481,8 @@ def flash_attn_with_kvcache(
             BLOCK_D=max(next_pow2(d), 16),
             BLOCK_DV=max(next_pow2(dv), 16),
             PAGED=paged,
-            PAGE=k_cache.shape[1] if paged else 1,
-            PAGE_TILE=paged and k_cache.shape[1] % block_n == 0 and cache_leftpad is None,
+            PAGE=page if paged else 1,
+            PAGE_TILE=paged and page % block_n == 0 and cache_leftpad is None,
             BT_PRELOAD=preload,
             SEQLENS_TENSOR=seq_tensor,
             HAS_BATCH_IDX=cache_batch_idx is not None,

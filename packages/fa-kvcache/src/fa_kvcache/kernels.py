@@ -52,7 +52,6 @@ def _row_offsets(
     PAGE_TILE: tl.constexpr,
     MASK_N: tl.constexpr,
     BT_PRELOAD: tl.constexpr,
-    BLOCK_N: tl.constexpr,
 ):
     """K and V element offsets (int64, ``(BLOCK_N,)``) of cache rows ``rows`` (through the block table if
     paged: one block-table read serves both). ``PAGE_TILE``: the tile's rows ``start_n + [0, BLOCK_N)`` lie in
@@ -150,7 +149,6 @@ def _attn_inner(
             PAGE_TILE,
             MASKED,
             BT_PRELOAD,
-            BLOCK_N,
         )
         # K transposed: (BLOCK_D, BLOCK_N)
         k_ptrs = k_base + k_off[None, :] + offs_d[:, None]
