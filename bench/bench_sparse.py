@@ -98,7 +98,8 @@ def _count_visible(mask_fn: Callable[..., torch.Tensor], b: int, h: int, s: int,
 
 
 def _flex_mask(spec, h, s, device, block):
-    """FlexAttention's BlockMask for a case: ``("blocks", dense_blocks)`` becomes full blocks through
+    """FlexAttention's BlockMask for a case: ``("blocks", dense_blocks, ours)`` (``ours``: our BlockMask of
+    the same whole blocks) becomes full blocks through
     ``BlockMask.from_kv_blocks`` (no element mask to evaluate, as flex's own builder would find for whole
     blocks); ``("mask", fn, per_head)`` goes through flex's ``create_block_mask``, broadcast over batch and,
     unless ``per_head``, over heads (a (batch, heads, s, s) build needs 128 GiB at 32k)."""
@@ -106,8 +107,7 @@ def _flex_mask(spec, h, s, device, block):
     from torch.nn.attention.flex_attention import create_block_mask as flex_cbm
 
     if spec[0] == "blocks":
-        blocks = spec[1]
-        ours = block_mask_from_dense(blocks, (block, block), full_blocks=blocks)
+        _, blocks, ours = spec
 
         def lookup(bi, hi, qi, ki):  # flex evaluates it only in eager mode: its kernels skip full blocks
             return blocks[0][hi, qi // block, ki // block]
@@ -137,7 +137,9 @@ def build_case(pattern: str, b: int, h: int, s: int, device: str, block: int, ge
         bm = block_mask_from_dense(blocks, (block, block), full_blocks=blocks)
 
         return Case(
-            {"block_mask": bm}, {"block_mask": ("blocks", blocks)}, float(blocks.sum()) * block * block * b
+            {"block_mask": bm},
+            {"block_mask": ("blocks", blocks, bm)},
+            float(blocks.sum()) * block * block * b,
         )
     if pattern == "window_global":
         bm = create_block_mask(

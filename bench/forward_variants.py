@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL = "fa_core/forward_kernel.py"
 INNER = "fa_core/forward_inner.py"
+LAUNCH = "fa_core/forward_launch.py"
 SCHEDULING = "fa_core/scheduling.py"
 TILES = [(128, 128, 8, 3, False), (128, 128, 8, 3, True), (128, 64, 8, 3, True)]
 
@@ -97,25 +98,22 @@ def _sum_after_dot(src: str) -> str:
     return src.replace(_L_UPDATE, "").replace(_PV_DOT, _PV_DOT + _L_UPDATE)
 
 
-def _even_m(src: str) -> str:
-    """No row masks on the Q load, the O store and the LSE store (diagnostic: every point's seqlen is a multiple
-    of 128, so this measures what the masks cost, not a general kernel)."""
-    old_q = "            HEADDIM,\n            True,\n            EVEN_D,\n        )"
-    assert old_q in src
-    src = src.replace(old_q, "            HEADDIM,\n            False,\n            EVEN_D,\n        )")
-    old_o = "tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=offs_m[:, None] < seqlen_q)"
-    assert old_o in src
-    src = src.replace(old_o, "tl.store(o_ptrs, acc.to(Out.dtype.element_ty))")
-    old_l = "        lse,\n        mask=offs_m < seqlen_q,\n"
-    assert old_l in src
-    return src.replace(old_l, "        lse,\n")
+def _masked_rows(src: str) -> str:
+    """Row masks on the Q load and the O / LSE stores even where every query block is full (``EVEN_M`` off):
+    what the kernel's ``EVEN_M`` saves (every sweep point's seqlen is a multiple of 128)."""
+    old = "EVEN_M=not varlen and max_seqlen_q % MAX_BLOCK_M == 0,"
+    assert old in src
+    return src.replace(old, "EVEN_M=False,")
 
 
 def _no_lse(src: str) -> str:
     """No LSE store at all (diagnostic: the epilogue's cost; the LSE output is left unwritten)."""
-    start = src.index("    tl.store(\n        Lse + ")
-    end = src.index("    )\n", start) + len("    )\n")
-    return src[:start] + src[end:]
+    old = (
+        "    if EVEN_M:\n        tl.store(lse_ptrs, lse)\n"
+        "    else:\n        tl.store(lse_ptrs, lse, mask=offs_m < seqlen_q)\n"
+    )
+    assert old in src
+    return src.replace(old, "")
 
 
 #: name -> (file under packages/fa-core/src, edit of its source)
@@ -130,7 +128,7 @@ VARIANTS: dict[str, tuple[str, Callable[[str], str]]] = {
     "rescale_first": (INNER, _rescale_first),
     "sum_after_dot": (INNER, _sum_after_dot),
     "both_orders": (INNER, lambda src: _sum_after_dot(_rescale_first(src))),
-    "even_m": (KERNEL, _even_m),
+    "masked_rows": (LAUNCH, _masked_rows),
     "no_lse": (KERNEL, _no_lse),
 }
 
