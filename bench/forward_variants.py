@@ -53,13 +53,14 @@ def _no_reverse(src: str) -> str:
 
 
 def _lpt(width: int) -> Callable[[str], str]:
-    """Causal programs longest-processing-time first within sections of ``width`` heads (``fa_core.scheduling``,
-    opt-in ``FA_PLUS_LPT``) instead of the plain order (one head's blocks together, heaviest first)."""
+    """Causal forward programs longest-processing-time first within sections of ``width`` heads
+    (``fa_core.scheduling.FORWARD_LPT``, default 4; 1 is the plain order: one head's blocks together, heaviest
+    first). ``FA_PLUS_LPT`` must be unset for the edit to take effect."""
 
     def edit(src: str) -> str:
-        old = 'raw = os.environ.get("FA_PLUS_LPT", "1") or "1"'
+        old = "FORWARD_LPT = 4\n"
         assert old in src
-        return src.replace(old, f'raw = "{width}"')
+        return src.replace(old, f"FORWARD_LPT = {width}\n")
 
     return edit
 
@@ -121,7 +122,7 @@ VARIANTS: dict[str, tuple[str, Callable[[str], str]]] = {
     "base": (KERNEL, lambda src: src),
     "interior_first": (KERNEL, _swap_edge_and_interior),
     "no_reverse": (SCHEDULING, _no_reverse),
-    "lpt4": (SCHEDULING, _lpt(4)),
+    "no_lpt": (SCHEDULING, _lpt(1)),
     "lpt16": (SCHEDULING, _lpt(16)),
     "lpt_all": (SCHEDULING, _lpt(1 << 16)),
     "no_m_safe": (INNER, _no_m_safe),

@@ -112,9 +112,11 @@ def scores_log2(
     else:
         s = qk * (sm_scale * 1.4426950408889634)
     if HAS_ALIBI:
-        rel = offs_m[:, None] + (seqlen_k - seqlen_q) - offs_n[None, :]
-        rel = tl.where(rel < 0, -rel, rel)
-        s = s - (alibi_slope * 1.4426950408889634) * rel.to(tl.float32)
+        # |i + seqlen_k - seqlen_q - j| from fp32 row and column vectors (exact below 2^24): two conversions
+        # per row / column instead of an int -> float conversion (quarter rate, like exp2) per element
+        rows = (offs_m + (seqlen_k - seqlen_q)).to(tl.float32)
+        rel = tl.abs(rows[:, None] - offs_n.to(tl.float32)[None, :])
+        s = s - (alibi_slope * 1.4426950408889634) * rel
     return s
 
 

@@ -8,17 +8,19 @@ renumbers the programs longest-processing-time first within sections of a few he
 then every head's next one, and so on (FlashAttention-3's causal scheduler: LPT with an L2 swizzle), so the launch
 ends on the lightest blocks while a section's K / V stay in L2.
 
-Opt-in, ``FA_PLUS_LPT=<head-batch pairs per section>`` (default 1: the plain order). Measured on an H200 (d128
-bf16 causal, 128x128 tile forced, bench/forward_variants.py, each variant beside FlagGems in its own process):
+Measured on an H200 (d128 bf16 causal, 128x128 tile forced, bench/forward_variants.py, each variant beside
+FlagGems in its own process):
 
 * the whole grid as one section lost: 4k 402 vs 420 TFLOP/s, 8k 453 vs 456, 16k 480 vs 497 (every head's K / V
   in flight at once; the plain order keeps a few heads' K / V in L2), and the backward ran 0.86-0.91x flex
   against 0.90-0.98x without it (another run);
 * sections of 4 won: 4k 446 vs 426, 8k 471 vs 458, 16k 500 vs 495 (1.06 / 1.04 / 1.05x FlagGems against 1.01 /
-  1.00 / 1.03x); sections of 16: 438 / 463 / 481.
+  1.00 / 1.03x); sections of 16: 438 / 463 / 481;
+* the full forward sweep with sections of 4 (session 9, bench/results/h200-forward.json): every point >= 1.0x
+  FlagGems (causal d128 1.03-1.16x, d64 1.14-1.21x), the 1k / 2k points with their 64x64 tiles included.
 
-Not yet the default: the full sweep (both head dims, the short sequences with their 64x64 tiles, the backward)
-has not run with it.
+Defaults: the forward runs sections of ``FORWARD_LPT`` = 4, the backward passes ``BACKWARD_LPT``.
+``FA_PLUS_LPT`` / ``FA_PLUS_LPT_BWD`` override them (1 = the plain order).
 """
 
 from __future__ import annotations
@@ -56,15 +58,21 @@ def lpt_program_ids(LPT: tl.constexpr, HEAVY_LAST: tl.constexpr):
     return pid_blk, pid_h, pid_b
 
 
-def lpt_section(is_local: bool, window_left_bounded: bool) -> int:
-    """``LPT`` for a launch (``FA_PLUS_LPT``, default 1 = the plain order): the section width, for causal-shaped
-    masks only (bounded on the right, unbounded on the left: the forward's and dQ pass's work grows with the
-    block index, the dK/dV pass's shrinks), block-sparse ones included (a causal block mask with global keys
-    makes the first key blocks the heaviest dK/dV programs by far). Off by default: see the module docstring."""
+#: Section widths (head-batch pairs) of the forward and of the backward passes (see the module docstring).
+FORWARD_LPT = 4
+BACKWARD_LPT = 1
+
+
+def lpt_section(is_local: bool, window_left_bounded: bool, backward: bool = False) -> int:
+    """``LPT`` for a launch: the section width, for causal-shaped masks only (bounded on the right, unbounded on
+    the left: the forward's and dQ pass's work grows with the block index, the dK/dV pass's shrinks),
+    block-sparse ones included (a causal block mask with global keys makes the first key blocks the heaviest
+    dK/dV programs by far). ``FA_PLUS_LPT`` (forward) / ``FA_PLUS_LPT_BWD`` (backward) override the defaults."""
     if not is_local or window_left_bounded:
         return 1
-    raw = os.environ.get("FA_PLUS_LPT", "1") or "1"
+    name, default = ("FA_PLUS_LPT_BWD", BACKWARD_LPT) if backward else ("FA_PLUS_LPT", FORWARD_LPT)
+    raw = os.environ.get(name, "") or str(default)
     try:
         return max(1, int(raw))
     except ValueError:
-        raise ValueError(f"FA_PLUS_LPT must be a positive integer (heads per section), got {raw!r}") from None
+        raise ValueError(f"{name} must be a positive integer (heads per section), got {raw!r}") from None
