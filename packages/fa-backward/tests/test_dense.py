@@ -130,7 +130,7 @@ def test_lpt_order_same_results(monkeypatch, seqlen_q):
     plain order, on grids with several blocks, heads and batches (12 head-batch pairs: sections of 5 leave a
     short last one) and a ragged last block, and match the reference (a program the renumbering skipped would
     leave rows unwritten)."""
-    from fa_core.scheduling import BACKWARD_LPT, FORWARD_LPT, lpt_section
+    from fa_core.scheduling import BACKWARD_LPT, BACKWARD_SPARSE_LPT, FORWARD_LPT, lpt_section
 
     torch.manual_seed(7)
     q = rand(3, seqlen_q, 4, 16)
@@ -140,6 +140,7 @@ def test_lpt_order_same_results(monkeypatch, seqlen_q):
     monkeypatch.delenv("FA_PLUS_LPT", raising=False)
     monkeypatch.delenv("FA_PLUS_LPT_BWD", raising=False)
     assert lpt_section(True, False) == FORWARD_LPT and lpt_section(True, False, backward=True) == BACKWARD_LPT
+    assert lpt_section(True, False, backward=True, sparse=True) == BACKWARD_SPARSE_LPT
     results = []
     for width in ("1", "5", "65536"):
         monkeypatch.setenv("FA_PLUS_LPT", width)

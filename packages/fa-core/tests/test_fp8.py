@@ -188,3 +188,19 @@ def test_fp8_layout_varlen(monkeypatch):
     low, low_lse = attention_varlen_ref(q, k, v, cq, ck, upcast=False, **kw)
     assert_close_2x(res.out, ref, low, "out")
     assert_close_2x(res.lse, ref_lse, low_lse, "lse", slack=2e-3)
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_transposed_v_copy(varlen):
+    """The keys-last copy of V (a tiled Triton kernel) equals the permuted tensor, from a strided V (a slice of
+    a packed kv tensor) across several key and dim tiles, ragged at both ends; the padding stays unread."""
+    from fa_core.fp8 import transposed_v
+
+    torch.manual_seed(13)
+    n, hk, d = 150, 3, 80  # two 128-key tiles, two 64-dim tiles, both ragged
+    kv = torch.randn(2, n, 2, hk, d, device=DEVICE, dtype=LAYOUT_DTYPE)
+    v = kv[0, :, 1] if varlen else kv[:, :, 1]
+    vt = transposed_v(v, varlen)
+    assert vt.shape[-1] == 160 and vt.shape[-1] % 16 == 0
+    want = v.permute(1, 2, 0) if varlen else v.permute(0, 2, 3, 1)
+    assert torch.equal(vt[..., :n], want)

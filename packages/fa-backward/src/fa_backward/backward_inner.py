@@ -100,13 +100,21 @@ def _dkdv_step(
     delta = _load_vec(delta_base + offs_m, offs_m, seqlen_q, 0.0, MASKED)
     # transposed tiles: (BLOCK_N keys, BLOCK_M queries); see the module docstring for the argument swap
     qk_t = tl.dot(k, tl.trans(q))
-    s_t = scores_log2(qk_t, offs_n, offs_m, seqlen_k, seqlen_q, sm_scale, softcap, alibi_slope,
-                      HAS_SOFTCAP, HAS_ALIBI)
-    if HAS_SCORE_MOD == 1:
-        s_t, dmod_t = _mod_scores(s_t, off_b, off_h, offs_m[None, :], offs_n[:, None], score_mod_fn,
-                                  score_grad_fn)
-    elif HAS_SCORE_MOD == 2:  # derivative 1 (an additive bias): no dmod tile at all
-        s_t = _mod_score_only(s_t, off_b, off_h, offs_m[None, :], offs_n[:, None], score_mod_fn)
+    NAT_MOD: tl.constexpr = HAS_SCORE_MOD != 0 and not (HAS_SOFTCAP or HAS_ALIBI)
+    if NAT_MOD:
+        # natural-log scores straight into the user's functions; log2 folds into exp2's FMA (as the forward)
+        s_t = qk_t * sm_scale
+        if HAS_SCORE_MOD == 1:
+            dmod_t = score_grad_fn(s_t, off_b, off_h, offs_m[None, :], offs_n[:, None])
+        s_t = score_mod_fn(s_t, off_b, off_h, offs_m[None, :], offs_n[:, None])
+    else:
+        s_t = scores_log2(qk_t, offs_n, offs_m, seqlen_k, seqlen_q, sm_scale, softcap, alibi_slope,
+                          HAS_SOFTCAP, HAS_ALIBI)
+        if HAS_SCORE_MOD == 1:
+            s_t, dmod_t = _mod_scores(s_t, off_b, off_h, offs_m[None, :], offs_n[:, None], score_mod_fn,
+                                      score_grad_fn)
+        elif HAS_SCORE_MOD == 2:  # derivative 1 (an additive bias): no dmod tile at all
+            s_t = _mod_score_only(s_t, off_b, off_h, offs_m[None, :], offs_n[:, None], score_mod_fn)
     if STATIC:
         ok_t = visible(offs_n, offs_m, seqlen_k, seqlen_q, window_right, window_left, IS_LOCAL, True)
         if HAS_CHUNK:
@@ -117,7 +125,10 @@ def _dkdv_step(
         if HAS_SCORE_MOD == 1:
             dmod_t = tl.where(ok_t, dmod_t, 0.0)  # a derivative that is not finite off the mask is harmless
     # a row without any visible key has lse = +inf: exp2(s - inf) = 0, so its gradient is 0 (no NaN)
-    p_t = tl.exp2(s_t - lse[None, :] * LOG2E)
+    if NAT_MOD:
+        p_t = tl.exp2(s_t * LOG2E - lse[None, :] * LOG2E)
+    else:
+        p_t = tl.exp2(s_t - lse[None, :] * LOG2E)
     if STATIC:
         # a row with a NaN/Inf lse would give exp2(-inf - nan) = NaN at keys it does not see
         p_t = tl.where(ok_t, p_t, 0.0)
@@ -219,12 +230,20 @@ def _dq_step(
     v = load_tile(v_tile + offs_n0[:, None] * stride_vn + offs_dv[None, :], offs_n, seqlen_k, offs_dv,
                   HEADDIM_V, MASKED, EVEN_DV)
     qk = tl.dot(q, tl.trans(k))
-    s = scores_log2(qk, offs_m, offs_n, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope,
-                    HAS_SOFTCAP, HAS_ALIBI)
-    if HAS_SCORE_MOD == 1:
-        s, dmod = _mod_scores(s, off_b, off_h, offs_m[:, None], offs_n[None, :], score_mod_fn, score_grad_fn)
-    elif HAS_SCORE_MOD == 2:  # derivative 1 (an additive bias): no dmod tile at all
-        s = _mod_score_only(s, off_b, off_h, offs_m[:, None], offs_n[None, :], score_mod_fn)
+    NAT_MOD: tl.constexpr = HAS_SCORE_MOD != 0 and not (HAS_SOFTCAP or HAS_ALIBI)
+    if NAT_MOD:
+        s = qk * sm_scale  # natural-log scores, as _dkdv_step
+        if HAS_SCORE_MOD == 1:
+            dmod = score_grad_fn(s, off_b, off_h, offs_m[:, None], offs_n[None, :])
+        s = score_mod_fn(s, off_b, off_h, offs_m[:, None], offs_n[None, :])
+    else:
+        s = scores_log2(qk, offs_m, offs_n, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope,
+                        HAS_SOFTCAP, HAS_ALIBI)
+        if HAS_SCORE_MOD == 1:
+            s, dmod = _mod_scores(s, off_b, off_h, offs_m[:, None], offs_n[None, :], score_mod_fn,
+                                  score_grad_fn)
+        elif HAS_SCORE_MOD == 2:  # derivative 1 (an additive bias): no dmod tile at all
+            s = _mod_score_only(s, off_b, off_h, offs_m[:, None], offs_n[None, :], score_mod_fn)
     if STATIC:
         ok = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, IS_LOCAL, True)
         if HAS_CHUNK:
@@ -234,7 +253,10 @@ def _dq_step(
         s = tl.where(ok, s, float("-inf"))
         if HAS_SCORE_MOD == 1:
             dmod = tl.where(ok, dmod, 0.0)
-    p = tl.exp2(s - lse2[:, None])
+    if NAT_MOD:
+        p = tl.exp2(s * LOG2E - lse2[:, None])
+    else:
+        p = tl.exp2(s - lse2[:, None])
     if STATIC:
         p = tl.where(ok, p, 0.0)
     dp = tl.dot(do, tl.trans(v))

@@ -120,7 +120,7 @@ def _launch(
         IS_VARLEN=varlen,
         HAS_SEQUSED=seqused_k is not None,
         IS_LOCAL=is_local,
-        LPT=lpt_section(is_local, has_left, backward=True),
+        LPT=lpt_section(is_local, has_left, backward=True, sparse=block_mask is not None),
         HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None,
         HAS_DROPOUT=dropout_p > 0,

@@ -147,8 +147,13 @@ def fwd_step(
         k_tile = k_base + tl.cast(start_n, tl.int64) * stride_kn
         k = load_k_tile(k_tile, offs_n0, offs_n, offs_d, stride_kn, seqlen_k, HEADDIM, MASKED, EVEN_D)
     qk = tl.dot(q, k)
+    # user score_mod without softcap / ALiBi: natural-log scores straight into the user's function, the log2
+    # factor folded into exp2's FMA below (FUSED_SCALE's path), two multiplies per element fewer
+    NAT_MOD: tl.constexpr = HAS_SCORE_MOD and not (HAS_SOFTCAP or HAS_ALIBI) and not FUSED_SCALE
     if FUSED_SCALE:
         s = qk
+    elif NAT_MOD:
+        s = score_mod_fn(qk * sm_scale, off_b, off_h, offs_m[:, None], offs_n[None, :])
     else:
         s = scores_log2(
             qk, offs_m, offs_n, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, HAS_SOFTCAP, HAS_ALIBI
@@ -173,6 +178,9 @@ def fwd_step(
     if FUSED_SCALE:
         qk_scale = sm_scale * 1.4426950408889634
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    elif NAT_MOD:
+        qk_scale = 1.4426950408889634
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     else:
         m_new = tl.maximum(m_i, tl.max(s, 1))
     # a row that has seen no visible key yet keeps m = -inf: subtract 0 instead to avoid inf - inf
@@ -182,7 +190,7 @@ def fwd_step(
         # FP8: p in [0, 2^P_SHIFT] uses e4m3's range (max 448) instead of flushing p < 2^-10 to zero;
         # l carries the same factor, so out = acc / l is unchanged (lse subtracts P_SHIFT)
         m_safe = m_safe - P_SHIFT
-    if FUSED_SCALE:
+    if FUSED_SCALE or NAT_MOD:
         p = tl.exp2(s * qk_scale - m_safe[:, None])
     else:
         p = tl.exp2(s - m_safe[:, None])

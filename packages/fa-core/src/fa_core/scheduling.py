@@ -19,8 +19,18 @@ FlagGems in its own process):
 * the full forward sweep with sections of 4 (session 9, bench/results/h200-forward.json): every point >= 1.0x
   FlagGems (causal d128 1.03-1.16x, d64 1.14-1.21x), the 1k / 2k points with their 64x64 tiles included.
 
-Defaults: the forward runs sections of ``FORWARD_LPT`` = 4, the backward passes ``BACKWARD_LPT``.
-``FA_PLUS_LPT`` / ``FA_PLUS_LPT_BWD`` override them (1 = the plain order).
+The backward, fwd+bwd side by side in one process (session 9, bench/lpt_ab.py, H200, d128, 16 heads):
+
+* dense causal, sections of 4 / 16 against the plain order: 4k 1.04 / 1.03x, 8k 1.00 / 1.00x, 16k 0.99 / 0.96x:
+  no clear gain, the plain order stays;
+* block-sparse causal sliding window + 64 global keys (each head's first key block is seen by every query: its
+  dK/dV program is the heaviest by far): sections of 16 1.10 / 1.22 / 1.43x at 8k / 16k / 32k (sections of 4:
+  1.01 / 1.04 / 1.06x);
+* a causal score_mod (relative bias, dense): 0.97 / 0.94 / 0.96x with 16: the plain order.
+
+Defaults: the forward runs sections of ``FORWARD_LPT`` = 4, the backward passes ``BACKWARD_LPT`` = 1 (plain),
+block-sparse backward launches ``BACKWARD_SPARSE_LPT`` = 16. ``FA_PLUS_LPT`` / ``FA_PLUS_LPT_BWD`` override
+them (1 = the plain order).
 """
 
 from __future__ import annotations
@@ -61,16 +71,23 @@ def lpt_program_ids(LPT: tl.constexpr, HEAVY_LAST: tl.constexpr):
 #: Section widths (head-batch pairs) of the forward and of the backward passes (see the module docstring).
 FORWARD_LPT = 4
 BACKWARD_LPT = 1
+BACKWARD_SPARSE_LPT = 16
 
 
-def lpt_section(is_local: bool, window_left_bounded: bool, backward: bool = False) -> int:
+def lpt_section(
+    is_local: bool, window_left_bounded: bool, backward: bool = False, sparse: bool = False
+) -> int:
     """``LPT`` for a launch: the section width, for causal-shaped masks only (bounded on the right, unbounded on
     the left: the forward's and dQ pass's work grows with the block index, the dK/dV pass's shrinks),
     block-sparse ones included (a causal block mask with global keys makes the first key blocks the heaviest
-    dK/dV programs by far). ``FA_PLUS_LPT`` (forward) / ``FA_PLUS_LPT_BWD`` (backward) override the defaults."""
+    dK/dV programs by far). ``sparse``: a block-sparse backward launch. ``FA_PLUS_LPT`` (forward) /
+    ``FA_PLUS_LPT_BWD`` (backward) override the defaults."""
     if not is_local or window_left_bounded:
         return 1
-    name, default = ("FA_PLUS_LPT_BWD", BACKWARD_LPT) if backward else ("FA_PLUS_LPT", FORWARD_LPT)
+    if backward:
+        name, default = "FA_PLUS_LPT_BWD", BACKWARD_SPARSE_LPT if sparse else BACKWARD_LPT
+    else:
+        name, default = "FA_PLUS_LPT", FORWARD_LPT
     raw = os.environ.get(name, "") or str(default)
     try:
         return max(1, int(raw))
