@@ -45,6 +45,7 @@ _FAMILIES = TILE_FAMILIES
         "HAS_DROPOUT",
         "TMA_OK",
         "IS_FP8",
+        "WARP_SPEC",
         "V_T",
         "IS_SPARSE",
         "SPARSE_Q",
@@ -138,6 +139,7 @@ def fwd_kernel(
     V_T: tl.constexpr,
     P_SHIFT: tl.constexpr,
     FUSED_SCALE: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
     TMA_OK: tl.constexpr,
     EVEN_M: tl.constexpr,
     USE_TMA: tl.constexpr,
@@ -279,7 +281,7 @@ def fwd_kernel(
             alibi_slope, window_left, window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b,
             off_h, score_mod_fn, mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, True, True, False, IS_LOCAL,
             HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N,
-            SPARSE_KV, USE_TMA, V_T, IS_VARLEN, P_SHIFT, FUSED_SCALE,
+            SPARSE_KV, USE_TMA, V_T, IS_VARLEN, P_SHIFT, FUSED_SCALE, WARP_SPEC,
         )
         # fmt: on
         if HAS_FULL:
@@ -295,7 +297,7 @@ def fwd_kernel(
                 softcap, alibi_slope, window_left, window_right, attention_chunk, seed, rng_offset, bh, dropout_p,
                 off_b, off_h, score_mod_fn, mask_mod_fn, HAS_SCORE_MOD, False, True, True, True, IS_LOCAL,
                 HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N,
-                SPARSE_KV, USE_TMA, V_T, IS_VARLEN, P_SHIFT, FUSED_SCALE,
+                SPARSE_KV, USE_TMA, V_T, IS_VARLEN, P_SHIFT, FUSED_SCALE, WARP_SPEC,
             )
             # fmt: on
     else:
@@ -312,7 +314,7 @@ def fwd_kernel(
                 window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn,
                 mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, True, False, False, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI,
                 HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, SPARSE_KV, USE_TMA, V_T, IS_VARLEN, P_SHIFT,
-            FUSED_SCALE,
+            FUSED_SCALE, WARP_SPEC,
             )
             # fmt: on
         if HAS_RIGHT_EDGE:
@@ -328,7 +330,7 @@ def fwd_kernel(
                 window_left, window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn,
                 mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, True, False, False, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP,
                 HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, SPARSE_KV, USE_TMA, V_T,
-                IS_VARLEN, P_SHIFT, FUSED_SCALE,
+                IS_VARLEN, P_SHIFT, FUSED_SCALE, WARP_SPEC,
             )
             # fmt: on
         # interior: no mask at all
@@ -339,7 +341,7 @@ def fwd_kernel(
             window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn,
             mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, False, False, False, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI,
             HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, SPARSE_KV, USE_TMA, V_T, IS_VARLEN, P_SHIFT,
-            FUSED_SCALE,
+            FUSED_SCALE, WARP_SPEC,
         )
         # fmt: on
     if HAS_SINK:

@@ -70,15 +70,16 @@ def additive_grad(score, b, h, q_idx, kv_idx):
 # ---------------------------------------------------------------------------------- relative position bias
 @triton.jit
 def relative_position_bias(score, b, h, q_idx, kv_idx):
-    """``score + 0.01 * (q_idx - kv_idx)`` (FlexAttention's relative-position example, scaled); derivative:
+    """``score + 0.01 * q_idx - 0.01 * kv_idx`` (FlexAttention's relative-position example, scaled); derivative:
     :func:`additive_grad`."""
-    # convert the index vectors, then subtract in fp32 (exact below 2^24): one conversion per row and per column
-    # instead of one per score element (int -> float runs at a quarter of the FP32 rate, like exp2)
-    return score + 0.01 * (q_idx.to(tl.float32) - kv_idx.to(tl.float32))
+    # the bias as two scaled index vectors (one conversion per row / column: int -> float runs at a quarter of
+    # the FP32 rate, like exp2); ``score + q_bias`` fuses with the kernel's ``q @ k^T * scale`` into one FMA,
+    # so the element pays an FMA and an add
+    return (score + 0.01 * q_idx.to(tl.float32)) - 0.01 * kv_idx.to(tl.float32)
 
 
 def relative_position_bias_torch(score, b, h, q_idx, kv_idx):
-    return score + REL_BIAS_SCALE * (q_idx.to(score.dtype) - kv_idx.to(score.dtype))
+    return (score + REL_BIAS_SCALE * q_idx.to(score.dtype)) - REL_BIAS_SCALE * kv_idx.to(score.dtype)
 
 
 # ------------------------------------------------------------------------------------------------- ALiBi
