@@ -277,7 +277,6 @@ def fwd_inner(
     IS_VARLEN: tl.constexpr,
     P_SHIFT: tl.constexpr,
     FUSED_SCALE: tl.constexpr,
-    WARP_SPEC: tl.constexpr = False,
 ):
     """Online softmax over key tiles: ``[start, end)`` in steps of ``BLOCK_N``, or (``FROM_LIST``) the
     ``n_listed`` key blocks of ``SPARSE_KV`` keys whose indices start at ``idx_ptr``, flattened into one loop
@@ -300,8 +299,7 @@ def fwd_inner(
             )
             # fmt: on
     else:
-        # WARP_SPEC: Triton's automatic warp specialization of the loop (exploration, FA_PLUS_WARP_SPEC=1)
-        for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPEC):
+        for start_n in tl.range(start, end, BLOCK_N):
             # fmt: off
             acc, l_i, m_i = fwd_step(
                 acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, start_n,

@@ -45,7 +45,6 @@ _FAMILIES = TILE_FAMILIES
         "HAS_DROPOUT",
         "TMA_OK",
         "IS_FP8",
-        "WARP_SPEC",
         "V_T",
         "IS_SPARSE",
         "SPARSE_Q",
@@ -139,7 +138,6 @@ def fwd_kernel(
     V_T: tl.constexpr,
     P_SHIFT: tl.constexpr,
     FUSED_SCALE: tl.constexpr,
-    WARP_SPEC: tl.constexpr,
     TMA_OK: tl.constexpr,
     EVEN_M: tl.constexpr,
     USE_TMA: tl.constexpr,
@@ -281,7 +279,7 @@ def fwd_kernel(
             alibi_slope, window_left, window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b,
             off_h, score_mod_fn, mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, True, True, False, IS_LOCAL,
             HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N,
-            SPARSE_KV, USE_TMA, V_T, IS_VARLEN, P_SHIFT, FUSED_SCALE, WARP_SPEC,
+            SPARSE_KV, USE_TMA, V_T, IS_VARLEN, P_SHIFT, FUSED_SCALE,
         )
         # fmt: on
         if HAS_FULL:
@@ -297,7 +295,7 @@ def fwd_kernel(
                 softcap, alibi_slope, window_left, window_right, attention_chunk, seed, rng_offset, bh, dropout_p,
                 off_b, off_h, score_mod_fn, mask_mod_fn, HAS_SCORE_MOD, False, True, True, True, IS_LOCAL,
                 HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N,
-                SPARSE_KV, USE_TMA, V_T, IS_VARLEN, P_SHIFT, FUSED_SCALE, WARP_SPEC,
+                SPARSE_KV, USE_TMA, V_T, IS_VARLEN, P_SHIFT, FUSED_SCALE,
             )
             # fmt: on
     else:
@@ -314,7 +312,7 @@ def fwd_kernel(
                 window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn,
                 mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, True, False, False, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI,
                 HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, SPARSE_KV, USE_TMA, V_T, IS_VARLEN, P_SHIFT,
-            FUSED_SCALE, WARP_SPEC,
+            FUSED_SCALE,
             )
             # fmt: on
         if HAS_RIGHT_EDGE:
@@ -330,7 +328,7 @@ def fwd_kernel(
                 window_left, window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn,
                 mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, True, False, False, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP,
                 HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, SPARSE_KV, USE_TMA, V_T,
-                IS_VARLEN, P_SHIFT, FUSED_SCALE, WARP_SPEC,
+                IS_VARLEN, P_SHIFT, FUSED_SCALE,
             )
             # fmt: on
         # interior: no mask at all
@@ -341,7 +339,7 @@ def fwd_kernel(
             window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn,
             mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, False, False, False, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI,
             HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, SPARSE_KV, USE_TMA, V_T, IS_VARLEN, P_SHIFT,
-            FUSED_SCALE, WARP_SPEC,
+            FUSED_SCALE,
         )
         # fmt: on
     if HAS_SINK:

@@ -213,8 +213,6 @@ def launch_forward(
             (is_fp8 and os.environ.get("FA_PLUS_FP8_FUSED_SCALE", "1") != "0")
             or (not is_fp8 and softmax_scale > 0)
         ),
-        # Triton's automatic warp specialization of the key loops: exploration only (not measured as a gain)
-        WARP_SPEC=q.is_cuda and not V.interpreting() and os.environ.get("FA_PLUS_WARP_SPEC", "0") == "1",
         HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None,
         HAS_DROPOUT=dropout_p > 0,
