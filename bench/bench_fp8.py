@@ -16,7 +16,6 @@ otherwise, 3 without a GPU. Expected time on an H200: ~60 s (20 compiles over 4 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -182,13 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row['bf16_tile']} | {row['fp8_tile']}{'' if ok else '  < bar'}",
                 flush=True,
             )
-    from common import device_slug, results_path, versions
+    from common import write_json
 
-    path = results_path("fp8-vs-bf16")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        json.dumps({"device": device_slug(), **versions(), "bar": BAR, "rows": rows}, indent=1) + "\n"
-    )
+    path = write_json("fp8-vs-bf16", rows, bar=BAR)
     worst = min((r["ratio"] or 0.0) for r in rows if r["seqlen"] >= 4096) if rows else 0.0
     print(
         f"[bench_fp8] worst fp8/bf16 at seqlen >= 4k: {worst:.2f} (bar {BAR}); {time.time() - t0:.0f}s; {path}"

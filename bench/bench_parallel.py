@@ -52,7 +52,7 @@ import torch.distributed as dist  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from common import device_slug, markdown_table, results_path, versions, write_results  # noqa: E402
+from common import device_slug, markdown_table, results_path, versions, write_json, write_results  # noqa: E402
 
 KIND = "parallel"
 BENCH = "cp_fwd_bwd"
@@ -344,9 +344,7 @@ TABLE_KW = dict(metric="tokens_per_s", ours="fa-plus-ring", title="Context-paral
 def _write_partial(rows: list[dict[str, Any]], merge: bool) -> None:
     """json + md after every row (no plot): a run cut short keeps its numbers."""
     rows = _all_rows(rows, merge)
-    path = results_path(KIND)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"device": device_slug(), **versions(), "rows": rows}, indent=1) + "\n")
+    path = write_json(KIND, rows)
     path.with_suffix(".md").write_text(markdown_table(rows, **TABLE_KW) + _summary(rows))  # type: ignore[arg-type]
 
 

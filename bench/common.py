@@ -109,6 +109,17 @@ def result_layout(kind: str, dtype: str = "bfloat16") -> tuple[dict[str, Any], d
     return {"bench": bench}, {"title": title.format(dtype=dtype)}
 
 
+def write_json(kind: str, rows: Sequence[Row], **extra: Any) -> Path:
+    """Write ``<device>-<kind>.json`` alone (``{"device", "torch", "triton", **extra, "rows"}``, no table or
+    plot): the exploration scripts' results. Returns its path."""
+    path = results_path(kind)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        json.dumps({"device": device_slug(), **versions(), **extra, "rows": list(rows)}, indent=1) + "\n"
+    )
+    return path
+
+
 def write_results(
     kind: str,
     rows: Sequence[Row],

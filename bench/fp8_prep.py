@@ -10,7 +10,6 @@ descale stacking. Prints a table; writes ``bench/results/<device>-fp8-prep.json`
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench_ms, results_path, versions  # noqa: E402
+from common import bench_ms, write_json  # noqa: E402
 
 from fa_core import flash_attn_forward  # noqa: E402
 from fa_core.fp8 import fp8_descale, transposed_v  # noqa: E402
@@ -63,10 +62,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("fp8_prep.py times GPU kernels: no CUDA device here")
     rows = [_point(d, s) for d in (128, 64) for s in (4096, 8192, 16384)]
-    out = results_path("fp8-prep")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": torch.cuda.get_device_name(), **versions(), "rows": rows}, indent=1))
-    print(f"[fp8_prep] wrote {out}")
+    print(f"[fp8_prep] wrote {write_json('fp8-prep', rows)}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Prints fwd+bwd TFLOP/s (visible elements, 3.5 x the forward's FLOPs) per width a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -28,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_sparse import build_case  # noqa: E402
-from common import bench_ms, progress, results_path, versions  # noqa: E402
+from common import bench_ms, env_override, progress, write_json  # noqa: E402
 
 from fa_backward.programmable import attention  # noqa: E402
 
@@ -72,8 +71,8 @@ def main() -> None:
         times: dict[str, list[float]] = {w: [] for w in widths}
         for _ in range(args.rounds):
             for w in widths:
-                os.environ["FA_PLUS_LPT_BWD"] = w
-                times[w].append(bench_ms(step, warmup=5, rep=30))
+                with env_override("FA_PLUS_LPT_BWD", w):
+                    times[w].append(bench_ms(step, warmup=5, rep=30))
         base = statistics.median(times[widths[0]])
         for w in widths:
             ms = statistics.median(times[w])
@@ -83,11 +82,7 @@ def main() -> None:
             print(
                 f"  {case:13s} s={s:6d} width={w:>5s}: {row['tflops']:7.1f} TFLOP/s  x{row['vs_first']:.3f}"
             )
-    os.environ.pop("FA_PLUS_LPT_BWD", None)
-    out = results_path("lpt-ab")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": torch.cuda.get_device_name(), **versions(), "rows": rows}, indent=1))
-    print(f"[lpt_ab] wrote {out}")
+    print(f"[lpt_ab] wrote {write_json('lpt-ab', rows)}")
 
 
 if __name__ == "__main__":

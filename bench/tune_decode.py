@@ -14,7 +14,6 @@ the best choice and its ratio to SDPA, and writes bench/results/<device>-decode-
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_decode import HEADDIM, NHEADS, NHEADS_K, SHAPES, _paged  # noqa: E402
-from common import device_slug, install_sigterm_handler, results_path, versions  # noqa: E402
+from common import install_sigterm_handler, write_json  # noqa: E402
 
 TILES = [(bn, w, st) for bn in (64, 128) for w in (4, 8) for st in (2, 3, 4)] + [(32, 4, 3), (256, 8, 2)]
 
@@ -149,9 +148,7 @@ def main() -> None:
             if row:
                 out_rows.append(row)
         torch.cuda.empty_cache()
-    path = results_path("decode-tune")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"device": device_slug(), **versions(), "rows": out_rows}, indent=1))
+    path = write_json("decode-tune", out_rows)
     print(f"wrote {path}")
 
 
