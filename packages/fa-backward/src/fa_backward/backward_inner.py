@@ -68,6 +68,33 @@ def _mod_scores(s2, off_b, off_h, q_idx, kv_idx, score_mod_fn: tl.constexpr, sco
     return score_mod_fn(s, off_b, off_h, q_idx, kv_idx) * LOG2E, score_grad_fn(s, off_b, off_h, q_idx, kv_idx)
 
 
+@triton.jit
+def _scores(
+    qk, offs_r, offs_c, seqlen_r, seqlen_c, q_idx, kv_idx, sm_scale, softcap, alibi_slope, off_b, off_h,
+    score_mod_fn: tl.constexpr, score_grad_fn: tl.constexpr,
+    HAS_SCORE_MOD: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, NAT_MOD: tl.constexpr,
+):
+    """Scores of a tile ``(rows, cols)`` (the dQ pass: queries x keys; the dK/dV pass: keys x queries, with
+    ``q_idx`` / ``kv_idx`` broadcast to match) -> ``(s, dmod)``; ``dmod`` (d score_mod / d score) is meaningful
+    only for ``HAS_SCORE_MOD == 1``. ``NAT_MOD`` (a score_mod without softcap / ALiBi): ``s`` in natural-log
+    units straight from ``q @ k^T * scale``, the caller folding log2 into exp2's FMA; else in log2 units."""
+    if NAT_MOD:
+        s = qk * sm_scale
+        dmod = s
+        if HAS_SCORE_MOD == 1:
+            dmod = score_grad_fn(s, off_b, off_h, q_idx, kv_idx)
+        s = score_mod_fn(s, off_b, off_h, q_idx, kv_idx)
+    else:
+        s = scores_log2(qk, offs_r, offs_c, seqlen_r, seqlen_c, sm_scale, softcap, alibi_slope, HAS_SOFTCAP,
+                        HAS_ALIBI)
+        dmod = s
+        if HAS_SCORE_MOD == 1:
+            s, dmod = _mod_scores(s, off_b, off_h, q_idx, kv_idx, score_mod_fn, score_grad_fn)
+        elif HAS_SCORE_MOD == 2:  # derivative 1 (an additive bias): no dmod tile at all
+            s = _mod_score_only(s, off_b, off_h, q_idx, kv_idx, score_mod_fn)
+    return s, dmod
+
+
 # ------------------------------------------------------------------------------------------------ dK/dV
 @triton.jit
 def _dkdv_step(
@@ -100,21 +127,11 @@ def _dkdv_step(
     delta = _load_vec(delta_base + offs_m, offs_m, seqlen_q, 0.0, MASKED)
     # transposed tiles: (BLOCK_N keys, BLOCK_M queries); see the module docstring for the argument swap
     qk_t = tl.dot(k, tl.trans(q))
+    # a score_mod without softcap / ALiBi: natural-log scores, log2 folded into exp2's FMA (as the forward)
     NAT_MOD: tl.constexpr = HAS_SCORE_MOD != 0 and not (HAS_SOFTCAP or HAS_ALIBI)
-    if NAT_MOD:
-        # natural-log scores straight into the user's functions; log2 folds into exp2's FMA (as the forward)
-        s_t = qk_t * sm_scale
-        if HAS_SCORE_MOD == 1:
-            dmod_t = score_grad_fn(s_t, off_b, off_h, offs_m[None, :], offs_n[:, None])
-        s_t = score_mod_fn(s_t, off_b, off_h, offs_m[None, :], offs_n[:, None])
-    else:
-        s_t = scores_log2(qk_t, offs_n, offs_m, seqlen_k, seqlen_q, sm_scale, softcap, alibi_slope,
-                          HAS_SOFTCAP, HAS_ALIBI)
-        if HAS_SCORE_MOD == 1:
-            s_t, dmod_t = _mod_scores(s_t, off_b, off_h, offs_m[None, :], offs_n[:, None], score_mod_fn,
-                                      score_grad_fn)
-        elif HAS_SCORE_MOD == 2:  # derivative 1 (an additive bias): no dmod tile at all
-            s_t = _mod_score_only(s_t, off_b, off_h, offs_m[None, :], offs_n[:, None], score_mod_fn)
+    s_t, dmod_t = _scores(qk_t, offs_n, offs_m, seqlen_k, seqlen_q, offs_m[None, :], offs_n[:, None], sm_scale,
+                          softcap, alibi_slope, off_b, off_h, score_mod_fn, score_grad_fn, HAS_SCORE_MOD,
+                          HAS_SOFTCAP, HAS_ALIBI, NAT_MOD)
     if STATIC:
         ok_t = visible(offs_n, offs_m, seqlen_k, seqlen_q, window_right, window_left, IS_LOCAL, True)
         if HAS_CHUNK:
@@ -230,20 +247,10 @@ def _dq_step(
     v = load_tile(v_tile + offs_n0[:, None] * stride_vn + offs_dv[None, :], offs_n, seqlen_k, offs_dv,
                   HEADDIM_V, MASKED, EVEN_DV)
     qk = tl.dot(q, tl.trans(k))
-    NAT_MOD: tl.constexpr = HAS_SCORE_MOD != 0 and not (HAS_SOFTCAP or HAS_ALIBI)
-    if NAT_MOD:
-        s = qk * sm_scale  # natural-log scores, as _dkdv_step
-        if HAS_SCORE_MOD == 1:
-            dmod = score_grad_fn(s, off_b, off_h, offs_m[:, None], offs_n[None, :])
-        s = score_mod_fn(s, off_b, off_h, offs_m[:, None], offs_n[None, :])
-    else:
-        s = scores_log2(qk, offs_m, offs_n, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope,
-                        HAS_SOFTCAP, HAS_ALIBI)
-        if HAS_SCORE_MOD == 1:
-            s, dmod = _mod_scores(s, off_b, off_h, offs_m[:, None], offs_n[None, :], score_mod_fn,
-                                  score_grad_fn)
-        elif HAS_SCORE_MOD == 2:  # derivative 1 (an additive bias): no dmod tile at all
-            s = _mod_score_only(s, off_b, off_h, offs_m[:, None], offs_n[None, :], score_mod_fn)
+    NAT_MOD: tl.constexpr = HAS_SCORE_MOD != 0 and not (HAS_SOFTCAP or HAS_ALIBI)  # as _dkdv_step
+    s, dmod = _scores(qk, offs_m, offs_n, seqlen_q, seqlen_k, offs_m[:, None], offs_n[None, :], sm_scale, softcap,
+                      alibi_slope, off_b, off_h, score_mod_fn, score_grad_fn, HAS_SCORE_MOD, HAS_SOFTCAP, HAS_ALIBI,
+                      NAT_MOD)
     if STATIC:
         ok = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, IS_LOCAL, True)
         if HAS_CHUNK:
