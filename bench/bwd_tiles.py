@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import triton  # noqa: E402
-from common import bench_ms, install_sigterm_handler, progress, write_json  # noqa: E402
+from common import bench_ms, env_override, install_sigterm_handler, progress, write_json  # noqa: E402
 
 from fa_backward import backward_kernel as bk  # noqa: E402
 from fa_backward.programmable import attention  # noqa: E402
@@ -33,8 +33,8 @@ from fa_core import score_mods as sm  # noqa: E402
 #: candidate tiles outside the shipped spaces: one warpgroup per program (4 warps), small enough that two
 #: programs share an SM (registers <= 255 per thread, shared memory <= ~110 KB), so one program's softmax work
 #: can run under the other's MMAs
-EXTRA_DKDV = [(32, 64, 4, 2), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 3)]
-EXTRA_DQ = [(64, 64, 4, 2), (64, 32, 4, 3), (32, 64, 4, 3)]
+EXTRA_DKDV = [(32, 64, 4, 3), (64, 64, 4, 3)]
+EXTRA_DQ = [(64, 64, 4, 2), (128, 128, 8, 3)]
 
 
 def _configs(space: list[tuple[int, int, int, int]]) -> list[triton.Config]:
@@ -66,8 +66,11 @@ def _flex_backward(q, k, v, dout, score_mod):
     return o, (qt, kt, vt)
 
 
-def run_case(rows: list[dict[str, Any]], case: str, s: int, h: int = 16, d: int = 128) -> None:
-    """Rows of one (case, seqlen): every config of both kernels, then our backward and flex's."""
+def run_case(
+    rows: list[dict[str, Any]], case: str, s: int, tma: list[str], h: int = 16, d: int = 128
+) -> None:
+    """Rows of one (case, seqlen): every config of both kernels, then our backward and flex's; our rows once
+    per ``FA_PLUS_TMA_BWD`` value in ``tma`` (tensor-descriptor loads in the backward on / off)."""
     b = max(1, 32768 // s)
     torch.manual_seed(0)
     q, k, v = (
@@ -82,12 +85,18 @@ def run_case(rows: list[dict[str, Any]], case: str, s: int, h: int = 16, d: int 
     flop = 2.5 * 4.0 * d * b * h * s * (s + 1) / 2  # backward: 2.5x the forward's matmul FLOPs
     base = {"case": case, "batch": b, "seqlen": s, "nheads": h, "headdim": d}
     o = attention(q, k, v, **kw)[0]
-    torch.autograd.grad(o, (q, k, v), dout, retain_graph=True)  # autotunes both kernels for this key
-    for name, kern in (("dq", bk.dq_kernel), ("dkdv", bk.dkdv_kernel)):
-        for r in _timings(kern):
-            rows.append(dict(base, bench="kernel", kernel=name, **r))
-    ours = bench_ms(lambda: torch.autograd.grad(o, (q, k, v), dout, retain_graph=True), warmup=10, rep=40)
-    rows.append(dict(base, bench="backward", provider="fa-plus", ms=ours, tflops=flop / ours * 1e-9))
+    for t in tma:
+        with env_override("FA_PLUS_TMA_BWD", t):
+            torch.autograd.grad(o, (q, k, v), dout, retain_graph=True)  # autotunes both kernels for this key
+            for name, kern in (("dq", bk.dq_kernel), ("dkdv", bk.dkdv_kernel)):
+                for r in _timings(kern):
+                    rows.append(dict(base, bench="kernel", kernel=name, tma=t, **r))
+            ours = bench_ms(
+                lambda: torch.autograd.grad(o, (q, k, v), dout, retain_graph=True), warmup=10, rep=40
+            )
+        rows.append(
+            dict(base, bench="backward", provider="fa-plus", tma=t, ms=ours, tflops=flop / ours * 1e-9)
+        )
     try:
         fo, leaves = _flex_backward(q, k, v, dout, flex_mod)
         torch.autograd.grad(fo, leaves, dout, retain_graph=True)
@@ -104,6 +113,7 @@ def main() -> None:
     ap.add_argument(
         "--extra", action="store_true", help="also time the candidate tiles EXTRA_DKDV / EXTRA_DQ"
     )
+    ap.add_argument("--tma", nargs="*", default=["1"], help="FA_PLUS_TMA_BWD values to time (e.g. 0 1)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bwd_tiles.py times GPU kernels: no CUDA device here")
@@ -115,9 +125,10 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for case, s in progress([(c, s) for s in args.seqlens for c in args.cases], desc="bwd tiles"):
         first = len(rows)
-        run_case(rows, case, s)
+        run_case(rows, case, s, args.tma)
         for r in rows[first:]:
-            print({k_: r.get(k_) for k_ in ("bench", "kernel", "provider", "tile", "ms", "tflops", "error")})
+            keys = ("bench", "kernel", "provider", "tma", "tile", "ms", "tflops", "error")
+            print({k_: r.get(k_) for k_ in keys})
         torch.cuda.empty_cache()
     print(write_json("bwd-tiles", rows))
 

@@ -106,7 +106,7 @@ def _dkdv_step(
     HAS_SCORE_MOD: tl.constexpr, APPLY_MASK_MOD: tl.constexpr, HAS_CHUNK: tl.constexpr,
     MASKED: tl.constexpr, DYN_MASK: tl.constexpr, IS_LOCAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """One query tile ``[start_m, start_m + BLOCK_M)`` of the dK/dV pass. ``MASKED``: bounds-checked loads and
     the element rules on every element; with ``DYN_MASK`` (block-sparse full blocks) the built-in rules only,
@@ -115,15 +115,20 @@ def _dkdv_step(
     DYN: tl.constexpr = MASKED and DYN_MASK
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_m = start_m + offs_m0
-    # 64-bit tile base (a scalar) + 32-bit offsets inside the tile: loop-invariant, hoisted out of the loop
-    q_tile = q_base + tl.cast(start_m, tl.int64) * stride_qm
-    do_tile = do_base + tl.cast(start_m, tl.int64) * stride_dom
-    q = load_tile(q_tile + offs_m0[:, None] * stride_qm + offs_d[None, :], offs_m, seqlen_q, offs_d,
-                  HEADDIM, MASKED, EVEN_D)
-    do = load_tile(do_tile + offs_m0[:, None] * stride_dom + offs_dv[None, :], offs_m, seqlen_q, offs_dv,
-                   HEADDIM_V, MASKED, EVEN_DV)
-    # ragged query rows get lse = +inf, hence p = 0
-    lse = _load_vec(lse_base + offs_m, offs_m, seqlen_q, float("inf"), MASKED)
+    if USE_TMA:
+        # q_base / do_base are tensor descriptors: rows past seqlen_q and columns past the head dim read 0
+        q = q_base.load([start_m, 0])
+        do = do_base.load([start_m, 0])
+    else:
+        # 64-bit tile base (a scalar) + 32-bit offsets inside the tile: loop-invariant, hoisted out of the loop
+        q_tile = q_base + tl.cast(start_m, tl.int64) * stride_qm
+        do_tile = do_base + tl.cast(start_m, tl.int64) * stride_dom
+        q = load_tile(q_tile + offs_m0[:, None] * stride_qm + offs_d[None, :], offs_m, seqlen_q, offs_d,
+                      HEADDIM, MASKED, EVEN_D)
+        do = load_tile(do_tile + offs_m0[:, None] * stride_dom + offs_dv[None, :], offs_m, seqlen_q, offs_dv,
+                       HEADDIM_V, MASKED, EVEN_DV)
+    # lse in log2 units (written by the dQ pass); ragged query rows get +inf, hence p = 0
+    lse2 = _load_vec(lse_base + offs_m, offs_m, seqlen_q, float("inf"), MASKED)
     delta = _load_vec(delta_base + offs_m, offs_m, seqlen_q, 0.0, MASKED)
     # transposed tiles: (BLOCK_N keys, BLOCK_M queries); see the module docstring for the argument swap
     qk_t = tl.dot(k, tl.trans(q))
@@ -143,9 +148,9 @@ def _dkdv_step(
             dmod_t = tl.where(ok_t, dmod_t, 0.0)  # a derivative that is not finite off the mask is harmless
     # a row without any visible key has lse = +inf: exp2(s - inf) = 0, so its gradient is 0 (no NaN)
     if NAT_MOD:
-        p_t = tl.exp2(s_t * LOG2E - lse[None, :] * LOG2E)
+        p_t = tl.exp2(s_t * LOG2E - lse2[None, :])
     else:
-        p_t = tl.exp2(s_t - lse[None, :] * LOG2E)
+        p_t = tl.exp2(s_t - lse2[None, :])
     if STATIC:
         # a row with a NaN/Inf lse would give exp2(-inf - nan) = NaN at keys it does not see
         p_t = tl.where(ok_t, p_t, 0.0)
@@ -190,7 +195,7 @@ def _dkdv_inner(
     MASKED: tl.constexpr, FROM_LIST: tl.constexpr, DYN_MASK: tl.constexpr, IS_LOCAL: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEADDIM: tl.constexpr,
     HEADDIM_V: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-    SPARSE_Q: tl.constexpr,
+    SPARSE_Q: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Query tiles ``[start, end)`` in steps of ``BLOCK_M``, or (``FROM_LIST``) the ``n_listed`` query blocks
     of ``SPARSE_Q`` rows whose indices start at ``idx_ptr``, flattened into one loop of tiles so that the
@@ -207,7 +212,7 @@ def _dkdv_inner(
                 sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
                 seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn, score_grad_fn, mask_mod_fn,
                 HAS_SCORE_MOD, APPLY_MASK_MOD, HAS_CHUNK, MASKED, DYN_MASK, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI,
-                HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_M)
+                HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_M, USE_TMA)
     else:
         for start_m in tl.range(start, end, BLOCK_M):
             dk, dv = _dkdv_step(
@@ -216,7 +221,7 @@ def _dkdv_inner(
                 sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
                 seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn, score_grad_fn, mask_mod_fn,
                 HAS_SCORE_MOD, APPLY_MASK_MOD, HAS_CHUNK, MASKED, False, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI,
-                HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_M)
+                HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_M, USE_TMA)
     return dk, dv
 
 
@@ -231,7 +236,7 @@ def _dq_step(
     HAS_SCORE_MOD: tl.constexpr, APPLY_MASK_MOD: tl.constexpr, HAS_CHUNK: tl.constexpr,
     MASKED: tl.constexpr, DYN_MASK: tl.constexpr, IS_LOCAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """One key tile ``[start_n, start_n + BLOCK_N)`` of the dQ pass; ``MASKED`` / ``DYN_MASK`` as
     :func:`_dkdv_step`."""
@@ -239,13 +244,18 @@ def _dq_step(
     DYN: tl.constexpr = MASKED and DYN_MASK
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_n = start_n + offs_n0
-    # 64-bit tile base (a scalar) + 32-bit offsets inside the tile: loop-invariant, hoisted out of the loop
-    k_tile = k_base + tl.cast(start_n, tl.int64) * stride_kn
-    v_tile = v_base + tl.cast(start_n, tl.int64) * stride_vn
-    k = load_tile(k_tile + offs_n0[:, None] * stride_kn + offs_d[None, :], offs_n, seqlen_k, offs_d,
-                  HEADDIM, MASKED, EVEN_D)
-    v = load_tile(v_tile + offs_n0[:, None] * stride_vn + offs_dv[None, :], offs_n, seqlen_k, offs_dv,
-                  HEADDIM_V, MASKED, EVEN_DV)
+    if USE_TMA:
+        # k_base / v_base are tensor descriptors (see _dkdv_step)
+        k = k_base.load([start_n, 0])
+        v = v_base.load([start_n, 0])
+    else:
+        # 64-bit tile base (a scalar) + 32-bit offsets inside the tile: loop-invariant, hoisted out of the loop
+        k_tile = k_base + tl.cast(start_n, tl.int64) * stride_kn
+        v_tile = v_base + tl.cast(start_n, tl.int64) * stride_vn
+        k = load_tile(k_tile + offs_n0[:, None] * stride_kn + offs_d[None, :], offs_n, seqlen_k, offs_d,
+                      HEADDIM, MASKED, EVEN_D)
+        v = load_tile(v_tile + offs_n0[:, None] * stride_vn + offs_dv[None, :], offs_n, seqlen_k, offs_dv,
+                      HEADDIM_V, MASKED, EVEN_DV)
     qk = tl.dot(q, tl.trans(k))
     NAT_MOD: tl.constexpr = HAS_SCORE_MOD != 0 and not (HAS_SOFTCAP or HAS_ALIBI)  # as _dkdv_step
     s, dmod = _scores(qk, offs_m, offs_n, seqlen_q, seqlen_k, offs_m[:, None], offs_n[None, :], sm_scale, softcap,
@@ -298,7 +308,7 @@ def _dq_inner(
     MASKED: tl.constexpr, FROM_LIST: tl.constexpr, DYN_MASK: tl.constexpr, IS_LOCAL: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEADDIM: tl.constexpr,
     HEADDIM_V: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPARSE_KV: tl.constexpr,
+    SPARSE_KV: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Key tiles ``[start, end)``, or (``FROM_LIST``) the ``n_listed`` listed key blocks of ``SPARSE_KV`` keys
     flattened into one loop of tiles; as :func:`_dkdv_inner` with queries and keys exchanged."""
@@ -314,7 +324,7 @@ def _dq_inner(
                 sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
                 seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn, score_grad_fn, mask_mod_fn,
                 HAS_SCORE_MOD, APPLY_MASK_MOD, HAS_CHUNK, MASKED, DYN_MASK, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI,
-                HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N)
+                HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, USE_TMA)
     else:
         for start_n in tl.range(start, end, BLOCK_N):
             dq = _dq_step(
@@ -323,5 +333,5 @@ def _dq_inner(
                 sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
                 seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn, score_grad_fn, mask_mod_fn,
                 HAS_SCORE_MOD, APPLY_MASK_MOD, HAS_CHUNK, MASKED, False, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI,
-                HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N)
+                HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, USE_TMA)
     return dq

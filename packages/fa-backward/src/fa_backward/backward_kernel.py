@@ -56,7 +56,7 @@ from fa_backward.backward_configs import (
     TUNE_KEY,
     _prune,
 )
-from fa_backward.backward_inner import _chunk_q_range, _dkdv_inner, _dq_inner
+from fa_backward.backward_inner import LOG2E, _chunk_q_range, _dkdv_inner, _dq_inner
 from fa_core.forward_configs import fast_autotuner
 from fa_core.forward_inner import load_tile
 from fa_core.masking import (
@@ -107,7 +107,7 @@ def _bwd_dkdv_kernel(
     HAS_CHUNK: tl.constexpr, score_mod_fn: tl.constexpr, score_grad_fn: tl.constexpr, mask_mod_fn: tl.constexpr,
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr,
     IS_SPARSE: tl.constexpr, HAS_FULL: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
-    HAS_RIGHT_EDGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_RIGHT_EDGE: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid ``(cdiv(max_seqlen_k, BLOCK_N), nheads_k, batch)``; dK/dV of one key block, summed over the group.
 
@@ -170,7 +170,16 @@ def _bwd_dkdv_kernel(
         off_h = off_hk * group + g
         q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qm
         do_base = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh + q_start.to(tl.int64) * stride_dom
-        lse_base = Lse + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + q_start
+        if USE_TMA:  # tensor descriptors (TMA) in place of the base pointers: no per-element address math
+            q_src = tl.make_tensor_descriptor(q_base, shape=[seqlen_q, HEADDIM], strides=[stride_qm, 1],
+                                              block_shape=[BLOCK_M, BLOCK_D])
+            do_src = tl.make_tensor_descriptor(do_base, shape=[seqlen_q, HEADDIM_V], strides=[stride_dom, 1],
+                                               block_shape=[BLOCK_M, BLOCK_DV])
+        else:
+            q_src = q_base
+            do_src = do_base
+        # Lse: the log2-unit lse that the dQ pass wrote, laid out like delta (see _bwd_dq_kernel)
+        lse_base = Lse + off_b.to(tl.int64) * stride_deltab + off_h.to(tl.int64) * stride_deltah + q_start
         delta_base = Delta + off_b.to(tl.int64) * stride_deltab + off_h.to(tl.int64) * stride_deltah + q_start
         alibi_slope = 0.0
         if HAS_ALIBI:
@@ -187,55 +196,55 @@ def _bwd_dkdv_kernel(
             if HAS_SEQUSED:
                 n_part = tl.where(past, 0, n_part)
             dk, dv = _dkdv_inner(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+                dk, dv, k, v, q_src, do_src, lse_base, delta_base, stride_qm, stride_dom,
                 lo, hi, BlkIdx + idx_off, n_part, full_lo, full_hi, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k,
                 sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
                 seed, rng_offset, bh, dropout_p, off_b, off_h,
                 score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, HAS_CHUNK,
                 True, True, False, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D,
-                EVEN_DV, BLOCK_M, SPARSE_Q)
+                EVEN_DV, BLOCK_M, SPARSE_Q, USE_TMA)
             if HAS_FULL:
                 n_full = tl.load(FullNum + num_off)
                 if HAS_SEQUSED:
                     n_full = tl.where(past, 0, n_full)
                 dk, dv = _dkdv_inner(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+                    dk, dv, k, v, q_src, do_src, lse_base, delta_base, stride_qm, stride_dom,
                     lo, hi, FullIdx + idx_off, n_full, full_lo, full_hi, offs_n, offs_d, offs_dv, seqlen_q,
                     seqlen_k, sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
                     seed, rng_offset, bh, dropout_p, off_b, off_h,
                     score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, False, HAS_CHUNK,
                     True, True, True, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D,
-                    EVEN_DV, BLOCK_M, SPARSE_Q)
+                    EVEN_DV, BLOCK_M, SPARSE_Q, USE_TMA)
         else:
             if IS_LOCAL:
                 # the queries that see only part of the block (window / causal diagonal): masked
                 dk, dv = _dkdv_inner(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+                    dk, dv, k, v, q_src, do_src, lse_base, delta_base, stride_qm, stride_dom,
                     lo, full_lo, BlkIdx, 0, full_lo, full_hi, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k,
                     sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
                     seed, rng_offset, bh, dropout_p, off_b, off_h,
                     score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, HAS_CHUNK,
                     True, False, False, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D,
-                    EVEN_DV, BLOCK_M, SPARSE_Q)
+                    EVEN_DV, BLOCK_M, SPARSE_Q, USE_TMA)
             # queries that see the whole block: no mask at all
             dk, dv = _dkdv_inner(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+                dk, dv, k, v, q_src, do_src, lse_base, delta_base, stride_qm, stride_dom,
                 full_lo, full_hi, BlkIdx, 0, full_lo, full_hi, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k,
                 sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
                 seed, rng_offset, bh, dropout_p, off_b, off_h,
                 score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, False, False,
                 False, False, False, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D,
-                EVEN_DV, BLOCK_M, SPARSE_Q)
+                EVEN_DV, BLOCK_M, SPARSE_Q, USE_TMA)
             if HAS_RIGHT_EDGE:
                 # the other window edge and the ragged last query block
                 dk, dv = _dkdv_inner(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+                    dk, dv, k, v, q_src, do_src, lse_base, delta_base, stride_qm, stride_dom,
                     full_hi, hi, BlkIdx, 0, full_lo, full_hi, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k,
                     sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
                     seed, rng_offset, bh, dropout_p, off_b, off_h,
                     score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, HAS_CHUNK,
                     True, False, False, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D,
-                    EVEN_DV, BLOCK_M, SPARSE_Q)
+                    EVEN_DV, BLOCK_M, SPARSE_Q, USE_TMA)
 
     dk = dk * sm_scale
     if HAS_SEQUSED:
@@ -260,7 +269,7 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, Out, DLse,
+    Q, K, V, DO, Lse, Delta, DQ, Out, DLse, Lse2,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -282,7 +291,7 @@ def _bwd_dq_kernel(
     HAS_CHUNK: tl.constexpr, score_mod_fn: tl.constexpr, score_grad_fn: tl.constexpr, mask_mod_fn: tl.constexpr,
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr,
     IS_SPARSE: tl.constexpr, HAS_FULL: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
-    HAS_DLSE: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_RIGHT_EDGE: tl.constexpr,
+    HAS_DLSE: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_RIGHT_EDGE: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid ``(cdiv(max_seqlen_q, BLOCK_M), nheads, batch)``; dQ of one query block, and its rows' ``delta``
@@ -309,6 +318,14 @@ def _bwd_dq_kernel(
     do_base = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh + q_start.to(tl.int64) * stride_dom
     k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
     v_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
+    if USE_TMA:  # as in _bwd_dkdv_kernel
+        k_src = tl.make_tensor_descriptor(k_base, shape=[seqlen_k, HEADDIM], strides=[stride_kn, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(v_base, shape=[seqlen_k, HEADDIM_V], strides=[stride_vn, 1],
+                                          block_shape=[BLOCK_N, BLOCK_DV])
+    else:
+        k_src = k_base
+        v_src = v_base
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -327,8 +344,11 @@ def _bwd_dq_kernel(
     if HAS_DLSE:
         delta = delta - tl.load(DLse + off_b.to(tl.int64) * stride_dlb + off_h.to(tl.int64) * stride_dlh + q_start
                                 + offs_m, mask=offs_m < seqlen_q, other=0.0).to(tl.float32)
-    tl.store(Delta + off_b.to(tl.int64) * stride_deltab + off_h.to(tl.int64) * stride_deltah + q_start + offs_m,
-             delta, mask=offs_m < seqlen_q)
+    delta_off = off_b.to(tl.int64) * stride_deltab + off_h.to(tl.int64) * stride_deltah + q_start + offs_m
+    tl.store(Delta + delta_off, delta, mask=offs_m < seqlen_q)
+    # the lse in log2 units, laid out like delta: the dK/dV pass reads it per query tile, and would otherwise
+    # scale BLOCK_M values in every iteration of its loop
+    tl.store(Lse2 + delta_off, lse * LOG2E, mask=offs_m < seqlen_q)
     alibi_slope = 0.0
     if HAS_ALIBI:
         alibi_slope = tl.load(Alibi + off_b * stride_alb + off_h).to(tl.float32)
@@ -352,47 +372,47 @@ def _bwd_dq_kernel(
         idx_off = off_b.to(tl.int64) * stride_bi_b + off_h * stride_bi_h + q_blk * stride_bi_r
         n_part = tl.load(BlkNum + num_off)
         dq = _dq_inner(
-            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, lo, hi, BlkIdx + idx_off, n_part, full_lo,
+            dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, lo, hi, BlkIdx + idx_off, n_part, full_lo,
             full_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left,
             window_right, chunk, seed, rng_offset, bh, dropout_p, off_b, off_h,
             score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, HAS_CHUNK,
             True, True, False, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV,
-            BLOCK_N, SPARSE_KV)
+            BLOCK_N, SPARSE_KV, USE_TMA)
         if HAS_FULL:
             n_full = tl.load(FullNum + num_off)
             dq = _dq_inner(
-                dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, lo, hi, FullIdx + idx_off, n_full,
+                dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, lo, hi, FullIdx + idx_off, n_full,
                 full_lo, full_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope,
                 window_left, window_right, chunk, seed, rng_offset, bh, dropout_p, off_b, off_h,
                 score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, False, HAS_CHUNK,
                 True, True, True, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D,
-                EVEN_DV, BLOCK_N, SPARSE_KV)
+                EVEN_DV, BLOCK_N, SPARSE_KV, USE_TMA)
     else:
         # the masked edge loops exist only where the host says they can run (as in the forward kernel):
         # a finite left window; a right edge (causal / window / chunk / mask_mod / keys ending inside a tile)
         if HAS_WINDOW_LEFT:
             dq = _dq_inner(
-                dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, lo, full_lo, BlkIdx, 0, full_lo,
+                dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, lo, full_lo, BlkIdx, 0, full_lo,
                 full_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left,
                 window_right, chunk, seed, rng_offset, bh, dropout_p, off_b, off_h,
                 score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, HAS_CHUNK,
                 True, False, False, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D,
-                EVEN_DV, BLOCK_N, SPARSE_KV)
+                EVEN_DV, BLOCK_N, SPARSE_KV, USE_TMA)
         dq = _dq_inner(
-            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, full_lo, full_hi, BlkIdx, 0, full_lo,
+            dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, full_lo, full_hi, BlkIdx, 0, full_lo,
             full_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left,
             window_right, chunk, seed, rng_offset, bh, dropout_p, off_b, off_h,
             score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, False, False,
             False, False, False, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D,
-            EVEN_DV, BLOCK_N, SPARSE_KV)
+            EVEN_DV, BLOCK_N, SPARSE_KV, USE_TMA)
         if HAS_RIGHT_EDGE:
             dq = _dq_inner(
-                dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, full_hi, hi, BlkIdx, 0, full_lo,
+                dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, full_hi, hi, BlkIdx, 0, full_lo,
                 full_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left,
                 window_right, chunk, seed, rng_offset, bh, dropout_p, off_b, off_h,
                 score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, HAS_CHUNK,
                 True, False, False, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D,
-                EVEN_DV, BLOCK_N, SPARSE_KV)
+                EVEN_DV, BLOCK_N, SPARSE_KV, USE_TMA)
 
     dq = dq * sm_scale
     dq_ptrs = (DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh

@@ -7,6 +7,8 @@ block-sparse arguments of the kernels of :mod:`fa_backward.backward_kernel`, lau
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from fa_backward.backward_kernel import dkdv_kernel, dq_kernel
@@ -15,6 +17,7 @@ from fa_core import validation as V
 from fa_core.fast_launch import FastLaunch, empty_arg
 from fa_core.forward import seq_bucket
 from fa_core.forward_configs import cdiv, next_pow2
+from fa_core.forward_launch import tma_ok
 from fa_core.masking import has_right_edge, has_window_left, normalize_window
 from fa_core.scheduling import lpt_section
 from fa_core.score_mods import additive_grad
@@ -22,6 +25,12 @@ from fa_core.score_mods import additive_grad
 # launches skip Triton's per-call Python once a specialization is compiled (fa_core.fast_launch)
 dkdv_launch = FastLaunch(dkdv_kernel)
 dq_launch = FastLaunch(dq_kernel)
+
+
+def bwd_tma(*tensors: torch.Tensor) -> bool:
+    """Load the streamed tiles (q / dout in the dK/dV pass, k / v in the dQ pass) through tensor descriptors
+    (TMA) where :func:`fa_core.forward_launch.tma_ok` allows; ``FA_PLUS_TMA_BWD=0`` turns it off."""
+    return os.environ.get("FA_PLUS_TMA_BWD", "1") != "0" and tma_ok(*tensors)
 
 
 def _launch(
@@ -60,7 +69,8 @@ def _launch(
     left, right, is_local = normalize_window(causal, window)
     has_left = has_window_left(is_local, left)
     lse = V.contig_last(lse)
-    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    # delta and the lse in log2 units (both written by the dQ pass, read by the dK/dV pass), one allocation
+    delta, lse2 = torch.empty((2, *lse.shape), dtype=torch.float32, device=q.device).unbind(0)
     block_d = max(next_pow2(d), 16)
     block_dv = max(next_pow2(d_v), 16)
 
@@ -137,6 +147,7 @@ def _launch(
         HAS_FULL=has_full,
         SPARSE_Q=sparse_q,
         SPARSE_KV=sparse_kv,
+        USE_TMA=bwd_tma(q, k, v, dout),
     )
     qkv_strides = (
         stride_qb,
@@ -156,15 +167,20 @@ def _launch(
         stride_deltab,
         stride_deltah,
     )
-    inputs = (q, k, v, dout, lse, delta)  # the leading pointer arguments of both kernels
-    # dQ first: it writes delta (every row of every sequence), which the dK/dV pass reads
+    # dQ first: it writes delta and lse2 (every row of every sequence), which the dK/dV pass reads
     if max_seqlen_q > 0:
         dq_launch(
             lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), nheads, batch),
-            *inputs,
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
             dq,
             out,
             dlse,
+            lse2,
             *qkv_strides,
             stride_dqb,
             sdq[-3],
@@ -185,7 +201,12 @@ def _launch(
     if max_seqlen_k > 0:
         dkdv_launch(
             lambda meta: (cdiv(max_seqlen_k, meta["BLOCK_N"]), nheads_k, batch),
-            *inputs,
+            q,
+            k,
+            v,
+            dout,
+            lse2,  # in the Lse slot, with delta's strides (see backward_kernel._bwd_dkdv_kernel)
+            delta,
             dk,
             dv,
             *qkv_strides,
