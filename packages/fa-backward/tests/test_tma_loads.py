@@ -15,6 +15,10 @@ from fa_backward_testutils import DEVICE, FP, check_2x, rand, ref_grads
 import fa_backward.launch as bl
 from fa_backward import flash_attn_func, flash_attn_varlen_func
 
+CPU_ONLY = pytest.mark.skipif(
+    DEVICE != "cpu", reason="forces descriptors under the interpreter; GPU tests: Hopper"
+)
+
 
 def _grads(fn, leaves, dout):
     out = fn()
@@ -36,7 +40,7 @@ def _both(monkeypatch, fn, leaves, dout):
     return plain, tma
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="forces descriptors under the interpreter; the GPU tests cover Hopper")
+@CPU_ONLY
 @pytest.mark.parametrize(
     "shape,kw",
     [
@@ -60,7 +64,7 @@ def test_dense_tma_matches_pointer_loads(monkeypatch, shape, kw):
     check_2x(tma, truth, lowp, FP)
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="forces descriptors under the interpreter; the GPU tests cover Hopper")
+@CPU_ONLY
 def test_varlen_tma_matches_pointer_loads(monkeypatch):
     torch.manual_seed(4)
     cu = torch.tensor([0, 17, 50, 64], dtype=torch.int32)
@@ -77,7 +81,7 @@ def test_varlen_tma_matches_pointer_loads(monkeypatch):
         torch.testing.assert_close(t, a, rtol=0, atol=1e-6)
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="forces descriptors under the interpreter; the GPU tests cover Hopper")
+@CPU_ONLY
 def test_programmable_tma_matches_pointer_loads(monkeypatch):
     from fa_backward.programmable import attention
     from fa_core import score_mods as sm
