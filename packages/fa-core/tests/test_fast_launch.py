@@ -88,3 +88,27 @@ def test_fast_classes_never_merge_what_arg_class_separates():
     assert _classes((base, 32)) != _classes((base[1:], 32)) != _classes((base, 33))
     with pytest.raises(TypeError):
         _classes((object(),))
+
+
+def test_descriptor_allocator_is_set_in_every_thread():
+    """Triton keeps its scratch allocator in a ContextVar (per thread): the autograd engine runs the backward's
+    tensor-descriptor kernels on its own threads, where an allocator set on the main thread is not seen (a GPU
+    run failed with "no allocator was set"). ``_ensure_allocator`` installs one in whichever thread calls it."""
+    import threading
+
+    from triton.runtime._allocation import NullAllocator, _allocator
+
+    from fa_core import forward_launch as fl
+
+    seen = {}
+
+    def worker():
+        seen["before"] = isinstance(_allocator.get(), NullAllocator)
+        fl._ensure_allocator()
+        seen["after"] = _allocator.get()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen["before"], "a new thread starts without an allocator"
+    assert seen["after"] is fl._torch_scratch

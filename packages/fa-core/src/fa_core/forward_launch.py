@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import torch
 import triton
@@ -52,24 +53,28 @@ def _major(device_index: int | None) -> int:
     return torch.cuda.get_device_capability(device_index)[0]
 
 
-_ALLOCATOR_SET = False
+try:  # Triton keeps its allocator in a ContextVar: one value per thread (and per asyncio context)
+    from triton.runtime._allocation import NullAllocator as _NullAllocator
+    from triton.runtime._allocation import _allocator as _ALLOCATOR
+except Exception:  # private API moved: _ensure_allocator installs ours once per thread
+    _NullAllocator = _ALLOCATOR = None
+_SET_IN_THREAD = threading.local()
+
+
+def _torch_scratch(size: int, align: int, stream: int | None) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _ensure_allocator() -> None:
-    """On-device descriptors need a small global scratch buffer; install a torch-backed allocator once,
-    unless the user already installed one."""
-    global _ALLOCATOR_SET
-    if _ALLOCATOR_SET:
-        return
-    try:
-        from triton.runtime._allocation import NullAllocator, _allocator
-
-        user_set = not isinstance(_allocator.get(), NullAllocator)
-    except Exception:  # private API moved: install ours
-        user_set = False
-    if not user_set:
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-    _ALLOCATOR_SET = True
+    """On-device descriptors need a small global scratch buffer; install a torch-backed allocator unless one is
+    set. Checked on every call: Triton's allocator lives in a ContextVar, so one set on the main thread is not
+    seen by the autograd engine's threads, where the backward's descriptor kernels launch."""
+    if _ALLOCATOR is not None:
+        if isinstance(_ALLOCATOR.get(), _NullAllocator):
+            triton.set_allocator(_torch_scratch)
+    elif not getattr(_SET_IN_THREAD, "done", False):
+        triton.set_allocator(_torch_scratch)
+        _SET_IN_THREAD.done = True
 
 
 def launch_forward(
