@@ -24,9 +24,10 @@ def _named(space):
 #: dK/dV: (BLOCK_M queries streamed, BLOCK_N keys owned, num_warps, num_stages). Big BLOCK_N amortises the
 #: K/V tiles; the dK/dV accumulators (BLOCK_N x d fp32, twice) set the register pressure: compiled for sm_90a
 #: (Triton 3.9), the first entries do not spill at d <= 128, the 64 x 128 ones spill a little at d = 128 but
-#: issue larger MMAs. (32, 64, 4, 2) is one warpgroup: two programs share an SM, one's softmax work under the
-#: other's MMAs; on an H200 it is the fastest dK/dV tile for the relative-bias score_mod at 8k / 16k
-#: (``bench/bwd_tiles.py``: 9.49 vs 9.69 ms at 16k). The last entries fit head dims up to 256 (see ``_prune``).
+#: issue larger MMAs. The (32, 64, 4, *) tiles are one warpgroup: two programs share an SM, one's softmax work
+#: under the other's MMAs; on an H200 (tensor-descriptor loads, ``bench/bwd_tiles.py``) they are the fastest dK/dV
+#: tiles for the relative-bias score_mod: 8.98 vs 9.21 ms (64 x 128) at 16k, 17.69 vs 18.53 ms at 32k (3 stages).
+#: The last entries fit head dims up to 256 (see ``_prune``).
 DKDV_SPACE = [
     (32, 128, 8, 2),
     (16, 128, 8, 2),
@@ -34,6 +35,7 @@ DKDV_SPACE = [
     (64, 128, 8, 2),
     (64, 128, 8, 3),
     (32, 64, 4, 2),
+    (32, 64, 4, 3),
     (32, 64, 8, 2),
     (64, 64, 8, 2),
     (32, 64, 8, 1),
