@@ -183,6 +183,10 @@ def build_case(pattern: str, b: int, h: int, s: int, device: str, block: int, ge
     raise ValueError(f"unknown pattern {pattern}")
 
 
+#: the PNG: fwd+bwd TFLOP/s vs seqlen, one panel per pattern
+PLOT_KW: dict[str, Any] = {"panels": ("pattern",), "bench": "sparse_fwd_bwd"}
+
+
 def _ours_fn(kw: dict[str, Any], q, k, v, h: int):
     kw = dict(kw)
     sink = torch.randn(h, device=q.device, requires_grad=True) if kw.pop("_sink", False) else None
@@ -330,7 +334,7 @@ def main() -> None:
                 )  # fmt: skip
     finally:
         if cuda:
-            path = write_results("sparse", rows)
+            path = write_results("sparse", rows, plot_kw=PLOT_KW)
             print(f"wrote {path} ({len(rows)} rows, {time.time() - start:.0f} s)")
         else:
             print(f"smoke run: {len(rows)} rows, not written ({results_path('sparse').name} is for GPU runs)")
