@@ -25,7 +25,8 @@ runs twice in the same installation):
     subsets(subset=S) fa-compat[S] for S in backward, kvcache; runs packages/fa-compat/tests with
                       FA_COMPAT_SUBSET=S. (`subset='none'` exists too but is not a default session: it is
                       exactly what tests(package='fa-compat') already runs.)
-    combination       every member installed together (fa-compat[all]): fa-compat's tests (the only
+    combination       every member installed together (fa-compat[all]) plus HF transformers (the "hf"
+                      group: fa-compat's gpt-oss test): fa-compat's tests (the only
                       member that needs all the others), then the tests of the other members marked
                       `@pytest.mark.combination` (opt-in: cross-member tests); the other members' unmarked
                       tests already ran in their own tests(...) session and are not repeated.
@@ -65,6 +66,8 @@ nox.options.sessions = [
 ROOT = Path(__file__).resolve().parent
 PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
 TEST_TOOLS = nox.project.dependency_groups(PYPROJECT, "test")
+#: HF transformers (fa-compat's gpt-oss test), for the session with every member installed
+HF_TOOLS = nox.project.dependency_groups(PYPROJECT, "hf")
 CONSTRAINTS_CPU = ROOT / ".ci" / "constraints-cpu.txt"
 
 
@@ -240,7 +243,7 @@ def combination(session: nox.Session) -> None:
     args = []
     for name in MEMBERS:
         args += ["-e", _rel(MEMBERS[name]["dir"]) + ("[all]" if name == "fa-compat" else "")]
-    _install(session, *args, *TEST_TOOLS)
+    _install(session, *args, *TEST_TOOLS, *HF_TOOLS)
     _show_torch(session)
     modules = " ".join(_import_name(name) for name in MEMBERS)
     session.run("python", "-c", f"import {modules.replace(' ', ', ')}; print('imported: {modules}')")

@@ -7,3 +7,8 @@ python3 -m pip install -q --no-deps --no-compile --target /tmp/fa_site .whl/fa/*
 # only the installed wheels (and the carried extras in /tmp/site), not the source trees
 PYTHONPATH=/tmp/fa_site:/tmp/site FA_PLUS_AUTOTUNE=0 python3 -m pytest packages/fa-compat/tests -m gpu -q ${COMPAT_PYTEST_ARGS:-} \
     -p no:cacheprovider -rs --durations=10
+status=$?
+# model-level tests that run on whatever device there is (bf16 on the GPU): HF gpt-oss with our attention
+PYTHONPATH=/tmp/fa_site:/tmp/site FA_PLUS_AUTOTUNE=0 python3 -m pytest packages/fa-compat/tests/test_gpt_oss.py -q \
+    -p no:cacheprovider -rs || status=1
+exit $status
