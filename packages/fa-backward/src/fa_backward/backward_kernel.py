@@ -19,7 +19,7 @@ address math in the loops (sm_90 SASS, relative-bias dQ loop at 128 x 64: 465 ->
 took the relative-bias backward from 16.2 to 14.3 ms at 16k on an H200 (``bench/bwd_tiles.py``).
 
 Hence the backward is deterministic (bitwise identical from run to run) whatever ``deterministic`` says,
-and its extra memory is ``delta`` only: O(batch * nheads * seqlen_q) floats.
+and its extra memory is ``delta`` and the log2 lse: 2 * batch * nheads * seqlen_q floats.
 
 The dK/dV pass works on transposed tiles ``(BLOCK_N keys, BLOCK_M queries)``, so that ``p^T`` and ``ds^T``
 come out of the first matmuls in the layout the next ones consume. The masking helpers of
