@@ -29,7 +29,8 @@ dq_launch = FastLaunch(dq_kernel)
 
 def bwd_tma(*tensors: torch.Tensor) -> bool:
     """Load the streamed tiles (q / dout in the dK/dV pass, k / v in the dQ pass) through tensor descriptors
-    (TMA) where :func:`fa_core.forward_launch.tma_ok` allows; ``FA_PLUS_TMA_BWD=0`` turns it off."""
+    (TMA) where :func:`fa_core.forward_launch.tma_ok` allows; ``FA_PLUS_TMA_BWD=0`` turns it off (``FA_PLUS_TMA=0``
+    turns off the forward's and the backward's)."""
     return os.environ.get("FA_PLUS_TMA_BWD", "1") != "0" and tma_ok(*tensors)
 
 

@@ -41,7 +41,8 @@ def tma_ok(*tensors: torch.Tensor) -> bool:
         return False
     for t in tensors:
         size = t.element_size()
-        if t.data_ptr() % 16 or any((s * size) % 16 for s in t.stride()[:-1]):
+        # a zero stride (a broadcast view) is left to the pointer loads: a descriptor's row stride must be real
+        if t.data_ptr() % 16 or any((s * size) % 16 or s == 0 for s in t.stride()[:-1]):
             return False
     _ensure_allocator()
     return True
