@@ -33,6 +33,42 @@ def _load_vec(ptrs, offs, n, other, CHECK: tl.constexpr):
     return tl.load(ptrs)
 
 
+@triton.jit
+def stream_sources(a_base, b_base, seqlen, stride_a, stride_b, HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr,
+                   BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, USE_TMA: tl.constexpr):
+    """Where a pass's streamed pair of tiles (q / dout in dK/dV, k / v in dQ) comes from: with ``USE_TMA`` tensor
+    descriptors over the sequence's rows (no per-element address math in the loop), else the base pointers."""
+    if USE_TMA:
+        a_src = tl.make_tensor_descriptor(a_base, shape=[seqlen, HEADDIM], strides=[stride_a, 1],
+                                          block_shape=[BLOCK, BLOCK_D])
+        b_src = tl.make_tensor_descriptor(b_base, shape=[seqlen, HEADDIM_V], strides=[stride_b, 1],
+                                          block_shape=[BLOCK, BLOCK_DV])
+    else:
+        a_src = a_base
+        b_src = b_base
+    return a_src, b_src
+
+
+@triton.jit
+def _load_streamed(a_src, b_src, start, offs0, offs, seqlen, stride_a, stride_b, offs_d, offs_dv,
+                   HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+                   EVEN_DV: tl.constexpr, USE_TMA: tl.constexpr):
+    """The streamed pair of tiles at row ``start`` (from :func:`stream_sources`)."""
+    if USE_TMA:
+        # descriptors: rows past seqlen and columns past the head dim read 0
+        a = a_src.load([start, 0])
+        b = b_src.load([start, 0])
+    else:
+        # 64-bit tile base (a scalar) + 32-bit offsets inside the tile: loop-invariant, hoisted out of the loop
+        a_tile = a_src + tl.cast(start, tl.int64) * stride_a
+        b_tile = b_src + tl.cast(start, tl.int64) * stride_b
+        a = load_tile(a_tile + offs0[:, None] * stride_a + offs_d[None, :], offs, seqlen, offs_d, HEADDIM, MASKED,
+                      EVEN_D)
+        b = load_tile(b_tile + offs0[:, None] * stride_b + offs_dv[None, :], offs, seqlen, offs_dv, HEADDIM_V,
+                      MASKED, EVEN_DV)
+    return a, b
+
+
 # ------------------------------------------------------------------------------------- programmable
 @triton.jit
 def _chunk_visible_t(offs_n, offs_m, seqlen_q, seqlen_k, chunk):
@@ -115,18 +151,8 @@ def _dkdv_step(
     DYN: tl.constexpr = MASKED and DYN_MASK
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_m = start_m + offs_m0
-    if USE_TMA:
-        # q_base / do_base are tensor descriptors: rows past seqlen_q and columns past the head dim read 0
-        q = q_base.load([start_m, 0])
-        do = do_base.load([start_m, 0])
-    else:
-        # 64-bit tile base (a scalar) + 32-bit offsets inside the tile: loop-invariant, hoisted out of the loop
-        q_tile = q_base + tl.cast(start_m, tl.int64) * stride_qm
-        do_tile = do_base + tl.cast(start_m, tl.int64) * stride_dom
-        q = load_tile(q_tile + offs_m0[:, None] * stride_qm + offs_d[None, :], offs_m, seqlen_q, offs_d,
-                      HEADDIM, MASKED, EVEN_D)
-        do = load_tile(do_tile + offs_m0[:, None] * stride_dom + offs_dv[None, :], offs_m, seqlen_q, offs_dv,
-                       HEADDIM_V, MASKED, EVEN_DV)
+    q, do = _load_streamed(q_base, do_base, start_m, offs_m0, offs_m, seqlen_q, stride_qm, stride_dom, offs_d,
+                           offs_dv, HEADDIM, HEADDIM_V, MASKED, EVEN_D, EVEN_DV, USE_TMA)
     # lse in log2 units (written by the dQ pass); ragged query rows get +inf, hence p = 0
     lse2 = _load_vec(lse_base + offs_m, offs_m, seqlen_q, float("inf"), MASKED)
     delta = _load_vec(delta_base + offs_m, offs_m, seqlen_q, 0.0, MASKED)
@@ -244,18 +270,8 @@ def _dq_step(
     DYN: tl.constexpr = MASKED and DYN_MASK
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_n = start_n + offs_n0
-    if USE_TMA:
-        # k_base / v_base are tensor descriptors (see _dkdv_step)
-        k = k_base.load([start_n, 0])
-        v = v_base.load([start_n, 0])
-    else:
-        # 64-bit tile base (a scalar) + 32-bit offsets inside the tile: loop-invariant, hoisted out of the loop
-        k_tile = k_base + tl.cast(start_n, tl.int64) * stride_kn
-        v_tile = v_base + tl.cast(start_n, tl.int64) * stride_vn
-        k = load_tile(k_tile + offs_n0[:, None] * stride_kn + offs_d[None, :], offs_n, seqlen_k, offs_d,
-                      HEADDIM, MASKED, EVEN_D)
-        v = load_tile(v_tile + offs_n0[:, None] * stride_vn + offs_dv[None, :], offs_n, seqlen_k, offs_dv,
-                      HEADDIM_V, MASKED, EVEN_DV)
+    k, v = _load_streamed(k_base, v_base, start_n, offs_n0, offs_n, seqlen_k, stride_kn, stride_vn, offs_d, offs_dv,
+                          HEADDIM, HEADDIM_V, MASKED, EVEN_D, EVEN_DV, USE_TMA)
     qk = tl.dot(q, tl.trans(k))
     NAT_MOD: tl.constexpr = HAS_SCORE_MOD != 0 and not (HAS_SOFTCAP or HAS_ALIBI)  # as _dkdv_step
     s, dmod = _scores(qk, offs_m, offs_n, seqlen_q, seqlen_k, offs_m[:, None], offs_n[None, :], sm_scale, softcap,

@@ -62,7 +62,7 @@ from fa_backward.backward_configs import (
     TUNE_KEY,
     _prune,
 )
-from fa_backward.backward_inner import LOG2E, _chunk_q_range, _dkdv_inner, _dq_inner
+from fa_backward.backward_inner import LOG2E, _chunk_q_range, _dkdv_inner, _dq_inner, stream_sources
 from fa_core.forward_configs import fast_autotuner
 from fa_core.forward_inner import load_tile
 from fa_core.masking import (
@@ -176,14 +176,8 @@ def _bwd_dkdv_kernel(
         off_h = off_hk * group + g
         q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qm
         do_base = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh + q_start.to(tl.int64) * stride_dom
-        if USE_TMA:  # tensor descriptors (TMA) in place of the base pointers: no per-element address math
-            q_src = tl.make_tensor_descriptor(q_base, shape=[seqlen_q, HEADDIM], strides=[stride_qm, 1],
-                                              block_shape=[BLOCK_M, BLOCK_D])
-            do_src = tl.make_tensor_descriptor(do_base, shape=[seqlen_q, HEADDIM_V], strides=[stride_dom, 1],
-                                               block_shape=[BLOCK_M, BLOCK_DV])
-        else:
-            q_src = q_base
-            do_src = do_base
+        q_src, do_src = stream_sources(q_base, do_base, seqlen_q, stride_qm, stride_dom, HEADDIM, HEADDIM_V, BLOCK_M,
+                                       BLOCK_D, BLOCK_DV, USE_TMA)
         # Lse: the log2-unit lse that the dQ pass wrote, laid out like delta (see _bwd_dq_kernel)
         lse_base = Lse + off_b.to(tl.int64) * stride_deltab + off_h.to(tl.int64) * stride_deltah + q_start
         delta_base = Delta + off_b.to(tl.int64) * stride_deltab + off_h.to(tl.int64) * stride_deltah + q_start
@@ -324,14 +318,8 @@ def _bwd_dq_kernel(
     do_base = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh + q_start.to(tl.int64) * stride_dom
     k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
     v_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
-    if USE_TMA:  # as in _bwd_dkdv_kernel
-        k_src = tl.make_tensor_descriptor(k_base, shape=[seqlen_k, HEADDIM], strides=[stride_kn, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])
-        v_src = tl.make_tensor_descriptor(v_base, shape=[seqlen_k, HEADDIM_V], strides=[stride_vn, 1],
-                                          block_shape=[BLOCK_N, BLOCK_DV])
-    else:
-        k_src = k_base
-        v_src = v_base
+    k_src, v_src = stream_sources(k_base, v_base, seqlen_k, stride_kn, stride_vn, HEADDIM, HEADDIM_V, BLOCK_N, BLOCK_D,
+                                  BLOCK_DV, USE_TMA)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
