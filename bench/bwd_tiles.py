@@ -30,9 +30,9 @@ from fa_backward import backward_kernel as bk  # noqa: E402
 from fa_backward.programmable import attention  # noqa: E402
 from fa_core import score_mods as sm  # noqa: E402
 
-#: candidate tiles outside the shipped spaces: one warpgroup per program (4 warps), small enough that two
+#: candidate tiles outside the shipped spaces: mostly one warpgroup per program (4 warps), small enough that two
 #: programs share an SM (registers <= 255 per thread, shared memory <= ~110 KB), so one program's softmax work
-#: can run under the other's MMAs
+#: can run under the other's MMAs; plus a 3-stage 128 x 128 dQ tile (it did not launch on the H200: ms None)
 EXTRA_DKDV = [(32, 64, 4, 3), (64, 64, 4, 3)]
 EXTRA_DQ = [(64, 64, 4, 2), (128, 128, 8, 3)]
 
