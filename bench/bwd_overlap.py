@@ -46,7 +46,7 @@ class _Streams:
     def __init__(self) -> None:
         self.side = torch.cuda.Stream()
         self.on = False
-        self._dq, self._dkdv = bl.dq_launch, bl.dkdv_launch
+        self._dkdv = bl.dkdv_launch
         bl.dkdv_launch = self._dkdv_call
 
     def _dkdv_call(self, *a: Any, **kw: Any) -> Any:
