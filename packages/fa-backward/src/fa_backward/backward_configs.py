@@ -6,11 +6,9 @@ the autotune key :data:`TUNE_KEY` (seqlens bucketed to powers of two) and the ea
 
 from __future__ import annotations
 
-import os
-
 import triton
 
-from fa_core.validation import interpreting
+from fa_core import settings
 
 __all__ = ["DKDV_CONFIGS", "DKDV_SPACE", "DQ_CONFIGS", "DQ_SPACE", "TUNE_KEY"]
 
@@ -22,12 +20,11 @@ def _named(space):
 
 
 #: dK/dV: (BLOCK_M queries streamed, BLOCK_N keys owned, num_warps, num_stages). Big BLOCK_N amortises the
-#: K/V tiles; the dK/dV accumulators (BLOCK_N x d fp32, twice) set the register pressure: compiled for sm_90a
-#: (Triton 3.9), the first entries do not spill at d <= 128, the 64 x 128 ones spill a little at d = 128 but
-#: issue larger MMAs. The (32, 64, 4, *) tiles are one warpgroup: two programs share an SM, one's softmax work
-#: under the other's MMAs; on an H200 (tensor-descriptor loads, ``bench/bwd_tiles.py``) they are the fastest dK/dV
-#: tiles for the relative-bias score_mod: 8.98 vs 9.21 ms (64 x 128) at 16k, 17.69 vs 18.53 ms at 32k (3 stages).
-#: The last entries fit head dims up to 256 (see ``_prune``).
+#: K/V tiles; the dK/dV accumulators (BLOCK_N x d fp32, twice) set the register pressure: the first entries do
+#: not spill at d <= 128 on sm_90, the 64 x 128 ones spill a little at d = 128 but issue larger MMAs. The
+#: (32, 64, 4, *) tiles are one warpgroup: two programs share an SM, one's softmax under the other's MMAs; they
+#: are the fastest dK/dV tiles for score_mods such as the relative bias (H200, ``bench/bwd_tiles.py``,
+#: ``bench/results/h200-bwd-tiles.json``). The last entries fit head dims up to 256 (see ``_prune``).
 DKDV_SPACE = [
     (32, 128, 8, 2),
     (16, 128, 8, 2),
@@ -57,8 +54,8 @@ DQ_SPACE = [
 INTERPRET_DKDV = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
 INTERPRET_DQ = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
 
-DKDV_CONFIGS = INTERPRET_DKDV if interpreting() else _named(DKDV_SPACE)
-DQ_CONFIGS = INTERPRET_DQ if interpreting() else _named(DQ_SPACE)
+DKDV_CONFIGS = INTERPRET_DKDV if settings.interpreting() else _named(DKDV_SPACE)
+DQ_CONFIGS = INTERPRET_DQ if settings.interpreting() else _named(DQ_SPACE)
 
 #: Autotune key: seqlens bucketed to powers of two (host side) so compiles/tunings stay few.
 TUNE_KEY = [
@@ -113,9 +110,7 @@ def _prune(owned: str, streamed: str):
                 )
             ]
         out = out or configs[-1:]
-        # FA_PLUS_AUTOTUNE=0 (as in fa_core; FA_PLUS_NO_AUTOTUNE=1 too): first surviving config only, for
-        # fast GPU test runs; benchmarks leave it unset
-        untuned = os.environ.get("FA_PLUS_AUTOTUNE") == "0" or os.environ.get("FA_PLUS_NO_AUTOTUNE") == "1"
-        return out[:1] if untuned else out
+        # settings.autotune off (FA_PLUS_AUTOTUNE=0, as in fa_core): the first surviving config, no timing
+        return out if settings.get().autotune else out[:1]
 
     return prune

@@ -3,7 +3,7 @@
 ``"triton"`` (aliases ``"native"``, ``"fa-plus"``, ``"default"``) is fa_core's own kernel; ``"flaggems"``
 routes to FlagGems' Triton FlashAttention (:mod:`fa_core.backends.flaggems`, needs ``pip install
 fa-core[flaggems]`` and a GPU). The backend is chosen per call (``backend=``) or, when the call passes
-``None``, by the environment variable ``FA_BACKEND``.
+``None``, by the ``backend`` setting (:mod:`fa_core.settings`, environment variable ``FA_BACKEND``).
 
 Backend modules are imported lazily: importing this package never imports FlagGems (whose import raises
 on a machine without a GPU).
@@ -11,9 +11,11 @@ on a machine without a GPU).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
+
+from fa_core import settings
+from fa_core.errors import FlashAttnValueError
 
 __all__ = ["BACKENDS", "NATIVE", "available_backends", "get_forward", "get_varlen_forward", "resolve_backend"]
 
@@ -35,18 +37,21 @@ _ALIASES = {
 
 
 def resolve_backend(backend: str | None = None) -> str:
-    """Canonical backend name: ``backend`` if given, else ``$FA_BACKEND``, else ``"triton"``.
+    """Canonical backend name: ``backend`` if given, else the ``backend`` setting (``$FA_BACKEND``), else
+    ``"triton"``.
 
     Raises:
-        ValueError: unknown name (the message lists the known ones).
+        FlashAttnValueError: unknown name (the message lists the known ones).
     """
-    name = backend if backend is not None else os.environ.get("FA_BACKEND", "")
+    name = backend if backend is not None else settings.get().backend
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str or None, got {type(name).__name__}")
     key = name.strip().lower()
     if key not in _ALIASES:
         src = "backend" if backend is not None else "FA_BACKEND"
-        raise ValueError(f"{src}={name!r} is not a known backend; choose one of {', '.join(BACKENDS)}")
+        raise FlashAttnValueError(
+            f"{src}={name!r} is not a known backend; choose one of {', '.join(BACKENDS)}"
+        )
     return _ALIASES[key]
 
 
