@@ -311,14 +311,57 @@ def test_cache_batch_idx(seqlen_q, rotary):
     _run_and_check(case, causal=True, interleaved=False)
 
 
-@pytest.mark.parametrize("page", [0, 16])
 @pytest.mark.parametrize("rotary", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-def test_cache_leftpad(page, rotary, causal):
+@pytest.mark.parametrize("splits", [1, 3])
+def test_cache_leftpad(rotary, causal, splits):
+    """Sequence b's keys are cache rows [leftpad[b], cache_seqlens[b] + seqlen_new): the reference attends
+    to exactly those (causal alignment and ALiBi distances over the effective length), the new keys are
+    appended at cache_seqlens[b] and rotated at that absolute position (flash-attn's test_flash_attn_kvcache
+    with has_leftpad)."""
     case = _make_case(
-        batch=3, seqlen_q=2, seqlen_new=2, leftpad=True, page=page, rotary_dim=32 if rotary else 0, seed=11
+        batch=3, seqlen_q=2, seqlen_new=2, leftpad=True, rotary_dim=32 if rotary else 0, seed=11
     )
-    _run_and_check(case, causal=causal, alibi_slopes=torch.rand(3, 6).to(DEVICE) * 0.3)
+    _run_and_check(case, causal=causal, alibi_slopes=torch.rand(3, 6).to(DEVICE) * 0.3, num_splits=splits)
+
+
+@pytest.mark.parametrize("window", [(3, 1), (0, 0)])
+def test_leftpad_k_keyword_and_window(window):
+    """``leftpad_k`` (flash-attn's low-level name) is the same argument as ``cache_leftpad``; a left pad equal
+    to cache_seqlens (no old key left) and one of 0 are valid edges."""
+    case = _make_case(batch=3, seqlen_q=3, seqlen_new=1, leftpad=True, capacity=40, seed=12)
+    case["cache_leftpad"][0] = case["cache_seqlens"][0]
+    case["cache_leftpad"][1] = 0
+    out_ref, lse_ref = _run_and_check(case, window_size=window)
+    fresh = _make_case(batch=3, seqlen_q=3, seqlen_new=1, leftpad=True, capacity=40, seed=12)
+    out, lse = flash_attn_with_kvcache(
+        fresh["q"],
+        fresh["k_cache"],
+        fresh["v_cache"],
+        fresh["k"],
+        fresh["v"],
+        cache_seqlens=case["cache_seqlens"],
+        leftpad_k=case["cache_leftpad"],
+        window_size=window,
+        return_softmax_lse=True,
+    )
+    torch.testing.assert_close(out, out_ref, atol=0, rtol=0)
+    torch.testing.assert_close(lse, lse_ref, atol=0, rtol=0)
+
+
+def test_leftpad_with_block_table_is_refused():
+    """flash-attn refuses a paged cache with left padding; so does this one, naming the argument, before
+    anything is written."""
+    from fa_core.errors import FlashAttnValueError
+
+    case = _make_case(batch=2, seqlen_q=1, seqlen_new=1, leftpad=True, page=16, seed=3)
+    before = case["k_cache"].clone()
+    for name in ("cache_leftpad", "leftpad_k"):
+        kw = {k: v for k, v in case.items() if k not in ("q", "cache_leftpad")}
+        kw[name] = case["cache_leftpad"]
+        with pytest.raises(FlashAttnValueError, match=f"{name} cannot be combined with block_table"):
+            flash_attn_with_kvcache(case["q"], **kw)
+    assert torch.equal(case["k_cache"], before)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -503,12 +546,12 @@ def test_key_tile_fitted_points():
 
 
 @pytest.mark.parametrize("page", [16, 32, 48])
-@pytest.mark.parametrize("leftpad", [False, True])
 @pytest.mark.parametrize("splits", [1, 3, 7])
-def test_block_table_preload(monkeypatch, page, leftpad, splits):
+def test_block_table_preload(monkeypatch, page, splits):
     """Paged caches with the split's block-table entries preloaded into registers (BT_PRELOAD > 0, the
     default) and read inside the key loop (FA_PLUS_BT_PRELOAD=0): both match the reference and each other,
-    with splits that start mid-page (leftpad, 48-key pages) and the ragged end of the keys."""
+    with splits that start mid-page (48-key pages) and the ragged end of the keys."""
+    leftpad = False
     import fa_kvcache.interface as ki
 
     results = []

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from fa_core.rotary import load_cos_sin, rotary_pair_cols, rotate_pair
-from fa_kvcache.kernels import page_offsets
+from fa_kvcache.kernels import clamp_index, page_offsets
 
 __all__ = ["append_kernel"]
 
@@ -40,6 +40,8 @@ def append_kernel(
     seqlen_new,
     cache_seqlen_int,
     capacity,
+    num_blocks,
+    batch_cache,
     seqlen_ro,
     HEADDIM: tl.constexpr,
     HEADDIM_V: tl.constexpr,
@@ -58,8 +60,11 @@ def append_kernel(
     """Grid ``(cdiv(seqlen_new, BLOCK_T), batch, nheads_k)``: write new k (rotated) and v into the cache.
 
     Token ``t`` of sequence ``b`` goes to cache row ``cache_seqlens[b] + t`` (also its rotary position, as
-    in flash-attn, leftpad or not). Rows at or past ``capacity`` are not written (the host-side value
-    check, when enabled, reports them). Rotary in fp32, rounded once, like ``fa_core.rotary``.
+    in flash-attn, leftpad or not). Index values read from tensors never address memory unclamped:
+    ``cache_seqlens`` is clamped to ``[0, capacity]``, rows at or past ``capacity`` are not written, block ids
+    are clamped to ``[0, num_blocks)`` and ``cache_batch_idx`` to ``[0, batch_cache)`` (the host-side value
+    checks, when on, report such values before anything is written). Rotary in fp32, rounded once, like
+    ``fa_core.rotary``.
     """
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
@@ -68,19 +73,20 @@ def append_kernel(
         cache_len = tl.load(CacheSeqlens + b).to(tl.int32)
     else:
         cache_len = cache_seqlen_int
+    cache_len = tl.minimum(tl.maximum(cache_len, 0), capacity)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     pos = cache_len + t
     ok = (t < seqlen_new) & (pos < capacity) & (pos >= 0)
     if PAGED:
         bt_base = BlockTable + b.to(tl.int64) * stride_btb
         blk = tl.load(bt_base + pos // PAGE, mask=ok, other=0)
-        k_off, v_off = page_offsets(blk, pos, stride_kb, stride_kn, stride_vb, stride_vn, PAGE)
+        k_off, v_off = page_offsets(blk, pos, stride_kb, stride_kn, stride_vb, stride_vn, num_blocks, PAGE)
         k_dst = K + h.to(tl.int64) * stride_kh + k_off
         v_dst = V + h.to(tl.int64) * stride_vh + v_off
     else:
         cb = b
         if HAS_BATCH_IDX:
-            cb = tl.load(CacheBatchIdx + b)
+            cb = clamp_index(tl.load(CacheBatchIdx + b), batch_cache)
         k_dst = K + cb.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + pos.to(tl.int64) * stride_kn
         v_dst = V + cb.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + pos.to(tl.int64) * stride_vn
     k_src = Knew + b.to(tl.int64) * stride_knb + h.to(tl.int64) * stride_knh + t.to(tl.int64) * stride_knm

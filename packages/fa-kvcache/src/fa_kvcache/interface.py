@@ -2,8 +2,11 @@
 
 Host side: validate, append the new k/v into the cache (one fused append + rotary kernel), rotate q with
 :func:`fa_core.rotary.apply_rotary`, launch the split-KV attention kernel and, with several splits, the
-combine kernel. Nothing here reads a device value on the hot path (no ``.item()``, no branch on tensor
-contents), so a whole decode step can be captured in a CUDA graph.
+combine kernel. The only device value read on the host is the value check's one copy of a few reduced numbers
+(:func:`fa_kvcache.checks.value_checks`; off under CUDA-graph capture and torch.compile, or with
+``fa_core.settings.get().value_checks`` off), so a whole decode step can be captured in a CUDA graph. With or
+without the checks, the kernels clamp every index they read from a tensor's values, so no input value makes
+them read or write outside the tensors passed in.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import torch
 
 from fa_core import validation as V
+from fa_core.errors import FlashAttnValueError
 from fa_core.fast_launch import FastLaunch, empty_arg
 from fa_core.forward_configs import cdiv, next_pow2
 from fa_core.masking import has_window_left, normalize_window
@@ -239,6 +243,8 @@ def append_to_cache(
             seqlen_new,
             0 if seq_tensor else int(cache_seqlens),
             capacity,
+            max(k_cache.shape[0], 1),
+            max(k_cache.shape[0], 1),
             cos.shape[0] if has_rot else 0,
             HEADDIM=d,
             HEADDIM_V=dv,
@@ -279,6 +285,7 @@ def flash_attn_with_kvcache(
     *,
     attention_chunk: int = 0,
     learnable_sink: torch.Tensor | None = None,
+    leftpad_k: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over a KV cache, optionally appending new k/v into the cache first (in place).
 
@@ -297,7 +304,11 @@ def flash_attn_with_kvcache(
         cache_seqlens: int or ``(batch,)`` int32: cache rows already filled (absolute, leftpad included).
             None = the whole cache (``seqlen_cache``, or ``block_table.shape[1] * page_block_size``).
         cache_batch_idx: ``(batch,)`` int32 rows of a non-paged cache used by each sequence.
-        cache_leftpad: ``(batch,)`` int32: the sequence's keys start at this cache row.
+        cache_leftpad: ``(batch,)`` int32: sequence ``b``'s keys are cache rows ``[cache_leftpad[b],
+            cache_seqlens[b] (+ seqlen_new))``; causal / window alignment and ALiBi use that effective length;
+            rotary positions stay absolute (cache row = position, as in flash-attn). Not with
+            ``block_table`` (flash-attn refuses it too). Also accepted as the keyword ``leftpad_k``
+            (flash-attn's low-level name).
         block_table: ``(batch, max_blocks_per_seq)`` int32 block indices of a paged cache.
         softmax_scale: default ``headdim ** -0.5``. causal / window_size: bottom-right aligned over the
             ``cache_seqlens + seqlen_new - leftpad`` visible keys. softcap: 0 = off.
@@ -314,13 +325,21 @@ def flash_attn_with_kvcache(
     Returns:
         ``out (batch, seqlen_q, nheads, headdim_v)``, or ``(out, softmax_lse)`` with return_softmax_lse.
 
-    Shapes and dtypes are always checked (ValueError / TypeError naming the argument). Checks of tensor
-    *values* (cache too small for ``cache_seqlens + seqlen_new``, block_table entries out of range,
-    cache_leftpad / cache_batch_idx out of range) run always on CPU and, on a GPU, only with
-    ``FA_PLUS_KVCACHE_VALUE_CHECKS=1`` (they need a device sync; never under CUDA-graph capture).
-    Without them, rows past the capacity are not written and out-of-range blocks are undefined behaviour.
+    Shapes and dtypes are always checked (TypeError / :class:`fa_core.errors.FlashAttnValueError`, a
+    ValueError and a RuntimeError, naming the argument). Checks of tensor *values* (cache too small for
+    ``max(cache_seqlens) + seqlen_new``, the used block_table entries outside ``[0, num_blocks)``,
+    cache_leftpad / cache_batch_idx out of range) run before anything is written, on CPU and GPU, unless
+    ``fa_core.settings.get().value_checks`` is off; never under CUDA-graph capture or torch.compile tracing
+    (one device sync). Without them the kernels clamp each such index (cache_seqlens to the cache's capacity,
+    block ids to ``[0, num_blocks)``, cache_batch_idx to the cache batch, cache_leftpad to the sequence) and
+    do not write rows past the capacity: bad values then give meaningless output, never a memory fault.
     """
     V.grad_guard(q, k, v)
+    leftpad_name = "cache_leftpad"
+    if leftpad_k is not None:
+        if cache_leftpad is not None:
+            raise FlashAttnValueError("pass cache_leftpad or leftpad_k (the same argument), not both")
+        cache_leftpad, leftpad_name = leftpad_k, "leftpad_k"
     cache_seqlens, cache_batch_idx, cache_leftpad, seqlen_new = validate(
         q,
         k_cache,
@@ -337,6 +356,7 @@ def flash_attn_with_kvcache(
         window_size,
         softcap,
         softmax_scale,
+        leftpad_name,
     )
     batch, seqlen_q, nheads, d = q.shape
     V.check_chunk_and_sink(attention_chunk, learnable_sink, nheads, q)
@@ -346,7 +366,7 @@ def flash_attn_with_kvcache(
     capacity = cache_capacity(k_cache, block_table)
     if rotary_cos is not None and rotary_cos.shape[0] < capacity:
         # checked before anything is written: a short table must not leave a half-updated cache behind
-        raise ValueError(
+        raise FlashAttnValueError(
             f"rotary_cos/rotary_sin have {rotary_cos.shape[0]} positions but the cache holds {capacity}: "
             "seqlen_ro must be >= the cache capacity (as in flash-attn)"
         )
@@ -366,6 +386,7 @@ def flash_attn_with_kvcache(
             k_cache.shape[0],
             k_cache.shape[1],
             k_cache.shape[0],
+            leftpad_name,
         )
 
     if k is not None and v is not None and seqlen_new > 0:
@@ -386,16 +407,21 @@ def flash_attn_with_kvcache(
     if rotary_cos is not None and rotary_sin is not None and seqlen_q > 0 and batch > 0:
         # flash-attn drops a window side that spans the whole cache before deciding "local"
         local = any(0 <= int(w) < capacity for w in window_size) and not causal
+        # q's rotary rows start at cache_seqlens, clamped on the device like the kernels' (no sync): a value
+        # outside [0, capacity] (value checks off) cannot address cos/sin outside the table
+        ro_offsets = (
+            cache_seqlens.clamp(0, capacity) if isinstance(cache_seqlens, torch.Tensor) else cache_seqlens
+        )
         if causal or local:
             q = apply_rotary(
-                q, rotary_cos, rotary_sin, seqlen_offsets=cache_seqlens, interleaved=rotary_interleaved
+                q, rotary_cos, rotary_sin, seqlen_offsets=ro_offsets, interleaved=rotary_interleaved
             )
         else:
             q = apply_rotary(
                 q.reshape(batch, 1, seqlen_q * nheads, d),
                 rotary_cos,
                 rotary_sin,
-                seqlen_offsets=cache_seqlens,
+                seqlen_offsets=ro_offsets,
                 interleaved=rotary_interleaved,
             ).reshape(q.shape)
 
@@ -466,6 +492,9 @@ def flash_attn_with_kvcache(
             seqlen_q,
             seqlen_new,
             cache_len_int,
+            capacity,
+            max(k_cache.shape[0], 1),
+            max(k_cache.shape[0], 1),
             nheads,
             nheads_k,
             group,

@@ -27,10 +27,18 @@ from fa_core.masking import chunk_kv_range, chunk_visible, kv_range, scores_log2
 
 
 @triton.jit
-def page_offsets(blk, rows, stride_kb, stride_kn, stride_vb, stride_vn, PAGE: tl.constexpr):
+def clamp_index(x, n):
+    """``x`` clamped to ``[0, n)`` (``n >= 1``): every index read from a tensor's values (block ids, cache
+    batch rows) passes through it before it addresses memory, so bad values cannot leave the tensor."""
+    return tl.minimum(tl.maximum(x, 0), n - 1)
+
+
+@triton.jit
+def page_offsets(blk, rows, stride_kb, stride_kn, stride_vb, stride_vn, num_blocks, PAGE: tl.constexpr):
     """K and V element offsets (int64) of cache rows ``rows`` held in cache blocks ``blk`` of ``PAGE`` rows: the
-    paging rule shared by the split-KV kernel and the cache append."""
-    blk = blk.to(tl.int64)
+    paging rule shared by the split-KV kernel and the cache append. Block ids are clamped to
+    ``[0, num_blocks)``."""
+    blk = clamp_index(blk, num_blocks).to(tl.int64)
     prow = (rows % PAGE).to(tl.int64)
     return blk * stride_kb + prow * stride_kn, blk * stride_vb + prow * stride_vn
 
@@ -47,6 +55,7 @@ def _row_offsets(
     stride_kn,
     stride_vb,
     stride_vn,
+    num_blocks,
     PAGED: tl.constexpr,
     PAGE: tl.constexpr,
     PAGE_TILE: tl.constexpr,
@@ -79,7 +88,7 @@ def _row_offsets(
             blk = tl.load(bt_base + rows // PAGE, mask=n_ok, other=0)
         else:
             blk = tl.load(bt_base + rows // PAGE)
-        return page_offsets(blk, rows, stride_kb, stride_kn, stride_vb, stride_vn, PAGE)
+        return page_offsets(blk, rows, stride_kb, stride_kn, stride_vb, stride_vn, num_blocks, PAGE)
     r64 = rows.to(tl.int64)
     return r64 * stride_kn, r64 * stride_vn
 
@@ -107,6 +116,7 @@ def _attn_inner(
     stride_kn,
     stride_vb,
     stride_vn,
+    num_blocks,
     sm_scale,
     softcap,
     alibi_slope,
@@ -144,6 +154,7 @@ def _attn_inner(
             stride_kn,
             stride_vb,
             stride_vn,
+            num_blocks,
             PAGED,
             PAGE,
             PAGE_TILE,
@@ -225,6 +236,9 @@ def split_kv_kernel(
     seqlen_q,
     seqlen_new,
     cache_seqlen_int,
+    capacity,
+    num_blocks,
+    batch_cache,
     nheads,
     nheads_k,
     group,
@@ -277,14 +291,18 @@ def split_kv_kernel(
     b = pid_bh // nheads_k
     hk = pid_bh % nheads_k
 
+    # index values read from tensors are clamped before they address memory (the host checks them unless value
+    # checks are off): the sequence's rows [leftpad, end) lie inside its cache (``capacity`` rows)
     if SEQLENS_TENSOR:
         cache_len = tl.load(CacheSeqlens + b).to(tl.int32)
     else:
         cache_len = cache_seqlen_int
+    cache_len = tl.minimum(tl.maximum(cache_len, 0), capacity)
+    end = tl.minimum(cache_len + seqlen_new, capacity)
     leftpad = 0
     if HAS_LEFTPAD:
-        leftpad = tl.load(LeftPad + b).to(tl.int32)
-    seqlen_k = cache_len + seqlen_new - leftpad
+        leftpad = tl.minimum(tl.maximum(tl.load(LeftPad + b).to(tl.int32), 0), end)
+    seqlen_k = end - leftpad
 
     offs_r = tl.arange(0, BLOCK_M)
     q_pos = qblock * QROWS + offs_r // HB
@@ -317,7 +335,7 @@ def split_kv_kernel(
     else:
         cb = b
         if HAS_BATCH_IDX:
-            cb = tl.load(CacheBatchIdx + b)
+            cb = clamp_index(tl.load(CacheBatchIdx + b), batch_cache)
         k_base = K + cb.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
         v_base = V + cb.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
         bt_base = BlockTable
@@ -357,19 +375,19 @@ def split_kv_kernel(
     if HAS_WINDOW_LEFT:
         acc, l_i, m_i = _attn_inner(
             acc, l_i, m_i, q, k_base, v_base, bt_base, bt_vec, pg0, s_lo, a, leftpad, q_pos, offs_d, offs_dv, seqlen_q,
-            seqlen_k, stride_kb, stride_kn, stride_vb, stride_vn, sm_scale, softcap, alibi_slope, window_left,
+            seqlen_k, stride_kb, stride_kn, stride_vb, stride_vn, num_blocks, sm_scale, softcap, alibi_slope, window_left,
             window_right, attention_chunk, True, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI, PAGED, PAGE,
             PAGE_TILE, BT_PRELOAD, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N,
         )
     acc, l_i, m_i = _attn_inner(
         acc, l_i, m_i, q, k_base, v_base, bt_base, bt_vec, pg0, a, c, leftpad, q_pos, offs_d, offs_dv, seqlen_q,
-        seqlen_k, stride_kb, stride_kn, stride_vb, stride_vn, sm_scale, softcap, alibi_slope, window_left,
+        seqlen_k, stride_kb, stride_kn, stride_vb, stride_vn, num_blocks, sm_scale, softcap, alibi_slope, window_left,
         window_right, attention_chunk, False, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI, PAGED, PAGE,
         PAGE_TILE, BT_PRELOAD, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N,
     )
     acc, l_i, m_i = _attn_inner(
         acc, l_i, m_i, q, k_base, v_base, bt_base, bt_vec, pg0, c, s_hi, leftpad, q_pos, offs_d, offs_dv, seqlen_q,
-        seqlen_k, stride_kb, stride_kn, stride_vb, stride_vn, sm_scale, softcap, alibi_slope, window_left,
+        seqlen_k, stride_kb, stride_kn, stride_vb, stride_vn, num_blocks, sm_scale, softcap, alibi_slope, window_left,
         window_right, attention_chunk, True, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI, PAGED, PAGE, PAGE_TILE,
         BT_PRELOAD, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N,
     )
