@@ -1,4 +1,5 @@
-"""Forward+backward and backward-only TFLOP/s of fa-plus vs SDPA (flash, cuDNN) and FlexAttention, in one run.
+"""Forward+backward and backward-only TFLOP/s of fa-plus (the public ``flash_attn.flash_attn_func``) vs SDPA
+(flash, cuDNN), FlexAttention and FlagGems, in one run.
 
 Standard sweep (batch * seqlen = 16384, hidden 2048, headdim 64/128, seqlen 512..16384, causal and not,
 bf16). FLOPs: fwd_bwd = 3.5 x forward, bwd = 2.5 x forward (forward = 4*b*h*s^2*d, halved when causal).
@@ -7,11 +8,12 @@ backward-only timing reuses one forward graph (``retain_graph=True``). Peak memo
 (``torch.cuda.max_memory_allocated`` above the inputs) goes with the fwd_bwd rows.
 Writes bench/results/<device>-backward.{json,md,png}.
 
-    python bench/bench_backward.py                  # everything (4 providers x 24 shapes x 2 benches)
+    python bench/bench_backward.py                  # everything (5 providers x 24 shapes x 2 benches)
     python bench/bench_backward.py --quick --check  # d128, seqlen 1k and 16k, after a gradient check
     python bench/bench_backward.py --providers fa-plus,sdpa-flash --headdims 128 --seqlens 4096,16384
 
-Run from the repository root with PYTHONPATH=packages/fa-core/src:packages/fa-backward/src.
+Run from the repository root with
+PYTHONPATH=packages/fa-core/src:packages/fa-backward/src:packages/fa-kvcache/src:packages/fa-compat/src.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def _leaves(*ts: torch.Tensor, bhsd: bool) -> tuple[torch.Tensor, ...]:
 
 
 def _fa_plus(q, k, v, dout, causal) -> Built:
-    from fa_backward import flash_attn_func
+    """The public ``flash_attn.flash_attn_func`` as training calls it: inputs requiring grad."""
+    from flash_attn import flash_attn_func
 
     q, k, v = _leaves(q, k, v, bhsd=False)
     return (lambda: flash_attn_func(q, k, v, causal=causal)), (q, k, v), dout
@@ -110,11 +113,30 @@ def _flex(q, k, v, dout, causal) -> Built:
     )
 
 
+def _flaggems(q, k, v, dout, causal) -> Built:
+    """FlagGems' differentiable SDPA entry point, called directly; a FlagGems without one gives error rows."""
+    from fa_core.backends.flaggems import _flag_gems
+
+    fg = _flag_gems()  # raises FlagGemsUnavailableError with the reason
+    fn = getattr(fg.ops, "scaled_dot_product_attention", None)
+    if fn is None:
+        raise NotImplementedError("this FlagGems has no flag_gems.ops.scaled_dot_product_attention")
+    qt, kt, vt = _leaves(q, k, v, bhsd=True)
+    scale = q.shape[-1] ** -0.5
+    return (
+        (lambda: fn(qt, kt, vt, attn_mask=None, dropout_p=0.0, is_causal=causal, scale=scale)),
+        (qt, kt, vt),
+        dout.transpose(1, 2).contiguous(),
+    )
+
+
+#: fwd+bwd providers. ``fa-plus`` is the public API (``flash_attn.flash_attn_func``).
 PROVIDERS: dict[str, Callable[..., Built]] = {
     "fa-plus": _fa_plus,
     "sdpa-flash": _sdpa("FLASH_ATTENTION"),
     "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
     "flex": _flex,
+    "flaggems": _flaggems,
 }
 
 

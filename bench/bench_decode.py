@@ -4,8 +4,6 @@ One query token per sequence (seqlen_q 1) and four (speculative decoding, ``--se
 nheads_k 8 (GQA), headdim 128, bf16, for batch x context in {(1, 1k), (1, 32k), (8, 8k), (32, 1k), (64, 32k)}:
 
 * ``fa-plus``: contiguous cache (page 0) and paged caches (page 16, 64, 256; shuffled block table);
-* ``fa-plus-fused`` (only when listed in ``--providers``): the same with ``FA_PLUS_FUSED_COMBINE=1`` (the last
-  split of a tile merges the splits: one launch fewer per step);
 * ``sdpa``: ``scaled_dot_product_attention(enable_gqa=True)`` on a contiguous (b, h, s, d) cache;
 * ``flex``: ``torch.compile(flex_attention)`` (its decode kernel) on the same contiguous cache;
 * ``flaggems``: ``flag_gems.ops.flash_attn_varlen_func`` with ``block_table`` + ``seqused_k`` (pages 16, 256;
@@ -43,7 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     Row,
     bench_ms,
-    env_override,
     install_sigterm_handler,
     markdown_table,
     results_path,
@@ -54,10 +51,8 @@ KIND = "decode"
 SHAPES = [(1, 1024), (1, 32768), (8, 8192), (32, 1024), (64, 32768)]
 NHEADS, NHEADS_K, HEADDIM = 32, 8, 128
 PROVIDERS = ("fa-plus", "sdpa", "flex", "flaggems")
-#: opt-in providers (``--providers``): the fused split combine, measured slower at batch 1 (session 5)
-EXTRA_PROVIDERS = ("fa-plus-fused",)
 #: providers timed at every page size (the others: FlagGems paged only, SDPA / Flex contiguous only)
-PAGED = ("fa-plus", "fa-plus-fused")
+PAGED = ("fa-plus",)
 KEY_FIELDS = ("bench", "provider", "batch", "context", "page", "seqlen_q", "nheads", "nheads_k", "headdim")
 
 
@@ -141,15 +136,12 @@ def _flaggems(q, kc, vc, lens, page):
     )
 
 
-MAKERS = {"fa-plus": _fa_plus, "fa-plus-fused": _fa_plus, "sdpa": _sdpa, "flex": _flex, "flaggems": _flaggems}
+MAKERS = {"fa-plus": _fa_plus, "sdpa": _sdpa, "flex": _flex, "flaggems": _flaggems}
 
 
 def _timed(prov: str, fn: Callable[[], Any]) -> tuple[float, bool]:
-    """Time one provider; ``fa-plus-fused`` with the fused split combine switched on (read at capture)."""
-    if prov != "fa-plus-fused":
-        return _time(fn, graph=prov != "flaggems")
-    with env_override("FA_PLUS_FUSED_COMBINE", "1"):
-        return _time(fn, graph=True)
+    """Time one provider: in a CUDA graph, except FlagGems (it faults under capture)."""
+    return _time(fn, graph=prov != "flaggems")
 
 
 def _copy_gbps(nbytes: int) -> float:
@@ -318,9 +310,7 @@ def render(all_rows: list[Row], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--providers", default=",".join(PROVIDERS), help=f"comma list of {PROVIDERS + EXTRA_PROVIDERS}"
-    )
+    ap.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list of {PROVIDERS}")
     ap.add_argument("--pages", default="0,16,64,256")
     ap.add_argument("--seqlen-q", default="1,4", help="comma list of query tokens per step")
     ap.add_argument("--quick", action="store_true", help="(1, 1k) and (8, 8k) only")

@@ -1,4 +1,5 @@
-"""Forward TFLOP/s of fa-plus vs SDPA (flash, cuDNN), FlexAttention and FlagGems, in one run.
+"""Forward TFLOP/s of fa-plus (the public ``flash_attn.flash_attn_func``, inputs not requiring grad) vs SDPA
+(flash, cuDNN), FlexAttention and FlagGems, in one run.
 
 Standard sweep (batch * seqlen = 16384, hidden 2048, headdim 64/128, seqlen 512..16384, causal and not,
 bf16) plus a varlen section (random lengths in [128, 4096] summing to ~16k tokens, fixed seed: fa-plus
@@ -8,7 +9,8 @@ varlen vs FlagGems varlen). Writes bench/results/<device>-forward.{json,md,png}.
     python bench/bench_forward.py --quick --check # d128, seqlen 1k and 16k, after a correctness check
     python bench/bench_forward.py --providers fa-plus,sdpa-flash --headdims 128
 
-Run from the repository root with PYTHONPATH=packages/fa-core/src (scripts/gpu_run.sh sets it).
+Run from the repository root with
+PYTHONPATH=packages/fa-core/src:packages/fa-backward/src:packages/fa-kvcache/src:packages/fa-compat/src.
 """
 
 from __future__ import annotations
@@ -191,11 +193,10 @@ def _varlen_fn(
     name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, maxlen: int, causal: bool
 ) -> Callable[[], Any]:
     if name == "fa-plus":
-        from fa_core import flash_attn_varlen_forward
+        from flash_attn import flash_attn_varlen_func
 
         def fn() -> Any:
-            with torch.no_grad():
-                return flash_attn_varlen_forward(q, k, v, cu, cu, maxlen, maxlen, causal=causal)
+            return flash_attn_varlen_func(q, k, v, cu, cu, maxlen, maxlen, causal=causal)
 
         return fn
     from fa_core.backends.flaggems import _flag_gems

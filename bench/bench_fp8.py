@@ -1,9 +1,11 @@
-"""FP8 (e4m3) forward vs our bf16 forward: is issue #7's bar (fp8 >= 1.3x bf16 at seqlen >= 4k) met?
+"""FP8 (e4m3) forward vs our bf16 forward, and a tuner of the FP8 tile list (target: fp8 >= 1.3x bf16 at
+seqlen >= 4k).
 
 Standard sweep points (batch * seqlen = 16384, hidden 2048), headdim 128 and 64, causal and not. Each
-provider is timed with a few fixed tiles (the leading ones of its autotune family) and the best is kept, so
-the run needs no autotune sweep: compiles run first, in parallel processes (Triton's disk cache), then the
-timings run in this process, one kernel at a time.
+provider is timed with a few fixed tiles (the leading ones of its autotune family, each run through
+``fa_core.forward_configs.force_tile``) and the best is kept, so the run needs no autotune sweep: compiles run
+first, in parallel processes (Triton's disk cache), then the timings run in this process, one kernel at a time.
+``--all-tiles`` times every tile of both families, ``--extra-tiles`` candidate tiles outside them.
 
     python bench/bench_fp8.py                       # 4k, 8k, 16k x d128, d64 x causal, non-causal
     python bench/bench_fp8.py --seqlens 16384 --headdims 128 --jobs 1
@@ -27,36 +29,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from fa_core.forward_configs import Tile, force_tile  # noqa: E402
+
 BAR = 1.3
 FP8 = torch.float8_e4m3fn
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, TMA): the leading tiles of each autotune family
-TILES = {
+TILES: dict[str, list[Tile]] = {
     "bf16": [(128, 128, 8, 3, True), (128, 64, 8, 3, True)],
     "fp8": [(64, 128, 4, 3, True), (64, 128, 4, 4, True), (128, 64, 8, 4, True), (128, 128, 8, 3, True)],
 }
-
-
-def _force_tile(tile: tuple[int, int, int, int, bool], fp8: bool) -> None:
-    """Make the forward's autotuner use exactly ``tile`` (private hooks of fa_core.forward_kernel); a tile
-    outside the autotune space (``--extra-tiles``) is added to it."""
-    import triton
-
-    from fa_core import forward_kernel as fk
-    from fa_core.forward_configs import config_key
-
-    if not any(config_key(c) == tile for c in fk.fwd_kernel.configs):
-        bm, bn, warps, stages, tma = tile
-        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma}
-        fk.fwd_kernel.configs.append(triton.Config(cfg, num_warps=warps, num_stages=stages))
-    fk._FAMILIES[fp8] = {tile: "any"}
-    os.environ["FA_PLUS_AUTOTUNE"] = "0"
-    os.environ["FA_PLUS_TMA"] = "1" if tile[4] else "0"
-    cache = getattr(fk.fwd_kernel, "cache", None)
-    if isinstance(cache, dict):
-        cache.clear()  # the autotuner remembers its pick per key: forget it
-    from fa_core import forward_launch
-
-    forward_launch.fwd_launch.clear()  # and so do the direct launches (fa_core.fast_launch)
 
 
 def _inputs(batch: int, seqlen: int, nheads: int, d: int, fp8: bool) -> tuple[Any, dict[str, Any]]:
@@ -80,9 +61,9 @@ def compile_only(headdim: int, causal: bool) -> None:
         fp8 = name == "fp8"
         tensors, kw = _inputs(1, 1024, 2048 // headdim, headdim, fp8)
         for tile in tiles:
-            _force_tile(tile, fp8)
             try:
-                _run(tensors, kw, causal)
+                with force_tile(tile):
+                    _run(tensors, kw, causal)
             except Exception as exc:  # reported again (and skipped) by the timing pass
                 print(f"[compile] d={headdim} causal={causal} {name} {tile}: {type(exc).__name__}: {exc}")
     torch.cuda.synchronize()
@@ -99,10 +80,10 @@ def time_point(headdim: int, causal: bool, seqlen: int) -> dict[str, Any]:
         tensors, kw = _inputs(batch, seqlen, nheads, headdim, fp8)
         best: tuple[float, Any] = (0.0, None)
         for tile in tiles:
-            _force_tile(tile, fp8)
             try:
-                fn = lambda t=tensors, kw=kw: _run(t, kw, causal)  # noqa: E731
-                ms = triton.testing.do_bench(fn, warmup=10, rep=40)
+                with force_tile(tile):
+                    fn = lambda t=tensors, kw=kw: _run(t, kw, causal)  # noqa: E731
+                    ms = triton.testing.do_bench(fn, warmup=10, rep=40)
             except Exception as exc:
                 print(f"  {name} {tile}: {type(exc).__name__}: {str(exc)[:200]}")
                 continue

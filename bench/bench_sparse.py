@@ -1,4 +1,4 @@
-"""Programmable attention benchmark (issue 6): block-sparse masks and score_mods vs FlexAttention, sinks and
+"""Programmable attention benchmark: block-sparse masks and score_mods vs FlexAttention, sinks and
 chunking vs our own dense kernel. bf16, headdim 128, 16 heads, batch * seqlen = 32k tokens.
 
 Patterns (rows ``"pattern"``, ``"density"`` = visible elements / all elements):

@@ -1,10 +1,10 @@
-"""Backward tile probe: every tile config of the dQ and dK/dV kernels timed alone, next to FlexAttention's backward.
+"""Backward tile tuner: every tile config of the dQ and dK/dV kernels timed alone, next to FlexAttention's backward.
 
-Why: the relative-bias score_mod's fwd+bwd trails flex (issue 6), and the whole gap is in the backward. The
-autotuner already times every config of each kernel; this script records those timings (Triton's
-``Autotuner.configs_timings``, median ms of each config) for plain causal attention and for the relative bias,
-plus candidate tiles outside the shipped spaces (``--extra``), and times the whole backward (ours vs flex, the
-forward done once outside the timed region) in the same process. bf16, headdim 128, 16 heads, batch * seqlen =
+The autotuner already times every config of each kernel; this script records those timings (Triton's
+``Autotuner.configs_timings``, median ms of each config) for plain causal attention and for the relative-bias
+score_mod, plus candidate tiles outside the shipped spaces (``--extra``), and times the whole backward (ours vs
+flex, the forward done once outside the timed region) in the same process. The spaces in
+``fa_backward.backward_configs`` are set from its results. bf16, headdim 128, 16 heads, batch * seqlen =
 32k tokens (as ``bench_sparse.py``). Rows go to ``bench/results/<device>-bwd-tiles.json``.
 
     python bench/bwd_tiles.py --seqlens 8192 16384 --cases causal relbias --extra
@@ -24,11 +24,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import triton  # noqa: E402
-from common import bench_ms, env_override, install_sigterm_handler, progress, write_json  # noqa: E402
+from common import bench_ms, install_sigterm_handler, progress, write_json  # noqa: E402
 
 from fa_backward import backward_kernel as bk  # noqa: E402
 from fa_backward.programmable import attention  # noqa: E402
 from fa_core import score_mods as sm  # noqa: E402
+from fa_core import settings  # noqa: E402
 
 #: candidate tiles outside the shipped spaces: mostly one warpgroup per program (4 warps), small enough that two
 #: programs share an SM (registers <= 255 per thread, shared memory <= ~110 KB), so one program's softmax work
@@ -70,7 +71,7 @@ def run_case(
     rows: list[dict[str, Any]], case: str, s: int, tma: list[str], h: int = 16, d: int = 128
 ) -> None:
     """Rows of one (case, seqlen): every config of both kernels, then our backward and flex's; our rows once
-    per ``FA_PLUS_TMA_BWD`` value in ``tma`` (tensor-descriptor loads in the backward on / off)."""
+    per value in ``tma`` (``"1"`` / ``"0"``: tensor-descriptor loads on / off, the ``tma`` setting)."""
     b = max(1, 32768 // s)
     torch.manual_seed(0)
     q, k, v = (
@@ -86,7 +87,7 @@ def run_case(
     base = {"case": case, "batch": b, "seqlen": s, "nheads": h, "headdim": d}
     o = attention(q, k, v, **kw)[0]
     for t in tma:
-        with env_override("FA_PLUS_TMA_BWD", t):
+        with settings.override(tma=t == "1"):
             torch.autograd.grad(o, (q, k, v), dout, retain_graph=True)  # autotunes both kernels for this key
             for name, kern in (("dq", bk.dq_kernel), ("dkdv", bk.dkdv_kernel)):
                 for r in _timings(kern):
@@ -113,7 +114,7 @@ def main() -> None:
     ap.add_argument(
         "--extra", action="store_true", help="also time the candidate tiles EXTRA_DKDV / EXTRA_DQ"
     )
-    ap.add_argument("--tma", nargs="*", default=["1"], help="FA_PLUS_TMA_BWD values to time (e.g. 0 1)")
+    ap.add_argument("--tma", nargs="*", default=["1"], help="tensor-descriptor loads off / on (0 1)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bwd_tiles.py times GPU kernels: no CUDA device here")

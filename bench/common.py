@@ -329,10 +329,14 @@ def bench_ms(fn: Callable[[], Any], warmup: int = 25, rep: int = 100) -> float:
 
 @contextlib.contextmanager
 def env_override(name: str, value: str) -> Iterator[None]:
-    """Set environment variable ``name`` for the body (the kernels' switches are read per call), then restore
-    the caller's value, or its absence."""
+    """Set environment variable ``name`` for the body and re-read the library's settings
+    (:func:`fa_core.settings.reload`), then restore the caller's value, or its absence. In new code prefer
+    ``fa_core.settings.override(field=...)``."""
+    from fa_core import settings
+
     old = os.environ.get(name)
     os.environ[name] = value
+    settings.reload()
     try:
         yield
     finally:
@@ -340,6 +344,7 @@ def env_override(name: str, value: str) -> Iterator[None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = old
+        settings.reload()
 
 
 def host_ms_per_call(fn: Callable[[], Any], n: int = 20, warmup: int = 0) -> float:
@@ -485,11 +490,13 @@ def _flex_maker(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool)
 
 
 def _fa_plus_maker(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Callable[[], Any]:
-    from fa_core import flash_attn_forward
+    """The public ``flash_attn.flash_attn_func`` as an inference caller uses it: inputs not requiring grad."""
+    from flash_attn import flash_attn_func
+
+    q, k, v = (t.detach() for t in (q, k, v))
 
     def fn() -> Any:
-        with torch.no_grad():
-            return flash_attn_forward(q, k, v, causal=causal)
+        return flash_attn_func(q, k, v, causal=causal)
 
     return fn
 
@@ -525,7 +532,8 @@ def _flaggems_maker(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     return fn
 
 
-#: Dense forward providers: name -> maker(q, k, v, causal) -> timed callable.
+#: Dense forward providers: name -> maker(q, k, v, causal) -> timed callable. ``fa-plus`` is the public API
+#: (``flash_attn.flash_attn_func``); ``fa-plus-fp8`` is ``fa_core.flash_attn_forward`` on FP8 inputs.
 FORWARD_PROVIDERS: dict[str, Maker] = {
     "fa-plus": _fa_plus_maker,
     "fa-plus-fp8": _fa_plus_fp8_maker,

@@ -5,7 +5,8 @@ d128, bf16): phase 1 times every tile ``(BLOCK_N, num_warps, num_stages)`` of ``
 split count; phase 2 times the best tiles (``--top``) at split counts around it. Every time is a CUDA-graph median
 (``do_bench_cudagraph``), beside SDPA on the contiguous cache in the same run. Prints one line per point with
 the best choice and its ratio to SDPA, and writes bench/results/<device>-decode-tune.json; the table in
-``fa_kvcache.interface._key_tile`` / ``num_splits_heuristic`` is set from it.
+``fa_kvcache.interface._key_tile`` / ``num_splits_heuristic`` is set from it. Tiles are imposed with
+``fa_kvcache.interface.force_tile``.
 
     python bench/tune_decode.py [--quick]
     python bench/tune_decode.py --shapes 64x32768 --pages 16,64
@@ -53,35 +54,32 @@ def _sweep_point(q, kc, vc, lens, page, ref, sd_ms, nbytes, t0, top: int = 3) ->
         def call(splits: int) -> torch.Tensor:
             return flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, num_splits=splits)
 
-    fi._FORCE_TILE = None
     heur = fi.num_splits_heuristic(
         batch * NHEADS_K, -(-ctx // 64), fi._sm_count(q.device), paged=page > 0, page=page
     )
     results: dict = {}
     for tile in TILES:
-        fi._FORCE_TILE = tile
         try:
-            err = float((call(heur).float() - ref).abs().max() / ref.abs().max())
-            if not err < 2e-2:
-                raise RuntimeError(f"wrong result (rel err {err:.2e})")
-            results[(tile, heur)] = _ms(lambda: call(heur))
+            with fi.force_tile(tile):
+                err = float((call(heur).float() - ref).abs().max() / ref.abs().max())
+                if not err < 2e-2:
+                    raise RuntimeError(f"wrong result (rel err {err:.2e})")
+                results[(tile, heur)] = _ms(lambda: call(heur))
         except Exception as exc:  # a tile that does not fit is a line, not a lost sweep
             print(f"  tile {tile} failed: {type(exc).__name__}: {str(exc)[:100]}")
     if not results:
-        fi._FORCE_TILE = None
         return None
     ranked = [t for (t, _), _ms_ in sorted(results.items(), key=lambda kv: kv[1])]
     best_tile = ranked[0]
     for cand in ranked[: max(1, top)]:
-        fi._FORCE_TILE = cand
         for s in sorted({1, max(1, heur // 2), heur * 2, heur * 3 // 2, 16, 32, 64, 128} - {heur}):
             if s > 128:
                 continue
             try:
-                results[(cand, s)] = _ms(lambda s=s: call(s))
+                with fi.force_tile(cand):
+                    results[(cand, s)] = _ms(lambda s=s: call(s))
             except Exception as exc:
                 print(f"  tile {cand} splits {s} failed: {type(exc).__name__}: {str(exc)[:100]}")
-    fi._FORCE_TILE = None
     (tile, splits), ms = min(results.items(), key=lambda kv: kv[1])
 
     def gbps(m: float) -> float:
