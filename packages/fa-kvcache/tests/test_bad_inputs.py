@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fa_core import settings
+from fa_core.errors import FlashAttnValueError
 from fa_kvcache import flash_attn_with_kvcache, kvcache_value_checks_enabled
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -149,8 +151,18 @@ def test_unused_block_table_entries_are_not_checked():
     _call(**a)
 
 
-def test_value_checks_switches(monkeypatch):
-    t = torch.zeros(1, dtype=torch.int32)
-    assert kvcache_value_checks_enabled(t)  # always on for CPU tensors
-    monkeypatch.setenv("FA_PLUS_SKIP_VALUE_CHECKS", "1")
-    assert not kvcache_value_checks_enabled(t)
+def test_value_checks_switches():
+    t = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    assert kvcache_value_checks_enabled(t)  # on by default, CPU and GPU
+    with settings.override(value_checks=False):
+        assert not kvcache_value_checks_enabled(t)
+    assert not kvcache_value_checks_enabled(t.to("meta"))
+
+
+def test_errors_are_value_and_runtime_errors():
+    """flash-attn reports bad values as RuntimeError (TORCH_CHECK); both except clauses catch ours."""
+    a = _inputs(paged=True)
+    a["cache_seqlens"] = torch.tensor([3, 40], dtype=torch.int32, device=DEVICE)
+    for exc in (FlashAttnValueError, ValueError, RuntimeError):
+        with pytest.raises(exc, match="block_table"):
+            _call(**a)
