@@ -1,0 +1,358 @@
+"""Correctness and speed of the Gluon Hopper forward (fa_core.gluon) against SDPA and our Triton forward.
+
+Run on an sm_90 GPU with Triton 3.6, from the repository root::
+
+    PYTHONPATH=packages/fa-core/src python bench/bench_gluon.py --out bench/results
+
+1. Correctness: every Gluon kernel kind on ragged shapes (lengths not multiples of the tiles), causal
+   (bottom-right, seqlen_q < seqlen_k and > seqlen_k, i.e. rows with no key), GQA, d64/d128, bf16 and fp16,
+   strided views; error vs the float32 reference <= 2 x the error of the reference run in the input dtype
+   + 1e-3, lse on finite rows and +inf on empty rows, out never NaN (poisoned buffer).
+2. Speed: FlashAttention-paper shapes (batch * seqlen = 16k tokens, hidden 2048, nheads = 2048 / headdim,
+   headdim 64/128, seqlen 2k/8k/16k, causal and not, bf16); ``triton.testing.do_bench`` median; TFLOP/s =
+   4 * b * h * s^2 * d (/2 causal) / t. Providers: ``gluon-<kind>``, ``fa-plus`` (fa_core.flash_attn_forward,
+   Triton tl kernels; autotuned unless ``--no-autotune``), SDPA's flash and cuDNN backends.
+3. Tile sweep of the Gluon kernels at seqlen 16k.
+
+Writes ``<out>/<gpu>-gluon-forward.json`` (``{"device", "torch", "triton", "correctness", "rows", "sweep"}``)
+after every section, and prints tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import triton
+
+try:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # older torch
+    SDPBackend = sdpa_kernel = None
+
+import fa_core
+from fa_core import gluon as fg
+from fa_core import settings as fa_settings
+from fa_core.reference import attention_ref
+
+
+def gpu_slug(name: str) -> str:
+    low = name.lower()
+    for tag in ("h200", "h100", "h800", "h20", "gh200"):
+        if tag in low:
+            return tag
+    return re.sub(r"[^a-z0-9]+", "-", low.replace("nvidia", "")).strip("-") or "gpu"
+
+
+# ------------------------------------------------------------------------------------------ correctness
+
+
+def _check_one(kind, b, sq, sk, h, hk, d, causal, dtype, scale=None, strided=False) -> dict[str, Any]:
+    torch.manual_seed(sq * 7 + sk + d)
+    if strided:  # q, k, v as views into one packed buffer (non-contiguous batch/seq strides)
+        assert sq == sk and h == hk
+        qkv = torch.randn(b, sq, 3, h, d, device="cuda", dtype=dtype)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    else:
+        q = torch.randn(b, sq, h, d, device="cuda", dtype=dtype)
+        k = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype)
+        v = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype)
+    out = torch.full((b, sq, h, d), float("nan"), device="cuda", dtype=dtype)
+    row = dict(
+        kind=kind, b=b, sq=sq, sk=sk, h=h, hk=hk, d=d, causal=causal, dtype=str(dtype), strided=strided
+    )
+    try:
+        o, lse = fg.forward(q, k, v, softmax_scale=scale, causal=causal, out=out, kind=kind)
+        torch.cuda.synchronize()
+    except Exception as exc:
+        row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000])
+        return row
+    ref_o, ref_lse = attention_ref(q, k, v, softmax_scale=scale, causal=causal)
+    low_o, _ = attention_ref(q, k, v, softmax_scale=scale, causal=causal, upcast=False)
+    err = (o.float() - ref_o.float()).abs().max().item()
+    err_low = (low_o.float() - ref_o.float()).abs().max().item()
+    finite = torch.isfinite(ref_lse)
+    lse_err = (lse[finite] - ref_lse[finite]).abs().max().item() if finite.any() else 0.0
+    inf_ok = bool(torch.equal(torch.isinf(lse), ~finite)) and bool((lse[~finite] > 0).all())
+    nan_free = not bool(torch.isnan(o).any())
+    ok = nan_free and err <= 2 * err_low + 1e-3 and lse_err <= 1e-3 and inf_ok
+    row.update(ok=ok, err=err, err_lowp=err_low, lse_err=lse_err, inf_rows_ok=inf_ok, nan_free=nan_free)
+    return row
+
+
+CASES = [
+    # b, sq, sk, h, hk, d, causal, dtype, scale, strided
+    (2, 1000, 1000, 4, 2, 64, False, torch.bfloat16, None, False),
+    (2, 1000, 1000, 4, 2, 64, True, torch.bfloat16, None, False),
+    (2, 1000, 1000, 4, 2, 128, False, torch.bfloat16, None, False),
+    (2, 1000, 1000, 4, 2, 128, True, torch.bfloat16, None, False),
+    (1, 300, 777, 8, 1, 128, True, torch.bfloat16, None, False),
+    (1, 300, 777, 8, 1, 64, False, torch.float16, 0.3, False),
+    (1, 777, 300, 2, 2, 64, True, torch.bfloat16, None, False),
+    (1, 777, 300, 2, 2, 128, True, torch.float16, None, False),
+    (3, 128, 128, 2, 1, 128, True, torch.float16, None, False),
+    (1, 256, 256, 2, 2, 64, True, torch.bfloat16, None, False),
+    (2, 1, 1000, 4, 4, 128, False, torch.bfloat16, None, False),
+    (2, 1, 1000, 4, 4, 64, True, torch.bfloat16, None, False),
+    (2, 517, 517, 3, 3, 128, True, torch.bfloat16, None, True),
+    (2, 517, 517, 3, 3, 64, False, torch.bfloat16, None, True),
+    (1, 4096, 4096, 2, 1, 128, True, torch.bfloat16, None, False),
+]
+
+
+def correctness(kinds) -> list[dict[str, Any]]:
+    rows = []
+    for kind in kinds:
+        for case in CASES:
+            row = _check_one(kind, *case)
+            rows.append(row)
+            status = "ok " if row["ok"] else "BAD"
+            detail = row.get("error") or (
+                f"err {row['err']:.2e} (lowp {row['err_lowp']:.2e}) lse {row['lse_err']:.1e} "
+                f"inf_ok {row['inf_rows_ok']} nan_free {row['nan_free']}"
+            )
+            print(f"[{status}] {kind:9s} {case[:8]} {detail}", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ speed
+
+
+def tflops(b, h, s, d, causal, ms):
+    f = 4 * b * h * s * s * d / (2 if causal else 1)
+    return f / ms / 1e9
+
+
+def _bench(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=25, rep=80)
+
+
+def providers(q, k, v, causal, autotune: bool, kinds):
+    out = {}
+    for kind in kinds:
+        out[f"gluon-{kind}"] = lambda kind=kind: fg.forward(q, k, v, causal=causal, kind=kind)
+
+    def fa_plus():
+        if autotune:
+            return fa_core.flash_attn_forward(q, k, v, causal=causal)
+        with fa_settings.override(autotune=False):
+            return fa_core.flash_attn_forward(q, k, v, causal=causal)
+
+    out["fa-plus" if autotune else "fa-plus-fixed-tile"] = fa_plus
+    if sdpa_kernel is not None:
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # (b, h, s, d) views, as SDPA takes them
+        for name, backend in (
+            ("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+            ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
+        ):
+
+            def run(backend=backend):
+                with sdpa_kernel(backend):
+                    return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+
+            out[name] = run
+    return out
+
+
+def speed(kinds, seqlens, autotune: bool, deadline: float, sink) -> list[dict[str, Any]]:
+    rows = []
+    for d in (64, 128):
+        for causal in (False, True):
+            for s in seqlens:
+                b, h = 16384 // s, 2048 // d
+                q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+                for name, fn in providers(q, k, v, causal, autotune, kinds).items():
+                    row = dict(provider=name, headdim=d, causal=causal, seqlen=s, batch=b, nheads=h)
+                    if time.time() > deadline:
+                        row.update(tflops=None, error="skipped: time budget")
+                    else:
+                        try:
+                            ms = _bench(fn)
+                            row.update(ms=ms, tflops=tflops(b, h, s, d, causal, ms))
+                        except Exception as exc:
+                            row.update(tflops=None, error=f"{type(exc).__name__}: {exc}"[:500])
+                    rows.append(row)
+                    t = f"{row['tflops']:.1f}" if row.get("tflops") else row.get("error", "")[:60]
+                    print(f"d{d} causal={causal!s:5} s={s:5} {name:20s} {t}", flush=True)
+                    sink(rows)
+                del q, k, v
+    return rows
+
+
+SWEEP = {
+    ("pipelined", 64): [
+        dict(BLOCK_M=128, BLOCK_N=128, STAGES=3, num_warps=8),
+        dict(BLOCK_M=128, BLOCK_N=64, STAGES=4, num_warps=8),
+    ],
+    ("pipelined", 128): [
+        dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=8),
+        dict(BLOCK_M=128, BLOCK_N=128, STAGES=3, num_warps=8),
+        dict(BLOCK_M=128, BLOCK_N=64, STAGES=4, num_warps=8),
+    ],
+    ("ws", 64): [
+        dict(BLOCK_M=64, BLOCK_N=128, STAGES=3, num_warps=4, CONSUMER_REGS=232, PRODUCER_REGS=40),
+        dict(BLOCK_M=64, BLOCK_N=128, STAGES=4, num_warps=4, CONSUMER_REGS=232, PRODUCER_REGS=40),
+    ],
+    ("ws", 128): [
+        dict(BLOCK_M=64, BLOCK_N=128, STAGES=2, num_warps=4, CONSUMER_REGS=232, PRODUCER_REGS=40),
+        dict(BLOCK_M=64, BLOCK_N=128, STAGES=3, num_warps=4, CONSUMER_REGS=232, PRODUCER_REGS=40),
+        dict(BLOCK_M=64, BLOCK_N=64, STAGES=4, num_warps=4, CONSUMER_REGS=232, PRODUCER_REGS=40),
+    ],
+}
+
+
+def _forward_call(q, k, v, causal, kind, cfg):
+    return lambda: fg.forward(q, k, v, causal=causal, kind=kind, config=cfg)
+
+
+def sweep(kinds, deadline: float, sink) -> list[dict[str, Any]]:
+    rows = []
+    s = 16384
+    for d in (64, 128):
+        for causal in (False, True):
+            b, h = 16384 // s, 2048 // d
+            q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            for kind in kinds:
+                for cfg in SWEEP[(kind, d)]:
+                    row = dict(kind=kind, headdim=d, causal=causal, seqlen=s, config=cfg)
+                    if time.time() > deadline:
+                        row.update(tflops=None, error="skipped: time budget")
+                    else:
+                        try:
+                            ref, _ = fg.forward(
+                                q[:, :2048], k[:, :2048], v[:, :2048], causal=causal, kind=kind
+                            )
+                            ours, _ = fg.forward(
+                                q[:, :2048], k[:, :2048], v[:, :2048], causal=causal, kind=kind, config=cfg
+                            )
+                            row["max_diff_vs_default"] = (ours.float() - ref.float()).abs().max().item()
+                            ms = _bench(_forward_call(q, k, v, causal, kind, cfg))
+                            row.update(ms=ms, tflops=tflops(b, h, s, d, causal, ms))
+                        except Exception as exc:
+                            row.update(tflops=None, error=f"{type(exc).__name__}: {exc}"[:500])
+                    rows.append(row)
+                    t = f"{row['tflops']:.1f}" if row.get("tflops") else row.get("error", "")[:60]
+                    print(f"sweep d{d} causal={causal!s:5} {kind:9s} {cfg} {t}", flush=True)
+                    sink(rows)
+            del q, k, v
+    return rows
+
+
+def table(rows) -> str:
+    keys = sorted({(r["headdim"], r["causal"], r["seqlen"]) for r in rows})
+    provs = list(dict.fromkeys(r["provider"] for r in rows))
+    lines = ["| headdim | causal | seqlen | " + " | ".join(provs) + " |", "|" + "---|" * (3 + len(provs))]
+    for key in keys:
+        cells = []
+        for p in provs:
+            r = next(
+                (r for r in rows if (r["headdim"], r["causal"], r["seqlen"]) == key and r["provider"] == p),
+                None,
+            )
+            cells.append(f"{r['tflops']:.1f}" if r and r.get("tflops") else "-")
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _check_in_child(kind: str, out_dir: Path, timeout: float) -> list[dict[str, Any]]:
+    tmp = out_dir / f".correctness-{kind}.json"
+    cmd = [sys.executable, __file__, "--kinds", kind, "--correctness-json", str(tmp)]
+    try:
+        subprocess.run(cmd, timeout=timeout, check=False)
+        rows = json.loads(tmp.read_text())
+    except subprocess.TimeoutExpired:
+        print(f"correctness of {kind}: timed out after {timeout:.0f} s (hang)", flush=True)
+        rows = [dict(kind=kind, ok=False, error=f"timed out after {timeout:.0f} s")]
+    except Exception as exc:
+        rows = [dict(kind=kind, ok=False, error=f"{type(exc).__name__}: {exc}"[:500])]
+    finally:
+        tmp.unlink(missing_ok=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--kinds", default=",".join(fg.KINDS))
+    ap.add_argument("--seqlens", default="2048,8192,16384")
+    ap.add_argument("--no-autotune", action="store_true", help="time fa-plus with one fixed tile per shape")
+    ap.add_argument("--budget", type=float, default=240.0, help="seconds; later measurements are skipped")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: correctness,speed,sweep")
+    ap.add_argument("--check-timeout", type=float, default=120.0, help="seconds per kind's correctness run")
+    ap.add_argument("--correctness-json", type=Path, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    t0 = time.time()
+    deadline = t0 + args.budget
+    kinds = [k for k in args.kinds.split(",") if k]
+    skip = set(args.skip.split(","))
+    name = torch.cuda.get_device_name()
+    result: dict[str, Any] = dict(
+        device=name,
+        capability=list(torch.cuda.get_device_capability()),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        gluon_available=fg.available(),
+        default_kind=fg.DEFAULT_KIND,
+        correctness=[],
+        rows=[],
+        sweep=[],
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{gpu_slug(name)}-gluon-forward.json"
+
+    def dump(section=None, rows=None):
+        if section is not None:
+            result[section] = rows
+        result["elapsed_s"] = round(time.time() - t0, 1)
+        path.write_text(json.dumps(result, indent=1))
+
+    print(f"device {name}, torch {torch.__version__}, triton {triton.__version__}, gluon {fg.available()}")
+    if not fg.available():
+        dump()
+        sys.exit("fa_core.gluon is not available on this machine")
+    if args.correctness_json is not None:  # child process: one kind's correctness only
+        args.correctness_json.write_text(json.dumps(correctness(kinds)))
+        return
+    from fa_core.gluon import _launch
+
+    result["configs"] = {f"{k}-d{d}": c for (k, d), c in _launch.CONFIGS.items()}
+    try:
+        if "correctness" not in skip:
+            # each kind in its own process with a timeout: a hang (barrier bug) must not stop the run
+            rows, passing = [], []
+            for kind in kinds:
+                rows_k = _check_in_child(kind, args.out, args.check_timeout)
+                rows += rows_k
+                if rows_k and all(r["ok"] for r in rows_k):
+                    passing.append(kind)
+                dump("correctness", rows)
+            bad = [r for r in rows if not r["ok"]]
+            print(
+                f"correctness: {len(rows) - len(bad)} ok, {len(bad)} bad; timed kinds {passing}", flush=True
+            )
+            kinds = passing  # a kind with a wrong result or a hang is not timed
+        if "speed" not in skip:
+            seqlens = [int(x) for x in args.seqlens.split(",")]
+            speed(kinds, seqlens, not args.no_autotune, deadline, lambda rows: dump("rows", rows))
+            print(table(result["rows"]))
+        if "sweep" not in skip and kinds:
+            sweep(kinds, deadline, lambda rows: dump("sweep", rows))
+    except Exception:
+        traceback.print_exc()
+        result["fatal"] = traceback.format_exc()[-3000:]
+    dump()
+    print(f"wrote {path} ({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

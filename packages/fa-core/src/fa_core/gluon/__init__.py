@@ -1,0 +1,232 @@
+"""Hopper-native forward attention written in Gluon (Triton's explicit-layout dialect).
+
+FlashAttention-3's design on sm_90: TMA loads of Q once and of K/V into a multi-stage shared-memory ring tracked
+by mbarriers, asynchronous wgmma for S = QK^T (shared-memory operands) and O += PV (P from registers), the
+softmax of tile j overlapped with PV(j - 1) inside each warpgroup, exp2 online softmax. Two kernels exist
+(see :mod:`fa_core.gluon._hopper`): a software-pipelined 8-warp one and a warp-specialized one (a TMA producer
+warp plus two consumer warpgroups); :data:`DEFAULT_KIND` is the faster on the measured GPU.
+
+Scope: dense bf16/fp16, head dim 64 or 128 (q, k, v alike), non-causal or causal (bottom-right aligned,
+``diag = seqlen_k - seqlen_q``), GQA/MQA, any ``softmax_scale > 0``, tensors ``(batch, seqlen, nheads, headdim)``
+with a contiguous last dim and 16-byte aligned base and strides (TMA). Everything else (window, softcap, ALiBi,
+dropout, varlen, FP8, ...) is refused by :func:`supports` and stays with the Triton kernels.
+
+The kernels were written against Triton 3.6's Gluon API; :func:`available` is False under other Triton
+versions (this module still imports there: the kernel modules are imported on first use only).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+
+from fa_core.errors import FlashAttnValueError
+
+__all__ = ["DEFAULT_KIND", "GLUON_TRITON_VERSION", "available", "forward", "supports", "unsupported_reason"]
+
+#: the Triton minor version whose Gluon API the kernels are written for
+GLUON_TRITON_VERSION = (3, 6)
+#: kernel used by :func:`forward` unless ``kind=`` says otherwise ("pipelined" or "ws")
+DEFAULT_KIND = "pipelined"
+KINDS = ("pipelined", "ws")
+HEAD_DIMS = (64, 128)
+
+_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _triton_version() -> tuple[int, int]:
+    try:
+        import triton
+    except ImportError:
+        return (0, 0)
+    parts = triton.__version__.split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
+@functools.cache
+def _gluon_importable() -> bool:
+    if _triton_version() != GLUON_TRITON_VERSION:
+        return False
+    try:
+        from fa_core.gluon import _launch  # noqa: F401
+    except Exception:  # any import-time incompatibility means "not available"
+        return False
+    return True
+
+
+@functools.cache
+def _is_sm90(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
+def available(device: torch.device | int | None = None) -> bool:
+    """True when the Gluon kernels can run: Triton 3.6 with Gluon's Hopper modules, CUDA, an sm_90 device."""
+    if not torch.cuda.is_available() or not _gluon_importable():
+        return False
+    from fa_core import settings
+
+    if settings.interpreting():
+        return False
+    if isinstance(device, torch.device):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    elif device is None:
+        index = torch.cuda.current_device()
+    else:
+        index = int(device)
+    return _is_sm90(index)
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    size = t.element_size()
+    if t.stride(-1) != 1 or t.data_ptr() % 16:
+        return False
+    return all(s > 0 and (s * size) % 16 == 0 for s in t.stride()[:-1])
+
+
+def unsupported_reason(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    check_device: bool = True,
+    **extras: Any,
+) -> str | None:
+    """Why :func:`forward` cannot take these arguments, or None when it can (see :func:`supports`)."""
+    if check_device and not (q.is_cuda and available(q.device)):
+        return "needs Triton 3.6 Gluon and an sm_90 CUDA device"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return "dense (batch, seqlen, nheads, headdim) tensors only"
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return "q, k, v must all be bfloat16 or all float16"
+    if check_device and (k.device != q.device or v.device != q.device):
+        return "q, k, v must be on one device"
+    batch, seqlen_q, nheads, head_dim = q.shape
+    if head_dim not in HEAD_DIMS or k.shape[-1] != head_dim or v.shape[-1] != head_dim:
+        return f"head dim must be one of {HEAD_DIMS} for q, k and v"
+    if k.shape[0] != batch or v.shape[:3] != k.shape[:3]:
+        return "k and v must be (batch, seqlen_k, nheads_k, headdim) with q's batch"
+    nheads_k = k.shape[2]
+    if nheads_k == 0 or nheads % nheads_k:
+        return "nheads must be a multiple of nheads_k"
+    if min(batch, seqlen_q, nheads, k.shape[1]) == 0:
+        return "empty tensors"
+    if max(seqlen_q, k.shape[1], batch * nheads) >= 2**31:
+        return "sizes must fit int32"
+    left, right = (int(w) for w in window_size)
+    if left >= 0 or (right >= 0 and not (causal and right == 0)):
+        return "sliding windows are not supported"
+    if softcap:
+        return "softcap is not supported"
+    if alibi_slopes is not None:
+        return "ALiBi is not supported"
+    if dropout_p:
+        return "dropout is not supported"
+    if softmax_scale is not None and not (math.isfinite(softmax_scale) and softmax_scale > 0):
+        return "softmax_scale must be finite and > 0"
+    for name, value in extras.items():
+        if value is not None and value is not False and not (isinstance(value, (int, float)) and value == 0):
+            return f"{name} is not supported"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not _tma_ok(t):
+            return f"{name} needs a contiguous last dim and 16-byte aligned base and strides (TMA)"
+    return None
+
+
+def supports(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    **extras: Any,
+) -> bool:
+    """Whether :func:`forward` handles this call.
+
+    True only for: :func:`available` on q's device; dense bf16/fp16 ``q (b, s_q, h, d)``,
+    ``k, v (b, s_k, h_k, d)`` with ``d`` in {64, 128} and ``h % h_k == 0``; no window (``(-1, -1)``, or
+    ``(-1, 0)`` with ``causal``), no softcap, ALiBi or dropout; ``softmax_scale`` None or finite > 0; every
+    stride but the last (which is 1) and the base 16-byte aligned. Any further keyword (``return_probs``,
+    ``learnable_sink``, ``attention_chunk``, ``score_mod``, ``q_descale``, ...) must be None / False / 0.
+    """
+    return (
+        unsupported_reason(
+            q,
+            k,
+            v,
+            causal=causal,
+            window_size=window_size,
+            softcap=softcap,
+            alibi_slopes=alibi_slopes,
+            dropout_p=dropout_p,
+            softmax_scale=softmax_scale,
+            **extras,
+        )
+        is None
+    )
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    out: torch.Tensor | None = None,
+    kind: str | None = None,
+    config: dict[str, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention forward on Hopper with the Gluon kernels.
+
+    Args:
+        q: ``(batch, seqlen_q, nheads, headdim)``; k, v: ``(batch, seqlen_k, nheads_k, headdim)``, bf16/fp16,
+            ``headdim`` 64 or 128 (see :func:`supports` for the full predicate).
+        softmax_scale: defaults to ``headdim ** -0.5``; must be > 0.
+        causal: bottom-right aligned causal mask (query i sees keys j <= i + seqlen_k - seqlen_q).
+        out: optional ``(batch, seqlen_q, nheads, headdim)`` buffer of q's dtype with TMA-compatible strides.
+        kind: ``"pipelined"`` or ``"ws"`` (default :data:`DEFAULT_KIND`); config: tile override (testing).
+
+    Returns:
+        ``(out (batch, seqlen_q, nheads, headdim), lse (batch, nheads, seqlen_q) float32)``; lse in natural
+        log; a query row with no visible key gets out = 0 and lse = +inf.
+
+    Raises:
+        FlashAttnValueError: the arguments are outside :func:`supports` (the message says which one).
+    """
+    reason = unsupported_reason(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    if reason is not None:
+        raise FlashAttnValueError(f"fa_core.gluon.forward: {reason}")
+    kind = kind or DEFAULT_KIND
+    if kind not in KINDS:
+        raise FlashAttnValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or not _tma_ok(out):
+        raise FlashAttnValueError(
+            f"out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device} with TMA-compatible strides"
+        )
+    batch, seqlen_q, nheads, head_dim = q.shape
+    lse = torch.empty(batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    from fa_core.gluon import _launch
+
+    with torch.cuda.device(q.device):
+        _launch.launch(kind, q, k, v, out, lse, scale, causal, config)
+    return out, lse
