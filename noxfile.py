@@ -266,7 +266,8 @@ def _import_name(member: str) -> str:
 
 @nox.session
 def wheels(session: nox.Session) -> None:
-    """Build every member's wheel without workspace sources, install them (not editable), import them."""
+    """Build every member's wheel without workspace sources, install them (not editable), import them; each
+    wheel carries its package's py.typed and the BSD-3-Clause license."""
     dist = Path(session.create_tmp()) / "dist"
     shutil.rmtree(dist, ignore_errors=True)
     # --no-sources: build with the declared sibling ranges, not the `workspace = true` sources, which would
@@ -288,10 +289,14 @@ def wheels(session: nox.Session) -> None:
     modules = [(name, _import_name(name)) for name in MEMBERS]
     script = dist.parent / "check_wheels.py"
     script.write_text(
-        "import importlib, importlib.metadata as md\n"
+        "import importlib, importlib.metadata as md, pathlib\n"
         f"for dist, mod in {modules!r}:\n"
         "    m = importlib.import_module(mod)\n"
         "    assert 'site-packages' in (m.__file__ or ''), f'{mod} not imported from its wheel: {m.__file__}'\n"
+        "    assert (pathlib.Path(m.__file__).parent / 'py.typed').is_file(), f'{dist}: no {mod}/py.typed'\n"
+        "    meta = md.metadata(dist)\n"
+        "    assert meta['License-Expression'] == 'BSD-3-Clause', f'{dist}: license {meta[\"License-Expression\"]}'\n"
+        "    assert any(str(f).endswith('LICENSE') for f in md.files(dist) or []), f'{dist}: no LICENSE file'\n"
         "    print(f'{dist} {md.version(dist)}: import {mod} ok, __version__ =', getattr(m, '__version__', None))\n"
     )
     # Run from the temporary folder so the checkout's packages/*/src cannot shadow the installed wheels.
