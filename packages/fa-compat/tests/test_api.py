@@ -393,3 +393,85 @@ def test_flash_attn_with_kvcache(paged):
     # int cache_seqlens, no append, out only
     out2 = flash_attn_with_kvcache(q, k_full, v_full, cache_seqlens=cap)
     _check(out2, None, q, k_full, v_full)
+
+
+# ------------------------------------------------------------------------------ flash-attn interface details
+@pytest.mark.parametrize(
+    "window",
+    [(3, 2), [3, 2], "tensor", "numpy"],
+    ids=["tuple", "list", "tensor", "numpy"],
+)
+def test_window_size_any_pair_of_ints(window):
+    """A tuple, list, torch tensor or numpy array of two ints gives the tuple's result."""
+    np = pytest.importorskip("numpy")
+    if window == "tensor":
+        window = torch.tensor([3, 2])
+    elif window == "numpy":
+        window = np.array([3, 2])
+    q, k, v = rand(1, 12, 2, 16), rand(1, 12, 2, 16), rand(1, 12, 2, 16)
+    out = flash_attn_func(q, k, v, window_size=window)
+    _check(out, None, q, k, v, window_size=(3, 2))
+
+
+@pytest.mark.parametrize(
+    "window", [(3.5, 2), (3, 2.0), (True, 1), "float-tensor", "bool-tensor", "float-numpy"]
+)
+def test_window_size_refuses_floats_and_bools(window):
+    np = pytest.importorskip("numpy")
+    window = (
+        {
+            "float-tensor": torch.tensor([3.0, 2.0]),
+            "bool-tensor": torch.tensor([True, False]),
+            "float-numpy": np.array([3.5, 2.0]),
+        }.get(window, window)
+        if isinstance(window, str)
+        else window
+    )
+    q = rand(1, 8, 2, 16)
+    with pytest.raises(TypeError, match="window_size"):
+        flash_attn_func(q, q, q, window_size=window)
+
+
+def test_bad_values_raise_flash_attn_value_error():
+    from fa_core.errors import FlashAttnValueError
+
+    q = rand(1, 8, 2, 16)
+    for kw in (dict(window_size=(-2, 0)), dict(dropout_p=1.5), dict(softcap=-1.0)):
+        with pytest.raises(FlashAttnValueError):
+            flash_attn_func(q, q, q, **kw)
+    with pytest.raises(RuntimeError):  # flash-attn's TORCH_CHECK errors are RuntimeErrors
+        flash_attn_func(q, q, q, window_size=(0, -3))
+
+
+def test_lowlevel_forwards_accept_num_splits():
+    q, k, v = rand(1, 10, 2, 16), rand(1, 12, 1, 16), rand(1, 12, 1, 16)
+    out, lse, _, _ = _flash_attn_forward(q, k, v, 0.0, None, True, -1, -1, 0.0, None, False, num_splits=4)
+    _check(out, lse, q, k, v, causal=True)
+    cu_q, cu_k = cu_seqlens([4, 6]), cu_seqlens([5, 7])
+    qv, kv, vv = rand(10, 2, 16), rand(12, 1, 16), rand(12, 1, 16)
+    out, lse, _, _ = _flash_attn_varlen_forward(qv, kv, vv, cu_q, cu_k, 6, 7, 0.0, None, False, num_splits=2)
+    _check(out, lse, qv, kv, vv, varlen=(cu_q, cu_k))
+
+
+def test_get_block_size_n_follows_flash_attn():
+    from flash_attn.flash_attn_interface import _block_size_n_rule, _get_block_size_n
+
+    dev = torch.device(DEVICE)
+    for d in (16, 32, 64, 96, 128, 160, 192, 256):
+        for dropout in (False, True):
+            for causal in (False, True):
+                n = _get_block_size_n(dev, d, dropout, causal)
+                assert n in (32, 64, 128)
+    # flash-attn 2.8's rule on sm80 (the CPU's stand-in): 128 up to d32, 64 with dropout at d64, ...
+    cpu = torch.device("cpu")
+    assert _block_size_n_rule(cpu, 32, True, False) == 128
+    assert _block_size_n_rule(cpu, 64, False, False) == 128 and _block_size_n_rule(cpu, 64, True, False) == 64
+    assert _block_size_n_rule(cpu, 128, False, True) == 64 and _block_size_n_rule(cpu, 128, True, True) == 32
+    assert _block_size_n_rule(cpu, 160, False, False) == 32 and _block_size_n_rule(cpu, 256, True, True) == 64
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's bf16 refusal is a CPU-only rule")
+def test_bf16_refused_under_the_interpreter():
+    q = rand(1, 8, 2, 16, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="bfloat16 needs a GPU"):
+        flash_attn_func(q, q, q)

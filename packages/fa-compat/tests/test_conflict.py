@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import importlib.util
 import warnings
@@ -9,6 +10,7 @@ import warnings
 import pytest
 
 import flash_attn
+from fa_core import settings
 
 
 @pytest.fixture
@@ -21,7 +23,7 @@ def fake_metadata(monkeypatch):
             importlib.util, "find_spec",
             lambda name, *a: object() if (cuda_ext and name == "flash_attn_2_cuda") else real_find_spec(name, *a),
         )  # fmt: skip
-        monkeypatch.delenv("FA_PLUS_SILENCE_CONFLICT", raising=False)
+        monkeypatch.setattr(settings, "_current", dataclasses.replace(settings.get(), silence_conflict=False))
 
     return install
 
@@ -50,9 +52,11 @@ def test_own_shim_and_fa_compat_alone_do_not_warn(fake_metadata):
         flash_attn._warn_if_shadowing()
 
 
-def test_silenced_by_env(fake_metadata, monkeypatch):
+def test_silenced_by_setting(fake_metadata):
+    """``FA_PLUS_SILENCE_CONFLICT=1`` (``fa_core.settings``' ``silence_conflict``) silences the warning."""
+    from fa_core import settings
+
     fake_metadata({"flash_attn": ["flash-attn"]}, {"flash-attn": "2.8.3"})
-    monkeypatch.setenv("FA_PLUS_SILENCE_CONFLICT", "1")
-    with warnings.catch_warnings():
+    with settings.override(silence_conflict=True), warnings.catch_warnings():
         warnings.simplefilter("error")
         flash_attn._warn_if_shadowing()

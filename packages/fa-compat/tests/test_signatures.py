@@ -26,6 +26,13 @@ EXTRAS: dict[tuple[str, str], list[tuple[str, object]]] = {
     for module in ("flash_attn", "flash_attn.flash_attn_interface")
     for name in _EXTRA_FUNCS
 }
+# flash-attn main's ``num_splits`` on the low-level forwards (ignored there: the forward does not split)
+EXTRAS.update(
+    {
+        ("flash_attn.flash_attn_interface", name): [("num_splits", 0)]
+        for name in ("_flash_attn_forward", "_flash_attn_varlen_forward")
+    }
+)
 
 
 def _resolve(module: str, name: str):

@@ -7,8 +7,6 @@ block-sparse arguments of the kernels of :mod:`fa_backward.backward_kernel`, lau
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from fa_backward.backward_kernel import dkdv_kernel, dq_kernel
@@ -29,9 +27,9 @@ dq_launch = FastLaunch(dq_kernel)
 
 def bwd_tma(*tensors: torch.Tensor) -> bool:
     """Load the streamed tiles (q / dout in the dK/dV pass, k / v in the dQ pass) through tensor descriptors
-    (TMA) where :func:`fa_core.forward_launch.tma_ok` allows; ``FA_PLUS_TMA_BWD=0`` turns it off (``FA_PLUS_TMA=0``
+    (TMA) where :func:`fa_core.forward_launch.tma_ok` allows (``fa_core.settings.get().tma``, ``FA_PLUS_TMA=0``,
     turns off the forward's and the backward's)."""
-    return os.environ.get("FA_PLUS_TMA_BWD", "1") != "0" and tma_ok(*tensors)
+    return tma_ok(*tensors)
 
 
 def _launch(

@@ -76,7 +76,9 @@ def _foreign_distributions() -> list[str]:
 
 
 def _warn_if_shadowing() -> None:
-    if os.environ.get("FA_PLUS_SILENCE_CONFLICT", "0") == "1":
+    from fa_core import settings
+
+    if settings.get().silence_conflict:
         return
     others = _foreign_distributions()
     if others:

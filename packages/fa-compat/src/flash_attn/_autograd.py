@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from fa_core import validation as V
 from fa_core.validation import contig_last
 from flash_attn import _ops as ops
 
@@ -41,7 +42,7 @@ def _dense_forward(
 ):
     q, k, v = contig_last(q), contig_last(k), contig_last(v)
     scale = ops.default_scale(q, softmax_scale)
-    left, right = int(window_size[0]), int(window_size[1])
+    left, right = V.window_pair(window_size)
     out, lse, s_dmask, rng_state = torch.ops.flash_attn_plus.fwd(
         q, k, v, dropout_p, scale, causal, left, right, softcap, alibi_slopes,
         return_softmax and dropout_p > 0, deterministic,
@@ -79,7 +80,7 @@ def _varlen_forward(
 ):
     q, k, v = contig_last(q), contig_last(k), contig_last(v)
     scale = ops.default_scale(q, softmax_scale)
-    left, right = int(window_size[0]), int(window_size[1])
+    left, right = V.window_pair(window_size)
     max_q, max_k = int(max_q), int(max_k)
     out, lse, s_dmask, rng_state = torch.ops.flash_attn_plus.varlen_fwd(
         q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, left, right, softcap, alibi_slopes,

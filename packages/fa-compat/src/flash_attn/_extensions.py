@@ -85,7 +85,7 @@ def dense(
     device and kind by the caller)."""
     needs_grad = _needs_grad(q, k, v, learnable_sink)
     _check(attention_chunk, learnable_sink, q.shape[2], q, dropout_p, return_attn_probs, needs_grad)
-    window = (int(window_size[0]), int(window_size[1]))
+    window = V.window_pair(window_size)
     if _extras.BACKWARD is not None:
         out, lse = _extras.BACKWARD.programmable.attention(
             q, k, v, softmax_scale, causal, window, softcap, alibi_slopes, attention_chunk=attention_chunk,
@@ -124,7 +124,7 @@ def varlen(
     gathered by the caller into ``k``/``v`` + ``seqused_k``)."""
     needs_grad = _needs_grad(q, k, v, learnable_sink)
     _check(attention_chunk, learnable_sink, q.shape[1], q, dropout_p, return_attn_probs, needs_grad)
-    window = (int(window_size[0]), int(window_size[1]))
+    window = V.window_pair(window_size)
     if _extras.BACKWARD is not None:
         out, lse = _extras.BACKWARD.programmable.attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window,

@@ -27,8 +27,13 @@ def _flash_attn_forward(
     softcap,
     alibi_slopes,
     return_softmax,
+    *,
+    num_splits: int = 0,
 ):
-    """-> ``(out, softmax_lse (b, h, sq) fp32, S_dmask, rng_state (2,) int64)``; flash-attn 2.8 semantics."""
+    """-> ``(out, softmax_lse (b, h, sq) fp32, S_dmask, rng_state (2,) int64)``; flash-attn 2.8 semantics.
+
+    ``num_splits`` (keyword, as in flash-attn's main branch) is accepted and ignored: the dense forward never
+    splits the keys (``flash_attn_with_kvcache`` honours it)."""
     q, k, v = (maybe_contiguous(x) for x in (q, k, v))
     return torch.ops.flash_attn_plus.fwd(
         q, k, v, dropout_p, ops.default_scale(q, softmax_scale), causal, window_size_left, window_size_right,
@@ -56,11 +61,23 @@ def _flash_attn_varlen_forward(
     leftpad_k=None,
     seqused_k=None,
     zero_tensors=False,
+    *,
+    num_splits: int = 0,
 ):
     """-> ``(out, softmax_lse (h, total_q) fp32, S_dmask, rng_state)``. ``zero_tensors`` has nothing to do here:
-    every row of out/lse belongs to a sequence and is written."""
+    every row of out/lse belongs to a sequence and is written. ``leftpad_k`` ``(batch,)`` int32: sequence b's
+    keys start ``leftpad_k[b]`` rows into its slice of k/v (passed on to fa-core's varlen forward).
+    ``num_splits`` (keyword, flash-attn main) is accepted and ignored: the varlen forward does not split."""
     if leftpad_k is not None:
-        raise NotImplementedError("leftpad_k is not supported by Flash Attention Plus's varlen forward")
+        import fa_core
+
+        q, k, v = (maybe_contiguous(x) for x in (q, k, v))
+        res = fa_core.flash_attn_varlen_forward(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, _as_int(max_seqlen_q), _as_int(max_seqlen_k), dropout_p,
+            softmax_scale, causal, (window_size_left, window_size_right), softcap, alibi_slopes,
+            return_probs=bool(return_softmax), seqused_k=seqused_k, leftpad_k=leftpad_k,
+        )  # fmt: skip
+        return res.out, res.lse, q.new_empty((0,)), res.rng_state
     q, k, v = (maybe_contiguous(x) for x in (q, k, v))
     max_seqlen_q, max_seqlen_k = _as_int(max_seqlen_q), _as_int(max_seqlen_k)
     if block_table is not None:

@@ -33,6 +33,7 @@ import operator
 import torch
 
 from fa_core import validation as V
+from fa_core.errors import FlashAttnValueError
 from flash_attn import _extensions, _extras
 from flash_attn import _ops as ops
 from flash_attn._autograd import (
@@ -76,6 +77,41 @@ Tensor = torch.Tensor
 maybe_contiguous = V.contig_last
 
 
+def _get_block_size_n(device, head_dim: int, is_dropout: bool, is_causal: bool) -> int:
+    """flash-attn's key-block width for ``head_dim`` on ``device`` (what its ``S_dmask`` columns are grouped
+    by): :func:`fa_core.probs_kernel.get_block_size_n` when fa-core has it, else flash-attn 2.8's rule."""
+    try:
+        from fa_core.probs_kernel import get_block_size_n
+    except ImportError:
+        return _block_size_n_rule(device, head_dim, is_dropout, is_causal)
+    return get_block_size_n(device, head_dim, is_dropout, is_causal)
+
+
+def _block_size_n_rule(device, head_dim: int, is_dropout: bool, is_causal: bool) -> int:
+    """flash-attn 2.8's ``_get_block_size_n``: the CUDA kernels' block N per head dim and architecture (sm86 /
+    sm89 differ from sm80 / sm90 at head dims 97..160). A non-CUDA device counts as sm80."""
+    if head_dim > 256:
+        raise FlashAttnValueError(f"head_dim must be <= 256, got {head_dim}")
+    major, minor = (8, 0)
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    if dev.type == "cuda" and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(dev)
+    is_sm8x = major == 8 and minor > 0
+    if head_dim <= 32:
+        return 128
+    if head_dim <= 64:
+        return 64 if is_dropout else 128
+    if head_dim <= 96:
+        return 64
+    if head_dim <= 128:
+        if is_sm8x:
+            return 64 if (not is_dropout and is_causal) else 32
+        return 32 if is_dropout else 64
+    if head_dim <= 160:
+        return 64 if is_sm8x else 32
+    return 64
+
+
 # ---------------------------------------------------------------------------------------- public API
 def _dense(
     q,
@@ -100,9 +136,10 @@ def _dense(
             q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
             attention_chunk, learnable_sink,
         )  # fmt: skip
+    left, right = V.window_pair(window_size)
     out, lse, s_dmask, _ = torch.ops.flash_attn_plus.fwd(
-        q, k, v, dropout_p, ops.default_scale(q, softmax_scale), causal, int(window_size[0]),
-        int(window_size[1]), softcap, alibi_slopes, bool(return_attn_probs and dropout_p > 0), deterministic,
+        q, k, v, dropout_p, ops.default_scale(q, softmax_scale), causal, left, right, softcap, alibi_slopes,
+        bool(return_attn_probs and dropout_p > 0), deterministic,
     )  # fmt: skip
     return (out, lse, s_dmask) if return_attn_probs else out
 
@@ -149,10 +186,11 @@ def _varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
             window_size, softcap, alibi_slopes, return_attn_probs, seqused_k, attention_chunk, learnable_sink,
         )  # fmt: skip
+    left, right = V.window_pair(window_size)
     out, lse, s_dmask, _ = torch.ops.flash_attn_plus.varlen_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-        ops.default_scale(q, softmax_scale), causal, int(window_size[0]), int(window_size[1]), softcap,
-        alibi_slopes, bool(return_attn_probs and dropout_p > 0), seqused_k, deterministic,
+        ops.default_scale(q, softmax_scale), causal, left, right, softcap, alibi_slopes,
+        bool(return_attn_probs and dropout_p > 0), seqused_k, deterministic,
     )  # fmt: skip
     return (out, lse, s_dmask) if return_attn_probs else out
 
@@ -467,11 +505,11 @@ def flash_attn_with_kvcache(
             ) from None
     else:
         seqlens_i = None
+    left, right = V.window_pair(window_size)
     with torch.no_grad():  # flash-attn's kernel is not differentiable and records no graph
         out, lse = torch.ops.flash_attn_plus.kvcache(
             q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens_t, seqlens_i, cache_batch_idx,
-            cache_leftpad, maybe_contiguous(block_table), softmax_scale, causal, int(window_size[0]),
-            int(window_size[1]), softcap, rotary_interleaved, alibi_slopes, num_splits, attention_chunk,
+            cache_leftpad, maybe_contiguous(block_table), softmax_scale, causal, left, right, softcap, rotary_interleaved, alibi_slopes, num_splits, attention_chunk,
             learnable_sink,
         )  # fmt: skip
     return (out, lse) if return_softmax_lse else out

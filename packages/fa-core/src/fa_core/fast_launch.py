@@ -12,12 +12,17 @@ int: equal to 1, divisible by 16, 32/64-bit range; float, bool, None). A miss ta
 autotuning as usual) and records the compiled kernel, the autotuner's chosen config and the constexpr values.
 Anything unusual (CPU / interpreter, launch hooks set, a kernel whose constexprs do not all follow its runtime
 arguments, a Triton without the expected attributes) simply takes Triton's path. ``FA_PLUS_FAST_LAUNCH=0``
-turns the shortcut off (the GPU tests compare both paths bit for bit).
+(``fa_core.settings.get().fast_launch``) turns the shortcut off (the GPU tests compare both paths bit for bit).
+
+The compiled kernel's ``run(gridX, gridY, gridZ, stream, function, packed_metadata, launch_metadata,
+enter_hook, exit_hook, *args)`` is a private Triton interface: the shortcut is taken only on the Triton
+versions it was written and tested for (:data:`TESTED_TRITON`); any other version launches through Triton's
+own path (:func:`launcher_supported`).
 """
 
 from __future__ import annotations
 
-import os
+import re
 from itertools import repeat
 from operator import and_, eq, itemgetter
 from typing import Any
@@ -39,17 +44,49 @@ LAUNCH_OPTIONS = frozenset(
         "launch_pdl",
     }
 )
-_STATE = {"enabled": os.environ.get("FA_PLUS_FAST_LAUNCH", "1") != "0"}
+#: ``(major, minor)`` Triton versions whose compiled-kernel launcher signature the shortcut was written and
+#: tested against (3.6: the GPU machine). On others (e.g. 3.9, where the CPU tests run the interpreter anyway)
+#: every launch takes Triton's own path.
+TESTED_TRITON: frozenset[tuple[int, int]] = frozenset({(3, 6)})
+#: None: follow ``fa_core.settings.get().fast_launch``; a bool: :func:`set_fast_launch`'s choice
+_STATE: dict[str, bool | None] = {"enabled": None}
+
+
+def launcher_supported(version: str) -> bool:
+    """Whether the shortcut may call the compiled launcher of Triton ``version`` (``"3.6.0"``, ``"3.6.0+git..."``)
+    directly: only the ``major.minor`` releases of :data:`TESTED_TRITON`."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    return m is not None and (int(m.group(1)), int(m.group(2))) in TESTED_TRITON
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return str(triton.__version__)
+    except Exception:  # no Triton: nothing to launch
+        return "0.0"
+
+
+#: whether this process's Triton has the launcher signature the shortcut calls (decided once at import)
+LAUNCHER_SUPPORTED = launcher_supported(_triton_version())
 
 
 def fast_launch_enabled() -> bool:
-    return _STATE["enabled"]
+    """The shortcut is on (``set_fast_launch`` if called, else the ``fast_launch`` setting)."""
+    enabled = _STATE["enabled"]
+    if enabled is None:
+        from fa_core import settings
+
+        return settings.get().fast_launch
+    return enabled
 
 
-def set_fast_launch(enabled: bool) -> bool:
-    """Turn the shortcut on or off (tests compare both paths); returns the previous setting."""
-    previous = _STATE["enabled"]
-    _STATE["enabled"] = bool(enabled)
+def set_fast_launch(enabled: bool | None) -> bool:
+    """Turn the shortcut on or off (tests compare both paths; None: back to the setting); returns the previous
+    effective value."""
+    previous = fast_launch_enabled()
+    _STATE["enabled"] = None if enabled is None else bool(enabled)
     return previous
 
 
@@ -217,7 +254,7 @@ class FastLaunch:
         self._launch(grid, device, args, kwargs)
 
     def _launch(self, grid: Any, device: int, args: tuple, kwargs: dict) -> None:
-        if not (_STATE["enabled"] and self.ok):
+        if not (self.ok and LAUNCHER_SUPPORTED and fast_launch_enabled()):
             self.kernel[grid](*args, **kwargs)
             return
         layout_key = (len(args), tuple(kwargs))

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fa_core import settings
 from fa_core import validation as V
 from fa_core.fast_launch import FastLaunch, empty_arg
 from fa_core.forward_configs import MAX_BLOCK_M, cdiv, next_pow2, seq_bucket
@@ -35,7 +36,7 @@ probs_launch = FastLaunch(probs_kernel)
 def tma_ok(*tensors: torch.Tensor) -> bool:
     """Use on-device tensor descriptors (TMA) on Hopper+ when every stride and base is 16-byte aligned."""
     t0 = tensors[0]
-    if not t0.is_cuda or os.environ.get("FA_PLUS_TMA", "1") == "0" or V.interpreting():
+    if not t0.is_cuda or not settings.get().tma or V.interpreting():
         return False
     if not hasattr(tl, "make_tensor_descriptor") or _major(t0.device.index) < 9:
         return False

@@ -2,14 +2,19 @@
 
 Checks on tensor *values* (cu_seqlens monotone, totals) need a device-to-host copy on a GPU; they run by
 default and are skipped while a CUDA graph is being captured, under ``torch.compile`` tracing, or when
-``FA_PLUS_SKIP_VALUE_CHECKS=1`` (for serving loops that cannot afford the synchronisation).
+``fa_core.settings.get().value_checks`` is off (``FA_PLUS_SKIP_VALUE_CHECKS=1``, for serving loops that cannot
+afford the synchronisation). Bad values raise :class:`fa_core.errors.FlashAttnValueError` (a ``ValueError``
+and a ``RuntimeError``).
 """
 
 from __future__ import annotations
 
-import os
+import operator
 
 import torch
+
+from fa_core import settings
+from fa_core.errors import FlashAttnValueError
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 #: FP8 inputs (with per-(batch, kv-head) descale factors) are accepted by the forward on GPUs.
@@ -17,14 +22,18 @@ FP8_DTYPE = torch.float8_e4m3fn
 MAX_HEADDIM = 256
 
 
-def interpreting() -> bool:
-    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+#: True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``).
+interpreting = settings.interpreting
+
+BF16_INTERPRETER_MESSAGE = (
+    "bfloat16 needs a GPU: Triton's CPU interpreter computes bf16 dot products wrongly; use float16 or "
+    "float32 on CPU"
+)
 
 
 def value_checks_enabled(t: torch.Tensor) -> bool:
     """Whether checks that read tensor values (a device sync on GPU) may run now."""
-    if os.environ.get("FA_PLUS_SKIP_VALUE_CHECKS", "0") == "1":
+    if not settings.get().value_checks:
         return False
     if t.device.type == "meta" or torch.compiler.is_compiling():
         return False
@@ -35,7 +44,7 @@ def check_tensor(name: str, t: object, ndim: int | None = None) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+        raise FlashAttnValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     return t
 
 
@@ -43,13 +52,13 @@ def check_packed(name: str, t: object, ndim: int, axis: int, n: int) -> torch.Te
     """Packed ``qkv`` / ``kv``: rank ``ndim`` with exactly ``n`` slices along ``axis``."""
     t = check_tensor(name, t, ndim)
     if t.shape[axis] != n:
-        raise ValueError(f"{name} must have {n} slices along dim {axis}, got shape {tuple(t.shape)}")
+        raise FlashAttnValueError(f"{name} must have {n} slices along dim {axis}, got shape {tuple(t.shape)}")
     return t
 
 
 def check_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if t.device != ref.device:
-        raise ValueError(
+        raise FlashAttnValueError(
             f"{name} is on {t.device} but {ref_name} is on {ref.device}: all tensors must share a device"
         )
 
@@ -57,12 +66,12 @@ def check_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -
 def check_compute_device(name: str, t: torch.Tensor) -> None:
     """Kernels run on CUDA (or other Triton GPU) tensors, or on CPU tensors under the interpreter."""
     if t.device.type == "cpu" and not interpreting():
-        raise ValueError(
+        raise FlashAttnValueError(
             f"{name} is a CPU tensor: Triton kernels need a GPU tensor, or set TRITON_INTERPRET=1 "
             "before importing fa_core to run them on CPU through the interpreter"
         )
     if t.device.type not in ("cpu", "cuda", "meta", "xpu"):
-        raise ValueError(f"{name} is on unsupported device {t.device}")
+        raise FlashAttnValueError(f"{name} is on unsupported device {t.device}")
 
 
 def check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...] | None = None) -> None:
@@ -70,12 +79,14 @@ def check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...] | N
         # fp32 only where the interpreter runs the kernel (CPU tests); GPUs get fp16/bf16 as in flash-attn
         allowed = SUPPORTED_DTYPES + ((torch.float32,) if t.device.type == "cpu" else (FP8_DTYPE,))
     if t.dtype == FP8_DTYPE and t.device.type == "cpu":
-        raise ValueError(
+        raise FlashAttnValueError(
             f"{name} is float8_e4m3fn on CPU: FP8 attention needs a CUDA GPU with FP8 tensor cores"
         )
     if t.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
         raise TypeError(f"{name} has dtype {t.dtype}; supported: {names}")
+    if t.dtype == torch.bfloat16 and t.device.type == "cpu" and interpreting():
+        raise TypeError(f"{name} has dtype torch.bfloat16 on CPU: {BF16_INTERPRETER_MESSAGE}")
 
 
 def contig_last(t):
@@ -89,7 +100,9 @@ def contig_last(t):
 def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
     # an empty tensor has no element to reach: its strides do not matter (.contiguous() keeps them)
     if t.numel() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
+        raise FlashAttnValueError(
+            f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}"
+        )
 
 
 #: kernels address a tile as a 64-bit row base plus 32-bit offsets inside the tile (at most 256 rows)
@@ -99,7 +112,7 @@ MAX_ROW_STRIDE = (1 << 31) // 256
 def check_row_stride(name: str, t: torch.Tensor) -> None:
     """The sequence dim's stride (dim -3) must keep 256 rows' offsets inside int32."""
     if t.numel() > 0 and t.dim() >= 3 and t.stride(-3) >= MAX_ROW_STRIDE:
-        raise ValueError(
+        raise FlashAttnValueError(
             f"{name} has a sequence stride of {t.stride(-3)} elements; the kernels need < {MAX_ROW_STRIDE} "
             f"(call .contiguous())"
         )
@@ -127,40 +140,75 @@ def check_qkv(
     nheads_k, dk = k.shape[-2], k.shape[-1]
     dv = v.shape[-1]
     if d == 0 or d > MAX_HEADDIM:
-        raise ValueError(f"q head dim must be in [1, {MAX_HEADDIM}], got {d}")
+        raise FlashAttnValueError(f"q head dim must be in [1, {MAX_HEADDIM}], got {d}")
     if dk != d:
-        raise ValueError(f"k head dim {dk} must equal q head dim {d}")
+        raise FlashAttnValueError(f"k head dim {dk} must equal q head dim {d}")
     if dv == 0 or dv > MAX_HEADDIM:
-        raise ValueError(f"v head dim must be in [1, {MAX_HEADDIM}], got {dv}")
+        raise FlashAttnValueError(f"v head dim must be in [1, {MAX_HEADDIM}], got {dv}")
     if not allow_v_headdim and dv != d:
-        raise ValueError(f"v head dim {dv} must equal q head dim {d}")
+        raise FlashAttnValueError(f"v head dim {dv} must equal q head dim {d}")
     if v.shape[:-1] != k.shape[:-1]:
-        raise ValueError(
+        raise FlashAttnValueError(
             f"v shape {tuple(v.shape)} does not match k shape {tuple(k.shape)} except the head dim"
         )
     if nheads_k == 0 or nheads % nheads_k != 0:
-        raise ValueError(f"nheads ({nheads}) must be a multiple of nheads_k ({nheads_k}) for GQA/MQA")
+        raise FlashAttnValueError(
+            f"nheads ({nheads}) must be a multiple of nheads_k ({nheads_k}) for GQA/MQA"
+        )
     if not varlen:
         if k.shape[0] != q.shape[0]:
-            raise ValueError(f"k batch {k.shape[0]} does not match q batch {q.shape[0]}")
+            raise FlashAttnValueError(f"k batch {k.shape[0]} does not match q batch {q.shape[0]}")
     return nheads, nheads_k, d, dv
 
 
-def check_window(window_size: tuple[int, int]) -> None:
-    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
-        raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
-    for side, w in zip(("left", "right"), window_size):
-        if int(w) < -1:
-            raise ValueError(f"window_size {side} must be >= -1 (-1 = unbounded), got {w}")
+def window_pair(window_size: object) -> tuple[int, int]:
+    """``window_size`` as ``(left, right)`` Python ints: any pair of integers (tuple, list, a torch tensor or
+    numpy array of two integers, numpy integer scalars); -1 = unbounded side.
+
+    Raises:
+        TypeError: a side is not an integer (floats, bools), naming ``window_size``.
+        FlashAttnValueError: not a pair, or a side < -1.
+    """
+    if type(window_size) is tuple and len(window_size) == 2:
+        left, right = window_size
+        if type(left) is int and type(right) is int and left >= -1 and right >= -1:
+            return left, right  # the common call: no further work
+    if isinstance(window_size, torch.Tensor):
+        if window_size.dtype == torch.bool or window_size.dtype.is_floating_point or window_size.is_complex():
+            raise TypeError(f"window_size must hold two integers, got a {window_size.dtype} tensor")
+        items = window_size.reshape(-1).tolist() if window_size.dim() == 1 else None
+    elif isinstance(window_size, (str, bytes)) or not hasattr(window_size, "__len__"):
+        items = None
+    else:
+        items = list(window_size)  # type: ignore[call-overload]
+    if items is None or len(items) != 2:
+        raise FlashAttnValueError(f"window_size must be a pair (left, right) of ints, got {window_size!r}")
+    pair = []
+    for side, w in zip(("left", "right"), items):
+        if isinstance(w, bool) or type(w).__name__ == "bool_":
+            raise TypeError(f"window_size {side} must be an int, got a bool ({w!r})")
+        try:
+            w = operator.index(w)
+        except TypeError:
+            raise TypeError(f"window_size {side} must be an int, got {type(w).__name__} {w!r}") from None
+        if w < -1:
+            raise FlashAttnValueError(f"window_size {side} must be >= -1 (-1 = unbounded), got {w}")
+        pair.append(w)
+    return pair[0], pair[1]
+
+
+def check_window(window_size: object) -> None:
+    """Raise unless ``window_size`` is a valid pair (see :func:`window_pair`)."""
+    window_pair(window_size)
 
 
 def check_scalars(dropout_p: float, softcap: float, softmax_scale: float | None) -> None:
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+        raise FlashAttnValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if softcap < 0.0:
-        raise ValueError(f"softcap must be >= 0 (0 = off), got {softcap}")
+        raise FlashAttnValueError(f"softcap must be >= 0 (0 = off), got {softcap}")
     if softmax_scale is not None and not softmax_scale == softmax_scale:  # NaN
-        raise ValueError("softmax_scale is NaN")
+        raise FlashAttnValueError("softmax_scale is NaN")
 
 
 def check_alibi(alibi_slopes: torch.Tensor | None, batch: int, nheads: int, q: torch.Tensor) -> None:
@@ -171,18 +219,18 @@ def check_alibi(alibi_slopes: torch.Tensor | None, batch: int, nheads: int, q: t
     if alibi_slopes.dtype != torch.float32:
         raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
     if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
-        raise ValueError(
+        raise FlashAttnValueError(
             f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), got {tuple(alibi_slopes.shape)}"
         )
     if alibi_slopes.stride(-1) != 1:
-        raise ValueError("alibi_slopes must have a contiguous last dimension")
+        raise FlashAttnValueError("alibi_slopes must have a contiguous last dimension")
 
 
 def check_chunk_and_sink(
     attention_chunk: int, learnable_sink: torch.Tensor | None, nheads: int, q: torch.Tensor
 ) -> None:
     if isinstance(attention_chunk, bool) or not isinstance(attention_chunk, int) or attention_chunk < 0:
-        raise ValueError(f"attention_chunk must be an int >= 0 (0 = off), got {attention_chunk!r}")
+        raise FlashAttnValueError(f"attention_chunk must be an int >= 0 (0 = off), got {attention_chunk!r}")
     if learnable_sink is None:
         return
     check_tensor("learnable_sink", learnable_sink, 1)
@@ -190,9 +238,11 @@ def check_chunk_and_sink(
     if learnable_sink.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"learnable_sink must be float32/float16/bfloat16, got {learnable_sink.dtype}")
     if learnable_sink.shape[0] != nheads:
-        raise ValueError(f"learnable_sink must have shape ({nheads},), got {tuple(learnable_sink.shape)}")
+        raise FlashAttnValueError(
+            f"learnable_sink must have shape ({nheads},), got {tuple(learnable_sink.shape)}"
+        )
     if learnable_sink.stride(0) != 1:
-        raise ValueError("learnable_sink must be contiguous")
+        raise FlashAttnValueError("learnable_sink must be contiguous")
 
 
 def check_mods(score_mod: object, mask_mod: object) -> None:
@@ -219,12 +269,12 @@ def check_block_mask(
     if block_mask is None:
         return
     if return_probs:
-        raise ValueError("return_probs is not supported together with block_mask")
+        raise FlashAttnValueError("return_probs is not supported together with block_mask")
     num, idx = block_mask.kv_num_blocks, block_mask.kv_indices
     bq, bk = (int(x) for x in block_mask.block_size)
     for name, size in (("block_mask.block_size[0]", bq), ("block_mask.block_size[1]", bk)):
         if size < 32 or size & (size - 1):
-            raise ValueError(f"{name} must be a power of two >= 32, got {size}")
+            raise FlashAttnValueError(f"{name} must be a power of two >= 32, got {size}")
     check_tensor("block_mask.kv_num_blocks", num, 3)
     check_tensor("block_mask.kv_indices", idx, 4)
     for name, t in (("block_mask.kv_num_blocks", num), ("block_mask.kv_indices", idx)):
@@ -232,25 +282,31 @@ def check_block_mask(
         if t.dtype != torch.int32:
             raise TypeError(f"{name} must be int32, got {t.dtype}")
         if t.shape[0] not in (1, batch) or t.shape[1] not in (1, nheads):
-            raise ValueError(f"{name} must have leading dims (batch|1, nheads|1), got {tuple(t.shape)}")
+            raise FlashAttnValueError(
+                f"{name} must have leading dims (batch|1, nheads|1), got {tuple(t.shape)}"
+            )
         if t.stride(-1) != 1:
-            raise ValueError(f"{name} must have a contiguous last dimension")
+            raise FlashAttnValueError(f"{name} must have a contiguous last dimension")
     if num.shape[:2] != idx.shape[:2]:
-        raise ValueError(
+        raise FlashAttnValueError(
             f"block_mask.kv_num_blocks {tuple(num.shape)} and kv_indices {tuple(idx.shape)} disagree"
         )
     nq, nk = -(-seqlen_q // bq), -(-seqlen_k // bk)
     if num.shape[2] < nq or idx.shape[2] != num.shape[2]:
-        raise ValueError(
+        raise FlashAttnValueError(
             f"block_mask needs {nq} query blocks of {bq} rows, got kv_num_blocks {tuple(num.shape)} "
             f"and kv_indices {tuple(idx.shape)}"
         )
     if value_checks_enabled(num):
         if bool((num < 0).any()) or bool((num > idx.shape[3]).any()):
-            raise ValueError("block_mask.kv_num_blocks entries must lie in [0, kv_indices.shape[-1]]")
+            raise FlashAttnValueError(
+                "block_mask.kv_num_blocks entries must lie in [0, kv_indices.shape[-1]]"
+            )
         used = torch.arange(idx.shape[3], device=idx.device) < num[..., None].long()
         if bool(((idx < 0) | (idx >= nk))[used].any()):
-            raise ValueError(f"block_mask.kv_indices entries must lie in [0, {nk}) for seqlen_k = {seqlen_k}")
+            raise FlashAttnValueError(
+                f"block_mask.kv_indices entries must lie in [0, {nk}) for seqlen_k = {seqlen_k}"
+            )
     check_full_blocks(block_mask, batch, nheads, q, full_like_partial)
 
 
@@ -270,7 +326,7 @@ def check_full_blocks(
     if num is None and idx is None:
         return
     if num is None or idx is None:
-        raise ValueError(
+        raise FlashAttnValueError(
             "block_mask.full_kv_num_blocks and block_mask.full_kv_indices must be given together"
         )
     for name, t, like in (
@@ -283,7 +339,7 @@ def check_full_blocks(
         check_device(name, t, "q", q)
         if like_partial:
             if tuple(t.shape) != tuple(like.shape):
-                raise ValueError(
+                raise FlashAttnValueError(
                     f"{name} must be shaped like the partial list {tuple(like.shape)}, got {tuple(t.shape)}"
                 )
         elif (
@@ -293,15 +349,15 @@ def check_full_blocks(
             or t.shape[0] not in (1, batch)
             or t.shape[1] not in (1, nheads)
         ):
-            raise ValueError(
+            raise FlashAttnValueError(
                 f"{name} must have the partial lists' layout {tuple(like.shape)} with leading dims "
                 f"(batch|1, nheads|1) = ({batch}|1, {nheads}|1), got {tuple(t.shape)}"
             )
         if t.stride(-1) != 1:
-            raise ValueError(f"{name} must have a contiguous last dimension")
+            raise FlashAttnValueError(f"{name} must have a contiguous last dimension")
     if value_checks_enabled(num):
         if bool((num < 0).any()) or bool((num > idx.shape[-1]).any()):
-            raise ValueError(
+            raise FlashAttnValueError(
                 "block_mask.full_kv_num_blocks entries must lie in [0, full_kv_indices.shape[-1]]"
             )
 
@@ -315,19 +371,19 @@ def check_cu_seqlens(
     if cu.dtype != torch.int32:
         raise TypeError(f"{name} must be int32, got {cu.dtype}")
     if cu.numel() < 1:
-        raise ValueError(f"{name} must have batch + 1 >= 1 entries")
+        raise FlashAttnValueError(f"{name} must have batch + 1 >= 1 entries")
     if value_checks_enabled(cu):
         vals = cu.cpu()
         if int(vals[0]) != 0:
-            raise ValueError(f"{name}[0] must be 0, got {int(vals[0])}")
+            raise FlashAttnValueError(f"{name}[0] must be 0, got {int(vals[0])}")
         if bool((vals[1:] < vals[:-1]).any()):
-            raise ValueError(f"{name} must be non-decreasing, got {vals.tolist()}")
+            raise FlashAttnValueError(f"{name} must be non-decreasing, got {vals.tolist()}")
         if int(vals[-1]) != total:
-            raise ValueError(f"{name}[-1] = {int(vals[-1])} does not match the total length {total}")
+            raise FlashAttnValueError(f"{name}[-1] = {int(vals[-1])} does not match the total length {total}")
         if max_seqlen is not None and vals.numel() > 1:
             longest = int((vals[1:] - vals[:-1]).max())
             if longest > max_seqlen:
-                raise ValueError(
+                raise FlashAttnValueError(
                     f"{max_name} = {max_seqlen} is smaller than the longest sequence ({longest})"
                 )
     return cu.numel() - 1
@@ -343,13 +399,17 @@ def check_seqused(
     if seqused_k.dtype != torch.int32:
         raise TypeError(f"seqused_k must be int32, got {seqused_k.dtype}")
     if seqused_k.numel() != batch:
-        raise ValueError(f"seqused_k must have {batch} entries (one per sequence), got {seqused_k.numel()}")
+        raise FlashAttnValueError(
+            f"seqused_k must have {batch} entries (one per sequence), got {seqused_k.numel()}"
+        )
     if value_checks_enabled(seqused_k):
         used = seqused_k.cpu()
         lens = cu_seqlens_k.cpu()
         avail = lens[1:] - lens[:-1]
         if bool((used < 0).any()) or bool((used > avail).any()):
-            raise ValueError(f"seqused_k must lie in [0, seqlen_k of each sequence]; got {used.tolist()}")
+            raise FlashAttnValueError(
+                f"seqused_k must lie in [0, seqlen_k of each sequence]; got {used.tolist()}"
+            )
 
 
 def grad_guard(*tensors: torch.Tensor | None) -> None:
