@@ -614,3 +614,32 @@ def test_fused_combine(monkeypatch, page, seqlen_q, sink, splits):
     (out1, lse1), (out0, lse0) = results
     torch.testing.assert_close(out1, out0, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse1, lse0, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("page", [0, 16])
+def test_num_splits_is_honoured(monkeypatch, page):
+    """num_splits = n launches n key splits (then the combine), 1 launches one split and no combine, 0 the
+    heuristic's count; above 128 (flash-attn's limit) it is capped at 128. Outputs agree with the reference."""
+    import fa_kvcache.interface as ki
+
+    seen: list[tuple[str, int]] = []
+
+    def spy(name, launch):
+        def run(grid, *args, **kw):
+            seen.append((name, grid[2] if name == "split" else grid[0]))
+            return launch(grid, *args, **kw)
+
+        return run
+
+    monkeypatch.setattr(ki, "split_kv_launch", spy("split", ki.split_kv_launch))
+    monkeypatch.setattr(ki, "combine_launch", spy("combine", ki.combine_launch))
+    for n in (1, 2, 5, 0, 300):
+        seen.clear()
+        case = _make_case(seqlen_q=1, seqlen_new=1, page=page, capacity=96, seed=5)
+        _run_and_check(case, causal=True, num_splits=n)
+        split_counts = [c for name, c in seen if name == "split"]
+        expected = {0: ki.num_splits_heuristic(2 * 2, 2, ki._CPU_SM_FALLBACK, paged=page > 0, page=page)}
+        expected[300] = ki.MAX_SPLITS
+        want = expected.get(n, n) if DEVICE == "cpu" or n != 0 else split_counts[0]
+        assert split_counts == [want], (n, seen)
+        assert any(name == "combine" for name, _ in seen) == (want > 1)
