@@ -14,6 +14,24 @@ Semantics follow ``flash_attn.ops.triton.rotary.apply_rotary`` of flash-attn 2.8
 * ``conjugate=True`` rotates by the negative angle (the inverse / the backward pass).
 
 The kernel computes in fp32 and rounds once on store.
+
+Launches go through two ``torch.library`` custom ops, so ``torch.compile`` (any backend, static or dynamic
+shapes, ``fullgraph=True``) records one opaque node per rotation and never traces the Triton launch:
+
+* ``torch.ops.fa_core.rotary``: out of place, differentiable (the gradient is the conjugate rotation of the
+  incoming gradient, registered with ``torch.library.register_autograd``);
+* ``torch.ops.fa_core.rotary_inplace``: rotates ``x`` in place (``mutates_args=("x",)``), not differentiable.
+
+:func:`apply_rotary` validates the arguments and picks the op: in place when asked and no gradient is
+recorded for ``x``; with a gradient, the out-of-place op and a copy of the rotated channels back into ``x``
+(an ordinary in-place ``copy_`` that autograd tracks), so every form is differentiable without an
+``autograd.Function``.
+
+:data:`rotary_kernel` compiles once per class of its constexprs (rotary dim, interleaved, conjugate, tensor
+or int offsets, varlen) and of Triton's specialization of the pointer / stride arguments (dtype, 16-byte
+alignment, stride 1): the sequence length, head count, table length and integer offset are
+``do_not_specialize`` and the batch size is only a grid dimension, so new batch sizes and sequence lengths
+reuse the compiled kernel.
 """
 
 from __future__ import annotations
@@ -25,10 +43,18 @@ import torch
 import triton
 import triton.language as tl
 
+from fa_core.errors import FlashAttnValueError
 from fa_core.forward_configs import cdiv, next_pow2
 from fa_core.validation import value_checks_enabled
 
-__all__ = ["apply_rotary", "load_cos_sin", "rotary_pair_cols", "rotate_pair"]
+__all__ = [
+    "apply_rotary",
+    "load_cos_sin",
+    "rotary_kernel",
+    "rotary_launch",
+    "rotary_pair_cols",
+    "rotate_pair",
+]
 
 _SUPPORTED_X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -62,8 +88,10 @@ def rotate_pair(x0, x1, cos, sin):
     return x0 * cos - x1 * sin, x0 * sin + x1 * cos
 
 
-@triton.jit
-def _rotary_kernel(
+# Integers that change with the problem size are never specialized (no recompile when they hit 1 or a
+# multiple of 16); strides keep Triton's specialization (stride 1 / multiples of 16 give vector loads).
+@triton.jit(do_not_specialize=["seqlen", "nheads", "seqlen_ro", "SEQLEN_OFFSETS"])
+def rotary_kernel(
     OUT,
     X,
     COS,
@@ -147,6 +175,166 @@ def _check_tensor(name: str, t: object) -> torch.Tensor:
     return t
 
 
+def rotary_launch(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    seqlen_offsets: torch.Tensor | None,
+    seqlen_offset: int,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    interleaved: bool,
+    conjugate: bool,
+) -> None:
+    """Launch :data:`rotary_kernel`: rotate the first ``rotary_dim`` channels of ``x`` into ``out``.
+
+    No validation and no autograd (callers: the custom ops below, and kernels' hosts that already checked
+    their arguments). ``out`` may be ``x`` (in place); its other channels are not written.
+
+    x, out: (batch, seqlen, nheads, headdim), or (total_seqlen, nheads, headdim) with ``cu_seqlens``.
+    cos, sin: (seqlen_ro, rotary_dim / 2). seqlen_offsets: (batch,) int32/int64 or None (then the int
+    ``seqlen_offset`` applies to every sequence). cu_seqlens: (batch + 1,) or None; max_seqlen: the longest
+    sequence with ``cu_seqlens`` (unused without).
+    """
+    is_varlen = cu_seqlens is not None
+    if cu_seqlens is not None:
+        batch, seqlen, nheads = cu_seqlens.shape[0] - 1, int(max_seqlen), x.shape[1]
+        cu_seqlens = cu_seqlens.contiguous()
+    else:
+        batch, seqlen, nheads = x.shape[0], x.shape[1], x.shape[2]
+    if x.numel() == 0 or batch <= 0 or seqlen <= 0 or nheads == 0:
+        return
+    cos, sin = cos.contiguous(), sin.contiguous()
+    seqlen_ro, half = cos.shape
+    rotary_dim = 2 * half
+    offsets: torch.Tensor | int = (
+        seqlen_offsets.contiguous() if seqlen_offsets is not None else int(seqlen_offset)
+    )
+    block_m = 8 if rotary_dim <= 128 else 4
+    block_h = 2
+    grid = (cdiv(nheads, block_h), cdiv(seqlen, block_m), batch)
+    strides_out = (0 if is_varlen else out.stride(0), out.stride(-3), out.stride(-2), out.stride(-1))
+    strides_x = (0 if is_varlen else x.stride(0), x.stride(-3), x.stride(-2), x.stride(-1))
+    # Launch on x's device, not the current one (multi-GPU).
+    with torch.cuda.device(x.device.index) if x.is_cuda else contextlib.nullcontext():
+        rotary_kernel[grid](
+            out,
+            x,
+            cos,
+            sin,
+            cu_seqlens,
+            offsets,
+            seqlen,
+            nheads,
+            seqlen_ro,
+            *strides_out,
+            *strides_x,
+            ROTARY_DIM=rotary_dim,
+            BLOCK_K=next_pow2(half),
+            IS_OFFSETS_TENSOR=seqlen_offsets is not None,
+            IS_VARLEN=is_varlen,
+            INTERLEAVED=bool(interleaved),
+            CONJUGATE=bool(conjugate),
+            BLOCK_H=block_h,
+            BLOCK_M=block_m,
+        )
+
+
+_OP_ARGS = (
+    "Tensor cos, Tensor sin, Tensor? seqlen_offsets, SymInt seqlen_offset, Tensor? cu_seqlens, "
+    "SymInt max_seqlen, bool interleaved, bool conjugate"
+)
+
+
+@torch.library.custom_op("fa_core::rotary", mutates_args=(), schema=f"(Tensor x, {_OP_ARGS}) -> Tensor")
+def _rotary_op(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    seqlen_offsets: torch.Tensor | None,
+    seqlen_offset: int,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    interleaved: bool,
+    conjugate: bool,
+) -> torch.Tensor:
+    """Out-of-place rotation: a new tensor like ``x`` (``empty_like`` strides), pass-through channels copied."""
+    out = torch.empty_like(x)
+    rotary_dim = 2 * cos.shape[1]
+    if rotary_dim < x.shape[-1]:
+        # a plain copy covers every row, including varlen rows outside every sequence
+        out[..., rotary_dim:].copy_(x[..., rotary_dim:])
+    if rotary_dim > 0:
+        rotary_launch(
+            out, x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate
+        )
+    return out
+
+
+@_rotary_op.register_fake
+def _rotary_fake(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate):
+    return torch.empty_like(x)
+
+
+def _rotary_setup_context(ctx, inputs, output) -> None:
+    _, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate = inputs
+    ctx.save_for_backward(cos, sin, seqlen_offsets, cu_seqlens)
+    ctx.seqlen_offset = seqlen_offset
+    ctx.max_seqlen = max_seqlen
+    ctx.interleaved = interleaved
+    ctx.conjugate = conjugate
+
+
+def _rotary_backward(ctx, grad: torch.Tensor):
+    # A rotation is orthogonal: the gradient is the inverse (conjugate) rotation of the incoming gradient,
+    # computed out of place (the incoming gradient may be the caller's tensor or an expanded view).
+    cos, sin, seqlen_offsets, cu_seqlens = ctx.saved_tensors
+    dx = torch.ops.fa_core.rotary(
+        grad,
+        cos,
+        sin,
+        seqlen_offsets,
+        ctx.seqlen_offset,
+        cu_seqlens,
+        ctx.max_seqlen,
+        ctx.interleaved,
+        not ctx.conjugate,
+    )
+    return dx, None, None, None, None, None, None, None, None
+
+
+_rotary_op.register_autograd(_rotary_backward, setup_context=_rotary_setup_context)
+
+
+@torch.library.custom_op(
+    "fa_core::rotary_inplace", mutates_args=("x",), schema=f"(Tensor(a!) x, {_OP_ARGS}) -> ()"
+)
+def _rotary_inplace_op(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    seqlen_offsets: torch.Tensor | None,
+    seqlen_offset: int,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    interleaved: bool,
+    conjugate: bool,
+) -> None:
+    """In-place rotation of the first ``rotary_dim`` channels of ``x``."""
+    if cos.shape[1] > 0:
+        rotary_launch(
+            x, x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate
+        )
+
+
+@_rotary_inplace_op.register_fake
+def _rotary_inplace_fake(
+    x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate
+) -> None:
+    return None
+
+
 def apply_rotary(
     x: torch.Tensor,
     cos: torch.Tensor,
@@ -173,6 +361,9 @@ def apply_rotary(
         conjugate: rotate by the negative angle (inverse rotation, used for the backward pass).
     Returns:
         out: same shape and dtype as ``x``; ``x`` itself when ``inplace``.
+
+    Differentiable with respect to ``x`` (not ``cos`` / ``sin``), in place or not; works under
+    ``torch.compile(fullgraph=True)`` and CUDA-graph capture (one custom-op node per call).
     """
     x = _check_tensor("x", x)
     cos = _check_tensor("cos", cos)
@@ -183,134 +374,128 @@ def apply_rotary(
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating point tensor, got {t.dtype}")
         if t.device != x.device:
-            raise ValueError(f"{name} must be on the same device as x ({x.device}), got {t.device}")
+            raise FlashAttnValueError(f"{name} must be on the same device as x ({x.device}), got {t.device}")
         if t.dim() != 2:
-            raise ValueError(f"{name} must have shape (seqlen_ro, rotary_dim / 2), got {tuple(t.shape)}")
+            raise FlashAttnValueError(
+                f"{name} must have shape (seqlen_ro, rotary_dim / 2), got {tuple(t.shape)}"
+            )
     if sin.shape != cos.shape:
-        raise ValueError(f"sin must have the same shape as cos {tuple(cos.shape)}, got {tuple(sin.shape)}")
+        raise FlashAttnValueError(
+            f"sin must have the same shape as cos {tuple(cos.shape)}, got {tuple(sin.shape)}"
+        )
 
-    is_varlen = cu_seqlens is not None
-    if not is_varlen:
+    if cu_seqlens is None:
         if x.dim() != 4:
-            raise ValueError(f"x must have shape (batch, seqlen, nheads, headdim), got {tuple(x.shape)}")
-        batch, seqlen, nheads, headdim = x.shape
+            raise FlashAttnValueError(
+                f"x must have shape (batch, seqlen, nheads, headdim), got {tuple(x.shape)}"
+            )
+        batch, seqlen, _, headdim = x.shape
+        max_seqlen_arg: int = 0
     else:
         cu_seqlens = _check_tensor("cu_seqlens", cu_seqlens)
         if x.dim() != 3:
-            raise ValueError(
+            raise FlashAttnValueError(
                 f"x must have shape (total_seqlen, nheads, headdim) when cu_seqlens is given, got {tuple(x.shape)}"
             )
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-            raise ValueError(f"cu_seqlens must have shape (batch + 1,), got {tuple(cu_seqlens.shape)}")
+            raise FlashAttnValueError(
+                f"cu_seqlens must have shape (batch + 1,), got {tuple(cu_seqlens.shape)}"
+            )
         if cu_seqlens.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
         if cu_seqlens.device != x.device:
-            raise ValueError(
+            raise FlashAttnValueError(
                 f"cu_seqlens must be on the same device as x ({x.device}), got {cu_seqlens.device}"
             )
         if max_seqlen is None:
-            raise ValueError("max_seqlen must be passed when cu_seqlens is given")
+            raise FlashAttnValueError("max_seqlen must be passed when cu_seqlens is given")
         # max_seqlen may arrive as a 0-dim integer tensor (e.g. from HF's cu_seqlens.diff().max()).
-        max_seqlen = (
-            operator.index(max_seqlen) if not isinstance(max_seqlen, torch.Tensor) else int(max_seqlen)
-        )
+        if isinstance(max_seqlen, torch.Tensor):
+            max_seqlen = int(max_seqlen)
+        elif not isinstance(max_seqlen, torch.SymInt):
+            max_seqlen = operator.index(max_seqlen)
         if max_seqlen < 0:
-            raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
-        _, nheads, headdim = x.shape
+            raise FlashAttnValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
+        _, _, headdim = x.shape
         batch = cu_seqlens.shape[0] - 1
         seqlen = max_seqlen
+        max_seqlen_arg = max_seqlen
         cu_seqlens = cu_seqlens.contiguous()
         if value_checks_enabled(cu_seqlens):
             # a decreasing or short cu_seqlens would leave rows silently un-rotated
             vals = cu_seqlens.cpu()
             if int(vals[0]) != 0 or bool((vals[1:] < vals[:-1]).any()) or int(vals[-1]) != x.shape[0]:
-                raise ValueError(
+                raise FlashAttnValueError(
                     f"cu_seqlens must start at 0, be non-decreasing and end at total_seqlen = {x.shape[0]}, "
                     f"got {vals.tolist()}"
                 )
             if batch and int((vals[1:] - vals[:-1]).max()) > max_seqlen:
-                raise ValueError(f"max_seqlen = {max_seqlen} is smaller than the longest sequence")
+                raise FlashAttnValueError(f"max_seqlen = {max_seqlen} is smaller than the longest sequence")
 
     seqlen_ro, half = cos.shape
     rotary_dim = 2 * half
     if rotary_dim == 0:
-        raise ValueError("cos/sin must have rotary_dim / 2 >= 1 columns, got 0")
+        raise FlashAttnValueError("cos/sin must have rotary_dim / 2 >= 1 columns, got 0")
     if rotary_dim > headdim:
-        raise ValueError(f"rotary_dim ({rotary_dim} = 2 * cos.shape[1]) must be <= headdim ({headdim})")
+        raise FlashAttnValueError(
+            f"rotary_dim ({rotary_dim} = 2 * cos.shape[1]) must be <= headdim ({headdim})"
+        )
 
-    offsets_is_tensor = isinstance(seqlen_offsets, torch.Tensor)
+    offsets_tensor: torch.Tensor | None = None
+    offset_int: int = 0
     if isinstance(seqlen_offsets, torch.Tensor):
         if seqlen_offsets.shape != (batch,):
-            raise ValueError(
+            raise FlashAttnValueError(
                 f"seqlen_offsets tensor must have shape ({batch},), got {tuple(seqlen_offsets.shape)}"
             )
         if seqlen_offsets.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"seqlen_offsets tensor must be int32 or int64, got {seqlen_offsets.dtype}")
         if seqlen_offsets.device != x.device:
-            raise ValueError(
+            raise FlashAttnValueError(
                 f"seqlen_offsets must be on the same device as x ({x.device}), got {seqlen_offsets.device}"
             )
-        seqlen_offsets = seqlen_offsets.contiguous()
+        offsets_tensor = seqlen_offsets.contiguous()
         # Values are not checked against seqlen_ro: that would need a device sync.
         if seqlen_ro < seqlen:
-            raise ValueError(f"cos/sin seqlen_ro ({seqlen_ro}) must be >= seqlen ({seqlen})")
+            raise FlashAttnValueError(f"cos/sin seqlen_ro ({seqlen_ro}) must be >= seqlen ({seqlen})")
     else:
         if isinstance(seqlen_offsets, bool):
             raise TypeError("seqlen_offsets must be an int or an integer tensor, got bool")
-        try:
-            seqlen_offsets = operator.index(seqlen_offsets)
-        except TypeError:
-            raise TypeError(
-                f"seqlen_offsets must be an int or an integer tensor, got {type(seqlen_offsets).__name__}"
-            ) from None
-        if seqlen_offsets < 0:
-            raise ValueError(f"seqlen_offsets must be >= 0, got {seqlen_offsets}")
-        if seqlen_offsets + seqlen > seqlen_ro:
-            raise ValueError(
+        if isinstance(seqlen_offsets, torch.SymInt):  # torch.compile with dynamic shapes
+            offset_int = seqlen_offsets
+        else:
+            try:
+                offset_int = operator.index(seqlen_offsets)
+            except TypeError:
+                raise TypeError(
+                    f"seqlen_offsets must be an int or an integer tensor, got {type(seqlen_offsets).__name__}"
+                ) from None
+        if offset_int < 0:
+            raise FlashAttnValueError(f"seqlen_offsets must be >= 0, got {offset_int}")
+        if offset_int + seqlen > seqlen_ro:
+            raise FlashAttnValueError(
                 f"cos/sin seqlen_ro ({seqlen_ro}) must be >= seqlen_offsets + seqlen "
-                f"({seqlen_offsets} + {seqlen})"
+                f"({offset_int} + {seqlen})"
             )
 
     cos, sin = cos.contiguous(), sin.contiguous()
-    output = x if inplace else torch.empty_like(x)
-    if rotary_dim < headdim and not inplace:
-        # Pass-through channels; a plain copy covers every row, including varlen padding rows.
-        output[..., rotary_dim:].copy_(x[..., rotary_dim:])
-    if x.numel() == 0 or batch == 0 or seqlen == 0:
-        return output
-
-    block_m = 8 if rotary_dim <= 128 else 4
-    block_h = 2
-    grid = (cdiv(nheads, block_h), cdiv(seqlen, block_m), batch)
-    strides_out = (
-        0 if is_varlen else output.stride(0),
-        output.stride(-3),
-        output.stride(-2),
-        output.stride(-1),
+    args = (
+        cos,
+        sin,
+        offsets_tensor,
+        offset_int,
+        cu_seqlens,
+        max_seqlen_arg,
+        bool(interleaved),
+        bool(conjugate),
     )
-    strides_x = (0 if is_varlen else x.stride(0), x.stride(-3), x.stride(-2), x.stride(-1))
-    kernel = torch.library.wrap_triton(_rotary_kernel) if x.is_cuda else _rotary_kernel
-    # Launch on x's device, not the current one (multi-GPU).
-    with torch.cuda.device(x.device.index) if x.is_cuda else contextlib.nullcontext():
-        kernel[grid](
-            output,
-            x,
-            cos,
-            sin,
-            cu_seqlens,
-            seqlen_offsets,
-            seqlen,
-            nheads,
-            seqlen_ro,
-            *strides_out,
-            *strides_x,
-            ROTARY_DIM=rotary_dim,
-            BLOCK_K=next_pow2(half),
-            IS_OFFSETS_TENSOR=offsets_is_tensor,
-            IS_VARLEN=is_varlen,
-            INTERLEAVED=bool(interleaved),
-            CONJUGATE=bool(conjugate),
-            BLOCK_H=block_h,
-            BLOCK_M=block_m,
-        )
-    return output
+    if not inplace:
+        return torch.ops.fa_core.rotary(x, *args)
+    if torch.is_grad_enabled() and x.requires_grad:
+        # Autograd records an in-place custom op only through a functional op: rotate out of place and copy
+        # the rotated channels back (a tracked in-place copy_; x may be a view of a packed qkv / kv).
+        out = torch.ops.fa_core.rotary(x, *args)
+        x[..., :rotary_dim].copy_(out[..., :rotary_dim])
+        return x
+    torch.ops.fa_core.rotary_inplace(x, *args)
+    return x

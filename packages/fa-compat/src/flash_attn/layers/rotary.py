@@ -1,6 +1,12 @@
 """Rotary embedding layers with the API of ``flash_attn.layers.rotary`` (flash-attn 2.8.x).
 
-All rotations run through the Triton kernel ``fa_core.rotary.apply_rotary``.
+All rotations run through ``fa_core.rotary.apply_rotary``: the Triton kernel behind two ``torch.library``
+custom ops (out of place with a registered gradient, and in place). The public functions call it directly,
+without an ``autograd.Function``: an in-place rotation of a tensor that records a gradient is an out-of-place
+rotation plus a tracked ``copy_``. So every function and every argument form compiles with
+``torch.compile(fullgraph=True)`` (forward and backward, static or dynamic shapes) and ``torch.compile``
+never traces into a Triton launch. The ``ApplyRotaryEmb*`` autograd Functions are kept for code that calls
+them by name.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from fa_core.errors import FlashAttnValueError
 from fa_core.rotary import apply_rotary
 
 __all__ = [
@@ -79,7 +86,7 @@ class ApplyRotaryEmb(torch.autograd.Function):
             interleaved=interleaved,
             inplace=inplace,
         )
-        if isinstance(seqlen_offsets, int):
+        if not isinstance(seqlen_offsets, Tensor):
             ctx.save_for_backward(cos, sin, cu_seqlens)  # an int can't go through save_for_backward
             ctx.seqlen_offsets = seqlen_offsets
         else:
@@ -137,8 +144,18 @@ def apply_rotary_emb(
         out: (batch_size, seqlen, nheads, headdim) if cu_seqlens is None
             else (total_seqlen, nheads, headdim)
     rotary_dim must be <= headdim. Rotary embedding is applied to the first rotary_dim of x.
+    Differentiable with respect to x; the gradient is the conjugate rotation of the output gradient.
     """
-    return ApplyRotaryEmb.apply(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_seqlen)
+    return apply_rotary(
+        x,
+        cos,
+        sin,
+        seqlen_offsets=seqlen_offsets,
+        cu_seqlens=cu_seqlens,
+        max_seqlen=max_seqlen,
+        interleaved=interleaved,
+        inplace=inplace,
+    )
 
 
 # Backward-compatible alias (present in flash-attn 2.8).
@@ -169,15 +186,28 @@ def _apply_rotary_emb_qkv(
         conjugate=conjugate,
         seqlen_offsets=seqlen_offsets,
     )
+    if not isinstance(qkv, Tensor):
+        raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
     if qkv.dim() == 5:
         batch, seqlen, three, nheads, headdim = qkv.shape
-        assert three == 3
+        if three != 3:
+            raise FlashAttnValueError(
+                f"qkv must have shape (batch, seqlen, 3, nheads, headdim), got {tuple(qkv.shape)}"
+            )
         num_heads_q = num_heads_k = nheads
     else:
-        assert qkv.dim() == 4
-        assert num_heads_q is not None, "num_heads_q must be given for a (b, s, h_q + 2 * h_k, d) qkv"
+        if qkv.dim() != 4:
+            raise FlashAttnValueError(
+                "qkv must have shape (batch, seqlen, 3, nheads, headdim) or "
+                f"(batch, seqlen, num_heads_q + 2 * num_heads_k, headdim), got {tuple(qkv.shape)}"
+            )
+        if num_heads_q is None:
+            raise FlashAttnValueError("num_heads_q must be given for a (b, s, h_q + 2 * h_k, d) qkv")
         num_heads_k = (qkv.shape[2] - num_heads_q) // 2
-        assert qkv.shape[2] == num_heads_q + 2 * num_heads_k
+        if num_heads_q <= 0 or num_heads_k <= 0 or qkv.shape[2] != num_heads_q + 2 * num_heads_k:
+            raise FlashAttnValueError(
+                f"qkv's head axis ({qkv.shape[2]}) must be num_heads_q ({num_heads_q}) + 2 * num_heads_k"
+            )
     if cos_k is None and sin_k is None and qkv.is_contiguous():
         # One launch for Q and K together: for a contiguous qkv, (q, k) heads merge into one head axis.
         if qkv.dim() == 5:
@@ -229,7 +259,7 @@ class ApplyRotaryEmbQKV_(torch.autograd.Function):
             seqlen_offsets=seqlen_offsets,
             num_heads_q=num_heads_q,
         )
-        if isinstance(seqlen_offsets, int):
+        if not isinstance(seqlen_offsets, Tensor):
             ctx.save_for_backward(cos, sin, cos_k, sin_k)
             ctx.seqlen_offsets = seqlen_offsets
         else:
@@ -284,8 +314,28 @@ def apply_rotary_emb_qkv_(
         seqlen_offsets: (batch_size,) or int. Each sequence in Q and K is shifted by this amount.
     Return:
         qkv: same shape as the input, rotated *in place* (first rotary_dim of Q and K).
+    Differentiable with respect to qkv (the gradient of Q and K is the conjugate rotation, V's passes through).
     """
-    return ApplyRotaryEmbQKV_.apply(qkv, cos, sin, cos_k, sin_k, interleaved, seqlen_offsets, num_heads_q)
+    return _apply_rotary_emb_qkv(
+        qkv,
+        cos,
+        sin,
+        cos_k,
+        sin_k,
+        interleaved=interleaved,
+        inplace=True,
+        seqlen_offsets=seqlen_offsets,
+        num_heads_q=num_heads_q,
+    )
+
+
+def _check_kv(kv: Tensor) -> None:
+    if not isinstance(kv, Tensor):
+        raise TypeError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
+    if kv.dim() != 5 or kv.shape[2] != 2:
+        raise FlashAttnValueError(
+            f"kv must have shape (batch, seqlen, 2, nheads, headdim), got {tuple(kv.shape)}"
+        )
 
 
 class ApplyRotaryEmbKV_(torch.autograd.Function):
@@ -298,12 +348,11 @@ class ApplyRotaryEmbKV_(torch.autograd.Function):
         interleaved: bool = False,
         seqlen_offsets: int | Tensor = 0,
     ) -> Tensor:
-        batch, seqlen, two, nheads, headdim = kv.shape
-        assert two == 2
+        _check_kv(kv)
         apply_rotary(
             kv[:, :, 0], cos, sin, seqlen_offsets=seqlen_offsets, interleaved=interleaved, inplace=True
         )
-        if isinstance(seqlen_offsets, int):
+        if not isinstance(seqlen_offsets, Tensor):
             ctx.save_for_backward(cos, sin)
             ctx.seqlen_offsets = seqlen_offsets
         else:
@@ -348,8 +397,11 @@ def apply_rotary_emb_kv_(
         seqlen_offsets: (batch_size,) or int. Each sequence is shifted by this amount.
     Return:
         kv: (batch_size, seqlen, 2, nheads, headdim); K is rotated *in place*, V untouched.
+    Differentiable with respect to kv.
     """
-    return ApplyRotaryEmbKV_.apply(kv, cos, sin, interleaved, seqlen_offsets)
+    _check_kv(kv)
+    apply_rotary(kv[:, :, 0], cos, sin, seqlen_offsets=seqlen_offsets, interleaved=interleaved, inplace=True)
+    return kv
 
 
 class RotaryEmbedding(torch.nn.Module):
@@ -448,7 +500,7 @@ class RotaryEmbedding(torch.nn.Module):
         sin_k: Tensor | None = self._sin_k_cached if self.scale is not None else None
         if max_seqlen is not None:
             self._update_cos_sin_cache(max_seqlen, device=qkv.device, dtype=qkv.dtype)
-        elif isinstance(seqlen_offset, int):
+        elif not isinstance(seqlen_offset, Tensor):
             self._update_cos_sin_cache(seqlen + seqlen_offset, device=qkv.device, dtype=qkv.dtype)
         cos, sin = self._cos_cached, self._sin_cached
         if cos is None or sin is None:
