@@ -8,12 +8,87 @@ right edge, then the interior) or once per list (partial blocks, full blocks) of
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import triton
 import triton.language as tl
 
 from fa_core.masking import chunk_visible, dropout_keep, score_mod, scores_log2, visible
 
-__all__ = ["fwd_inner", "fwd_step", "load_k_tile", "load_tile", "load_vt_tile"]
+__all__ = [
+    "FwdFlags",
+    "KVTiles",
+    "ScoreArgs",
+    "fwd_inner",
+    "fwd_step",
+    "load_k_tile",
+    "load_tile",
+    "load_vt_tile",
+]
+
+
+class FwdFlags(NamedTuple):
+    """Compile-time features of one forward kernel specialisation, the same for every call of the inner loop.
+    Built inside the kernel as ``F: tl.constexpr = FwdFlags(...)`` (the annotation keeps every field a
+    constexpr, so ``if F.HAS_SOFTCAP:`` is resolved at compile time)."""
+
+    score_mod_fn: Any
+    mask_mod_fn: Any
+    HAS_SCORE_MOD: Any
+    IS_LOCAL: Any
+    HAS_CHUNK: Any
+    HAS_SOFTCAP: Any
+    HAS_ALIBI: Any
+    HAS_DROPOUT: Any
+    HEADDIM: Any
+    HEADDIM_V: Any
+    EVEN_D: Any
+    EVEN_DV: Any
+    BLOCK_N: Any
+    SPARSE_KV: Any
+    USE_TMA: Any
+    V_T: Any
+    IS_VARLEN: Any
+    P_SHIFT: Any
+    FUSED_SCALE: Any
+
+
+class KVTiles(NamedTuple):
+    """Where the key / value tiles of one (sequence, kv head) are read: 64-bit base pointers at the sequence's
+    first key (or tensor descriptors, ``USE_TMA``), the key-row strides of K and V, ``stride_vd`` (the
+    headdim-row stride of a transposed V, ``V_T``) and the column offsets of the K and V tiles."""
+
+    k_base: Any
+    v_base: Any
+    k_desc: Any
+    v_desc: Any
+    stride_kn: Any
+    stride_vn: Any
+    stride_vd: Any
+    offs_d: Any
+    offs_dv: Any
+
+
+class ScoreArgs(NamedTuple):
+    """Runtime values of the score rules for one query block: its rows ``offs_m`` (relative to the sequence),
+    the sequence lengths, scale / softcap / ALiBi slope, window and chunk, the dropout RNG key and the
+    ``(batch, head)`` handed to a user ``score_mod`` / ``mask_mod``."""
+
+    offs_m: Any
+    seqlen_q: Any
+    seqlen_k: Any
+    sm_scale: Any
+    softcap: Any
+    alibi_slope: Any
+    window_left: Any
+    window_right: Any
+    chunk: Any
+    seed: Any
+    rng_offset: Any
+    bh: Any
+    dropout_p: Any
+    off_b: Any
+    off_h: Any
 
 
 @triton.jit
@@ -82,53 +157,14 @@ def fwd_step(
     l_i,
     m_i,
     q,
-    k_base,
-    v_base,
-    k_desc,
-    v_desc,
-    stride_kn,
-    stride_vn,
-    stride_vd,
+    kv: KVTiles,
+    sc: ScoreArgs,
     start_n,
     apply_mask,
-    offs_m,
-    offs_d,
-    offs_dv,
-    seqlen_q,
-    seqlen_k,
-    sm_scale,
-    softcap,
-    alibi_slope,
-    window_left,
-    window_right,
-    chunk,
-    seed,
-    rng_offset,
-    bh,
-    dropout_p,
-    off_b,
-    off_h,
-    score_mod_fn: tl.constexpr,
-    mask_mod_fn: tl.constexpr,
-    HAS_SCORE_MOD: tl.constexpr,
+    F: FwdFlags,
     HAS_MASK_MOD: tl.constexpr,
     MASKED: tl.constexpr,
     DYN_MASK: tl.constexpr,
-    IS_LOCAL: tl.constexpr,
-    HAS_CHUNK: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    HEADDIM: tl.constexpr,
-    HEADDIM_V: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    EVEN_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr,
-    V_T: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    P_SHIFT: tl.constexpr,
-    FUSED_SCALE: tl.constexpr,
 ):
     """One key tile ``[start_n, start_n + BLOCK_N)`` of the online softmax.
 
@@ -137,46 +173,64 @@ def fwd_step(
     ``FUSED_SCALE`` (no softcap / ALiBi / score_mod, ``sm_scale > 0``): the row max is taken over the raw
     ``q @ k^T`` and the scale folds into the exponent's FMA, one multiply per element fewer.
     """
-    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_m = sc.offs_m
+    seqlen_q = sc.seqlen_q
+    seqlen_k = sc.seqlen_k
+    offs_n0 = tl.arange(0, F.BLOCK_N)
     offs_n = start_n + offs_n0
-    if USE_TMA:
+    if F.USE_TMA:
         # the descriptor zero-fills rows past seqlen_k and columns past HEADDIM
-        k = tl.trans(k_desc.load([start_n, 0]))
+        k = tl.trans(kv.k_desc.load([start_n, 0]))
     else:
         # 64-bit scalar tile base + 32-bit in-tile offsets (hoisted out of the loop): cheap and overflow-free
-        k_tile = k_base + tl.cast(start_n, tl.int64) * stride_kn
-        k = load_k_tile(k_tile, offs_n0, offs_n, offs_d, stride_kn, seqlen_k, HEADDIM, MASKED, EVEN_D)
+        k_tile = kv.k_base + tl.cast(start_n, tl.int64) * kv.stride_kn
+        k = load_k_tile(
+            k_tile, offs_n0, offs_n, kv.offs_d, kv.stride_kn, seqlen_k, F.HEADDIM, MASKED, F.EVEN_D
+        )
     qk = tl.dot(q, k)
     # user score_mod without softcap / ALiBi: natural-log scores straight into the user's function, the log2
     # factor folded into exp2's FMA below (FUSED_SCALE's path), two multiplies per element fewer
-    NAT_MOD: tl.constexpr = HAS_SCORE_MOD and not (HAS_SOFTCAP or HAS_ALIBI) and not FUSED_SCALE
-    if FUSED_SCALE:
+    NAT_MOD: tl.constexpr = F.HAS_SCORE_MOD and not (F.HAS_SOFTCAP or F.HAS_ALIBI) and not F.FUSED_SCALE
+    if F.FUSED_SCALE:
         s = qk
     elif NAT_MOD:
-        s = score_mod_fn(qk * sm_scale, off_b, off_h, offs_m[:, None], offs_n[None, :])
+        s = F.score_mod_fn(qk * sc.sm_scale, sc.off_b, sc.off_h, offs_m[:, None], offs_n[None, :])
     else:
         s = scores_log2(
-            qk, offs_m, offs_n, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, HAS_SOFTCAP, HAS_ALIBI
+            qk,
+            offs_m,
+            offs_n,
+            seqlen_q,
+            seqlen_k,
+            sc.sm_scale,
+            sc.softcap,
+            sc.alibi_slope,
+            F.HAS_SOFTCAP,
+            F.HAS_ALIBI,
         )
-        if HAS_SCORE_MOD:
+        if F.HAS_SCORE_MOD:
             # user score_mod works on natural-log logits (after scale, softcap and ALiBi)
-            s = score_mod(score_mod_fn, s, off_b, off_h, offs_m, offs_n)
+            s = score_mod(F.score_mod_fn, s, sc.off_b, sc.off_h, offs_m, offs_n)
     if MASKED:
         if DYN_MASK:
             if apply_mask:
-                ok = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, IS_LOCAL, True)
-                if HAS_CHUNK:
-                    ok = ok & chunk_visible(offs_m, offs_n, seqlen_q, seqlen_k, chunk)
+                ok = visible(
+                    offs_m, offs_n, seqlen_q, seqlen_k, sc.window_left, sc.window_right, F.IS_LOCAL, True
+                )
+                if F.HAS_CHUNK:
+                    ok = ok & chunk_visible(offs_m, offs_n, seqlen_q, seqlen_k, sc.chunk)
                 s = tl.where(ok, s, float("-inf"))
         else:
-            ok = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, IS_LOCAL, True)
-            if HAS_CHUNK:
-                ok = ok & chunk_visible(offs_m, offs_n, seqlen_q, seqlen_k, chunk)
+            ok = visible(
+                offs_m, offs_n, seqlen_q, seqlen_k, sc.window_left, sc.window_right, F.IS_LOCAL, True
+            )
+            if F.HAS_CHUNK:
+                ok = ok & chunk_visible(offs_m, offs_n, seqlen_q, seqlen_k, sc.chunk)
             if HAS_MASK_MOD:
-                ok = ok & mask_mod_fn(off_b, off_h, offs_m[:, None], offs_n[None, :])
+                ok = ok & F.mask_mod_fn(sc.off_b, sc.off_h, offs_m[:, None], offs_n[None, :])
             s = tl.where(ok, s, float("-inf"))
-    if FUSED_SCALE:
-        qk_scale = sm_scale * 1.4426950408889634
+    if F.FUSED_SCALE:
+        qk_scale = sc.sm_scale * 1.4426950408889634
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     elif NAT_MOD:
         qk_scale = 1.4426950408889634
@@ -186,33 +240,35 @@ def fwd_step(
     # a row that has seen no visible key yet keeps m = -inf: subtract 0 instead to avoid inf - inf
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
-    if P_SHIFT != 0.0:
+    if F.P_SHIFT != 0.0:
         # FP8: p in [0, 2^P_SHIFT] uses e4m3's range (max 448) instead of flushing p < 2^-10 to zero;
         # l carries the same factor, so out = acc / l is unchanged (lse subtracts P_SHIFT)
-        m_safe = m_safe - P_SHIFT
-    if FUSED_SCALE or NAT_MOD:
+        m_safe = m_safe - F.P_SHIFT
+    if F.FUSED_SCALE or NAT_MOD:
         p = tl.exp2(s * qk_scale - m_safe[:, None])
     else:
         p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if V_T:
+    if F.V_T:
         # V stored transposed (headdim, seqlen): the tile (BLOCK_DV, BLOCK_N) is K-major for P @ V,
         # which Hopper's FP8 wgmma requires of its B operand
-        if USE_TMA and not IS_VARLEN:
-            vt = v_desc.load([0, start_n])
+        if F.USE_TMA and not F.IS_VARLEN:
+            vt = kv.v_desc.load([0, start_n])
         else:
-            vt = load_vt_tile(v_base, offs_n, offs_dv, stride_vd, seqlen_k, HEADDIM_V, MASKED, EVEN_DV)
+            vt = load_vt_tile(
+                kv.v_base, offs_n, kv.offs_dv, kv.stride_vd, seqlen_k, F.HEADDIM_V, MASKED, F.EVEN_DV
+            )
         v = tl.trans(vt)
-    elif USE_TMA:
-        v = v_desc.load([start_n, 0])
+    elif F.USE_TMA:
+        v = kv.v_desc.load([start_n, 0])
     else:
-        v_ptrs = (v_base + tl.cast(start_n, tl.int64) * stride_vn) + (
-            offs_n0[:, None] * stride_vn + offs_dv[None, :]
+        v_ptrs = (kv.v_base + tl.cast(start_n, tl.int64) * kv.stride_vn) + (
+            offs_n0[:, None] * kv.stride_vn + kv.offs_dv[None, :]
         )
-        v = load_tile(v_ptrs, offs_n, seqlen_k, offs_dv, HEADDIM_V, MASKED, EVEN_DV)
-    if HAS_DROPOUT:
-        keep = dropout_keep(seed, rng_offset, bh, offs_m, offs_n, dropout_p)
+        v = load_tile(v_ptrs, offs_n, seqlen_k, kv.offs_dv, F.HEADDIM_V, MASKED, F.EVEN_DV)
+    if F.HAS_DROPOUT:
+        keep = dropout_keep(sc.seed, sc.rng_offset, sc.bh, offs_m, offs_n, sc.dropout_p)
         p = tl.where(keep, p, 0.0)
     acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_new
@@ -224,90 +280,62 @@ def fwd_inner(
     l_i,
     m_i,
     q,
-    k_base,
-    v_base,
-    k_desc,
-    v_desc,
-    stride_kn,
-    stride_vn,
-    stride_vd,
+    kv: KVTiles,
+    sc: ScoreArgs,
     start,
     end,
     idx_ptr,
     n_listed,
     full_lo,
     full_hi,
-    offs_m,
-    offs_d,
-    offs_dv,
-    seqlen_q,
-    seqlen_k,
-    sm_scale,
-    softcap,
-    alibi_slope,
-    window_left,
-    window_right,
-    chunk,
-    seed,
-    rng_offset,
-    bh,
-    dropout_p,
-    off_b,
-    off_h,
-    score_mod_fn: tl.constexpr,
-    mask_mod_fn: tl.constexpr,
-    HAS_SCORE_MOD: tl.constexpr,
+    F: FwdFlags,
     HAS_MASK_MOD: tl.constexpr,
     MASKED: tl.constexpr,
     FROM_LIST: tl.constexpr,
     DYN_MASK: tl.constexpr,
-    IS_LOCAL: tl.constexpr,
-    HAS_CHUNK: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    HEADDIM: tl.constexpr,
-    HEADDIM_V: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    EVEN_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    SPARSE_KV: tl.constexpr,
-    USE_TMA: tl.constexpr,
-    V_T: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    P_SHIFT: tl.constexpr,
-    FUSED_SCALE: tl.constexpr,
 ):
     """Online softmax over key tiles: ``[start, end)`` in steps of ``BLOCK_N``, or (``FROM_LIST``) the
     ``n_listed`` key blocks of ``SPARSE_KV`` keys whose indices start at ``idx_ptr``, flattened into one loop
     of ``BLOCK_N`` tiles so that the software pipeline spans block boundaries (a loop per listed block would
     run one or two iterations and never overlap loads with math). With ``DYN_MASK`` a listed tile pays for
-    the element rules only when it reaches outside ``[full_lo, full_hi)``."""
+    the element rules only when it reaches outside ``[full_lo, full_hi)``.
+
+    What differs between the calls of one kernel is passed by keyword: ``HAS_MASK_MOD`` (False for
+    block-sparse full blocks), ``MASKED``, ``FROM_LIST``, ``DYN_MASK``; the rest travels in ``kv``, ``sc``
+    and ``F``."""
     if FROM_LIST:
-        TILES: tl.constexpr = SPARSE_KV // BLOCK_N
+        TILES: tl.constexpr = F.SPARSE_KV // F.BLOCK_N
         for t in tl.range(0, n_listed * TILES):
-            start_n = tl.load(idx_ptr + t // TILES) * SPARSE_KV + (t % TILES) * BLOCK_N
-            apply_mask = (start_n < full_lo) | (start_n + BLOCK_N > full_hi)
-            # fmt: off
+            start_n = tl.load(idx_ptr + t // TILES) * F.SPARSE_KV + (t % TILES) * F.BLOCK_N
+            apply_mask = (start_n < full_lo) | (start_n + F.BLOCK_N > full_hi)
             acc, l_i, m_i = fwd_step(
-                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, start_n,
-                apply_mask, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope,
-                window_left, window_right, chunk, seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn,
-                mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, MASKED, DYN_MASK, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP,
-                HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, USE_TMA, V_T, IS_VARLEN,
-                P_SHIFT, FUSED_SCALE,
+                acc,
+                l_i,
+                m_i,
+                q,
+                kv,
+                sc,
+                start_n,
+                apply_mask,
+                F,
+                HAS_MASK_MOD=HAS_MASK_MOD,
+                MASKED=MASKED,
+                DYN_MASK=DYN_MASK,
             )
-            # fmt: on
     else:
-        for start_n in tl.range(start, end, BLOCK_N):
-            # fmt: off
+        for start_n in tl.range(start, end, F.BLOCK_N):
             acc, l_i, m_i = fwd_step(
-                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, start_n,
-                True, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope,
-                window_left, window_right, chunk, seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn,
-                mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, MASKED, False, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP,
-                HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, USE_TMA, V_T, IS_VARLEN,
-                P_SHIFT, FUSED_SCALE,
+                acc,
+                l_i,
+                m_i,
+                q,
+                kv,
+                sc,
+                start_n,
+                True,
+                F,
+                HAS_MASK_MOD=HAS_MASK_MOD,
+                MASKED=MASKED,
+                DYN_MASK=False,
             )
-            # fmt: on
     return acc, l_i, m_i

@@ -22,7 +22,7 @@ from fa_core.forward_configs import (
     fast_autotuner,
     prune_configs,
 )
-from fa_core.forward_inner import fwd_inner, load_tile
+from fa_core.forward_inner import FwdFlags, KVTiles, ScoreArgs, fwd_inner, load_tile
 from fa_core.masking import chunk_kv_range, kv_range, seq_bounds
 from fa_core.scheduling import lpt_program_ids
 
@@ -263,6 +263,46 @@ def fwd_kernel(
         lo, hi = chunk_kv_range(lo, hi, start_m, seqlen_q, seqlen_k, attention_chunk, BLOCK_M, BLOCK_N)
         full_lo = lo
         full_hi = lo
+    # what every call of the inner loop shares: compile-time features, the K/V tile sources, the score rules
+    F: tl.constexpr = FwdFlags(
+        score_mod_fn,
+        mask_mod_fn,
+        HAS_SCORE_MOD,
+        IS_LOCAL,
+        HAS_CHUNK,
+        HAS_SOFTCAP,
+        HAS_ALIBI,
+        HAS_DROPOUT,
+        HEADDIM,
+        HEADDIM_V,
+        EVEN_D,
+        EVEN_DV,
+        BLOCK_N,
+        SPARSE_KV,
+        USE_TMA,
+        V_T,
+        IS_VARLEN,
+        P_SHIFT,
+        FUSED_SCALE,
+    )
+    kv = KVTiles(k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, offs_d, offs_dv)
+    sc = ScoreArgs(
+        offs_m,
+        seqlen_q,
+        seqlen_k,
+        sm_scale,
+        softcap,
+        alibi_slope,
+        window_left,
+        window_right,
+        attention_chunk,
+        seed,
+        rng_offset,
+        bh,
+        dropout_p,
+        off_b,
+        off_h,
+    )
     if IS_SPARSE:
         # block-sparse: only the key blocks listed for this query block are loaded, each list as one flattened
         # loop of key tiles. Partial blocks: every rule applies inside them (causal / window / chunk /
@@ -272,32 +312,51 @@ def fwd_kernel(
         nb_ptr = KvNum + off_b.to(tl.int64) * stride_nb_b + off_h * stride_nb_h + q_blk
         idx_ptr = KvIdx + off_b.to(tl.int64) * stride_idx_b + off_h * stride_idx_h + q_blk * stride_idx_q
         n_blocks = tl.load(nb_ptr)
-        # fmt: off
         acc, l_i, m_i = fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, lo, hi, idx_ptr,
-            n_blocks, full_lo, full_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap,
-            alibi_slope, window_left, window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b,
-            off_h, score_mod_fn, mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, True, True, False, IS_LOCAL,
-            HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N,
-            SPARSE_KV, USE_TMA, V_T, IS_VARLEN, P_SHIFT, FUSED_SCALE,
+            acc,
+            l_i,
+            m_i,
+            q,
+            kv,
+            sc,
+            lo,
+            hi,
+            idx_ptr,
+            n_blocks,
+            full_lo,
+            full_hi,
+            F,
+            HAS_MASK_MOD=HAS_MASK_MOD,
+            MASKED=True,
+            FROM_LIST=True,
+            DYN_MASK=False,
         )
-        # fmt: on
         if HAS_FULL:
             fnb_ptr = FullNum + off_b.to(tl.int64) * stride_fnb_b + off_h * stride_fnb_h + q_blk
             fidx_ptr = (
                 FullIdx + off_b.to(tl.int64) * stride_fidx_b + off_h * stride_fidx_h + q_blk * stride_fidx_q
             )
             n_full = tl.load(fnb_ptr)
-            # fmt: off
+            # full blocks: no mask_mod; the band rules only in tiles outside [full_lo, full_hi)
             acc, l_i, m_i = fwd_inner(
-                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, lo, hi,
-                fidx_ptr, n_full, full_lo, full_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale,
-                softcap, alibi_slope, window_left, window_right, attention_chunk, seed, rng_offset, bh, dropout_p,
-                off_b, off_h, score_mod_fn, mask_mod_fn, HAS_SCORE_MOD, False, True, True, True, IS_LOCAL,
-                HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N,
-                SPARSE_KV, USE_TMA, V_T, IS_VARLEN, P_SHIFT, FUSED_SCALE,
+                acc,
+                l_i,
+                m_i,
+                q,
+                kv,
+                sc,
+                lo,
+                hi,
+                fidx_ptr,
+                n_full,
+                full_lo,
+                full_hi,
+                F,
+                HAS_MASK_MOD=False,
+                MASKED=True,
+                FROM_LIST=True,
+                DYN_MASK=True,
             )
-            # fmt: on
     else:
         if HAS_MASK_MOD:
             # element masks the block ranges cannot see: every block goes through the masked (right) loop
@@ -305,43 +364,70 @@ def fwd_kernel(
             full_hi = lo
         if HAS_WINDOW_LEFT:
             # left edge of the band (sliding window): masked; compiled out for plain causal
-            # fmt: off
             acc, l_i, m_i = fwd_inner(
-                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, lo, full_lo,
-                KvIdx, 0, full_lo, full_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left,
-                window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn,
-                mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, True, False, False, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI,
-                HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, SPARSE_KV, USE_TMA, V_T, IS_VARLEN, P_SHIFT,
-            FUSED_SCALE,
+                acc,
+                l_i,
+                m_i,
+                q,
+                kv,
+                sc,
+                lo,
+                full_lo,
+                KvIdx,
+                0,
+                full_lo,
+                full_hi,
+                F,
+                HAS_MASK_MOD=HAS_MASK_MOD,
+                MASKED=True,
+                FROM_LIST=False,
+                DYN_MASK=False,
             )
-            # fmt: on
         if HAS_RIGHT_EDGE:
             # right edge: the causal diagonal / window edge and the ragged end of the keys. Compiled out when
             # it is empty for every block (the host knows: no rule cuts the band, keys fill whole tiles): even
             # a zero-trip masked loop cost 7-13% at d128 non-causal on an H200 (its software pipeline).
             # It runs BEFORE the interior (FlagGems' order): d128 causal, 128x128 tile, H200: 8k 422 -> 476,
             # 16k 460 -> 514 TFLOP/s (bench/forward_variants.py, edge-first vs interior-first in one process)
-            # fmt: off
             acc, l_i, m_i = fwd_inner(
-                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, full_hi, hi,
-                KvIdx, 0, full_lo, full_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope,
-                window_left, window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn,
-                mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, True, False, False, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP,
-                HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, SPARSE_KV, USE_TMA, V_T,
-                IS_VARLEN, P_SHIFT, FUSED_SCALE,
+                acc,
+                l_i,
+                m_i,
+                q,
+                kv,
+                sc,
+                full_hi,
+                hi,
+                KvIdx,
+                0,
+                full_lo,
+                full_hi,
+                F,
+                HAS_MASK_MOD=HAS_MASK_MOD,
+                MASKED=True,
+                FROM_LIST=False,
+                DYN_MASK=False,
             )
-            # fmt: on
         # interior: no mask at all
-        # fmt: off
         acc, l_i, m_i = fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, full_lo, full_hi,
-            KvIdx, 0, full_lo, full_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left,
-            window_right, attention_chunk, seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn,
-            mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, False, False, False, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI,
-            HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, SPARSE_KV, USE_TMA, V_T, IS_VARLEN, P_SHIFT,
-            FUSED_SCALE,
+            acc,
+            l_i,
+            m_i,
+            q,
+            kv,
+            sc,
+            full_lo,
+            full_hi,
+            KvIdx,
+            0,
+            full_lo,
+            full_hi,
+            F,
+            HAS_MASK_MOD=HAS_MASK_MOD,
+            MASKED=False,
+            FROM_LIST=False,
+            DYN_MASK=False,
         )
-        # fmt: on
     if HAS_SINK:
         # learnable sink (gpt-oss): one extra logit per head in every row's denominator, none in the output
         sink = tl.load(Sink + off_h).to(tl.float32) * 1.4426950408889634
