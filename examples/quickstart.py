@@ -1,4 +1,5 @@
-"""Quickstart: run Flash Attention Plus through its public API and check it against the reference.
+"""Quickstart: run Flash Attention Plus through its public API (``flash_attn.flash_attn_func``) and check it
+against the reference.
 
 On a machine with a GPU it runs the Triton kernels there (bf16); without one it runs them on CPU tensors
 through Triton's interpreter (fp32, small shapes). Prints the error against the float64 reference and
@@ -18,7 +19,8 @@ if not torch.cuda.is_available():
     # Triton reads this when kernels are defined: set it before importing fa_core.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fa_core import attention_ref, flash_attn_forward  # noqa: E402
+from fa_core import attention_ref  # noqa: E402
+from flash_attn import flash_attn_func  # noqa: E402
 
 
 def main() -> None:
@@ -33,21 +35,20 @@ def main() -> None:
     print(f"Flash Attention Plus quickstart on {where}")
     print(f"q {tuple(q.shape)}, k/v {tuple(k.shape)} (GQA {nheads}/{nheads_k}), {dtype}, causal")
 
-    with torch.no_grad():
-        flash_attn_forward(q, k, v, causal=True)  # warm-up: compiles (GPU) or traces (CPU) the kernel
-        if gpu:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        res = flash_attn_forward(q, k, v, causal=True)
-        if gpu:
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t0
+    flash_attn_func(q, k, v, causal=True)  # warm-up: compiles (GPU) or traces (CPU) the kernel
+    if gpu:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    if gpu:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
 
     ref, ref_lse = attention_ref(q, k, v, causal=True, dtype=torch.float64 if not gpu else torch.float32)
     low, _ = attention_ref(q, k, v, causal=True, upcast=False)
-    err = (res.out.double() - ref.double()).abs().max().item()
+    err = (out.double() - ref.double()).abs().max().item()
     base = (low.double() - ref.double()).abs().max().item()
-    lse_err = (res.lse.double() - ref_lse.double()).abs().max().item()
+    lse_err = (lse.double() - ref_lse.double()).abs().max().item()
     print(f"max |out - ref| = {err:.3e}   (plain PyTorch in {dtype}: {base:.3e})")
     print(f"max |lse - ref| = {lse_err:.3e}")
     print(f"one forward call: {elapsed * 1e3:.2f} ms")
