@@ -97,6 +97,26 @@ def time_point(headdim: int, causal: bool, seqlen: int) -> dict[str, Any]:
     return row
 
 
+def plot_rows(rows: list[dict[str, Any]], path: Path, device: str) -> Path | None:
+    """PNG beside the JSON: TFLOP/s of the bf16 and the FP8 forward against seqlen, a panel per (headdim,
+    causal) (``common.plot``)."""
+    from common import plot
+
+    flat = [
+        {
+            "bench": "fp8_vs_bf16",
+            "provider": name,
+            "headdim": r["headdim"],
+            "causal": r["causal"],
+            "seqlen": r["seqlen"],
+            "tflops": r.get(key),
+        }
+        for r in rows
+        for name, key in (("fa-plus bf16", "bf16"), ("fa-plus fp8", "fp8"))
+    ]
+    return plot(flat, path, title=f"FP8 (e4m3) vs bf16 forward, TFLOP/s ({device})")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqlens", default="4096,8192,16384")
@@ -162,9 +182,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row['bf16_tile']} | {row['fp8_tile']}{'' if ok else '  < bar'}",
                 flush=True,
             )
-    from common import write_json
+    from common import device_slug, results_path, write_json
 
     path = write_json("fp8-vs-bf16", rows, bar=BAR)
+    plot_rows(rows, results_path("fp8-vs-bf16", ".png"), device_slug())
     worst = min((r["ratio"] or 0.0) for r in rows if r["seqlen"] >= 4096) if rows else 0.0
     print(
         f"[bench_fp8] worst fp8/bf16 at seqlen >= 4k: {worst:.2f} (bar {BAR}); {time.time() - t0:.0f}s; {path}"
