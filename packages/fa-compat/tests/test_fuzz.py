@@ -813,3 +813,202 @@ def test_fuzz_programmable(c):
     for name, g, t, lo in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), g_t, g_l):
         assert g is not None, name
         assert_close_2x(g, t, lo, name, slack=grad_slack(dtype, t))
+
+
+# ------------------------------------------------------------------------------------ out-of-range index values
+# With value checks off (CUDA-graph capture, torch.compile, settings.value_checks False) no index value may make
+# a kernel touch memory outside its tensors: every value read from cache_seqlens / block_table / cache_batch_idx
+# / leftpad_k / seqused_k / cu_seqlens is clamped in the kernel. Garbage in may give garbage out, never a fault.
+# The caches and outputs are views into NaN-filled pools: a read of a guard row shows up as a NaN in the
+# output, a write as a changed guard; an illegal address poisons the CUDA context, which the follow-up valid
+# call and the synchronize would report. compute-sanitizer memcheck runs the same values through
+# scripts/sanitize_kernels.py --subset oob.
+
+I32 = (-(2**31), -(2**20), -7, -1, 0, 1, 2**20, 2**31 - 1)
+OOB_GUARD = 2
+
+
+def _oob_int(draw, lo: int, hi: int) -> int:
+    """An int32 either inside [lo, hi] or an edge / extreme outside it."""
+    return draw(st.one_of(st.integers(lo, hi), st.sampled_from(I32), st.integers(hi + 1, hi + 64)))
+
+
+def _guarded_pool(shape, dtype, gen):
+    pool = torch.full((shape[0] + 2 * OOB_GUARD, *shape[1:]), float("nan"), dtype=dtype, device=DEVICE)
+    view = pool[OOB_GUARD : OOB_GUARD + shape[0]]
+    view.copy_(torch.randn(*shape, generator=gen).to(dtype).to(DEVICE))
+    return pool, view
+
+
+def _guard_bits(pool):
+    g = torch.cat([pool[:OOB_GUARD], pool[-OOB_GUARD:]])
+    return g.view(torch.int16 if g.element_size() == 2 else torch.int32).clone()
+
+
+def _context_still_usable():
+    q = torch.randn(1, 1, 2, 16, device=DEVICE, dtype=torch.float16)
+    kc = torch.randn(1, 8, 2, 16, device=DEVICE, dtype=torch.float16)
+    out = flash_attn_with_kvcache(q, kc, kc.clone(), cache_seqlens=4)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+
+
+@st.composite
+def oob_kvcache_cases(draw):
+    batch = draw(st.integers(1, 3))
+    paged = draw(st.booleans())
+    page = draw(st.sampled_from([16, 32, 48])) if paged else 0
+    cols = draw(st.integers(1, 3))
+    cap = cols * page if paged else draw(st.integers(1, 80))
+    seqlen_q = draw(st.integers(1, 4))
+    seqlen_new = draw(st.integers(0, seqlen_q))
+    nb = draw(st.integers(1, batch * cols + 2)) if paged else 0
+    c = dict(
+        batch=batch,
+        paged=paged,
+        page=page,
+        cols=cols,
+        cap=cap,
+        nb=nb,
+        batch_cache=draw(st.integers(1, batch + 2)),
+        seqlen_q=seqlen_q,
+        seqlen_new=seqlen_new,
+        heads=draw(st.sampled_from([(2, 1), (4, 2), (3, 3)])),
+        d=draw(st.sampled_from([16, 40, 64])),
+        seqlens=[_oob_int(draw, 0, cap) for _ in range(batch)],
+        causal=draw(st.booleans()),
+        window=draw(st.sampled_from([(-1, -1), (3, 0), (0, 5)])),
+        rotary=draw(st.booleans()) and seqlen_new > 0,
+        num_splits=draw(st.sampled_from([0, 1, 3])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+    if paged:
+        c["table"] = [_oob_int(draw, 0, nb - 1) for _ in range(batch * cols)]
+    else:
+        c["batch_idx"] = (
+            [_oob_int(draw, 0, c["batch_cache"] - 1) for _ in range(batch)] if draw(st.booleans()) else None
+        )
+        c["leftpad"] = [_oob_int(draw, 0, cap) for _ in range(batch)] if draw(st.booleans()) else None
+    return c
+
+
+def _i32(vals):
+    return torch.tensor(vals, dtype=torch.int64).to(torch.int32).to(DEVICE)
+
+
+@pytest.mark.gpu
+@needs_kvcache
+@fuzz
+@given(c=oob_kvcache_cases())
+def test_fuzz_kvcache_out_of_range_values(c):
+    from fa_core import settings as fa_settings
+    from fa_kvcache import flash_attn_with_kvcache as fak_with_kvcache
+
+    dtype = torch.float16
+    gen = torch.Generator().manual_seed(c["seed"])
+    h, hk = c["heads"]
+    d, b, sq, sn = c["d"], c["batch"], c["seqlen_q"], c["seqlen_new"]
+    q = torch.randn(b, sq, h, d, generator=gen).to(dtype).to(DEVICE)
+    k = torch.randn(b, sn, hk, d, generator=gen).to(dtype).to(DEVICE) if sn else None
+    v = torch.randn(b, sn, hk, d, generator=gen).to(dtype).to(DEVICE) if sn else None
+    rows = c["nb"] if c["paged"] else max(c["batch_cache"], b if c.get("batch_idx") is None else 1)
+    inner = (c["page"], hk, d) if c["paged"] else (c["cap"], hk, d)
+    kpool, kc = _guarded_pool((rows, *inner), dtype, gen)
+    vpool, vc = _guarded_pool((rows, *inner), dtype, gen)
+    kw: dict = dict(
+        cache_seqlens=_i32(c["seqlens"]),
+        causal=c["causal"],
+        window_size=c["window"],
+        num_splits=c["num_splits"],
+        return_softmax_lse=True,
+    )
+    if c["paged"]:
+        kw["block_table"] = _i32(c["table"]).reshape(b, c["cols"])
+    else:
+        if c["batch_idx"] is not None:
+            kw["cache_batch_idx"] = _i32(c["batch_idx"])
+        if c["leftpad"] is not None:
+            kw["leftpad_k"] = _i32(c["leftpad"])
+    if c["rotary"]:
+        angle = torch.rand(c["cap"] + sq, 8, generator=gen) * 6.0
+        kw.update(
+            rotary_cos=torch.cos(angle).to(dtype).to(DEVICE), rotary_sin=torch.sin(angle).to(dtype).to(DEVICE)
+        )
+    guards = [_guard_bits(kpool), _guard_bits(vpool)]
+    with fa_settings.override(value_checks=False):
+        out, lse = fak_with_kvcache(q, kc, vc, k, v, **kw)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    assert torch.isfinite(out).all(), "a guard row (NaN) was read"
+    assert not torch.isnan(lse).any()
+    assert torch.equal(_guard_bits(kpool), guards[0]) and torch.equal(_guard_bits(vpool), guards[1])
+    _context_still_usable()
+
+
+@st.composite
+def oob_varlen_cases(draw):
+    batch = draw(st.integers(1, 3))
+    total_q, total_k = draw(st.integers(1, 60)), draw(st.integers(1, 60))
+    cu_q = [0] + sorted(draw(st.integers(0, total_q)) for _ in range(batch - 1)) + [total_q]
+    cu_k = [0] + sorted(draw(st.integers(0, total_k)) for _ in range(batch - 1)) + [total_k]
+    # corrupt some entries: out of [0, total], non-monotone, int32 extremes
+    for cu_, tot in ((cu_q, total_q), (cu_k, total_k)):
+        for i in range(batch + 1):
+            if draw(st.integers(0, 3)) == 0:
+                cu_[i] = _oob_int(draw, 0, tot)
+    seqused = [_oob_int(draw, 0, total_k) for _ in range(batch)] if draw(st.booleans()) else None
+    return dict(
+        batch=batch,
+        total_q=total_q,
+        total_k=total_k,
+        cu_q=cu_q,
+        cu_k=cu_k,
+        max_q=draw(st.integers(1, 64)),
+        max_k=draw(st.integers(1, 64)),
+        seqused=seqused,
+        causal=draw(st.booleans()),
+        d=draw(st.sampled_from([16, 40, 64])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@pytest.mark.gpu
+@fuzz
+@given(c=oob_varlen_cases())
+def test_fuzz_varlen_out_of_range_values(c):
+    """fa-core's varlen forward with corrupt cu_seqlens_q / cu_seqlens_k / seqused_k and value checks off."""
+    from fa_core import flash_attn_varlen_forward
+    from fa_core import settings as fa_settings
+
+    dtype = torch.float16
+    gen = torch.Generator().manual_seed(c["seed"])
+    d = c["d"]
+    qpool, q = _guarded_pool((c["total_q"], 2, d), dtype, gen)
+    kpool, k = _guarded_pool((c["total_k"], 1, d), dtype, gen)
+    vpool, v = _guarded_pool((c["total_k"], 1, d), dtype, gen)
+    opool, out = _guarded_pool((c["total_q"], 2, d), dtype, gen)
+    guards = [_guard_bits(p) for p in (qpool, kpool, vpool, opool)]
+    kw: dict = dict(causal=c["causal"], out=out)
+    if c["seqused"] is not None:
+        kw["seqused_k"] = _i32(c["seqused"])
+    with fa_settings.override(value_checks=False):
+        try:
+            res = flash_attn_varlen_forward(
+                q, k, v, _i32(c["cu_q"]), _i32(c["cu_k"]), c["max_q"], c["max_k"], **kw
+            )
+        except (
+            ValueError,
+            TypeError,
+        ) as e:  # a host-side shape check (no device value read) may still refuse
+            assert "cu_seqlens" in str(e) or "seqused" in str(e) or "max_seqlen" in str(e), e
+            res = None
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    # garbage lengths give unspecified values, but only ever from rows inside the inputs: never a guard's NaN
+    assert torch.isfinite(out).all(), "a guard row (NaN) was read"
+    if res is not None:
+        assert not torch.isnan(res.lse).any()
+    for p, g in zip((qpool, kpool, vpool, opool), guards, strict=True):
+        assert torch.equal(_guard_bits(p), g), "a guard row was written"
+    _context_still_usable()
