@@ -1,12 +1,16 @@
 """Rotary embedding layers with the API of ``flash_attn.layers.rotary`` (flash-attn 2.8.x).
 
 All rotations run through ``fa_core.rotary.apply_rotary``: the Triton kernel behind two ``torch.library``
-custom ops (out of place with a registered gradient, and in place). The public functions call it directly,
-without an ``autograd.Function``: an in-place rotation of a tensor that records a gradient is an out-of-place
-rotation plus a tracked ``copy_``. So every function and every argument form compiles with
-``torch.compile(fullgraph=True)`` (forward and backward, static or dynamic shapes) and ``torch.compile``
-never traces into a Triton launch. The ``ApplyRotaryEmb*`` autograd Functions are kept for code that calls
-them by name.
+custom ops (out of place with a registered gradient, and in place), so ``torch.compile`` never traces into a
+Triton launch and every function and argument form compiles with ``fullgraph=True`` (forward and backward,
+static or dynamic shapes).
+
+* Out of place (``apply_rotary_emb(inplace=False)``): the differentiable op, no ``autograd.Function``.
+* In place without a recorded gradient (inference, ``torch.no_grad``): the in-place op, no
+  ``autograd.Function``.
+* In place with a recorded gradient: the ``ApplyRotaryEmb*`` Functions, as in flash-attn: the forward rotates
+  in place and returns the input, the backward rotates the incoming gradient by the conjugate angle (out of
+  place: it may be the caller's tensor or an expanded view).
 """
 
 from __future__ import annotations
@@ -61,6 +65,13 @@ def apply_rotary_emb_torch(x: Tensor, cos: Tensor, sin: Tensor, interleaved: boo
         [x[..., :ro_dim] * cos + rotate_half(x[..., :ro_dim], interleaved) * sin, x[..., ro_dim:]],
         dim=-1,
     )
+
+
+def _records_grad(x: object) -> bool:
+    """Whether autograd records an operation on ``x`` now (then the in-place forms go through their
+    ``autograd.Function``: like flash-attn's, it rotates in place and returns an alias of the input carrying the
+    rotation's gradient, so a leaf that requires grad is accepted too)."""
+    return isinstance(x, Tensor) and torch.is_grad_enabled() and x.requires_grad
 
 
 class ApplyRotaryEmb(torch.autograd.Function):
@@ -146,6 +157,8 @@ def apply_rotary_emb(
     rotary_dim must be <= headdim. Rotary embedding is applied to the first rotary_dim of x.
     Differentiable with respect to x; the gradient is the conjugate rotation of the output gradient.
     """
+    if inplace and _records_grad(x):
+        return ApplyRotaryEmb.apply(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_seqlen)
     return apply_rotary(
         x,
         cos,
@@ -316,6 +329,8 @@ def apply_rotary_emb_qkv_(
         qkv: same shape as the input, rotated *in place* (first rotary_dim of Q and K).
     Differentiable with respect to qkv (the gradient of Q and K is the conjugate rotation, V's passes through).
     """
+    if _records_grad(qkv):
+        return ApplyRotaryEmbQKV_.apply(qkv, cos, sin, cos_k, sin_k, interleaved, seqlen_offsets, num_heads_q)
     return _apply_rotary_emb_qkv(
         qkv,
         cos,
@@ -399,6 +414,8 @@ def apply_rotary_emb_kv_(
         kv: (batch_size, seqlen, 2, nheads, headdim); K is rotated *in place*, V untouched.
     Differentiable with respect to kv.
     """
+    if _records_grad(kv):
+        return ApplyRotaryEmbKV_.apply(kv, cos, sin, interleaved, seqlen_offsets)
     _check_kv(kv)
     apply_rotary(kv[:, :, 0], cos, sin, seqlen_offsets=seqlen_offsets, interleaved=interleaved, inplace=True)
     return kv
