@@ -18,10 +18,12 @@ TILE = (16, 32, 4, 1, False)
 
 
 def _case():
+    """Fresh random inputs: float32 under the interpreter, float16 on a GPU."""
     torch.manual_seed(3)
-    q = torch.randn(2, 45, 4, 32, device=DEVICE)
-    k = torch.randn(2, 61, 2, 32, device=DEVICE)
-    v = torch.randn(2, 61, 2, 32, device=DEVICE)
+    dtype = torch.float32 if DEVICE == "cpu" else torch.float16
+    q = torch.randn(2, 45, 4, 32, device=DEVICE, dtype=dtype)
+    k = torch.randn(2, 61, 2, 32, device=DEVICE, dtype=dtype)
+    v = torch.randn(2, 61, 2, 32, device=DEVICE, dtype=dtype)
     return q, k, v
 
 
@@ -39,7 +41,7 @@ def test_forced_tile_runs_and_is_restored(causal):
         assert config_key(used) == TILE
     assert forced_tile() is None
     assert [config_key(c) for c in fwd_kernel.configs] == before
-    ref, _ = attention_ref(q.double(), k.double(), v.double(), causal=causal)
+    ref, _ = attention_ref(q, k, v, causal=causal, dtype=torch.float64)
     ref_lowp, _ = attention_ref(q, k, v, causal=causal, upcast=False)
     assert_close_2x(res.out, ref.to(q.dtype), ref_lowp, "out")
     # outside the block the tuned space runs again
