@@ -7,7 +7,7 @@ Run on an sm_90 GPU with Triton 3.6, from the repository root::
 1. Correctness: every Gluon kernel kind on ragged shapes (lengths not multiples of the tiles), causal
    (bottom-right, seqlen_q < seqlen_k and > seqlen_k, i.e. rows with no key), GQA, d64/d128, bf16 and fp16,
    strided views; error vs the float32 reference <= 2 x the error of the reference run in the input dtype
-   + 1e-3, lse on finite rows and +inf on empty rows, out never NaN (poisoned buffer).
+   + slack (fa_core.testing.slack_for), lse within 1e-3 on finite rows and +inf on empty rows, out never NaN (poisoned buffer).
 2. Speed: FlashAttention-paper shapes (batch * seqlen = 16k tokens, hidden 2048, nheads = 2048 / headdim,
    headdim 64/128, seqlen 2k/8k/16k, causal and not, bf16); ``triton.testing.do_bench`` median; TFLOP/s =
    4 * b * h * s^2 * d (/2 causal) / t. Providers: ``gluon-<kind>``, ``fa-plus`` (fa_core.flash_attn_forward,
@@ -42,6 +42,7 @@ import fa_core
 from fa_core import gluon as fg
 from fa_core import settings as fa_settings
 from fa_core.reference import attention_ref
+from fa_core.testing import slack_for
 
 
 def gpu_slug(name: str) -> str:
@@ -83,7 +84,7 @@ def _check_one(kind, b, sq, sk, h, hk, d, causal, dtype, scale=None, strided=Fal
     lse_err = (lse[finite] - ref_lse[finite]).abs().max().item() if finite.any() else 0.0
     inf_ok = bool(torch.equal(torch.isinf(lse), ~finite)) and bool((lse[~finite] > 0).all())
     nan_free = not bool(torch.isnan(o).any())
-    ok = nan_free and err <= 2 * err_low + 1e-3 and lse_err <= 1e-3 and inf_ok
+    ok = nan_free and err <= 2 * err_low + slack_for(dtype) and lse_err <= 1e-3 and inf_ok
     row.update(ok=ok, err=err, err_lowp=err_low, lse_err=lse_err, inf_rows_ok=inf_ok, nan_free=nan_free)
     return row
 
@@ -189,24 +190,30 @@ def speed(kinds, seqlens, autotune: bool, deadline: float, sink) -> list[dict[st
     return rows
 
 
+_WS = dict(num_warps=4, CONSUMER_REGS=232, PRODUCER_REGS=40)
+_PIPE = dict(BLOCK_M=128, num_warps=8)
+# tiles other than the defaults (fa_core.gluon._launch.CONFIGS, timed in the speed section)
 SWEEP = {
     ("pipelined", 64): [
-        dict(BLOCK_M=128, BLOCK_N=128, STAGES=3, num_warps=8),
-        dict(BLOCK_M=128, BLOCK_N=64, STAGES=4, num_warps=8),
+        dict(_PIPE, BLOCK_N=64, STAGES=4),
+        dict(_PIPE, BLOCK_N=128, STAGES=2),
+        dict(BLOCK_M=64, BLOCK_N=128, STAGES=2, num_warps=4),
     ],
     ("pipelined", 128): [
-        dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=8),
-        dict(BLOCK_M=128, BLOCK_N=128, STAGES=3, num_warps=8),
-        dict(BLOCK_M=128, BLOCK_N=64, STAGES=4, num_warps=8),
+        dict(_PIPE, BLOCK_N=128, STAGES=3),
+        dict(_PIPE, BLOCK_N=64, STAGES=4),
+        dict(BLOCK_M=64, BLOCK_N=64, STAGES=3, num_warps=4),
     ],
     ("ws", 64): [
-        dict(BLOCK_M=64, BLOCK_N=128, STAGES=3, num_warps=4, CONSUMER_REGS=232, PRODUCER_REGS=40),
-        dict(BLOCK_M=64, BLOCK_N=128, STAGES=4, num_warps=4, CONSUMER_REGS=232, PRODUCER_REGS=40),
+        dict(_WS, BLOCK_M=64, BLOCK_N=128, STAGES=3, PINGPONG=0),
+        dict(_WS, BLOCK_M=64, BLOCK_N=128, STAGES=4, PINGPONG=1),
+        dict(_WS, BLOCK_M=64, BLOCK_N=64, STAGES=4, PINGPONG=1),
     ],
     ("ws", 128): [
-        dict(BLOCK_M=64, BLOCK_N=128, STAGES=2, num_warps=4, CONSUMER_REGS=232, PRODUCER_REGS=40),
-        dict(BLOCK_M=64, BLOCK_N=128, STAGES=3, num_warps=4, CONSUMER_REGS=232, PRODUCER_REGS=40),
-        dict(BLOCK_M=64, BLOCK_N=64, STAGES=4, num_warps=4, CONSUMER_REGS=232, PRODUCER_REGS=40),
+        dict(_WS, BLOCK_M=64, BLOCK_N=128, STAGES=2, PINGPONG=0),
+        dict(_WS, BLOCK_M=64, BLOCK_N=128, STAGES=3, PINGPONG=1),
+        dict(_WS, BLOCK_M=64, BLOCK_N=64, STAGES=4, PINGPONG=1),
+        dict(num_warps=4, CONSUMER_REGS=240, PRODUCER_REGS=24, BLOCK_M=64, BLOCK_N=128, STAGES=2, PINGPONG=1),
     ],
 }
 
@@ -288,7 +295,7 @@ def main() -> None:
     ap.add_argument("--no-autotune", action="store_true", help="time fa-plus with one fixed tile per shape")
     ap.add_argument("--budget", type=float, default=240.0, help="seconds; later measurements are skipped")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: correctness,speed,sweep")
-    ap.add_argument("--check-timeout", type=float, default=120.0, help="seconds per kind's correctness run")
+    ap.add_argument("--check-timeout", type=float, default=75.0, help="seconds per kind's correctness run")
     ap.add_argument("--correctness-json", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     t0 = time.time()

@@ -42,13 +42,20 @@ def _ptxas_stats(ptx: str) -> dict:
     return dict(ptxas_regs=[int(r) for r in regs], spill_stores=[int(x) for x in spill])
 
 
-def compile_variant(kind: str, d: int, causal: bool, dtype=torch.bfloat16, ptx_dir: Path | None = None):
+def compile_variant(
+    kind: str,
+    d: int,
+    causal: bool,
+    dtype=torch.bfloat16,
+    ptx_dir: Path | None = None,
+    config: dict | None = None,
+):
     b, s, h = 1, 256, 2
     q = torch.empty(b, s, h, d, dtype=dtype)
     out = torch.empty_like(q)
     lse = torch.empty(b, h, s, dtype=torch.float32)
     kernel, args, constexprs, num_warps, _grid = _launch.prepare(
-        kind, q, q, q, out, lse, 1 / math.sqrt(d), causal
+        kind, q, q, q, out, lse, 1 / math.sqrt(d), causal, config
     )
     names = kernel.arg_names
     sig = {}
@@ -64,6 +71,7 @@ def compile_variant(kind: str, d: int, causal: bool, dtype=torch.bfloat16, ptx_d
         kind=kind,
         d=d,
         causal=causal,
+        config=config,
         shared=ck.metadata.shared,
         regs=getattr(ck, "n_regs", None),
         wgmma=len(re.findall(r"wgmma.mma_async", ptx)),
@@ -83,6 +91,7 @@ def main() -> None:
     ap.add_argument("--ptx", type=Path, default=None)
     ap.add_argument("--kinds", default="pipelined,ws")
     ap.add_argument("--d", default="64,128")
+    ap.add_argument("--sweep", action="store_true", help="compile bench/bench_gluon.py's SWEEP tiles too")
     args = ap.parse_args()
     failed = 0
     for kind in args.kinds.split(","):
@@ -95,6 +104,17 @@ def main() -> None:
                     print(
                         f"FAILED {kind} d{d} causal={causal}: {type(exc).__name__}: {exc}"[:4000], flush=True
                     )
+    if args.sweep:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+        from bench_gluon import SWEEP
+
+        for (kind, d), configs in SWEEP.items():
+            for cfg in configs:
+                try:
+                    print(compile_variant(kind, d, True, config=cfg), flush=True)
+                except Exception as exc:
+                    failed += 1
+                    print(f"FAILED {kind} d{d} {cfg}: {type(exc).__name__}: {exc}"[:4000], flush=True)
     sys.exit(1 if failed else 0)
 
 

@@ -152,6 +152,7 @@ def _consume_tiles(
     k_bars,
     v_bars,
     free_bars,
+    turn_bars,
     k_desc,
     v_desc,
     b,
@@ -170,11 +171,16 @@ def _consume_tiles(
     STAGES: gl.constexpr,
     CAUSAL: gl.constexpr,
     PRODUCER: gl.constexpr,
+    ME: gl.constexpr,
+    PINGPONG: gl.constexpr,
 ):
     """The overlapped QK^T / softmax / PV loop over key tiles [0, n_total) for one query tile in ``q_smem``.
 
     ``PRODUCER=True``: this warp group also refills the ring (tile j - 1 + STAGES after PV(j - 1) finished).
     ``PRODUCER=False``: a separate producer refills it; this group arrives on ``free_bars[slot]`` instead.
+    ``PINGPONG=True`` (two consumer warpgroups, ``ME`` = 0 or 1): each batch of wgmma issues waits for this
+    group's turn on ``turn_bars[ME]`` and then hands the turn to the other group, so the tensor cores alternate
+    between the groups and one group's softmax runs under the other's GEMMs (FlashAttention-3's ping-pong).
     Returns (acc, m_i, l_i) with acc in ``o_layout`` and m_i, l_i in ``SliceLayout(1, s_layout)``.
     """
     dtype: gl.constexpr = q_smem.dtype
@@ -189,7 +195,11 @@ def _consume_tiles(
     if n_total > 0:
         # tile 0 (always through the masked path: it may be the only one)
         mbarrier.wait(k_bars.index(0), 0)
+        if PINGPONG:
+            mbarrier.wait(turn_bars.index(ME), 0)
         s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turn_bars.index(1 - ME), count=1)
         s = warpgroup_mma_wait(0, deps=(s_tok,))
         p, alpha, m_i, l_i = _qk_softmax(
             s, m_i, l_i, qk_scale, 0, rows, seqlen_k, diag, s_layout, BLOCK_N, True, CAUSAL
@@ -198,20 +208,24 @@ def _consume_tiles(
         # interior tiles (no mask), then the masked edge (causal diagonal / ragged end)
         for j in range(1, n_full):
             acc, m_i, l_i, p_prev = _overlapped_step(
-                j, acc, m_i, l_i, p_prev, q_smem, k_smem, v_smem, k_bars, v_bars, free_bars, k_desc, v_desc,
-                b, hk, seqlen_k, diag, qk_scale, rows, n_total, s_zero, s_layout, o_layout, p_layout,
-                BLOCK_N, STAGES, False, CAUSAL, PRODUCER,
+                j, acc, m_i, l_i, p_prev, q_smem, k_smem, v_smem, k_bars, v_bars, free_bars, turn_bars,
+                k_desc, v_desc, b, hk, seqlen_k, diag, qk_scale, rows, n_total, s_zero, s_layout, o_layout,
+                p_layout, BLOCK_N, STAGES, False, CAUSAL, PRODUCER, ME, PINGPONG,
             )  # fmt: skip
         for j in range(gl.maximum(n_full, 1), n_total):
             acc, m_i, l_i, p_prev = _overlapped_step(
-                j, acc, m_i, l_i, p_prev, q_smem, k_smem, v_smem, k_bars, v_bars, free_bars, k_desc, v_desc,
-                b, hk, seqlen_k, diag, qk_scale, rows, n_total, s_zero, s_layout, o_layout, p_layout,
-                BLOCK_N, STAGES, True, CAUSAL, PRODUCER,
+                j, acc, m_i, l_i, p_prev, q_smem, k_smem, v_smem, k_bars, v_bars, free_bars, turn_bars,
+                k_desc, v_desc, b, hk, seqlen_k, diag, qk_scale, rows, n_total, s_zero, s_layout, o_layout,
+                p_layout, BLOCK_N, STAGES, True, CAUSAL, PRODUCER, ME, PINGPONG,
             )  # fmt: skip
         # last PV
         last = n_total - 1
         mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
+        if PINGPONG:
+            mbarrier.wait(turn_bars.index(ME), n_total & 1)
         acc_tok = warpgroup_mma(p_prev, v_smem.index(last % STAGES), acc, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turn_bars.index(1 - ME), count=1)
         acc, p_prev = warpgroup_mma_wait(0, deps=(acc_tok, p_prev))
         if not PRODUCER:
             mbarrier.arrive(free_bars.index(last % STAGES), count=1)
@@ -231,6 +245,7 @@ def _overlapped_step(
     k_bars,
     v_bars,
     free_bars,
+    turn_bars,
     k_desc,
     v_desc,
     b,
@@ -249,15 +264,21 @@ def _overlapped_step(
     MASK: gl.constexpr,
     CAUSAL: gl.constexpr,
     PRODUCER: gl.constexpr,
+    ME: gl.constexpr,
+    PINGPONG: gl.constexpr,
 ):
     """Issue QK^T(j) and PV(j - 1) asynchronously, softmax tile j while PV(j - 1) runs, then rescale O."""
     dtype: gl.constexpr = q_smem.dtype
     slot = j % STAGES
     prev = (j - 1) % STAGES
     mbarrier.wait(k_bars.index(slot), (j // STAGES) & 1)
-    s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)
+    if PINGPONG:
+        mbarrier.wait(turn_bars.index(ME), j & 1)
+    s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     acc_tok = warpgroup_mma(p_prev, v_smem.index(prev), acc, is_async=True)
+    if PINGPONG:
+        mbarrier.arrive(turn_bars.index(1 - ME), count=1)
     s = warpgroup_mma_wait(1, deps=(s_tok,))
     p, alpha, m_i, l_i = _qk_softmax(
         s, m_i, l_i, qk_scale, j * BLOCK_N, rows, seqlen_k, diag, s_layout, BLOCK_N, MASK, CAUSAL
@@ -348,8 +369,8 @@ def attn_fwd_pipelined(
     mbarrier.wait(q_bar, 0)
 
     acc, m_i, l_i = _consume_tiles(
-        q_smem, k_smem, v_smem, k_bars, v_bars, k_bars, k_desc, v_desc, b, hk, m0, seqlen_k, diag, qk_scale,
-        n_total, n_full, s_layout, o_layout, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, True,
+        q_smem, k_smem, v_smem, k_bars, v_bars, k_bars, k_bars, k_desc, v_desc, b, hk, m0, seqlen_k, diag,
+        qk_scale, n_total, n_full, s_layout, o_layout, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, True, 0, False,
     )  # fmt: skip
 
     mbarrier.invalidate(q_bar)
@@ -375,6 +396,7 @@ def _ws_consumer(
     k_bars,
     v_bars,
     free_bars,
+    turn_bars,
     k_desc,
     v_desc,
     o_desc,
@@ -395,14 +417,17 @@ def _ws_consumer(
     HEAD_DIM: gl.constexpr,
     STAGES: gl.constexpr,
     CAUSAL: gl.constexpr,
+    ME: gl.constexpr,
+    PINGPONG: gl.constexpr,
 ):
     s_layout: gl.constexpr = _mma_layout(4, BLOCK_N)
     o_layout: gl.constexpr = _mma_layout(4, HEAD_DIM)
     diag = seqlen_k - seqlen_q
     mbarrier.wait(q_bar, 0)
     acc, m_i, l_i = _consume_tiles(
-        q_smem, k_smem, v_smem, k_bars, v_bars, free_bars, k_desc, v_desc, b, hk, m0, seqlen_k, diag, qk_scale,
-        n_total, n_full, s_layout, o_layout, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, False,
+        q_smem, k_smem, v_smem, k_bars, v_bars, free_bars, turn_bars, k_desc, v_desc, b, hk, m0, seqlen_k, diag,
+        qk_scale, n_total, n_full, s_layout, o_layout, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, False, ME,
+        PINGPONG,
     )  # fmt: skip
     _epilogue(
         acc, m_i, l_i, q_smem, o_desc, lse_ptr, b, h, m0, seqlen_q, stride_lb, stride_lh, o_layout, BLOCK_M
@@ -460,6 +485,7 @@ def attn_fwd_ws(
     HEAD_DIM: gl.constexpr,
     STAGES: gl.constexpr,
     CAUSAL: gl.constexpr,
+    PINGPONG: gl.constexpr,
     CONSUMER_REGS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr,
     num_warps: gl.constexpr,
@@ -485,31 +511,35 @@ def attn_fwd_ws(
     k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     free_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q0_bar, count=1)
     mbarrier.init(q1_bar, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_bars.index(i), count=1)
         mbarrier.init(v_bars.index(i), count=1)
         mbarrier.init(free_bars.index(i), count=2)
+    mbarrier.init(turn_bars.index(0), count=1)
+    mbarrier.init(turn_bars.index(1), count=1)
     fence_async_shared()
+    # the first consumer holds the first turn
+    mbarrier.arrive(turn_bars.index(0), count=1)
 
     # both halves walk the key range of the second (lower) half; the first half masks the extra tiles
     n_total, n_full = _tile_range(m0, seqlen_k, diag, 2 * BLOCK_M, BLOCK_N, CAUSAL)
-    n_total1, n_full0 = _tile_range(m0, seqlen_k, diag, BLOCK_M, BLOCK_N, CAUSAL)
 
     gl.warp_specialize(
         [
             (
                 _ws_consumer,
-                (q0_smem, k_smem, v_smem, q0_bar, k_bars, v_bars, free_bars, k_desc, v_desc, o_desc, lse_ptr,
-                 stride_lb, stride_lh, seqlen_q, seqlen_k, qk_scale, b, h, hk, m0, n_total, n_full,
-                 BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL),
+                (q0_smem, k_smem, v_smem, q0_bar, k_bars, v_bars, free_bars, turn_bars, k_desc, v_desc, o_desc,
+                 lse_ptr, stride_lb, stride_lh, seqlen_q, seqlen_k, qk_scale, b, h, hk, m0, n_total, n_full,
+                 BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, 0, PINGPONG),
             ),
             (
                 _ws_consumer,
-                (q1_smem, k_smem, v_smem, q1_bar, k_bars, v_bars, free_bars, k_desc, v_desc, o_desc, lse_ptr,
-                 stride_lb, stride_lh, seqlen_q, seqlen_k, qk_scale, b, h, hk, m0 + BLOCK_M, n_total, n_full,
-                 BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL),
+                (q1_smem, k_smem, v_smem, q1_bar, k_bars, v_bars, free_bars, turn_bars, k_desc, v_desc, o_desc,
+                 lse_ptr, stride_lb, stride_lh, seqlen_q, seqlen_k, qk_scale, b, h, hk, m0 + BLOCK_M, n_total,
+                 n_full, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, 1, PINGPONG),
             ),
             (
                 _ws_producer,

@@ -23,8 +23,12 @@ LOG2E = 1.4426950408889634
 CONFIGS: dict[tuple[str, int], dict[str, int]] = {
     ("pipelined", 64): dict(BLOCK_M=128, BLOCK_N=128, STAGES=3, num_warps=8),
     ("pipelined", 128): dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=8),
-    ("ws", 64): dict(BLOCK_M=64, BLOCK_N=128, STAGES=3, num_warps=4, CONSUMER_REGS=232, PRODUCER_REGS=40),
-    ("ws", 128): dict(BLOCK_M=64, BLOCK_N=128, STAGES=2, num_warps=4, CONSUMER_REGS=232, PRODUCER_REGS=40),
+    ("ws", 64): dict(
+        BLOCK_M=64, BLOCK_N=128, STAGES=3, PINGPONG=1, num_warps=4, CONSUMER_REGS=232, PRODUCER_REGS=40
+    ),
+    ("ws", 128): dict(
+        BLOCK_M=64, BLOCK_N=128, STAGES=2, PINGPONG=1, num_warps=4, CONSUMER_REGS=232, PRODUCER_REGS=40
+    ),
 }
 
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
