@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU stage "hardening" (issue #9), for scripts/gpu_run.sh:   scripts/gpu_run.sh hardening@430
+# GPU stage "hardening", for scripts/gpu_run.sh:   scripts/gpu_run.sh hardening@430
 #
 # Five parts run CONCURRENTLY on the one GPU (their compiles are CPU-bound and overlap), each under its own
 # timeout (<= 400 s) so a hang cannot eat the others; the whole stage ends within ~410 s:
@@ -10,9 +10,15 @@
 #   soak       scripts/soak.py --calls $SOAK_CALLS (default 10000), stopped at its own time limit
 #   sanitizer  scripts/sanitize_kernels.py plain (warms the Triton cache), then under compute-sanitizer memcheck
 #              (PYTORCH_NO_CUDA_MEMORY_CACHING=1) and racecheck (--subset race)
+#   oob        out-of-range index values with value checks off (cache_seqlens, block_table, cache_batch_idx,
+#              leftpad_k, cu_seqlens, seqused_k): scripts/sanitize_kernels.py --subset oob plain, then under
+#              compute-sanitizer memcheck (0 errors required), then the GPU fuzzers
+#              test_fuzz.py -k out_of_range_values (FA_FUZZ_EXAMPLES=${OOB_FUZZ_EXAMPLES:-40})
+# One part alone: scripts/gpu_stage_hardening.sh oob   (or graphs / numerics / large / soak / sanitizer)
 # Logs: reports/gpu-hardening/*.log; summary: reports/<device>-hardening.md, copied to bench/results/ (packed by
 # gpu_run.sh) and the logs to $OUT/logs/hardening/ when $OUT is set.
 set -u -o pipefail
+ONLY="${1:-}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-python3}"
@@ -33,6 +39,7 @@ PT="-q -p no:cacheprovider -rfEsx --durations=5"
 part() {
     local name=$1 limit=$2
     shift 2
+    if [ -n "$ONLY" ] && [ "$ONLY" != "$name" ]; then return; fi
     (
         t0=$(date +%s)
         timeout -k 10 "$limit" bash -c "$*" >"$R/$name.log" 2>&1
@@ -68,6 +75,18 @@ else
 fi
 part sanitizer 400 "$san_cmd"
 
+FZ="env FA_FUZZ_EXAMPLES=${OOB_FUZZ_EXAMPLES:-40} $PY -m pytest packages/fa-compat/tests/test_fuzz.py -k out_of_range_values $PT"
+if [ -n "$SAN" ]; then
+    oob_cmd="echo '=== plain'; $PY scripts/sanitize_kernels.py --subset oob; echo \"=== rc \$?\"; \
+echo '=== memcheck'; PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 5 200 $SAN --tool memcheck --target-processes application-only \
+--print-limit 50 $PY scripts/sanitize_kernels.py --subset oob; echo \"=== rc \$?\"; \
+echo '=== fuzz'; timeout -k 5 150 $FZ; echo \"=== rc \$?\""
+else
+    oob_cmd="echo 'compute-sanitizer not found (PATH, /usr/local/cuda*/bin): plain run and fuzz only'; \
+$PY scripts/sanitize_kernels.py --subset oob; echo \"=== rc \$?\"; echo '=== fuzz'; timeout -k 5 150 $FZ; echo \"=== rc \$?\""
+fi
+part oob 400 "$oob_cmd"
+
 # every part has its own timeout (all <= 400 s): the stage ends within ~410 s
 wait
 
@@ -91,6 +110,7 @@ MD="reports/${DEVICE}-hardening.md"
     echo "| > 2^31 elements (one process per test) | $(verdict large) | $(grep -c '=== rc 0 ' $R/large.log 2>/dev/null) of $(echo $large_tests | wc -w) passed |"
     echo "| soak | $(verdict soak) | $(grep -E '^- calls' $R/soak.log 2>/dev/null | sed 's/^- //') |"
     echo "| sanitizer | $(verdict sanitizer) | $(grep -E 'ERROR SUMMARY' $R/sanitizer.log 2>/dev/null | tr '\n' ';') |"
+    echo "| out-of-range index values, checks off (memcheck + GPU fuzz) | $(verdict oob) | $(grep -E 'ERROR SUMMARY|launch set|[0-9]+ (passed|failed)' $R/oob.log 2>/dev/null | tr '\n' ';') |"
     echo
     echo "## > 2^31 elements"
     echo
@@ -110,10 +130,16 @@ MD="reports/${DEVICE}-hardening.md"
     grep -E "^=== |ERROR SUMMARY|RACECHECK SUMMARY|launch set|Invalid|Race reported|FAILED" "$R/sanitizer.log" 2>/dev/null | head -40
     echo '```'
     echo
+    echo "## Out-of-range index values (value checks off)"
+    echo
+    echo '```'
+    grep -E "^=== |ERROR SUMMARY|launch set|Invalid|FAILED|refused|[0-9]+ (passed|failed|skipped)" "$R/oob.log" 2>/dev/null | head -40
+    echo '```'
+    echo
     echo "## Failures (pytest)"
     echo
     echo '```'
-    grep -hE "^(FAILED|ERROR|XPASS) " "$R"/graphs.log "$R"/numerics.log "$R"/large.log 2>/dev/null | head -40
+    grep -hE "^(FAILED|ERROR|XPASS) " "$R"/graphs.log "$R"/numerics.log "$R"/large.log "$R"/oob.log 2>/dev/null | head -40
     echo '```'
 } >"$MD"
 cat "$MD"
@@ -124,10 +150,12 @@ if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT/logs/hardening" && cp "$R"/*.log "$R"/*.xml "$OUT/logs/hardening/" 2>/dev/null
 fi
 # exit status: every part finished with 0
-for p in graphs numerics large soak sanitizer; do
+for p in graphs numerics large soak sanitizer oob; do
+    if [ -n "$ONLY" ] && [ "$ONLY" != "$p" ]; then continue; fi
     [ -f "$R/$p.rc" ] && [ "$(cut -d' ' -f1 "$R/$p.rc")" = 0 ] || exit 1
 done
-grep -q "=== rc [^0]" "$R/large.log" && exit 1
-grep -q "=== rc [^0]" "$R/sanitizer.log" && exit 1
-grep -qE "(ERROR|RACECHECK) SUMMARY: [1-9]" "$R/sanitizer.log" && exit 1
+for p in large sanitizer oob; do
+    grep -q "=== rc [^0]" "$R/$p.log" 2>/dev/null && exit 1
+done
+grep -qE "(ERROR|RACECHECK) SUMMARY: [1-9]" "$R/sanitizer.log" "$R/oob.log" 2>/dev/null && exit 1
 exit 0
