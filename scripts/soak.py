@@ -66,6 +66,7 @@ def cases() -> list[Case]:
         decode = [
             Case("decode-contig", "decode", (4, 2048, 16, 2, 128, 0)),
             Case("decode-paged", "decode", (4, 2048, 16, 2, 128, 256)),
+            Case("decode-contig-leftpad", "decode", (4, 2048, 16, 2, 128, 0), (("leftpad", True),)),
         ]
     else:  # interpreter smoke run
         dense = [
@@ -76,6 +77,7 @@ def cases() -> list[Case]:
         decode = [
             Case("decode-contig", "decode", (2, 64, 4, 2, 16, 0)),
             Case("decode-paged", "decode", (2, 64, 4, 2, 16, 16)),
+            Case("decode-contig-leftpad", "decode", (2, 64, 4, 2, 16, 0), (("leftpad", True),)),
         ]
     return dense + varlen + decode
 
@@ -138,8 +140,10 @@ class Runner:
         if caches is not None:  # determinism re-check: private copies of the warm-up cache state
             kc, vc = caches
         use = lens if lens_override is None else lens_override
+        # left padding: the sequence's keys start a third of the way into its filled rows
+        pad = torch.div(use, 3, rounding_mode="floor").to(torch.int32) if kw.get("leftpad") else None
         out = flash_attn_with_kvcache(
-            q, kc, vc, k_new, v_new, cache_seqlens=use, block_table=table, causal=True
+            q, kc, vc, k_new, v_new, cache_seqlens=use, cache_leftpad=pad, block_table=table, causal=True
         )
         if lens_override is None:  # advance the serving loop, wrapping before the cache fills
             cap = c.shape[1]
