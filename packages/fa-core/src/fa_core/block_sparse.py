@@ -13,19 +13,30 @@ The kernels load only the listed key blocks, so their work is proportional to th
 the built-in element rules (causal, window, chunk, sequence ends) still apply, and ``mask_mod`` too in partial
 blocks. The backward's dK/dV pass needs the transposed index (for every key block, the query blocks that see
 it): :func:`transpose_block_mask` builds it on the device and caches it on the mask.
+
+PyTorch's own ``torch.nn.attention.flex_attention.BlockMask`` (from its ``create_block_mask``) is accepted
+wherever a :class:`BlockMask` is: :func:`as_block_mask` converts it (:func:`from_torch_block_mask`).
 """
 
 from __future__ import annotations
 
+import math
+import weakref
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
+
+from fa_core.errors import FlashAttnValueError
+from fa_core.validation import value_checks_enabled
 
 __all__ = [
     "BlockMask",
     "QBlockIndex",
+    "as_block_mask",
     "block_mask_from_dense",
+    "from_torch_block_mask",
+    "is_torch_block_mask",
     "block_mask_to_dense",
     "block_mask_to_dense_blocks",
     "create_block_mask",
@@ -209,4 +220,285 @@ def transpose_block_mask(mask: BlockMask, num_kv_blocks: int) -> QBlockIndex:
         fq_num, fq_idx = _compact(full.transpose(-1, -2))
     res = QBlockIndex(q_num, q_idx, fq_num, fq_idx)
     cache[key] = res
+    return res
+
+
+# --------------------------------------------------------------------------- PyTorch's FlexAttention BlockMask
+#: converted masks per torch BlockMask (weakly held) and per call signature (lengths, element rules, mask_mod)
+_TORCH_CACHE: weakref.WeakKeyDictionary[Any, dict[tuple, BlockMask]] = weakref.WeakKeyDictionary()
+#: elements evaluated at once by the exactness check (bounds its memory)
+_CHECK_CHUNK = 1 << 22
+
+
+def is_torch_block_mask(obj: object) -> bool:
+    """Whether ``obj`` is a ``torch.nn.attention.flex_attention.BlockMask``."""
+    if isinstance(obj, BlockMask) or not type(obj).__module__.startswith("torch."):
+        return False
+    try:
+        from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
+    except ImportError:  # a torch without FlexAttention
+        return False
+    return isinstance(obj, TorchBlockMask)
+
+
+def as_block_mask(
+    block_mask: Any,
+    batch: int,
+    nheads: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    *,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    attention_chunk: int = 0,
+    mask_mod: Callable[..., Any] | None = None,
+) -> BlockMask | None:
+    """The block mask a kernel call takes: ``None`` and :class:`BlockMask` unchanged, PyTorch's FlexAttention
+    ``BlockMask`` converted by :func:`from_torch_block_mask` (the other arguments are the call's, used there);
+    anything else is returned as is for the argument checks to reject."""
+    if block_mask is None or isinstance(block_mask, BlockMask) or not is_torch_block_mask(block_mask):
+        return block_mask
+    return from_torch_block_mask(
+        block_mask,
+        batch,
+        nheads,
+        seqlen_q,
+        seqlen_k,
+        causal=causal,
+        window_size=window_size,
+        attention_chunk=attention_chunk,
+        mask_mod=mask_mod,
+    )
+
+
+def _supported_size(size: int) -> int:
+    """The block size the kernels use for a torch block size: itself when a power of two >= 32, else the
+    smallest power of two >= max(32, size)."""
+    return max(32, 1 << max(0, int(size) - 1).bit_length())
+
+
+def _reblock(blocks: torch.Tensor, dim: int, src: int, dst: int, n_out: int, full: bool) -> torch.Tensor:
+    """Bool block grid along ``dim`` from blocks of ``src`` positions to ``n_out`` blocks of ``dst``: a new
+    block is set when any (``full=False``) or every (``full=True``) old block it overlaps is; positions past
+    the old grid count as set for ``full`` (they lie past the sequence end, where the kernels mask anyway)."""
+    if src == dst:
+        pad = n_out - blocks.shape[dim]
+    else:
+        g = math.gcd(src, dst)
+        blocks = blocks.repeat_interleave(src // g, dim=dim)  # cells of g positions
+        pad = n_out * (dst // g) - blocks.shape[dim]
+    if pad > 0:
+        shape = list(blocks.shape)
+        shape[dim] = pad
+        blocks = torch.cat([blocks, blocks.new_full(shape, full)], dim=dim)
+    if src == dst:
+        return blocks.narrow(dim, 0, n_out)
+    blocks = blocks.narrow(dim, 0, n_out * (dst // g))
+    shape = list(blocks.shape)
+    shape[dim : dim + 1] = [n_out, dst // g]
+    grouped = blocks.reshape(shape)
+    return grouped.all(dim=dim + 1) if full else grouped.any(dim=dim + 1)
+
+
+def _element_rules(
+    i: torch.Tensor,
+    j: torch.Tensor,
+    seqlen_q: int,
+    seqlen_k: int,
+    causal: bool,
+    window_size: tuple[int, int],
+    attention_chunk: int,
+) -> torch.Tensor:
+    """The kernels' built-in element rules at query rows ``i`` / key columns ``j`` (broadcast): inside both
+    sequences, causal / window (bottom-right aligned) and chunk, as :func:`fa_core.reference.visible_mask`."""
+    left, right = int(window_size[0]), int(window_size[1])
+    if causal:
+        right = 0
+    diag = i + (seqlen_k - seqlen_q)
+    ok = (i < seqlen_q) & (j < seqlen_k)
+    if right >= 0:
+        ok = ok & (j <= diag + right)
+    if left >= 0:
+        ok = ok & (j >= diag - left)
+    if attention_chunk > 0:
+        ok = ok & (torch.div(diag, attention_chunk, rounding_mode="floor") == j // attention_chunk)
+    return ok
+
+
+def _check_exact(
+    tbm: Any,
+    partial: torch.Tensor,
+    torch_partial: torch.Tensor,
+    torch_full: torch.Tensor,
+    size: tuple[int, int],
+    seqlen_q: int,
+    seqlen_k: int,
+    rules: tuple[bool, tuple[int, int], int],
+    torch_mask_mod: Callable[..., Any] | None,
+) -> None:
+    """Raise unless, in every element of the converted partial blocks that the built-in rules let through,
+    FlexAttention's semantics of ``tbm`` (listed full block, or listed partial block where its ``mask_mod``
+    holds) see the element too: then the kernels, which apply only the built-in rules there, give the same
+    result without a ``mask_mod``."""
+    bq, bk = size
+    tq, tk = (int(x) for x in tbm.BLOCK_SIZE)
+    dev = partial.device
+    blocks = partial.nonzero()  # (n, 4): b, h, q block, kv block (a host sync: value checks only)
+    per = max(1, _CHECK_CHUNK // (bq * bk))
+    ar_q = torch.arange(bq, device=dev)
+    ar_k = torch.arange(bk, device=dev)
+    for start in range(0, blocks.shape[0], per):
+        bl = blocks[start : start + per]
+        b, h = bl[:, 0, None, None], bl[:, 1, None, None]
+        i = (bl[:, 2, None] * bq + ar_q)[:, :, None]  # (n, bq, 1)
+        j = (bl[:, 3, None] * bk + ar_k)[:, None, :]  # (n, 1, bk)
+        need = _element_rules(i, j, seqlen_q, seqlen_k, *rules)
+        if not bool(need.any()):
+            continue
+        bt = b if torch_full.shape[0] > 1 else torch.zeros_like(b)
+        ht = h if torch_full.shape[1] > 1 else torch.zeros_like(h)
+        iq = (i // tq).clamp_max(torch_full.shape[2] - 1)
+        jk = (j // tk).clamp_max(torch_full.shape[3] - 1)
+        seen = torch_full[bt, ht, iq, jk]
+        in_partial = torch_partial[bt, ht, iq, jk]
+        if torch_mask_mod is not None:
+            n, rows, cols = need.shape
+            shape = (n, rows, cols)
+            ev = need & in_partial & ~seen
+            flat = [x.expand(shape)[ev] for x in (b, h, i, j)]
+            if flat[0].numel():
+                vals = torch.zeros(shape, dtype=torch.bool, device=dev)
+                vals[ev] = torch.vmap(torch_mask_mod)(*flat).to(torch.bool)
+                in_partial = in_partial & vals
+        seen = seen | in_partial
+        bad = need & ~seen
+        if bool(bad.any()):
+            k = int(bad.flatten().nonzero()[0, 0])
+            n_i, rem = divmod(k, bq * bk)
+            raise FlashAttnValueError(
+                "block_mask: this torch BlockMask hides elements that the kernels would show, e.g. batch "
+                f"{int(bl[n_i, 0])} head {int(bl[n_i, 1])} query {int(bl[n_i, 2]) * bq + rem // bk} key "
+                f"{int(bl[n_i, 3]) * bk + rem % bk}: inside a partial block the kernels apply only the built-in "
+                "rules (causal, window_size, attention_chunk) and a @triton.jit mask_mod, never the BlockMask's "
+                "Python mask_mod. Pass mask_mod= a @triton.jit twin of block_mask.mask_mod (examples in "
+                "fa_core.score_mods), or the built-in rules that express it"
+                + (
+                    f"; its BLOCK_SIZE {(tq, tk)} also had to become {(bq, bk)} (powers of two >= 32)"
+                    if (tq, tk) != (bq, bk)
+                    else ""
+                )
+            )
+
+
+def from_torch_block_mask(
+    tbm: Any,
+    batch: int,
+    nheads: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    *,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    attention_chunk: int = 0,
+    mask_mod: Callable[..., Any] | None = None,
+) -> BlockMask:
+    """Convert PyTorch's ``torch.nn.attention.flex_attention.BlockMask`` into a :class:`BlockMask` for a call
+    with these lengths, element rules and kernel ``mask_mod``.
+
+    Fields read: ``BLOCK_SIZE`` ``(q, kv)``, ``kv_num_blocks`` / ``kv_indices`` ``(B|1, H|1, Q, K)`` (partial
+    blocks), ``full_kv_num_blocks`` / ``full_kv_indices`` (full blocks, optional), ``seq_lengths`` and
+    ``mask_mod``. The transposed lists (``q_num_blocks`` / ``q_indices`` and the full ones) are not read: the
+    backward's transposed index is built from the converted lists (:func:`transpose_block_mask`, once per
+    mask), so the forward's and the backward's lists agree by construction, also after the two changes below.
+
+    * Block sizes: the kernels take powers of two >= 32. Other sizes (e.g. 16, or 48) are merged into the
+      smallest such size that covers them (16 -> 32, 48 -> 64): a new block is listed when any old block it
+      overlaps is, and full when every old block it overlaps is full; the rest are partial.
+    * Lengths: a mask built for longer sequences (``seq_lengths``) is cut to this call's blocks, as
+      FlexAttention does; one built for shorter sequences raises.
+    * Partial blocks and ``mask_mod``: FlexAttention evaluates the mask's ``mask_mod`` (a Python function) in
+      partial blocks; our kernels evaluate only a ``@triton.jit`` ``mask_mod`` given to the call, and always
+      the built-in rules (sequence ends, ``causal``, ``window_size``, ``attention_chunk``). With a kernel
+      ``mask_mod`` the conversion trusts it to be the twin of the mask's. Without one, the result is exact
+      only when the built-in rules alone reproduce the mask inside its partial blocks, and this is checked:
+      the mask's ``mask_mod`` is evaluated (``torch.vmap``, as FlexAttention's ``create_mask`` does) on the
+      elements of the partial blocks that the built-in rules let through, and any element it hides raises a
+      :class:`fa_core.errors.FlashAttnValueError` naming ``block_mask`` (materializing the partial blocks'
+      element mask for the kernels would need a mask tensor input the kernels do not have). A causal
+      ``create_block_mask`` used with ``causal=True``, a sliding window with ``window_size``, document masks
+      whose boundaries fall on block edges, or any mask at a length that is not a multiple of the block size
+      (its last blocks are partial only through the padding) pass. The check evaluates only the batch / head
+      entries the mask holds (index 0 on a broadcast dim, as ``create_block_mask`` with ``B``/``H`` None
+      did); it needs a host sync and is skipped where value checks are (``fa_core.settings``, CUDA-graph
+      capture, ``torch.compile``). Its cost is once per mask and call signature: the converted mask is cached
+      on the torch mask (whose tensors must then not change in place).
+
+    Args:
+        tbm: the torch BlockMask; its tensors on the inputs' device.
+        batch, nheads, seqlen_q, seqlen_k: the call's sizes.
+        causal, window_size, attention_chunk: the call's built-in rules.
+        mask_mod: the call's ``@triton.jit`` mask_mod, or None.
+
+    Returns:
+        A :class:`BlockMask` ``(B|1, H|1, cdiv(seqlen_q, bq), cdiv(seqlen_k, bk))`` with full blocks when the
+        torch mask has any.
+    """
+    window = (int(window_size[0]), int(window_size[1]))
+    key = (int(batch), int(nheads), int(seqlen_q), int(seqlen_k), bool(causal), window, int(attention_chunk),
+           None if mask_mod is None else id(mask_mod))  # fmt: skip
+    per_mask = _TORCH_CACHE.setdefault(tbm, {})
+    hit = per_mask.get(key)
+    if hit is not None:
+        return hit
+    tq, tk = (int(x) for x in tbm.BLOCK_SIZE)
+    if tq < 1 or tk < 1:
+        raise FlashAttnValueError(f"block_mask.BLOCK_SIZE must be positive, got {(tq, tk)}")
+    lens = getattr(tbm, "seq_lengths", None)
+    if lens is not None and (int(lens[0]) < seqlen_q or int(lens[1]) < seqlen_k):
+        raise FlashAttnValueError(
+            f"block_mask was built for seq_lengths {tuple(int(x) for x in lens)}, shorter than this call's "
+            f"(seqlen_q, seqlen_k) = {(seqlen_q, seqlen_k)}: build it for these lengths"
+        )
+    num, idx = tbm.kv_num_blocks, tbm.kv_indices
+    if (
+        not isinstance(num, torch.Tensor)
+        or num.dim() != 3
+        or not isinstance(idx, torch.Tensor)
+        or idx.dim() != 4
+    ):
+        raise FlashAttnValueError(
+            "block_mask.kv_num_blocks / kv_indices must be 3-D / 4-D tensors (B|1, H|1, Q[, K])"
+        )
+    ncols = idx.shape[-1]
+    t_partial = _scatter_blocks(num, idx, ncols)
+    has_full = tbm.full_kv_num_blocks is not None and tbm.full_kv_indices is not None
+    t_full = (
+        _scatter_blocks(tbm.full_kv_num_blocks, tbm.full_kv_indices, ncols)
+        if has_full
+        else torch.zeros_like(t_partial)
+    )
+    bq, bk = _supported_size(tq), _supported_size(tk)
+    nq, nk = -(-seqlen_q // bq), -(-seqlen_k // bk)
+    listed = _reblock(_reblock(t_partial | t_full, 2, tq, bq, nq, False), 3, tk, bk, nk, False)
+    full = _reblock(_reblock(t_full, 2, tq, bq, nq, True), 3, tk, bk, nk, True) & listed
+    partial = listed & ~full
+    torch_mm = getattr(tbm, "mask_mod", None)
+    from torch.nn.attention.flex_attention import noop_mask  # present: is_torch_block_mask imported it
+
+    if torch_mm is noop_mask:
+        torch_mm = None
+    reblocked = (bq, bk) != (tq, tk)
+    if mask_mod is None and (torch_mm is not None or reblocked) and value_checks_enabled(partial):
+        _check_exact(
+            tbm, partial, t_partial, t_full, (bq, bk), seqlen_q, seqlen_k,
+            (bool(causal), window, int(attention_chunk)), torch_mm,
+        )  # fmt: skip
+    if bool(has_full):
+        p_num, p_idx = _compact(partial)
+        f_num, f_idx = _compact(full)
+        res = BlockMask(p_num, p_idx, (bq, bk), f_num, f_idx)
+    else:
+        p_num, p_idx = _compact(partial)
+        res = BlockMask(p_num, p_idx, (bq, bk))
+    per_mask[key] = res
     return res
