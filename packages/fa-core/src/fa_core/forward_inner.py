@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import triton
 import triton.language as tl
 
-from fa_core.masking import chunk_visible, dropout_keep, score_mod, scores_log2, visible
+from fa_core.masking import chunk_visible, clamp_index, dropout_keep, score_mod, scores_log2, visible
 
 __all__ = [
     "FwdFlags",
@@ -51,12 +51,20 @@ class FwdFlags(NamedTuple):
     IS_VARLEN: Any
     P_SHIFT: Any
     FUSED_SCALE: Any
+    PAGED: Any
+    PAGE_SIZE: Any
+    PAGE_TILE: Any
 
 
 class KVTiles(NamedTuple):
     """Where the key / value tiles of one (sequence, kv head) are read: 64-bit base pointers at the sequence's
     first key (or tensor descriptors, ``USE_TMA``), the key-row strides of K and V, ``stride_vd`` (the
-    headdim-row stride of a transposed V, ``V_T``) and the column offsets of the K and V tiles."""
+    headdim-row stride of a transposed V, ``V_T``) and the column offsets of the K and V tiles.
+
+    Paged (``PAGED``): the bases point at the kv head in page 0 of the cache ``(num_pages, PAGE_SIZE,
+    nheads_k, d)``; logical key ``j`` is cache row ``row0 + j`` (``row0``: the left padding), held in page
+    ``bt_row[(row0 + j) // PAGE_SIZE]`` (``bt_row``: this sequence's block-table row of ``bt_cols`` entries, each
+    clamped to ``[0, num_pages)``), ``stride_kp`` / ``stride_vp`` apart."""
 
     k_base: Any
     v_base: Any
@@ -67,6 +75,12 @@ class KVTiles(NamedTuple):
     stride_vd: Any
     offs_d: Any
     offs_dv: Any
+    bt_row: Any
+    bt_cols: Any
+    num_pages: Any
+    stride_kp: Any
+    stride_vp: Any
+    row0: Any
 
 
 class ScoreArgs(NamedTuple):
@@ -152,6 +166,43 @@ def load_vt_tile(
 
 
 @triton.jit
+def load_kt(
+    ptrs, offs_n, offs_d, seqlen_k, HEADDIM: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr
+):
+    """K tile ``(BLOCK_D, BLOCK_N)`` from ready pointers (a gathered paged tile): keys past ``seqlen_k`` and
+    columns past ``HEADDIM`` read as zeros."""
+    if MASKED:
+        if EVEN_D:
+            return tl.load(ptrs, mask=offs_n[None, :] < seqlen_k, other=0.0)
+        return tl.load(ptrs, mask=(offs_n[None, :] < seqlen_k) & (offs_d[:, None] < HEADDIM), other=0.0)
+    if EVEN_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=offs_d[:, None] < HEADDIM, other=0.0)
+
+
+@triton.jit
+def page_tile_bases(kv: KVTiles, start_n, PAGE_SIZE: tl.constexpr):
+    """K and V pointers (64-bit) at logical key ``start_n`` of a paged cache whose tile lies in one page
+    (``PAGE_TILE``: page size a multiple of BLOCK_N, no left padding): one block-table read per tile, the rows
+    inside the tile stay affine (the contiguous layout's address math)."""
+    pg = clamp_index(tl.load(kv.bt_row + start_n // PAGE_SIZE), kv.num_pages).to(tl.int64)
+    r = tl.cast(start_n % PAGE_SIZE, tl.int64)
+    return kv.k_base + pg * kv.stride_kp + r * kv.stride_kn, kv.v_base + pg * kv.stride_vp + r * kv.stride_vn
+
+
+@triton.jit
+def page_row_offsets(kv: KVTiles, offs_n, PAGE_SIZE: tl.constexpr):
+    """K and V element offsets (int64, ``(BLOCK_N,)``) of logical keys ``offs_n`` in a paged cache, one
+    block-table read per key (pages smaller than the tile, or left padding): a tile may span several pages.
+    The table column is clamped to the row (keys past the end of a masked tile) and the page to the cache."""
+    rows = kv.row0 + offs_n
+    col = tl.minimum(rows // PAGE_SIZE, kv.bt_cols - 1)
+    pg = clamp_index(tl.load(kv.bt_row + col), kv.num_pages).to(tl.int64)
+    prow = (rows % PAGE_SIZE).to(tl.int64)
+    return pg * kv.stride_kp + prow * kv.stride_kn, pg * kv.stride_vp + prow * kv.stride_vn
+
+
+@triton.jit
 def fwd_step(
     acc,
     l_i,
@@ -181,9 +232,23 @@ def fwd_step(
     if F.USE_TMA:
         # the descriptor zero-fills rows past seqlen_k and columns past HEADDIM
         k = tl.trans(kv.k_desc.load([start_n, 0]))
+    elif F.PAGED and not F.PAGE_TILE:
+        k_off, v_off = page_row_offsets(kv, offs_n, F.PAGE_SIZE)
+        k = load_kt(
+            kv.k_base + k_off[None, :] + kv.offs_d[:, None],
+            offs_n,
+            kv.offs_d,
+            seqlen_k,
+            F.HEADDIM,
+            MASKED,
+            F.EVEN_D,
+        )
     else:
-        # 64-bit scalar tile base + 32-bit in-tile offsets (hoisted out of the loop): cheap and overflow-free
-        k_tile = kv.k_base + tl.cast(start_n, tl.int64) * kv.stride_kn
+        if F.PAGED:
+            k_tile, v_tile = page_tile_bases(kv, start_n, F.PAGE_SIZE)
+        else:
+            # 64-bit scalar tile base + 32-bit in-tile offsets (hoisted out of the loop): cheap and overflow-free
+            k_tile = kv.k_base + tl.cast(start_n, tl.int64) * kv.stride_kn
         k = load_k_tile(
             k_tile, offs_n0, offs_n, kv.offs_d, kv.stride_kn, seqlen_k, F.HEADDIM, MASKED, F.EVEN_D
         )
@@ -262,6 +327,12 @@ def fwd_step(
         v = tl.trans(vt)
     elif F.USE_TMA:
         v = kv.v_desc.load([start_n, 0])
+    elif F.PAGED:
+        if F.PAGE_TILE:
+            v_ptrs = v_tile + (offs_n0[:, None] * kv.stride_vn + kv.offs_dv[None, :])
+        else:
+            v_ptrs = kv.v_base + v_off[:, None] + kv.offs_dv[None, :]
+        v = load_tile(v_ptrs, offs_n, seqlen_k, kv.offs_dv, F.HEADDIM_V, MASKED, F.EVEN_DV)
     else:
         v_ptrs = (kv.v_base + tl.cast(start_n, tl.int64) * kv.stride_vn) + (
             offs_n0[:, None] * kv.stride_vn + kv.offs_dv[None, :]
@@ -305,8 +376,11 @@ def fwd_inner(
     and ``F``."""
     if FROM_LIST:
         TILES: tl.constexpr = F.SPARSE_KV // F.BLOCK_N
+        # listed block ids are clamped to the key blocks that exist (garbage ids: garbage out, no stray reads)
+        n_kv_blocks = tl.cdiv(sc.seqlen_k, F.SPARSE_KV)
         for t in tl.range(0, n_listed * TILES):
-            start_n = tl.load(idx_ptr + t // TILES) * F.SPARSE_KV + (t % TILES) * F.BLOCK_N
+            blk = clamp_index(tl.load(idx_ptr + t // TILES), n_kv_blocks)
+            start_n = blk * F.SPARSE_KV + (t % TILES) * F.BLOCK_N
             apply_mask = (start_n < full_lo) | (start_n + F.BLOCK_N > full_hi)
             acc, l_i, m_i = fwd_step(
                 acc,

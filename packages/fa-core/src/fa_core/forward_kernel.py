@@ -23,7 +23,7 @@ from fa_core.forward_configs import (
     prune_configs,
 )
 from fa_core.forward_inner import FwdFlags, KVTiles, ScoreArgs, fwd_inner, load_tile
-from fa_core.masking import chunk_kv_range, kv_range, seq_bounds
+from fa_core.masking import chunk_kv_range, clamp, kv_range, varlen_bounds
 from fa_core.scheduling import lpt_program_ids
 
 __all__ = ["FALLBACK_TILE", "FP8_TILES", "FWD_CONFIGS", "FWD_TILES", "fwd_kernel"]
@@ -49,10 +49,12 @@ _FAMILIES = TILE_FAMILIES
         "IS_SPARSE",
         "SPARSE_Q",
         "SPARSE_KV",
+        "PAGED",
+        "PAGE_SIZE",
     ],
     prune_configs_by={"early_config_prune": prune_configs},
 )
-@triton.jit
+@triton.jit(do_not_specialize=["total_q", "total_k", "bt_cols", "num_pages", "kv_idx_cols", "full_idx_cols"])
 def fwd_kernel(
     Q,
     K,
@@ -111,6 +113,15 @@ def fwd_kernel(
     rng_offset,
     SEQ_BUCKET_Q,
     SEQ_BUCKET_K,
+    total_q,
+    total_k,
+    LeftPad,
+    BlockTable,
+    stride_bt_b,
+    bt_cols,
+    num_pages,
+    kv_idx_cols,
+    full_idx_cols,
     HEADDIM: tl.constexpr,
     HEADDIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -126,6 +137,9 @@ def fwd_kernel(
     HAS_RIGHT_EDGE: tl.constexpr,
     HAS_CHUNK: tl.constexpr,
     HAS_SINK: tl.constexpr,
+    HAS_LEFTPAD: tl.constexpr,
+    PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
     score_mod_fn: tl.constexpr,
     mask_mod_fn: tl.constexpr,
     HAS_SCORE_MOD: tl.constexpr,
@@ -151,6 +165,13 @@ def fwd_kernel(
     ``V_T``: V is stored transposed, ``(batch, nheads_k, headdim_v, seqlen_k)`` (varlen ``(nheads_k,
     headdim_v, total_k)``), ``stride_vn`` = 1 and ``stride_vd`` its row stride (the FP8 path: Hopper's FP8
     tensor-core dot needs a K-major V). ``P_SHIFT``: probabilities are computed as ``p * 2^P_SHIFT``.
+    ``HAS_LEFTPAD`` (varlen): sequence b's keys start ``LeftPad[b]`` rows into its slice, its length (from
+    ``cu_seqlens_k`` or ``seqused_k``) shrinks by as much (flash-attn's ``leftpad_k``). ``PAGED`` (varlen): K / V
+    are a paged cache ``(num_pages, PAGE_SIZE, nheads_k, d)`` (``stride_kb`` / ``stride_vb``: the page strides),
+    key j of sequence b in page ``BlockTable[b, (leftpad + j) // PAGE_SIZE]``; ``cu_seqlens_k`` / ``seqused_k``
+    give the lengths, capped at the table row's ``bt_cols * PAGE_SIZE``.
+    ``total_q`` / ``total_k``, ``kv_idx_cols`` / ``full_idx_cols``, ``num_pages``: the bounds every index read
+    from a tensor's values is clamped to.
     ``EVEN_M``: every query block is full (dense, seqlen_q a multiple of MAX_BLOCK_M = 128): the Q load and
     the O / LSE stores drop their row masks (H200, 128x128 tile: d128 non-causal 1k 405 -> 419, 4k 477 -> 486
     TFLOP/s; bench/forward_variants.py masked_rows times the masks back in).
@@ -161,11 +182,39 @@ def fwd_kernel(
     start_m, off_h, off_b = lpt_program_ids(LPT, IS_LOCAL)
     off_hk = off_h // group
 
-    q_start, seqlen_q, k_start, seqlen_k = seq_bounds(
-        off_b, cu_seqlens_q, cu_seqlens_k, seqlen_q_dense, seqlen_k_dense, IS_VARLEN
-    )
+    # Every value read from an index tensor (cu_seqlens, seqused_k, leftpad_k, block table, block-sparse lists)
+    # is clamped before it addresses memory: with host value checks off (CUDA graphs, torch.compile, the
+    # value_checks setting) garbage values give garbage out, never a read or write outside the tensors.
+    # Scalar clamps once per program; valid values pass unchanged.
+    if IS_VARLEN:
+        q_start, seqlen_q = varlen_bounds(cu_seqlens_q, off_b, total_q)
+        if PAGED:
+            # keys through the block table: cu_seqlens_k gives lengths only, at most the table row's capacity
+            k_start = 0
+            k_len = tl.load(cu_seqlens_k + off_b + 1) - tl.load(cu_seqlens_k + off_b)
+            seqlen_k = clamp(k_len, 0, bt_cols * PAGE_SIZE)
+        else:
+            k_start, seqlen_k = varlen_bounds(cu_seqlens_k, off_b, total_k)
+    else:
+        q_start = 0
+        k_start = 0
+        seqlen_q = seqlen_q_dense
+        seqlen_k = seqlen_k_dense
     if HAS_SEQUSED:
-        seqlen_k = tl.load(seqused_k + off_b)
+        if PAGED:
+            seqlen_k = clamp(tl.load(seqused_k + off_b), 0, bt_cols * PAGE_SIZE)
+        else:
+            seqlen_k = clamp(tl.load(seqused_k + off_b), 0, seqlen_k)
+    # left padding (flash-attn's leftpad_k): the keys start leftpad rows into the sequence's slice (a paged
+    # sequence: into its first page) and the length (cu_seqlens_k's or seqused_k's) shrinks by as much
+    k_row0 = 0
+    if HAS_LEFTPAD:
+        leftpad = clamp(tl.load(LeftPad + off_b), 0, seqlen_k)
+        seqlen_k = seqlen_k - leftpad
+        if PAGED:
+            k_row0 = leftpad
+        else:
+            k_start = k_start + leftpad
     if start_m * BLOCK_M >= seqlen_q:
         return
 
@@ -173,18 +222,23 @@ def fwd_kernel(
     q_base = (
         Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qm
     )
-    k_base = (
-        K
-        + off_b.to(tl.int64) * stride_kb
-        + off_hk.to(tl.int64) * stride_kh
-        + k_start.to(tl.int64) * stride_kn
-    )
-    v_base = (
-        V
-        + off_b.to(tl.int64) * stride_vb
-        + off_hk.to(tl.int64) * stride_vh
-        + k_start.to(tl.int64) * stride_vn
-    )
+    if PAGED:
+        # the kv head in page 0; pages are stride_kb / stride_vb apart (fwd_step looks them up)
+        k_base = K + off_hk.to(tl.int64) * stride_kh
+        v_base = V + off_hk.to(tl.int64) * stride_vh
+    else:
+        k_base = (
+            K
+            + off_b.to(tl.int64) * stride_kb
+            + off_hk.to(tl.int64) * stride_kh
+            + tl.cast(k_start, tl.int64) * stride_kn
+        )
+        v_base = (
+            V
+            + off_b.to(tl.int64) * stride_vb
+            + off_hk.to(tl.int64) * stride_vh
+            + tl.cast(k_start, tl.int64) * stride_vn
+        )
     o_base = (
         Out
         + off_b.to(tl.int64) * stride_ob
@@ -284,8 +338,28 @@ def fwd_kernel(
         IS_VARLEN,
         P_SHIFT,
         FUSED_SCALE,
+        PAGED,
+        PAGE_SIZE,
+        # one block-table read per tile when a tile never straddles pages
+        PAGED and PAGE_SIZE >= BLOCK_N and not HAS_LEFTPAD,
     )
-    kv = KVTiles(k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, stride_vd, offs_d, offs_dv)
+    kv = KVTiles(
+        k_base,
+        v_base,
+        k_desc,
+        v_desc,
+        stride_kn,
+        stride_vn,
+        stride_vd,
+        offs_d,
+        offs_dv,
+        BlockTable + off_b.to(tl.int64) * stride_bt_b,
+        bt_cols,
+        num_pages,
+        stride_kb,
+        stride_vb,
+        k_row0,
+    )
     sc = ScoreArgs(
         offs_m,
         seqlen_q,
@@ -311,7 +385,7 @@ def fwd_kernel(
         q_blk = (start_m * BLOCK_M) // SPARSE_Q
         nb_ptr = KvNum + off_b.to(tl.int64) * stride_nb_b + off_h * stride_nb_h + q_blk
         idx_ptr = KvIdx + off_b.to(tl.int64) * stride_idx_b + off_h * stride_idx_h + q_blk * stride_idx_q
-        n_blocks = tl.load(nb_ptr)
+        n_blocks = clamp(tl.load(nb_ptr), 0, kv_idx_cols)
         acc, l_i, m_i = fwd_inner(
             acc,
             l_i,
@@ -336,7 +410,7 @@ def fwd_kernel(
             fidx_ptr = (
                 FullIdx + off_b.to(tl.int64) * stride_fidx_b + off_h * stride_fidx_h + q_blk * stride_fidx_q
             )
-            n_full = tl.load(fnb_ptr)
+            n_full = clamp(tl.load(fnb_ptr), 0, full_idx_cols)
             # full blocks: no mask_mod; the band rules only in tiles outside [full_lo, full_hi)
             acc, l_i, m_i = fwd_inner(
                 acc,

@@ -106,18 +106,29 @@ def launch_forward(
     mask_mod=None,
     block_mask=None,
     descale=None,
+    leftpad_k=None,
+    block_table=None,
 ):
     """Launch :func:`fwd_kernel` writing ``out`` and ``lse``; return the normalised window
-    ``(left, right, is_local)`` (for :func:`launch_probs`)."""
+    ``(left, right, is_local)`` (for :func:`launch_probs`).
+
+    Varlen only: ``leftpad_k`` ``(batch,)`` int32, sequence b's keys start ``leftpad_k[b]`` rows into its slice
+    and its length shrinks by as much; ``block_table`` ``(batch, max_pages)`` int32 with k / v a paged cache
+    ``(num_pages, page_size, nheads_k, d)`` (page size a power of two >= 16): the kernel reads the keys
+    through the table, ``cu_seqlens_k`` / ``seqused_k`` give the lengths."""
+    paged = block_table is not None
     nheads, nheads_k, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     is_fp8 = descale is not None
     # FA_PLUS_FP8_LAYOUT=1: 16-bit inputs take the FP8 path's layout too (transposed V, shifted P), so that
     # the CPU interpreter tests it (it cannot run FP8 dots) and timings can compare the layouts
     v_t = is_fp8 or os.environ.get("FA_PLUS_FP8_LAYOUT", "0") == "1"
     if v_t:
+        if paged:
+            raise V.FlashAttnValueError("block_table is not supported with FP8 inputs (or the FP8 layout)")
         v = transposed_v(v, varlen)
     sv = v.stride()
-    stride_vb = 0 if varlen else sv[0]
+    # paged: the batch stride slot carries the page stride
+    stride_vb = sv[0] if paged or not varlen else 0
     # (stride_vb, stride_vn, stride_vh, stride_vd); the keys-last copy: keys contiguous, stride_vd between headdim rows
     v_strides = (stride_vb, 1, sv[-3], sv[-2]) if v_t else (stride_vb, sv[-3], sv[-2], 0)
     full = full_blocks(block_mask)
@@ -131,6 +142,8 @@ def launch_forward(
         sq_b = sk_b = 0
         stride_qb = stride_kb = stride_ob = 0
         stride_lb, stride_lh = 0, sl[0]
+        if paged:
+            stride_kb = sk[0]
     else:
         sq_b, sk_b = q.shape[1], k.shape[1]
         stride_qb, stride_kb, stride_ob = sq[0], sk[0], so[0]
@@ -187,6 +200,19 @@ def launch_forward(
         offset,
         seq_bucket(max_seqlen_q),
         seq_bucket(max_seqlen_k),
+        # bounds of the values read from index tensors (the kernel clamps them: fa_core.masking.varlen_bounds)
+        total_q=q.shape[0] if varlen else 0,
+        total_k=k.shape[0] if varlen and not paged else 0,
+        LeftPad=leftpad_k if leftpad_k is not None else dummy_i32,
+        BlockTable=block_table if paged else dummy_i32,
+        stride_bt_b=block_table.stride(0) if paged else 0,
+        bt_cols=block_table.shape[1] if paged else 0,
+        num_pages=k.shape[0] if paged else 0,
+        kv_idx_cols=block_mask.kv_indices.shape[-1] if block_mask is not None else 0,
+        full_idx_cols=full[1].shape[-1] if full is not None else 0,
+        HAS_LEFTPAD=leftpad_k is not None,
+        PAGED=paged,
+        PAGE_SIZE=k.shape[1] if paged else 16,
         HEADDIM=d,
         HEADDIM_V=dv,
         BLOCK_D=max(next_pow2(d), min_block),
@@ -223,7 +249,7 @@ def launch_forward(
         HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None,
         HAS_DROPOUT=dropout_p > 0,
-        TMA_OK=tma_ok(q, k, v, out),
+        TMA_OK=not paged and tma_ok(q, k, v, out),
         # full query blocks for every tile: no row masks on Q, O, LSE
         EVEN_M=not varlen and max_seqlen_q % MAX_BLOCK_M == 0,
     )

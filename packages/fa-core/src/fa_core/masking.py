@@ -156,6 +156,30 @@ def seq_bounds(off_b, cu_seqlens_q, cu_seqlens_k, seqlen_q_dense, seqlen_k_dense
 
 
 @triton.jit
+def clamp(x, lo, hi):
+    """``x`` clamped to ``[lo, hi]`` (``hi`` wins when ``lo > hi``)."""
+    return tl.minimum(tl.maximum(x, lo), hi)
+
+
+@triton.jit
+def clamp_index(x, n):
+    """``x`` clamped to ``[0, n)``, and 0 when ``n <= 0``: every index a kernel reads from a tensor's values (a
+    block id, a page) passes through it before it addresses memory."""
+    return tl.maximum(tl.minimum(x, n - 1), 0)
+
+
+@triton.jit
+def varlen_bounds(cu_seqlens, off_b, total):
+    """``(start, length)`` of sequence ``off_b`` of a packed batch, with both ``cu_seqlens`` entries clamped to
+    ``[0, total]`` and the end to ``>= start``: for any values (non-monotone, negative, past the total: host
+    checks off, CUDA-graph replays, ``torch.compile``) the sequence stays inside the ``total`` packed rows;
+    for valid ones the clamps change nothing. Two scalar min / max per entry, once per program."""
+    start = clamp(tl.load(cu_seqlens + off_b), 0, total)
+    end = clamp(tl.load(cu_seqlens + off_b + 1), start, total)
+    return start, end - start
+
+
+@triton.jit
 def kv_range(
     start_m,
     seqlen_q,
