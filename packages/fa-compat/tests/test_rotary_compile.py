@@ -81,15 +81,20 @@ def test_compile_dynamic_shapes(name):
     check(case, _compiled(case, "aot_eager", dynamic=True), grad=True, eager=eager)
 
 
-def test_dynamic_shapes_one_graph_for_new_sizes():
+@pytest.mark.parametrize("grad", [False, True])
+def test_dynamic_shapes_one_graph_for_new_sizes(grad):
     # after the first recompile marks sizes dynamic, new batch sizes / lengths / int offsets reuse the graph
+    # (sizes and ints 0 / 1 are always specialized by dynamo, hence none here)
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     fn = torch.compile(apply_rotary_emb_qkv_, backend=counter, fullgraph=True)
-    for batch, seqlen, offset in [(2, 8, 1), (3, 5, 2), (1, 7, 4), (4, 9, 3), (5, 3, 0)]:
+    for batch, seqlen, offset in [(2, 8, 2), (3, 5, 3), (5, 7, 4), (4, 9, 3), (6, 3, 5)]:
         cos = torch.rand(16, 8, device=DEVICE, dtype=DTYPE)
         sin = torch.rand(16, 8, device=DEVICE, dtype=DTYPE)
-        qkv = torch.randn(batch, seqlen, 3, 2, 16, device=DEVICE, dtype=DTYPE)
-        fn(qkv, cos, sin, seqlen_offsets=offset)
+        qkv = torch.randn(batch, seqlen, 3, 2, 16, device=DEVICE, dtype=DTYPE, requires_grad=grad)
+        offsets = torch.full((batch,), offset, dtype=torch.int32, device=DEVICE) if grad else offset
+        out = fn(qkv, cos, sin, seqlen_offsets=offsets)
+        if grad:
+            out.backward(torch.randn_like(out))
     assert counter.frame_count <= 2, counter.frame_count
 
 

@@ -412,7 +412,7 @@ def apply_rotary(
         # max_seqlen may arrive as a 0-dim integer tensor (e.g. from HF's cu_seqlens.diff().max()).
         if isinstance(max_seqlen, torch.Tensor):
             max_seqlen = int(max_seqlen)
-        elif not isinstance(max_seqlen, torch.SymInt):
+        elif not isinstance(max_seqlen, (int, torch.SymInt)):
             max_seqlen = operator.index(max_seqlen)
         if max_seqlen < 0:
             raise FlashAttnValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
@@ -461,7 +461,8 @@ def apply_rotary(
     else:
         if isinstance(seqlen_offsets, bool):
             raise TypeError("seqlen_offsets must be an int or an integer tensor, got bool")
-        if isinstance(seqlen_offsets, torch.SymInt):  # torch.compile with dynamic shapes
+        if isinstance(seqlen_offsets, (int, torch.SymInt)):
+            # as is: operator.index would specialize a symbolic int under torch.compile (a recompile per value)
             offset_int = seqlen_offsets
         else:
             try:
