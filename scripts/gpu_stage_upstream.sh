@@ -4,7 +4,8 @@
 # sample of cases per test function (tests/upstream/conftest.py, docs/upstream-suite.md).
 #
 # flash_attn comes from the installed wheels of .whl/fa when present (scripts/build_gpu_wheels.sh; installed
-# into /tmp/fa_site, the flash-attn shim distribution included), else from the source trees (PYTHONPATH).
+# into /tmp/fa_site, the flash-attn shim distribution included), else (or with UPSTREAM_FROM_SOURCE=1) from
+# the source trees (PYTHONPATH).
 #
 # Environment: OUT (default /tmp/gpu_out): upstream-<ref>.json and upstream-<ref>.log go there;
 #   UPSTREAM_SEED (default: drawn once and used for every ref), UPSTREAM_SAMPLE (cases per test function,
@@ -26,14 +27,14 @@ fi
 
 # ---------------------------------------------------------------------------------------- flash_attn
 SITE=""
-if compgen -G ".whl/fa/*.whl" >/dev/null; then
+if [ "${UPSTREAM_FROM_SOURCE:-0}" != 1 ] && compgen -G ".whl/fa/*.whl" >/dev/null; then
     rm -rf /tmp/fa_site
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/fa_site .whl/fa/*.whl || exit 1
     SITE=/tmp/fa_site
     echo "flash_attn: installed wheels of .whl/fa ($(ls .whl/fa | tr '\n' ' '))"
 else
     SITE="$ROOT/packages/fa-core/src:$ROOT/packages/fa-backward/src:$ROOT/packages/fa-kvcache/src:$ROOT/packages/fa-compat/src"
-    echo "flash_attn: source trees (no .whl/fa)"
+    echo "flash_attn: source trees"
 fi
 EXTRA=""
 if ! "$PY" -c "import einops" 2>/dev/null; then
