@@ -5,15 +5,17 @@ Odd seqlens (113, 257, 1, an empty sequence), head dims 72 / 96 / 256 (padded ti
 window, varlen, kvcache contiguous (split-KV + combine) and paged (append + attention). Every result is checked
 against the fp32 reference so the run also says the launches computed the right thing.
 
-Out-of-range index values (``--subset oob``, a separate run so that each fits its sanitizer time limit): with value checks off (as under CUDA-graph
-capture or torch.compile) the kernels must stay inside their tensors whatever ``cache_seqlens``,
-``block_table``, ``cache_batch_idx``, ``leftpad_k`` (kvcache) or ``cu_seqlens_q`` / ``cu_seqlens_k`` /
-``seqused_k`` (varlen forward) hold: past the capacity, negative, int32 extremes, non-monotone. memcheck must
-report 0 errors; the plain run checks that every output is finite (no fault, no NaN from outside the inputs).
+Out-of-range index values (``--subset oob``, a separate run so that each fits its sanitizer time limit): with
+value checks off (as under CUDA-graph capture or torch.compile) the kernels must stay inside their tensors
+whatever ``cache_seqlens``, ``block_table``, ``cache_batch_idx``, ``leftpad_k`` (kvcache) or ``cu_seqlens_q`` /
+``cu_seqlens_k`` / ``seqused_k`` (varlen forward) or a paged varlen ``block_table`` hold: past the capacity,
+negative, int32 extremes, non-monotone. memcheck must report 0 errors; the plain run checks that every output
+is finite (no fault, no NaN from outside the inputs).
 
     python scripts/sanitize_kernels.py                 # plain run (also warms the Triton cache)
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python scripts/sanitize_kernels.py
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python scripts/sanitize_kernels.py --subset oob
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+        python scripts/sanitize_kernels.py --subset oob
     compute-sanitizer --tool racecheck python scripts/sanitize_kernels.py --subset race
 
 ``--subset race``: one forward and one backward launch only (racecheck is much slower).

@@ -26,7 +26,7 @@ DTYPE = torch.float16
 
 # ------------------------------------------------------------------------------- flash-attn's test helpers
 def _scores(q, k, softmax_scale, causal, window_size, alibi_slopes):
-    """fp32 scores ``(b, h, sq, sk)`` with -inf where masked (flash-attn's test: einsum of the upcast q, k)."""
+    """fp32 scores ``(b, h, sq, sk)``, -inf where masked (flash-attn's test: einsum of the upcast q, k)."""
     q, k = q.float(), k.float()
     g = q.shape[2] // k.shape[2]
     k = k.repeat_interleave(g, dim=2)

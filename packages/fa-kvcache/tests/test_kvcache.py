@@ -619,7 +619,8 @@ def test_fused_combine(monkeypatch, page, seqlen_q, sink, splits):
 @pytest.mark.parametrize("page", [0, 16])
 def test_num_splits_is_honoured(monkeypatch, page):
     """num_splits = n launches n key splits (then the combine), 1 launches one split and no combine, 0 the
-    heuristic's count; above 128 (flash-attn's limit) it is capped at 128. Outputs agree with the reference."""
+    heuristic's count; above 128 (flash-attn's limit) it is capped at 128. Outputs agree with the
+    reference."""
     import fa_kvcache.interface as ki
 
     seen: list[tuple[str, int]] = []

@@ -27,7 +27,8 @@ GUARD = 2  # guard blocks / batch rows on each side of a cache
 
 
 def _guarded(n: int, *rest: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(pool, view)``: a random ``(n, *rest)`` cache viewed inside a NaN-filled pool of ``n + 2 * GUARD``."""
+    """``(pool, view)``: a random ``(n, *rest)`` cache viewed inside a NaN-filled pool of ``n + 2 * GUARD``
+    rows."""
     pool = torch.full((n + 2 * GUARD, *rest), float("nan"), dtype=DTYPE, device=DEVICE)
     view = pool[GUARD : GUARD + n]
     view.copy_(torch.randn(n, *rest, dtype=torch.float32, device=DEVICE).to(DTYPE))

@@ -151,8 +151,8 @@ def probs_kernel(
 
 
 # ------------------------------------------------------------------------------------------------- S_dmask
-# flash-attn's ``S_dmask`` (``return_attn_probs=True`` with dropout) is not the probabilities: its CUDA forward
-# walks the key blocks of ``_get_block_size_n`` columns from the last to the first, and for each block stores
+# flash-attn's ``S_dmask`` (``return_attn_probs=True`` with dropout) is not the probabilities: its CUDA
+# forward walks the key blocks of ``_get_block_size_n`` columns from the last to the first, and for each block stores
 # ``exp(s - m)`` in the input dtype, ``m`` the row's running max over that block and every block to its right
 # (the max at that point of the online softmax), dropped entries negated. Its tests recover the probabilities
 # with ``normalize_flash_attn_S``: recompute the per-block maxima from q and k, take their reverse cumulative

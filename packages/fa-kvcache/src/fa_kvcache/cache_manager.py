@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fa_core.errors import FlashAttnValueError
+
 __all__ = ["CacheFullError", "PagedKVCache"]
 
 
@@ -69,7 +71,7 @@ class PagedKVCache:
         max_blocks_per_seq: int | None = None,
     ) -> None:
         if num_blocks < 1 or page_size < 1 or nheads_k < 1 or headdim < 1:
-            raise ValueError("num_blocks, page_size, nheads_k and headdim must all be >= 1")
+            raise FlashAttnValueError("num_blocks, page_size, nheads_k and headdim must all be >= 1")
         self.num_blocks = int(num_blocks)
         self.page_size = int(page_size)
         self.max_blocks_per_seq = max_blocks_per_seq
@@ -109,7 +111,7 @@ class PagedKVCache:
     def add_sequence(self, seq_id: Hashable) -> None:
         """Register an empty sequence (no block is taken until tokens are appended)."""
         if seq_id in self._seqs:
-            raise ValueError(f"sequence {seq_id!r} already exists")
+            raise FlashAttnValueError(f"sequence {seq_id!r} already exists")
         self._seqs[seq_id] = _Seq()
 
     def free_sequence(self, seq_id: Hashable) -> None:
@@ -123,7 +125,7 @@ class PagedKVCache:
         """New sequence ``dst_id`` sharing all of ``src_id``'s blocks (no copy until one of them writes)."""
         src = self._get(src_id)
         if dst_id in self._seqs:
-            raise ValueError(f"sequence {dst_id!r} already exists")
+            raise FlashAttnValueError(f"sequence {dst_id!r} already exists")
         for b in src.blocks:
             self._ref[b] += 1
         self._seqs[dst_id] = _Seq(list(src.blocks), src.length)
@@ -139,7 +141,7 @@ class PagedKVCache:
         All-or-nothing: raises :class:`CacheFullError` (cache unchanged) if the blocks do not suffice.
         """
         if len(set(seq_ids)) != len(seq_ids):
-            raise ValueError("seq_ids must be distinct")
+            raise FlashAttnValueError("seq_ids must be distinct")
         self._reserve_all([(s, num_new) for s in seq_ids])
         lens = [self._seqs[s].length - num_new for s in seq_ids]
         return self.block_table(seq_ids, width), self._lens_tensor(lens)
@@ -149,7 +151,7 @@ class PagedKVCache:
         tokens (plain PyTorch indexing; for prompts / tests). Returns the position of the first token."""
         n = k.shape[0]
         if v.shape[0] != n or k.shape[1:] != self.k_cache.shape[2:] or v.shape[1:] != self.v_cache.shape[2:]:
-            raise ValueError(
+            raise FlashAttnValueError(
                 f"k/v must be (n, {self.k_cache.shape[2]}, {self.k_cache.shape[3]}) and "
                 f"(n, {self.v_cache.shape[2]}, {self.v_cache.shape[3]}); got {tuple(k.shape)}, {tuple(v.shape)}"
             )
@@ -170,7 +172,9 @@ class PagedKVCache:
         if width is None:
             width = self.max_blocks_per_seq if self.max_blocks_per_seq is not None else max(need, 1)
         if need > width:
-            raise ValueError(f"a sequence has {need} blocks, more than the block-table width {width}")
+            raise FlashAttnValueError(
+                f"a sequence has {need} blocks, more than the block-table width {width}"
+            )
         rows = [s.blocks + [0] * (width - len(s.blocks)) for s in seqs]
         return torch.tensor(rows, dtype=torch.int32).reshape(len(seqs), width).to(self.k_cache.device)
 
@@ -224,7 +228,7 @@ class PagedKVCache:
         for sid, n in requests:
             seq = self._get(sid)
             if n < 0:
-                raise ValueError(f"num_new must be >= 0, got {n}")
+                raise FlashAttnValueError(f"num_new must be >= 0, got {n}")
             if n == 0:
                 continue
             total_blocks = -(-(seq.length + n) // self.page_size)

@@ -111,16 +111,17 @@ def value_checks(
             else f"the cache capacity (k_cache.shape[1] = {capacity})"
         )
         raise FlashAttnValueError(
-            f"cache too small: max(cache_seqlens){' + seqlen_new' if seqlen_new else ''} = {max_total} exceeds "
+            f"cache too small: max(cache_seqlens){' + seqlen_new' if seqlen_new else ''} = {max_total} "
+            "exceeds "
             f"{where}; cache_seqlens = {lens.tolist()}"
         )
     if n_pad:
         raise FlashAttnValueError(
             f"{leftpad_name} must lie in [0, cache_seqlens] = {lens.tolist()}; got {start.tolist()}"
         )
-    if n_idx:
+    if n_idx and cache_batch_idx is not None:
         raise FlashAttnValueError(
-            f"cache_batch_idx entries must lie in [0, {batch_cache}); got {cache_batch_idx.tolist()}"  # type: ignore[union-attr]
+            f"cache_batch_idx entries must lie in [0, {batch_cache}); got {cache_batch_idx.tolist()}"
         )
     if n_bt and bt_bad_mask is not None and block_table is not None:
         b, c = (int(x) for x in bt_bad_mask.nonzero()[0])
@@ -151,12 +152,9 @@ def validate(
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         V.check_tensor(name, t, 4)
     V.check_compute_device("q", q)
-    V.check_dtype("q", q)
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and settings.interpreting():
-        raise TypeError(
-            "q has dtype torch.bfloat16 on CPU: Triton's interpreter computes bfloat16 tl.dot wrongly, so "
-            "CPU tensors must be float16 or float32 (bfloat16 runs on the GPU)"
-        )
+    V.check_dtype(
+        "q", q
+    )  # also refuses bfloat16 CPU tensors under the interpreter (its bf16 tl.dot is wrong)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         V.check_device(name, t, "q", q)
         if t.dtype != q.dtype:
@@ -204,8 +202,8 @@ def validate(
             )
         if cache_leftpad is not None:
             raise FlashAttnValueError(
-                f"{leftpad_name} cannot be combined with block_table: a paged KV cache with left padding is not "
-                "supported (as in flash-attn)"
+                f"{leftpad_name} cannot be combined with block_table: a paged KV cache with left padding is "
+                "not supported (as in flash-attn)"
             )
     elif cache_batch_idx is not None and k_cache.shape[0] == 0 and batch > 0:
         raise FlashAttnValueError("k_cache has batch 0: cache_batch_idx has no row to select")
