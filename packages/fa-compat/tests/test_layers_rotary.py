@@ -41,11 +41,61 @@ def _ref(x, cos, sin, interleaved=False, offsets=0):
 
 
 def test_ops_triton_reexport():
-    from fa_core.rotary import apply_rotary
+    from fa_core.rotary import apply_rotary, rotary_kernel
     from flash_attn.ops.triton.rotary import apply_rotary as reexported
+    from flash_attn.ops.triton.rotary import rotary_kernel as kernel
 
     assert reexported is apply_rotary
+    assert kernel is rotary_kernel
     assert apply_rotary_emb_func is apply_rotary_emb
+
+
+@pytest.mark.parametrize("offsets_kind", ["int", "tensor"])
+def test_in_place_forms_accept_a_leaf_that_requires_grad(offsets_kind):
+    # flash-attn's in-place Functions rotate a leaf's data and return an alias carrying the rotation's gradient
+    torch.manual_seed(7)
+    cos, sin = _cos_sin(9, 8)
+    offs = 2 if offsets_kind == "int" else torch.tensor([0, 3], dtype=torch.int32, device=DEVICE)
+    qkv0 = torch.randn(2, 4, 3, 2, 16, device=DEVICE)
+    qkv = qkv0.clone().requires_grad_()
+    out = apply_rotary_emb_qkv_(qkv, cos, sin, seqlen_offsets=offs)
+    assert out.data_ptr() == qkv.data_ptr() and out.grad_fn is not None
+    leaf = qkv0.clone().requires_grad_()
+    ref = torch.stack(
+        [_ref(leaf[:, :, 0], cos, sin, False, offs), _ref(leaf[:, :, 1], cos, sin, False, offs)], 2
+    )
+    ref = torch.cat([ref, leaf[:, :, 2:]], dim=2)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=ATOL)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(qkv.grad, leaf.grad, atol=ATOL, rtol=ATOL)
+    kv = qkv0[:, :, 1:].clone().requires_grad_()
+    out_kv = apply_rotary_emb_kv_(kv, cos, sin, seqlen_offsets=offs)
+    assert out_kv.data_ptr() == kv.data_ptr()
+    torch.testing.assert_close(out_kv, ref[:, :, 1:].detach(), atol=ATOL, rtol=ATOL)
+
+
+def test_in_place_forms_without_grad_return_the_input():
+    torch.manual_seed(8)
+    cos, sin = _cos_sin(6, 8)
+    offs = torch.tensor([1, 2], dtype=torch.int32, device=DEVICE)
+    orig = torch.randn(2, 4, 3, 2, 16, device=DEVICE)
+    want = torch.stack([_ref(orig[:, :, i], cos, sin, False, offs) for i in (0, 1)] + [orig[:, :, 2]], dim=2)
+    with torch.no_grad():
+        qkv = orig.clone()
+        assert apply_rotary_emb_qkv_(qkv, cos, sin, seqlen_offsets=offs) is qkv
+        x = orig[:, :, 0].clone()
+        assert apply_rotary_emb(x, cos, sin, inplace=True, seqlen_offsets=offs) is x
+        kv = orig[:, :, 1:].clone()
+        assert apply_rotary_emb_kv_(kv, cos, sin, seqlen_offsets=offs) is kv
+        # a tensor that requires grad, under no_grad: rotated in place, no history
+        qkv_rg = orig.clone().requires_grad_()
+        assert apply_rotary_emb_qkv_(qkv_rg, cos, sin, seqlen_offsets=offs) is qkv_rg
+    for got in (qkv, qkv_rg.detach()):
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(x, want[:, :, 0], atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(kv, want[:, :, 1:], atol=ATOL, rtol=ATOL)
 
 
 def test_rotate_half():

@@ -114,6 +114,14 @@ def test_compile_inductor_packed_qkv_tensor_offsets():
     check(case, _compiled(case, "inductor"), grad=True, eager=eager)
 
 
+def test_compile_inductor_in_place_on_a_view_without_grad():
+    # inductor's functionalization of the in-place op on a view of the caller's tensor (K of a packed kv)
+    torch.manual_seed(5)
+    case = build("kv,off=tensor,il=1,rd=half", DEVICE, DTYPE, DIMS)
+    eager = check(case, case.make_fn(), grad=False)
+    check(case, _compiled(case, "inductor"), grad=False, eager=eager)
+
+
 # ------------------------------------------------------------------------------------------ custom ops
 def _op_args(offsets: str, varlen: bool):
     if varlen:

@@ -200,3 +200,52 @@ def test_device_mismatch():
     x = torch.randn(2, 4, 2, 8, device="cuda")
     with pytest.raises(ValueError, match="cos must be on the same device"):
         apply_rotary(x, torch.ones(8, 4), torch.zeros(8, 4, device="cuda"))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_apply_rotary_is_differentiable(inplace, varlen):
+    # out of place: the op's registered gradient; in place on a non-leaf: the same op and a tracked copy_
+    torch.manual_seed(4)
+    cos, sin = _cos_sin(12, 12, torch.float32)
+    if varlen:
+        kw = dict(cu_seqlens=torch.tensor([0, 3, 8], dtype=torch.int32, device=DEVICE), max_seqlen=5)
+        x0 = torch.randn(8, 2, 16, device=DEVICE)
+        kw["seqlen_offsets"] = torch.tensor([2, 0], dtype=torch.int32, device=DEVICE)
+    else:
+        kw = dict(seqlen_offsets=torch.tensor([2, 5], dtype=torch.int32, device=DEVICE))
+        x0 = torch.randn(2, 6, 2, 16, device=DEVICE)
+    x = x0.clone().requires_grad_()
+    inp = x * 1.0 if inplace else x
+    out = apply_rotary(inp, cos, sin, interleaved=True, inplace=inplace, **kw)
+    assert (out is inp) == inplace
+    g = torch.randn_like(out)
+    g_copy = g.clone()
+    out.backward(g)
+    assert torch.equal(g, g_copy), "backward must not write into the caller's gradient"
+    x64 = x0.double().requires_grad_()
+    ref = apply_rotary_ref(x64, cos.double(), sin.double(), interleaved=True, **kw)
+    ref.backward(g.double())
+    _check(out.detach(), x0, cos, sin, interleaved=True, **kw)
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_in_place_on_a_leaf_that_requires_grad_is_refused():
+    # autograd cannot record an in-place write into a leaf; the caller gets PyTorch's error, nothing silent
+    x = torch.randn(1, 4, 1, 8, device=DEVICE, requires_grad=True)
+    cos, sin = _cos_sin(4, 8, torch.float32)
+    with pytest.raises(RuntimeError, match="leaf"):
+        apply_rotary(x, cos, sin, inplace=True)
+    with torch.no_grad():
+        assert apply_rotary(x, cos, sin, inplace=True) is x
+
+
+def test_kernel_does_not_specialize_on_problem_sizes():
+    from fa_core.rotary import rotary_kernel
+
+    names = getattr(rotary_kernel, "kwargs", {}).get("do_not_specialize")
+    if names is None:  # a compiled JITFunction: indices or names
+        names = [
+            rotary_kernel.arg_names[n] if isinstance(n, int) else n for n in rotary_kernel.do_not_specialize
+        ]
+    assert {"seqlen", "nheads", "seqlen_ro", "SEQLEN_OFFSETS"} <= set(names)
