@@ -2,6 +2,30 @@
 loops (one tile: :func:`_dkdv_step` / :func:`_dq_step`; a range or a block-sparse list of tiles:
 :func:`_dkdv_inner` / :func:`_dq_inner`). The kernels that call them are in :mod:`fa_backward.backward_kernel`,
 whose docstring has the design (transposed dK/dV tiles, argument swap, programmable attention).
+
+The inner loops and steps take what a kernel holds fixed for all its loops as tuples built by the kernel
+(Triton's frontend flattens tuples of runtime values; ``tl.constexpr`` tuples stay compile-time), and what
+differs between the loops of one kernel by keyword. ``fixed = (tile, streamed, rules, scoring, dropout)``:
+
+* ``tile``: the program's resident tile and its index vectors: dK/dV ``(k, v, offs_n, offs_d, offs_dv)``, dQ
+  ``(q, do, lse, delta, offs_m, offs_d, offs_dv)``;
+* ``streamed``: where the other pass's tiles come from (:func:`stream_sources`): dK/dV ``(q_src, do_src,
+  stride_qm, stride_dom, lse_base, delta_base)``, dQ ``(k_src, v_src, stride_kn, stride_vn)``;
+* ``rules``: ``(seqlen_q, seqlen_k, window_left, window_right, chunk, full_lo, full_hi)``, the element rules
+  and the band interior ``[full_lo, full_hi)`` of the tiles that need none;
+* ``scoring``: ``(sm_scale, softcap, alibi_slope, off_b, off_h)``; ``dropout``: ``(seed, rng_offset, bh,
+  dropout_p)``.
+
+Three constexpr tuples:
+
+* ``FNS`` (constexpr): ``(score_mod_fn, score_grad_fn, mask_mod_fn)``; ``FLAGS`` (constexpr): ``(HAS_SCORE_MOD,
+  HAS_MASK_MOD, HAS_CHUNK, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT)``; ``SHAPE`` (constexpr):
+  ``(HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK, SPARSE_BLOCK, USE_TMA)`` with ``BLOCK`` the streamed tile's rows
+  (``BLOCK_M`` in dK/dV, ``BLOCK_N`` in dQ) and ``SPARSE_BLOCK`` the block mask's block along that axis.
+
+Per loop: ``start`` / ``end`` (a range of tiles), or ``blocks`` / ``n_blocks`` with ``FROM_LIST`` (a list of
+block-mask blocks: the pointer to its first index and its length); ``MASKED`` (bounds checks and every element rule: window / causal, chunk, mask_mod) and
+``DYN_MASK`` (block-sparse full blocks: the built-in rules only, and only in tiles that leave the band interior).
 """
 
 from __future__ import annotations
@@ -22,8 +46,6 @@ from fa_core.masking import (
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
-# Kernel code keeps Triton's customary compact argument lists (one line per group of strides / flags).
-# fmt: off
 
 # ------------------------------------------------------------------------------------------------ tiles
 @triton.jit
@@ -34,15 +56,41 @@ def _load_vec(ptrs, offs, n, other, CHECK: tl.constexpr):
 
 
 @triton.jit
-def stream_sources(a_base, b_base, seqlen, stride_a, stride_b, HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr,
-                   BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, USE_TMA: tl.constexpr):
+def _seq_base(ptr, off_b, off_h, start, stride_b, stride_h, stride_row):
+    """``ptr`` moved to row ``start`` of batch ``off_b``, head ``off_h`` (64-bit offsets: see CONVENTIONS)."""
+    return (
+        ptr + off_b.to(tl.int64) * stride_b + off_h.to(tl.int64) * stride_h + start.to(tl.int64) * stride_row
+    )
+
+
+@triton.jit
+def _load_rows(base, offs, seqlen, stride_row, offs_d, HEADDIM: tl.constexpr, EVEN_D: tl.constexpr):
+    """The rows ``offs`` (those < ``seqlen``; others 0) of a ``(rows, HEADDIM)`` matrix at ``base``."""
+    ptrs = base + offs[:, None].to(tl.int64) * stride_row + offs_d[None, :]
+    return load_tile(ptrs, offs, seqlen, offs_d, HEADDIM, True, EVEN_D)
+
+
+@triton.jit
+def stream_sources(
+    a_base,
+    b_base,
+    seqlen,
+    stride_a,
+    stride_b,
+    SHAPE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     """Where a pass's streamed pair of tiles (q / dout in dK/dV, k / v in dQ) comes from: with ``USE_TMA`` tensor
     descriptors over the sequence's rows (no per-element address math in the loop), else the base pointers."""
+    HEADDIM, HEADDIM_V, _EVEN_D, _EVEN_DV, BLOCK, _SPARSE, USE_TMA = SHAPE
     if USE_TMA:
-        a_src = tl.make_tensor_descriptor(a_base, shape=[seqlen, HEADDIM], strides=[stride_a, 1],
-                                          block_shape=[BLOCK, BLOCK_D])
-        b_src = tl.make_tensor_descriptor(b_base, shape=[seqlen, HEADDIM_V], strides=[stride_b, 1],
-                                          block_shape=[BLOCK, BLOCK_DV])
+        a_src = tl.make_tensor_descriptor(
+            a_base, shape=[seqlen, HEADDIM], strides=[stride_a, 1], block_shape=[BLOCK, BLOCK_D]
+        )
+        b_src = tl.make_tensor_descriptor(
+            b_base, shape=[seqlen, HEADDIM_V], strides=[stride_b, 1], block_shape=[BLOCK, BLOCK_DV]
+        )
     else:
         a_src = a_base
         b_src = b_base
@@ -50,10 +98,13 @@ def stream_sources(a_base, b_base, seqlen, stride_a, stride_b, HEADDIM: tl.const
 
 
 @triton.jit
-def _load_streamed(a_src, b_src, start, offs0, offs, seqlen, stride_a, stride_b, offs_d, offs_dv,
-                   HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
-                   EVEN_DV: tl.constexpr, USE_TMA: tl.constexpr):
-    """The streamed pair of tiles at row ``start`` (from :func:`stream_sources`)."""
+def _load_streamed(
+    src, start, offs0, offs, seqlen, offs_d, offs_dv, SHAPE: tl.constexpr, MASKED: tl.constexpr
+):
+    """The streamed pair of tiles at row ``start``; ``src = (a_src, b_src, stride_a, stride_b)`` (sources from
+    :func:`stream_sources`)."""
+    a_src, b_src, stride_a, stride_b = src
+    HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, _BLOCK, _SPARSE, USE_TMA = SHAPE
     if USE_TMA:
         # descriptors: rows past seqlen and columns past the head dim read 0
         a = a_src.load([start, 0])
@@ -62,10 +113,10 @@ def _load_streamed(a_src, b_src, start, offs0, offs, seqlen, stride_a, stride_b,
         # 64-bit tile base (a scalar) + 32-bit offsets inside the tile: loop-invariant, hoisted out of the loop
         a_tile = a_src + tl.cast(start, tl.int64) * stride_a
         b_tile = b_src + tl.cast(start, tl.int64) * stride_b
-        a = load_tile(a_tile + offs0[:, None] * stride_a + offs_d[None, :], offs, seqlen, offs_d, HEADDIM, MASKED,
-                      EVEN_D)
-        b = load_tile(b_tile + offs0[:, None] * stride_b + offs_dv[None, :], offs, seqlen, offs_dv, HEADDIM_V,
-                      MASKED, EVEN_DV)
+        a_ptrs = a_tile + offs0[:, None] * stride_a + offs_d[None, :]
+        a = load_tile(a_ptrs, offs, seqlen, offs_d, HEADDIM, MASKED, EVEN_D)
+        b_ptrs = b_tile + offs0[:, None] * stride_b + offs_dv[None, :]
+        b = load_tile(b_ptrs, offs, seqlen, offs_dv, HEADDIM_V, MASKED, EVEN_DV)
     return a, b
 
 
@@ -106,14 +157,16 @@ def _mod_scores(s2, off_b, off_h, q_idx, kv_idx, score_mod_fn: tl.constexpr, sco
 
 @triton.jit
 def _scores(
-    qk, offs_r, offs_c, seqlen_r, seqlen_c, q_idx, kv_idx, sm_scale, softcap, alibi_slope, off_b, off_h,
-    score_mod_fn: tl.constexpr, score_grad_fn: tl.constexpr,
-    HAS_SCORE_MOD: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, NAT_MOD: tl.constexpr,
+    qk, offs_r, offs_c, seqlen_r, seqlen_c, q_idx, kv_idx, scoring, FNS: tl.constexpr, FLAGS: tl.constexpr
 ):
     """Scores of a tile ``(rows, cols)`` (the dQ pass: queries x keys; the dK/dV pass: keys x queries, with
     ``q_idx`` / ``kv_idx`` broadcast to match) -> ``(s, dmod)``; ``dmod`` (d score_mod / d score) is meaningful
-    only for ``HAS_SCORE_MOD == 1``. ``NAT_MOD`` (a score_mod without softcap / ALiBi): ``s`` in natural-log
-    units straight from ``q @ k^T * scale``, the caller folding log2 into exp2's FMA; else in log2 units."""
+    only for ``HAS_SCORE_MOD == 1``. A score_mod without softcap / ALiBi: ``s`` in natural-log units straight
+    from ``q @ k^T * scale``, the caller folding log2 into exp2's FMA (:func:`_nat_mod`); else in log2 units."""
+    sm_scale, softcap, alibi_slope, off_b, off_h = scoring
+    score_mod_fn, score_grad_fn, _mask_mod_fn = FNS
+    HAS_SCORE_MOD, _HAS_MASK_MOD, _HAS_CHUNK, _IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, _HAS_DROPOUT = FLAGS
+    NAT_MOD: tl.constexpr = HAS_SCORE_MOD != 0 and not (HAS_SOFTCAP or HAS_ALIBI)
     if NAT_MOD:
         s = qk * sm_scale
         dmod = s
@@ -121,8 +174,9 @@ def _scores(
             dmod = score_grad_fn(s, off_b, off_h, q_idx, kv_idx)
         s = score_mod_fn(s, off_b, off_h, q_idx, kv_idx)
     else:
-        s = scores_log2(qk, offs_r, offs_c, seqlen_r, seqlen_c, sm_scale, softcap, alibi_slope, HAS_SOFTCAP,
-                        HAS_ALIBI)
+        s = scores_log2(
+            qk, offs_r, offs_c, seqlen_r, seqlen_c, sm_scale, softcap, alibi_slope, HAS_SOFTCAP, HAS_ALIBI
+        )
         dmod = s
         if HAS_SCORE_MOD == 1:
             s, dmod = _mod_scores(s, off_b, off_h, q_idx, kv_idx, score_mod_fn, score_grad_fn)
@@ -134,25 +188,35 @@ def _scores(
 # ------------------------------------------------------------------------------------------------ dK/dV
 @triton.jit
 def _dkdv_step(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-    start_m, apply_mask, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k,
-    sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
-    seed, rng_offset, bh, dropout_p, off_b, off_h,
-    score_mod_fn: tl.constexpr, score_grad_fn: tl.constexpr, mask_mod_fn: tl.constexpr,
-    HAS_SCORE_MOD: tl.constexpr, APPLY_MASK_MOD: tl.constexpr, HAS_CHUNK: tl.constexpr,
-    MASKED: tl.constexpr, DYN_MASK: tl.constexpr, IS_LOCAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr, USE_TMA: tl.constexpr,
+    dk,
+    dv,
+    fixed,
+    FNS: tl.constexpr,
+    FLAGS: tl.constexpr,
+    SHAPE: tl.constexpr,
+    start_m,
+    apply_mask,
+    MASKED: tl.constexpr,
+    DYN_MASK: tl.constexpr,
 ):
     """One query tile ``[start_m, start_m + BLOCK_M)`` of the dK/dV pass. ``MASKED``: bounds-checked loads and
     the element rules on every element; with ``DYN_MASK`` (block-sparse full blocks) the built-in rules only,
     never mask_mod, and only where the runtime flag ``apply_mask`` says the tile can cut."""
+    tile, streamed, rules, scoring, dropout = fixed
+    k, v, offs_n, offs_d, offs_dv = tile
+    q_src, do_src, stride_qm, stride_dom, lse_base, delta_base = streamed
+    seqlen_q, seqlen_k, window_left, window_right, chunk, _full_lo, _full_hi = rules
+    sm_scale, softcap, alibi_slope, off_b, off_h = scoring
+    seed, rng_offset, bh, dropout_p = dropout
+    _score_mod_fn, _score_grad_fn, mask_mod_fn = FNS
+    HAS_SCORE_MOD, HAS_MASK_MOD, HAS_CHUNK, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT = FLAGS
+    _HEADDIM, _HEADDIM_V, _EVEN_D, _EVEN_DV, BLOCK_M, _SPARSE_Q, _USE_TMA = SHAPE
     STATIC: tl.constexpr = MASKED and not DYN_MASK
     DYN: tl.constexpr = MASKED and DYN_MASK
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_m = start_m + offs_m0
-    q, do = _load_streamed(q_base, do_base, start_m, offs_m0, offs_m, seqlen_q, stride_qm, stride_dom, offs_d,
-                           offs_dv, HEADDIM, HEADDIM_V, MASKED, EVEN_D, EVEN_DV, USE_TMA)
+    q_pair = (q_src, do_src, stride_qm, stride_dom)
+    q, do = _load_streamed(q_pair, start_m, offs_m0, offs_m, seqlen_q, offs_d, offs_dv, SHAPE, MASKED)
     # lse in log2 units (written by the dQ pass); ragged query rows get +inf, hence p = 0
     lse2 = _load_vec(lse_base + offs_m, offs_m, seqlen_q, float("inf"), MASKED)
     delta = _load_vec(delta_base + offs_m, offs_m, seqlen_q, 0.0, MASKED)
@@ -160,14 +224,14 @@ def _dkdv_step(
     qk_t = tl.dot(k, tl.trans(q))
     # a score_mod without softcap / ALiBi: natural-log scores, log2 folded into exp2's FMA (as the forward)
     NAT_MOD: tl.constexpr = HAS_SCORE_MOD != 0 and not (HAS_SOFTCAP or HAS_ALIBI)
-    s_t, dmod_t = _scores(qk_t, offs_n, offs_m, seqlen_k, seqlen_q, offs_m[None, :], offs_n[:, None], sm_scale,
-                          softcap, alibi_slope, off_b, off_h, score_mod_fn, score_grad_fn, HAS_SCORE_MOD,
-                          HAS_SOFTCAP, HAS_ALIBI, NAT_MOD)
+    s_t, dmod_t = _scores(
+        qk_t, offs_n, offs_m, seqlen_k, seqlen_q, offs_m[None, :], offs_n[:, None], scoring, FNS, FLAGS
+    )
     if STATIC:
         ok_t = visible(offs_n, offs_m, seqlen_k, seqlen_q, window_right, window_left, IS_LOCAL, True)
         if HAS_CHUNK:
             ok_t = ok_t & _chunk_visible_t(offs_n, offs_m, seqlen_q, seqlen_k, chunk)
-        if APPLY_MASK_MOD:
+        if HAS_MASK_MOD:
             ok_t = ok_t & mask_mod_fn(off_b, off_h, offs_m[None, :], offs_n[:, None])
         s_t = tl.where(ok_t, s_t, float("-inf"))
         if HAS_SCORE_MOD == 1:
@@ -212,76 +276,81 @@ def _dkdv_step(
 
 @triton.jit
 def _dkdv_inner(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-    start, end, idx_ptr, n_listed, full_lo, full_hi, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k,
-    sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
-    seed, rng_offset, bh, dropout_p, off_b, off_h,
-    score_mod_fn: tl.constexpr, score_grad_fn: tl.constexpr, mask_mod_fn: tl.constexpr,
-    HAS_SCORE_MOD: tl.constexpr, APPLY_MASK_MOD: tl.constexpr, HAS_CHUNK: tl.constexpr,
-    MASKED: tl.constexpr, FROM_LIST: tl.constexpr, DYN_MASK: tl.constexpr, IS_LOCAL: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEADDIM: tl.constexpr,
-    HEADDIM_V: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-    SPARSE_Q: tl.constexpr, USE_TMA: tl.constexpr,
+    dk,
+    dv,
+    fixed,
+    FNS: tl.constexpr,
+    FLAGS: tl.constexpr,
+    SHAPE: tl.constexpr,
+    start=0,
+    end=0,
+    blocks=None,
+    n_blocks=0,
+    MASKED: tl.constexpr = False,
+    FROM_LIST: tl.constexpr = False,
+    DYN_MASK: tl.constexpr = False,
 ):
-    """Query tiles ``[start, end)`` in steps of ``BLOCK_M``, or (``FROM_LIST``) the ``n_listed`` query blocks
-    of ``SPARSE_Q`` rows whose indices start at ``idx_ptr``, flattened into one loop of tiles so that the
+    """Query tiles ``[start, end)`` in steps of ``BLOCK_M``, or (``FROM_LIST``) the ``n_blocks`` query blocks
+    of ``SPARSE_Q`` rows whose indices start at ``blocks``, flattened into one loop of tiles so that the
     software pipeline spans block boundaries (as :func:`fa_core.forward_inner.fwd_inner`). With ``DYN_MASK``
     a listed tile pays for the element rules only when it reaches outside ``[full_lo, full_hi)``."""
+    _HEADDIM, _HEADDIM_V, _EVEN_D, _EVEN_DV, BLOCK_M, SPARSE_Q, _USE_TMA = SHAPE
     if FROM_LIST:
+        _tile, _streamed, rules, _scoring, _dropout = fixed
+        _seqlen_q, _seqlen_k, _left, _right, _chunk, full_lo, full_hi = rules
         TILES: tl.constexpr = SPARSE_Q // BLOCK_M
-        for t in tl.range(0, n_listed * TILES):
-            start_m = tl.load(idx_ptr + t // TILES) * SPARSE_Q + (t % TILES) * BLOCK_M
+        for t in tl.range(0, n_blocks * TILES):
+            start_m = tl.load(blocks + t // TILES) * SPARSE_Q + (t % TILES) * BLOCK_M
             apply_mask = (start_m < full_lo) | (start_m + BLOCK_M > full_hi)
             dk, dv = _dkdv_step(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-                start_m, apply_mask, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k,
-                sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
-                seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn, score_grad_fn, mask_mod_fn,
-                HAS_SCORE_MOD, APPLY_MASK_MOD, HAS_CHUNK, MASKED, DYN_MASK, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI,
-                HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_M, USE_TMA)
+                dk, dv, fixed, FNS, FLAGS, SHAPE, start_m, apply_mask, MASKED=MASKED, DYN_MASK=DYN_MASK
+            )
     else:
         for start_m in tl.range(start, end, BLOCK_M):
             dk, dv = _dkdv_step(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-                start_m, True, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k,
-                sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
-                seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn, score_grad_fn, mask_mod_fn,
-                HAS_SCORE_MOD, APPLY_MASK_MOD, HAS_CHUNK, MASKED, False, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI,
-                HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_M, USE_TMA)
+                dk, dv, fixed, FNS, FLAGS, SHAPE, start_m, True, MASKED=MASKED, DYN_MASK=False
+            )
     return dk, dv
 
 
 # --------------------------------------------------------------------------------------------------- dQ
 @triton.jit
 def _dq_step(
-    dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn,
-    start_n, apply_mask, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k,
-    sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
-    seed, rng_offset, bh, dropout_p, off_b, off_h,
-    score_mod_fn: tl.constexpr, score_grad_fn: tl.constexpr, mask_mod_fn: tl.constexpr,
-    HAS_SCORE_MOD: tl.constexpr, APPLY_MASK_MOD: tl.constexpr, HAS_CHUNK: tl.constexpr,
-    MASKED: tl.constexpr, DYN_MASK: tl.constexpr, IS_LOCAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+    dq,
+    fixed,
+    FNS: tl.constexpr,
+    FLAGS: tl.constexpr,
+    SHAPE: tl.constexpr,
+    start_n,
+    apply_mask,
+    MASKED: tl.constexpr,
+    DYN_MASK: tl.constexpr,
 ):
     """One key tile ``[start_n, start_n + BLOCK_N)`` of the dQ pass; ``MASKED`` / ``DYN_MASK`` as
-    :func:`_dkdv_step`."""
+    :func:`_dkdv_step`. ``tile`` holds the lse in log2 units (see :func:`_dq_inner`)."""
+    tile, streamed, rules, scoring, dropout = fixed
+    q, do, lse2, delta, offs_m, offs_d, offs_dv = tile
+    seqlen_q, seqlen_k, window_left, window_right, chunk, _full_lo, _full_hi = rules
+    sm_scale, softcap, _alibi_slope, off_b, off_h = scoring
+    seed, rng_offset, bh, dropout_p = dropout
+    _score_mod_fn, _score_grad_fn, mask_mod_fn = FNS
+    HAS_SCORE_MOD, HAS_MASK_MOD, HAS_CHUNK, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT = FLAGS
+    _HEADDIM, _HEADDIM_V, _EVEN_D, _EVEN_DV, BLOCK_N, _SPARSE_KV, _USE_TMA = SHAPE
     STATIC: tl.constexpr = MASKED and not DYN_MASK
     DYN: tl.constexpr = MASKED and DYN_MASK
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_n = start_n + offs_n0
-    k, v = _load_streamed(k_base, v_base, start_n, offs_n0, offs_n, seqlen_k, stride_kn, stride_vn, offs_d, offs_dv,
-                          HEADDIM, HEADDIM_V, MASKED, EVEN_D, EVEN_DV, USE_TMA)
+    k, v = _load_streamed(streamed, start_n, offs_n0, offs_n, seqlen_k, offs_d, offs_dv, SHAPE, MASKED)
     qk = tl.dot(q, tl.trans(k))
     NAT_MOD: tl.constexpr = HAS_SCORE_MOD != 0 and not (HAS_SOFTCAP or HAS_ALIBI)  # as _dkdv_step
-    s, dmod = _scores(qk, offs_m, offs_n, seqlen_q, seqlen_k, offs_m[:, None], offs_n[None, :], sm_scale, softcap,
-                      alibi_slope, off_b, off_h, score_mod_fn, score_grad_fn, HAS_SCORE_MOD, HAS_SOFTCAP, HAS_ALIBI,
-                      NAT_MOD)
+    s, dmod = _scores(
+        qk, offs_m, offs_n, seqlen_q, seqlen_k, offs_m[:, None], offs_n[None, :], scoring, FNS, FLAGS
+    )
     if STATIC:
         ok = visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, IS_LOCAL, True)
         if HAS_CHUNK:
             ok = ok & chunk_visible(offs_m, offs_n, seqlen_q, seqlen_k, chunk)
-        if APPLY_MASK_MOD:
+        if HAS_MASK_MOD:
             ok = ok & mask_mod_fn(off_b, off_h, offs_m[:, None], offs_n[None, :])
         s = tl.where(ok, s, float("-inf"))
         if HAS_SCORE_MOD == 1:
@@ -315,39 +384,36 @@ def _dq_step(
 
 @triton.jit
 def _dq_inner(
-    dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn,
-    start, end, idx_ptr, n_listed, full_lo, full_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k,
-    sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
-    seed, rng_offset, bh, dropout_p, off_b, off_h,
-    score_mod_fn: tl.constexpr, score_grad_fn: tl.constexpr, mask_mod_fn: tl.constexpr,
-    HAS_SCORE_MOD: tl.constexpr, APPLY_MASK_MOD: tl.constexpr, HAS_CHUNK: tl.constexpr,
-    MASKED: tl.constexpr, FROM_LIST: tl.constexpr, DYN_MASK: tl.constexpr, IS_LOCAL: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEADDIM: tl.constexpr,
-    HEADDIM_V: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPARSE_KV: tl.constexpr, USE_TMA: tl.constexpr,
+    dq,
+    fixed,
+    FNS: tl.constexpr,
+    FLAGS: tl.constexpr,
+    SHAPE: tl.constexpr,
+    start=0,
+    end=0,
+    blocks=None,
+    n_blocks=0,
+    MASKED: tl.constexpr = False,
+    FROM_LIST: tl.constexpr = False,
+    DYN_MASK: tl.constexpr = False,
 ):
-    """Key tiles ``[start, end)``, or (``FROM_LIST``) the ``n_listed`` listed key blocks of ``SPARSE_KV`` keys
+    """Key tiles ``[start, end)``, or (``FROM_LIST``) the ``n_blocks`` listed key blocks of ``SPARSE_KV`` keys
     flattened into one loop of tiles; as :func:`_dkdv_inner` with queries and keys exchanged."""
-    lse2 = lse * LOG2E
+    tile, streamed, rules, scoring, dropout = fixed
+    q, do, lse, delta, offs_m, offs_d, offs_dv = tile
+    _HEADDIM, _HEADDIM_V, _EVEN_D, _EVEN_DV, BLOCK_N, SPARSE_KV, _USE_TMA = SHAPE
+    # the steps take the lse in log2 units
+    fixed2 = ((q, do, lse * LOG2E, delta, offs_m, offs_d, offs_dv), streamed, rules, scoring, dropout)
     if FROM_LIST:
+        _seqlen_q, _seqlen_k, _left, _right, _chunk, full_lo, full_hi = rules
         TILES: tl.constexpr = SPARSE_KV // BLOCK_N
-        for t in tl.range(0, n_listed * TILES):
-            start_n = tl.load(idx_ptr + t // TILES) * SPARSE_KV + (t % TILES) * BLOCK_N
+        for t in tl.range(0, n_blocks * TILES):
+            start_n = tl.load(blocks + t // TILES) * SPARSE_KV + (t % TILES) * BLOCK_N
             apply_mask = (start_n < full_lo) | (start_n + BLOCK_N > full_hi)
             dq = _dq_step(
-                dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn,
-                start_n, apply_mask, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k,
-                sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
-                seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn, score_grad_fn, mask_mod_fn,
-                HAS_SCORE_MOD, APPLY_MASK_MOD, HAS_CHUNK, MASKED, DYN_MASK, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI,
-                HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, USE_TMA)
+                dq, fixed2, FNS, FLAGS, SHAPE, start_n, apply_mask, MASKED=MASKED, DYN_MASK=DYN_MASK
+            )
     else:
         for start_n in tl.range(start, end, BLOCK_N):
-            dq = _dq_step(
-                dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn,
-                start_n, True, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k,
-                sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
-                seed, rng_offset, bh, dropout_p, off_b, off_h, score_mod_fn, score_grad_fn, mask_mod_fn,
-                HAS_SCORE_MOD, APPLY_MASK_MOD, HAS_CHUNK, MASKED, False, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI,
-                HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, USE_TMA)
+            dq = _dq_step(dq, fixed2, FNS, FLAGS, SHAPE, start_n, True, MASKED=MASKED, DYN_MASK=False)
     return dq

@@ -62,9 +62,16 @@ from fa_backward.backward_configs import (
     TUNE_KEY,
     _prune,
 )
-from fa_backward.backward_inner import LOG2E, _chunk_q_range, _dkdv_inner, _dq_inner, stream_sources
+from fa_backward.backward_inner import (
+    LOG2E,
+    _chunk_q_range,
+    _dkdv_inner,
+    _dq_inner,
+    _load_rows,
+    _seq_base,
+    stream_sources,
+)
 from fa_core.forward_configs import fast_autotuner
-from fa_core.forward_inner import load_tile
 from fa_core.masking import (
     chunk_kv_range,
     kv_range,
@@ -84,9 +91,6 @@ __all__ = [
     "dkdv_kernel",
     "dq_kernel",
 ]
-
-# Kernel code keeps Triton's customary compact argument lists (one line per group of strides / flags).
-# fmt: off
 
 
 @triton.jit
@@ -114,7 +118,7 @@ def _bwd_dkdv_kernel(
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr,
     IS_SPARSE: tl.constexpr, HAS_FULL: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     HAS_RIGHT_EDGE: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
+):  # fmt: skip
     """Grid ``(cdiv(max_seqlen_k, BLOCK_N), nheads_k, batch)``; dK/dV of one key block, summed over the group.
 
     ``HAS_RIGHT_EDGE``: some key block has queries past its band interior that need the mask (a finite left
@@ -125,6 +129,18 @@ def _bwd_dkdv_kernel(
     the transposed partial lists, ``FullNum`` / ``FullIdx`` the transposed full lists (same strides)."""
     EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
     EVEN_DV: tl.constexpr = HEADDIM_V == BLOCK_DV
+    # what every loop below holds fixed, besides the runtime tuples (see fa_backward.backward_inner)
+    FNS: tl.constexpr = (score_mod_fn, score_grad_fn, mask_mod_fn)
+    FLAGS: tl.constexpr = (
+        HAS_SCORE_MOD,
+        HAS_MASK_MOD,
+        HAS_CHUNK,
+        IS_LOCAL,
+        HAS_SOFTCAP,
+        HAS_ALIBI,
+        HAS_DROPOUT,
+    )
+    SHAPE: tl.constexpr = (HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_M, SPARSE_Q, USE_TMA)
     # first key blocks first: under a causal mask every query sees them (LPT: every head's, fa_core.scheduling)
     start_n, off_hk, off_b = lpt_program_ids(LPT, False)
 
@@ -138,15 +154,13 @@ def _bwd_dkdv_kernel(
     if start_n * BLOCK_N >= seqlen_k_rows:
         return
 
-    k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
-    v_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
+    k_base = _seq_base(K, off_b, off_hk, k_start, stride_kb, stride_kh, stride_kn)
+    v_base = _seq_base(V, off_b, off_hk, k_start, stride_vb, stride_vh, stride_vn)
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = load_tile(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :], offs_n, seqlen_k, offs_d,
-                  HEADDIM, True, EVEN_D)
-    v = load_tile(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :], offs_n, seqlen_k, offs_dv,
-                  HEADDIM_V, True, EVEN_DV)
+    k = _load_rows(k_base, offs_n, seqlen_k, stride_kn, offs_d, HEADDIM, EVEN_D)
+    v = _load_rows(v_base, offs_n, seqlen_k, stride_vn, offs_dv, HEADDIM_V, EVEN_DV)
     if ACC_FP64:  # float64 inputs (CPU interpreter only, for gradcheck) accumulate in float64
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float64)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float64)
@@ -155,8 +169,9 @@ def _bwd_dkdv_kernel(
         dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
     # query rows that see this key block: kv_range of the transposed problem (see the module docstring)
-    lo, full_lo, full_hi, hi = kv_range(start_n, seqlen_k, seqlen_q, window_right, window_left,
-                                        BLOCK_N, BLOCK_M, IS_LOCAL)
+    lo, full_lo, full_hi, hi = kv_range(
+        start_n, seqlen_k, seqlen_q, window_right, window_left, BLOCK_N, BLOCK_M, IS_LOCAL
+    )
     if HAS_CHUNK:
         lo, hi = _chunk_q_range(lo, hi, start_n, seqlen_q, seqlen_k, chunk, BLOCK_N, BLOCK_M)
     if HAS_CHUNK or (HAS_MASK_MOD and not IS_SPARSE):
@@ -172,12 +187,15 @@ def _bwd_dkdv_kernel(
         hi = tl.where(past, lo, hi)
     kv_blk = (start_n * BLOCK_N) // SPARSE_KV
 
+    tile = (k, v, offs_n, offs_d, offs_dv)
+    rules = (seqlen_q, seqlen_k, window_left, window_right, chunk, full_lo, full_hi)
     for g in range(0, group):
         off_h = off_hk * group + g
-        q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qm
-        do_base = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh + q_start.to(tl.int64) * stride_dom
-        q_src, do_src = stream_sources(q_base, do_base, seqlen_q, stride_qm, stride_dom, HEADDIM, HEADDIM_V, BLOCK_M,
-                                       BLOCK_D, BLOCK_DV, USE_TMA)
+        q_base = _seq_base(Q, off_b, off_h, q_start, stride_qb, stride_qh, stride_qm)
+        do_base = _seq_base(DO, off_b, off_h, q_start, stride_dob, stride_doh, stride_dom)
+        q_src, do_src = stream_sources(
+            q_base, do_base, seqlen_q, stride_qm, stride_dom, SHAPE, BLOCK_D, BLOCK_DV
+        )
         # Lse: the log2-unit lse that the dQ pass wrote, laid out like delta (see _bwd_dq_kernel)
         lse_base = Lse + off_b.to(tl.int64) * stride_deltab + off_h.to(tl.int64) * stride_deltah + q_start
         delta_base = Delta + off_b.to(tl.int64) * stride_deltab + off_h.to(tl.int64) * stride_deltah + q_start
@@ -185,6 +203,10 @@ def _bwd_dkdv_kernel(
         if HAS_ALIBI:
             alibi_slope = tl.load(Alibi + off_b * stride_alb + off_h).to(tl.float32)
         bh = off_b * nheads + off_h
+        streamed = (q_src, do_src, stride_qm, stride_dom, lse_base, delta_base)
+        scoring = (sm_scale, softcap, alibi_slope, off_b, off_h)
+        dropout = (seed, rng_offset, bh, dropout_p)
+        fixed = (tile, streamed, rules, scoring, dropout)
         if IS_SPARSE:
             # only the query blocks listed for this key block are loaded, each list as one flattened loop of
             # query tiles. Partial blocks: every rule applies (causal / window / chunk / mask_mod); full blocks
@@ -195,76 +217,48 @@ def _bwd_dkdv_kernel(
             n_part = tl.load(BlkNum + num_off)
             if HAS_SEQUSED:
                 n_part = tl.where(past, 0, n_part)
+            part = BlkIdx + idx_off
             dk, dv = _dkdv_inner(
-                dk, dv, k, v, q_src, do_src, lse_base, delta_base, stride_qm, stride_dom,
-                lo, hi, BlkIdx + idx_off, n_part, full_lo, full_hi, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k,
-                sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
-                seed, rng_offset, bh, dropout_p, off_b, off_h,
-                score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, HAS_CHUNK,
-                True, True, False, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D,
-                EVEN_DV, BLOCK_M, SPARSE_Q, USE_TMA)
+                dk, dv, fixed, FNS, FLAGS, SHAPE, blocks=part, n_blocks=n_part, MASKED=True, FROM_LIST=True
+            )
             if HAS_FULL:
                 n_full = tl.load(FullNum + num_off)
                 if HAS_SEQUSED:
                     n_full = tl.where(past, 0, n_full)
+                full = FullIdx + idx_off
                 dk, dv = _dkdv_inner(
-                    dk, dv, k, v, q_src, do_src, lse_base, delta_base, stride_qm, stride_dom,
-                    lo, hi, FullIdx + idx_off, n_full, full_lo, full_hi, offs_n, offs_d, offs_dv, seqlen_q,
-                    seqlen_k, sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
-                    seed, rng_offset, bh, dropout_p, off_b, off_h,
-                    score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, False, HAS_CHUNK,
-                    True, True, True, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D,
-                    EVEN_DV, BLOCK_M, SPARSE_Q, USE_TMA)
+                    dk, dv, fixed, FNS, FLAGS, SHAPE, blocks=full, n_blocks=n_full, MASKED=True, FROM_LIST=True,
+                    DYN_MASK=True,
+                )  # fmt: skip
         else:
             if IS_LOCAL:
                 # the queries that see only part of the block (window / causal diagonal): masked
-                dk, dv = _dkdv_inner(
-                    dk, dv, k, v, q_src, do_src, lse_base, delta_base, stride_qm, stride_dom,
-                    lo, full_lo, BlkIdx, 0, full_lo, full_hi, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k,
-                    sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
-                    seed, rng_offset, bh, dropout_p, off_b, off_h,
-                    score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, HAS_CHUNK,
-                    True, False, False, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D,
-                    EVEN_DV, BLOCK_M, SPARSE_Q, USE_TMA)
+                dk, dv = _dkdv_inner(dk, dv, fixed, FNS, FLAGS, SHAPE, start=lo, end=full_lo, MASKED=True)
             # queries that see the whole block: no mask at all
-            dk, dv = _dkdv_inner(
-                dk, dv, k, v, q_src, do_src, lse_base, delta_base, stride_qm, stride_dom,
-                full_lo, full_hi, BlkIdx, 0, full_lo, full_hi, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k,
-                sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
-                seed, rng_offset, bh, dropout_p, off_b, off_h,
-                score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, False, False,
-                False, False, False, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D,
-                EVEN_DV, BLOCK_M, SPARSE_Q, USE_TMA)
+            dk, dv = _dkdv_inner(dk, dv, fixed, FNS, FLAGS, SHAPE, start=full_lo, end=full_hi, MASKED=False)
             if HAS_RIGHT_EDGE:
                 # the other window edge and the ragged last query block
-                dk, dv = _dkdv_inner(
-                    dk, dv, k, v, q_src, do_src, lse_base, delta_base, stride_qm, stride_dom,
-                    full_hi, hi, BlkIdx, 0, full_lo, full_hi, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k,
-                    sm_scale, softcap, alibi_slope, window_left, window_right, chunk,
-                    seed, rng_offset, bh, dropout_p, off_b, off_h,
-                    score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, HAS_CHUNK,
-                    True, False, False, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D,
-                    EVEN_DV, BLOCK_M, SPARSE_Q, USE_TMA)
+                dk, dv = _dkdv_inner(dk, dv, fixed, FNS, FLAGS, SHAPE, start=full_hi, end=hi, MASKED=True)
 
     dk = dk * sm_scale
     if HAS_SEQUSED:
         keep_rows = offs_n[:, None] < seqlen_k
         dk = tl.where(keep_rows, dk, 0.0)
         dv = tl.where(keep_rows, dv, 0.0)
-    dk_ptrs = (DK + off_b.to(tl.int64) * stride_dkb + off_hk.to(tl.int64) * stride_dkh
-               + k_start.to(tl.int64) * stride_dkn + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :])
-    dv_ptrs = (DV + off_b.to(tl.int64) * stride_dvb + off_hk.to(tl.int64) * stride_dvh
-               + k_start.to(tl.int64) * stride_dvn + offs_n[:, None].to(tl.int64) * stride_dvn + offs_dv[None, :])
+    dk_ptrs = _seq_base(DK, off_b, off_hk, k_start, stride_dkb, stride_dkh, stride_dkn)
+    dk_ptrs = dk_ptrs + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :]
+    dv_ptrs = _seq_base(DV, off_b, off_hk, k_start, stride_dvb, stride_dvh, stride_dvn)
+    dv_ptrs = dv_ptrs + offs_n[:, None].to(tl.int64) * stride_dvn + offs_dv[None, :]
     if EVEN_D:
         tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=offs_n[:, None] < seqlen_k_rows)
     else:
-        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty),
-                 mask=(offs_n[:, None] < seqlen_k_rows) & (offs_d[None, :] < HEADDIM))
+        dk_mask = (offs_n[:, None] < seqlen_k_rows) & (offs_d[None, :] < HEADDIM)
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=dk_mask)
     if EVEN_DV:
         tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < seqlen_k_rows)
     else:
-        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty),
-                 mask=(offs_n[:, None] < seqlen_k_rows) & (offs_dv[None, :] < HEADDIM_V))
+        dv_mask = (offs_n[:, None] < seqlen_k_rows) & (offs_dv[None, :] < HEADDIM_V)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=dv_mask)
 
 
 @triton.jit
@@ -293,7 +287,7 @@ def _bwd_dq_kernel(
     IS_SPARSE: tl.constexpr, HAS_FULL: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     HAS_DLSE: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_RIGHT_EDGE: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
+):  # fmt: skip
     """Grid ``(cdiv(max_seqlen_q, BLOCK_M), nheads, batch)``; dQ of one query block, and its rows' ``delta``
     (stored for the dK/dV pass, launched after this one).
 
@@ -301,6 +295,18 @@ def _bwd_dq_kernel(
     ``FullIdx`` its ``full_kv_*`` (same strides)."""
     EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
     EVEN_DV: tl.constexpr = HEADDIM_V == BLOCK_DV
+    # what every loop below holds fixed, besides the runtime tuples (see fa_backward.backward_inner)
+    FNS: tl.constexpr = (score_mod_fn, score_grad_fn, mask_mod_fn)
+    FLAGS: tl.constexpr = (
+        HAS_SCORE_MOD,
+        HAS_MASK_MOD,
+        HAS_CHUNK,
+        IS_LOCAL,
+        HAS_SOFTCAP,
+        HAS_ALIBI,
+        HAS_DROPOUT,
+    )
+    SHAPE: tl.constexpr = (HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N, SPARSE_KV, USE_TMA)
     # last query blocks first: under a causal mask they see the most keys (longest programs start early; LPT:
     # every head's, see fa_core.scheduling)
     start_m, off_h, off_b = lpt_program_ids(LPT, True)
@@ -314,30 +320,32 @@ def _bwd_dq_kernel(
     if start_m * BLOCK_M >= seqlen_q:
         return
 
-    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qm
-    do_base = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh + q_start.to(tl.int64) * stride_dom
-    k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
-    v_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
-    k_src, v_src = stream_sources(k_base, v_base, seqlen_k, stride_kn, stride_vn, HEADDIM, HEADDIM_V, BLOCK_N, BLOCK_D,
-                                  BLOCK_DV, USE_TMA)
+    q_base = _seq_base(Q, off_b, off_h, q_start, stride_qb, stride_qh, stride_qm)
+    do_base = _seq_base(DO, off_b, off_h, q_start, stride_dob, stride_doh, stride_dom)
+    k_base = _seq_base(K, off_b, off_hk, k_start, stride_kb, stride_kh, stride_kn)
+    v_base = _seq_base(V, off_b, off_hk, k_start, stride_vb, stride_vh, stride_vn)
+    k_src, v_src = stream_sources(k_base, v_base, seqlen_k, stride_kn, stride_vn, SHAPE, BLOCK_D, BLOCK_DV)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = load_tile(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :], offs_m, seqlen_q, offs_d,
-                  HEADDIM, True, EVEN_D)
-    do = load_tile(do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :], offs_m, seqlen_q, offs_dv,
-                   HEADDIM_V, True, EVEN_DV)
-    lse = tl.load(Lse + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + q_start + offs_m,
-                  mask=offs_m < seqlen_q, other=float("inf"))
+    q = _load_rows(q_base, offs_m, seqlen_q, stride_qm, offs_d, HEADDIM, EVEN_D)
+    do = _load_rows(do_base, offs_m, seqlen_q, stride_dom, offs_dv, HEADDIM_V, EVEN_DV)
+    lse = tl.load(
+        Lse + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + q_start + offs_m,
+        mask=offs_m < seqlen_q,
+        other=float("inf"),
+    )
     # delta = rowsum(dout * out) (- dlse) of these rows, before anything else can end the program: the dK/dV
     # pass reads it for every row, including rows that see no key
-    o_base = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_om
-    o = load_tile(o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :], offs_m, seqlen_q, offs_dv,
-                  HEADDIM_V, True, EVEN_DV)
+    o_base = _seq_base(Out, off_b, off_h, q_start, stride_ob, stride_oh, stride_om)
+    o = _load_rows(o_base, offs_m, seqlen_q, stride_om, offs_dv, HEADDIM_V, EVEN_DV)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
-        delta = delta - tl.load(DLse + off_b.to(tl.int64) * stride_dlb + off_h.to(tl.int64) * stride_dlh + q_start
-                                + offs_m, mask=offs_m < seqlen_q, other=0.0).to(tl.float32)
+        delta = delta - tl.load(
+            DLse + off_b.to(tl.int64) * stride_dlb + off_h.to(tl.int64) * stride_dlh + q_start + offs_m,
+            mask=offs_m < seqlen_q,
+            other=0.0,
+        ).to(tl.float32)
     delta_off = off_b.to(tl.int64) * stride_deltab + off_h.to(tl.int64) * stride_deltah + q_start + offs_m
     tl.store(Delta + delta_off, delta, mask=offs_m < seqlen_q)
     # the lse in log2 units, laid out like delta: the dK/dV pass reads it per query tile, and would otherwise
@@ -352,72 +360,65 @@ def _bwd_dq_kernel(
     else:
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    lo, full_lo, full_hi, hi = kv_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
-                                        BLOCK_M, BLOCK_N, IS_LOCAL)
+    lo, full_lo, full_hi, hi = kv_range(
+        start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, IS_LOCAL
+    )
     if HAS_CHUNK:
         lo, hi = chunk_kv_range(lo, hi, start_m, seqlen_q, seqlen_k, chunk, BLOCK_M, BLOCK_N)
     if HAS_CHUNK or (HAS_MASK_MOD and not IS_SPARSE):
         full_lo = lo
         full_hi = lo
+    tile = (q, do, lse, delta, offs_m, offs_d, offs_dv)
+    streamed = (k_src, v_src, stride_kn, stride_vn)
+    rules = (seqlen_q, seqlen_k, window_left, window_right, chunk, full_lo, full_hi)
+    scoring = (sm_scale, softcap, alibi_slope, off_b, off_h)
+    dropout = (seed, rng_offset, bh, dropout_p)
+    fixed = (tile, streamed, rules, scoring, dropout)
     if IS_SPARSE:
         # one flattened loop of key tiles per list, as in _bwd_dkdv_kernel
         q_blk = (start_m * BLOCK_M) // SPARSE_Q
         num_off = off_b.to(tl.int64) * stride_bn_b + off_h * stride_bn_h + q_blk
         idx_off = off_b.to(tl.int64) * stride_bi_b + off_h * stride_bi_h + q_blk * stride_bi_r
         n_part = tl.load(BlkNum + num_off)
+        part = BlkIdx + idx_off
         dq = _dq_inner(
-            dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, lo, hi, BlkIdx + idx_off, n_part, full_lo,
-            full_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left,
-            window_right, chunk, seed, rng_offset, bh, dropout_p, off_b, off_h,
-            score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, HAS_CHUNK,
-            True, True, False, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV,
-            BLOCK_N, SPARSE_KV, USE_TMA)
+            dq, fixed, FNS, FLAGS, SHAPE, blocks=part, n_blocks=n_part, MASKED=True, FROM_LIST=True
+        )
         if HAS_FULL:
             n_full = tl.load(FullNum + num_off)
+            full = FullIdx + idx_off
             dq = _dq_inner(
-                dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, lo, hi, FullIdx + idx_off, n_full,
-                full_lo, full_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope,
-                window_left, window_right, chunk, seed, rng_offset, bh, dropout_p, off_b, off_h,
-                score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, False, HAS_CHUNK,
-                True, True, True, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D,
-                EVEN_DV, BLOCK_N, SPARSE_KV, USE_TMA)
+                dq, fixed, FNS, FLAGS, SHAPE, blocks=full, n_blocks=n_full, MASKED=True, FROM_LIST=True,
+                DYN_MASK=True,
+            )  # fmt: skip
     else:
         # the masked edge loops exist only where the host says they can run (as in the forward kernel):
         # a finite left window; a right edge (causal / window / chunk / mask_mod / keys ending inside a tile)
         if HAS_WINDOW_LEFT:
-            dq = _dq_inner(
-                dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, lo, full_lo, BlkIdx, 0, full_lo,
-                full_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left,
-                window_right, chunk, seed, rng_offset, bh, dropout_p, off_b, off_h,
-                score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, HAS_CHUNK,
-                True, False, False, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D,
-                EVEN_DV, BLOCK_N, SPARSE_KV, USE_TMA)
-        dq = _dq_inner(
-            dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, full_lo, full_hi, BlkIdx, 0, full_lo,
-            full_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left,
-            window_right, chunk, seed, rng_offset, bh, dropout_p, off_b, off_h,
-            score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, False, False,
-            False, False, False, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D,
-            EVEN_DV, BLOCK_N, SPARSE_KV, USE_TMA)
+            dq = _dq_inner(dq, fixed, FNS, FLAGS, SHAPE, start=lo, end=full_lo, MASKED=True)
+        dq = _dq_inner(dq, fixed, FNS, FLAGS, SHAPE, start=full_lo, end=full_hi, MASKED=False)
         if HAS_RIGHT_EDGE:
-            dq = _dq_inner(
-                dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, full_hi, hi, BlkIdx, 0, full_lo,
-                full_hi, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, window_left,
-                window_right, chunk, seed, rng_offset, bh, dropout_p, off_b, off_h,
-                score_mod_fn, score_grad_fn, mask_mod_fn, HAS_SCORE_MOD, HAS_MASK_MOD, HAS_CHUNK,
-                True, False, False, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HEADDIM, HEADDIM_V, EVEN_D,
-                EVEN_DV, BLOCK_N, SPARSE_KV, USE_TMA)
+            dq = _dq_inner(dq, fixed, FNS, FLAGS, SHAPE, start=full_hi, end=hi, MASKED=True)
 
     dq = dq * sm_scale
-    dq_ptrs = (DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
-               + q_start.to(tl.int64) * stride_dqm + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :])
+    dq_ptrs = (
+        DQ
+        + off_b.to(tl.int64) * stride_dqb
+        + off_h.to(tl.int64) * stride_dqh
+        + q_start.to(tl.int64) * stride_dqm
+        + offs_m[:, None].to(tl.int64) * stride_dqm
+        + offs_d[None, :]
+    )
     if EVEN_D:
         tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=offs_m[:, None] < seqlen_q)
     else:
-        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEADDIM))
+        tl.store(
+            dq_ptrs,
+            dq.to(DQ.dtype.element_ty),
+            mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEADDIM),
+        )
 
 
-# fmt: on
 # ---------------------------------------------------------------------------------------------- autotune
 # configs, key and pruning: fa_backward.backward_configs (its names stay importable from here)
 # fast_autotuner: O(1) argument-name lookups in the autotuner's per-call filtering (launch overhead)
