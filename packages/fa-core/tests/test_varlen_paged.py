@@ -149,12 +149,14 @@ def test_paged(page, rule, dtype):
 @pytest.mark.parametrize("page", [16, 32])
 @pytest.mark.parametrize("rule", ["causal", "window"])
 def test_paged_pages_smaller_than_the_tile(page, rule):
-    """A 64-key tile over 16- / 32-row pages: one block-table read per key (several pages per tile)."""
-    q, k, v, cu_q, cu_k = _inputs(torch.float32, seed=page + 1)
+    """A 64-key tile over 16- / 32-row pages: one block-table read per key (several pages per tile), several
+    tiles per sequence."""
+    lens_q, lens_k = [7, 33, 1], [150, 70, 131]
+    q, k, v, cu_q, cu_k = _inputs(torch.float32, seed=page + 1, lens_q=lens_q, lens_k=lens_k)
     kc, vc, table = to_pages(k, v, cu_k, page, seed=page + 1)
     with force_tile((32, 64, 4, 1, False)):
         out, lse = varlen_launch(
-            q, kc, vc, cu_q, cu_k, max(LENS_Q), max(LENS_K), block_table=table, **RULES[rule]
+            q, kc, vc, cu_q, cu_k, max(lens_q), max(lens_k), block_table=table, **RULES[rule]
         )
     _check_ref(q, k, v, cu_q, cu_k, out, lse, torch.float32, **RULES[rule])
 

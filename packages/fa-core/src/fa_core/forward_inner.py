@@ -54,6 +54,7 @@ class FwdFlags(NamedTuple):
     PAGED: Any
     PAGE_SIZE: Any
     PAGE_TILE: Any
+    PAGE_ALIGNED: Any
 
 
 class KVTiles(NamedTuple):
@@ -191,14 +192,38 @@ def page_tile_bases(kv: KVTiles, start_n, PAGE_SIZE: tl.constexpr):
 
 
 @triton.jit
-def page_row_offsets(kv: KVTiles, offs_n, PAGE_SIZE: tl.constexpr):
-    """K and V element offsets (int64, ``(BLOCK_N,)``) of logical keys ``offs_n`` in a paged cache, one
-    block-table read per key (pages smaller than the tile, or left padding): a tile may span several pages.
-    The table column is clamped to the row (keys past the end of a masked tile) and the page to the cache."""
-    rows = kv.row0 + offs_n
-    col = tl.minimum(rows // PAGE_SIZE, kv.bt_cols - 1)
-    pg = clamp_index(tl.load(kv.bt_row + col), kv.num_pages).to(tl.int64)
-    prow = (rows % PAGE_SIZE).to(tl.int64)
+def page_row_offsets(
+    kv: KVTiles,
+    start_n,
+    offs_n0,
+    offs_n,
+    seqlen_k,
+    PAGE_SIZE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """K and V element offsets (int64, ``(BLOCK_N,)``) of logical keys ``offs_n`` in a paged cache, one block-table
+    read per key (pages smaller than the tile, or left padding): a tile may span several pages. Page ids are
+    clamped to the cache.
+
+    ``ALIGNED`` (no left padding): tiles start on a page boundary, so the row inside the page (``offs_n0 %
+    PAGE_SIZE``) is loop-invariant and only the table read moves; keys past the end of a masked tile read
+    no table entry (sm_90 SASS, page 16 under a 128 x 128 tile: 609 instructions per unmasked iteration
+    instead of 834 with per-key division, 538 contiguous). Otherwise the column is clamped to the table row."""
+    if ALIGNED:
+        col = start_n // PAGE_SIZE + offs_n0 // PAGE_SIZE
+        prow = offs_n0 % PAGE_SIZE
+        if MASKED:
+            pg = tl.load(kv.bt_row + col, mask=offs_n < seqlen_k, other=0)
+        else:
+            pg = tl.load(kv.bt_row + col)
+    else:
+        rows = kv.row0 + offs_n
+        col = tl.minimum(rows // PAGE_SIZE, kv.bt_cols - 1)
+        prow = rows % PAGE_SIZE
+        pg = tl.load(kv.bt_row + col)
+    pg = clamp_index(pg, kv.num_pages).to(tl.int64)
+    prow = prow.to(tl.int64)
     return pg * kv.stride_kp + prow * kv.stride_kn, pg * kv.stride_vp + prow * kv.stride_vn
 
 
@@ -233,7 +258,9 @@ def fwd_step(
         # the descriptor zero-fills rows past seqlen_k and columns past HEADDIM
         k = tl.trans(kv.k_desc.load([start_n, 0]))
     elif F.PAGED and not F.PAGE_TILE:
-        k_off, v_off = page_row_offsets(kv, offs_n, F.PAGE_SIZE)
+        k_off, v_off = page_row_offsets(
+            kv, start_n, offs_n0, offs_n, seqlen_k, F.PAGE_SIZE, F.PAGE_ALIGNED, MASKED
+        )
         k = load_kt(
             kv.k_base + k_off[None, :] + kv.offs_d[:, None],
             offs_n,

@@ -342,6 +342,8 @@ def fwd_kernel(
         PAGE_SIZE,
         # one block-table read per tile when a tile never straddles pages
         PAGED and PAGE_SIZE >= BLOCK_N and not HAS_LEFTPAD,
+        # smaller pages, no left padding: tiles start on page boundaries
+        PAGED and not HAS_LEFTPAD,
     )
     kv = KVTiles(
         k_base,
