@@ -14,9 +14,11 @@ import inspect
 import pytest
 import torch
 
-from fa_core import attention_varlen_ref, flash_attn_varlen_forward
+from fa_core import attention_varlen_ref, flash_attn_varlen_forward, settings
+from fa_core.errors import FlashAttnValueError
 from fa_core.forward_configs import force_tile
 from fa_core.forward_launch import launch_forward
+from fa_core.paged_varlen import check_leftpad_and_pages
 from fa_core.testing import DEVICE, assert_close_2x, poisoned
 
 DTYPES = [torch.float32, torch.float16] if DEVICE == "cpu" else [torch.float16, torch.bfloat16]
@@ -221,3 +223,62 @@ def test_public_api_paged_and_leftpad():
     res = flash_attn_varlen_forward(q, k, v, cu_q, cu_k, max(LENS_Q), max(LENS_K), leftpad_k=leftpad)
     k_eq, v_eq, cu_eq = used_keys(k, v, cu_k, None, leftpad)
     _check_ref(q, k_eq, v_eq, cu_q, cu_eq, res.out, res.lse, torch.float32)
+
+
+def _bad(**over):
+    """Arguments of check_leftpad_and_pages for a valid paged + leftpad case, with ``over`` replaced."""
+    q, k, v, cu_q, cu_k = _inputs(torch.float32, seed=9)
+    leftpad = torch.tensor([1, 0, 2, 3, 0], dtype=torch.int32, device=DEVICE)
+    kc, vc, table = to_pages(k, v, cu_k, 16, leftpad=leftpad, seed=9)
+    args = dict(
+        q=q,
+        k=kc,
+        v=vc,
+        cu_seqlens_k=cu_k,
+        seqused_k=None,
+        leftpad_k=leftpad,
+        block_table=table,
+        batch=len(LENS_Q),
+        return_probs=False,
+    )
+    args.update(over)
+    return args
+
+
+def test_checks_accept_a_valid_case():
+    check_leftpad_and_pages(**_bad())
+    check_leftpad_and_pages(**_bad(block_table=None, k=torch.zeros(1), v=torch.zeros(1)))
+
+
+@pytest.mark.parametrize(
+    "over, err, match",
+    [
+        (dict(return_probs=True), FlashAttnValueError, "return_probs"),
+        (dict(leftpad_k=torch.zeros(5, dtype=torch.int64)), TypeError, "leftpad_k"),
+        (dict(leftpad_k=torch.zeros(4, dtype=torch.int32)), FlashAttnValueError, "leftpad_k"),
+        (dict(leftpad_k=torch.tensor([0, 0, 10, 0, 0], dtype=torch.int32)), FlashAttnValueError, "leftpad_k"),
+        (dict(leftpad_k=torch.tensor([-1, 0, 0, 0, 0], dtype=torch.int32)), FlashAttnValueError, "leftpad_k"),
+        (dict(block_table=torch.zeros(5, 4, dtype=torch.int64)), TypeError, "block_table"),
+        (dict(block_table=torch.zeros(4, 4, dtype=torch.int32)), FlashAttnValueError, "block_table"),
+        (dict(block_table=torch.zeros(5, 4, dtype=torch.int32)[:, ::2]), FlashAttnValueError, "contiguous"),
+        (dict(block_table=torch.zeros(5, 1, dtype=torch.int32)), FlashAttnValueError, "capacity"),
+        (dict(k=torch.zeros(3, 24, HK, D), v=torch.zeros(3, 24, HK, D)), FlashAttnValueError, "page size"),
+        (dict(k=torch.zeros(3, 16, HK, D), v=torch.zeros(2, 16, HK, D)), FlashAttnValueError, "caches"),
+        (dict(k=torch.zeros(3, HK, D)), FlashAttnValueError, "k must have 4"),
+    ],
+)
+def test_checks_refuse_bad_arguments(over, err, match):
+    with pytest.raises(err, match=match):
+        check_leftpad_and_pages(**_bad(**over))
+
+
+def test_checks_refuse_table_entries_out_of_range_but_not_unread_slots():
+    args = _bad()
+    table = args["block_table"].clone()
+    assert bool((table == -1).any())  # unread slots hold -1: accepted
+    check_leftpad_and_pages(**args)
+    table[0, 0] = args["k"].shape[0]  # one past the last page
+    with pytest.raises(FlashAttnValueError, match="block_table entries"):
+        check_leftpad_and_pages(**_bad(block_table=table))
+    with settings.override(value_checks=False):
+        check_leftpad_and_pages(**_bad(block_table=table))
