@@ -109,7 +109,14 @@ def test_return_attn_probs_conventions():
     q, k, v = (rand(1, 17, 2, 16).requires_grad_() for _ in range(3))
     out, lse, s_dmask = flash_attn_func(q, k, v, return_attn_probs=True)
     assert s_dmask is None  # flash-attn only materialises S_dmask when dropout_p > 0
-    assert lse.shape == (1, 2, 17) and lse.dtype == torch.float32 and not lse.requires_grad
+    assert lse.shape == (1, 2, 17) and lse.dtype == torch.float32
+    # beyond flash-attn (which ignores it): the lse is differentiable
+    from fa_core.reference import attention_ref
+
+    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    _, lse_ref = attention_ref(*ref_in, upcast=False)
+    for g, r in zip(torch.autograd.grad(lse.sum(), (q, k)), torch.autograd.grad(lse_ref.sum(), ref_in[:2])):
+        torch.testing.assert_close(g.double(), r, atol=1e-3 if q.dtype == torch.float16 else 1e-5, rtol=1e-3)
     out, lse, s_dmask = flash_attn_func(q, k, v, dropout_p=0.2, return_attn_probs=True)
     assert s_dmask.shape == (1, 2, 17, 17) and not s_dmask.requires_grad
     assert out.requires_grad

@@ -126,37 +126,27 @@ def test_strided_inputs_and_dout():
 @pytest.mark.parametrize("seqlen_q", [45, 64])
 def test_lpt_order_same_results(monkeypatch, seqlen_q):
     """Causal launches can renumber their programs longest-processing-time first within sections of heads
-    (fa_core.scheduling, FA_PLUS_LPT / FA_PLUS_LPT_BWD=<width>): forward and gradients are bitwise those of the
-    plain order, on grids with several blocks, heads and batches (12 head-batch pairs: sections of 5 leave a
-    short last one) and a ragged last block, and match the reference (a program the renumbering skipped would
-    leave rows unwritten)."""
-    from fa_core.scheduling import BACKWARD_LPT, BACKWARD_SPARSE_LPT, FORWARD_LPT, lpt_section
+    (fa_core.scheduling's widths): forward and gradients are bitwise those of the plain order, on grids with
+    several blocks, heads and batches (12 head-batch pairs: sections of 5 leave a short last one) and a ragged
+    last block, and match the reference (a program the renumbering skipped would leave rows unwritten)."""
+    from fa_core import scheduling
+    from fa_core.scheduling import lpt_section
 
     torch.manual_seed(7)
     q = rand(3, seqlen_q, 4, 16)
     k = rand(3, 64, 2, 16)
     v = rand(3, 64, 2, 16)
     dout = rand(3, seqlen_q, 4, 16)
-    monkeypatch.delenv("FA_PLUS_LPT", raising=False)
-    monkeypatch.delenv("FA_PLUS_LPT_BWD", raising=False)
-    assert lpt_section(True, False) == FORWARD_LPT and lpt_section(True, False, backward=True) == BACKWARD_LPT
-    assert lpt_section(True, False, backward=True, sparse=True) == BACKWARD_SPARSE_LPT
     results = []
-    for width in ("1", "5", "65536"):
-        monkeypatch.setenv("FA_PLUS_LPT", width)
-        monkeypatch.setenv("FA_PLUS_LPT_BWD", width)
-        assert lpt_section(True, False) == int(width) == lpt_section(True, False, backward=True)
+    for width in (1, 5, 65536):
+        monkeypatch.setattr(scheduling, "FORWARD_LPT", width)
+        monkeypatch.setattr(scheduling, "BACKWARD_LPT", width)
+        assert lpt_section(True, False) == width == lpt_section(True, False, backward=True)
         qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
         out = flash_attn_func(qq, kk, vv, causal=True)
         out.backward(dout)
         results.append((out, qq.grad, kk.grad, vv.grad))
     assert lpt_section(True, True) == 1 and lpt_section(False, False) == 1  # a left window; no mask
-    monkeypatch.setenv("FA_PLUS_LPT", "four")
-    with pytest.raises(ValueError, match="FA_PLUS_LPT"):
-        lpt_section(True, False)
-    monkeypatch.setenv("FA_PLUS_LPT_BWD", "0x")
-    with pytest.raises(ValueError, match="FA_PLUS_LPT_BWD"):
-        lpt_section(True, False, backward=True)
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.isfinite(a).all()

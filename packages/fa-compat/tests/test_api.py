@@ -206,20 +206,17 @@ def test_low_level_forward_shapes_and_values():
         cu_seqlens(lens), cu_seqlens(lens), 20, 20, 0.0, 0.25, True,
     )  # fmt: skip
     _check(out_v.reshape(2, 20, 2, 32), None, q, k[:, :20], v[:, :20], softmax_scale=0.25, causal=True)
-    with pytest.raises(NotImplementedError, match="leftpad_k"):
-        _flash_attn_varlen_forward(
-            q[0],
-            k[0],
-            v[0],
-            cu_seqlens([20]),
-            cu_seqlens([30]),
-            20,
-            30,
-            0.0,
-            None,
-            False,
-            leftpad_k=torch.zeros(1, dtype=torch.int32),
-        )
+    # leftpad_k: sequence b's keys start leftpad_k[b] rows into its slice of k / v
+    pad = torch.tensor([3, 0], dtype=torch.int32, device=DEVICE)
+    kv_, vv_ = k[:, :15].reshape(30, 2, 32), v[:, :15].reshape(30, 2, 32)
+    out_p, lse_p, _, _ = _flash_attn_varlen_forward(
+        q[:, :10].reshape(20, 2, 32), kv_, vv_, cu_seqlens([10, 10]), cu_seqlens([15, 15]), 10, 15, 0.0, None,
+        True, leftpad_k=pad,
+    )  # fmt: skip
+    for i, p in enumerate(pad.tolist()):
+        qi, ki, vi = q[i : i + 1, :10], k[i : i + 1, p:15], v[i : i + 1, p:15]
+        lse_i = lse_p[:, i * 10 : (i + 1) * 10].unsqueeze(0)
+        _check(out_p[i * 10 : (i + 1) * 10].unsqueeze(0), lse_i, qi, ki, vi, causal=True)
 
 
 @needs_backward

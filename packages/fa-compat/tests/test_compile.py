@@ -191,16 +191,16 @@ def test_compiled_backward_never_launches_on_traced_tensors(monkeypatch):
     """AOT autograd traces the backward under fake / functional tensors after dynamo is done
     (``torch.compiler.is_compiling()`` is False there): the eager shortcut must not launch kernels on them
     (on the GPU, Triton raised "Cannot access data pointer"); the custom op is what gets traced."""
-    import fa_backward.backward as fab_backward
+    import fa_backward.autograd as fab_autograd
 
-    real = fab_backward.backward_from_autograd
+    real = fab_autograd.backward_from_autograd
     seen: list[type] = []
 
     def spy(dout, q, *args, **kwargs):
         seen.extend({type(dout), type(q)})
         return real(dout, q, *args, **kwargs)
 
-    monkeypatch.setattr(fab_backward, "backward_from_autograd", spy)
+    monkeypatch.setattr(fab_autograd, "backward_from_autograd", spy)
     torch._dynamo.reset()
     q = rand(1, 12, 2, 16, requires_grad=True)
     k, v = (rand(1, 12, 2, 16, requires_grad=True) for _ in range(2))
@@ -217,12 +217,33 @@ def test_compiled_backward_never_launches_on_traced_tensors(monkeypatch):
         torch.testing.assert_close(g, ge)
 
 
-def test_eager_tensors_predicate():
+def test_tracing_predicate():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from flash_attn._ops import eager_tensors
+    from fa_core.ops import tracing
 
-    t = torch.ones(2)
-    assert eager_tensors(t, t)
+    assert not tracing(torch.ones(2)) and not tracing(torch.nn.Parameter(torch.ones(2)))
     with FakeTensorMode():
-        assert not eager_tensors(torch.ones(2))
+        assert tracing(torch.ones(2))
+
+
+def _sink_chunk_model(q, k, v, sink):
+    return flash_attn_func(q, k, v, causal=True, attention_chunk=4, learnable_sink=sink).float().sum()
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compile_fullgraph_sink_and_chunk(backend):
+    """The extras go through the same ops: a learnable sink and chunks compile with fullgraph=True, and the
+    sink's gradient matches eager."""
+    torch._dynamo.reset()
+    q = rand(1, 12, 2, 16, requires_grad=HAS_BACKWARD)
+    k, v = (rand(1, 12, 1, 16, requires_grad=HAS_BACKWARD) for _ in range(2))
+    sink = torch.randn(2, device=DEVICE, requires_grad=HAS_BACKWARD)
+    ref = _sink_chunk_model(q, k, v, sink)
+    out = torch.compile(_sink_chunk_model, fullgraph=True, backend=backend)(q, k, v, sink)
+    torch.testing.assert_close(out, ref, atol=1e-5 if torch.float32 == HI else 1e-2, rtol=1e-5)
+    if HAS_BACKWARD:
+        grads = torch.autograd.grad(out, (q, k, v, sink))
+        grads_ref = torch.autograd.grad(ref, (q, k, v, sink))
+        for g, g_ref in zip(grads, grads_ref):
+            torch.testing.assert_close(g, g_ref, atol=1e-5 if torch.float32 == HI else 1e-2, rtol=1e-4)

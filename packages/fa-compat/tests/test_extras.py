@@ -20,7 +20,7 @@ from fa_compat_testutils import (
 import flash_attn
 from fa_core.reference import attention_ref, attention_varlen_ref
 from fa_core.testing import assert_close_2x
-from flash_attn import _extensions, _extras, flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+from flash_attn import _extras, flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 
 D = 16
 NHEADS, NHEADS_K = 4, 2  # GQA everywhere
@@ -115,15 +115,9 @@ def test_lse_is_differentiable_with_a_sink():
         torch.testing.assert_close(g.double(), r, atol=1e-4, rtol=1e-4, msg=name)
 
 
-def test_defaults_take_the_2_8_path(monkeypatch):
-    """attention_chunk=0 / learnable_sink=None: the custom op, bitwise the result of the 2.8 call."""
+def test_defaults_give_the_2_8_result():
+    """attention_chunk=0 / learnable_sink=None: bitwise the result of the 2.8 call and of the custom op."""
     q, k, v, _ = _make(HI, {}, (2, 8, NHEADS, D), (2, 8, NHEADS_K, D), False)
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the defaults must not leave the custom-op path")
-
-    monkeypatch.setattr(_extensions, "dense", refuse)
-    monkeypatch.setattr(_extensions, "varlen", refuse)
     before = flash_attn_func(q, k, v, 0.0, None, True)
     after = flash_attn_func(q, k, v, 0.0, None, True, attention_chunk=0, learnable_sink=None)
     op = torch.ops.flash_attn_plus.fwd(q, k, v, 0.0, D**-0.5, True, -1, 0, 0.0, None, False, False)[0]
@@ -194,11 +188,6 @@ def test_extras_are_keyword_only():
         (dict(attention_chunk=-1), ValueError, "attention_chunk"),
         (dict(attention_chunk=2.5), ValueError, "attention_chunk"),
         (dict(attention_chunk=True), ValueError, "attention_chunk"),
-        (
-            dict(learnable_sink=torch.zeros(NHEADS), dropout_p=0.1, return_attn_probs=True),
-            ValueError,
-            "return_attn_probs.*dropout_p",
-        ),
     ],
 )
 def test_invalid_extras(kwargs, exc, match):
@@ -215,6 +204,23 @@ def test_invalid_extras(kwargs, exc, match):
     if _extras.KVCACHE is not None and "dropout_p" not in kwargs:
         with pytest.raises(exc, match=match):
             flash_attn_with_kvcache(q, k, v, **kwargs)
+
+
+def test_dropout_probs_with_a_sink_and_chunks():
+    """S_dmask with dropout, a sink and chunks (one path for every feature): kept entries are the reference's
+    probabilities (the sink's share included), dropped ones negated."""
+    torch.manual_seed(1)
+    q, k, v, kw = _make(HI, dict(sink=True, attention_chunk=4), (1, 8, NHEADS, D), (1, 8, NHEADS_K, D), False)
+    out, lse, s_dmask = flash_attn_func(q, k, v, dropout_p=0.3, return_attn_probs=True, **kw)
+    assert s_dmask.shape == (1, NHEADS, 128, 128)
+    probs = s_dmask[:, :, :8, :8].abs().double()
+    _, lse_ref, leaves = _ref(q, k, v, kw, None, upcast=True)
+    scores = torch.einsum("bihd,bjhd->bhij", leaves[0], leaves[1].repeat_interleave(NHEADS // NHEADS_K, 2))
+    chunk = torch.arange(8) // 4
+    scores = scores * D**-0.5 + torch.where(chunk[:, None] == chunk[None, :], 0.0, float("-inf"))
+    expect = torch.exp(scores - lse_ref[..., None])
+    torch.testing.assert_close(probs, expect, atol=2e-5 if torch.float32 == HI else 2e-3, rtol=1e-3)
+    assert torch.isfinite(out).all()
 
 
 def test_exported_functions_are_the_extended_ones():

@@ -1,425 +1,172 @@
-"""Autograd Functions (flash-attn 2.8's ``FlashAttn*Func`` classes, same ``forward`` arguments).
+"""The one autograd layer of Flash Attention Plus.
 
-Each Function runs fa_core's forward (grad mode is off inside ``Function.forward``) and the kernels of
-:mod:`fa_backward.backward`. Packed variants write their gradient straight into one ``dqkv`` / ``dkv``
-buffer (the kernels take strided outputs), as flash-attn does. The lse and ``S_dmask`` outputs are not
-differentiable; double backward raises (``once_differentiable``).
+:class:`Attention` is the only ``torch.autograd.Function``; every differentiable public function (fa-compat's
+``flash_attn_*func``, this package's, :mod:`fa_backward.programmable`) is a view of :func:`attention`, which
+checks the arguments once (:func:`fa_core.ops.prepare`) and calls ``Attention.apply``. The custom op
+``flash_attn_plus::fwd`` / ``varlen_fwd`` gets its autograd from the same two functions (:func:`save` and
+:func:`backward`, registered in :mod:`fa_backward.ops`).
+
+Inputs: ``(a, b, c)`` = ``(q, k, v)``, ``(qkv, None, None)`` or ``(q, kv, None)``; packed inputs are sliced into
+views, and their gradient is ONE buffer (``dqkv`` / ``dkv``) whose views the backward kernels write (as
+flash-attn does), not three packed-size gradients summed by autograd. The ``softmax_lse`` output is
+differentiable (the kernels take ``delta - dlse``), as is a learnable sink: its gradient is the row reduction
+``dL/dsink_h = -sum_{b, i} exp(sink_h - lse_{b,h,i}) * softmax_d_{b,h,i}``. ``S_dmask`` and ``rng_state`` are
+not differentiable; double backward raises.
+
+In eager mode the forward and the backward launch the kernels directly (no torch.library dispatch); while
+``torch.compile`` traces (:func:`fa_core.ops.tracing`), they call the custom ops, which stay opaque.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from fa_backward.backward import backward_from_autograd
-from fa_core import validation as V
-from fa_core.forward import flash_attn_forward, flash_attn_varlen_forward
+from fa_core import ops
+from fa_core.ops import KV, QKV, Spec
 
 __all__ = [
+    "Attention",
     "FlashAttnFunc",
     "FlashAttnKVPackedFunc",
     "FlashAttnQKVPackedFunc",
     "FlashAttnVarlenFunc",
     "FlashAttnVarlenKVPackedFunc",
     "FlashAttnVarlenQKVPackedFunc",
+    "attention",
+    "backward",
+    "save",
 ]
 
+Tensor = torch.Tensor
 
-def _forward(
-    ctx,
-    q,
-    k,
-    v,
-    varlen,
-    dropout_p,
-    softmax_scale,
-    causal,
-    window_size,
-    softcap,
-    alibi_slopes,
-    deterministic,
-    return_softmax,
-    is_grad,
-    to_save,
-):
-    """Run the forward, stash what the backward needs, return flash-attn's outputs."""
-    if softmax_scale is None:
-        softmax_scale = q.shape[-1] ** (-0.5)
-    want_probs = bool(return_softmax and dropout_p > 0)  # flash-attn: S_dmask only exists with dropout
-    kw = dict(
-        dropout_p=dropout_p,
-        softmax_scale=softmax_scale,
-        causal=causal,
-        window_size=window_size,
-        softcap=softcap,
-        alibi_slopes=alibi_slopes,
-        return_probs=want_probs,
-    )
-    if varlen is None:
-        res = flash_attn_forward(q, k, v, **kw)
+
+def save(ctx: Any, q, k, v, sink, alibi, cu_q, cu_k, seqused_k, out, lse, rng_state, spec: Spec,
+         packed_shape: tuple | None = None, sink_index: int = 3) -> None:  # fmt: skip
+    """Stash what :func:`backward` reads (q, k, v may be views of a packed input of ``packed_shape``;
+    ``sink_index``: the sink's position among the inputs, for ``ctx.needs_input_grad``)."""
+    ctx.save_for_backward(q, k, v, out, lse, rng_state, sink, alibi, cu_q, cu_k, seqused_k)
+    ctx.spec = spec
+    ctx.packed_shape = packed_shape
+    ctx.sink_index = sink_index
+    ctx.set_materialize_grads(False)
+
+
+def _dsink(sink: Tensor, lse: Tensor, softmax_d: Tensor, cu_q: Tensor | None) -> Tensor:
+    """``-sum exp(sink - lse) * softmax_d`` over every row of each head; ``lse`` / ``softmax_d`` are
+    ``(batch, nheads, seqlen_q)`` or ``(nheads, total_q)``."""
+    shape = (1, -1, 1) if lse.dim() == 3 else (-1, 1)
+    terms = torch.exp(sink.float().reshape(shape) - lse) * softmax_d
+    if cu_q is not None:  # varlen: rows outside every sequence hold no lse
+        terms = torch.where(torch.arange(lse.shape[1], device=lse.device) < cu_q[-1], terms, 0.0)
+    dims = (0, 2) if lse.dim() == 3 else (1,)
+    return -terms.sum(dim=dims).to(sink.dtype)
+
+
+def _grads(ctx: Any, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor | None, ...]:
+    """``(da, db, dq, dk, dv)``: the gradient buffers and the views the kernels write."""
+    spec: Spec = ctx.spec
+    if spec.pack == QKV:
+        dqkv = q.new_empty(ctx.packed_shape)
+        dq, dk, dv = ops.unpack(dqkv, None, None, QKV, spec.varlen)
+        return dqkv, None, dq, dk, dv
+    dq = torch.empty_like(q)
+    if spec.pack == KV:
+        dkv = k.new_empty(ctx.packed_shape)
+        _, dk, dv = ops.unpack(dq, dkv, None, KV, spec.varlen)
+        return dq, dkv, dq, dk, dv
+    return dq, None, dq, torch.empty_like(k), torch.empty_like(v)
+
+
+def backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None, *unused: Any) -> tuple[Tensor | None, ...]:
+    """Gradients of ``(a, b, c, sink)`` (then None for the non-tensor arguments) from ``dout`` / ``dlse``
+    (None: not used downstream)."""
+    q, k, v, out, lse, rng_state, sink, alibi, cu_q, cu_k, seqused_k = ctx.saved_tensors
+    spec: Spec = ctx.spec
+    dout = torch.zeros_like(out) if dout is None else dout
+    da, db, dq, dk, dv = _grads(ctx, q, k, v)
+    window = (spec.window_left, spec.window_right)
+    if not ops.tracing(dout):
+        mods = spec.mods or (None, None, None, None)
+        varlen = (cu_q, cu_k, spec.max_seqlen_q, spec.max_seqlen_k) if spec.varlen else None
+        softmax_d = backward_from_autograd(
+            dout, q, k, v, out, lse, dq, dk, dv, varlen=varlen, dropout_p=spec.dropout_p,
+            softmax_scale=spec.softmax_scale, causal=spec.causal, window_size=window, softcap=spec.softcap,
+            alibi_slopes=alibi, rng_state=rng_state, seqused_k=seqused_k, attention_chunk=spec.attention_chunk,
+            score_mod=mods[0], score_mod_grad=mods[1], mask_mod=mods[2], block_mask=mods[3], dsoftmax_lse=dlse,
+        )  # fmt: skip
+    elif spec.varlen:
+        softmax_d = torch.ops.flash_attn_plus.varlen_bwd(
+            dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, spec.max_seqlen_q, spec.max_seqlen_k, spec.dropout_p,
+            spec.softmax_scale, spec.causal, spec.window_left, spec.window_right, spec.softcap, alibi,
+            spec.deterministic, rng_state, False, seqused_k, spec.attention_chunk, dlse,
+        )[:, : q.shape[0]]  # fmt: skip
     else:
-        res = flash_attn_varlen_forward(q, k, v, *varlen, **kw)
-    if is_grad:
-        cu = tuple(varlen[:2]) if varlen is not None else ()
-        ctx.save_for_backward(*to_save, res.out, res.lse, res.rng_state, *cu)
-        ctx.max_seqlens = tuple(varlen[2:]) if varlen is not None else None
-        ctx.dropout_p = dropout_p
-        ctx.softmax_scale = softmax_scale
-        ctx.causal = causal
-        ctx.window_size = window_size
-        ctx.softcap = softcap
-        ctx.alibi_slopes = alibi_slopes
-        ctx.deterministic = deterministic
-    if not return_softmax:
-        return res.out
-    ctx.mark_non_differentiable(res.lse)
-    if res.probs is not None:
-        ctx.mark_non_differentiable(res.probs)
-    return res.out, res.lse, res.probs
-
-
-def _backward(ctx, dout, q, k, v, out, lse, rng_state, cu, dq, dk, dv) -> None:
-    # the forward validated q, k, v, out, lse and the options: skip the public entry points' checks
-    varlen = None if ctx.max_seqlens is None else (cu[0], cu[1], *ctx.max_seqlens)
-    backward_from_autograd(
-        dout,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        dq,
-        dk,
-        dv,
-        varlen=varlen,
-        dropout_p=ctx.dropout_p,
-        softmax_scale=ctx.softmax_scale,
-        causal=ctx.causal,
-        window_size=tuple(ctx.window_size),
-        softcap=ctx.softcap,
-        alibi_slopes=ctx.alibi_slopes,
-        rng_state=rng_state,
+        softmax_d = torch.ops.flash_attn_plus.bwd(
+            dout, q, k, v, out, lse, dq, dk, dv, spec.dropout_p, spec.softmax_scale, spec.causal,
+            spec.window_left, spec.window_right, spec.softcap, alibi, spec.deterministic, rng_state,
+            spec.attention_chunk, dlse,
+        )[:, :, : q.shape[1]]  # fmt: skip
+    dsink = None
+    if sink is not None and ctx.needs_input_grad[ctx.sink_index]:
+        dsink = _dsink(sink, lse, softmax_d, cu_q if spec.varlen else None)
+    if spec.pack == QKV:
+        return da, None, None, dsink, None, None, None, None, None
+    return (
+        da,
+        db if spec.pack == KV else dk,
+        None if spec.pack == KV else dv,
+        dsink,
+        None,
+        None,
+        None,
+        None,
+        None,
     )
 
 
-class FlashAttnFunc(torch.autograd.Function):
+class Attention(torch.autograd.Function):
+    """``apply(a, b, c, learnable_sink, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, spec)`` ->
+    ``(out, softmax_lse, S_dmask, rng_state)``; ``spec`` from :func:`fa_core.ops.prepare` (checked inputs)."""
+
     @staticmethod
-    def forward(
-        ctx,
-        q,
-        k,
-        v,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_softmax,
-        is_grad_enabled,
-    ):
-        is_grad = is_grad_enabled and any(x.requires_grad for x in (q, k, v))
-        return _forward(
-            ctx,
-            q,
-            k,
-            v,
-            None,
-            dropout_p,
-            softmax_scale,
-            causal,
-            window_size,
-            softcap,
-            alibi_slopes,
-            deterministic,
-            return_softmax,
-            is_grad,
-            (q, k, v),
-        )
+    def forward(ctx, a, b, c, sink, alibi, cu_q, cu_k, seqused_k, spec: Spec):
+        if cu_k is None:
+            cu_k = cu_q  # passed once when the two are one tensor (packed qkv)
+        q, k, v = ops.unpack(a, b, c, spec.pack, spec.varlen)
+        q, k, v = ops.V.contig_last(q), ops.V.contig_last(k), ops.V.contig_last(v)
+        out, lse, s_dmask, rng_state = ops.run_forward(q, k, v, sink, alibi, cu_q, cu_k, seqused_k, spec)
+        packed = a if spec.pack == QKV else (b if spec.pack == KV else None)
+        save(ctx, q, k, v, sink, alibi, cu_q, cu_k, seqused_k, out, lse, rng_state, spec,
+             None if packed is None else tuple(packed.shape))  # fmt: skip
+        ctx.mark_non_differentiable(s_dmask, rng_state)
+        return out, lse, s_dmask, rng_state
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dout, *args):
-        q, k, v, out, lse, rng_state = ctx.saved_tensors
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _backward(ctx, dout, q, k, v, out, lse, rng_state, (), dq, dk, dv)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    def backward(ctx, dout, dlse, ds, drng):
+        return backward(ctx, dout, dlse)
 
 
-class FlashAttnQKVPackedFunc(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx,
-        qkv,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_softmax,
-        is_grad_enabled,
-    ):
-        V.check_packed("qkv", qkv, 5, 2, 3)
-        q, k, v = qkv[:, :, 0].detach(), qkv[:, :, 1].detach(), qkv[:, :, 2].detach()
-        is_grad = is_grad_enabled and qkv.requires_grad
-        return _forward(
-            ctx,
-            q,
-            k,
-            v,
-            None,
-            dropout_p,
-            softmax_scale,
-            causal,
-            window_size,
-            softcap,
-            alibi_slopes,
-            deterministic,
-            return_softmax,
-            is_grad,
-            (qkv,),
-        )
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, *args):
-        qkv, out, lse, rng_state = ctx.saved_tensors
-        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-        _backward(
-            ctx,
-            dout,
-            qkv[:, :, 0],
-            qkv[:, :, 1],
-            qkv[:, :, 2],
-            out,
-            lse,
-            rng_state,
-            (),
-            dqkv[:, :, 0],
-            dqkv[:, :, 1],
-            dqkv[:, :, 2],
-        )
-        return dqkv, None, None, None, None, None, None, None, None, None
+def attention(
+    a: Tensor,
+    b: Tensor | None,
+    c: Tensor | None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One differentiable call: ``(out, softmax_lse, S_dmask)`` in flash-attn's layouts. ``kwargs``: those of
+    :func:`fa_core.ops.prepare` (``pack``, ``varlen``, ``cu_seqlens_q``, ..., ``mods``)."""
+    return ops.attention(a, b, c, autograd=Attention.apply, **kwargs)
 
 
-class FlashAttnKVPackedFunc(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx,
-        q,
-        kv,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_softmax,
-        is_grad_enabled,
-    ):
-        V.check_packed("kv", kv, 5, 2, 2)
-        k, v = kv[:, :, 0].detach(), kv[:, :, 1].detach()
-        is_grad = is_grad_enabled and any(x.requires_grad for x in (q, kv))
-        return _forward(
-            ctx,
-            q,
-            k,
-            v,
-            None,
-            dropout_p,
-            softmax_scale,
-            causal,
-            window_size,
-            softcap,
-            alibi_slopes,
-            deterministic,
-            return_softmax,
-            is_grad,
-            (q, kv),
-        )
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, *args):
-        q, kv, out, lse, rng_state = ctx.saved_tensors
-        dq = torch.empty_like(q)
-        dkv = torch.empty(kv.shape, dtype=kv.dtype, device=kv.device)
-        _backward(
-            ctx, dout, q, kv[:, :, 0], kv[:, :, 1], out, lse, rng_state, (), dq, dkv[:, :, 0], dkv[:, :, 1]
-        )
-        return dq, dkv, None, None, None, None, None, None, None, None, None
-
-
-class FlashAttnVarlenFunc(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx,
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_softmax,
-        block_table,
-        is_grad_enabled,
-    ):
-        if block_table is not None:
-            raise NotImplementedError(
-                "block_table (paged KV) is not supported by flash_attn_varlen_func here: use "
-                "flash_attn_with_kvcache (fa-kvcache) for paged KV"
-            )
-        is_grad = is_grad_enabled and any(x.requires_grad for x in (q, k, v))
-        varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-        return _forward(
-            ctx,
-            q,
-            k,
-            v,
-            varlen,
-            dropout_p,
-            softmax_scale,
-            causal,
-            window_size,
-            softcap,
-            alibi_slopes,
-            deterministic,
-            return_softmax,
-            is_grad,
-            (q, k, v),
-        )
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, *args):
-        q, k, v, out, lse, rng_state, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _backward(ctx, dout, q, k, v, out, lse, rng_state, (cu_q, cu_k), dq, dk, dv)
-        return (dq, dk, dv) + (None,) * 14
-
-
-class FlashAttnVarlenQKVPackedFunc(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx,
-        qkv,
-        cu_seqlens,
-        max_seqlen,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_softmax,
-        is_grad_enabled,
-    ):
-        V.check_packed("qkv", qkv, 4, 1, 3)
-        q, k, v = qkv[:, 0].detach(), qkv[:, 1].detach(), qkv[:, 2].detach()
-        is_grad = is_grad_enabled and qkv.requires_grad
-        varlen = (cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
-        return _forward(
-            ctx,
-            q,
-            k,
-            v,
-            varlen,
-            dropout_p,
-            softmax_scale,
-            causal,
-            window_size,
-            softcap,
-            alibi_slopes,
-            deterministic,
-            return_softmax,
-            is_grad,
-            (qkv,),
-        )
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, *args):
-        qkv, out, lse, rng_state, cu_q, cu_k = ctx.saved_tensors
-        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-        _backward(
-            ctx,
-            dout,
-            qkv[:, 0],
-            qkv[:, 1],
-            qkv[:, 2],
-            out,
-            lse,
-            rng_state,
-            (cu_q, cu_k),
-            dqkv[:, 0],
-            dqkv[:, 1],
-            dqkv[:, 2],
-        )
-        return (dqkv,) + (None,) * 11
-
-
-class FlashAttnVarlenKVPackedFunc(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx,
-        q,
-        kv,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_softmax,
-        is_grad_enabled,
-    ):
-        V.check_packed("kv", kv, 4, 1, 2)
-        k, v = kv[:, 0].detach(), kv[:, 1].detach()
-        is_grad = is_grad_enabled and any(x.requires_grad for x in (q, kv))
-        varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-        return _forward(
-            ctx,
-            q,
-            k,
-            v,
-            varlen,
-            dropout_p,
-            softmax_scale,
-            causal,
-            window_size,
-            softcap,
-            alibi_slopes,
-            deterministic,
-            return_softmax,
-            is_grad,
-            (q, kv),
-        )
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, *args):
-        q, kv, out, lse, rng_state, cu_q, cu_k = ctx.saved_tensors
-        dq = torch.empty_like(q)
-        dkv = torch.empty(kv.shape, dtype=kv.dtype, device=kv.device)
-        _backward(
-            ctx, dout, q, kv[:, 0], kv[:, 1], out, lse, rng_state, (cu_q, cu_k), dq, dkv[:, 0], dkv[:, 1]
-        )
-        return (dq, dkv) + (None,) * 13
+# ------------------------------------------------------------- flash-attn's FlashAttn*Func names: views
+_VIEWS = ops.function_views(__name__, Attention.forward, backward)
+FlashAttnFunc = _VIEWS["FlashAttnFunc"]
+FlashAttnQKVPackedFunc = _VIEWS["FlashAttnQKVPackedFunc"]
+FlashAttnKVPackedFunc = _VIEWS["FlashAttnKVPackedFunc"]
+FlashAttnVarlenFunc = _VIEWS["FlashAttnVarlenFunc"]
+FlashAttnVarlenQKVPackedFunc = _VIEWS["FlashAttnVarlenQKVPackedFunc"]
+FlashAttnVarlenKVPackedFunc = _VIEWS["FlashAttnVarlenKVPackedFunc"]

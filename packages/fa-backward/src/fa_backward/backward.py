@@ -16,7 +16,6 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fa_backward.launch import _launch
 from fa_backward.sparse_args import _sparse_args as _sparse_args  # re-exported (was defined here)
 from fa_backward.sparse_args import check_full_blocks as check_full_blocks  # re-exported
 from fa_backward.sparse_args import check_programmable
@@ -35,6 +34,13 @@ class BwdResult(NamedTuple):
     dk: torch.Tensor
     dv: torch.Tensor
     softmax_d: torch.Tensor
+
+
+def _launch(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """:func:`fa_backward.launch._launch`, imported at the first launch (it imports Triton and the kernels)."""
+    from fa_backward.launch import _launch as launch
+
+    return launch(*args, **kwargs)
 
 
 def _check_qkv(q, k, v, varlen: bool) -> None:
@@ -370,12 +376,19 @@ def backward_from_autograd(
     softcap: float,
     alibi_slopes: torch.Tensor | None,
     rng_state: torch.Tensor,
-) -> None:
-    """The backward of the autograd Functions: no input checks (q, k, v, out, lse, rng_state and the options
-    are the ones the forward validated and saved; autograd hands ``dout`` with ``out``'s shape, dtype and
-    device), only the last-dim layout of ``dout``. Host time matters here: at short sequences a training step
-    waits on it. ``varlen``: ``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)``."""
-    # q, k, v, out passed the forward's last-dim check (fa-compat saves contig_last copies); dout is autograd's
+    seqused_k: torch.Tensor | None = None,
+    attention_chunk: int = 0,
+    score_mod: Callable[..., Any] | None = None,
+    score_mod_grad: Callable[..., Any] | None = None,
+    mask_mod: Callable[..., Any] | None = None,
+    block_mask: BlockMask | None = None,
+    dsoftmax_lse: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The backward of the autograd layer (:mod:`fa_backward.autograd`): no input checks (q, k, v, out, lse,
+    rng_state and the options are the ones the forward checked and saved; autograd hands ``dout`` with
+    ``out``'s shape, dtype and device), only the last-dim layout of ``dout``. Host time matters here: at short
+    sequences a training step waits on it. ``varlen``: ``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    max_seqlen_k)``. Writes dq, dk, dv; returns ``softmax_d`` laid out like the lse."""
     dout = V.contig_last(dout)
     if varlen is None:
         batch, max_q, max_k = q.shape[0], q.shape[1], k.shape[1]
@@ -384,29 +397,15 @@ def backward_from_autograd(
         cu_q, cu_k, max_q, max_k = varlen
         batch = cu_q.shape[0] - 1
     if batch == 0 or q.shape[-2] == 0 or (max_q == 0 and max_k == 0):
-        return
-    _launch(
-        dout,
-        q,
-        k,
-        v,
-        out,
-        softmax_lse,
-        dq,
-        dk,
-        dv,
-        varlen=varlen is not None,
-        batch=batch,
-        max_seqlen_q=max_q,
-        max_seqlen_k=max_k,
-        cu_seqlens_q=cu_q,
-        cu_seqlens_k=cu_k,
-        seqused_k=None,
-        softmax_scale=softmax_scale,
-        causal=causal,
-        window=window_size,
-        softcap=softcap,
-        alibi_slopes=alibi_slopes,
-        dropout_p=dropout_p,
-        rng_state=rng_state,
-    )
+        dq.zero_()
+        dk.zero_()
+        dv.zero_()
+        return torch.zeros_like(softmax_lse)
+    return _launch(
+        dout, q, k, v, out, softmax_lse, dq, dk, dv, varlen=varlen is not None, batch=batch,
+        max_seqlen_q=max_q, max_seqlen_k=max_k, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_k=seqused_k,
+        softmax_scale=softmax_scale, causal=causal, window=window_size, softcap=softcap,
+        alibi_slopes=alibi_slopes, dropout_p=dropout_p, rng_state=rng_state, attention_chunk=attention_chunk,
+        score_mod=score_mod, score_mod_grad=score_mod_grad, mask_mod=mask_mod, block_mask=block_mask,
+        dsoftmax_lse=dsoftmax_lse,
+    )  # fmt: skip

@@ -13,8 +13,7 @@ from fa_backward.backward_kernel import dkdv_kernel, dq_kernel
 from fa_backward.sparse_args import _sparse_args
 from fa_core import validation as V
 from fa_core.fast_launch import FastLaunch, empty_arg
-from fa_core.forward import seq_bucket
-from fa_core.forward_configs import cdiv, next_pow2
+from fa_core.forward_configs import cdiv, next_pow2, seq_bucket
 from fa_core.forward_launch import tma_ok
 from fa_core.masking import has_right_edge, has_window_left, normalize_window
 from fa_core.scheduling import lpt_section
@@ -80,7 +79,8 @@ def _launch(
         stride_ob = stride_dob = stride_lb = stride_deltab = 0
         stride_qb = stride_kb = stride_vb = stride_dqb = stride_dkb = stride_dvb = 0
         stride_lh, stride_deltah = sl[0], sdelta[0]
-        sq_b = sk_b = 0
+        # the total rows: the kernels clamp the values they read from cu_seqlens to [0, total]
+        sq_b, sk_b = q.shape[0], k.shape[0]
     else:
         stride_ob, stride_dob = so[0], sdo[0]
         stride_lb, stride_lh = sl[0], sl[1]

@@ -1,4 +1,5 @@
-"""Differentiable attention with the features beyond flash-attn 2 (issue 6), dense and varlen.
+"""Differentiable attention with the features beyond flash-attn 2, dense and varlen: views of the one
+autograd layer (:func:`fa_backward.autograd.attention`), which carries every feature below.
 
 * Learnable sinks (gpt-oss): one extra logit per head in every row's softmax denominator, with no value row.
   The forward folds it into the lse, so the backward kernels, fed that lse, produce the right dQ/dK/dV (the
@@ -16,10 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from fa_backward.backward import flash_attn_backward, flash_attn_varlen_backward
-from fa_core import flash_attn_forward, flash_attn_varlen_forward
+from fa_backward.autograd import attention as _attention
 from fa_core.block_sparse import BlockMask
 
 __all__ = ["attention", "attention_varlen"]
@@ -36,93 +35,12 @@ def _check_grad_fns(score_mod: object, score_mod_grad: object, needs_grad: bool)
         )
 
 
-def _dsink(
-    sink: torch.Tensor, lse: torch.Tensor, softmax_d: torch.Tensor, rows_ok: torch.Tensor | None
-) -> torch.Tensor:
-    """``-sum exp(sink - lse) * softmax_d`` over every row of each head; ``lse`` / ``softmax_d`` are
-    ``(batch, nheads, seqlen_q)`` or ``(nheads, total_q)``."""
-    shape = (1, -1, 1) if lse.dim() == 3 else (-1, 1)
-    terms = torch.exp(sink.float().reshape(shape) - lse) * softmax_d
-    if rows_ok is not None:  # varlen: rows outside every sequence hold no lse
-        terms = torch.where(rows_ok, terms, 0.0)
-    dims = (0, 2) if lse.dim() == 3 else (1,)
-    return -terms.sum(dim=dims).to(sink.dtype)
-
-
-class _AttentionFunc(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, learnable_sink, varlen, kw, mods):
-        score_mod, score_mod_grad, mask_mod, block_mask = mods
-        fwd_kw = dict(kw, score_mod=score_mod, mask_mod=mask_mod, learnable_sink=learnable_sink)
-        if varlen is None:
-            res = flash_attn_forward(q, k, v, block_mask=block_mask, **fwd_kw)
-        else:
-            res = flash_attn_varlen_forward(q, k, v, *varlen[:4], **fwd_kw)
-        cu = tuple(varlen[:2]) if varlen is not None else ()
-        ctx.save_for_backward(q, k, v, res.out, res.lse, learnable_sink, res.rng_state, *cu)
-        ctx.varlen = varlen[2:] if varlen is not None else None
-        ctx.kw = kw
-        ctx.mods = mods
-        ctx.set_materialize_grads(False)
-        return res.out, res.lse
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, sink, rng_state, *cu = ctx.saved_tensors
-        score_mod, score_mod_grad, mask_mod, block_mask = ctx.mods
-        kw = ctx.kw
-        if dout is None:
-            dout = torch.zeros_like(out)
-        common = dict(
-            dropout_p=kw["dropout_p"],
-            softmax_scale=kw["softmax_scale"],
-            causal=kw["causal"],
-            window_size_left=kw["window_size"][0],
-            window_size_right=kw["window_size"][1],
-            softcap=kw["softcap"],
-            alibi_slopes=kw["alibi_slopes"],
-            rng_state=rng_state,
-            attention_chunk=kw["attention_chunk"],
-            score_mod=score_mod,
-            score_mod_grad=score_mod_grad,
-            mask_mod=mask_mod,
-            dsoftmax_lse=dlse,
-        )
-        rows_ok = None
-        if ctx.varlen is None:
-            grads = flash_attn_backward(
-                dout, q, k, v, out, lse, None, None, None, block_mask=block_mask, **common
-            )
-        else:
-            seqused_k = ctx.varlen[2]
-            grads = flash_attn_varlen_backward(
-                dout, q, k, v, out, lse, None, None, None, cu[0], cu[1], ctx.varlen[0], ctx.varlen[1],
-                seqused_k=seqused_k, **common,
-            )  # fmt: skip
-            rows_ok = torch.arange(q.shape[0], device=q.device) < cu[0][-1]
-        dsink = None
-        if sink is not None and ctx.needs_input_grad[3]:
-            dsink = _dsink(sink, lse, grads.softmax_d, rows_ok)
-        return grads.dq, grads.dk, grads.dv, dsink, None, None, None
-
-
-def _kw(
-    softmax_scale, causal, window_size, softcap, alibi_slopes, attention_chunk, dropout_p
-) -> dict[str, Any]:
-    return dict(
-        dropout_p=float(dropout_p),
-        softmax_scale=softmax_scale if softmax_scale is None else float(softmax_scale),
-        causal=bool(causal),
-        window_size=(int(window_size[0]), int(window_size[1])),
-        softcap=float(softcap),
-        alibi_slopes=alibi_slopes,
-        attention_chunk=attention_chunk,
-    )
-
-
-def _needs_grad(*ts: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+def _mods(score_mod, score_mod_grad, mask_mod, block_mask, *tensors) -> tuple | None:
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    _check_grad_fns(score_mod, score_mod_grad, needs_grad)
+    if score_mod is None and mask_mod is None and block_mask is None:
+        return None
+    return (score_mod, score_mod_grad, mask_mod, block_mask)
 
 
 def attention(
@@ -163,11 +81,12 @@ def attention(
         ``out (batch, seqlen_q, nheads, headdim_v)`` and ``lse (batch, nheads, seqlen_q)`` float32 (includes the
         sink; differentiable).
     """
-    _check_grad_fns(score_mod, score_mod_grad, _needs_grad(q, k, v, learnable_sink))
-    kw = _kw(softmax_scale, causal, window_size, softcap, alibi_slopes, attention_chunk, dropout_p)
-    out, lse = _AttentionFunc.apply(
-        q, k, v, learnable_sink, None, kw, (score_mod, score_mod_grad, mask_mod, block_mask)
-    )
+    out, lse, _ = _attention(
+        q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+        softcap=softcap, alibi_slopes=alibi_slopes, attention_chunk=attention_chunk,
+        learnable_sink=learnable_sink,
+        mods=_mods(score_mod, score_mod_grad, mask_mod, block_mask, q, k, v, learnable_sink),
+    )  # fmt: skip
     return out, lse
 
 
@@ -204,10 +123,11 @@ def attention_varlen(
     Returns:
         ``out (total_q, nheads, headdim_v)`` and ``lse (nheads, total_q)`` float32 (differentiable).
     """
-    _check_grad_fns(score_mod, score_mod_grad, _needs_grad(q, k, v, learnable_sink))
-    kw = _kw(softmax_scale, causal, window_size, softcap, alibi_slopes, attention_chunk, dropout_p)
-    kw["seqused_k"] = seqused_k
-    varlen = (cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), seqused_k)
-    mods = (score_mod, score_mod_grad, mask_mod, None)
-    out, lse = _AttentionFunc.apply(q, k, v, learnable_sink, varlen, kw, mods)
+    out, lse, _ = _attention(
+        q, k, v, varlen=True, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, seqused_k=seqused_k, dropout_p=dropout_p, softmax_scale=softmax_scale,
+        causal=causal, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+        attention_chunk=attention_chunk, learnable_sink=learnable_sink,
+        mods=_mods(score_mod, score_mod_grad, mask_mod, None, q, k, v, learnable_sink),
+    )  # fmt: skip
     return out, lse

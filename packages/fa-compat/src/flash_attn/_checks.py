@@ -1,37 +1,13 @@
-"""Argument checks of the ``flash_attn`` API that the custom ops cannot make themselves (each error names the
-caller's argument), and the gradient guard that refuses at the forward when fa-backward is absent."""
+"""The argument check of the ``flash_attn`` API beyond the one check pass of :func:`fa_core.ops.prepare`:
+a paged varlen call's ``block_table`` (checked before its pages are gathered)."""
 
 from __future__ import annotations
 
 import torch
 
 from fa_core import validation as V
-from flash_attn import _extras
 
 Tensor = torch.Tensor
-
-
-def _check_grad(*tensors: Tensor | None) -> None:
-    """Refuse at the forward (not at the backward, long after) when a gradient is wanted but fa-backward is
-    absent. ``BACKWARD`` and ``requires_grad`` are constants for torch.compile's tracer: no graph break."""
-    if _extras.BACKWARD is None and torch.is_grad_enabled():
-        if any(t is not None and t.requires_grad for t in tensors):
-            _extras.require_backward()
-
-
-def _check_args(window_size, **tensors: object) -> None:
-    """Checks the custom ops cannot do themselves. A tensor on another device (``meta`` included) would make
-    the dispatcher pick the op's fake implementation and return garbage instead of an error; a non-tensor
-    would fail deep inside; a window must be a pair. Everything named after the caller's argument."""
-    if window_size is not None:
-        V.check_window(window_size)
-    ref_name, ref = next(iter(tensors.items()))
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        V.check_tensor(name, t)
-        assert isinstance(t, torch.Tensor) and isinstance(ref, torch.Tensor)
-        V.check_device(name, t, ref_name, ref)
 
 
 def _check_block_table(block_table: Tensor, k_cache: Tensor, cu_seqlens_k: Tensor) -> None:
@@ -52,9 +28,3 @@ def _check_block_table(block_table: Tensor, k_cache: Tensor, cu_seqlens_k: Tenso
         vals = block_table.cpu()[used]
         if bool(((vals < 0) | (vals >= k_cache.shape[0])).any()):
             raise ValueError(f"block_table entries must lie in [0, {k_cache.shape[0]}) for the pages in use")
-
-
-def _as_int(x) -> int:
-    # HF transformers passes max_seqlen as a 0-dim tensor (cu_seqlens.diff().max()): one host sync, as in
-    # flash-attn, where the C++ binding converts it too.
-    return int(x)

@@ -1,14 +1,18 @@
 """The optional members behind fa-compat's extras: ``backward`` (fa-backward) and ``kvcache`` (fa-kvcache).
 
-Each is imported once, when ``flash_attn`` is imported, and kept in a module global: the public functions
-read the global (a constant for ``torch.compile``'s tracer) and raise :class:`MissingExtraError` naming the
-extra to install when it is ``None``.
+Each is imported once and kept in a module global: the public functions read the global (a constant for
+``torch.compile``'s tracer) and raise :class:`MissingExtraError` naming the extra to install when it is
+``None``. fa-backward is imported with ``flash_attn`` (it imports no Triton until its first launch);
+fa-kvcache, whose import imports Triton and its kernels, on the first read of ``KVCACHE``
+(module ``__getattr__``), so that ``import flash_attn`` stays cheap.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from types import ModuleType
+from typing import Any
 
 __all__ = ["BACKWARD", "KVCACHE", "MissingExtraError", "require_backward", "require_kvcache"]
 
@@ -44,8 +48,18 @@ def _load(name: str, attrs: tuple[str, ...]) -> ModuleType | None:
 
 #: ``fa_backward`` when installed (with ``flash_attn_backward`` / ``flash_attn_varlen_backward``), else None.
 BACKWARD: ModuleType | None = _load("fa_backward", ("flash_attn_backward", "flash_attn_varlen_backward"))
-#: ``fa_kvcache`` when installed (with ``flash_attn_with_kvcache``), else None.
-KVCACHE: ModuleType | None = _load("fa_kvcache", ("flash_attn_with_kvcache",))
+#: ``fa_kvcache`` when installed (with ``flash_attn_with_kvcache``), else None: bound on the first read
+KVCACHE: ModuleType | None
+
+
+def __getattr__(name: str) -> Any:
+    # ``KVCACHE``: ``fa_kvcache`` when installed (with ``flash_attn_with_kvcache``), else None; loaded on first
+    # use and then kept as a plain module global
+    if name == "KVCACHE":
+        module = _load("fa_kvcache", ("flash_attn_with_kvcache",))
+        globals()["KVCACHE"] = module
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def require_backward() -> ModuleType:
@@ -55,6 +69,7 @@ def require_backward() -> ModuleType:
 
 
 def require_kvcache() -> ModuleType:
-    if KVCACHE is None:
+    module = sys.modules[__name__].KVCACHE  # loads it on the first call
+    if module is None:
         raise MissingExtraError(KVCACHE_MESSAGE)
-    return KVCACHE
+    return module

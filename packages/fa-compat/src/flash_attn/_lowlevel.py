@@ -1,16 +1,16 @@
 """flash-attn 2.8's low-level functions (``_flash_attn_forward``, ``_flash_attn_varlen_forward``,
-``_flash_attn_backward``, ``_flash_attn_varlen_backward``) on the ``flash_attn_plus`` custom ops, and the page
-gather of paged varlen keys. Re-exported by :mod:`flash_attn.flash_attn_interface`, where flash-attn has them.
+``_flash_attn_backward``, ``_flash_attn_varlen_backward``) on the one call path (eager launches; the
+``flash_attn_plus`` custom ops under ``torch.compile``), and the page gather of paged varlen keys.
+Re-exported by :mod:`flash_attn.flash_attn_interface`, where flash-attn has them.
 """
 
 from __future__ import annotations
 
 import torch
 
+from fa_core import ops
 from fa_core.validation import contig_last as maybe_contiguous
 from flash_attn import _extras
-from flash_attn import _ops as ops
-from flash_attn._checks import _as_int
 
 Tensor = torch.Tensor
 
@@ -30,15 +30,18 @@ def _flash_attn_forward(
     *,
     num_splits: int = 0,
 ):
-    """-> ``(out, softmax_lse (b, h, sq) fp32, S_dmask, rng_state (2,) int64)``; flash-attn 2.8 semantics.
+    """-> ``(out, softmax_lse (b, h, sq) fp32, S_dmask, rng_state (2,) int64)``; flash-attn 2.8 semantics
+    (``S_dmask`` with ``return_softmax`` even without dropout). Not differentiable (as flash-attn's).
 
     ``num_splits`` (keyword, as in flash-attn's main branch) is accepted and ignored: the dense forward never
     splits the keys (``flash_attn_with_kvcache`` honours it)."""
-    q, k, v = (maybe_contiguous(x) for x in (q, k, v))
-    return torch.ops.flash_attn_plus.fwd(
-        q, k, v, dropout_p, ops.default_scale(q, softmax_scale), causal, window_size_left, window_size_right,
-        softcap, alibi_slopes, return_softmax, False,
+    q, k, v, spec = ops.prepare(
+        q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
+        window_size=(window_size_left, window_size_right), softcap=softcap, alibi_slopes=alibi_slopes,
+        return_softmax=return_softmax,
     )  # fmt: skip
+    with torch.no_grad():
+        return ops.run_forward(q, k, v, None, alibi_slopes, None, None, None, spec)
 
 
 def _flash_attn_varlen_forward(
@@ -66,29 +69,27 @@ def _flash_attn_varlen_forward(
 ):
     """-> ``(out, softmax_lse (h, total_q) fp32, S_dmask, rng_state)``. ``zero_tensors`` has nothing to do here:
     every row of out/lse belongs to a sequence and is written. ``leftpad_k`` ``(batch,)`` int32: sequence b's
-    keys start ``leftpad_k[b]`` rows into its slice of k/v (passed on to fa-core's varlen forward).
+    keys start ``leftpad_k[b]`` rows into its slice of k/v (passed on to fa-core's varlen forward launcher).
     ``num_splits`` (keyword, flash-attn main) is accepted and ignored: the varlen forward does not split."""
-    if leftpad_k is not None:
-        import fa_core
-
-        q, k, v = (maybe_contiguous(x) for x in (q, k, v))
-        res = fa_core.flash_attn_varlen_forward(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, _as_int(max_seqlen_q), _as_int(max_seqlen_k), dropout_p,
-            softmax_scale, causal, (window_size_left, window_size_right), softcap, alibi_slopes,
-            return_probs=bool(return_softmax), seqused_k=seqused_k, leftpad_k=leftpad_k,
-        )  # fmt: skip
-        return res.out, res.lse, q.new_empty((0,)), res.rng_state
-    q, k, v = (maybe_contiguous(x) for x in (q, k, v))
-    max_seqlen_q, max_seqlen_k = _as_int(max_seqlen_q), _as_int(max_seqlen_k)
     if block_table is not None:
+        from flash_attn._checks import _check_block_table
+
+        _check_block_table(block_table, k, cu_seqlens_k)
         k, v, cu_seqlens_k, seqused_k = _gather_pages(
-            k, v, block_table, cu_seqlens_k, max_seqlen_k, seqused_k
+            k, v, maybe_contiguous(block_table), cu_seqlens_k, int(max_seqlen_k), seqused_k
         )
-    return torch.ops.flash_attn_plus.varlen_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-        ops.default_scale(q, softmax_scale), causal, window_size_left, window_size_right, softcap, alibi_slopes,
-        return_softmax, seqused_k, False,
+    q, k, v, spec = ops.prepare(
+        q, k, v, varlen=True, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, seqused_k=seqused_k, dropout_p=dropout_p, softmax_scale=softmax_scale,
+        causal=causal, window_size=(window_size_left, window_size_right), softcap=softcap,
+        alibi_slopes=alibi_slopes, return_softmax=return_softmax,
     )  # fmt: skip
+    with torch.no_grad():
+        if leftpad_k is not None:
+            return ops.forward_eager(
+                q, k, v, None, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, spec, leftpad_k=leftpad_k
+            )
+        return ops.run_forward(q, k, v, None, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, spec)
 
 
 def _flash_attn_backward(
@@ -113,12 +114,15 @@ def _flash_attn_backward(
 ):
     """Writes dq, dk, dv (allocated and dropped when None, as flash-attn); returns softmax_d
     ``(b, h, round128(sq))`` fp32. Needs fa-backward."""
-    _extras.require_backward()
+    fab = _extras.require_backward()
     dout, q, k, v, out = (maybe_contiguous(x) for x in (dout, q, k, v, out))
-    return torch.ops.flash_attn_plus.bwd(
+    args = (
         dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, ops.default_scale(q, softmax_scale), causal,
         window_size_left, window_size_right, softcap, alibi_slopes, deterministic, rng_state,
     )  # fmt: skip
+    if isinstance(q, torch.Tensor) and ops.tracing(q):
+        return torch.ops.flash_attn_plus.bwd(*args)
+    return fab.ops.bwd_impl(*args)
 
 
 def _flash_attn_varlen_backward(
@@ -147,13 +151,16 @@ def _flash_attn_varlen_backward(
     zero_tensors=False,
 ):
     """Returns softmax_d ``(h, total_q + 128 * b)`` fp32. Needs fa-backward."""
-    _extras.require_backward()
+    fab = _extras.require_backward()
     dout, q, k, v, out = (maybe_contiguous(x) for x in (dout, q, k, v, out))
-    return torch.ops.flash_attn_plus.varlen_bwd(
-        dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, _as_int(max_seqlen_q),
-        _as_int(max_seqlen_k), dropout_p, ops.default_scale(q, softmax_scale), causal, window_size_left,
+    args = (
+        dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+        int(max_seqlen_k), dropout_p, ops.default_scale(q, softmax_scale), causal, window_size_left,
         window_size_right, softcap, alibi_slopes, deterministic, rng_state, zero_tensors, None,
     )  # fmt: skip
+    if isinstance(q, torch.Tensor) and ops.tracing(q):
+        return torch.ops.flash_attn_plus.varlen_bwd(*args)
+    return fab.ops.varlen_bwd_impl(*args)
 
 
 def _gather_pages(

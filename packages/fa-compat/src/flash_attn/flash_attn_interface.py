@@ -8,19 +8,23 @@ headdim)``, k/v ``(batch, seqlen_k, nheads_k, headdim)``; varlen q ``(total_q, n
 Differences from flash-attn (all supersets, none changes a result flash-attn would give):
 
 * head dims 1..256 without padding, v's head dim may differ from q's; fp32 also accepted on CPU (interpreter).
+* ``window_size``: any pair of ints (tuple, list, tensor or numpy array of two ints); floats and bools raise
+  ``TypeError``.
 * ``S_dmask`` (``return_attn_probs=True`` with dropout) holds the normalized probabilities, dropped entries
   negated (flash-attn: block-scaled unnormalized values, documented as "might not have the right scaling").
+* ``softmax_lse`` (``return_attn_probs=True``) is differentiable (flash-attn ignores its gradient).
 * ``deterministic`` is accepted and passed on, but the backward is always deterministic (no atomics).
 * softcap and dropout may be combined; ``_flash_attn_forward(return_softmax=True)`` works without dropout.
-* varlen ``block_table`` (paged keys) gathers the pages into a padded copy of K/V (forward only, as in
-  flash-attn); ``leftpad_k`` is not supported (NotImplementedError).
+* varlen ``block_table`` (paged keys) gathers the pages into a padded copy of K/V (as flash-attn, forward).
 * keyword-only extras of newer flash-attn interfaces, after every 2.8 parameter: ``attention_chunk`` (FA3) in
   ``flash_attn_func`` / ``flash_attn_varlen_func`` / ``flash_attn_with_kvcache``, ``learnable_sink`` (FA4)
-  in the same three; at their defaults nothing changes (see :mod:`flash_attn._extensions`).
+  in the same three; at their defaults nothing changes. Both compile with ``fullgraph=True``.
 
-Layout of the implementation: the argument checks are in :mod:`flash_attn._checks`, the low-level 2.8 functions
-(``_flash_attn_forward`` & co, re-exported here) in :mod:`flash_attn._lowlevel`, the autograd Functions in
-:mod:`flash_attn._autograd`, the custom ops in :mod:`flash_attn._ops`.
+Layout of the implementation: every function here is a thin view of one call path: arguments normalised and
+checked once (:func:`fa_core.ops.prepare`), then the forward (:func:`fa_core.ops.run_forward`) or, when a
+gradient is wanted, the one autograd layer of fa-backward (:mod:`fa_backward.autograd`); under
+``torch.compile`` the kernels run as the custom ops ``flash_attn_plus::*``. The low-level 2.8 functions
+(``_flash_attn_forward`` & co) are in :mod:`flash_attn._lowlevel`, re-exported here.
 
 Gradients need the ``backward`` extra (fa-backward) and ``flash_attn_with_kvcache`` the ``kvcache`` extra
 (fa-kvcache): without them the call raises :class:`flash_attn._extras.MissingExtraError` saying what to install.
@@ -28,23 +32,19 @@ Gradients need the ``backward`` extra (fa-backward) and ``flash_attn_with_kvcach
 
 from __future__ import annotations
 
+import contextlib
 import operator
+from typing import Any
 
 import torch
 
+from fa_core import ops
 from fa_core import validation as V
 from fa_core.errors import FlashAttnValueError
-from flash_attn import _extensions, _extras
-from flash_attn import _ops as ops
-from flash_attn._autograd import (
-    FlashAttnFunc,
-    FlashAttnKVPackedFunc,
-    FlashAttnQKVPackedFunc,
-    FlashAttnVarlenFunc,
-    FlashAttnVarlenKVPackedFunc,
-    FlashAttnVarlenQKVPackedFunc,
-)
-from flash_attn._checks import _as_int, _check_args, _check_block_table, _check_grad
+from fa_core.ops import KV, QKV
+from fa_core.ops import round_multiple as round_multiple
+from flash_attn import _extras, _kvcache
+from flash_attn._checks import _check_block_table
 
 # `x as x`: re-exported, flash-attn 2.8's low-level functions and helper live in this module
 from flash_attn._lowlevel import _flash_attn_backward as _flash_attn_backward
@@ -52,7 +52,6 @@ from flash_attn._lowlevel import _flash_attn_forward as _flash_attn_forward
 from flash_attn._lowlevel import _flash_attn_varlen_backward as _flash_attn_varlen_backward
 from flash_attn._lowlevel import _flash_attn_varlen_forward as _flash_attn_varlen_forward
 from flash_attn._lowlevel import _gather_pages
-from flash_attn._ops import round_multiple as round_multiple
 
 __all__ = [
     "FlashAttnFunc",
@@ -112,89 +111,31 @@ def _block_size_n_rule(device, head_dim: int, is_dropout: bool, is_causal: bool)
     return 64
 
 
+# ---------------------------------------------------------------------------------------- the one path
+def _attention(a: Tensor, b: Tensor | None, c: Tensor | None, **kwargs: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """``(out, softmax_lse, S_dmask)`` of one call (:func:`fa_core.ops.attention`), differentiable through
+    fa-backward's autograd layer when installed."""
+    fab = _extras.BACKWARD
+    return ops.attention(
+        a, b, c, autograd=None if fab is None else fab.autograd.Attention.apply,
+        missing=_extras.require_backward, **kwargs,
+    )  # fmt: skip
+
+
+def _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, probs):
+    return dict(
+        dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+        softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
+        return_softmax=bool(probs) and dropout_p > 0,
+    )  # fmt: skip
+
+
+def _result(res: tuple[Tensor, Tensor, Tensor], return_attn_probs: bool):
+    """flash-attn's return: ``out``, or ``(out, softmax_lse, S_dmask)`` (S_dmask ``(0,)`` without dropout)."""
+    return res if return_attn_probs else res[0]
+
+
 # ---------------------------------------------------------------------------------------- public API
-def _dense(
-    q,
-    k,
-    v,
-    dropout_p,
-    softmax_scale,
-    causal,
-    window_size,
-    softcap,
-    alibi_slopes,
-    deterministic,
-    return_attn_probs,
-    attention_chunk=0,
-    learnable_sink=None,
-):
-    _check_args(window_size, q=q, k=k, v=v, alibi_slopes=alibi_slopes, learnable_sink=learnable_sink)
-    _check_grad(q, k, v, learnable_sink)
-    q, k, v = (maybe_contiguous(x) for x in (q, k, v))
-    if not _extensions.is_default(attention_chunk, learnable_sink):
-        return _extensions.dense(
-            q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
-            attention_chunk, learnable_sink,
-        )  # fmt: skip
-    left, right = V.window_pair(window_size)
-    out, lse, s_dmask, _ = torch.ops.flash_attn_plus.fwd(
-        q, k, v, dropout_p, ops.default_scale(q, softmax_scale), causal, left, right, softcap, alibi_slopes,
-        bool(return_attn_probs and dropout_p > 0), deterministic,
-    )  # fmt: skip
-    return (out, lse, s_dmask) if return_attn_probs else out
-
-
-def _varlen(
-    q,
-    k,
-    v,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    dropout_p,
-    softmax_scale,
-    causal,
-    window_size,
-    softcap,
-    alibi_slopes,
-    deterministic,
-    return_attn_probs,
-    block_table=None,
-    attention_chunk=0,
-    learnable_sink=None,
-):
-    _check_args(
-        window_size,
-        q=q,
-        k=k,
-        v=v,
-        cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k,
-        alibi_slopes=alibi_slopes,
-        learnable_sink=learnable_sink,
-    )
-    _check_grad(q, k, v, learnable_sink)
-    q, k, v = (maybe_contiguous(x) for x in (q, k, v))
-    max_seqlen_q, max_seqlen_k = _as_int(max_seqlen_q), _as_int(max_seqlen_k)
-    seqused_k = None
-    if block_table is not None:
-        _check_block_table(block_table, k, cu_seqlens_k)
-        k, v, cu_seqlens_k, seqused_k = _gather_pages(k, v, block_table, cu_seqlens_k, max_seqlen_k, None)
-    if not _extensions.is_default(attention_chunk, learnable_sink):
-        return _extensions.varlen(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
-            window_size, softcap, alibi_slopes, return_attn_probs, seqused_k, attention_chunk, learnable_sink,
-        )  # fmt: skip
-    left, right = V.window_pair(window_size)
-    out, lse, s_dmask, _ = torch.ops.flash_attn_plus.varlen_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-        ops.default_scale(q, softmax_scale), causal, left, right, softcap, alibi_slopes,
-        bool(return_attn_probs and dropout_p > 0), seqused_k, deterministic,
-    )  # fmt: skip
-    return (out, lse, s_dmask) if return_attn_probs else out
-
-
 def flash_attn_qkvpacked_func(
     qkv,
     dropout_p=0.0,
@@ -207,22 +148,11 @@ def flash_attn_qkvpacked_func(
     return_attn_probs=False,
 ):
     """qkv ``(batch, seqlen, 3, nheads, headdim)`` -> out ``(batch, seqlen, nheads, headdim)``; with
-    ``return_attn_probs`` ``(out, softmax_lse (b, h, s), S_dmask)`` (S_dmask ``(0,)`` without dropout)."""
-    V.check_packed("qkv", qkv, 5, 2, 3)
-    _check_args(window_size, qkv=qkv, alibi_slopes=alibi_slopes)
-    _check_grad(qkv)
-    return FlashAttnQKVPackedFunc.apply(
-        qkv,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_attn_probs,
-        torch.is_grad_enabled(),
-    )
+    ``return_attn_probs`` ``(out, softmax_lse (b, h, s), S_dmask)`` (S_dmask ``(0,)`` without dropout). The
+    backward writes one ``dqkv``."""
+    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                    return_attn_probs)  # fmt: skip
+    return _result(_attention(qkv, None, None, pack=QKV, **opts), return_attn_probs)
 
 
 def flash_attn_kvpacked_func(
@@ -237,23 +167,11 @@ def flash_attn_kvpacked_func(
     deterministic=False,
     return_attn_probs=False,
 ):
-    """q ``(batch, seqlen_q, nheads, headdim)``, kv ``(batch, seqlen_k, 2, nheads_k, headdim)``."""
-    V.check_packed("kv", kv, 5, 2, 2)
-    _check_args(window_size, q=q, kv=kv, alibi_slopes=alibi_slopes)
-    _check_grad(q, kv)
-    return FlashAttnKVPackedFunc.apply(
-        q,
-        kv,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_attn_probs,
-        torch.is_grad_enabled(),
-    )
+    """q ``(batch, seqlen_q, nheads, headdim)``, kv ``(batch, seqlen_k, 2, nheads_k, headdim)``; the backward
+    writes one ``dkv``."""
+    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                    return_attn_probs)  # fmt: skip
+    return _result(_attention(q, kv, None, pack=KV, **opts), return_attn_probs)
 
 
 def flash_attn_func(
@@ -290,29 +208,14 @@ def flash_attn_func(
         learnable_sink: keyword only, beyond flash-attn 2.8 (FlashAttention-4's name, gpt-oss's sinks):
             ``(nheads,)`` fp32/fp16/bf16, one extra logit per head in every row's softmax denominator and
             none in the output; differentiable (needs fa-backward). ``softmax_lse`` includes it.
-        With either extra set, the call runs ``fa_backward.programmable.attention`` (fa-core's forward
-        without fa-backward) instead of the registered ``flash_attn_plus`` custom op: ``torch.compile``
-        graph-breaks there. ``softmax_lse`` is then differentiable, and ``return_attn_probs`` with
-        ``dropout_p > 0`` raises ``ValueError``.
 
     Returns:
         ``out (batch, seqlen_q, nheads, headdim)``, or ``(out, softmax_lse, S_dmask)``.
     """
-    return _dense(
-        q,
-        k,
-        v,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_attn_probs,
-        attention_chunk,
-        learnable_sink,
-    )
+    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                    return_attn_probs)  # fmt: skip
+    res = _attention(q, k, v, attention_chunk=attention_chunk, learnable_sink=learnable_sink, **opts)
+    return _result(res, return_attn_probs)
 
 
 def flash_attn_varlen_qkvpacked_func(
@@ -329,23 +232,13 @@ def flash_attn_varlen_qkvpacked_func(
     return_attn_probs=False,
 ):
     """qkv ``(total, 3, nheads, headdim)``, cu_seqlens int32 ``(batch + 1,)`` -> out ``(total, nheads, headdim)``."""
-    V.check_packed("qkv", qkv, 4, 1, 3)
-    _check_args(window_size, qkv=qkv, cu_seqlens=cu_seqlens, alibi_slopes=alibi_slopes)
-    _check_grad(qkv)
-    return FlashAttnVarlenQKVPackedFunc.apply(
-        qkv,
-        cu_seqlens,
-        max_seqlen,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_attn_probs,
-        torch.is_grad_enabled(),
-    )
+    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                    return_attn_probs)  # fmt: skip
+    res = _attention(
+        qkv, None, None, pack=QKV, varlen=True, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+        max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, **opts,
+    )  # fmt: skip
+    return _result(res, return_attn_probs)
 
 
 def flash_attn_varlen_kvpacked_func(
@@ -365,33 +258,13 @@ def flash_attn_varlen_kvpacked_func(
     return_attn_probs=False,
 ):
     """q ``(total_q, nheads, headdim)``, kv ``(total_k, 2, nheads_k, headdim)``."""
-    V.check_packed("kv", kv, 4, 1, 2)
-    _check_args(
-        window_size,
-        q=q,
-        kv=kv,
-        cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k,
-        alibi_slopes=alibi_slopes,
-    )
-    _check_grad(q, kv)
-    return FlashAttnVarlenKVPackedFunc.apply(
-        q,
-        kv,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_attn_probs,
-        torch.is_grad_enabled(),
-    )
+    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                    return_attn_probs)  # fmt: skip
+    res = _attention(
+        q, kv, None, pack=KV, varlen=True, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, **opts,
+    )  # fmt: skip
+    return _result(res, return_attn_probs)
 
 
 def flash_attn_varlen_func(
@@ -422,32 +295,27 @@ def flash_attn_varlen_func(
             ``(num_blocks, page_block_size, nheads_k, headdim)`` with ``block_table (batch, max_blocks)`` int32.
         cu_seqlens_q, cu_seqlens_k: int32 ``(batch + 1,)``; max_seqlen_q, max_seqlen_k: int (or 0-dim tensor).
         Other arguments: as :func:`flash_attn_func` (``attention_chunk`` and ``learnable_sink`` too, keyword
-            only; with either set, ``fa_backward.programmable.attention_varlen`` runs, not a custom op);
-            causal/window/chunks are aligned per sequence.
+            only); causal/window/chunks are aligned per sequence.
 
     Returns:
         ``out (total_q, nheads, headdim)``, or ``(out, softmax_lse (nheads, total_q), S_dmask)``.
     """
-    return _varlen(
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_attn_probs,
-        block_table,
-        attention_chunk,
-        learnable_sink,
-    )
+    seqused_k = None
+    if block_table is not None:
+        V.check_tensor("k", k, 4)
+        V.check_tensor("cu_seqlens_k", cu_seqlens_k, 1)
+        _check_block_table(block_table, k, cu_seqlens_k)
+        k, v, cu_seqlens_k, seqused_k = _gather_pages(
+            k, v, V.contig_last(block_table), cu_seqlens_k, int(max_seqlen_k), None
+        )
+    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                    return_attn_probs)  # fmt: skip
+    res = _attention(
+        q, k, v, varlen=True, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, seqused_k=seqused_k, attention_chunk=attention_chunk,
+        learnable_sink=learnable_sink, **opts,
+    )  # fmt: skip
+    return _result(res, return_attn_probs)
 
 
 def flash_attn_with_kvcache(
@@ -479,37 +347,75 @@ def flash_attn_with_kvcache(
     q ``(batch, seqlen_q, nheads, headdim)``; k_cache/v_cache ``(batch_cache, seqlen_cache, nheads_k, headdim)``
     or paged ``(num_blocks, page_block_size, nheads_k, headdim)`` with ``block_table``; ``cache_seqlens`` int or
     int32 ``(batch,)``. Returns ``out``, or ``(out, softmax_lse (batch, nheads, seqlen_q))``. No backward (as in
-    flash-attn: the result does not require grad). Needs fa-kvcache.
+    flash-attn: the result does not require grad). Needs fa-kvcache, which checks every argument.
 
     Keyword only, beyond flash-attn 2.8: ``attention_chunk`` (FlashAttention-3's chunked attention, 0 = off)
     and ``learnable_sink`` ``(nheads,)`` (one extra softmax logit per head, as in :func:`flash_attn_func`;
-    included in ``softmax_lse``). Both go through the same ``flash_attn_plus::kvcache`` custom op.
+    included in ``softmax_lse``). Eager calls run fa-kvcache directly; under ``torch.compile`` the call is the
+    ``flash_attn_plus::kvcache`` custom op.
     """
-    _extras.require_kvcache()
-    _check_args(
-        window_size, q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-        cache_seqlens=cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None,
-        cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, block_table=block_table,
-        alibi_slopes=alibi_slopes, learnable_sink=learnable_sink,
-    )  # fmt: skip
-    if isinstance(attention_chunk, bool) or not isinstance(attention_chunk, int) or attention_chunk < 0:
-        raise ValueError(f"attention_chunk must be an int >= 0 (0 = off), got {attention_chunk!r}")
-    q, k, v = (maybe_contiguous(x) for x in (q, k, v))
+    left, right = V.window_pair(window_size)
+    if not isinstance(q, torch.Tensor) or not ops.tracing(q):
+        fak = _extras.require_kvcache()
+        with (
+            torch.no_grad() if ops.needs_grad(q, k, v, learnable_sink) else _NULL
+        ):  # flash-attn's kernel is not differentiable
+            out, lse = fak.flash_attn_with_kvcache(
+                q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                cache_leftpad, block_table, softmax_scale, causal, (left, right), softcap, rotary_interleaved,
+                alibi_slopes, num_splits, True, attention_chunk=attention_chunk, learnable_sink=learnable_sink,
+            )  # fmt: skip
+        return (out, lse) if return_softmax_lse else out
     seqlens_t = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
+    seqlens_i: int | None = None
     if cache_seqlens is not None and seqlens_t is None:
         try:
-            seqlens_i: int | None = operator.index(cache_seqlens)
+            seqlens_i = operator.index(cache_seqlens)
         except TypeError:
             raise TypeError(
                 f"cache_seqlens must be an int or an int32 tensor, got {type(cache_seqlens).__name__}"
             ) from None
-    else:
-        seqlens_i = None
-    left, right = V.window_pair(window_size)
-    with torch.no_grad():  # flash-attn's kernel is not differentiable and records no graph
-        out, lse = torch.ops.flash_attn_plus.kvcache(
-            q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens_t, seqlens_i, cache_batch_idx,
-            cache_leftpad, maybe_contiguous(block_table), softmax_scale, causal, left, right, softcap, rotary_interleaved, alibi_slopes, num_splits, attention_chunk,
-            learnable_sink,
-        )  # fmt: skip
+    out, lse = _kvcache.kvcache(
+        q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens_t, seqlens_i, cache_batch_idx, cache_leftpad,
+        maybe_contiguous(block_table), softmax_scale, causal, left, right, softcap, rotary_interleaved,
+        alibi_slopes, num_splits, attention_chunk, learnable_sink,
+    )  # fmt: skip
     return (out, lse) if return_softmax_lse else out
+
+
+_NULL = contextlib.nullcontext()
+
+
+# --------------------------------------------------------------- flash-attn's FlashAttn*Func names: views
+def _view_forward(ctx: Any, a, b, c, sink, alibi, cu_q, cu_k, seqused_k, spec: ops.Spec):
+    """The views' forward: fa-backward's autograd layer, or (without it) the forward alone, refusing inputs
+    that want a gradient."""
+    fab = _extras.BACKWARD
+    if fab is not None:
+        return fab.autograd.Attention.forward(ctx, a, b, c, sink, alibi, cu_q, cu_k, seqused_k, spec)
+    cu_k = cu_q if cu_k is None else cu_k
+    if getattr(ctx, "is_grad_enabled", False) and any(getattr(t, "requires_grad", False) for t in (a, b, c)):
+        _extras.require_backward()
+    q, k, v = ops.unpack(a, b, c, spec.pack, spec.varlen)
+    return ops.run_forward(q, k, v, sink, alibi, cu_q, cu_k, seqused_k, spec)
+
+
+def _view_backward(ctx: Any, dout: Tensor, dlse: Tensor | None):
+    return _extras.require_backward().autograd.backward(ctx, dout, dlse)
+
+
+def _view_paged(**arguments: Any):
+    """``FlashAttnVarlenFunc.apply`` with a ``block_table``: the public function (forward only, as flash-attn)."""
+    arguments.pop("is_grad_enabled", None)
+    arguments["return_attn_probs"] = arguments.pop("return_softmax")
+    with torch.no_grad():
+        return flash_attn_varlen_func(**arguments)
+
+
+_VIEWS = ops.function_views(__name__, _view_forward, _view_backward, paged=_view_paged)
+FlashAttnFunc = _VIEWS["FlashAttnFunc"]
+FlashAttnQKVPackedFunc = _VIEWS["FlashAttnQKVPackedFunc"]
+FlashAttnKVPackedFunc = _VIEWS["FlashAttnKVPackedFunc"]
+FlashAttnVarlenFunc = _VIEWS["FlashAttnVarlenFunc"]
+FlashAttnVarlenQKVPackedFunc = _VIEWS["FlashAttnVarlenQKVPackedFunc"]
+FlashAttnVarlenKVPackedFunc = _VIEWS["FlashAttnVarlenKVPackedFunc"]

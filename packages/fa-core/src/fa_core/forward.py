@@ -17,12 +17,19 @@ import torch
 from fa_core import validation as V
 from fa_core.backends import get_forward, get_varlen_forward
 from fa_core.block_sparse import BlockMask
-from fa_core.forward_configs import seq_bucket
-from fa_core.forward_launch import launch_forward, launch_probs
-from fa_core.fp8 import fp8_descale, out_dtype
 
-# seq_bucket: imported from here by fa-backward (its autotune keys match the forward's)
-__all__ = ["FwdResult", "flash_attn_forward", "flash_attn_varlen_forward", "new_rng_state", "seq_bucket"]
+# The launchers (and with them Triton) are imported at the first call, not with fa_core: ``import fa_core``
+# costs no Triton import.
+__all__ = ["FwdResult", "flash_attn_forward", "flash_attn_varlen_forward", "new_rng_state"]
+
+
+def __getattr__(name: str) -> Any:
+    # seq_bucket: imported from here by fa-backward (its autotune keys match the forward's)
+    if name == "seq_bucket":
+        from fa_core.forward_configs import seq_bucket
+
+        return seq_bucket
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class FwdResult(NamedTuple):
@@ -59,6 +66,8 @@ def _no_extras_on_backend(backend, attention_chunk, *extras) -> None:
 
 
 def _common_checks(q, k, v, out, softmax_scale, window_size, softcap, dropout_p, rng_state, varlen):
+    from fa_core.fp8 import out_dtype
+
     V.check_qkv(q, k, v, varlen=varlen)
     V.check_window(window_size)
     V.check_scalars(dropout_p, softcap, softmax_scale)
@@ -160,6 +169,9 @@ def flash_attn_forward(
             out=out,
             rng_state=rng_state,
         )
+    from fa_core.forward_launch import launch_forward, launch_probs
+    from fa_core.fp8 import fp8_descale, out_dtype
+
     softmax_scale = _common_checks(
         q, k, v, out, softmax_scale, window_size, softcap, dropout_p, rng_state, False
     )
@@ -282,6 +294,9 @@ def flash_attn_varlen_forward(
             out=out,
             rng_state=rng_state,
         )
+    from fa_core.forward_launch import launch_forward, launch_probs
+    from fa_core.fp8 import fp8_descale, out_dtype
+
     softmax_scale = _common_checks(
         q, k, v, out, softmax_scale, window_size, softcap, dropout_p, rng_state, True
     )
