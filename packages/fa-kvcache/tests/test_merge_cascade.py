@@ -53,7 +53,7 @@ def _states(lead, s, h, d, dtype, p_empty=0.2, gen=None):
     ob = torch.randn(*lead, s, h, d, generator=gen).to(dtype)
     la = torch.randn(*lead, h, s, generator=gen) * 3
     lb = torch.randn(*lead, h, s, generator=gen) * 3 + 1
-    for lse, out in ((la, oa), (lb, ob)):
+    for lse in (la, lb):
         empty = torch.rand(lse.shape, generator=gen) < p_empty
         sign = torch.rand(lse.shape, generator=gen) < 0.5
         lse[empty & sign] = INF  # flash-attn >= 2.1: out 0, lse +inf
@@ -70,7 +70,9 @@ def _check_merge(out, lse, oa, la, ob, lb):
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     assert torch.equal(torch.isinf(lse), torch.isinf(rl)) and (lse[torch.isinf(lse)] > 0).all()
     fin = ~torch.isinf(rl)
-    torch.testing.assert_close(lse[fin].double(), rl[fin].cpu() if DEVICE == "cpu" else rl[fin], atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(
+        lse[fin].double(), rl[fin].cpu() if DEVICE == "cpu" else rl[fin], atol=2e-6, rtol=2e-6
+    )
     tol = 1e-5 if out.dtype == torch.float32 else (1e-3 if out.dtype == torch.float16 else 8e-3)
     torch.testing.assert_close(out.double(), ro, atol=tol, rtol=tol)
     # exact where one side is empty: the other side's out and lse, bit for bit
@@ -181,5 +183,245 @@ def test_merge_bad_arguments():
     assert (dst == 7).all()
     # empty tensors
     e = torch.empty(0, 3, 4, 16, device=DEVICE)
-    out, lse = merge_attention_states(e, torch.empty(0, 4, 3, device=DEVICE), e, torch.empty(0, 4, 3, device=DEVICE))
+    out, lse = merge_attention_states(
+        e, torch.empty(0, 4, 3, device=DEVICE), e, torch.empty(0, 4, 3, device=DEVICE)
+    )
     assert out.shape == e.shape and lse.shape == (0, 4, 3)
+
+
+# ---------------------------------------------------------------------------------------------- cascade
+
+
+def _cascade_case(
+    *,
+    page,
+    prefix_pages,
+    request_group,
+    suffix_lens,
+    seqlen_q=1,
+    seqlen_new=0,
+    nheads=4,
+    nheads_k=2,
+    d=32,
+    dtype=torch.float32,
+    seed=0,
+):
+    """A shared page pool: group g's prefix is ``prefix_pages[g]`` full pages, request b owns pages for
+    ``suffix_lens[b] + seqlen_new`` tokens. Returns the tensors and the full-context block table."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = len(request_group)
+    own = [max(1, -(-(n + seqlen_new) // page)) for n in suffix_lens]
+    num_blocks = sum(prefix_pages) + sum(own) + 2
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    prefix_rows = [[perm.pop() for _ in range(n)] for n in prefix_pages]
+    own_rows = [[perm.pop() for _ in range(n)] for n in own]
+
+    def table(rows):
+        w = max(1, max(len(r) for r in rows))
+        return torch.tensor([r + [0] * (w - len(r)) for r in rows], dtype=torch.int32, device=DEVICE)
+
+    full_rows = [prefix_rows[g] + own_rows[b] for b, g in enumerate(request_group)]
+    kc = torch.randn(num_blocks, page, nheads_k, d, generator=gen).to(dtype).to(DEVICE)
+    vc = torch.randn(num_blocks, page, nheads_k, d, generator=gen).to(dtype).to(DEVICE)
+    q = torch.randn(batch, seqlen_q, nheads, d, generator=gen).to(dtype).to(DEVICE)
+    kn = vn = None
+    if seqlen_new:
+        kn = torch.randn(batch, seqlen_new, nheads_k, d, generator=gen).to(dtype).to(DEVICE)
+        vn = torch.randn(batch, seqlen_new, nheads_k, d, generator=gen).to(dtype).to(DEVICE)
+    prefix_lens = torch.tensor([n * page for n in prefix_pages], dtype=torch.int32, device=DEVICE)
+    seqlens = torch.tensor(suffix_lens, dtype=torch.int32, device=DEVICE)
+    plan = CascadePlan.build(request_group, table(prefix_rows), prefix_lens, table(own_rows), seqlens)
+    full_lens = torch.tensor(
+        [prefix_pages[g] * page + suffix_lens[b] for b, g in enumerate(request_group)],
+        dtype=torch.int32,
+        device=DEVICE,
+    )
+    return dict(q=q, kc=kc, vc=vc, k=kn, v=vn, plan=plan, full_bt=table(full_rows), full_lens=full_lens)
+
+
+def _gathered(kc, bt_row, n):
+    page = kc.shape[1]
+    idx = torch.arange(n, device=kc.device)
+    return kc[bt_row.long()[idx // page], idx % page]
+
+
+def _check_cascade(case, dtype, causal=False, softcap=0.0, softmax_scale=None, sink=None):
+    q, kc, vc, plan = case["q"], case["kc"], case["vc"], case["plan"]
+    k, v = case["k"], case["v"]
+    kc0, vc0 = kc.clone(), vc.clone()  # the plain call appends into its own copy
+    kw = dict(causal=causal, softcap=softcap, softmax_scale=softmax_scale)
+    out, lse = cascade_decode(q, kc, vc, plan, k, v, return_softmax_lse=True, learnable_sink=sink, **kw)
+    ref_o, ref_l = flash_attn_with_kvcache(
+        q,
+        kc0,
+        vc0,
+        k,
+        v,
+        cache_seqlens=case["full_lens"],
+        block_table=case["full_bt"],
+        return_softmax_lse=True,
+        learnable_sink=sink,
+        **kw,
+    )
+    assert out.shape == ref_o.shape and lse.shape == ref_l.shape
+    # the same cache after the append
+    assert torch.equal(kc, kc0) and torch.equal(vc, vc0)
+    tol = 2e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out.float(), ref_o.float(), atol=tol, rtol=tol)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_l))
+    fin = torch.isfinite(ref_l)
+    torch.testing.assert_close(lse[fin], ref_l[fin], atol=1e-4, rtol=1e-5)
+    # and against the float64 reference on each request's gathered context
+    seqlen_new = 0 if k is None else k.shape[1]
+    for b in range(q.shape[0]):
+        n = int(case["full_lens"][b]) + seqlen_new
+        kb = _gathered(kc, case["full_bt"][b], n)[None]
+        vb = _gathered(vc, case["full_bt"][b], n)[None]
+        ro, rl = attention_ref(q[b : b + 1], kb, vb, dtype=torch.float64, learnable_sink=sink, **kw)
+        lo, _ = attention_ref(q[b : b + 1], kb, vb, upcast=False, learnable_sink=sink, **kw)
+        assert_close_2x(out[b : b + 1], ro, lo, name=f"out[{b}]")
+        assert_close_2x(lse[b : b + 1], rl, rl, name=f"lse[{b}]", slack=1e-4)
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("page", [16, 64])
+def test_cascade_groups_of_different_sizes(dtype, page):
+    """Groups of 3, 1 and 2 requests interleaved in the batch (gathered layout); group 1 has no prefix; one
+    request has an empty suffix (decode, seqlen_q 1)."""
+    case = _cascade_case(
+        page=page,
+        prefix_pages=[2, 0, 1],
+        request_group=[0, 1, 0, 2, 0, 2],
+        suffix_lens=[5, 40, 0, 17, page + 3, 1],
+        dtype=dtype,
+        seed=page,
+    )
+    assert case["plan"].request_group is not None and case["plan"].group_size == 3
+    _check_cascade(case, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cascade_contiguous_groups_causal_chunk(dtype):
+    """Two groups of two contiguous requests (no-copy layout), seqlen_q 3 causal, GQA 3, softcap + scale."""
+    case = _cascade_case(
+        page=16,
+        prefix_pages=[3, 1],
+        request_group=[0, 0, 1, 1],
+        suffix_lens=[2, 20, 9, 33],
+        seqlen_q=3,
+        nheads=6,
+        nheads_k=2,
+        dtype=dtype,
+        seed=5,
+    )
+    assert case["plan"].request_group is None and case["plan"].slot_request is None
+    _check_cascade(case, dtype, causal=True, softcap=4.0, softmax_scale=0.3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cascade_append_and_sink(dtype):
+    """New k/v appended into the suffix pages (one with an empty suffix before the append), causal decode of
+    2 tokens, a learnable sink counted once."""
+    case = _cascade_case(
+        page=16,
+        prefix_pages=[2],
+        request_group=[0, 0, 0],
+        suffix_lens=[0, 15, 30],
+        seqlen_q=2,
+        seqlen_new=2,
+        dtype=dtype,
+        seed=7,
+    )
+    sink = torch.randn(4).to(DEVICE)
+    _check_cascade(case, dtype, causal=True, sink=sink)
+
+
+def test_cascade_all_empty_rows():
+    """No prefix and no suffix: out 0 and lse +inf, as the plain call; prefix only: equal to it."""
+    case = _cascade_case(page=16, prefix_pages=[0, 1], request_group=[0, 1], suffix_lens=[0, 0], seed=9)
+    out, lse = _check_cascade(case, torch.float32)
+    assert (out[0] == 0).all() and torch.isinf(lse[0]).all() and (lse[0] > 0).all()
+
+
+def test_cascade_from_cache_manager():
+    """Two prompts, forked into 3 and 2 samples (one fork still sharing a partial last page), each sample
+    with its own tokens; a lone sequence; the plan read from the manager; a decode step appending one token."""
+    page, hk, d = 16, 2, 32
+    cache = PagedKVCache(64, page, hk, d, dtype=torch.float32, device=DEVICE)
+    gen = torch.Generator().manual_seed(11)
+
+    def put(sid, n):
+        cache.append(
+            sid,
+            torch.randn(n, hk, d, generator=gen).to(DEVICE),
+            torch.randn(n, hk, d, generator=gen).to(DEVICE),
+        )
+
+    cache.add_sequence("p0")
+    put("p0", 3 * page + 5)  # partial last page, shared by the forks until they write
+    cache.add_sequence("p1")
+    put("p1", 2 * page)
+    cache.add_sequence("solo")
+    put("solo", 21)
+    for i in range(3):
+        cache.fork("p0", f"a{i}")
+    for i in range(2):
+        cache.fork("p1", f"b{i}")
+    put("a0", 7)  # copy-on-write of the shared partial page
+    put("a1", 30)
+    put("b0", 1)
+    put("b1", page)
+    # a2 writes nothing: its suffix is the still-shared partial page
+    seq_ids = ["b0", "a0", "solo", "a1", "b1", "a2"]
+    block_table, seqlens = cache.prepare_append(seq_ids, 1)
+    plan = cascade_plan_from_cache(cache, seq_ids, num_new=1)
+    assert plan.num_groups == 3 and plan.group_size == 3
+    assert plan.prefix_lens.tolist() == [2 * page, 3 * page, 0]
+    assert plan.cache_seqlens.tolist() == [1, 5 + 7, 21, 5 + 30, page, 5]
+    q = torch.randn(len(seq_ids), 1, 4, d, generator=gen).to(DEVICE)
+    kn = torch.randn(len(seq_ids), 1, hk, d, generator=gen).to(DEVICE)
+    vn = torch.randn(len(seq_ids), 1, hk, d, generator=gen).to(DEVICE)
+    kc0, vc0 = cache.k_cache.clone(), cache.v_cache.clone()
+    out, lse = cascade_decode(
+        q, cache.k_cache, cache.v_cache, plan, kn, vn, causal=True, return_softmax_lse=True
+    )
+    ref_o, ref_l = flash_attn_with_kvcache(
+        q,
+        kc0,
+        vc0,
+        kn,
+        vn,
+        cache_seqlens=seqlens,
+        block_table=block_table,
+        causal=True,
+        return_softmax_lse=True,
+    )
+    assert torch.equal(cache.k_cache, kc0) and torch.equal(cache.v_cache, vc0)
+    torch.testing.assert_close(out, ref_o, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, ref_l, atol=1e-4, rtol=1e-5)
+    for b, sid in enumerate(seq_ids):
+        kb, vb = cache.gather(sid)
+        ro, _ = attention_ref(q[b : b + 1], kb[None], vb[None], causal=True, dtype=torch.float64)
+        torch.testing.assert_close(out[b : b + 1], ro, atol=2e-5, rtol=2e-5)
+    # explicit groups: "solo" joins the p1 samples (no common page: that group's prefix is empty)
+    plan2 = cascade_plan_from_cache(cache, seq_ids, groups=[1, 0, 1, 0, 1, 0])
+    assert plan2.prefix_lens.tolist() == [0, 3 * page]
+
+
+def test_cascade_refusals():
+    case = _cascade_case(page=16, prefix_pages=[1], request_group=[0, 0], suffix_lens=[0, 3], seqlen_q=3)
+    q, kc, vc, plan = case["q"], case["kc"], case["vc"], case["plan"]
+    with pytest.raises(FlashAttnValueError, match="alibi_slopes"):
+        cascade_decode(q, kc, vc, plan, alibi_slopes=torch.ones(4, device=DEVICE))
+    with pytest.raises(FlashAttnValueError, match="window_size"):
+        cascade_decode(q, kc, vc, plan, window_size=(8, 0))
+    # causal, 3 query rows, a suffix of 0 tokens: the first rows would not see the whole prefix
+    with pytest.raises(FlashAttnValueError, match="cache_seqlens"):
+        cascade_decode(q, kc, vc, plan, causal=True)
+    with pytest.raises(FlashAttnValueError, match="batch"):
+        cascade_decode(q[:1], kc, vc, plan)
+    with pytest.raises(FlashAttnValueError, match="request_group"):
+        CascadePlan.build([0, 1], None, plan.prefix_lens, None, plan.cache_seqlens)
+    with settings.override(value_checks=False):
+        cascade_decode(q, kc, vc, plan, causal=False)  # non-causal: every row sees every key

@@ -53,7 +53,9 @@ __all__ = ["CascadePlan", "cascade_decode", "cascade_plan_from_cache"]
 def _int_list(name: str, x: Sequence[int] | torch.Tensor) -> list[int]:
     if isinstance(x, torch.Tensor):
         if x.dim() != 1 or x.dtype.is_floating_point or x.dtype == torch.bool:
-            raise FlashAttnValueError(f"{name} must be a 1-D integer sequence, got {x.dtype} {tuple(x.shape)}")
+            raise FlashAttnValueError(
+                f"{name} must be a 1-D integer sequence, got {x.dtype} {tuple(x.shape)}"
+            )
         return [int(v) for v in x.tolist()]
     return [int(v) for v in x]
 
@@ -123,17 +125,18 @@ class CascadePlan:
                 raise TypeError(f"{name} must be int32, got {t.dtype}")
         if len(groups) != batch:
             raise FlashAttnValueError(f"request_group has {len(groups)} entries, cache_seqlens {batch}")
-        for name, t, rows in (
+        tables: tuple[tuple[str, torch.Tensor | None, int], ...] = (
             ("prefix_block_table", prefix_block_table, num_groups),
             ("block_table", block_table, batch),
-        ):
-            if t is not None:
-                V.check_tensor(name, t, 2)
-                if t.dtype != torch.int32:
-                    raise TypeError(f"{name} must be int32, got {t.dtype}")
-                if t.shape[0] != rows:
-                    raise FlashAttnValueError(f"{name} has {t.shape[0]} rows, expected {rows}")
-                V.check_device(name, t, "cache_seqlens", cache_seqlens)
+        )
+        for name, bt, rows in tables:
+            if bt is not None:
+                V.check_tensor(name, bt, 2)
+                if bt.dtype != torch.int32:
+                    raise TypeError(f"{name} must be int32, got {bt.dtype}")
+                if bt.shape[0] != rows:
+                    raise FlashAttnValueError(f"{name} has {bt.shape[0]} rows, expected {rows}")
+                V.check_device(name, bt, "cache_seqlens", cache_seqlens)
         V.check_device("prefix_lens", prefix_lens, "cache_seqlens", cache_seqlens)
         bad = [g for g in groups if not 0 <= g < num_groups]
         if bad:
@@ -204,7 +207,8 @@ def cascade_plan_from_cache(
         raise FlashAttnValueError(f"num_new ({num_new}) is more than a sequence's length")
     if groups is None:
         keys: list[object] = [
-            ("page", bl[0]) if bl and cache.refcount(bl[0]) > 1 else ("alone", b) for b, bl in enumerate(blocks)
+            ("page", bl[0]) if bl and cache.refcount(bl[0]) > 1 else ("alone", b)
+            for b, bl in enumerate(blocks)
         ]
     else:
         keys = list(groups)
@@ -235,7 +239,11 @@ def cascade_plan_from_cache(
         w = max(need, 1) if w is None else w
         if need > w:
             raise FlashAttnValueError(f"{name} ({w}) is less than the {need} pages of a row")
-        return torch.tensor([r + [0] * (w - len(r)) for r in rows], dtype=torch.int32).reshape(len(rows), w).to(dev)
+        return (
+            torch.tensor([r + [0] * (w - len(r)) for r in rows], dtype=torch.int32)
+            .reshape(len(rows), w)
+            .to(dev)
+        )
 
     def ints(x: list[int]) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.int32).to(dev)

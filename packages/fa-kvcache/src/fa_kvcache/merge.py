@@ -213,7 +213,9 @@ def merge_attention_states(
         if t.dtype == torch.bfloat16 and t.device.type == "cpu" and V.interpreting():
             raise TypeError(f"{name} has dtype torch.bfloat16 on CPU: {V.BF16_INTERPRETER_MESSAGE}")
     if out is None:
-        out = torch.empty(out_a.shape, dtype=torch.promote_types(out_a.dtype, out_b.dtype), device=out_a.device)
+        out = torch.empty(
+            out_a.shape, dtype=torch.promote_types(out_a.dtype, out_b.dtype), device=out_a.device
+        )
     else:
         out = _check_out("out", out, out_a.shape, out_a)
         if out.dtype not in OUT_DTYPES:
