@@ -644,3 +644,23 @@ def test_num_splits_is_honoured(monkeypatch, page):
         want = expected.get(n, n) if DEVICE == "cpu" or n != 0 else split_counts[0]
         assert split_counts == [want], (n, seen)
         assert any(name == "combine" for name, _ in seen) == (want > 1)
+
+
+def test_strided_last_dim_of_q_k_v_is_copied():
+    """flash-attn's maybe_contiguous: q / k / v with a strided last dim are accepted (copied), same result."""
+    case = _make_case(seqlen_q=2, seqlen_new=2, seed=8)
+    ref_case = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    out_ref = flash_attn_with_kvcache(ref_case.pop("q"), **ref_case, causal=True)
+    strided = {}
+    for name in ("q", "k", "v"):
+        t = case[name]
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        strided[name] = wide[..., ::2]
+        assert strided[name].stride(-1) == 2
+    args = {k: v for k, v in case.items() if k not in ("q", "k", "v")}
+    out = flash_attn_with_kvcache(strided["q"], k=strided["k"], v=strided["v"], **args, causal=True)
+    assert torch.equal(out, out_ref)
+    assert torch.equal(case["k_cache"], ref_case["k_cache"]) and torch.equal(
+        case["v_cache"], ref_case["v_cache"]
+    )

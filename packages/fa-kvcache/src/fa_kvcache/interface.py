@@ -335,6 +335,8 @@ def flash_attn_with_kvcache(
     do not write rows past the capacity: bad values then give meaningless output, never a memory fault.
     """
     V.grad_guard(q, k, v)
+    # flash-attn's maybe_contiguous: a strided last dim of q / k / v is copied (the caches must have stride 1)
+    q, k, v = V.contig_last(q), V.contig_last(k), V.contig_last(v)
     leftpad_name = "cache_leftpad"
     if leftpad_k is not None:
         if cache_leftpad is not None:
