@@ -250,3 +250,81 @@ def test_fused_combine_gpu(monkeypatch, page, splits):
         torch.testing.assert_close(g_out, want_out, atol=2e-3, rtol=1e-2)
         torch.testing.assert_close(g_lse, want_lse, atol=1e-4, rtol=1e-4)
     assert all(int(c.abs().sum()) == 0 for c in ki._COUNTERS.values())
+
+
+def test_paged_capacity_error_names_block_table_and_context_survives():
+    """flash-attn's failure mode (cache_seqlens past block_table.shape[1] * page_size): an eager call raises
+    before anything is written, naming block_table (value checks are on by default on the GPU too); the CUDA
+    context stays usable."""
+    from fa_core.errors import FlashAttnValueError
+
+    q = torch.randn(2, 1, 8, 64, device=DEVICE, dtype=torch.bfloat16)
+    kc = torch.randn(8, 16, 2, 64, device=DEVICE, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    k_new = torch.randn(2, 1, 2, 64, device=DEVICE, dtype=torch.bfloat16)
+    v_new = torch.randn_like(k_new)
+    bt = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device=DEVICE)
+    before = kc.clone()
+    for lens in ([3, 32], [3, 31 + 2**20]):
+        seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+        with pytest.raises(FlashAttnValueError, match="block_table"):
+            flash_attn_with_kvcache(q, kc, vc, k_new, v_new, cache_seqlens=seqlens, block_table=bt)
+    torch.cuda.synchronize()
+    assert torch.equal(kc, before)
+    ok = flash_attn_with_kvcache(
+        q, kc, vc, k_new, v_new, cache_seqlens=torch.tensor([3, 5], dtype=torch.int32, device=DEVICE),
+        block_table=bt,
+    )  # fmt: skip
+    torch.cuda.synchronize()
+    assert torch.isfinite(ok).all()
+
+
+@pytest.mark.parametrize("page", [0, 16])
+def test_cuda_graph_replay_with_out_of_range_values(page):
+    """Under CUDA-graph capture the value checks are off; replaying the captured decode step with
+    cache_seqlens / block_table / cache_batch_idx / cache_leftpad values out of range must not fault (clamped in
+    the kernels) nor touch the NaN guard blocks around the caches."""
+    torch.manual_seed(0)
+    batch, h, hk, d, cap, guard = 3, 8, 2, 64, 64, 2
+    dt = torch.bfloat16
+    rows = batch * (cap // 16) + 1 if page else batch + 1
+    inner = (16, hk, d) if page else (cap, hk, d)
+    kpool = torch.full((rows + 2 * guard, *inner), float("nan"), device=DEVICE, dtype=dt)
+    vpool = torch.full_like(kpool, float("nan"))
+    kc, vc = kpool[guard:-guard], vpool[guard:-guard]
+    kc.copy_(torch.randn_like(kc))
+    vc.copy_(torch.randn_like(vc))
+    q = torch.randn(batch, 1, h, d, device=DEVICE, dtype=dt)
+    k_new, v_new = torch.randn(batch, 1, hk, d, device=DEVICE, dtype=dt), torch.randn(batch, 1, hk, d, device=DEVICE, dtype=dt)  # fmt: skip
+    seqlens = torch.tensor([5, 17, 40], dtype=torch.int32, device=DEVICE)
+    kw: dict = {}
+    if page:
+        kw["block_table"] = torch.randperm(rows, device=DEVICE)[: batch * 4].reshape(batch, 4).to(torch.int32)
+    else:
+        kw["cache_batch_idx"] = torch.tensor([2, 0, 1], dtype=torch.int32, device=DEVICE)
+        kw["cache_leftpad"] = torch.tensor([0, 3, 10], dtype=torch.int32, device=DEVICE)
+
+    def step():
+        return flash_attn_with_kvcache(
+            q, kc, vc, k_new, v_new, cache_seqlens=seqlens, causal=True, num_splits=3, **kw
+        )
+
+    step()  # compile + warm
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = step()
+    guards = [torch.cat([p[:guard], p[-guard:]]).view(torch.int16).clone() for p in (kpool, vpool)]
+    bad = [2**31 - 1, -(2**31), cap + 9, -1]
+    for i, x in enumerate(bad):
+        seqlens.copy_(torch.tensor([x, bad[(i + 1) % 4], 3], dtype=torch.int32))
+        if page:
+            kw["block_table"].view(-1)[i] = [2**31 - 1, -1, rows, -(2**31)][i]
+        else:
+            kw["cache_batch_idx"].copy_(torch.tensor([x, 1, -1], dtype=torch.int32))
+            kw["cache_leftpad"].copy_(torch.tensor([-5, x, 2**30], dtype=torch.int32))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all()
+        for p, gd in zip((kpool, vpool), guards, strict=True):
+            assert torch.equal(torch.cat([p[:guard], p[-guard:]]).view(torch.int16), gd)
