@@ -13,7 +13,8 @@
 #   oob        out-of-range index values with value checks off (cache_seqlens, block_table, cache_batch_idx,
 #              leftpad_k, cu_seqlens, seqused_k): scripts/sanitize_kernels.py --subset oob plain, then under
 #              compute-sanitizer memcheck (0 errors required), then the GPU fuzzers
-#              test_fuzz.py -k out_of_range_values (FA_FUZZ_EXAMPLES=${OOB_FUZZ_EXAMPLES:-40})
+#              test_fuzz.py -k out_of_range_values (FA_FUZZ_EXAMPLES=${OOB_FUZZ_EXAMPLES:-25}), fa-kvcache's
+#              test_memory_safety.py (NaN guard regions) and the CUDA-graph replay with bad values (test_gpu.py)
 # One part alone: scripts/gpu_stage_hardening.sh oob   (or graphs / numerics / large / soak / sanitizer)
 # Logs: reports/gpu-hardening/*.log; summary: reports/<device>-hardening.md, copied to bench/results/ (packed by
 # gpu_run.sh) and the logs to $OUT/logs/hardening/ when $OUT is set.
@@ -75,15 +76,17 @@ else
 fi
 part sanitizer 400 "$san_cmd"
 
-FZ="env FA_FUZZ_EXAMPLES=${OOB_FUZZ_EXAMPLES:-40} $PY -m pytest packages/fa-compat/tests/test_fuzz.py -k out_of_range_values $PT"
+FZ="env FA_FUZZ_EXAMPLES=${OOB_FUZZ_EXAMPLES:-25} $PY -m pytest packages/fa-compat/tests/test_fuzz.py \
+packages/fa-kvcache/tests/test_memory_safety.py packages/fa-kvcache/tests/test_gpu.py \
+-k 'out_of_range or capacity_error or checks_off or value_checks or clamped' $PT"
 if [ -n "$SAN" ]; then
     oob_cmd="echo '=== plain'; $PY scripts/sanitize_kernels.py --subset oob; echo \"=== rc \$?\"; \
-echo '=== memcheck'; PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 5 200 $SAN --tool memcheck --target-processes application-only \
+echo '=== memcheck'; PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 5 160 $SAN --tool memcheck --target-processes application-only \
 --print-limit 50 $PY scripts/sanitize_kernels.py --subset oob; echo \"=== rc \$?\"; \
-echo '=== fuzz'; timeout -k 5 150 $FZ; echo \"=== rc \$?\""
+echo '=== fuzz'; timeout -k 5 170 $FZ; echo \"=== rc \$?\""
 else
     oob_cmd="echo 'compute-sanitizer not found (PATH, /usr/local/cuda*/bin): plain run and fuzz only'; \
-$PY scripts/sanitize_kernels.py --subset oob; echo \"=== rc \$?\"; echo '=== fuzz'; timeout -k 5 150 $FZ; echo \"=== rc \$?\""
+$PY scripts/sanitize_kernels.py --subset oob; echo \"=== rc \$?\"; echo '=== fuzz'; timeout -k 5 170 $FZ; echo \"=== rc \$?\""
 fi
 part oob 400 "$oob_cmd"
 
