@@ -227,3 +227,25 @@ def test_launch_class_does_not_depend_on_batch_or_seqlen(monkeypatch):
     # forward and backward, each with an int and a tensor offset
     assert len(rec.launches) == 5 * (4 if DEVICE == "cuda" else 2) * 2 * 2
     assert len(classes) == 4, classes
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_make_fx_records_one_op(inplace):
+    # a dispatch-mode tracer sees the custom op, never the eager direct launch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x = torch.randn(2, 6, 2, 16, device=DEVICE, dtype=DTYPE)
+    cos = torch.rand(8, 4, device=DEVICE, dtype=DTYPE)
+    sin = torch.rand(8, 4, device=DEVICE, dtype=DTYPE)
+    offs = torch.tensor([1, 2], dtype=torch.int32, device=DEVICE)
+    gm = make_fx(lambda x, c, s, o: apply_rotary_emb(x, c, s, inplace=inplace, seqlen_offsets=o))(
+        x, cos, sin, offs
+    )
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    op = "fa_core.rotary_inplace.default" if inplace else "fa_core.rotary.default"
+    assert targets.count(op) == 1, targets
+    x_in = x.clone()
+    out = gm(x_in, cos, sin, offs)
+    want = apply_rotary_emb(x.clone(), cos, sin, seqlen_offsets=offs)
+    assert torch.equal(out, want)
+    assert torch.equal(x_in, want if inplace else x)

@@ -15,17 +15,18 @@ Semantics follow ``flash_attn.ops.triton.rotary.apply_rotary`` of flash-attn 2.8
 
 The kernel computes in fp32 and rounds once on store.
 
-Launches go through two ``torch.library`` custom ops, so ``torch.compile`` (any backend, static or dynamic
-shapes, ``fullgraph=True``) records one opaque node per rotation and never traces the Triton launch:
+Under ``torch.compile`` (any backend, static or dynamic shapes, ``fullgraph=True``), export or ``make_fx``,
+and whenever autograd records the call, launches go through two ``torch.library`` custom ops, so a tracer
+records one opaque node per rotation and never traces the Triton launch:
 
 * ``torch.ops.fa_core.rotary``: out of place, differentiable (the gradient is the conjugate rotation of the
   incoming gradient, registered with ``torch.library.register_autograd``);
 * ``torch.ops.fa_core.rotary_inplace``: rotates ``x`` in place (``mutates_args=("x",)``), not differentiable.
 
-:func:`apply_rotary` validates the arguments and picks the op: in place when asked and no gradient is
-recorded for ``x``; with a gradient, the out-of-place op and a copy of the rotated channels back into ``x``
-(an ordinary in-place ``copy_`` that autograd tracks), so every form is differentiable without an
-``autograd.Function``.
+In place with a gradient, :func:`apply_rotary` runs the out-of-place op and copies the rotated channels back
+into ``x`` (an in-place ``copy_`` that autograd tracks), so every form is differentiable without an
+``autograd.Function``. A plain eager call that records no gradient launches the kernel directly (the same
+launch; the ops' Python dispatch would cost more than the kernel at decode sizes).
 
 :data:`rotary_kernel` compiles once per class of its constexprs (rotary dim, interleaved, conjugate, tensor
 or int offsets, varlen) and of Triton's specialization of the pointer / stride arguments (dtype, 16-byte
@@ -42,6 +43,7 @@ import operator
 import torch
 import triton
 import triton.language as tl
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fa_core.errors import FlashAttnValueError
 from fa_core.forward_configs import cdiv, next_pow2
@@ -247,6 +249,30 @@ _OP_ARGS = (
 )
 
 
+def _rotate_out_of_place(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    seqlen_offsets: torch.Tensor | None,
+    seqlen_offset: int,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    interleaved: bool,
+    conjugate: bool,
+) -> torch.Tensor:
+    """A new tensor like ``x`` (``empty_like`` strides): rotated channels, pass-through channels copied."""
+    out = torch.empty_like(x)
+    rotary_dim = 2 * cos.shape[1]
+    if rotary_dim < x.shape[-1]:
+        # a plain copy covers every row, including varlen rows outside every sequence
+        out[..., rotary_dim:].copy_(x[..., rotary_dim:])
+    if rotary_dim > 0:
+        rotary_launch(
+            out, x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate
+        )
+    return out
+
+
 @torch.library.custom_op("fa_core::rotary", mutates_args=(), schema=f"(Tensor x, {_OP_ARGS}) -> Tensor")
 def _rotary_op(
     x: torch.Tensor,
@@ -259,17 +285,10 @@ def _rotary_op(
     interleaved: bool,
     conjugate: bool,
 ) -> torch.Tensor:
-    """Out-of-place rotation: a new tensor like ``x`` (``empty_like`` strides), pass-through channels copied."""
-    out = torch.empty_like(x)
-    rotary_dim = 2 * cos.shape[1]
-    if rotary_dim < x.shape[-1]:
-        # a plain copy covers every row, including varlen rows outside every sequence
-        out[..., rotary_dim:].copy_(x[..., rotary_dim:])
-    if rotary_dim > 0:
-        rotary_launch(
-            out, x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate
-        )
-    return out
+    """Out-of-place rotation (see :func:`_rotate_out_of_place`)."""
+    return _rotate_out_of_place(
+        x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate
+    )
 
 
 @_rotary_op.register_fake
@@ -333,6 +352,17 @@ def _rotary_inplace_fake(
     x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate
 ) -> None:
     return None
+
+
+def _traced(x: torch.Tensor) -> bool:
+    """Whether this call is being traced (torch.compile / export, make_fx or another dispatch or function
+    mode, fake or functional tensors): then it goes through the custom ops, recorded as one node each."""
+    return (
+        torch.compiler.is_compiling()
+        or type(x) is not torch.Tensor
+        or _get_current_dispatch_mode() is not None
+        or torch._C._is_torch_function_mode_enabled()
+    )
 
 
 def apply_rotary(
@@ -490,9 +520,16 @@ def apply_rotary(
         bool(interleaved),
         bool(conjugate),
     )
+    records_grad = torch.is_grad_enabled() and x.requires_grad
+    if not records_grad and not _traced(x):
+        # plain eager call: the same launch as the ops, without their dispatch cost
+        if inplace:
+            rotary_launch(x, x, *args)
+            return x
+        return _rotate_out_of_place(x, *args)
     if not inplace:
         return torch.ops.fa_core.rotary(x, *args)
-    if torch.is_grad_enabled() and x.requires_grad:
+    if records_grad:
         # Autograd records an in-place custom op only through a functional op: rotate out of place and copy
         # the rotated channels back (a tracked in-place copy_; x may be a view of a packed qkv / kv).
         out = torch.ops.fa_core.rotary(x, *args)
