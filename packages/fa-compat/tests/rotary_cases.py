@@ -47,6 +47,9 @@ class Case:
     inputs: dict[str, Any]  # x, cos, sin, cos_k, sin_k, offsets, cu_seqlens
     inplace: bool
     inplace_on_leaf: bool = True  # a leaf that requires grad is rotated in place too (else fn copies it)
+    # compiled == eager bit for bit (the module forms build their cos / sin tables inside the compiled
+    # graph, where inductor's cos / sin may round an entry differently: compared to the reference only)
+    exact: bool = True
 
     def args(self, x: Tensor | None = None, dtype: torch.dtype | None = None) -> tuple[Any, ...]:
         """The positional arguments of ``fn`` / ``ref``: ``x`` replaces the input, ``dtype`` casts the floating
@@ -251,7 +254,15 @@ def build(name: str, device: str, dtype: torch.dtype, d: Dims) -> Case:
         raise ValueError(f"unknown case {name}")
 
     inputs = dict(x=x, cos=cos, sin=sin, cos_k=cos_k, sin_k=sin_k, offsets=offsets, cu_seqlens=cu)
-    return Case(name, make_fn, ref, inputs, inplace, inplace_on_leaf=kind != "ops")
+    return Case(
+        name,
+        make_fn,
+        ref,
+        inputs,
+        inplace,
+        inplace_on_leaf=kind != "ops",
+        exact=not kind.startswith("module"),
+    )
 
 
 def _grid() -> list[str]:
@@ -339,7 +350,7 @@ def check(case: Case, fn: Callable[..., Any], grad: bool, eager: Result | None =
             assert torch.equal(res.after, res.out), f"{case.name}: the input was not rotated in place"
     else:
         assert torch.equal(res.after, case.inputs["x"]), f"{case.name}: the input was modified"
-    if eager is not None:
+    if eager is not None and case.exact:
         assert torch.equal(res.out, eager.out), f"{case.name}: compiled output differs from eager"
         if grad:
             assert eager.grad is not None and res.grad is not None
