@@ -425,3 +425,50 @@ def test_cascade_refusals():
         CascadePlan.build([0, 1], None, plan.prefix_lens, None, plan.cache_seqlens)
     with settings.override(value_checks=False):
         cascade_decode(q, kc, vc, plan, causal=False)  # non-causal: every row sees every key
+
+
+def test_cascade_prefix_errors_write_nothing():
+    """A prefix longer than its pages is refused (naming the prefix call) before the suffix append writes."""
+    case = _cascade_case(page=16, prefix_pages=[1], request_group=[0, 0], suffix_lens=[3, 4], seqlen_new=1)
+    plan = case["plan"]
+    bad = CascadePlan.build(
+        [0, 0], plan.prefix_block_table, plan.prefix_lens + 1, plan.block_table, plan.cache_seqlens
+    )
+    kc, vc = case["kc"], case["vc"]
+    kc0, vc0 = kc.clone(), vc.clone()
+    with pytest.raises(FlashAttnValueError, match="prefix attention"):
+        cascade_decode(case["q"], kc, vc, bad, case["k"], case["v"])
+    assert torch.equal(kc, kc0) and torch.equal(vc, vc0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cascade_contiguous_prefix_cache(dtype):
+    """Prefixes in their own contiguous cache (num_groups, seqlen, nheads_k, d), suffixes contiguous too
+    (batch, seqlen, ...): vs the reference on the concatenated context, non-causal seqlen_q 2."""
+    gen = torch.Generator().manual_seed(13)
+    groups, hk, h, d, lp, ls = 2, 1, 3, 16, 40, 24
+    request_group = [1, 0, 1]
+    prefix_lens = [40, 17]
+    suffix_lens = [5, 0, 24]
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
+
+    pk, pv = rnd(groups, lp, hk, d), rnd(groups, lp, hk, d)
+    sk, sv = rnd(3, ls, hk, d), rnd(3, ls, hk, d)
+    q = rnd(3, 2, h, d)
+    plan = CascadePlan.build(
+        request_group,
+        None,
+        torch.tensor(prefix_lens, dtype=torch.int32, device=DEVICE),
+        None,
+        torch.tensor(suffix_lens, dtype=torch.int32, device=DEVICE),
+    )
+    out, lse = cascade_decode(q, sk, sv, plan, prefix_k_cache=pk, prefix_v_cache=pv, return_softmax_lse=True)
+    for b, g in enumerate(request_group):
+        kb = torch.cat([pk[g, : prefix_lens[g]], sk[b, : suffix_lens[b]]])[None]
+        vb = torch.cat([pv[g, : prefix_lens[g]], sv[b, : suffix_lens[b]]])[None]
+        ro, rl = attention_ref(q[b : b + 1], kb, vb, dtype=torch.float64)
+        lo, _ = attention_ref(q[b : b + 1], kb, vb, upcast=False)
+        assert_close_2x(out[b : b + 1], ro, lo, name=f"out[{b}]")
+        assert_close_2x(lse[b : b + 1], rl, rl, name=f"lse[{b}]", slack=1e-4)

@@ -9,7 +9,9 @@ the two-level scheme of FlashInfer's ``MultiLevelCascadeAttentionWrapper`` and v
    request's query (it precedes all of them). One :func:`fa_kvcache.flash_attn_with_kvcache` call over the
    ``num_groups`` prefixes (GQA heads packed by the kernel as in any decode; split-KV when the grid is small).
 2. **suffix** (level 1): each request attends to its own pages (the tokens after the prefix, new k/v appended
-   there first), causal as usual when ``seqlen_q > 1``: one more ``flash_attn_with_kvcache`` call.
+   there first), causal as usual when ``seqlen_q > 1``: one more ``flash_attn_with_kvcache`` call. The prefix
+   call runs first and writes no cache, so a bad argument of either call is refused before anything is
+   written.
 3. the two partial results are combined with their lse by :func:`fa_kvcache.merge.merge_attention_states`
    (one fused kernel), written in place into the suffix call's output.
 
@@ -331,6 +333,35 @@ def cascade_decode(
                 "row sees the whole prefix"
             )
 
+    # level 0 first (it writes no cache: a bad prefix argument is refused before the suffix call appends):
+    # each group's prefix once, its requests' queries packed as the rows of one sequence
+    groups, size = plan.num_groups, plan.group_size
+    if batch == 0 or seqlen_q == 0 or nheads == 0:
+        qp = q.new_empty(groups, 0, nheads, d)
+    elif plan.slot_request is None:
+        qp = q.reshape(groups, size * seqlen_q, nheads, d)
+    else:
+        qp = q.index_select(0, plan.slot_request).view(groups, size * seqlen_q, nheads, d)
+    try:
+        out_p, lse_p = flash_attn_with_kvcache(
+            qp,
+            pk,
+            pv,
+            cache_seqlens=plan.prefix_lens,
+            block_table=plan.prefix_block_table,
+            softmax_scale=softmax_scale,
+            causal=False,
+            softcap=softcap,
+            num_splits=prefix_num_splits,
+            return_softmax_lse=True,
+            learnable_sink=learnable_sink,
+        )
+    except FlashAttnValueError as exc:
+        raise FlashAttnValueError(
+            f"prefix attention (q packed per group; plan.prefix_lens / plan.prefix_block_table / "
+            f"prefix_k_cache / prefix_v_cache): {exc}"
+        ) from exc
+
     # level 1: each request's own pages (appends k / v first)
     out, lse = flash_attn_with_kvcache(
         q,
@@ -350,25 +381,6 @@ def cascade_decode(
     if out.numel() == 0:
         return (out, lse) if return_softmax_lse else out
 
-    # level 0: each group's prefix once, its requests' queries packed as the rows of one sequence
-    groups, size = plan.num_groups, plan.group_size
-    if plan.slot_request is None:
-        qp = q.reshape(groups, size * seqlen_q, nheads, d)
-    else:
-        qp = q.index_select(0, plan.slot_request).view(groups, size * seqlen_q, nheads, d)
-    out_p, lse_p = flash_attn_with_kvcache(
-        qp,
-        pk,
-        pv,
-        cache_seqlens=plan.prefix_lens,
-        block_table=plan.prefix_block_table,
-        softmax_scale=softmax_scale,
-        causal=False,
-        softcap=softcap,
-        num_splits=prefix_num_splits,
-        return_softmax_lse=True,
-        learnable_sink=learnable_sink,
-    )
     dv = out.shape[-1]
     if plan.request_group is None:
         # slot layout == batch layout: merge through (group, rank) views, no copy
