@@ -160,13 +160,16 @@ def main() -> None:
                 name = f"{mode}-{which}-tma{tma}"
                 report = mix.compile_mix(rec, which, TILES[which], work / name)
                 fp = fingerprint((work / name).with_suffix(".sass").read_text())
+                # instructions per iteration of each loop with exponentials (the steady state)
+                fp["loops"] = [int(n) for n in re.findall(r"loop: (\d+) instructions", report)]
                 regs = re.search(r"registers (\d+), stack (\d+)", report)
                 fp.update(registers=int(regs.group(1)), stack=int(regs.group(2))) if regs else None
                 result[name] = fp
                 if args.out:
                     Path(args.out).write_text(json.dumps(result, indent=1))
                 print(
-                    f"{name}: {fp['instructions']} instructions, regs {fp.get('registers')}, sha {fp['sha']}",
+                    f"{name}: {fp['instructions']} instructions, loops {fp['loops']}, regs {fp.get('registers')}, "
+                    f"sha {fp['sha']}",
                     flush=True,
                 )
     if args.out:
@@ -190,6 +193,7 @@ def main() -> None:
                 }
                 print(
                     f"{name}: {old['instructions']} -> {fp['instructions']} instructions, "
+                    f"loops {old.get('loops')} -> {fp.get('loops')}, "
                     f"regs {old.get('registers')} -> {fp.get('registers')}, ops {diff}"
                 )
         print(f"{same} of {len(result) - 1} kernels identical to {args.against}")

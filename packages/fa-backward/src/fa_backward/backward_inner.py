@@ -39,12 +39,52 @@ from fa_core.masking import (
     chunk_visible,
     dropout_keep,
     scores_log2,
+    seq_bounds,
     softcap_grad,
     visible,
 )
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+
+# ---------------------------------------------------------------------------------- indices from tensors
+@triton.jit
+def _clamp(x, lo, hi):
+    return tl.minimum(tl.maximum(x, lo), hi)
+
+
+@triton.jit
+def checked_seq_bounds(
+    off_b, cu_seqlens_q, cu_seqlens_k, seqused_k, seqlen_q_dense, seqlen_k_dense, IS_VARLEN: tl.constexpr,
+    HAS_SEQUSED: tl.constexpr,
+):  # fmt: skip
+    """``(q_start, seqlen_q, k_start, seqlen_k_rows, seqlen_k)`` of sequence ``off_b`` with every value read
+    from a tensor clamped, so that garbage there (host value checks off) never moves a load or store outside
+    q / k / v and their gradients: starts in ``[0, total]``, ends in ``[start, total]`` (varlen
+    ``seqlen_*_dense`` is the total row count of q / k), ``seqused_k`` in ``[0, seqlen_k_rows]``. Scalars, once
+    per program. ``seqlen_k``: the keys attended (``seqused_k``), ``seqlen_k_rows``: the keys the sequence owns."""
+    if IS_VARLEN:
+        q_start = _clamp(tl.load(cu_seqlens_q + off_b), 0, seqlen_q_dense)
+        q_end = _clamp(tl.load(cu_seqlens_q + off_b + 1), q_start, seqlen_q_dense)
+        k_start = _clamp(tl.load(cu_seqlens_k + off_b), 0, seqlen_k_dense)
+        k_end = _clamp(tl.load(cu_seqlens_k + off_b + 1), k_start, seqlen_k_dense)
+        seqlen_q = q_end - q_start
+        seqlen_k_rows = k_end - k_start
+    else:
+        q_start, seqlen_q, k_start, seqlen_k_rows = seq_bounds(
+            off_b, cu_seqlens_q, cu_seqlens_k, seqlen_q_dense, seqlen_k_dense, False
+        )
+    seqlen_k = seqlen_k_rows
+    if HAS_SEQUSED:
+        seqlen_k = _clamp(tl.load(seqused_k + off_b), 0, seqlen_k_rows)
+    return q_start, seqlen_q, k_start, seqlen_k_rows, seqlen_k
+
+
+@triton.jit
+def checked_list_length(num_ptr, n_cols):
+    """A block list's length read from the mask, clamped to ``[0, n_cols]`` (the columns of its index row)."""
+    return _clamp(tl.load(num_ptr), 0, n_cols)
 
 
 # ------------------------------------------------------------------------------------------------ tiles
@@ -297,10 +337,12 @@ def _dkdv_inner(
     _HEADDIM, _HEADDIM_V, _EVEN_D, _EVEN_DV, BLOCK_M, SPARSE_Q, _USE_TMA = SHAPE
     if FROM_LIST:
         _tile, _streamed, rules, _scoring, _dropout = fixed
-        _seqlen_q, _seqlen_k, _left, _right, _chunk, full_lo, full_hi = rules
+        seqlen_q, _seqlen_k, _left, _right, _chunk, full_lo, full_hi = rules
         TILES: tl.constexpr = SPARSE_Q // BLOCK_M
+        # listed indices come from a tensor: clamped to the sequence's blocks (garbage reads no other rows)
+        last = tl.maximum(tl.cdiv(seqlen_q, SPARSE_Q) - 1, 0)
         for t in tl.range(0, n_blocks * TILES):
-            start_m = tl.load(blocks + t // TILES) * SPARSE_Q + (t % TILES) * BLOCK_M
+            start_m = _clamp(tl.load(blocks + t // TILES), 0, last) * SPARSE_Q + (t % TILES) * BLOCK_M
             apply_mask = (start_m < full_lo) | (start_m + BLOCK_M > full_hi)
             dk, dv = _dkdv_step(
                 dk, dv, fixed, FNS, FLAGS, SHAPE, start_m, apply_mask, MASKED=MASKED, DYN_MASK=DYN_MASK
@@ -405,10 +447,11 @@ def _dq_inner(
     # the steps take the lse in log2 units
     fixed2 = ((q, do, lse * LOG2E, delta, offs_m, offs_d, offs_dv), streamed, rules, scoring, dropout)
     if FROM_LIST:
-        _seqlen_q, _seqlen_k, _left, _right, _chunk, full_lo, full_hi = rules
+        _seqlen_q, seqlen_k, _left, _right, _chunk, full_lo, full_hi = rules
         TILES: tl.constexpr = SPARSE_KV // BLOCK_N
+        last = tl.maximum(tl.cdiv(seqlen_k, SPARSE_KV) - 1, 0)  # as in _dkdv_inner
         for t in tl.range(0, n_blocks * TILES):
-            start_n = tl.load(blocks + t // TILES) * SPARSE_KV + (t % TILES) * BLOCK_N
+            start_n = _clamp(tl.load(blocks + t // TILES), 0, last) * SPARSE_KV + (t % TILES) * BLOCK_N
             apply_mask = (start_n < full_lo) | (start_n + BLOCK_N > full_hi)
             dq = _dq_step(
                 dq, fixed2, FNS, FLAGS, SHAPE, start_n, apply_mask, MASKED=MASKED, DYN_MASK=DYN_MASK

@@ -69,14 +69,12 @@ from fa_backward.backward_inner import (
     _dq_inner,
     _load_rows,
     _seq_base,
+    checked_list_length,
+    checked_seq_bounds,
     stream_sources,
 )
 from fa_core.forward_configs import fast_autotuner
-from fa_core.masking import (
-    chunk_kv_range,
-    kv_range,
-    seq_bounds,
-)
+from fa_core.masking import chunk_kv_range, kv_range
 from fa_core.scheduling import lpt_program_ids
 
 # re-exported: the autotune names of fa_backward.backward_configs stay importable from here
@@ -109,7 +107,7 @@ def _bwd_dkdv_kernel(
     sm_scale, softcap, Alibi, stride_alb,
     window_left, window_right, chunk,
     dropout_p, seed, rng_offset,
-    BlkNum, BlkIdx, FullNum, FullIdx, stride_bn_b, stride_bn_h, stride_bi_b, stride_bi_h, stride_bi_r,
+    BlkNum, BlkIdx, FullNum, FullIdx, stride_bn_b, stride_bn_h, stride_bi_b, stride_bi_h, stride_bi_r, idx_cols,
     SEQ_BUCKET_Q, SEQ_BUCKET_K,
     HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, IS_LOCAL: tl.constexpr, LPT: tl.constexpr,
@@ -126,7 +124,13 @@ def _bwd_dkdv_kernel(
     out otherwise (an empty masked loop still costs time: 7-13% in the forward on an H200).
 
     Block-sparse: ``BlkNum (B|1, H|1, num_kv_blocks)`` / ``BlkIdx (B|1, H|1, num_kv_blocks, num_q_blocks)`` are
-    the transposed partial lists, ``FullNum`` / ``FullIdx`` the transposed full lists (same strides)."""
+    the transposed partial lists, ``FullNum`` / ``FullIdx`` the transposed full lists (same strides), ``idx_cols``
+    their last dim.
+
+    Indices read from tensors are clamped, once per program (scalars): ``cu_seqlens_*`` to ``[0, total]`` with
+    varlen ``seqlen_q_dense`` / ``seqlen_k_dense`` the total rows of q / k, ``seqused_k`` to the sequence's keys,
+    list lengths to ``idx_cols``; listed block indices to the sequence's blocks (one clamp per tile). Garbage
+    there (host value checks off) gives garbage gradients, never an access outside the tensors."""
     EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
     EVEN_DV: tl.constexpr = HEADDIM_V == BLOCK_DV
     # what every loop below holds fixed, besides the runtime tuples (see fa_backward.backward_inner)
@@ -144,13 +148,10 @@ def _bwd_dkdv_kernel(
     # first key blocks first: under a causal mask every query sees them (LPT: every head's, fa_core.scheduling)
     start_n, off_hk, off_b = lpt_program_ids(LPT, False)
 
-    q_start, seqlen_q, k_start, seqlen_k_rows = seq_bounds(
-        off_b, cu_seqlens_q, cu_seqlens_k, seqlen_q_dense, seqlen_k_dense, IS_VARLEN
-    )
     # keys past seqused_k exist in the tensor but are never attended: their gradient is written as 0
-    seqlen_k = seqlen_k_rows
-    if HAS_SEQUSED:
-        seqlen_k = tl.load(seqused_k + off_b)
+    q_start, seqlen_q, k_start, seqlen_k_rows, seqlen_k = checked_seq_bounds(
+        off_b, cu_seqlens_q, cu_seqlens_k, seqused_k, seqlen_q_dense, seqlen_k_dense, IS_VARLEN, HAS_SEQUSED
+    )
     if start_n * BLOCK_N >= seqlen_k_rows:
         return
 
@@ -214,7 +215,7 @@ def _bwd_dkdv_kernel(
             # interior [full_lo, full_hi). Tiles outside the band are masked whole (no clamp to [lo, hi)).
             num_off = off_b.to(tl.int64) * stride_bn_b + off_h * stride_bn_h + kv_blk
             idx_off = off_b.to(tl.int64) * stride_bi_b + off_h * stride_bi_h + kv_blk * stride_bi_r
-            n_part = tl.load(BlkNum + num_off)
+            n_part = checked_list_length(BlkNum + num_off, idx_cols)
             if HAS_SEQUSED:
                 n_part = tl.where(past, 0, n_part)
             part = BlkIdx + idx_off
@@ -222,7 +223,7 @@ def _bwd_dkdv_kernel(
                 dk, dv, fixed, FNS, FLAGS, SHAPE, blocks=part, n_blocks=n_part, MASKED=True, FROM_LIST=True
             )
             if HAS_FULL:
-                n_full = tl.load(FullNum + num_off)
+                n_full = checked_list_length(FullNum + num_off, idx_cols)
                 if HAS_SEQUSED:
                     n_full = tl.where(past, 0, n_full)
                 full = FullIdx + idx_off
@@ -277,7 +278,7 @@ def _bwd_dq_kernel(
     sm_scale, softcap, Alibi, stride_alb,
     window_left, window_right, chunk,
     dropout_p, seed, rng_offset,
-    BlkNum, BlkIdx, FullNum, FullIdx, stride_bn_b, stride_bn_h, stride_bi_b, stride_bi_h, stride_bi_r,
+    BlkNum, BlkIdx, FullNum, FullIdx, stride_bn_b, stride_bn_h, stride_bi_b, stride_bi_h, stride_bi_r, idx_cols,
     SEQ_BUCKET_Q, SEQ_BUCKET_K,
     HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, IS_LOCAL: tl.constexpr, LPT: tl.constexpr,
@@ -292,7 +293,8 @@ def _bwd_dq_kernel(
     (stored for the dK/dV pass, launched after this one).
 
     Block-sparse: ``BlkNum`` / ``BlkIdx`` are the block mask's ``kv_num_blocks`` / ``kv_indices``, ``FullNum`` /
-    ``FullIdx`` its ``full_kv_*`` (same strides)."""
+    ``FullIdx`` its ``full_kv_*`` (same strides), ``idx_cols`` their last dim. Indices read from tensors are
+    clamped as in :func:`_bwd_dkdv_kernel`."""
     EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
     EVEN_DV: tl.constexpr = HEADDIM_V == BLOCK_DV
     # what every loop below holds fixed, besides the runtime tuples (see fa_backward.backward_inner)
@@ -312,11 +314,9 @@ def _bwd_dq_kernel(
     start_m, off_h, off_b = lpt_program_ids(LPT, True)
     off_hk = off_h // group
 
-    q_start, seqlen_q, k_start, seqlen_k = seq_bounds(
-        off_b, cu_seqlens_q, cu_seqlens_k, seqlen_q_dense, seqlen_k_dense, IS_VARLEN
+    q_start, seqlen_q, k_start, _seqlen_k_rows, seqlen_k = checked_seq_bounds(
+        off_b, cu_seqlens_q, cu_seqlens_k, seqused_k, seqlen_q_dense, seqlen_k_dense, IS_VARLEN, HAS_SEQUSED
     )
-    if HAS_SEQUSED:
-        seqlen_k = tl.load(seqused_k + off_b)
     if start_m * BLOCK_M >= seqlen_q:
         return
 
@@ -379,13 +379,13 @@ def _bwd_dq_kernel(
         q_blk = (start_m * BLOCK_M) // SPARSE_Q
         num_off = off_b.to(tl.int64) * stride_bn_b + off_h * stride_bn_h + q_blk
         idx_off = off_b.to(tl.int64) * stride_bi_b + off_h * stride_bi_h + q_blk * stride_bi_r
-        n_part = tl.load(BlkNum + num_off)
+        n_part = checked_list_length(BlkNum + num_off, idx_cols)
         part = BlkIdx + idx_off
         dq = _dq_inner(
             dq, fixed, FNS, FLAGS, SHAPE, blocks=part, n_blocks=n_part, MASKED=True, FROM_LIST=True
         )
         if HAS_FULL:
-            n_full = tl.load(FullNum + num_off)
+            n_full = checked_list_length(FullNum + num_off, idx_cols)
             full = FullIdx + idx_off
             dq = _dq_inner(
                 dq, fixed, FNS, FLAGS, SHAPE, blocks=full, n_blocks=n_full, MASKED=True, FROM_LIST=True,

@@ -75,6 +75,7 @@ _SPARSE_NAMES = (
     "stride_bi_b",
     "stride_bi_h",
     "stride_bi_r",
+    "idx_cols",
 )
 
 
@@ -84,9 +85,9 @@ def _named_sparse(*values: Any) -> dict[str, Any]:
 
 def _sparse_args(block_mask: BlockMask | None, seqlen_k: int, dummy: torch.Tensor):
     """``(dq lists, dk/dv lists, has_full, block_size)``: each a dict of kernel arguments (partial and full
-    lists, strides 0 on broadcast dims)."""
+    lists, strides 0 on broadcast dims, ``idx_cols`` the index lists' last dim)."""
     if block_mask is None:
-        none = _named_sparse(dummy, dummy, dummy, dummy, 0, 0, 0, 0, 0)
+        none = _named_sparse(dummy, dummy, dummy, dummy, 0, 0, 0, 0, 0, 0)
         return none, none, False, (128, 128)
 
     def pack(num, idx, fnum, fidx):
@@ -95,7 +96,8 @@ def _sparse_args(block_mask: BlockMask | None, seqlen_k: int, dummy: torch.Tenso
         fidx = fidx.contiguous() if fidx is not None else idx
         # full lists share the partial lists' layout (check_full_blocks), hence their strides
         _, _, *strides = block_list_args(num, idx)
-        return _named_sparse(num, idx, fnum, fidx, *strides)
+        # idx_cols: the kernels clamp each list's length to it (the lengths are read from a tensor)
+        return _named_sparse(num, idx, fnum, fidx, *strides, idx.shape[-1])
 
     bq, bk = (int(x) for x in block_mask.block_size)
     has_full = block_mask.full_kv_num_blocks is not None
