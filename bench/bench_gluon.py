@@ -56,7 +56,9 @@ def gpu_slug(name: str) -> str:
 # ------------------------------------------------------------------------------------------ correctness
 
 
-def _check_one(kind, b, sq, sk, h, hk, d, causal, dtype, scale=None, strided=False) -> dict[str, Any]:
+def _check_one(kind, b, sq, sk, h, hk, d, causal, dtype, extra) -> dict[str, Any]:
+    scale, strided = extra.get("scale"), extra.get("strided", False)
+    window, softcap = extra.get("window_size", (-1, -1)), extra.get("softcap", 0.0)
     torch.manual_seed(sq * 7 + sk + d)
     if strided:  # q, k, v as views into one packed buffer (non-contiguous batch/seq strides)
         assert sq == sk and h == hk
@@ -67,17 +69,16 @@ def _check_one(kind, b, sq, sk, h, hk, d, causal, dtype, scale=None, strided=Fal
         k = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype)
         v = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype)
     out = torch.full((b, sq, h, d), float("nan"), device="cuda", dtype=dtype)
-    row = dict(
-        kind=kind, b=b, sq=sq, sk=sk, h=h, hk=hk, d=d, causal=causal, dtype=str(dtype), strided=strided
-    )
+    row = dict(kind=kind, b=b, sq=sq, sk=sk, h=h, hk=hk, d=d, causal=causal, dtype=str(dtype), **extra)
+    kw = dict(softmax_scale=scale, causal=causal, window_size=window, softcap=softcap)
     try:
-        o, lse = fg.forward(q, k, v, softmax_scale=scale, causal=causal, out=out, kind=kind)
+        o, lse = fg.forward(q, k, v, out=out, kind=kind, **kw)
         torch.cuda.synchronize()
     except Exception as exc:
         row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000])
         return row
-    ref_o, ref_lse = attention_ref(q, k, v, softmax_scale=scale, causal=causal)
-    low_o, _ = attention_ref(q, k, v, softmax_scale=scale, causal=causal, upcast=False)
+    ref_o, ref_lse = attention_ref(q, k, v, **kw)
+    low_o, _ = attention_ref(q, k, v, upcast=False, **kw)
     err = (o.float() - ref_o.float()).abs().max().item()
     err_low = (low_o.float() - ref_o.float()).abs().max().item()
     finite = torch.isfinite(ref_lse)
@@ -89,38 +90,58 @@ def _check_one(kind, b, sq, sk, h, hk, d, causal, dtype, scale=None, strided=Fal
     return row
 
 
+BF, FP = torch.bfloat16, torch.float16
 CASES = [
-    # b, sq, sk, h, hk, d, causal, dtype, scale, strided
-    (2, 1000, 1000, 4, 2, 64, False, torch.bfloat16, None, False),
-    (2, 1000, 1000, 4, 2, 64, True, torch.bfloat16, None, False),
-    (2, 1000, 1000, 4, 2, 128, False, torch.bfloat16, None, False),
-    (2, 1000, 1000, 4, 2, 128, True, torch.bfloat16, None, False),
-    (1, 300, 777, 8, 1, 128, True, torch.bfloat16, None, False),
-    (1, 300, 777, 8, 1, 64, False, torch.float16, 0.3, False),
-    (1, 777, 300, 2, 2, 64, True, torch.bfloat16, None, False),
-    (1, 777, 300, 2, 2, 128, True, torch.float16, None, False),
-    (3, 128, 128, 2, 1, 128, True, torch.float16, None, False),
-    (1, 256, 256, 2, 2, 64, True, torch.bfloat16, None, False),
-    (2, 1, 1000, 4, 4, 128, False, torch.bfloat16, None, False),
-    (2, 1, 1000, 4, 4, 64, True, torch.bfloat16, None, False),
-    (2, 517, 517, 3, 3, 128, True, torch.bfloat16, None, True),
-    (2, 517, 517, 3, 3, 64, False, torch.bfloat16, None, True),
-    (1, 4096, 4096, 2, 1, 128, True, torch.bfloat16, None, False),
+    # b, sq, sk, h, hk, d, causal, dtype, extra (scale, strided, window_size, softcap)
+    (2, 1000, 1000, 4, 2, 64, False, BF, {}),
+    (2, 1000, 1000, 4, 2, 64, True, BF, {}),
+    (2, 1000, 1000, 4, 2, 128, False, BF, {}),
+    (2, 1000, 1000, 4, 2, 128, True, BF, {}),
+    (1, 300, 777, 8, 1, 128, True, BF, {}),
+    (1, 300, 777, 8, 1, 64, False, FP, {"scale": 0.3}),
+    (1, 777, 300, 2, 2, 64, True, BF, {}),
+    (1, 777, 300, 2, 2, 128, True, FP, {}),
+    (3, 128, 128, 2, 1, 128, True, FP, {}),
+    (1, 256, 256, 2, 2, 64, True, BF, {}),
+    (2, 1, 1000, 4, 4, 128, False, BF, {}),
+    (2, 1, 1000, 4, 4, 64, True, BF, {}),
+    (2, 517, 517, 3, 3, 128, True, BF, {"strided": True}),
+    (2, 517, 517, 3, 3, 64, False, BF, {"strided": True}),
+    (1, 4096, 4096, 2, 1, 128, True, BF, {}),
+    # sliding windows and softcap
+    (2, 1000, 1000, 4, 2, 128, False, BF, {"window_size": (100, 50)}),
+    (2, 1000, 1000, 4, 2, 64, False, FP, {"window_size": (100, 50)}),
+    (1, 300, 777, 4, 1, 64, True, BF, {"window_size": (64, -1)}),
+    (1, 777, 300, 2, 2, 128, False, BF, {"window_size": (-1, 0)}),
+    (1, 777, 300, 2, 2, 64, False, BF, {"window_size": (10, 10)}),
+    (1, 300, 700, 2, 2, 128, False, FP, {"window_size": (0, 0)}),
+    (1, 4096, 4096, 2, 1, 128, False, BF, {"window_size": (512, 512)}),
+    (1, 1000, 1000, 2, 2, 128, True, BF, {"window_size": (255, 0), "softcap": 10.0}),
+    (2, 517, 517, 3, 3, 64, False, BF, {"softcap": 30.0}),
+    (2, 1000, 1500, 4, 2, 128, True, FP, {"softcap": 5.0, "scale": 0.2}),
 ]
 
 
-def correctness(kinds) -> list[dict[str, Any]]:
-    rows = []
+def _is_feature(case) -> bool:
+    return bool(case[8].get("window_size") or case[8].get("softcap"))
+
+
+def correctness(kinds, sink) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
     for kind in kinds:
         for case in CASES:
+            if case[5] not in fg.head_dims(kind):
+                continue
             row = _check_one(kind, *case)
+            row["feature"] = _is_feature(case)
             rows.append(row)
+            sink(rows)
             status = "ok " if row["ok"] else "BAD"
             detail = row.get("error") or (
                 f"err {row['err']:.2e} (lowp {row['err_lowp']:.2e}) lse {row['lse_err']:.1e} "
                 f"inf_ok {row['inf_rows_ok']} nan_free {row['nan_free']}"
             )
-            print(f"[{status}] {kind:9s} {case[:8]} {detail}", flush=True)
+            print(f"[{status}] {kind:9s} {case[:7]} {str(case[7])[6:]} {case[8]} {detail}", flush=True)
     return rows
 
 
@@ -141,7 +162,8 @@ def _bench(fn) -> float:
 def providers(q, k, v, causal, autotune: bool, kinds):
     out = {}
     for kind in kinds:
-        out[f"gluon-{kind}"] = lambda kind=kind: fg.forward(q, k, v, causal=causal, kind=kind)
+        if q.shape[-1] in fg.head_dims(kind):
+            out[f"gluon-{kind}"] = lambda kind=kind: fg.forward(q, k, v, causal=causal, kind=kind)
 
     def fa_plus():
         if autotune:
@@ -190,32 +212,66 @@ def speed(kinds, seqlens, autotune: bool, deadline: float, sink) -> list[dict[st
     return rows
 
 
-_WS = dict(num_warps=4, CONSUMER_REGS=232, PRODUCER_REGS=40)
-_PIPE = dict(BLOCK_M=128, num_warps=8)
-# tiles other than the defaults (fa_core.gluon._launch.CONFIGS, timed in the speed section)
+_WS = dict(num_warps=4, CONSUMER_REGS=232, PRODUCER_REGS=40, BLOCK_M=64, PINGPONG=1, NCONS=2)
+_WS3 = dict(num_warps=4, CONSUMER_REGS=160, PRODUCER_REGS=24, BLOCK_M=64, PINGPONG=1, NCONS=3)
+# tiles other than the defaults (fa_core.gluon._launch.CONFIGS, timed in the speed section); the first sweep
+# (8-warp pipelined tiles, 2-stage and no-ping-pong ws) is in bench/results/h100-gluon-forward-sweep.json
 SWEEP = {
-    ("pipelined", 64): [
-        dict(_PIPE, BLOCK_N=64, STAGES=4),
-        dict(_PIPE, BLOCK_N=128, STAGES=2),
-        dict(BLOCK_M=64, BLOCK_N=128, STAGES=2, num_warps=4),
-    ],
-    ("pipelined", 128): [
-        dict(_PIPE, BLOCK_N=128, STAGES=3),
-        dict(_PIPE, BLOCK_N=64, STAGES=4),
-        dict(BLOCK_M=64, BLOCK_N=64, STAGES=3, num_warps=4),
-    ],
-    ("ws", 64): [
-        dict(_WS, BLOCK_M=64, BLOCK_N=128, STAGES=3, PINGPONG=0),
-        dict(_WS, BLOCK_M=64, BLOCK_N=128, STAGES=4, PINGPONG=1),
-        dict(_WS, BLOCK_M=64, BLOCK_N=64, STAGES=4, PINGPONG=1),
-    ],
-    ("ws", 128): [
-        dict(_WS, BLOCK_M=64, BLOCK_N=128, STAGES=2, PINGPONG=0),
-        dict(_WS, BLOCK_M=64, BLOCK_N=128, STAGES=3, PINGPONG=1),
-        dict(_WS, BLOCK_M=64, BLOCK_N=64, STAGES=4, PINGPONG=1),
-        dict(num_warps=4, CONSUMER_REGS=240, PRODUCER_REGS=24, BLOCK_M=64, BLOCK_N=128, STAGES=2, PINGPONG=1),
-    ],
+    ("ws", 128): [dict(_WS, CONSUMER_REGS=240, PRODUCER_REGS=24, BLOCK_N=128, STAGES=3)],
+    ("ws3", 64): [dict(_WS3, BLOCK_N=128, STAGES=3), dict(_WS3, BLOCK_N=64, STAGES=4)],
 }
+
+
+FEATURES = [
+    # headdim, causal, seqlen, window_size, softcap
+    (128, True, 8192, (1024, 0), 0.0),
+    (128, False, 8192, (-1, -1), 30.0),
+    (64, True, 8192, (1024, 0), 0.0),
+]
+
+
+def features_speed(deadline: float, sink) -> list[dict[str, Any]]:
+    """Sliding window and softcap at 8k tokens x 2: Gluon (default kind) against our Triton forward; TFLOP/s
+    count only visible (window) score entries."""
+    rows = []
+    for d, causal, s, window, softcap in FEATURES:
+        b, h = 16384 // s, 2048 // d
+        q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        left = window[0] if window[0] >= 0 else s
+        right = 0 if causal else (window[1] if window[1] >= 0 else s)
+        rows_i = torch.arange(s, device="cuda")[:, None]
+        cols = torch.arange(s, device="cuda")[None, :]
+        visible = int(((cols >= rows_i - left) & (cols <= rows_i + right)).sum())
+        flops = 4 * b * h * visible * d
+        kw = dict(causal=causal, window_size=window, softcap=softcap)
+
+        def fa_plus(q=q, k=k, v=v, kw=kw):
+            with fa_settings.override(autotune=False):
+                return fa_core.flash_attn_forward(q, k, v, **kw)
+
+        for name, fn in (
+            ("gluon", lambda q=q, k=k, v=v, kw=kw: fg.forward(q, k, v, **kw)),
+            ("fa-plus", fa_plus),
+        ):
+            row = dict(provider=name, headdim=d, causal=causal, seqlen=s, batch=b, nheads=h, window_size=window,
+                       softcap=softcap)  # fmt: skip
+            if time.time() > deadline:
+                row.update(tflops=None, error="skipped: time budget")
+            else:
+                try:
+                    ms = _bench(fn)
+                    row.update(ms=ms, tflops=flops / ms / 1e9)
+                except Exception as exc:
+                    row.update(tflops=None, error=f"{type(exc).__name__}: {exc}"[:500])
+            rows.append(row)
+            t = f"{row['tflops']:.1f}" if row.get("tflops") else row.get("error", "")[:60]
+            print(
+                f"features d{d} causal={causal!s:5} window={window} softcap={softcap} {name:8s} {t}",
+                flush=True,
+            )
+            sink(rows)
+        del q, k, v
+    return rows
 
 
 def _forward_call(q, k, v, causal, kind, cfg):
@@ -230,7 +286,7 @@ def sweep(kinds, deadline: float, sink) -> list[dict[str, Any]]:
             b, h = 16384 // s, 2048 // d
             q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
             for kind in kinds:
-                for cfg in SWEEP[(kind, d)]:
+                for cfg in SWEEP.get((kind, d), []):
                     row = dict(kind=kind, headdim=d, causal=causal, seqlen=s, config=cfg)
                     if time.time() > deadline:
                         row.update(tflops=None, error="skipped: time budget")
@@ -271,19 +327,46 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def _check_in_child(kind: str, out_dir: Path, timeout: float) -> list[dict[str, Any]]:
-    tmp = out_dir / f".correctness-{kind}.json"
-    cmd = [sys.executable, __file__, "--kinds", kind, "--correctness-json", str(tmp)]
-    try:
-        subprocess.run(cmd, timeout=timeout, check=False)
-        rows = json.loads(tmp.read_text())
-    except subprocess.TimeoutExpired:
-        print(f"correctness of {kind}: timed out after {timeout:.0f} s (hang)", flush=True)
-        rows = [dict(kind=kind, ok=False, error=f"timed out after {timeout:.0f} s")]
-    except Exception as exc:
-        rows = [dict(kind=kind, ok=False, error=f"{type(exc).__name__}: {exc}"[:500])]
-    finally:
+def _check_children(kinds, out_dir: Path, timeout: float) -> list[dict[str, Any]]:
+    """Each kind's correctness in its own process, all at once, with a timeout: a hang (a barrier bug) must
+    not stop the run. A child writes its rows after every case, so a timeout keeps the cases done before it."""
+    procs = {}
+    for kind in kinds:
+        tmp = out_dir / f".correctness-{kind}.json"
         tmp.unlink(missing_ok=True)
+        cmd = [sys.executable, __file__, "--kinds", kind, "--correctness-json", str(tmp)]
+        procs[kind] = (subprocess.Popen(cmd), tmp)
+    deadline = time.time() + timeout
+    rows: list[dict[str, Any]] = []
+    for kind, (proc, tmp) in procs.items():
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.time()))
+            hung = False
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            hung = True
+        try:
+            rows_k = json.loads(tmp.read_text()) if tmp.exists() else []
+        except Exception as exc:
+            rows_k = [dict(kind=kind, ok=False, error=f"{type(exc).__name__}: {exc}"[:500])]
+        if hung:
+            print(f"correctness of {kind}: timed out after {timeout:.0f} s (hang)", flush=True)
+            # a hang after every dense case passed counts against the window / softcap features only
+            n_dense = sum(1 for c in CASES if c[5] in fg.head_dims(kind) and not _is_feature(c))
+            dense_done = sum(1 for r in rows_k if not r.get("feature"))
+            rows_k.append(
+                dict(
+                    kind=kind,
+                    ok=False,
+                    feature=dense_done >= n_dense,
+                    error=f"timed out after {timeout:.0f} s",
+                )
+            )
+        elif proc.returncode != 0 and not rows_k:
+            rows_k.append(dict(kind=kind, ok=False, error=f"exit code {proc.returncode}"))
+        tmp.unlink(missing_ok=True)
+        rows += rows_k
     return rows
 
 
@@ -294,8 +377,10 @@ def main() -> None:
     ap.add_argument("--seqlens", default="2048,8192,16384")
     ap.add_argument("--no-autotune", action="store_true", help="time fa-plus with one fixed tile per shape")
     ap.add_argument("--budget", type=float, default=240.0, help="seconds; later measurements are skipped")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: correctness,speed,sweep")
-    ap.add_argument("--check-timeout", type=float, default=75.0, help="seconds per kind's correctness run")
+    ap.add_argument(
+        "--skip", default="", help="comma list of sections to skip: correctness,speed,features,sweep"
+    )
+    ap.add_argument("--check-timeout", type=float, default=75.0, help="seconds for the correctness runs")
     ap.add_argument("--correctness-json", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     t0 = time.time()
@@ -309,9 +394,12 @@ def main() -> None:
         torch=torch.__version__,
         triton=triton.__version__,
         gluon_available=fg.available(),
-        default_kind=fg.DEFAULT_KIND,
+        default_kinds={
+            f"d{d}-{'causal' if c else 'full'}": fg.default_kind(d, c) for d in (64, 128) for c in (0, 1)
+        },
         correctness=[],
         rows=[],
+        features=[],
         sweep=[],
     )
     args.out.mkdir(parents=True, exist_ok=True)
@@ -328,30 +416,33 @@ def main() -> None:
         dump()
         sys.exit("fa_core.gluon is not available on this machine")
     if args.correctness_json is not None:  # child process: one kind's correctness only
-        args.correctness_json.write_text(json.dumps(correctness(kinds)))
+        correctness(kinds, lambda rows: args.correctness_json.write_text(json.dumps(rows)))
         return
     from fa_core.gluon import _launch
 
     result["configs"] = {f"{k}-d{d}": c for (k, d), c in _launch.CONFIGS.items()}
     try:
         if "correctness" not in skip:
-            # each kind in its own process with a timeout: a hang (barrier bug) must not stop the run
-            rows, passing = [], []
-            for kind in kinds:
-                rows_k = _check_in_child(kind, args.out, args.check_timeout)
-                rows += rows_k
-                if rows_k and all(r["ok"] for r in rows_k):
-                    passing.append(kind)
-                dump("correctness", rows)
+            rows = _check_children(kinds, args.out, args.check_timeout)
+            dump("correctness", rows)
+            # a kind is timed when every dense case (no window / softcap) ran and passed
+            dense = {k: [r for r in rows if r["kind"] == k and not r.get("feature")] for k in kinds}
+            passing = [k for k in kinds if dense[k] and all(r["ok"] for r in dense[k])]
+            features_ok = {k: all(r["ok"] for r in rows if r["kind"] == k) for k in kinds}
+            result["timed_kinds"], result["all_cases_ok"] = passing, features_ok
             bad = [r for r in rows if not r["ok"]]
             print(
                 f"correctness: {len(rows) - len(bad)} ok, {len(bad)} bad; timed kinds {passing}", flush=True
             )
-            kinds = passing  # a kind with a wrong result or a hang is not timed
+            print(f"all cases (windows, softcap included) ok: {features_ok}", flush=True)
+            kinds = passing
+            dump()
         if "speed" not in skip:
             seqlens = [int(x) for x in args.seqlens.split(",")]
             speed(kinds, seqlens, not args.no_autotune, deadline, lambda rows: dump("rows", rows))
             print(table(result["rows"]))
+        if "features" not in skip and result.get("all_cases_ok", {}).get(fg.default_kind(128, True), True):
+            features_speed(deadline, lambda rows: dump("features", rows))
         if "sweep" not in skip and kinds:
             sweep(kinds, deadline, lambda rows: dump("sweep", rows))
     except Exception:

@@ -49,13 +49,15 @@ def compile_variant(
     dtype=torch.bfloat16,
     ptx_dir: Path | None = None,
     config: dict | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
 ):
     b, s, h = 1, 256, 2
     q = torch.empty(b, s, h, d, dtype=dtype)
     out = torch.empty_like(q)
     lse = torch.empty(b, h, s, dtype=torch.float32)
     kernel, args, constexprs, num_warps, _grid = _launch.prepare(
-        kind, q, q, q, out, lse, 1 / math.sqrt(d), causal, config
+        kind, q, q, q, out, lse, 1 / math.sqrt(d), causal, window_size, softcap, config=config
     )
     names = kernel.arg_names
     sig = {}
@@ -72,6 +74,8 @@ def compile_variant(
         d=d,
         causal=causal,
         config=config,
+        window_size=window_size,
+        softcap=softcap,
         shared=ck.metadata.shared,
         regs=getattr(ck, "n_regs", None),
         wgmma=len(re.findall(r"wgmma.mma_async", ptx)),
@@ -92,6 +96,9 @@ def main() -> None:
     ap.add_argument("--kinds", default="pipelined,ws")
     ap.add_argument("--d", default="64,128")
     ap.add_argument("--sweep", action="store_true", help="compile bench/bench_gluon.py's SWEEP tiles too")
+    ap.add_argument(
+        "--features", action="store_true", help="also compile sliding-window and softcap variants"
+    )
     args = ap.parse_args()
     failed = 0
     for kind in args.kinds.split(","):
@@ -104,6 +111,24 @@ def main() -> None:
                     print(
                         f"FAILED {kind} d{d} causal={causal}: {type(exc).__name__}: {exc}"[:4000], flush=True
                     )
+    if args.features:
+        for kind in args.kinds.split(","):
+            for d in [int(x) for x in args.d.split(",")]:
+                for causal, window, softcap in (
+                    (False, (100, 50), 0.0),
+                    (True, (255, 0), 10.0),
+                    (False, (-1, -1), 30.0),
+                ):
+                    try:
+                        print(
+                            compile_variant(kind, d, causal, window_size=window, softcap=softcap), flush=True
+                        )
+                    except Exception as exc:
+                        failed += 1
+                        print(
+                            f"FAILED {kind} d{d} {window} {softcap}: {type(exc).__name__}: {exc}"[:4000],
+                            flush=True,
+                        )
     if args.sweep:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
         from bench_gluon import SWEEP

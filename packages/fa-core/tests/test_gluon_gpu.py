@@ -20,32 +20,47 @@ pytestmark = [
 ]
 
 CASES = [
-    # batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, causal
-    (2, 1000, 1000, 4, 2, 64, False),
-    (2, 1000, 1000, 4, 2, 128, True),
-    (1, 300, 777, 8, 1, 128, True),  # causal, seqlen_q < seqlen_k, MQA
-    (1, 777, 300, 2, 2, 64, True),  # causal, seqlen_q > seqlen_k: the first rows see no key
-    (3, 128, 128, 2, 1, 128, True),  # whole tiles
-    (2, 256, 384, 2, 2, 64, False),
-    (2, 1, 1000, 4, 4, 128, False),  # one query row
-    (1, 4096, 4096, 2, 1, 128, True),
+    # batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, causal, window_size, softcap
+    (2, 1000, 1000, 4, 2, 64, False, (-1, -1), 0.0),
+    (2, 1000, 1000, 4, 2, 128, True, (-1, -1), 0.0),
+    (1, 300, 777, 8, 1, 128, True, (-1, -1), 0.0),  # causal, seqlen_q < seqlen_k, MQA
+    (1, 777, 300, 2, 2, 64, True, (-1, -1), 0.0),  # causal, seqlen_q > seqlen_k: the first rows see no key
+    (3, 128, 128, 2, 1, 128, True, (-1, -1), 0.0),  # whole tiles
+    (2, 256, 384, 2, 2, 64, False, (-1, -1), 0.0),
+    (2, 1, 1000, 4, 4, 128, False, (-1, -1), 0.0),  # one query row
+    (1, 4096, 4096, 2, 1, 128, True, (-1, -1), 0.0),
+    (2, 1000, 1000, 4, 2, 128, False, (100, 50), 0.0),  # sliding window: masked left and right edges
+    (1, 777, 300, 2, 2, 64, False, (10, 10), 0.0),  # window rows with no key
+    (1, 300, 700, 2, 2, 128, False, (0, 0), 0.0),
+    (1, 1000, 1000, 2, 2, 64, True, (255, 0), 10.0),
+    (2, 517, 517, 3, 3, 128, False, (-1, -1), 30.0),
 ]
 
 
-@pytest.mark.parametrize("kind", fg.KINDS)
+def _kind_params():
+    return [
+        (kind, case)
+        for kind in fg.KINDS
+        for case in range(len(CASES))
+        if CASES[case][5] in fg.head_dims(kind)
+    ]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("case", range(len(CASES)))
-def test_forward_matches_reference(case, dtype, kind):
-    b, sq, sk, h, hk, d, causal = CASES[case]
+@pytest.mark.parametrize("kind, case", _kind_params())
+def test_forward_matches_reference(kind, case, dtype):
+    b, sq, sk, h, hk, d, causal, window, softcap = CASES[case]
     torch.manual_seed(case)
     q = torch.randn(b, sq, h, d, device="cuda", dtype=dtype)
     k = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype)
     v = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype)
     out = poisoned(q.shape, dtype, "cuda")
-    o, lse = fg.forward(q, k, v, causal=causal, out=out, kind=kind)
+    kw = dict(causal=causal, window_size=window, softcap=softcap)
+    assert fg.supports(q, k, v, **kw)
+    o, lse = fg.forward(q, k, v, out=out, kind=kind, **kw)
     assert o.data_ptr() == out.data_ptr()
-    ref_o, ref_lse = attention_ref(q, k, v, causal=causal)
-    low_o, _ = attention_ref(q, k, v, causal=causal, upcast=False)
+    ref_o, ref_lse = attention_ref(q, k, v, **kw)
+    low_o, _ = attention_ref(q, k, v, upcast=False, **kw)
     assert_close_2x(o, ref_o, low_o, "out")
     assert_close_2x(lse, ref_lse, ref_lse, "lse", slack=1e-3)
     if causal and sq > sk:
@@ -53,8 +68,17 @@ def test_forward_matches_reference(case, dtype, kind):
         assert torch.isinf(lse[:, :, :empty]).all() and (o[:, :empty] == 0).all()
 
 
-@pytest.mark.parametrize("kind", fg.KINDS)
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("kind", ["ws", "ws3"])
+def test_default_kinds_and_ws3_head_dim(kind):
+    q = torch.randn(1, 64, 2, 128, device="cuda", dtype=torch.bfloat16)
+    if 128 in fg.head_dims(kind):
+        fg.forward(q, q, q, kind=kind)
+    else:
+        with pytest.raises(FlashAttnValueError, match="no tile"):
+            fg.forward(q, q, q, kind=kind)
+
+
+@pytest.mark.parametrize("kind, d", [(kind, d) for kind in fg.KINDS for d in fg.head_dims(kind)])
 def test_strided_views_and_scale(kind, d):
     torch.manual_seed(d)
     qkv = torch.randn(2, 517, 3, 3, d, device="cuda", dtype=torch.bfloat16)

@@ -27,7 +27,9 @@ def _reason(q, k, v, **kw):
 def test_public_api_present():
     for name in ("available", "supports", "forward", "unsupported_reason"):
         assert callable(getattr(fg, name))
-    assert fg.DEFAULT_KIND in fg.KINDS
+    for d in fg.HEAD_DIMS:
+        for causal in (False, True):
+            assert fg.default_kind(d, causal) in fg.KINDS
 
 
 def test_unavailable_without_cuda_sm90():
@@ -59,9 +61,9 @@ def test_supported_shapes(d, dtype, causal):
 @pytest.mark.parametrize(
     "change, match",
     [
-        (dict(window_size=(16, 0)), "window"),
-        (dict(window_size=(-1, 8)), "window"),
-        (dict(softcap=30.0), "softcap"),
+        (dict(window_size=(2**30, 0)), "window"),
+        (dict(softcap=-1.0), "softcap"),
+        (dict(softcap=float("nan")), "softcap"),
         (dict(alibi_slopes=torch.ones(4)), "ALiBi"),
         (dict(dropout_p=0.1), "dropout"),
         (dict(softmax_scale=-1.0), "softmax_scale"),
@@ -77,9 +79,12 @@ def test_refused_features(change, match):
     assert reason is not None and match in reason
 
 
-def test_refused_window_without_causal():
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [(16, 0), (-1, 8), (100, 50), (0, 0), (-1, 0)])
+@pytest.mark.parametrize("softcap", [0.0, 30.0])
+def test_windows_and_softcap_accepted(causal, window, softcap):
     q, k, v = _qkv()
-    assert "window" in _reason(q, k, v, causal=False, window_size=(-1, 0))
+    assert _reason(q, k, v, causal=causal, window_size=window, softcap=softcap) is None
 
 
 @pytest.mark.parametrize("d", [32, 96, 256])
@@ -122,3 +127,22 @@ def test_kernel_module_imports_under_triton_36():
         smem = 2 * d * (q_rows + 2 * cfg["STAGES"] * cfg["BLOCK_N"])
         assert smem <= 227 * 1024, (kind, d, smem)
         assert cfg["BLOCK_N"] in (64, 128) and cfg["BLOCK_M"] in (64, 128)
+
+
+@pytest.mark.parametrize(
+    "causal, window, expected",
+    [
+        (False, (-1, -1), (2**30, 2**30, False)),
+        (True, (-1, -1), (2**30, 0, False)),
+        (True, (-1, 5), (2**30, 0, False)),  # causal overrides the right side
+        (True, (16, -1), (16, 0, True)),
+        (False, (-1, 0), (2**30, 0, True)),
+        (False, (3, 7), (3, 7, True)),
+    ],
+)
+def test_window_bounds(causal, window, expected):
+    try:
+        launch = importlib.import_module("fa_core.gluon._launch")
+    except Exception as exc:  # pragma: no cover - depends on the installed Triton
+        pytest.skip(f"Gluon kernel module does not import under Triton {triton.__version__}: {exc}")
+    assert launch.window_bounds(causal, window) == expected

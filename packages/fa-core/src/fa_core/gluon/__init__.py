@@ -3,13 +3,15 @@
 FlashAttention-3's design on sm_90: TMA loads of Q once and of K/V into a multi-stage shared-memory ring tracked
 by mbarriers, asynchronous wgmma for S = QK^T (shared-memory operands) and O += PV (P from registers), the
 softmax of tile j overlapped with PV(j - 1) inside each warpgroup, exp2 online softmax. Two kernels exist
-(see :mod:`fa_core.gluon._hopper`): a software-pipelined 8-warp one and a warp-specialized one (a TMA producer
-warp plus two consumer warpgroups); :data:`DEFAULT_KIND` is the faster on the measured GPU.
+(see :mod:`fa_core.gluon._hopper`): a software-pipelined one and a warp-specialized one (a TMA producer warp
+plus two consumer warpgroups taking turns on the tensor cores); :func:`default_kind` picks the faster per head
+dim and mask on an H100 (``bench/results/h100-gluon-forward.json``).
 
 Scope: dense bf16/fp16, head dim 64 or 128 (q, k, v alike), non-causal or causal (bottom-right aligned,
-``diag = seqlen_k - seqlen_q``), GQA/MQA, any ``softmax_scale > 0``, tensors ``(batch, seqlen, nheads, headdim)``
-with a contiguous last dim and 16-byte aligned base and strides (TMA). Everything else (window, softcap, ALiBi,
-dropout, varlen, FP8, ...) is refused by :func:`supports` and stays with the Triton kernels.
+``diag = seqlen_k - seqlen_q``), sliding windows, softcap, GQA/MQA, any ``softmax_scale > 0``, tensors
+``(batch, seqlen, nheads, headdim)`` with a contiguous last dim and 16-byte aligned base and strides (TMA).
+Everything else (ALiBi, dropout, varlen, FP8, ...) is refused by :func:`supports` and stays with the Triton
+kernels.
 
 The kernels were written against Triton 3.6's Gluon API; :func:`available` is False under other Triton
 versions (this module still imports there: the kernel modules are imported on first use only).
@@ -25,13 +27,25 @@ import torch
 
 from fa_core.errors import FlashAttnValueError
 
-__all__ = ["DEFAULT_KIND", "GLUON_TRITON_VERSION", "available", "forward", "supports", "unsupported_reason"]
+__all__ = [
+    "GLUON_TRITON_VERSION",
+    "KINDS",
+    "available",
+    "default_kind",
+    "forward",
+    "head_dims",
+    "supports",
+    "unsupported_reason",
+]
 
 #: the Triton minor version whose Gluon API the kernels are written for
 GLUON_TRITON_VERSION = (3, 6)
-#: kernel used by :func:`forward` unless ``kind=`` says otherwise ("pipelined" or "ws")
-DEFAULT_KIND = "pipelined"
-KINDS = ("pipelined", "ws")
+#: the kernels: "pipelined" (one consumer, in-line TMA), "ws" (warp-specialized, two ping-pong consumers of
+#: 64 rows) and "ws3" (three consumers, head dim 64 only)
+KINDS = ("pipelined", "ws", "ws3")
+_KIND_HEAD_DIMS = {"pipelined": (64, 128), "ws": (64, 128), "ws3": (64,)}
+#: (head_dim, causal) -> the faster kind on an H100 at seqlen 2k-16k (bench/results/h100-gluon-forward.json)
+_DEFAULT_KINDS = {(64, False): "pipelined", (64, True): "ws", (128, False): "ws", (128, True): "ws"}
 HEAD_DIMS = (64, 128)
 
 _DTYPES = (torch.bfloat16, torch.float16)
@@ -82,6 +96,16 @@ def available(device: torch.device | int | None = None) -> bool:
     return _is_sm90(index)
 
 
+def head_dims(kind: str) -> tuple[int, ...]:
+    """The head dims a kernel kind has a tile configuration for."""
+    return _KIND_HEAD_DIMS.get(kind, ())
+
+
+def default_kind(head_dim: int, causal: bool) -> str:
+    """The kernel :func:`forward` uses for this head dim and mask when ``kind`` is not given."""
+    return _DEFAULT_KINDS.get((head_dim, bool(causal)), "ws")
+
+
 def _tma_ok(t: torch.Tensor) -> bool:
     size = t.element_size()
     if t.stride(-1) != 1 or t.data_ptr() % 16:
@@ -124,11 +148,14 @@ def unsupported_reason(
         return "empty tensors"
     if max(seqlen_q, k.shape[1], batch * nheads) >= 2**31:
         return "sizes must fit int32"
-    left, right = (int(w) for w in window_size)
-    if left >= 0 or (right >= 0 and not (causal and right == 0)):
-        return "sliding windows are not supported"
-    if softcap:
-        return "softcap is not supported"
+    try:
+        left, right = (int(w) for w in window_size)
+    except (TypeError, ValueError):
+        return "window_size must be a pair of ints"
+    if max(abs(left), abs(right)) >= 2**30:
+        return "window sides must be < 2**30"
+    if not softcap >= 0 or not math.isfinite(softcap):
+        return "softcap must be finite and >= 0"
     if alibi_slopes is not None:
         return "ALiBi is not supported"
     if dropout_p:
@@ -160,9 +187,9 @@ def supports(
     """Whether :func:`forward` handles this call.
 
     True only for: :func:`available` on q's device; dense bf16/fp16 ``q (b, s_q, h, d)``,
-    ``k, v (b, s_k, h_k, d)`` with ``d`` in {64, 128} and ``h % h_k == 0``; no window (``(-1, -1)``, or
-    ``(-1, 0)`` with ``causal``), no softcap, ALiBi or dropout; ``softmax_scale`` None or finite > 0; every
-    stride but the last (which is 1) and the base 16-byte aligned. Any further keyword (``return_probs``,
+    ``k, v (b, s_k, h_k, d)`` with ``d`` in {64, 128} and ``h % h_k == 0``; any ``window_size`` (-1 = unbounded
+    side) and ``softcap >= 0``, with or without ``causal``; no ALiBi or dropout; ``softmax_scale`` None or
+    finite > 0; every stride but the last (which is 1) and the base 16-byte aligned. Any further keyword (``return_probs``,
     ``learnable_sink``, ``attention_chunk``, ``score_mod``, ``q_descale``, ...) must be None / False / 0.
     """
     return (
@@ -189,6 +216,8 @@ def forward(
     *,
     softmax_scale: float | None = None,
     causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
     out: torch.Tensor | None = None,
     kind: str | None = None,
     config: dict[str, int] | None = None,
@@ -200,8 +229,11 @@ def forward(
             ``headdim`` 64 or 128 (see :func:`supports` for the full predicate).
         softmax_scale: defaults to ``headdim ** -0.5``; must be > 0.
         causal: bottom-right aligned causal mask (query i sees keys j <= i + seqlen_k - seqlen_q).
+        window_size: ``(left, right)``: query i sees keys ``i + diag - left <= j <= i + diag + right``
+            (-1 = unbounded side; causal sets right = 0).
+        softcap: ``softcap * tanh(scores / softcap)`` on the scaled scores; 0 = off.
         out: optional ``(batch, seqlen_q, nheads, headdim)`` buffer of q's dtype with TMA-compatible strides.
-        kind: ``"pipelined"`` or ``"ws"`` (default :data:`DEFAULT_KIND`); config: tile override (testing).
+        kind: ``"pipelined"`` or ``"ws"`` (default :func:`default_kind`); config: tile override (testing).
 
     Returns:
         ``(out (batch, seqlen_q, nheads, headdim), lse (batch, nheads, seqlen_q) float32)``; lse in natural
@@ -210,12 +242,16 @@ def forward(
     Raises:
         FlashAttnValueError: the arguments are outside :func:`supports` (the message says which one).
     """
-    reason = unsupported_reason(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    reason = unsupported_reason(
+        q, k, v, causal=causal, window_size=window_size, softcap=softcap, softmax_scale=softmax_scale
+    )
     if reason is not None:
         raise FlashAttnValueError(f"fa_core.gluon.forward: {reason}")
-    kind = kind or DEFAULT_KIND
+    kind = kind or default_kind(q.shape[-1], causal)
     if kind not in KINDS:
         raise FlashAttnValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if config is None and q.shape[-1] not in head_dims(kind):
+        raise FlashAttnValueError(f"kind {kind!r} has no tile for head dim {q.shape[-1]}")
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or not _tma_ok(out):
@@ -228,5 +264,5 @@ def forward(
     from fa_core.gluon import _launch
 
     with torch.cuda.device(q.device):
-        _launch.launch(kind, q, k, v, out, lse, scale, causal, config)
+        _launch.launch(kind, q, k, v, out, lse, scale, causal, window_size, softcap, config)
     return out, lse

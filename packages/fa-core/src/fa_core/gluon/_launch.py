@@ -14,23 +14,33 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from fa_core.gluon import _hopper
 
-__all__ = ["CONFIGS", "launch", "prepare"]
+__all__ = ["CONFIGS", "UNBOUNDED", "launch", "prepare", "window_bounds"]
 
 LOG2E = 1.4426950408889634
+#: "unbounded" side of a window, as fa_core.masking encodes it for kernels
+UNBOUNDED = 2**30
 
-# (kind, head_dim) -> tile configuration. "pipelined": 8 warps, BLOCK_M query rows per CTA;
-# "ws": two 4-warp consumers of BLOCK_M rows each + a 1-warp TMA producer.
+_WS = dict(num_warps=4, CONSUMER_REGS=232, PRODUCER_REGS=40)
+# (kind, head_dim) -> tile configuration. "pipelined": num_warps warps, BLOCK_M query rows per CTA;
+# "ws": two 4-warp consumers of BLOCK_M rows each + a 1-warp TMA producer. Measured on an H100 at seqlen 16k
+# (bench/results/h100-gluon-forward-sweep.json).
 CONFIGS: dict[tuple[str, int], dict[str, int]] = {
-    ("pipelined", 64): dict(BLOCK_M=128, BLOCK_N=128, STAGES=3, num_warps=8),
-    ("pipelined", 128): dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=8),
-    ("ws", 64): dict(
-        BLOCK_M=64, BLOCK_N=128, STAGES=3, PINGPONG=1, num_warps=4, CONSUMER_REGS=232, PRODUCER_REGS=40
-    ),
-    ("ws", 128): dict(
-        BLOCK_M=64, BLOCK_N=128, STAGES=2, PINGPONG=1, num_warps=4, CONSUMER_REGS=232, PRODUCER_REGS=40
+    ("pipelined", 64): dict(BLOCK_M=64, BLOCK_N=128, STAGES=2, num_warps=4),
+    ("pipelined", 128): dict(BLOCK_M=64, BLOCK_N=64, STAGES=3, num_warps=4),
+    ("ws", 64): dict(_WS, BLOCK_M=64, BLOCK_N=128, STAGES=4, PINGPONG=1, NCONS=2),
+    ("ws", 128): dict(_WS, BLOCK_M=64, BLOCK_N=128, STAGES=3, PINGPONG=1, NCONS=2),
+    # three consumers (192 query rows per CTA) with FlashAttention-3's d64 register split
+    ("ws3", 64): dict(
+        num_warps=4,
+        CONSUMER_REGS=160,
+        PRODUCER_REGS=24,
+        BLOCK_M=64,
+        BLOCK_N=128,
+        STAGES=4,
+        PINGPONG=1,
+        NCONS=3,
     ),
 }
-
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
@@ -39,6 +49,18 @@ def _desc(t: torch.Tensor, rows: int) -> TensorDescriptor:
     block = [1, rows, 1, t.shape[-1]]
     layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype])
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+
+
+def window_bounds(causal: bool, window_size: tuple[int, int]) -> tuple[int, int, bool]:
+    """``(left, right, has_window)``: -1 sides become :data:`UNBOUNDED`, causal sets ``right = 0``;
+    ``has_window`` is False for plain or purely causal attention (the kernels' cheaper range rule)."""
+    left, right = int(window_size[0]), int(window_size[1])
+    if causal:
+        right = 0
+    left = UNBOUNDED if left < 0 else left
+    right = UNBOUNDED if right < 0 else right
+    has_window = left != UNBOUNDED or (right != UNBOUNDED and not (causal and right == 0))
+    return left, right, has_window
 
 
 def prepare(
@@ -50,6 +72,8 @@ def prepare(
     lse: torch.Tensor,
     softmax_scale: float,
     causal: bool,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
     config: dict[str, int] | None = None,
 ) -> tuple[Any, dict[str, Any], dict[str, Any], int, tuple[int, int, int]]:
     """Build (kernel, runtime args by name, constexprs by name, num_warps, grid) for one call."""
@@ -57,7 +81,12 @@ def prepare(
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     cfg = dict(config or CONFIGS[(kind, head_dim)])
     num_warps = cfg.pop("num_warps")
-    rows_per_cta = cfg["BLOCK_M"] * (2 if kind == "ws" else 1)
+    rows_per_cta = cfg["BLOCK_M"] * cfg.get("NCONS", 1)
+    left, right, has_window = window_bounds(causal, window_size)
+    if softcap > 0:
+        qk_scale, softcap_in = float(softcap) * LOG2E, float(softmax_scale) / float(softcap)
+    else:
+        qk_scale, softcap_in = float(softmax_scale) * LOG2E, 1.0
     args: dict[str, Any] = dict(
         q_desc=_desc(q, cfg["BLOCK_M"]),
         k_desc=_desc(k, cfg["BLOCK_N"]),
@@ -69,10 +98,20 @@ def prepare(
         seqlen_q=seqlen_q,
         seqlen_k=seqlen_k,
         group=nheads // nheads_k,
-        qk_scale=float(softmax_scale) * LOG2E,
+        qk_scale=qk_scale,
+        softcap_in=softcap_in,
+        left=left,
+        right=right,
     )
-    constexprs: dict[str, Any] = dict(HEAD_DIM=head_dim, CAUSAL=bool(causal), num_warps=num_warps, **cfg)
-    kernel = _hopper.attn_fwd_ws if kind == "ws" else _hopper.attn_fwd_pipelined
+    constexprs: dict[str, Any] = dict(
+        HEAD_DIM=head_dim,
+        CAUSAL=bool(causal),
+        WINDOW=has_window,
+        SOFTCAP=softcap > 0,
+        num_warps=num_warps,
+        **cfg,
+    )
+    kernel = _hopper.attn_fwd_pipelined if kind == "pipelined" else _hopper.attn_fwd_ws
     grid = (math.ceil(seqlen_q / rows_per_cta), nheads, batch)
     return kernel, args, constexprs, num_warps, grid
 
@@ -86,10 +125,12 @@ def launch(
     lse: torch.Tensor,
     softmax_scale: float,
     causal: bool,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
     config: dict[str, int] | None = None,
 ) -> None:
     """Launch one forward; ``out`` ``(b, s_q, h, d)`` and ``lse`` ``(b, h, s_q)`` float32 are written."""
-    kernel, args, constexprs, num_warps, grid = prepare(
-        kind, q, k, v, out, lse, softmax_scale, causal, config
+    kernel, args, constexprs, _, grid = prepare(
+        kind, q, k, v, out, lse, softmax_scale, causal, window_size, softcap, config
     )
     kernel[grid](**args, **constexprs)
