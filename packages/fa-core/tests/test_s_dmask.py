@@ -212,3 +212,27 @@ def test_s_dmask_varlen_matches_dense_per_sequence():
         ref = torch.softmax(scores.double(), dim=-1).nan_to_num(0.0)
         assert attn.numel() == 0 or (attn.double() - ref).abs().max().item() <= 2e-3
         assert (S[b, :, lq:] == 0).all() and (S[b, :, :, lk:] == 0).all()
+
+
+def test_s_dmask_garbage_lengths_stay_in_bounds():
+    """cu_seqlens past the totals, negative, non-monotone, max_seqlen smaller than a sequence, seqused_k out of
+    range: clamped in the kernel (no read or write outside q, k and S), finite entries."""
+    q = torch.randn(20, 2, 32, dtype=DTYPE, device=DEVICE)
+    k = torch.randn(30, 1, 32, dtype=DTYPE, device=DEVICE)
+    for cu_q, cu_k, used in (
+        ([0, 100, -5, 20], [0, 2**31 - 1, 5, 30], None),
+        ([-(2**31), 15, 3, 20], [0, 40, 30, -7], [50, -3, 2**31 - 1]),
+    ):
+        S = flash_attn_s_dmask(
+            q,
+            k,
+            dropout_p=0.3,
+            rng_state=torch.tensor([3, 0]),
+            cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32, device=DEVICE),
+            cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32, device=DEVICE),
+            max_seqlen_q=8,
+            max_seqlen_k=12,
+            seqused_k=None if used is None else torch.tensor(used, dtype=torch.int32, device=DEVICE),
+        )
+        assert S.shape == (3, 2, 128, 128) and torch.isfinite(S).all()
+        assert (S[:, :, 8:] == 0).all() and (S[:, :, :, 12:] == 0).all()

@@ -202,6 +202,10 @@ def s_dmask_kernel(
     seqused_k,
     seqlen_q_dense,
     seqlen_k_dense,
+    max_seqlen_q,
+    max_seqlen_k,
+    total_q,
+    total_k,
     nheads,
     group,
     sm_scale,
@@ -237,6 +241,12 @@ def s_dmask_kernel(
     q_start, seqlen_q, k_start, seqlen_k = seq_bounds(
         off_b, cu_seqlens_q, cu_seqlens_k, seqlen_q_dense, seqlen_k_dense, IS_VARLEN
     )
+    # index values from tensors are clamped before they address memory: each sequence lies inside q / k
+    # (total rows) and inside S (max_seqlen rows / columns)
+    q_start = tl.minimum(tl.maximum(q_start, 0), total_q)
+    k_start = tl.minimum(tl.maximum(k_start, 0), total_k)
+    seqlen_q = tl.minimum(tl.maximum(seqlen_q, 0), tl.minimum(total_q - q_start, max_seqlen_q))
+    seqlen_k = tl.minimum(tl.maximum(seqlen_k, 0), tl.minimum(total_k - k_start, max_seqlen_k))
     if HAS_SEQUSED:
         seqlen_k = tl.minimum(tl.maximum(tl.load(seqused_k + off_b), 0), seqlen_k)
     if start_m * BLOCK_M >= seqlen_q:
@@ -377,6 +387,10 @@ def flash_attn_s_dmask(
             seqused_k if seqused_k is not None else dummy,
             0 if varlen else sq,
             0 if varlen else sk,
+            sq,
+            sk,
+            q.shape[0] if varlen else sq,
+            k.shape[0] if varlen else sk,
             nheads,
             nheads // nheads_k,
             float(softmax_scale),
