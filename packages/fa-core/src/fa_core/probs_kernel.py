@@ -91,7 +91,7 @@ def probs_kernel(
         off_b, cu_seqlens_q, cu_seqlens_k, seqlen_q_dense, seqlen_k_dense, IS_VARLEN
     )
     if HAS_SEQUSED:
-        seqlen_k = tl.load(seqused_k + off_b)
+        seqlen_k = tl.minimum(tl.maximum(tl.load(seqused_k + off_b), 0), seqlen_k)
     if start_m * BLOCK_M >= seqlen_q:
         return
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
