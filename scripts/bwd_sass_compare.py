@@ -168,8 +168,8 @@ def main() -> None:
                 if args.out:
                     Path(args.out).write_text(json.dumps(result, indent=1))
                 print(
-                    f"{name}: {fp['instructions']} instructions, loops {fp['loops']}, regs {fp.get('registers')}, "
-                    f"sha {fp['sha']}",
+                    f"{name}: {fp['instructions']} instructions, loops {fp['loops']}, "
+                    f"regs {fp.get('registers')}, sha {fp['sha']}",
                     flush=True,
                 )
     if args.out:

@@ -1,12 +1,14 @@
 """Index values the backward kernels read from tensors, garbage with the host value checks off.
 
-``cu_seqlens_q`` / ``cu_seqlens_k``, ``seqused_k`` and a block mask's counts and indices are read by the kernels;
-with ``value_checks=False`` (``FA_PLUS_SKIP_VALUE_CHECKS=1``) nobody validates them on the host, and the kernels
-clamp them so that no load or store leaves the tensors (the gradients are then garbage, which is allowed).
+``cu_seqlens_q`` / ``cu_seqlens_k``, ``seqused_k`` and a block mask's counts and indices are read by the
+kernels; with ``value_checks=False`` (``FA_PLUS_SKIP_VALUE_CHECKS=1``) nobody validates them on the host, and
+the kernels clamp them so that no load or store leaves the tensors (the gradients are then garbage, which is
+allowed).
 
 Under the interpreter every load and store (pointer or tensor-descriptor) goes through
-``InterpreterBuilder.create_masked_load`` / ``create_masked_store``: the ``bounds_checked`` fixture checks every
-address a mask lets through against the storages of the launch's tensor arguments, before the access happens.
+``InterpreterBuilder.create_masked_load`` / ``create_masked_store``: the ``bounds_checked`` fixture checks
+every address a mask lets through against the storages of the launch's tensor arguments, before the access
+happens.
 ``dq`` / ``dk`` / ``dv`` are views into larger buffers (extra rows before and after, an extra head, extra
 columns) whose guard elements must keep their sentinel. On a GPU the same cases run (``-m gpu``), under
 ``compute-sanitizer --tool memcheck`` for the address check.
@@ -112,7 +114,7 @@ def bounds_checked(monkeypatch):
 
 @contextlib.contextmanager
 def checks_off(monkeypatch):
-    """The host checks that read values off (the setting, and the variable for code that reads it directly)."""
+    """The host checks that read values turned off (the setting, and the variable for code reading it)."""
     monkeypatch.setenv("FA_PLUS_SKIP_VALUE_CHECKS", "1")
     with settings.override(value_checks=False):
         yield

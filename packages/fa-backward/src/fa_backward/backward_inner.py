@@ -16,16 +16,19 @@ differs between the loops of one kernel by keyword. ``fixed = (tile, streamed, r
 * ``scoring``: ``(sm_scale, softcap, alibi_slope, off_b, off_h)``; ``dropout``: ``(seed, rng_offset, bh,
   dropout_p)``.
 
-Three constexpr tuples:
-
-* ``FNS`` (constexpr): ``(score_mod_fn, score_grad_fn, mask_mod_fn)``; ``FLAGS`` (constexpr): ``(HAS_SCORE_MOD,
-  HAS_MASK_MOD, HAS_CHUNK, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT)``; ``SHAPE`` (constexpr):
-  ``(HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK, SPARSE_BLOCK, USE_TMA)`` with ``BLOCK`` the streamed tile's rows
-  (``BLOCK_M`` in dK/dV, ``BLOCK_N`` in dQ) and ``SPARSE_BLOCK`` the block mask's block along that axis.
+Three constexpr tuples: ``FNS = (score_mod_fn, score_grad_fn, mask_mod_fn)``; ``FLAGS = (HAS_SCORE_MOD,
+HAS_MASK_MOD, HAS_CHUNK, IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT)``; ``SHAPE = (HEADDIM, HEADDIM_V,
+EVEN_D, EVEN_DV, BLOCK, SPARSE_BLOCK, USE_TMA)`` with ``BLOCK`` the streamed tile's rows (``BLOCK_M`` in
+dK/dV, ``BLOCK_N`` in dQ) and ``SPARSE_BLOCK`` the block mask's block along that axis.
 
 Per loop: ``start`` / ``end`` (a range of tiles), or ``blocks`` / ``n_blocks`` with ``FROM_LIST`` (a list of
-block-mask blocks: the pointer to its first index and its length); ``MASKED`` (bounds checks and every element rule: window / causal, chunk, mask_mod) and
-``DYN_MASK`` (block-sparse full blocks: the built-in rules only, and only in tiles that leave the band interior).
+block-mask blocks: the pointer to its first index and its length); ``MASKED`` (bounds checks and every
+element rule: window / causal, chunk, mask_mod) and ``DYN_MASK`` (block-sparse full blocks: the built-in rules
+only, and only in tiles that leave the band interior).
+
+Indices read from tensors (``cu_seqlens_*``, ``seqused_k``, block-list lengths and indices) are clamped
+(:func:`checked_seq_bounds`, :func:`checked_list_length`, the list loops): garbage values give garbage
+gradients, never an access outside the tensors.
 """
 
 from __future__ import annotations
@@ -62,8 +65,9 @@ def checked_seq_bounds(
     """``(q_start, seqlen_q, k_start, seqlen_k_rows, seqlen_k)`` of sequence ``off_b`` with every value read
     from a tensor clamped, so that garbage there (host value checks off) never moves a load or store outside
     q / k / v and their gradients: starts in ``[0, total]``, ends in ``[start, total]`` (varlen
-    ``seqlen_*_dense`` is the total row count of q / k), ``seqused_k`` in ``[0, seqlen_k_rows]``. Scalars, once
-    per program. ``seqlen_k``: the keys attended (``seqused_k``), ``seqlen_k_rows``: the keys the sequence owns."""
+    ``seqlen_*_dense`` is the total row count of q / k), ``seqused_k`` in ``[0, seqlen_k_rows]``. Scalars,
+    once per program. ``seqlen_k``: the keys attended (``seqused_k``); ``seqlen_k_rows``: the keys the
+    sequence owns."""
     if IS_VARLEN:
         q_start = _clamp(tl.load(cu_seqlens_q + off_b), 0, seqlen_q_dense)
         q_end = _clamp(tl.load(cu_seqlens_q + off_b + 1), q_start, seqlen_q_dense)
@@ -202,7 +206,7 @@ def _scores(
     """Scores of a tile ``(rows, cols)`` (the dQ pass: queries x keys; the dK/dV pass: keys x queries, with
     ``q_idx`` / ``kv_idx`` broadcast to match) -> ``(s, dmod)``; ``dmod`` (d score_mod / d score) is meaningful
     only for ``HAS_SCORE_MOD == 1``. A score_mod without softcap / ALiBi: ``s`` in natural-log units straight
-    from ``q @ k^T * scale``, the caller folding log2 into exp2's FMA (:func:`_nat_mod`); else in log2 units."""
+    from ``q @ k^T * scale``, the caller folding log2 into exp2's FMA; else in log2 units."""
     sm_scale, softcap, alibi_slope, off_b, off_h = scoring
     score_mod_fn, score_grad_fn, _mask_mod_fn = FNS
     HAS_SCORE_MOD, _HAS_MASK_MOD, _HAS_CHUNK, _IS_LOCAL, HAS_SOFTCAP, HAS_ALIBI, _HAS_DROPOUT = FLAGS

@@ -107,7 +107,8 @@ def _bwd_dkdv_kernel(
     sm_scale, softcap, Alibi, stride_alb,
     window_left, window_right, chunk,
     dropout_p, seed, rng_offset,
-    BlkNum, BlkIdx, FullNum, FullIdx, stride_bn_b, stride_bn_h, stride_bi_b, stride_bi_h, stride_bi_r, idx_cols,
+    BlkNum, BlkIdx, FullNum, FullIdx, stride_bn_b, stride_bn_h, stride_bi_b, stride_bi_h, stride_bi_r,
+    idx_cols,
     SEQ_BUCKET_Q, SEQ_BUCKET_K,
     HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, IS_LOCAL: tl.constexpr, LPT: tl.constexpr,
@@ -124,13 +125,14 @@ def _bwd_dkdv_kernel(
     out otherwise (an empty masked loop still costs time: 7-13% in the forward on an H200).
 
     Block-sparse: ``BlkNum (B|1, H|1, num_kv_blocks)`` / ``BlkIdx (B|1, H|1, num_kv_blocks, num_q_blocks)`` are
-    the transposed partial lists, ``FullNum`` / ``FullIdx`` the transposed full lists (same strides), ``idx_cols``
-    their last dim.
+    the transposed partial lists, ``FullNum`` / ``FullIdx`` the transposed full lists (same strides),
+    ``idx_cols`` their last dim.
 
-    Indices read from tensors are clamped, once per program (scalars): ``cu_seqlens_*`` to ``[0, total]`` with
-    varlen ``seqlen_q_dense`` / ``seqlen_k_dense`` the total rows of q / k, ``seqused_k`` to the sequence's keys,
-    list lengths to ``idx_cols``; listed block indices to the sequence's blocks (one clamp per tile). Garbage
-    there (host value checks off) gives garbage gradients, never an access outside the tensors."""
+    Indices read from tensors are clamped, once per program (scalars): ``cu_seqlens_*`` to ``[0, total]``
+    with varlen ``seqlen_q_dense`` / ``seqlen_k_dense`` the total rows of q / k, ``seqused_k`` to the
+    sequence's keys, list lengths to ``idx_cols``; listed block indices to the sequence's blocks (one clamp
+    per tile). Garbage there (host value checks off) gives garbage gradients, never an access outside the
+    tensors."""
     EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
     EVEN_DV: tl.constexpr = HEADDIM_V == BLOCK_DV
     # what every loop below holds fixed, besides the runtime tuples (see fa_backward.backward_inner)
@@ -278,7 +280,8 @@ def _bwd_dq_kernel(
     sm_scale, softcap, Alibi, stride_alb,
     window_left, window_right, chunk,
     dropout_p, seed, rng_offset,
-    BlkNum, BlkIdx, FullNum, FullIdx, stride_bn_b, stride_bn_h, stride_bi_b, stride_bi_h, stride_bi_r, idx_cols,
+    BlkNum, BlkIdx, FullNum, FullIdx, stride_bn_b, stride_bn_h, stride_bi_b, stride_bi_h, stride_bi_r,
+    idx_cols,
     SEQ_BUCKET_Q, SEQ_BUCKET_K,
     HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, IS_LOCAL: tl.constexpr, LPT: tl.constexpr,
