@@ -288,7 +288,8 @@ def _check_cascade(case, dtype, causal=False, softcap=0.0, softmax_scale=None, s
 @pytest.mark.parametrize("page", [16, 64])
 def test_cascade_groups_of_different_sizes(dtype, page):
     """Groups of 3, 1 and 2 requests interleaved in the batch (gathered layout); group 1 has no prefix; one
-    request has an empty suffix (decode, seqlen_q 1)."""
+    request has an empty suffix (decode, seqlen_q 1); with page 64 a learnable sink (its prefix-less group
+    then gets the sink alone from the prefix call)."""
     case = _cascade_case(
         page=page,
         prefix_pages=[2, 0, 1],
@@ -298,7 +299,8 @@ def test_cascade_groups_of_different_sizes(dtype, page):
         seed=page,
     )
     assert case["plan"].request_group is not None and case["plan"].group_size == 3
-    _check_cascade(case, dtype)
+    sink = torch.randn(4).to(DEVICE) if page == 64 else None
+    _check_cascade(case, dtype, sink=sink)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
