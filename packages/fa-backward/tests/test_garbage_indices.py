@@ -108,14 +108,13 @@ def bounds_checked(monkeypatch):
     monkeypatch.setattr(ti.GridExecutor, "_init_args_hst", recording_init)
     monkeypatch.setattr(ti.InterpreterBuilder, "create_masked_load", checked_load)
     monkeypatch.setattr(ti.InterpreterBuilder, "create_masked_store", checked_store)
-    with checks_off(monkeypatch):
+    with checks_off():
         yield state
 
 
 @contextlib.contextmanager
-def checks_off(monkeypatch):
-    """The host checks that read values turned off (the setting, and the variable for code reading it)."""
-    monkeypatch.setenv("FA_PLUS_SKIP_VALUE_CHECKS", "1")
+def checks_off():
+    """The host checks that read tensor values turned off (``fa_core.settings``)."""
     with settings.override(value_checks=False):
         yield
 
@@ -199,11 +198,17 @@ def test_varlen_garbage_window_dropout(bounds_checked):
 
 def test_varlen_garbage_descriptor_loads(bounds_checked, monkeypatch):
     """The tensor-descriptor path (forced under the interpreter) with garbage lengths."""
-    monkeypatch.setattr(bl, "bwd_tma", lambda *t: True)
+    calls = []
+
+    def forced(*t):
+        calls.append(1)
+        return True
+
+    monkeypatch.setattr(bl, "bwd_tma", forced)
     for case in ("extreme", "past_total", "seqused_extreme"):
         cu_q, cu_k, seqused = VARLEN_CASES[case]
         run_varlen(cu_q, cu_k, seqused, causal=True)
-    assert bounds_checked["launches"] == 6
+    assert bounds_checked["launches"] == 6 and len(calls) == 3
 
 
 def test_garbage_sequence_leaves_others_exact(bounds_checked):
@@ -269,7 +274,7 @@ def test_varlen_garbage_lengths_gpu(monkeypatch, case, tma):
     if not tma:
         monkeypatch.setattr(bl, "bwd_tma", lambda *t: False)
     cu_q, cu_k, seqused = VARLEN_CASES[case]
-    with checks_off(monkeypatch):
+    with checks_off():
         run_varlen(cu_q, cu_k, seqused, causal=True)
         run_varlen(cu_q, cu_k, seqused, causal=False, window=(5, 3), dropout_p=0.2)
         torch.cuda.synchronize()
@@ -281,7 +286,7 @@ def test_varlen_garbage_lengths_gpu(monkeypatch, case, tma):
 @pytest.mark.parametrize("full", [True, False], ids=["full_blocks", "partial_only"])
 @pytest.mark.gpu
 @GPU_ONLY
-def test_block_mask_garbage_gpu(monkeypatch, kw, full):
-    with checks_off(monkeypatch):
+def test_block_mask_garbage_gpu(kw, full):
+    with checks_off():
         run_block_mask(kw, full)
         torch.cuda.synchronize()
