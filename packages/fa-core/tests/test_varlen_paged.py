@@ -282,3 +282,21 @@ def test_checks_refuse_table_entries_out_of_range_but_not_unread_slots():
         check_leftpad_and_pages(**_bad(block_table=table))
     with settings.override(value_checks=False):
         check_leftpad_and_pages(**_bad(block_table=table))
+
+
+def test_leftpad_k_with_the_fp8_layout(monkeypatch):
+    """leftpad_k moves the key start of the keys-last V copy too (the FP8 path's layout on 16-bit inputs)."""
+    monkeypatch.setenv("FA_PLUS_FP8_LAYOUT", "1")
+    q, k, v, cu_q, cu_k = _inputs(torch.float32, seed=21)
+    leftpad = torch.tensor([3, 1, 0, 7, 2], dtype=torch.int32, device=DEVICE)
+    out, lse = varlen_launch(q, k, v, cu_q, cu_k, max(LENS_Q), max(LENS_K), leftpad_k=leftpad, causal=True)
+    k_eq, v_eq, cu_eq = used_keys(k, v, cu_k, None, leftpad)
+    _check_ref(q, k_eq, v_eq, cu_q, cu_eq, out, lse, torch.float32, causal=True)
+
+
+def test_paged_refuses_the_fp8_layout(monkeypatch):
+    monkeypatch.setenv("FA_PLUS_FP8_LAYOUT", "1")
+    q, k, v, cu_q, cu_k = _inputs(torch.float32, seed=22)
+    kc, vc, table = to_pages(k, v, cu_k, 16, seed=22)
+    with pytest.raises(FlashAttnValueError, match="block_table"):
+        varlen_launch(q, kc, vc, cu_q, cu_k, max(LENS_Q), max(LENS_K), block_table=table)
