@@ -245,11 +245,13 @@ def _gathered(kc, bt_row, n):
     return kc[bt_row.long()[idx // page], idx % page]
 
 
-def _check_cascade(case, dtype, causal=False, softcap=0.0, softmax_scale=None, sink=None):
+def _check_cascade(
+    case, dtype, causal=False, softcap=0.0, softmax_scale=None, sink=None, window_size=(-1, -1)
+):
     q, kc, vc, plan = case["q"], case["kc"], case["vc"], case["plan"]
     k, v = case["k"], case["v"]
     kc0, vc0 = kc.clone(), vc.clone()  # the plain call appends into its own copy
-    kw = dict(causal=causal, softcap=softcap, softmax_scale=softmax_scale)
+    kw = dict(causal=causal, softcap=softcap, softmax_scale=softmax_scale, window_size=window_size)
     out, lse = cascade_decode(q, kc, vc, plan, k, v, return_softmax_lse=True, learnable_sink=sink, **kw)
     ref_o, ref_l = flash_attn_with_kvcache(
         q,
@@ -339,6 +341,14 @@ def test_cascade_append_and_sink(dtype):
     _check_cascade(case, dtype, causal=True, sink=sink)
 
 
+def test_cascade_right_window():
+    """Non-causal with a right window (-1, 1), 3 query rows: suffixes of >= 1 token keep the prefix whole."""
+    case = _cascade_case(
+        page=16, prefix_pages=[1, 2], request_group=[1, 0, 1], suffix_lens=[1, 7, 30], seqlen_q=3, seed=21
+    )
+    _check_cascade(case, torch.float32, window_size=(-1, 1))
+
+
 def test_cascade_all_empty_rows():
     """No prefix and no suffix: out 0 and lse +inf, as the plain call; prefix only: equal to it."""
     case = _cascade_case(page=16, prefix_pages=[0, 1], request_group=[0, 1], suffix_lens=[0, 0], seed=9)
@@ -421,6 +431,8 @@ def test_cascade_refusals():
     # causal, 3 query rows, a suffix of 0 tokens: the first rows would not see the whole prefix
     with pytest.raises(FlashAttnValueError, match="cache_seqlens"):
         cascade_decode(q, kc, vc, plan, causal=True)
+    with pytest.raises(FlashAttnValueError, match="cache_seqlens"):
+        cascade_decode(q, kc, vc, plan, window_size=(-1, 0))  # a right window does the same
     with pytest.raises(FlashAttnValueError, match="batch"):
         cascade_decode(q[:1], kc, vc, plan)
     with pytest.raises(FlashAttnValueError, match="request_group"):
