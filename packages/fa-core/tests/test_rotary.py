@@ -249,3 +249,33 @@ def test_kernel_does_not_specialize_on_problem_sizes():
             rotary_kernel.arg_names[n] if isinstance(n, int) else n for n in rotary_kernel.do_not_specialize
         ]
     assert {"seqlen", "nheads", "seqlen_ro", "SEQLEN_OFFSETS"} <= set(names)
+
+
+def test_negative_tensor_offsets_are_identity():
+    # a negative offset (not checked on the host: a device sync) never reads before the table
+    x = torch.randn(2, 4, 1, 8, device=DEVICE)
+    cos, sin = _cos_sin(6, 8, torch.float32)
+    offs = torch.tensor([-2, 1], dtype=torch.int32, device=DEVICE)
+    out = apply_rotary(x, cos, sin, seqlen_offsets=offs)
+    torch.testing.assert_close(out[0, :2], x[0, :2], rtol=0, atol=0)
+    _check(out, x, cos, sin, seqlen_offsets=offs)
+
+
+@pytest.mark.parametrize(
+    "cu, clamped", [([0, 5, 100], [0, 5, 8]), ([0, -3, 8], [0, 0, 8]), ([2, 9, 5], [2, 8, 8])]
+)
+def test_garbage_cu_seqlens_stay_inside_x(monkeypatch, cu, clamped):
+    # with host value checks off, the kernel clamps every cu_seqlens entry to [0, total] (end >= start)
+    import fa_core.settings
+
+    monkeypatch.setenv("FA_PLUS_SKIP_VALUE_CHECKS", "1")
+    buf = torch.randn(16, 2, 16, device=DEVICE)  # x is its first 8 rows; the rest must stay untouched
+    guard = buf[8:].clone()
+    x = buf[:8]
+    x0 = x.clone()
+    cos, sin = _cos_sin(16, 16, torch.float32)
+    with fa_core.settings.override(value_checks=False):
+        apply_rotary(x, cos, sin, cu_seqlens=torch.tensor(cu, device=DEVICE), max_seqlen=16, inplace=True)
+    assert torch.equal(buf[8:], guard), "rows past x were written"
+    want = apply_rotary_ref(x0, cos, sin, cu_seqlens=torch.tensor(clamped, device=DEVICE))
+    torch.testing.assert_close(x, want, atol=1e-6, rtol=1e-6)

@@ -8,7 +8,10 @@ Semantics follow ``flash_attn.ops.triton.rotary.apply_rotary`` of flash-attn 2.8
   ``x`` are rotated, the remaining ``headdim - rotary_dim`` channels are passed through.
 * Token ``m`` of sequence ``b`` uses row ``m + seqlen_offsets[b]`` of ``cos``/``sin``.  Rows at or
   beyond ``seqlen_ro`` (only reachable with tensor offsets, which are not checked on the host to
-  avoid a device sync) act as the identity rotation (cos = 1, sin = 0), like upstream.
+  avoid a device sync) act as the identity rotation (cos = 1, sin = 0), like upstream; so do negative
+  rows (a negative tensor offset). Varlen ``cu_seqlens`` entries are clamped to ``[0, total_seqlen]``
+  (end >= start) in the kernel: whatever the values (host checks off, ``torch.compile``), no access
+  leaves ``x``, ``cos`` or ``sin``.
 * Non-interleaved (GPT-NeoX): channel ``i`` pairs with ``i + rotary_dim / 2``.
   Interleaved (GPT-J): channel ``2i`` pairs with ``2i + 1``.
 * ``conjugate=True`` rotates by the negative angle (the inverse / the backward pass).
@@ -47,6 +50,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fa_core.errors import FlashAttnValueError
 from fa_core.forward_configs import cdiv, next_pow2
+from fa_core.masking import varlen_bounds
 from fa_core.validation import value_checks_enabled
 
 __all__ = [
@@ -92,7 +96,7 @@ def rotate_pair(x0, x1, cos, sin):
 
 # Integers that change with the problem size are never specialized (no recompile when they hit 1 or a
 # multiple of 16); strides keep Triton's specialization (stride 1 / multiples of 16 give vector loads).
-@triton.jit(do_not_specialize=["seqlen", "nheads", "seqlen_ro", "SEQLEN_OFFSETS"])
+@triton.jit(do_not_specialize=["seqlen", "nheads", "seqlen_ro", "total_rows", "SEQLEN_OFFSETS"])
 def rotary_kernel(
     OUT,
     X,
@@ -103,6 +107,7 @@ def rotary_kernel(
     seqlen,
     nheads,
     seqlen_ro,
+    total_rows,  # varlen: rows of x (cu_seqlens entries are clamped to it); unused otherwise
     stride_out_b,
     stride_out_m,
     stride_out_h,
@@ -127,8 +132,10 @@ def rotary_kernel(
 
     # int64 base offsets: batch * batch_stride can exceed 2**31 for large activations.
     if IS_VARLEN:
-        start = tl.load(CU_SEQLENS + pid_b).to(tl.int64)
-        seqlen = (tl.load(CU_SEQLENS + pid_b + 1) - start).to(tl.int32)
+        # entries clamped to [0, total_rows] (end >= start): any cu_seqlens values stay inside x
+        start, length = varlen_bounds(CU_SEQLENS, pid_b, total_rows)
+        start = start.to(tl.int64)
+        seqlen = length.to(tl.int32)
         X = X + start * stride_x_m
         OUT = OUT + start * stride_out_m
     else:
@@ -147,10 +154,10 @@ def rotary_kernel(
     else:
         pos = offs_m + SEQLEN_OFFSETS
 
-    # cos/sin are contiguous (seqlen_ro, HALF); out-of-table rows become the identity rotation.
-    cos, sin = load_cos_sin(
-        COS, SIN, pos, offs_k, HALF, (pos[:, None] < seqlen_ro) & (offs_k[None, :] < HALF)
-    )
+    # cos/sin are contiguous (seqlen_ro, HALF); rows outside the table (past its end, or negative from a
+    # negative or overflowing offset) become the identity rotation and are never read.
+    in_table = (pos >= 0) & (pos < seqlen_ro)
+    cos, sin = load_cos_sin(COS, SIN, pos, offs_k, HALF, in_table[:, None] & (offs_k[None, :] < HALF))
     if CONJUGATE:
         sin = -sin
     cos = cos[None, :, :]
@@ -230,6 +237,7 @@ def rotary_launch(
             seqlen,
             nheads,
             seqlen_ro,
+            x.shape[0] if is_varlen else 0,
             *strides_out,
             *strides_x,
             ROTARY_DIM=rotary_dim,

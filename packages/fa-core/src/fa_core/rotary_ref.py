@@ -29,10 +29,10 @@ def _gather_cos_sin(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """pos: any-shape integer positions -> cos/sin rows of shape (*pos.shape, rotary_dim / 2).
 
-    Positions at or beyond seqlen_ro give the identity rotation, like the kernel.
+    Positions at or beyond seqlen_ro, and negative ones, give the identity rotation, like the kernel.
     """
     seqlen_ro = cos.shape[0]
-    valid = pos < seqlen_ro
+    valid = (pos >= 0) & (pos < seqlen_ro)
     idx = torch.where(valid, pos, torch.zeros_like(pos)).long()
     c = torch.where(valid[..., None], cos[idx], torch.ones((), dtype=cos.dtype, device=cos.device))
     s = torch.where(valid[..., None], sin[idx], torch.zeros((), dtype=sin.dtype, device=sin.device))
