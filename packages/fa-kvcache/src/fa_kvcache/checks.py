@@ -2,7 +2,8 @@
 
 Shape and dtype checks raise ``TypeError`` / :class:`fa_core.errors.FlashAttnValueError` naming the argument.
 Value checks (the contents of ``cache_seqlens``, ``block_table``, ``cache_batch_idx``, ``cache_leftpad``) cost
-one device-to-host copy of a few reduced numbers; they run on CPU and GPU alike unless
+one small kernel (:func:`value_check_kernel`) and one device-to-host copy of the few numbers it reduces (none
+of either for an int ``cache_seqlens`` without index tensors); they run on CPU and GPU alike unless
 ``fa_core.settings.get().value_checks`` is off (``FA_PLUS_SKIP_VALUE_CHECKS=1``), and never under CUDA-graph
 capture or torch.compile tracing (:func:`fa_core.validation.value_checks_enabled`). Without them the kernels
 still stay inside every tensor: each index read from a tensor's values is clamped in the kernel (see
@@ -11,13 +12,25 @@ still stay inside every tensor: each index read from a tensor's values is clampe
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import triton
+import triton.language as tl
 
 from fa_core import settings
 from fa_core import validation as V
 from fa_core.errors import FlashAttnValueError
+from fa_core.fast_launch import FastLaunch, empty_arg
+from fa_core.settings import interpreting
 
-__all__ = ["cache_capacity", "kvcache_value_checks_enabled", "validate", "value_checks"]
+__all__ = [
+    "cache_capacity",
+    "kvcache_value_checks_enabled",
+    "validate",
+    "value_check_kernel",
+    "value_checks",
+]
 
 
 def kvcache_value_checks_enabled(t: torch.Tensor) -> bool:
@@ -48,6 +61,173 @@ def cache_capacity(k_cache: torch.Tensor, block_table: torch.Tensor | None) -> i
     return k_cache.shape[1]
 
 
+#: programs of the value-check kernel at most (each reduces a strided share of the batch rows)
+MAX_CHECK_PROGRAMS = 16
+#: int32 slots each program writes: max total, min length, leftpad / batch-index / block-table violations,
+#: the first bad block-table entry's row and column (-1: none), one spare
+CHECK_SLOTS = 8
+
+
+@triton.jit
+def value_check_kernel(
+    Out,
+    CacheSeqlens,
+    LeftPad,
+    BatchIdx,
+    BlockTable,
+    batch,
+    n_cols,
+    stride_btb,
+    cache_seqlen_int,
+    seqlen_new,
+    num_blocks,
+    batch_cache,
+    page,
+    SEQLENS_TENSOR: tl.constexpr,
+    HAS_LEFTPAD: tl.constexpr,
+    HAS_BATCH_IDX: tl.constexpr,
+    HAS_BT: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Grid ``(P,)``: program ``p`` reduces batch rows ``[p * BLOCK_B + k * P * BLOCK_B, +BLOCK_B)`` and writes
+    :data:`CHECK_SLOTS` int32 at ``Out + p * CHECK_SLOTS``: ``max(cache_seqlens + seqlen_new)`` (clamped to the
+    int32 range), ``min(cache_seqlens)``, the number of ``cache_leftpad`` entries outside ``[0, cache_seqlens]``,
+    of ``cache_batch_idx`` entries outside ``[0, batch_cache)``, of used ``block_table`` entries (columns
+    ``[leftpad // page, cdiv(cache_seqlens + seqlen_new, page))``) outside ``[0, num_blocks)``, and the
+    row-major first such entry's row and column (-1 when none). Only the used columns are read."""
+    pid = tl.program_id(0)
+    step = tl.num_programs(0) * BLOCK_B
+    offs_b0 = tl.arange(0, BLOCK_B)
+    offs_c0 = tl.arange(0, BLOCK_C)
+    lo_sent = tl.full([BLOCK_B], -(2**40), tl.int64)
+    hi_sent = tl.full([BLOCK_B], 2**40, tl.int64)
+    mx = lo_sent
+    mn = hi_sent
+    n_pad = tl.zeros([BLOCK_B], tl.int32)
+    n_idx = tl.zeros([BLOCK_B], tl.int32)
+    n_bt = tl.zeros([BLOCK_B], tl.int32)
+    first = tl.full([BLOCK_B], 2**62, tl.int64)
+    for b0 in tl.range(pid * BLOCK_B, batch, step):
+        offs_b = b0 + offs_b0
+        ok = offs_b < batch
+        if SEQLENS_TENSOR:
+            lens = tl.load(CacheSeqlens + offs_b, mask=ok, other=0).to(tl.int64)
+        else:
+            lens = tl.zeros([BLOCK_B], tl.int64) + cache_seqlen_int
+        total = lens + seqlen_new
+        mx = tl.maximum(mx, tl.where(ok, total, lo_sent))
+        mn = tl.minimum(mn, tl.where(ok, lens, hi_sent))
+        start = tl.zeros([BLOCK_B], tl.int64)
+        if HAS_LEFTPAD:
+            start = tl.load(LeftPad + offs_b, mask=ok, other=0).to(tl.int64)
+            n_pad += (ok & ((start < 0) | (start > lens))).to(tl.int32)
+        if HAS_BATCH_IDX:
+            idx = tl.load(BatchIdx + offs_b, mask=ok, other=0)
+            n_idx += (ok & ((idx < 0) | (idx >= batch_cache))).to(tl.int32)
+        if HAS_BT:
+            c_lo = tl.maximum(start, 0) // page
+            c_hi = tl.where(ok & (total > 0), (total + page - 1) // page, 0)
+            c_end = tl.minimum(tl.max(c_hi, 0), n_cols)
+            row_off = offs_b.to(tl.int64) * stride_btb
+            row_lin = offs_b.to(tl.int64) * n_cols
+            for c0 in tl.range(0, c_end, BLOCK_C):
+                cols = c0 + offs_c0
+                used = (cols[None, :] >= c_lo[:, None]) & (cols[None, :] < c_hi[:, None])
+                used = used & (cols[None, :] < n_cols)
+                blk = tl.load(BlockTable + row_off[:, None] + cols[None, :], mask=used, other=0)
+                bad = used & ((blk < 0) | (blk >= num_blocks))
+                n_bt += tl.sum(bad.to(tl.int32), 1)
+                lin = tl.where(bad, row_lin[:, None] + cols[None, :], 2**62)
+                first = tl.minimum(first, tl.min(lin, 1))
+    out = Out + pid * 8  # CHECK_SLOTS
+    tl.store(out, tl.minimum(tl.maximum(tl.max(mx, 0), -(2**31)), 2**31 - 1).to(tl.int32))
+    tl.store(out + 1, tl.minimum(tl.maximum(tl.min(mn, 0), -(2**31)), 2**31 - 1).to(tl.int32))
+    tl.store(out + 2, tl.sum(n_pad, 0))
+    tl.store(out + 3, tl.sum(n_idx, 0))
+    tl.store(out + 4, tl.sum(n_bt, 0))
+    f = tl.min(first, 0)
+    none = f == 2**62
+    tl.store(out + 5, tl.where(none, -1, f // tl.maximum(n_cols, 1)).to(tl.int32))
+    tl.store(out + 6, tl.where(none, -1, f % tl.maximum(n_cols, 1)).to(tl.int32))
+
+
+value_check_launch = FastLaunch(value_check_kernel)
+# one result buffer per device: written by the check kernel and read back right after it, in the same call
+_CHECK_BUFFERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _check_buffer(t: torch.Tensor) -> torch.Tensor:
+    buf = _CHECK_BUFFERS.get(t.device)
+    if buf is None:
+        buf = _CHECK_BUFFERS[t.device] = torch.zeros(
+            MAX_CHECK_PROGRAMS * CHECK_SLOTS, dtype=torch.int32, device=t.device
+        )
+    return buf
+
+
+def _device_reduce(
+    batch: int,
+    cache_seqlens: torch.Tensor | int,
+    cache_leftpad: torch.Tensor | None,
+    cache_batch_idx: torch.Tensor | None,
+    block_table: torch.Tensor | None,
+    seqlen_new: int,
+    page: int,
+    batch_cache: int,
+    num_blocks: int,
+    like: torch.Tensor,
+) -> tuple[int, int, int, int, int, int, int]:
+    """The check kernel's seven numbers, reduced over its programs: one launch and one host read."""
+    interp = interpreting()
+    block_b = 16 if interp else 32
+    block_c = 16 if interp else 64
+    n_prog = min(-(-batch // block_b), MAX_CHECK_PROGRAMS)
+    buf = _check_buffer(like)
+    seq_tensor = isinstance(cache_seqlens, torch.Tensor)
+    dummy = empty_arg(like, torch.int32)
+    ctx = torch.cuda.device(like.device) if like.is_cuda else contextlib.nullcontext()
+    with ctx:
+        value_check_launch(
+            (n_prog,),
+            buf,
+            cache_seqlens if seq_tensor else dummy,
+            cache_leftpad if cache_leftpad is not None else dummy,
+            cache_batch_idx if cache_batch_idx is not None else dummy,
+            block_table if block_table is not None else dummy,
+            batch,
+            block_table.shape[1] if block_table is not None else 1,
+            block_table.stride(0) if block_table is not None else 0,
+            0 if seq_tensor else int(cache_seqlens),
+            seqlen_new,
+            max(num_blocks, 1),
+            batch_cache,
+            max(page, 1),
+            SEQLENS_TENSOR=seq_tensor,
+            HAS_LEFTPAD=cache_leftpad is not None,
+            HAS_BATCH_IDX=cache_batch_idx is not None,
+            HAS_BT=block_table is not None,
+            BLOCK_B=block_b,
+            BLOCK_C=block_c,
+        )
+    # the one host read (a device sync) of the passing case
+    vals = (buf[:CHECK_SLOTS] if n_prog == 1 else buf[: n_prog * CHECK_SLOTS]).tolist()
+    if n_prog == 1:
+        return vals[0], vals[1], vals[2], vals[3], vals[4], vals[5], vals[6]
+    rows = [vals[i : i + CHECK_SLOTS] for i in range(0, len(vals), CHECK_SLOTS)]
+    firsts = [(r[5], r[6]) for r in rows if r[5] >= 0]
+    row, col = min(firsts) if firsts else (-1, -1)
+    return (
+        max(r[0] for r in rows),
+        min(r[1] for r in rows),
+        sum(r[2] for r in rows),
+        sum(r[3] for r in rows),
+        sum(r[4] for r in rows),
+        row,
+        col,
+    )
+
+
 def value_checks(
     batch: int,
     cache_seqlens: torch.Tensor | int,
@@ -61,7 +241,9 @@ def value_checks(
     batch_cache: int,
     leftpad_name: str = "cache_leftpad",
 ) -> None:
-    """Range checks of the index tensors, with one device-to-host copy (five reduced numbers) when they pass.
+    """Range checks of the index tensors: one small kernel (:func:`value_check_kernel`) and one device-to-host
+    copy of the numbers it reduces; pure host arithmetic when ``cache_seqlens`` is an int and no index tensor
+    is given.
 
     ``cache_seqlens`` (int or ``(batch,)``): ``>= 0`` and ``max(cache_seqlens) + seqlen_new <= capacity``
     (as flash-attn checks a paged cache); ``cache_leftpad`` in ``[0, cache_seqlens]``; ``cache_batch_idx`` in
@@ -69,40 +251,38 @@ def value_checks(
     ``[cache_leftpad, cache_seqlens + seqlen_new)``) in ``[0, num_blocks)``; unused entries may hold anything
     (serving stacks pad with -1). Raises :class:`FlashAttnValueError` naming the argument.
     """
-    tensors = [
-        t for t in (cache_seqlens, cache_leftpad, cache_batch_idx, block_table) if isinstance(t, torch.Tensor)
-    ]
-    dev = tensors[0].device if tensors else torch.device("cpu")
-    if isinstance(cache_seqlens, torch.Tensor):
-        lens = cache_seqlens.long()
+    seq_tensor = isinstance(cache_seqlens, torch.Tensor)
+    like = next(
+        (
+            t
+            for t in (cache_seqlens, cache_leftpad, cache_batch_idx, block_table)
+            if isinstance(t, torch.Tensor)
+        ),
+        None,
+    )
+    if like is None:
+        # an int cache_seqlens and no index tensor: no device work
+        n = int(cache_seqlens)
+        max_total, min_len, n_pad, n_idx, n_bt, bad_row, bad_col = n + seqlen_new, n, 0, 0, 0, -1, -1
     else:
-        lens = torch.full((batch,), int(cache_seqlens), dtype=torch.long, device=dev)
-    total = lens + seqlen_new
-    zero = torch.zeros((), dtype=torch.long, device=dev)
-    start = cache_leftpad.long() if cache_leftpad is not None else torch.zeros_like(lens)
-    pad_bad = ((start < 0) | (start > lens)).sum() if cache_leftpad is not None else zero
-    if cache_batch_idx is not None:
-        idx = cache_batch_idx.long()
-        idx_bad = ((idx < 0) | (idx >= batch_cache)).sum()
-    else:
-        idx_bad = zero
-    if block_table is not None:
-        bt = block_table.long()
-        cols = torch.arange(bt.shape[1], device=dev)[None, :]
-        used = (cols >= (start.clamp(min=0) // page)[:, None]) & (
-            cols < ((total + page - 1) // page)[:, None]
+        max_total, min_len, n_pad, n_idx, n_bt, bad_row, bad_col = _device_reduce(
+            batch,
+            cache_seqlens,
+            cache_leftpad,
+            cache_batch_idx,
+            block_table,
+            seqlen_new,
+            page,
+            batch_cache,
+            num_blocks,
+            like,
         )
-        bt_bad_mask = used & ((bt < 0) | (bt >= num_blocks))
-        bt_bad = bt_bad_mask.sum()
-    else:
-        bt_bad_mask = None
-        bt_bad = zero
-    # the one host read of the passing case
-    max_total, min_len, n_pad, n_idx, n_bt = torch.stack(
-        [total.max(), lens.min(), pad_bad, idx_bad, bt_bad]
-    ).tolist()
+    if min_len >= 0 and max_total <= capacity and not (n_pad or n_idx or n_bt):
+        return
+    # failing: the messages read the tensors again (host copies; this path ends in an exception)
+    lens = cache_seqlens.tolist() if seq_tensor else [int(cache_seqlens)] * batch
     if min_len < 0:
-        raise FlashAttnValueError(f"cache_seqlens must be >= 0, got {lens.tolist()}")
+        raise FlashAttnValueError(f"cache_seqlens must be >= 0, got {lens}")
     if max_total > capacity:
         where = (
             f"the capacity addressable by block_table (block_table.shape[1] * page_block_size = "
@@ -111,23 +291,21 @@ def value_checks(
             else f"the cache capacity (k_cache.shape[1] = {capacity})"
         )
         raise FlashAttnValueError(
-            f"cache too small: max(cache_seqlens){' + seqlen_new' if seqlen_new else ''} = {max_total} "
-            "exceeds "
-            f"{where}; cache_seqlens = {lens.tolist()}"
+            f"cache too small: max(cache_seqlens){' + seqlen_new' if seqlen_new else ''} = "
+            f"{max(lens) + seqlen_new} exceeds {where}; cache_seqlens = {lens}"
         )
-    if n_pad:
+    if n_pad and cache_leftpad is not None:
         raise FlashAttnValueError(
-            f"{leftpad_name} must lie in [0, cache_seqlens] = {lens.tolist()}; got {start.tolist()}"
+            f"{leftpad_name} must lie in [0, cache_seqlens] = {lens}; got {cache_leftpad.tolist()}"
         )
     if n_idx and cache_batch_idx is not None:
         raise FlashAttnValueError(
             f"cache_batch_idx entries must lie in [0, {batch_cache}); got {cache_batch_idx.tolist()}"
         )
-    if n_bt and bt_bad_mask is not None and block_table is not None:
-        b, c = (int(x) for x in bt_bad_mask.nonzero()[0])
+    if n_bt and block_table is not None:
         raise FlashAttnValueError(
-            f"block_table[{b}, {c}] = {int(block_table[b, c])} is out of range: the paged cache has "
-            f"{num_blocks} blocks"
+            f"block_table[{bad_row}, {bad_col}] = {int(block_table[bad_row, bad_col])} is out of range: the "
+            f"paged cache has {num_blocks} blocks"
         )
 
 
