@@ -32,7 +32,7 @@ from fa_core.block_sparse import create_block_mask
 
 GPU_ONLY = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
 
-SENTINEL = 1234.5
+SENTINEL = 768.0  # exact in float16, bfloat16 and float32
 GUARD = 5
 I32_MAX = 2**31 - 1
 I32_MIN = -(2**31)
@@ -120,12 +120,13 @@ def checks_off():
 
 
 def guarded(shape, dtype=FP):
-    """``(view, buffer, inside)``: a tensor of ``shape`` (rows, heads, dim) inside a larger buffer filled with
-    SENTINEL: GUARD extra rows on both sides, one extra head, 8 extra columns; ``inside`` marks the view."""
+    """``(view, buffer, inside)``: a NaN tensor of ``shape`` (rows, heads, dim) inside a larger buffer filled
+    with SENTINEL: GUARD extra rows on both sides, one extra head, 8 extra columns; ``inside`` marks the view."""
     rows, heads, dim = shape
     buf = torch.full((rows + 2 * GUARD, heads + 1, dim + 8), SENTINEL, dtype=dtype, device=DEVICE)
     inside = torch.zeros(buf.shape, dtype=torch.bool, device=DEVICE)
     inside[GUARD : GUARD + rows, :heads, :dim] = True
+    buf[inside] = float("nan")  # rows the kernels do not write stay NaN
     return buf[GUARD : GUARD + rows, :heads, :dim], buf, inside
 
 
@@ -220,6 +221,7 @@ def test_garbage_sequence_leaves_others_exact(bounds_checked):
     for name, g, b, rows in zip(("dq", "dk", "dv"), good, bad, (q_rows, k_rows, k_rows)):
         assert torch.equal(g[rows], b[rows]), name
         assert torch.isfinite(g[rows]).all(), name
+        assert bool((g[rows] != 0).any()), f"{name}: the valid sequences got no gradient"
 
 
 def garbage_mask(seed, sq=128, sk=112, full=True):
