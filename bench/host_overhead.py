@@ -1,20 +1,34 @@
-"""Host (CPU) cost of one call of the public functions, split into our Python and Triton's launch path.
+"""Host (CPU) time per call of the public API, against SDPA's flash backend and FlagGems, in one process.
 
-Short sequences are launch-bound: a forward+backward step at seqlen 512 runs ~1 ms of GPU work, so tens of
-microseconds of host time per launch decide whether we beat FA2 there. This script times, on tiny inputs (GPU
-work negligible), the host time per call of: the forward (direct and through autograd), the backward alone,
-and forward+backward; then the same with every Triton kernel replaced by a no-op, which leaves our Python
-(validation, argument building, allocations) and torch's autograd. The difference is Triton's launch path
-(autotuner lookup, argument binding/specialization, the driver launch). On the GPU, the real calls are timed
-twice: through Triton's own launch path and through ``fa_core.fast_launch`` (the default).
+Short sequences are launch-bound: what the host spends per call decides the speed there. This script times,
+on tiny inputs (GPU work far below the host time, so the queue never backs up), the wall time per call of a
+loop of calls with no synchronisation inside it (``common.host_ms_per_call``), for
 
-    python bench/host_overhead.py            # GPU: real and no-op launches; CPU: no-op only (interpreter)
-    python bench/host_overhead.py --profile  # also cProfile forward+backward (real launches): top functions
+* ``fwd``: the forward, inputs that do not require grad (``flash_attn.flash_attn_func``);
+* ``fwd_bwd``: inputs that require grad, forward + ``torch.autograd.grad`` (flash_attn_func);
+* ``decode``: one query token over a KV cache, eager (``flash_attn.flash_attn_with_kvcache``; SDPA and
+  FlagGems: their dense forward of one query over the cache's keys).
+
+Providers: ``fa-plus`` (the public ``flash_attn`` functions, as users call them), ``sdpa-flash``
+(``torch.nn.functional.scaled_dot_product_attention`` under ``sdpa_kernel(FLASH_ATTENTION)``), ``flaggems``
+(``flag_gems.ops.flash_attention_forward``, imported lazily; forward and decode only; a row with ``error``
+says why when it is absent or there is no GPU). Rounds are interleaved (every provider once per round) and the
+median is kept. Rows ``{"bench": "host", "provider", "call", "headdim", "causal", "seqlen", "batch", "nheads",
+"host_us"}`` go to ``bench/results/<gpu>-host.{json,md,png}``.
+
+Without a GPU the kernels would run in Triton's interpreter; ``--nop`` (the default on CPU) replaces every
+launch with a no-op instead, so what is timed is the Python of the call path (a CPU-side proxy, fa-plus only:
+SDPA's CPU kernel says nothing of its GPU host cost). Nothing is written on CPU.
+
+    python bench/host_overhead.py                 # GPU: all providers, results file
+    python bench/host_overhead.py --nop           # our Python only (launches are no-ops), printed
+    python bench/host_overhead.py --profile       # cProfile of fa-plus fwd_bwd (top functions)
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,49 +38,168 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import env_override, host_ms_per_call  # noqa: E402
+import common  # noqa: E402
+from common import host_ms_per_call, write_results  # noqa: E402
 
-
-def _per_call_us(fn: Callable[[], Any], n: int = 300) -> float:
-    return host_ms_per_call(fn, n=n, warmup=20) * 1e3
-
-
-def _calls(device: str) -> dict[str, Callable[[], Any]]:
-    from fa_backward import flash_attn_func
-    from fa_core import flash_attn_forward
-
-    dtype = torch.bfloat16 if device == "cuda" else torch.float16
-    q, k, v, do = (torch.randn(2, 128, 4, 64, device=device, dtype=dtype) for _ in range(4))
-    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-    out = flash_attn_func(qg, kg, vg, causal=True)
-    return {
-        "forward (fa_core, no autograd)": lambda: flash_attn_forward(q, k, v, causal=True),
-        "forward (flash_attn_func, autograd)": lambda: flash_attn_func(qg, kg, vg, causal=True),
-        "backward only (retain_graph)": lambda: torch.autograd.grad(out, (qg, kg, vg), do, retain_graph=True),
-        "forward + backward": lambda: torch.autograd.grad(
-            flash_attn_func(qg, kg, vg, causal=True), (qg, kg, vg), do
-        ),
-    }
+CALLS = ("fwd", "fwd_bwd", "decode")
+PROVIDERS = ("fa-plus", "sdpa-flash", "flaggems")
+#: (batch, seqlen, nheads) of the fwd / fwd_bwd calls; decode: (batch, cache length, nheads), one query
+SHAPE = (2, 128, 4)
+DECODE_SHAPE = (2, 256, 4)
+HEADDIMS = (64, 128)
 
 
 def _nop(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-def _patch_nop() -> None:
+def patch_nop() -> None:
+    """Replace every Triton launch of the call paths with a no-op (the Python around it is what remains)."""
     import fa_backward.launch as bl
     import fa_core.forward_launch as fl
 
-    fl.fwd_launch = _nop
-    for name in ("dkdv_launch", "dq_launch"):
-        setattr(bl, name, _nop)
+    patches = [(fl, ("fwd_launch",)), (bl, ("dq_launch", "dkdv_launch"))]
+    try:
+        import fa_kvcache.interface as ki
+
+        patches.append((ki, ("append_launch", "split_kv_launch", "combine_launch")))
+    except ImportError:
+        pass
+    for module, names in patches:
+        for name in names:
+            setattr(module, name, _nop)
 
 
-def _profile(fn: Callable[[], Any], n: int = 500, top: int = 30) -> None:
-    """Where the host time of one call goes, by function (self time first)."""
+def _inputs(device: str, dtype: torch.dtype, d: int, grad: bool) -> tuple[torch.Tensor, ...]:
+    b, s, h = SHAPE
+    torch.manual_seed(0)
+    q, k, v, do = (torch.randn(b, s, h, d, device=device, dtype=dtype) for _ in range(4))
+    if grad:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+    return q, k, v, do
+
+
+def _decode_inputs(device: str, dtype: torch.dtype, d: int) -> tuple[torch.Tensor, ...]:
+    b, cache, h = DECODE_SHAPE
+    torch.manual_seed(1)
+    q = torch.randn(b, 1, h, d, device=device, dtype=dtype)
+    kc, vc = (torch.randn(b, cache, h, d, device=device, dtype=dtype) for _ in range(2))
+    seqlens = torch.full((b,), cache - 1, dtype=torch.int32, device=device)
+    return q, kc, vc, seqlens
+
+
+def _fa_plus(call: str, device: str, dtype: torch.dtype, d: int, causal: bool) -> Callable[[], Any]:
+    from flash_attn import flash_attn_func, flash_attn_with_kvcache
+
+    if call == "decode":
+        q, kc, vc, seqlens = _decode_inputs(device, dtype, d)
+        return lambda: flash_attn_with_kvcache(q, kc, vc, cache_seqlens=seqlens, causal=causal)
+    q, k, v, do = _inputs(device, dtype, d, call == "fwd_bwd")
+    if call == "fwd":
+        return lambda: flash_attn_func(q, k, v, causal=causal)
+    return lambda: torch.autograd.grad(flash_attn_func(q, k, v, causal=causal), (q, k, v), do)
+
+
+def _sdpa(call: str, device: str, dtype: torch.dtype, d: int, causal: bool) -> Callable[[], Any]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    backend = SDPBackend.FLASH_ATTENTION if device == "cuda" else SDPBackend.MATH
+    if call == "decode":
+        q, kc, vc, _ = _decode_inputs(device, dtype, d)
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, kc[:, :-1], vc[:, :-1]))  # layouts built once
+
+        def decode() -> Any:
+            with sdpa_kernel(backend):
+                return sdpa(qt, kt, vt)
+
+        return decode
+    q, k, v, do = _inputs(device, dtype, d, call == "fwd_bwd")
+    qt, kt, vt, dot = (t.transpose(1, 2) for t in (q, k, v, do))
+    if call == "fwd":
+
+        def fwd() -> Any:
+            with sdpa_kernel(backend):
+                return sdpa(qt, kt, vt, is_causal=causal)
+
+        return fwd
+
+    def fwd_bwd() -> Any:
+        with sdpa_kernel(backend):
+            return torch.autograd.grad(sdpa(qt, kt, vt, is_causal=causal), (q, k, v), dot)
+
+    return fwd_bwd
+
+
+def _flaggems(call: str, device: str, dtype: torch.dtype, d: int, causal: bool) -> Callable[[], Any]:
+    if device != "cuda":
+        raise RuntimeError("FlagGems needs a CUDA GPU")
+    if call == "fwd_bwd":
+        raise NotImplementedError("FlagGems provides no attention backward")
+    from fa_core.backends.flaggems import _flag_gems
+
+    fg = _flag_gems()  # raises with the reason when FlagGems cannot be used
+    if call == "decode":
+        q, kc, vc, _ = _decode_inputs(device, dtype, d)
+        k, v = kc[:, :-1], vc[:, :-1]
+        causal = False
+    else:
+        q, k, v, _ = _inputs(device, dtype, d, False)
+    sq, sk, scale = q.shape[1], k.shape[1], d**-0.5
+    return lambda: fg.ops.flash_attention_forward(
+        q, k, v, None, None, sq, sk, 0.0, causal, False, scale=scale
+    )
+
+
+MAKERS: dict[str, Callable[..., Callable[[], Any]]] = {
+    "fa-plus": _fa_plus,
+    "sdpa-flash": _sdpa,
+    "flaggems": _flaggems,
+}
+
+
+def measure(
+    device: str, providers: tuple[str, ...] = PROVIDERS, rounds: int = 5, n: int = 200
+) -> list[dict[str, Any]]:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    rows = []
+    for d in HEADDIMS:
+        for causal in (False, True):
+            for call in CALLS:
+                fns: dict[str, Callable[[], Any]] = {}
+                errors: dict[str, str] = {}
+                for prov in providers:
+                    try:
+                        fns[prov] = MAKERS[prov](call, device, dtype, d, causal)
+                        fns[prov]()  # compiles / autotunes outside the timing
+                    except Exception as exc:  # absent provider, unsupported call: a row that says why
+                        errors[prov] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                        fns.pop(prov, None)
+                times: dict[str, list[float]] = {p: [] for p in fns}
+                for _ in range(rounds):  # interleaved: every provider once per round
+                    for prov, fn in fns.items():
+                        times[prov].append(host_ms_per_call(fn, n=n, warmup=20) * 1e3)
+                b, s, h = DECODE_SHAPE if call == "decode" else SHAPE
+                for prov in providers:
+                    row: dict[str, Any] = dict(
+                        bench="host", provider=prov, call=call, headdim=d, causal=causal, seqlen=s, batch=b,
+                        nheads=h,
+                    )  # fmt: skip
+                    if prov in times:
+                        row["host_us"] = round(statistics.median(times[prov]), 1)
+                    else:
+                        row.update(host_us=None, error=errors.get(prov, "not run"))
+                    rows.append(row)
+                    print(row, flush=True)
+    return rows
+
+
+def profile(device: str, n: int = 300, top: int = 30) -> None:
+    """Where the host time of one fa-plus fwd_bwd call goes, by function (self time first)."""
     import cProfile
     import pstats
 
+    fn = _fa_plus("fwd_bwd", device, torch.bfloat16 if device == "cuda" else torch.float16, 64, True)
     for _ in range(20):
         fn()
     prof = cProfile.Profile()
@@ -80,43 +213,27 @@ def _profile(fn: Callable[[], Any], n: int = 500, top: int = 30) -> None:
 
 def main() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if "--profile" in sys.argv[1:]:
-        if device == "cpu":
-            os.environ.setdefault("TRITON_INTERPRET", "1")
-        _profile(_calls(device)["forward + backward"])
+    args = sys.argv[1:]
+    nop = "--nop" in args or device == "cpu"
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    results: dict[str, dict[str, float]] = {}
-    if device == "cuda":
-        from fa_core.fast_launch import set_fast_launch
-
-        for fast in (False, True):
-            set_fast_launch(fast)
-            for name, fn in _calls(device).items():
-                results.setdefault(name, {})["real" if fast else "triton"] = _per_call_us(fn)
-        # the forward uses on-device TMA descriptors (global scratch allocated per launch); without them:
-        with env_override("FA_PLUS_TMA", "0"):
-            for fast in (False, True):
-                set_fast_launch(fast)
-                fn = _calls(device)["forward (fa_core, no autograd)"]
-                results.setdefault("forward (fa_core), FA_PLUS_TMA=0", {})["real" if fast else "triton"] = (
-                    _per_call_us(fn)
-                )
-    _patch_nop()
-    for name, fn in _calls(device).items():
-        results.setdefault(name, {})["nop"] = _per_call_us(fn)
-    gpu = torch.cuda.get_device_name() if device == "cuda" else "no GPU"
-    print(
-        f"host time per call, us ({gpu}; 'nop': Triton kernels replaced by no-ops; 'triton path': fa_core.fast_launch off)"
-    )
-    print(f"{'call':<40} {'triton path':>12} {'real':>8} {'nop':>8} {'launch path':>12}")
-    for name, r in results.items():
-        real, slow, nop = (
-            r.get("real", float("nan")),
-            r.get("triton", float("nan")),
-            r.get("nop", float("nan")),
-        )
-        print(f"{name:<40} {slow:12.1f} {real:8.1f} {nop:8.1f} {real - nop:12.1f}")
+    if nop:
+        patch_nop()
+    if "--profile" in args:
+        profile(device)
+        return 0
+    # on CPU, SDPA runs its CPU kernel (milliseconds per call, nothing like the GPU's host cost): ours only
+    rows = measure(device, PROVIDERS if device == "cuda" else ("fa-plus",))
+    if nop:
+        print("launches replaced by no-ops: a CPU-side proxy of our Python, not written to bench/results")
+        return 0
+    # host_us is a measurement, not part of a row's identity (merging, the markdown table's columns)
+    common.MEASURE_FIELDS = common.MEASURE_FIELDS | {"host_us"}
+    path = write_results(
+        "host", rows, plot_kw={"bench": "host", "metric": "host_us", "x": "headdim", "panels": ("call", "causal")},
+        table_kw={"metric": "host_us", "title": "host time per call (us, lower is better)"},
+    )  # fmt: skip
+    print(f"wrote {path}")
     return 0
 
 

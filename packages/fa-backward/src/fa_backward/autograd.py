@@ -66,7 +66,7 @@ def _dsink(sink: Tensor, lse: Tensor, softmax_d: Tensor, cu_q: Tensor | None) ->
     return -terms.sum(dim=dims).to(sink.dtype)
 
 
-def _grads(ctx: Any, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor | None, ...]:
+def _grads(ctx: Any, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
     """``(da, db, dq, dk, dv)``: the gradient buffers and the views the kernels write."""
     spec: Spec = ctx.spec
     if spec.pack == QKV:

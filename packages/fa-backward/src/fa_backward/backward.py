@@ -36,11 +36,16 @@ class BwdResult(NamedTuple):
     softmax_d: torch.Tensor
 
 
+_LAUNCH: list[Callable[..., torch.Tensor]] = []
+
+
 def _launch(*args: Any, **kwargs: Any) -> torch.Tensor:
     """:func:`fa_backward.launch._launch`, imported at the first launch (it imports Triton and the kernels)."""
-    from fa_backward.launch import _launch as launch
+    if not _LAUNCH:
+        from fa_backward.launch import _launch as launch
 
-    return launch(*args, **kwargs)
+        _LAUNCH.append(launch)
+    return _LAUNCH[0](*args, **kwargs)
 
 
 def _check_qkv(q, k, v, varlen: bool) -> None:

@@ -7,6 +7,8 @@ block-sparse arguments of the kernels of :mod:`fa_backward.backward_kernel`, lau
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from fa_backward.backward_kernel import dkdv_kernel, dq_kernel
@@ -29,6 +31,99 @@ def bwd_tma(*tensors: torch.Tensor) -> bool:
     (TMA) where :func:`fa_core.forward_launch.tma_ok` allows (``fa_core.settings.get().tma``, ``FA_PLUS_TMA=0``,
     turns off the forward's and the backward's)."""
     return tma_ok(*tensors)
+
+
+#: the launch constants of a call signature (see :func:`_static`), bounded
+_STATIC: dict[tuple, tuple[dict[str, Any], dict[str, Any], dict[str, Any], tuple[bool, bool]]] = {}
+_STATIC_MAX = 1024
+
+
+def _static(
+    varlen: bool,
+    batch: int,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    nheads: int,
+    nheads_k: int,
+    d: int,
+    d_v: int,
+    softmax_scale: float,
+    causal: bool,
+    window: tuple[int, int],
+    softcap: float,
+    has_alibi: bool,
+    alibi_2d: bool,
+    dropout_p: float,
+    attention_chunk: int,
+    has_seqused: bool,
+    fp64: bool,
+    has_dlse: bool,
+    score_mod: Any,
+    score_mod_grad: Any,
+    mask_mod: Any,
+    sparse: bool,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], tuple[bool, bool]]:
+    """What a launch derives from scalars only, planned once per signature and cached: the keyword
+    arguments shared by both kernels (scalars and constexprs), those of the dQ and of the dK/dV launch, and
+    ``(is_local, has_window_left)`` (the LPT width is read per call: fa_core.scheduling's constants)."""
+    key = (
+        varlen, batch, max_seqlen_q, max_seqlen_k, nheads, nheads_k, d, d_v, softmax_scale, causal, window,
+        softcap, has_alibi, alibi_2d, dropout_p, attention_chunk, has_seqused, fp64, has_dlse, score_mod,
+        score_mod_grad, mask_mod, sparse,
+    )  # fmt: skip
+    plan = _STATIC.get(key)
+    if plan is not None:
+        return plan
+    left, right, is_local = normalize_window(causal, window)
+    has_left = has_window_left(is_local, left)
+    common = dict(
+        nheads=nheads,
+        group=nheads // nheads_k,
+        sm_scale=softmax_scale,
+        softcap=float(softcap),
+        window_left=left,
+        window_right=right,
+        chunk=int(attention_chunk),
+        dropout_p=float(dropout_p),
+        SEQ_BUCKET_Q=seq_bucket(max_seqlen_q),
+        SEQ_BUCKET_K=seq_bucket(max_seqlen_k),
+        HEADDIM=d,
+        HEADDIM_V=d_v,
+        BLOCK_D=max(next_pow2(d), 16),
+        BLOCK_DV=max(next_pow2(d_v), 16),
+        IS_VARLEN=varlen,
+        HAS_SEQUSED=has_seqused,
+        IS_LOCAL=is_local,
+        HAS_SOFTCAP=softcap > 0,
+        HAS_ALIBI=has_alibi,
+        HAS_DROPOUT=dropout_p > 0,
+        # float32 accumulation; float64 (CPU interpreter only, for gradcheck) accumulates in float64
+        ACC_FP64=fp64,
+        HAS_CHUNK=attention_chunk > 0,
+        score_mod_fn=score_mod,
+        score_grad_fn=score_mod_grad,
+        mask_mod_fn=mask_mod,
+        # 0: none; 1: score_mod with its derivative; 2: derivative 1 (additive bias): no dmod tile
+        HAS_SCORE_MOD=0 if score_mod is None else (2 if score_mod_grad is additive_grad else 1),
+        HAS_MASK_MOD=mask_mod is not None,
+        IS_SPARSE=sparse,
+    )
+    dq_kw = dict(
+        HAS_DLSE=has_dlse,
+        HAS_WINDOW_LEFT=has_left,
+        HAS_RIGHT_EDGE=has_right_edge(
+            varlen, is_local, attention_chunk, mask_mod, True if has_seqused else None, max_seqlen_k
+        ),
+    )
+    # transposed problem: the masked query edge past the band is the left window's (see backward_kernel)
+    dkdv_kw = dict(
+        HAS_RIGHT_EDGE=has_right_edge(varlen, has_left, attention_chunk, mask_mod, None, max_seqlen_q)
+    )
+    plan = (common, dq_kw, dkdv_kw, (is_local, has_left))
+    if len(_STATIC) >= _STATIC_MAX:
+        _STATIC.clear()
+    _STATIC[key] = plan
+    return plan
 
 
 def _launch(
@@ -63,14 +158,17 @@ def _launch(
     block_mask=None,
     dsoftmax_lse=None,
 ):
-    nheads, nheads_k, d, d_v = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
-    left, right, is_local = normalize_window(causal, window)
-    has_left = has_window_left(is_local, left)
+    nheads, nheads_k = q.shape[-2], k.shape[-2]
+    static, dq_static, dkdv_static, (is_local, has_left) = _static(
+        varlen, batch, max_seqlen_q, max_seqlen_k, nheads, nheads_k, q.shape[-1], v.shape[-1], softmax_scale,
+        causal, tuple(window), softcap, alibi_slopes is not None,
+        alibi_slopes is not None and alibi_slopes.dim() == 2, dropout_p, attention_chunk, seqused_k is not None,
+        q.dtype == torch.float64, dsoftmax_lse is not None, score_mod, score_mod_grad, mask_mod,
+        block_mask is not None,
+    )  # fmt: skip
     lse = V.contig_last(lse)
     # delta and the lse in log2 units (both written by the dQ pass, read by the dK/dV pass), one allocation
     delta, lse2 = torch.empty((2, *lse.shape), dtype=torch.float32, device=q.device).unbind(0)
-    block_d = max(next_pow2(d), 16)
-    block_dv = max(next_pow2(d_v), 16)
 
     # stride tuples once per tensor: each .stride(i) call costs ~0.5 us on the launch path
     sq, sk, sv, so, sdo = q.stride(), k.stride(), v.stride(), out.stride(), dout.stride()
@@ -95,58 +193,32 @@ def _launch(
     else:
         dlse, stride_dlb, stride_dlh = delta, 0, 0
 
-    alibi = alibi_slopes if alibi_slopes is not None else empty_arg(q, torch.float32)
-    stride_alb = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
     dummy_i32 = empty_arg(q, torch.int32)
     seed, offset = (int(x) for x in rng_state.tolist()) if dropout_p > 0 else (0, 0)
-    sparse_dq, sparse_dkdv, has_full, (sparse_q, sparse_kv) = _sparse_args(
-        block_mask, max_seqlen_k, dummy_i32
-    )
+    if block_mask is None:
+        sparse_dq = sparse_dkdv = _no_sparse(dummy_i32)
+        sparse_q = sparse_kv = 128
+        has_full = False
+    else:
+        sparse_dq, sparse_dkdv, has_full, (sparse_q, sparse_kv) = _sparse_args(
+            block_mask, max_seqlen_k, dummy_i32
+        )
     common = dict(
+        static,
         cu_seqlens_q=cu_seqlens_q if varlen else dummy_i32,
         cu_seqlens_k=cu_seqlens_k if varlen else dummy_i32,
         seqused_k=seqused_k if seqused_k is not None else dummy_i32,
         seqlen_q_dense=sq_b,
         seqlen_k_dense=sk_b,
-        nheads=nheads,
-        group=nheads // nheads_k,
-        sm_scale=softmax_scale,
-        softcap=float(softcap),
-        Alibi=alibi,
-        stride_alb=stride_alb,
-        window_left=left,
-        window_right=right,
-        chunk=int(attention_chunk),
-        dropout_p=float(dropout_p),
+        Alibi=alibi_slopes if alibi_slopes is not None else empty_arg(q, torch.float32),
+        stride_alb=alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
         seed=seed,
         rng_offset=offset,
-        SEQ_BUCKET_Q=seq_bucket(max_seqlen_q),
-        SEQ_BUCKET_K=seq_bucket(max_seqlen_k),
-        HEADDIM=d,
-        HEADDIM_V=d_v,
-        BLOCK_D=block_d,
-        BLOCK_DV=block_dv,
-        IS_VARLEN=varlen,
-        HAS_SEQUSED=seqused_k is not None,
-        IS_LOCAL=is_local,
-        LPT=lpt_section(is_local, has_left, backward=True, sparse=block_mask is not None),
-        HAS_SOFTCAP=softcap > 0,
-        HAS_ALIBI=alibi_slopes is not None,
-        HAS_DROPOUT=dropout_p > 0,
-        # float32 accumulation; float64 (CPU interpreter only, for gradcheck) accumulates in float64
-        ACC_FP64=q.dtype == torch.float64,
-        HAS_CHUNK=attention_chunk > 0,
-        score_mod_fn=score_mod,
-        score_grad_fn=score_mod_grad,
-        mask_mod_fn=mask_mod,
-        # 0: none; 1: score_mod with its derivative; 2: derivative 1 (additive bias): no dmod tile
-        HAS_SCORE_MOD=0 if score_mod is None else (2 if score_mod_grad is additive_grad else 1),
-        HAS_MASK_MOD=mask_mod is not None,
-        IS_SPARSE=block_mask is not None,
         HAS_FULL=has_full,
         SPARSE_Q=sparse_q,
         SPARSE_KV=sparse_kv,
         USE_TMA=bwd_tma(q, k, v, dout),
+        LPT=lpt_section(is_local, has_left, backward=True, sparse=block_mask is not None),
     )
     qkv_strides = (
         stride_qb,
@@ -189,11 +261,7 @@ def _launch(
             so[-2],
             stride_dlb,
             stride_dlh,
-            HAS_DLSE=dsoftmax_lse is not None,
-            HAS_WINDOW_LEFT=has_left,
-            HAS_RIGHT_EDGE=has_right_edge(
-                varlen, is_local, attention_chunk, mask_mod, seqused_k, max_seqlen_k
-            ),
+            **dq_static,
             **sparse_dq,
             **common,
         )
@@ -215,9 +283,19 @@ def _launch(
             stride_dvb,
             sdv[-3],
             sdv[-2],
-            # transposed problem: the masked query edge past the band is the left window's (see backward_kernel)
-            HAS_RIGHT_EDGE=has_right_edge(varlen, has_left, attention_chunk, mask_mod, None, max_seqlen_q),
+            **dkdv_static,
             **sparse_dkdv,
             **common,
         )
     return delta
+
+
+_NO_SPARSE: dict[torch.Tensor, dict[str, Any]] = {}
+
+
+def _no_sparse(dummy: torch.Tensor) -> dict[str, Any]:
+    """The block-list arguments of a launch without a block mask (placeholders), cached per placeholder."""
+    args = _NO_SPARSE.get(dummy)
+    if args is None:
+        args = _NO_SPARSE[dummy] = _sparse_args(None, 0, dummy)[0]
+    return args

@@ -206,7 +206,7 @@ def prepare(
         # HF transformers passes max_seqlen as a 0-dim tensor (cu_seqlens.diff().max()): one host sync, as in
         # flash-attn, where the C++ binding converts it too
         max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
-    scale = softmax_scale
+    scale: Any = softmax_scale  # checked below (a non-tensor q fails the checks first)
     if isinstance(q, torch.Tensor) and q.dim() > 0:
         scale = default_scale(q, softmax_scale)
     spec = Spec(
@@ -216,7 +216,8 @@ def prepare(
     if not isinstance(q, torch.Tensor) or not tracing(q):  # traced: the op checks when it runs
         check(q, k, v, learnable_sink, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, spec, dropout_p,
               softmax_scale, softcap)  # fmt: skip
-    spec = spec._replace(dropout_p=float(dropout_p), softcap=float(softcap))
+    if type(dropout_p) is not float or type(softcap) is not float:  # e.g. ints: the kernels take floats
+        spec = spec._replace(dropout_p=float(dropout_p), softcap=float(softcap))
     return q, k, v, spec
 
 
@@ -490,7 +491,7 @@ def function_view(
                 )
             return paged(**bound)
         ctx.is_grad_enabled = bool(bound["is_grad_enabled"])
-        abc = [bound.get(n) for n in tensors] + [None] * (3 - len(tensors))
+        abc: list[Any] = [bound.get(n) for n in tensors] + [None] * (3 - len(tensors))
         kw: dict[str, Any] = {n: bound[n] for n in _OPTIONS}
         if varlen:
             same = "cu_seqlens" in bound
