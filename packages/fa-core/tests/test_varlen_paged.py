@@ -14,9 +14,10 @@ import inspect
 import pytest
 import torch
 
-from fa_core import attention_varlen_ref, flash_attn_varlen_forward, settings
+from fa_core import attention_varlen_ref, flash_attn_varlen_forward, forward_launch, settings
 from fa_core.errors import FlashAttnValueError
 from fa_core.forward_configs import force_tile
+from fa_core.forward_kernel import fwd_kernel
 from fa_core.forward_launch import launch_forward
 from fa_core.paged_varlen import check_leftpad_and_pages
 from fa_core.testing import DEVICE, assert_close_2x, poisoned
@@ -73,9 +74,10 @@ def used_keys(k, v, cu_k, seqused, leftpad):
     return torch.cat(ks), torch.cat(vs), _cu(lens)
 
 
-def to_pages(k, v, cu_k, page, leftpad=None, spare=3, seed=0):
+def to_pages(k, v, cu_k, page, leftpad=None, spare=3, seed=0, stale=0.0):
     """Scatter packed keys into a shuffled paged cache: sequence b's row ``leftpad[b] + j`` holds its key j.
-    Returns ``(k_cache, v_cache, block_table)``; unused table slots hold -1 (never read for valid lengths)."""
+    Returns ``(k_cache, v_cache, block_table)``; unused table slots hold -1 (never read for valid lengths).
+    ``stale``: a value (NaN) for every cache row no sequence uses, else random rows."""
     cu = cu_k.tolist()
     batch = len(cu) - 1
     pad = [0] * batch if leftpad is None else [int(x) for x in leftpad]
@@ -86,6 +88,9 @@ def to_pages(k, v, cu_k, page, leftpad=None, spare=3, seed=0):
     perm = torch.randperm(n_pages, generator=g).tolist()
     kc = torch.randn(n_pages, page, *k.shape[1:], generator=g).to(k.dtype).to(DEVICE)
     vc = torch.randn(n_pages, page, *v.shape[1:], generator=g).to(v.dtype).to(DEVICE)
+    if stale != 0.0:
+        kc.fill_(stale)
+        vc.fill_(stale)
     table = torch.full((batch, cols), -1, dtype=torch.int32)
     nxt = 0
     for b in range(batch):
@@ -300,3 +305,36 @@ def test_paged_refuses_the_fp8_layout(monkeypatch):
     kc, vc, table = to_pages(k, v, cu_k, 16, seed=22)
     with pytest.raises(FlashAttnValueError, match="block_table"):
         varlen_launch(q, kc, vc, cu_q, cu_k, max(LENS_Q), max(LENS_K), block_table=table)
+
+
+@pytest.mark.parametrize(
+    "page, tile",
+    [
+        (16, (32, 16, 4, 1, True)),
+        (64, (32, 16, 4, 1, True)),
+        (16, (32, 64, 4, 1, True)),
+        (64, (32, 64, 4, 1, True)),
+    ],
+)
+@pytest.mark.parametrize("rule", ["plain", "causal"])
+def test_paged_descriptor_loads(page, tile, rule, monkeypatch):
+    """Tensor-descriptor (TMA) loads of a paged cache (forced under the interpreter): one descriptor over the
+    whole cache where a tile lies in one page, pointer loads for smaller pages; rows no sequence uses hold NaN
+    (a stale cache), which must not reach the output."""
+    monkeypatch.setattr(forward_launch, "tma_ok", lambda *t: True)
+    lens_q, lens_k = [7, 33, 1], [150, 70, 131]
+    q, k, v, cu_q, cu_k = _inputs(torch.float32, seed=page, lens_q=lens_q, lens_k=lens_k)
+    kc, vc, table = to_pages(k, v, cu_k, page, seed=page, stale=float("nan"))
+    with force_tile(tile):
+        out, lse = varlen_launch(
+            q, kc, vc, cu_q, cu_k, max(lens_q), max(lens_k), block_table=table, **RULES[rule]
+        )
+        assert fwd_kernel.best_config.kwargs["USE_TMA"]
+    _check_ref(q, k, v, cu_q, cu_k, out, lse, torch.float32, **RULES[rule])
+
+
+def test_paged_pointer_loads_ignore_stale_rows():
+    q, k, v, cu_q, cu_k = _inputs(torch.float32, seed=31)
+    kc, vc, table = to_pages(k, v, cu_k, 32, seed=31, stale=float("nan"))
+    out, lse = varlen_launch(q, kc, vc, cu_q, cu_k, max(LENS_Q), max(LENS_K), block_table=table, causal=True)
+    _check_ref(q, k, v, cu_q, cu_k, out, lse, torch.float32, causal=True)

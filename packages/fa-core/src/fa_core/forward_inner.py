@@ -255,8 +255,15 @@ def fwd_step(
     offs_n0 = tl.arange(0, F.BLOCK_N)
     offs_n = start_n + offs_n0
     if F.USE_TMA:
-        # the descriptor zero-fills rows past seqlen_k and columns past HEADDIM
-        k = tl.trans(kv.k_desc.load([start_n, 0]))
+        if F.PAGED:
+            # the cache row of key start_n (a tile lies in one page); keys past seqlen_k are real cache rows
+            # here: masked scores drop them from the softmax, V is zeroed below
+            pg = clamp_index(tl.load(kv.bt_row + start_n // F.PAGE_SIZE), kv.num_pages)
+            cache_row = pg * F.PAGE_SIZE + start_n % F.PAGE_SIZE
+            k = tl.trans(kv.k_desc.load([cache_row, 0]))
+        else:
+            # the descriptor zero-fills rows past seqlen_k and columns past HEADDIM
+            k = tl.trans(kv.k_desc.load([start_n, 0]))
     elif F.PAGED and not F.PAGE_TILE:
         k_off, v_off = page_row_offsets(
             kv, start_n, offs_n0, offs_n, seqlen_k, F.PAGE_SIZE, F.PAGE_ALIGNED, MASKED
@@ -353,7 +360,13 @@ def fwd_step(
             )
         v = tl.trans(vt)
     elif F.USE_TMA:
-        v = kv.v_desc.load([start_n, 0])
+        if F.PAGED:
+            v = kv.v_desc.load([cache_row, 0])
+            if MASKED:
+                # a stale NaN / Inf in the page's unused rows must not reach the output through p = 0
+                v = tl.where(offs_n[:, None] < seqlen_k, v, 0.0)
+        else:
+            v = kv.v_desc.load([start_n, 0])
     elif F.PAGED:
         if F.PAGE_TILE:
             v_ptrs = v_tile + (offs_n0[:, None] * kv.stride_vn + kv.offs_dv[None, :])

@@ -249,28 +249,54 @@ def fwd_kernel(
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    # paged: a tile lies in one page when pages hold whole tiles (one block-table read per tile, descriptor
+    # loads possible); else one read per key and pointer loads
+    PAGE_TILE: tl.constexpr = PAGED and PAGE_SIZE >= BLOCK_N and not HAS_LEFTPAD
     if USE_TMA:
         q_desc = tl.make_tensor_descriptor(
             q_base, shape=[seqlen_q, HEADDIM], strides=[stride_qm, 1], block_shape=[BLOCK_M, BLOCK_D]
         )
-        k_desc = tl.make_tensor_descriptor(
-            k_base, shape=[seqlen_k, HEADDIM], strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D]
-        )
-        if V_T:
-            if IS_VARLEN:
-                # a sequence's first key is not 16-byte aligned in the transposed V: pointer loads
+        if PAGED:
+            if PAGE_TILE:
+                # the whole cache of this kv head as rows, pages back to back (the launcher allows descriptors
+                # only then); fwd_step zeroes V rows past the sequence's end (real cache rows, not padding)
+                k_desc = tl.make_tensor_descriptor(
+                    k_base,
+                    shape=[num_pages * PAGE_SIZE, HEADDIM],
+                    strides=[stride_kn, 1],
+                    block_shape=[BLOCK_N, BLOCK_D],
+                )
+                v_desc = tl.make_tensor_descriptor(
+                    v_base,
+                    shape=[num_pages * PAGE_SIZE, HEADDIM_V],
+                    strides=[stride_vn, 1],
+                    block_shape=[BLOCK_N, BLOCK_DV],
+                )
+            else:
+                k_desc = k_base
                 v_desc = v_base
+        else:
+            k_desc = tl.make_tensor_descriptor(
+                k_base, shape=[seqlen_k, HEADDIM], strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D]
+            )
+            if V_T:
+                if IS_VARLEN:
+                    # a sequence's first key is not 16-byte aligned in the transposed V: pointer loads
+                    v_desc = v_base
+                else:
+                    v_desc = tl.make_tensor_descriptor(
+                        v_base,
+                        shape=[HEADDIM_V, seqlen_k],
+                        strides=[stride_vd, 1],
+                        block_shape=[BLOCK_DV, BLOCK_N],
+                    )
             else:
                 v_desc = tl.make_tensor_descriptor(
                     v_base,
-                    shape=[HEADDIM_V, seqlen_k],
-                    strides=[stride_vd, 1],
-                    block_shape=[BLOCK_DV, BLOCK_N],
+                    shape=[seqlen_k, HEADDIM_V],
+                    strides=[stride_vn, 1],
+                    block_shape=[BLOCK_N, BLOCK_DV],
                 )
-        else:
-            v_desc = tl.make_tensor_descriptor(
-                v_base, shape=[seqlen_k, HEADDIM_V], strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_DV]
-            )
         q = q_desc.load([start_m * BLOCK_M, 0])
     else:
         k_desc = k_base
@@ -333,15 +359,15 @@ def fwd_kernel(
         EVEN_DV,
         BLOCK_N,
         SPARSE_KV,
-        USE_TMA,
+        # descriptor loads of K / V (paged: only where a tile lies in one page)
+        USE_TMA and (not PAGED or PAGE_TILE),
         V_T,
         IS_VARLEN,
         P_SHIFT,
         FUSED_SCALE,
         PAGED,
         PAGE_SIZE,
-        # one block-table read per tile when a tile never straddles pages
-        PAGED and PAGE_SIZE >= BLOCK_N and not HAS_LEFTPAD,
+        PAGE_TILE,
         # smaller pages, no left padding: tiles start on page boundaries
         PAGED and not HAS_LEFTPAD,
     )

@@ -249,7 +249,16 @@ def launch_forward(
         HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None,
         HAS_DROPOUT=dropout_p > 0,
-        TMA_OK=not paged and tma_ok(q, k, v, out),
+        # paged: descriptors over the whole cache, so its pages must lie back to back (rows < 2^31)
+        TMA_OK=tma_ok(q, k, v, out)
+        and (
+            not paged
+            or (
+                k.stride(0) == k.shape[1] * k.stride(1)
+                and v.stride(0) == v.shape[1] * v.stride(1)
+                and k.shape[0] * k.shape[1] < 2**31
+            )
+        ),
         # full query blocks for every tile: no row masks on Q, O, LSE
         EVEN_M=not varlen and max_seqlen_q % MAX_BLOCK_M == 0,
     )
