@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fa_core import attention_varlen_ref, settings
+from fa_core.forward_configs import force_tile
 from fa_core.forward_launch import launch_forward
 from fa_core.testing import assert_close_2x, poisoned
 
@@ -49,14 +50,18 @@ def _launch(q, k, v, cu_q, cu_k, max_q, max_k, out, lse, **kw):
     launch_forward(q, k, v, out, lse, **args)
 
 
-def _pages(k, v, lens, page, leftpad=None, seed=0):
-    """Packed K/V -> shuffled cache + block table; sequence b's key j at cache row leftpad[b] + j."""
+def _pages(k, v, lens, page, leftpad=None, seed=0, stale=None):
+    """Packed K/V -> shuffled cache + block table; sequence b's key j at cache row leftpad[b] + j; the rows no
+    sequence uses hold ``stale`` (NaN: a stale cache) when given."""
     pad = [0] * len(lens) if leftpad is None else leftpad
     need = [-(-(p + n) // page) for p, n in zip(pad, lens)]
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(sum(need) + 2, generator=g).cuda()
     kc = torch.randn(sum(need) + 2, page, *k.shape[1:], device="cuda", dtype=k.dtype)
     vc = torch.randn_like(kc)
+    if stale is not None:
+        kc.fill_(stale)
+        vc.fill_(stale)
     table = torch.full((len(lens), max(need) + 1), -1, dtype=torch.int32, device="cuda")
     start = used = 0
     for b, n in enumerate(lens):
@@ -87,6 +92,32 @@ def test_paged_varlen_gpu(page, causal, dtype):
     _launch(q, kc, vc, cu_q, cu_k, max(lens_q), max(lens_k), out, lse, causal=causal, block_table=table)
     ref, ref_lse = attention_varlen_ref(q, k, v, cu_q, cu_k, causal=causal, dtype=torch.float32)
     low, low_lse = attention_varlen_ref(q, k, v, cu_q, cu_k, causal=causal, upcast=False)
+    assert_close_2x(out, ref, low, "out")
+    assert_close_2x(lse, ref_lse, low_lse, "lse", slack=2e-3)
+
+
+@pytest.mark.parametrize("page", [16, 64, 256])
+@pytest.mark.parametrize(
+    "tile", [(128, 64, 8, 3, True), (64, 64, 4, 3, True), (128, 128, 8, 3, False), (64, 32, 4, 2, False)]
+)
+def test_paged_forced_tiles_stale_cache_gpu(page, tile):
+    """Each load path on its own (descriptors over the cache where a tile lies in one page, one table read
+    per key for smaller pages), over a cache whose unused rows hold NaN."""
+    torch.manual_seed(page)
+    dtype = torch.bfloat16
+    lens_k = _lens(5, 600, seed=page + 7)
+    lens_q = [max(1, n // 2) for n in lens_k]
+    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    q = torch.randn(sum(lens_q), H, D, device="cuda", dtype=dtype)
+    k = torch.randn(sum(lens_k), HK, D, device="cuda", dtype=dtype)
+    v = torch.randn_like(k)
+    kc, vc, table = _pages(k, v, lens_k, page, seed=page, stale=float("nan"))
+    out = poisoned(q.shape, dtype, "cuda")
+    lse = poisoned((H, q.shape[0]), torch.float32, "cuda")
+    with force_tile(tile):
+        _launch(q, kc, vc, cu_q, cu_k, max(lens_q), max(lens_k), out, lse, causal=True, block_table=table)
+    ref, ref_lse = attention_varlen_ref(q, k, v, cu_q, cu_k, causal=True, dtype=torch.float32)
+    low, low_lse = attention_varlen_ref(q, k, v, cu_q, cu_k, causal=True, upcast=False)
     assert_close_2x(out, ref, low, "out")
     assert_close_2x(lse, ref_lse, low_lse, "lse", slack=2e-3)
 
