@@ -5,8 +5,8 @@ Random sequence lengths summing to 16384 tokens (query = key lengths, prefill), 
 headdim 128, bf16, causal and not, three length regimes (mean sequence 512, 2048, 8192):
 
 * ``fa-plus``: ``fa_core.flash_attn_varlen_forward`` on packed K/V (page 0) and on shuffled paged caches
-  (page 16, 256) with ``block_table`` (its launcher directly where the public function does not take
-  ``block_table`` yet; value checks skipped as in every benchmark);
+  (page 16, 256) with ``block_table`` (both through its launcher where the public function does not take
+  ``block_table``; value checks skipped as in every benchmark);
 * ``flaggems``: ``flag_gems.ops.flash_attn_varlen_func`` (vLLM's argument order: ``max_seqlen_q`` before
   ``cu_seqlens_q``) with ``block_table`` + ``seqused_k`` on the same paged caches (pages 16, 256); skipped with
   the reason when FlagGems is not installed.
@@ -83,16 +83,17 @@ def paged(k: torch.Tensor, v: torch.Tensor, lens: list[int], page: int, seed: in
 
 
 def _fa_plus(q, k, v, cu, lens, page, causal):
+    """Packed (page 0) and paged K/V through the same entry point: the public function when it takes
+    ``block_table``, else its launcher (the same kernel launch without the host checks) for both."""
     import fa_core
 
     mx = max(lens)
-    if page == 0:
-        return lambda: fa_core.flash_attn_varlen_forward(q, k, v, cu, cu, mx, mx, causal=causal).out
-    kc, vc, table = paged(k, v, lens, page, seed=page)
+    table = None
+    if page:
+        k, v, table = paged(k, v, lens, page, seed=page)
     if "block_table" in inspect.signature(fa_core.flash_attn_varlen_forward).parameters:
-        return lambda: (
-            fa_core.flash_attn_varlen_forward(q, kc, vc, cu, cu, mx, mx, causal=causal, block_table=table).out
-        )
+        extra = {} if table is None else {"block_table": table}
+        return lambda: fa_core.flash_attn_varlen_forward(q, k, v, cu, cu, mx, mx, causal=causal, **extra).out
     from fa_core.forward_launch import launch_forward
 
     out = torch.empty_like(q)
@@ -116,7 +117,7 @@ def _fa_plus(q, k, v, cu, lens, page, causal):
     )
 
     def run():
-        launch_forward(q, kc, vc, out, lse, **kw)
+        launch_forward(q, k, v, out, lse, **kw)
         return out
 
     return run
