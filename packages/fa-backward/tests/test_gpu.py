@@ -1,7 +1,7 @@
 """GPU tests: realistic sizes in fp16/bf16 against the fp32 reference (2x rule), and a small training run.
 
 Run (from the repository root, on a CUDA machine):
-    FA_PLUS_NO_AUTOTUNE=1 PYTHONPATH=packages/fa-core/src:packages/fa-backward/src \
+    FA_PLUS_AUTOTUNE=0 PYTHONPATH=packages/fa-core/src:packages/fa-backward/src \
         python -m pytest packages/fa-backward/tests/test_gpu.py -m gpu -q -s
 """
 

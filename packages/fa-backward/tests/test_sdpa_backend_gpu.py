@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import fa_backward.sdpa as S
 from fa_backward import flash_attn_func
+from fa_core import settings
 
 pytestmark = [
     pytest.mark.gpu,
@@ -29,10 +30,8 @@ DTYPE = torch.bfloat16
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_config():
-    """One autotune config per kernel (compile time only); the environment is restored afterwards."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FA_PLUS_AUTOTUNE", "0")  # fa_core forward
-        mp.setenv("FA_PLUS_NO_AUTOTUNE", "1")  # fa_backward backward
+    """One tile config per kernel (compile time only); the settings are restored afterwards."""
+    with settings.override(autotune=False):
         yield
 
 

@@ -26,7 +26,7 @@ import torch
 from fa_compat_testutils import HAS_BACKWARD, HAS_KVCACHE
 
 from fa_core.reference import attention_ref
-from fa_core.testing import assert_close_2x
+from fa_core.testing import assert_close_2x, use_settings
 from flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -90,10 +90,10 @@ def _rows_problem(grad: bool):
 @pytest.mark.parametrize("load", ["tma", "pointers"])
 def test_rows_past_int32_forward(load, monkeypatch):
     """One sequence, seqlen * nheads * headdim > 2^31 (rows >= 8192 of every head past int32): forward, through
-    the TMA descriptors (64-bit inside) and through plain pointer arithmetic (FA_PLUS_TMA=0)."""
+    the TMA descriptors (64-bit inside) and through plain pointer arithmetic (settings tma=False)."""
     _need(30)
     if load == "pointers":
-        monkeypatch.setenv("FA_PLUS_TMA", "0")
+        use_settings(monkeypatch, tma=False)
     q, k, v = _rows_problem(False)
     out = flash_attn_func(q, k, v, causal=True)
     torch.cuda.synchronize()

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl  # noqa: F401  (the interpreter needs it visible to @triton.jit functions)
 
 from fa_core import attention_ref, attention_varlen_ref, flash_attn_forward, flash_attn_varlen_forward
-from fa_core.testing import assert_close_2x, poisoned
+from fa_core.testing import assert_close_2x, poisoned, use_settings
 
 pytestmark = [
     pytest.mark.gpu,
@@ -33,7 +33,7 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_dense_gpu(case, dtype, tma, monkeypatch):
-    monkeypatch.setenv("FA_PLUS_TMA", tma)
+    use_settings(monkeypatch, tma=tma == "1")
     b, sq, sk, h, hk, d, kw = CASES[case]
     kw = dict(kw)
     torch.manual_seed(case)
@@ -50,7 +50,7 @@ def test_dense_gpu(case, dtype, tma, monkeypatch):
 
 @pytest.mark.parametrize("tma", ["1", "0"])
 def test_varlen_gpu(tma, monkeypatch):
-    monkeypatch.setenv("FA_PLUS_TMA", tma)
+    use_settings(monkeypatch, tma=tma == "1")
     torch.manual_seed(7)
     lens = [1, 300, 2048, 17, 999, 4000]
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
@@ -84,7 +84,7 @@ def test_dropout_gpu():
 @pytest.mark.parametrize("varlen", [False, True])
 def test_fp8_layout_gpu(varlen, tma, monkeypatch):
     """The FP8 path's layout (V transposed on the host, read through TMA or pointers) with bf16 inputs."""
-    monkeypatch.setenv("FA_PLUS_TMA", tma)
+    use_settings(monkeypatch, tma=tma == "1")
     monkeypatch.setenv("FA_PLUS_FP8_LAYOUT", "1")
     torch.manual_seed(9)
     dt = torch.bfloat16
@@ -116,7 +116,7 @@ def _stripes(b, h, q_idx, kv_idx):
 def test_block_sparse_full_blocks_gpu(tma, monkeypatch):
     """Block-sparse mask with partial (mask_mod evaluated) and full (mask_mod skipped) blocks, causal, at
     128 x 128 blocks; against the reference on the equivalent dense mask."""
-    monkeypatch.setenv("FA_PLUS_TMA", tma)
+    use_settings(monkeypatch, tma=tma == "1")
     torch.manual_seed(10)
     b, s, h, hk, d, bs = 2, 1000, 8, 2, 128, 128
     nb = -(-s // bs)

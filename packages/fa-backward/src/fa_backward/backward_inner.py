@@ -101,7 +101,7 @@ def _load_vec(ptrs, offs, n, other, CHECK: tl.constexpr):
 
 @triton.jit
 def _seq_base(ptr, off_b, off_h, start, stride_b, stride_h, stride_row):
-    """``ptr`` moved to row ``start`` of batch ``off_b``, head ``off_h`` (64-bit offsets: see CONVENTIONS)."""
+    """``ptr`` moved to row ``start`` of batch ``off_b``, head ``off_h`` (64-bit offsets: see docs/design.md)."""
     return (
         ptr + off_b.to(tl.int64) * stride_b + off_h.to(tl.int64) * stride_h + start.to(tl.int64) * stride_row
     )

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 
-__all__ = ["DEVICE", "assert_close_2x", "poisoned", "slack_for"]
+from fa_core import settings
+
+__all__ = ["DEVICE", "assert_close_2x", "poisoned", "slack_for", "use_settings"]
+
+
+def use_settings(monkeypatch: Any, **changes: Any) -> None:
+    """Change :mod:`fa_core.settings` fields for the rest of one test; ``monkeypatch`` (pytest's fixture)
+    restores them when the test ends. ``use_settings(monkeypatch, tma=False)``."""
+    monkeypatch.setattr(settings, "_current", dataclasses.replace(settings.get(), **changes))
 
 
 def slack_for(dtype: torch.dtype) -> float:
