@@ -25,6 +25,7 @@ Exit status 0 when every comparison passed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -158,13 +159,28 @@ def kvcache_oob(name, *, paged, lens, table=None, batch_idx=None, leftpad=None, 
         kw.update(rotary_cos=torch.cos(angle).to(DTYPE), rotary_sin=torch.sin(angle).to(DTYPE))
     with settings.override(value_checks=False):
         for n in splits:
-            for preload in ("1", "0") if paged else ("1",):
-                os.environ["FA_PLUS_BT_PRELOAD"] = preload
-                out, lse = fak(q, kc, vc, k_new, v_new, num_splits=n, return_softmax_lse=True, **kw)
-                if DEV == "cuda":
-                    torch.cuda.synchronize()
-                finite(f"{name} splits={n} preload={preload}", out, lse)
-    os.environ.pop("FA_PLUS_BT_PRELOAD", None)
+            for preload in (True, False) if paged else (True,):
+                with contextlib.nullcontext() if preload else bt_preload_off():
+                    out, lse = fak(q, kc, vc, k_new, v_new, num_splits=n, return_softmax_lse=True, **kw)
+                    if DEV == "cuda":
+                        torch.cuda.synchronize()
+                finite(f"{name} splits={n} preload={int(preload)}", out, lse)
+
+
+@contextlib.contextmanager
+def bt_preload_off():
+    """Paged split-KV launches read block-table entries inside the key loop (the path of splits too long to
+    preload) instead of preloading them."""
+    import fa_kvcache.interface as ki
+
+    saved = ki.MAX_BT_PRELOAD
+    ki.MAX_BT_PRELOAD = 0
+    ki.plan_decode.cache_clear()
+    try:
+        yield
+    finally:
+        ki.MAX_BT_PRELOAD = saved
+        ki.plan_decode.cache_clear()
 
 
 def varlen_oob(name, cu_q, cu_k, total_q, total_k, max_q, max_k, seqused=None, causal=True):

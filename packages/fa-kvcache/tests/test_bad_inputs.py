@@ -166,3 +166,74 @@ def test_errors_are_value_and_runtime_errors():
     for exc in (FlashAttnValueError, ValueError, RuntimeError):
         with pytest.raises(exc, match="block_table"):
             _call(**a)
+
+
+def _value_checks_direct(**kw):
+    from fa_kvcache.checks import value_checks
+
+    base = dict(
+        cache_leftpad=None,
+        cache_batch_idx=None,
+        block_table=None,
+        seqlen_new=0,
+        capacity=64,
+        num_blocks=40,
+        page=8,
+        batch_cache=40,
+    )
+    value_checks(**{**base, **kw})
+
+
+def test_fused_value_check_reduces_over_programs():
+    """The check kernel splits a large batch over several programs: the first bad block-table entry in
+    row-major order is named whichever program saw it, counts and extrema are combined over programs, and a
+    passing call raises nothing. Rows past the used columns are not read (garbage there is allowed)."""
+    batch, cols = 45, 8
+    lens = torch.full((batch,), 20, dtype=torch.int32, device=DEVICE)
+    bt = torch.randint(0, 40, (batch, cols), dtype=torch.int32, device=DEVICE)
+    bt[:, 3:] = -7  # unused: columns >= cdiv(20 + 1, 8) = 3
+    _value_checks_direct(batch=batch, cache_seqlens=lens, block_table=bt, seqlen_new=1)
+    bad = bt.clone()
+    bad[40, 2] = 40
+    bad[33, 1] = -1  # the first in row-major order, in another program's rows than row 40
+    with pytest.raises(FlashAttnValueError, match=r"block_table\[33, 1\] = -1 is out of range"):
+        _value_checks_direct(batch=batch, cache_seqlens=lens, block_table=bad, seqlen_new=1)
+    long = lens.clone()
+    long[37] = 64  # + seqlen_new 1 > capacity 64
+    with pytest.raises(
+        FlashAttnValueError, match="cache too small: max\\(cache_seqlens\\) \\+ seqlen_new = 65"
+    ):
+        _value_checks_direct(batch=batch, cache_seqlens=long, block_table=bt, seqlen_new=1)
+    idx = torch.arange(batch, dtype=torch.int32, device=DEVICE) % 40
+    _value_checks_direct(batch=batch, cache_seqlens=lens, cache_batch_idx=idx)
+    idx[44] = 40
+    with pytest.raises(FlashAttnValueError, match=r"cache_batch_idx entries must lie in \[0, 40\)"):
+        _value_checks_direct(batch=batch, cache_seqlens=lens, cache_batch_idx=idx)
+    pad = torch.zeros(batch, dtype=torch.int32, device=DEVICE)
+    pad[20] = 21
+    with pytest.raises(FlashAttnValueError, match=r"leftpad_k must lie in \[0, cache_seqlens\]"):
+        _value_checks_direct(batch=batch, cache_seqlens=lens, cache_leftpad=pad, leftpad_name="leftpad_k")
+    # an int cache_seqlens with an index tensor: checked by the kernel too
+    with pytest.raises(FlashAttnValueError, match="cache_seqlens must be >= 0"):
+        _value_checks_direct(batch=batch, cache_seqlens=-1, block_table=bt)
+
+
+def test_int_seqlens_check_needs_no_device_work(monkeypatch):
+    """An int cache_seqlens and no index tensor: the check is host arithmetic (no kernel launch) and still
+    refuses a cache too small."""
+    import fa_kvcache.checks as kc
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("the value check launched a kernel")
+
+    monkeypatch.setattr(kc, "value_check_launch", no_launch)
+    _value_checks_direct(batch=3, cache_seqlens=60, seqlen_new=4)
+    with pytest.raises(
+        FlashAttnValueError, match="cache too small: max\\(cache_seqlens\\) \\+ seqlen_new = 65"
+    ):
+        _value_checks_direct(batch=3, cache_seqlens=60, seqlen_new=5)
+    with pytest.raises(FlashAttnValueError, match="cache_seqlens must be >= 0"):
+        _value_checks_direct(batch=3, cache_seqlens=-2)
+    a = _inputs()
+    a["cache_seqlens"] = 4
+    _call(**a)

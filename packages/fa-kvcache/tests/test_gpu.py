@@ -209,10 +209,10 @@ def test_fast_launch_bitwise_equal_to_triton_path(page):
 
 
 @pytest.mark.parametrize("page", [0, 16, 256])
-@pytest.mark.parametrize("splits", [4, 64])
-def test_fused_combine_gpu(monkeypatch, page, splits):
-    """FA_PLUS_FUSED_COMBINE=1 (the last split of a tile merges in the split-KV kernel) against the combine
-    kernel, eager and inside a CUDA graph replayed with new lengths (the arrival counters must reset)."""
+@pytest.mark.parametrize("tile", [(32, 4, 3), (64, 4, 4), (128, 8, 2)])
+def test_force_tile_gpu(page, tile):
+    """Tiles imposed with force_tile (the tuner's path) give the heuristic tile's results, with splits (the
+    combine kernel) and without, through contiguous and paged caches."""
     import fa_kvcache.interface as ki
 
     torch.manual_seed(5)
@@ -224,32 +224,45 @@ def test_fused_combine_gpu(monkeypatch, page, splits):
     if page:
         kc, vc, bt = _paged_from_contiguous(kc, vc, page)
     lens = torch.tensor([8000, 1, 4096, 777], dtype=torch.int32, device=DEVICE)
+    for splits in (1, 16):
 
-    def run():
-        return flash_attn_with_kvcache(
-            q, kc, vc, cache_seqlens=lens, block_table=bt, num_splits=splits, return_softmax_lse=True
-        )
+        def run(splits=splits):
+            return flash_attn_with_kvcache(
+                q, kc, vc, cache_seqlens=lens, block_table=bt, num_splits=splits, return_softmax_lse=True
+            )
 
-    monkeypatch.setenv("FA_PLUS_FUSED_COMBINE", "0")
-    ref = [t.clone() for t in run()]
-    monkeypatch.setenv("FA_PLUS_FUSED_COMBINE", "1")
-    for _ in range(3):
-        out, lse = run()
+        ref = [t.clone() for t in run()]
+        with ki.force_tile(tile):
+            out, lse = run()
         torch.testing.assert_close(out, ref[0], atol=2e-3, rtol=1e-2)
         torch.testing.assert_close(lse, ref[1], atol=1e-4, rtol=1e-4)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        g_out, g_lse = run()
-    for new_lens in ([8000, 1, 4096, 777], [100, 8191, 33, 5000]):
-        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
-        graph.replay()
-        torch.cuda.synchronize()
-        monkeypatch.setenv("FA_PLUS_FUSED_COMBINE", "0")
-        want_out, want_lse = run()
-        monkeypatch.setenv("FA_PLUS_FUSED_COMBINE", "1")
-        torch.testing.assert_close(g_out, want_out, atol=2e-3, rtol=1e-2)
-        torch.testing.assert_close(g_lse, want_lse, atol=1e-4, rtol=1e-4)
-    assert all(int(c.abs().sum()) == 0 for c in ki._COUNTERS.values())
+
+
+@pytest.mark.parametrize("batch", [3, 40, 700])
+def test_value_check_kernel_gpu(batch):
+    """The fused value check on the GPU: a passing call and each failing argument (the first bad block-table
+    entry named by row and column, also when it sits in another program's share of a large batch)."""
+    from fa_core.errors import FlashAttnValueError
+
+    page, cols = 16, 8
+    q = torch.randn(batch, 1, 8, 64, device=DEVICE, dtype=torch.float16)
+    kp = torch.randn(batch * cols, page, 2, 64, device=DEVICE, dtype=torch.float16)
+    bt = torch.arange(batch * cols, dtype=torch.int32, device=DEVICE).reshape(batch, cols)
+    lens = torch.full((batch,), 100, dtype=torch.int32, device=DEVICE)
+    flash_attn_with_kvcache(q, kp, kp, cache_seqlens=lens, block_table=bt)
+    bad = bt.clone()
+    bad[batch - 1, 6] = -1  # used (rows 96..99 live in column 6)
+    bad[batch - 1, 7] = -5  # unused: allowed
+    with pytest.raises(FlashAttnValueError, match=rf"block_table\[{batch - 1}, 6\] = -1"):
+        flash_attn_with_kvcache(q, kp, kp, cache_seqlens=lens, block_table=bad)
+    long = lens.clone()
+    long[batch // 2] = cols * page + 1
+    with pytest.raises(FlashAttnValueError, match="cache too small"):
+        flash_attn_with_kvcache(q, kp, kp, cache_seqlens=long, block_table=bt)
+    neg = lens.clone()
+    neg[-1] = -3
+    with pytest.raises(FlashAttnValueError, match="cache_seqlens must be >= 0"):
+        flash_attn_with_kvcache(q, kp, kp, cache_seqlens=neg, block_table=bt)
 
 
 def test_paged_capacity_error_names_block_table_and_context_survives():

@@ -7,6 +7,7 @@ element of both caches is bit-identical to before.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -545,27 +546,42 @@ def test_key_tile_fitted_points():
     assert _key_tile(4, 4, 16, 128, False, 8192, 64) == (64, 4, 3)
 
 
+@contextlib.contextmanager
+def bt_preload_off():
+    """Paged split-KV launches read their block-table entries inside the key loop (the path of splits too
+    long to preload: ``MAX_BT_PRELOAD`` exceeded) instead of preloading them; plans are re-made on both sides."""
+    import fa_kvcache.interface as ki
+
+    saved = ki.MAX_BT_PRELOAD
+    ki.MAX_BT_PRELOAD = 0
+    ki.plan_decode.cache_clear()
+    try:
+        yield
+    finally:
+        ki.MAX_BT_PRELOAD = saved
+        ki.plan_decode.cache_clear()
+
+
 @pytest.mark.parametrize("page", [16, 32, 48])
 @pytest.mark.parametrize("splits", [1, 3, 7])
-def test_block_table_preload(monkeypatch, page, splits):
+def test_block_table_preload(page, splits):
     """Paged caches with the split's block-table entries preloaded into registers (BT_PRELOAD > 0, the
-    default) and read inside the key loop (FA_PLUS_BT_PRELOAD=0): both match the reference and each other,
-    with splits that start mid-page (48-key pages) and the ragged end of the keys."""
+    default) and read inside the key loop (splits too long to preload): both match the reference and each
+    other, with splits that start mid-page (48-key pages) and the ragged end of the keys."""
     leftpad = False
     import fa_kvcache.interface as ki
 
     results = []
-    for flag in ("1", "0"):
-        monkeypatch.setenv("FA_PLUS_BT_PRELOAD", flag)
-        case = _make_case(
-            batch=3, seqlen_q=2, seqlen_new=3, leftpad=leftpad, page=page, capacity=192, seed=41 + page
-        )
-        results.append(_run_and_check(case, causal=True, num_splits=splits))
+    for preload in (True, False):
+        with contextlib.nullcontext() if preload else bt_preload_off():
+            case = _make_case(
+                batch=3, seqlen_q=2, seqlen_new=3, leftpad=leftpad, page=page, capacity=192, seed=41 + page
+            )
+            results.append(_run_and_check(case, causal=True, num_splits=splits))
     (out1, lse1), (out0, lse0) = results
     torch.testing.assert_close(out1, out0, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse1, lse0, atol=1e-5, rtol=1e-5)
     # the sizes it picks: every page of the longest split, the first one possibly partial
-    monkeypatch.setenv("FA_PLUS_BT_PRELOAD", "1")
     assert ki.bt_preload(16, 32768, 16, 64) == 256  # 2048 keys: 128 pages + 1
     assert ki.bt_preload(16, 32768, 16, 64, aligned=True) == 128  # tiles on page boundaries: no partial page
     assert ki.bt_preload(16, 32768, 64, 32, aligned=True) == 32  # b1/32k, 64 splits: 512 keys
@@ -588,32 +604,74 @@ def test_pages_smaller_than_tile(splits, causal):
 
 
 @pytest.mark.parametrize("page", [0, 16])
-@pytest.mark.parametrize("seqlen_q", [1, 3])
-@pytest.mark.parametrize("sink", [False, True])
-@pytest.mark.parametrize("splits", [3, 16])
-def test_fused_combine(monkeypatch, page, seqlen_q, sink, splits):
-    """FA_PLUS_FUSED_COMBINE=1: the last split of each tile merges the splits inside the split-KV kernel;
-    same results as the combine kernel (and the reference), counters back to zero afterwards. splits=16 has
-    more splits than key blocks (empty splits) and a sequence with no key (empty rows)."""
+def test_force_tile(page):
+    """force_tile imposes (BLOCK_N, num_warps, num_stages) on the split-KV launch: results still match the
+    reference (32-key tiles over 16-key pages: one tile straddles two pages); the innermost of nested tiles
+    applies and the heuristic's comes back on exit; bad tiles are refused naming ``tile``."""
+    import fa_kvcache.interface as ki
+    from fa_core.errors import FlashAttnValueError
+
+    default = ki._key_tile(1, 2, 16, 32, True, 96, page)
+    with ki.force_tile((64, 2, 2)) as outer:
+        assert outer == (64, 2, 2) and ki._key_tile(1, 2, 16, 32, True, 96, page) == (64, 2, 2)
+        with ki.force_tile((32, 1, 1)):
+            assert ki._key_tile(1, 2, 16, 32, True, 96, page) == (32, 1, 1)
+            case = _make_case(seqlen_q=2, seqlen_new=1, page=page, capacity=96, seed=13 + page)
+            _run_and_check(case, causal=True, num_splits=3)
+        assert ki._key_tile(1, 2, 16, 32, True, 96, page) == (64, 2, 2)
+    assert ki._key_tile(1, 2, 16, 32, True, 96, page) == default
+    for bad in [(48, 4, 2), (8, 4, 2), (64, 0, 2), (64, 4), (64, 4, 2.0), (True, 4, 2), [64, 4, 2]]:
+        with pytest.raises(FlashAttnValueError, match="tile"), ki.force_tile(bad):  # type: ignore[arg-type]
+            pass
+    assert not ki._FORCED_TILES
+
+
+def test_plan_decode_is_cached():
+    """A steady decode loop plans once: the second identical call is a plan_decode cache hit; a new shape,
+    flag or split count makes a new plan, and the plan's constexprs follow the arguments."""
     import fa_kvcache.interface as ki
 
-    results = []
-    # fused first: its output buffer cannot inherit the combine kernel's freshly freed result
-    for fused in ("1", "0"):
-        monkeypatch.setenv("FA_PLUS_FUSED_COMBINE", fused)
-        case = _make_case(seqlen_q=seqlen_q, seqlen_new=1, page=page, capacity=96, seed=31 + page)
-        if splits == 16:
-            case["cache_seqlens"][0] = 0
-        kw: dict = dict(causal=True, num_splits=splits)
-        if sink:
-            kw["learnable_sink"] = (torch.randn(6, generator=torch.Generator().manual_seed(3)) * 2).to(DEVICE)
-        if splits == 16:
-            kw["window_size"] = (3, 0)
-        results.append(_run_and_check(case, **kw))
-    assert ki._COUNTERS and all(int(c.abs().sum()) == 0 for c in ki._COUNTERS.values())
-    (out1, lse1), (out0, lse0) = results
-    torch.testing.assert_close(out1, out0, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse1, lse0, atol=1e-5, rtol=1e-5)
+    ki.plan_decode.cache_clear()
+    case = _make_case(seqlen_q=1, seqlen_new=1, page=16, capacity=96, seed=5)
+    _run_and_check(case, causal=True, num_splits=2)
+    info = ki.plan_decode.cache_info()
+    _run_and_check(case, causal=True, num_splits=2)
+    after = ki.plan_decode.cache_info()
+    assert after.hits == info.hits + 1 and after.misses == info.misses
+    _run_and_check(case, causal=True, num_splits=3)
+    assert ki.plan_decode.cache_info().misses == after.misses + 1
+    args = (
+        2,
+        1,
+        6,
+        2,
+        32,
+        32,
+        96,
+        16,
+        3,
+        4,
+        True,
+        False,
+        False,
+        False,
+        False,
+        False,
+        False,
+        False,
+        False,
+        True,
+    )
+    plan = ki.plan_decode(*args)
+    assert plan.splits == 3 and plan.grid[2] == 3 and plan.grid[1] == 2 * 2
+    assert plan.split_meta["PAGED"] and plan.split_meta["PAGE"] == 16 and plan.split_meta["SPLIT"]
+    assert plan.combine_grid == (2 * 1 * 6,) and plan.combine_meta["BLOCK_S"] == 4
+    contiguous = ki.plan_decode(*args[:7], 0, 1, *args[9:])
+    assert (
+        contiguous.splits == 1
+        and not contiguous.split_meta["PAGED"]
+        and contiguous.split_meta["BT_PRELOAD"] == 0
+    )
 
 
 @pytest.mark.parametrize("page", [0, 16])

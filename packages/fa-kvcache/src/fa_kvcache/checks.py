@@ -251,7 +251,6 @@ def value_checks(
     ``[cache_leftpad, cache_seqlens + seqlen_new)``) in ``[0, num_blocks)``; unused entries may hold anything
     (serving stacks pad with -1). Raises :class:`FlashAttnValueError` naming the argument.
     """
-    seq_tensor = isinstance(cache_seqlens, torch.Tensor)
     like = next(
         (
             t
@@ -280,7 +279,7 @@ def value_checks(
     if min_len >= 0 and max_total <= capacity and not (n_pad or n_idx or n_bt):
         return
     # failing: the messages read the tensors again (host copies; this path ends in an exception)
-    lens = cache_seqlens.tolist() if seq_tensor else [int(cache_seqlens)] * batch
+    lens = cache_seqlens.tolist() if isinstance(cache_seqlens, torch.Tensor) else [int(cache_seqlens)] * batch
     if min_len < 0:
         raise FlashAttnValueError(f"cache_seqlens must be >= 0, got {lens}")
     if max_total > capacity:

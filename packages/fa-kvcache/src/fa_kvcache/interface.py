@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import torch
 
@@ -33,10 +34,13 @@ split_kv_launch = FastLaunch(split_kv_kernel)
 combine_launch = FastLaunch(combine_kernel)
 
 __all__ = [
+    "DecodePlan",
     "append_to_cache",
     "flash_attn_with_kvcache",
+    "force_tile",
     "kvcache_value_checks_enabled",
     "num_splits_heuristic",
+    "plan_decode",
 ]
 
 MAX_SPLITS = 128
@@ -84,38 +88,38 @@ def num_splits_heuristic(
     return cdiv(n_key_blocks, cdiv(n_key_blocks, splits))
 
 
-def fused_combine_enabled() -> bool:
-    """``FA_PLUS_FUSED_COMBINE=1``: the last split of each tile merges the splits inside the split-KV kernel
-    (one launch fewer per decode step). Off by default: on an H200 (CUDA graphs, d128, 32/8 heads) it ran at
-    0.54-0.77x of the two-launch path at batch 1 (the merging program is a serial tail) and 0.96-1.03x from
-    batch 8 (``reports/h200-decode-fused-combine.md``). One arrival-counter buffer
-    per device serves every call: do not run two such decode calls concurrently on different streams of one
-    device (a CUDA graph replayed while another stream decodes counts as such)."""
-    return os.environ.get("FA_PLUS_FUSED_COMBINE", "0") == "1"
-
-
-# arrival counters of the fused combine, one buffer per device: zero between calls (the last split of a tile
-# resets its counter), so it serves every call, CUDA-graph replays included
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _split_counters(q: torch.Tensor, n: int) -> torch.Tensor | None:
-    """An int32 buffer of at least ``n`` zeros for the fused combine; None (use the combine kernel) when it
-    would have to be allocated during CUDA-graph capture (make one eager call with the flag first)."""
-    buf = _COUNTERS.get(q.device)
-    if buf is None or buf.numel() < n:
-        if q.is_cuda and torch.cuda.is_current_stream_capturing():
-            return None
-        buf = _COUNTERS[q.device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=q.device)
-    return buf
-
-
 def _launch_ctx(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-# Tuning hook for bench/tune_decode.py: (BLOCK_N, num_warps, num_stages) forced for every launch when set.
-_FORCE_TILE: tuple[int, int, int] | None = None
+#: the tiles :func:`force_tile` imposes, innermost last
+_FORCED_TILES: list[tuple[int, int, int]] = []
+
+
+@contextlib.contextmanager
+def force_tile(tile: tuple[int, int, int]) -> Iterator[tuple[int, int, int]]:
+    """Run every split-KV launch inside the block with ``tile = (BLOCK_N, num_warps, num_stages)`` instead of
+    :func:`_key_tile`'s choice (tuners: bench/tune_decode.py). Three positive ints, ``BLOCK_N`` a power of
+    two >= 16, else :class:`fa_core.errors.FlashAttnValueError`. Nests: the innermost forced tile applies.
+
+        with force_tile((128, 4, 3)):
+            out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens)
+    """
+    ok = (
+        isinstance(tile, tuple)
+        and len(tile) == 3
+        and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in tile)
+    )
+    if not ok or tile[0] < 16 or tile[0] & (tile[0] - 1):
+        raise FlashAttnValueError(
+            f"force_tile: tile must be (BLOCK_N, num_warps, num_stages), three positive ints with BLOCK_N a "
+            f"power of two >= 16; got tile = {tile!r}"
+        )
+    _FORCED_TILES.append(tile)
+    try:
+        yield tile
+    finally:
+        _FORCED_TILES.pop()
 
 
 def _row_tile(seqlen_q: int, group: int, d: int, dv: int, interpret: bool) -> tuple[int, int]:
@@ -135,9 +139,8 @@ def bt_preload(page: int, capacity: int, splits: int, block_n: int, aligned: boo
     """``BT_PRELOAD`` of the split-KV kernel: a power of two covering the block-table entries of the longest
     split (``cdiv(per_split * block_n, page)`` pages, one more unless ``aligned``: key tiles start on page
     boundaries, i.e. pages no larger than the tile and no left padding), or 0 (load them inside the key loop)
-    when that exceeds :data:`MAX_BT_PRELOAD` or the cache is contiguous (``page`` 0). ``FA_PLUS_BT_PRELOAD=0``
-    turns it off (A/B timing)."""
-    if page <= 0 or os.environ.get("FA_PLUS_BT_PRELOAD", "1") == "0":
+    when that exceeds :data:`MAX_BT_PRELOAD` or the cache is contiguous (``page`` 0)."""
+    if page <= 0:
         return 0
     per_split = cdiv(cdiv(capacity, block_n), max(1, splits))
     n = cdiv(per_split * block_n, page) + (0 if aligned else 1)
@@ -154,12 +157,13 @@ def _key_tile(
     :func:`num_splits_heuristic`) 32-key tiles with 3 stages through a paged cache (64-key tiles through pages
     smaller than the tile, >= 1024 keys a program) and 64-key tiles with 4 stages on a contiguous one; on very
     long streams (>= 8k keys a program, batch 64 / 32k) 128-key tiles with 3 stages, or 64-key tiles through
-    pages of fewer than 128 keys (``page``; 0 = contiguous; 3507 -> 4255 GB/s at page 16).
+    pages of fewer than 128 keys (``page``; 0 = contiguous; 3507 -> 4255 GB/s at page 16). Inside
+    :func:`force_tile`: the innermost forced tile.
     """
+    if _FORCED_TILES:
+        return _FORCED_TILES[-1]
     if interpret:
         return 16 if seqlen_q * next_pow2(group) <= 16 else 32, 1, 1
-    if _FORCE_TILE is not None:
-        return _FORCE_TILE
     if dmax > 128:
         return 32, 8 if block_m >= 64 else 4, 2
     if block_m >= 64:
@@ -209,8 +213,9 @@ def append_to_cache(
     seq_tensor = isinstance(cache_seqlens, torch.Tensor)
     dummy = empty_arg(k_cache, torch.int32)
     has_rot = rotary_cos is not None and rotary_sin is not None
-    cos = rotary_cos.contiguous() if rotary_cos is not None and has_rot else k_cache.new_empty(0, 1)
-    sin = rotary_sin.contiguous() if rotary_sin is not None and has_rot else k_cache.new_empty(0, 1)
+    placeholder = empty_arg(k_cache, k_cache.dtype)
+    cos = rotary_cos.contiguous() if rotary_cos is not None and has_rot else placeholder
+    sin = rotary_sin.contiguous() if rotary_sin is not None and has_rot else placeholder
     rot_dim = 2 * cos.shape[1] if has_rot else 0
     bt = block_table if block_table is not None else dummy
     block_t = 16 if V.interpreting() else 32
@@ -432,21 +437,32 @@ def flash_attn_with_kvcache(
     if batch == 0 or seqlen_q == 0 or nheads == 0:
         return (out, lse) if return_softmax_lse else out
 
-    interp = V.interpreting()
-    block_m, hb = _row_tile(seqlen_q, group, d, dv, interp)
-    n_head_chunks = cdiv(group, hb)
-    n_qblocks = cdiv(seqlen_q, block_m // hb)
-    work = n_qblocks * n_head_chunks * batch * nheads_k
     page = k_cache.shape[1] if paged else 0
-    if num_splits is None or int(num_splits) <= 0:
-        splits = num_splits_heuristic(work, cdiv(capacity, 64), _sm_count(q.device), paged=paged, page=page)
-    else:
-        splits = min(int(num_splits), MAX_SPLITS)
-    block_n, warps, stages = _key_tile(seqlen_q, group, block_m, max(d, dv), interp, capacity // splits, page)
-    aligned = 0 < page <= block_n and block_n % page == 0 and cache_leftpad is None
-    preload = bt_preload(page, capacity, splits, block_n, aligned)
-
     seq_tensor = isinstance(cache_seqlens, torch.Tensor)
+    plan = plan_decode(
+        batch,
+        seqlen_q,
+        nheads,
+        nheads_k,
+        d,
+        dv,
+        capacity,
+        page,
+        int(num_splits or 0),
+        _sm_count(q.device),
+        seq_tensor,
+        cache_batch_idx is not None,
+        cache_leftpad is not None,
+        is_local,
+        has_window_left(is_local, left),
+        attention_chunk > 0,
+        softcap > 0,
+        alibi_slopes is not None,
+        learnable_sink is not None,
+        V.interpreting(),
+        _FORCED_TILES[-1] if _FORCED_TILES else None,
+    )
+    splits = plan.splits
     cache_len_int = capacity if cache_seqlens is None else (0 if seq_tensor else int(cache_seqlens))
     dummy = empty_arg(q, torch.int32)
     bt = block_table if block_table is not None else dummy
@@ -455,13 +471,11 @@ def flash_attn_with_kvcache(
         lse_part = torch.empty(splits, batch, seqlen_q, nheads, dtype=torch.float32, device=q.device)
     else:
         out_part = lse_part = empty_arg(q, torch.float32)
-    grid = (n_qblocks * n_head_chunks, batch * nheads_k, splits)
-    counters = _split_counters(q, grid[0] * grid[1]) if splits > 1 and fused_combine_enabled() else None
     alibi = alibi_slopes if alibi_slopes is not None else empty_arg(q, torch.float32)
     stride_alb = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
     with _launch_ctx(q):
         split_kv_launch(
-            grid,
+            plan.grid,
             q,
             k_cache,
             v_cache,
@@ -469,7 +483,6 @@ def flash_attn_with_kvcache(
             lse,
             out_part,
             lse_part,
-            counters if counters is not None else dummy,
             bt,
             cache_seqlens if seq_tensor else dummy,
             cache_batch_idx if cache_batch_idx is not None else dummy,
@@ -500,58 +513,133 @@ def flash_attn_with_kvcache(
             nheads,
             nheads_k,
             group,
-            n_head_chunks,
+            plan.n_head_chunks,
             splits,
             float(softmax_scale),
             float(softcap),
             left,
             right,
             int(attention_chunk),
-            HEADDIM=d,
-            HEADDIM_V=dv,
-            BLOCK_D=max(next_pow2(d), 16),
-            BLOCK_DV=max(next_pow2(dv), 16),
-            PAGED=paged,
-            PAGE=page if paged else 1,
-            PAGE_TILE=paged and page % block_n == 0 and cache_leftpad is None,
-            BT_PRELOAD=preload,
-            SEQLENS_TENSOR=seq_tensor,
-            HAS_BATCH_IDX=cache_batch_idx is not None,
-            HAS_LEFTPAD=cache_leftpad is not None,
-            IS_LOCAL=is_local,
-            HAS_WINDOW_LEFT=has_window_left(is_local, left),
-            HAS_CHUNK=attention_chunk > 0,
-            HAS_SOFTCAP=softcap > 0,
-            HAS_ALIBI=alibi_slopes is not None,
-            HAS_SINK=learnable_sink is not None,
-            SPLIT=splits > 1,
-            FUSED_COMBINE=counters is not None,
-            HB=hb,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            num_warps=warps,
-            num_stages=stages,
+            **plan.split_meta,
         )
-        if splits > 1 and counters is None:
-            n_rows = batch * seqlen_q * nheads
+        if splits > 1:
             combine_launch(
-                (n_rows,),
+                plan.combine_grid,
                 out_part,
                 lse_part,
                 out,
                 lse,
                 learnable_sink if learnable_sink is not None else lse_part,
-                n_rows,
+                plan.combine_grid[0],
                 seqlen_q,
                 nheads,
                 splits,
                 out.stride(0),
                 out.stride(1),
                 out.stride(2),
-                HEADDIM_V=dv,
-                BLOCK_DV=max(next_pow2(dv), 16),
-                BLOCK_S=min(next_pow2(splits), 16),
-                HAS_SINK=learnable_sink is not None,
-                num_warps=4 if dv > 64 else 2,
+                **plan.combine_meta,
             )
     return (out, lse) if return_softmax_lse else out
+
+
+class DecodePlan(NamedTuple):
+    """How :func:`flash_attn_with_kvcache` launches one decode call (see :func:`plan_decode`)."""
+
+    #: key splits (1: no combine launch)
+    splits: int
+    #: GQA head chunks per kv head (``cdiv(group, HB)``)
+    n_head_chunks: int
+    #: split-KV grid ``(query tiles * head chunks, batch * nheads_k, splits)``
+    grid: tuple[int, int, int]
+    #: the split-KV kernel's constexprs and compile options
+    split_meta: dict[str, Any]
+    #: combine grid ``(batch * seqlen_q * nheads,)`` (with splits)
+    combine_grid: tuple[int]
+    #: the combine kernel's constexprs and compile options
+    combine_meta: dict[str, Any]
+
+
+@functools.lru_cache(maxsize=1024)
+def plan_decode(
+    batch: int,
+    seqlen_q: int,
+    nheads: int,
+    nheads_k: int,
+    d: int,
+    dv: int,
+    capacity: int,
+    page: int,
+    num_splits: int,
+    num_sms: int,
+    seqlens_tensor: bool,
+    has_batch_idx: bool,
+    has_leftpad: bool,
+    is_local: bool,
+    has_window_left: bool,
+    has_chunk: bool,
+    has_softcap: bool,
+    has_alibi: bool,
+    has_sink: bool,
+    interpret: bool,
+    forced_tile: tuple[int, int, int] | None = None,
+) -> DecodePlan:
+    """The launch plan of one decode call: query-row tile and GQA packing (:func:`_row_tile`), split count
+    (``num_splits`` > 0: that many, at most :data:`MAX_SPLITS`; else :func:`num_splits_heuristic`), key tile
+    (:func:`_key_tile`, or ``forced_tile``), block-table preload (:func:`bt_preload`), grids and every
+    constexpr of the split-KV and combine kernels.
+
+    Cached on its arguments (shapes, the cache's ``page`` size, 0 = contiguous, ``capacity`` = rows a sequence
+    can hold, the SM count and the kernel flags): a steady decode loop plans once. Strides and dtypes are not
+    inputs: the launches pass them as runtime arguments.
+    """
+    group = nheads // nheads_k
+    paged = page > 0
+    block_m, hb = _row_tile(seqlen_q, group, d, dv, interpret)
+    n_head_chunks = cdiv(group, hb)
+    n_qblocks = cdiv(seqlen_q, block_m // hb)
+    work = n_qblocks * n_head_chunks * batch * nheads_k
+    if num_splits <= 0:
+        splits = num_splits_heuristic(work, cdiv(capacity, 64), num_sms, paged=paged, page=page)
+    else:
+        splits = min(num_splits, MAX_SPLITS)
+    if forced_tile is not None:
+        block_n, warps, stages = forced_tile
+    else:
+        block_n, warps, stages = _key_tile(
+            seqlen_q, group, block_m, max(d, dv), interpret, capacity // splits, page
+        )
+    aligned = 0 < page <= block_n and block_n % page == 0 and not has_leftpad
+    split_meta: dict[str, Any] = {
+        "HEADDIM": d,
+        "HEADDIM_V": dv,
+        "BLOCK_D": max(next_pow2(d), 16),
+        "BLOCK_DV": max(next_pow2(dv), 16),
+        "PAGED": paged,
+        "PAGE": page if paged else 1,
+        "PAGE_TILE": paged and page % block_n == 0 and not has_leftpad,
+        "BT_PRELOAD": bt_preload(page, capacity, splits, block_n, aligned),
+        "SEQLENS_TENSOR": seqlens_tensor,
+        "HAS_BATCH_IDX": has_batch_idx,
+        "HAS_LEFTPAD": has_leftpad,
+        "IS_LOCAL": is_local,
+        "HAS_WINDOW_LEFT": has_window_left,
+        "HAS_CHUNK": has_chunk,
+        "HAS_SOFTCAP": has_softcap,
+        "HAS_ALIBI": has_alibi,
+        "HAS_SINK": has_sink,
+        "SPLIT": splits > 1,
+        "HB": hb,
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "num_warps": warps,
+        "num_stages": stages,
+    }
+    combine_meta: dict[str, Any] = {
+        "HEADDIM_V": dv,
+        "BLOCK_DV": max(next_pow2(dv), 16),
+        "BLOCK_S": min(next_pow2(splits), 16),
+        "HAS_SINK": has_sink,
+        "num_warps": 4 if dv > 64 else 2,
+    }
+    grid = (n_qblocks * n_head_chunks, batch * nheads_k, splits)
+    return DecodePlan(splits, n_head_chunks, grid, split_meta, (batch * seqlen_q * nheads,), combine_meta)

@@ -11,8 +11,9 @@ Split-KV attention (flash-decoding)
     paged cache that row lives in block ``block_table[b, row // PAGE]`` at offset ``row % PAGE`` (a per-key
     gather, so any page size works and a tile may straddle pages).
     With one split the kernel writes ``out`` and ``lse`` directly; with several, each split writes a
-    normalised partial output and its lse (fp32), and :func:`combine_kernel` merges them, or (``FUSED_COMBINE``)
-    the last split of each tile to finish merges them in the same kernel (an arrival counter per tile).
+    normalised partial output and its lse (fp32), and :func:`combine_kernel` merges them (a second launch:
+    merging in the split-KV kernel's last program of each tile ran at 0.54-0.77x at batch 1 on an H200, a
+    serial tail, ``reports/h200-decode-fused-combine.md``).
 
 Masking and score modification come from :mod:`fa_core.masking` (``kv_range``, ``visible``,
 ``scores_log2``), the project's single definition of causal / window / softcap / ALiBi.
@@ -104,8 +105,6 @@ def _attn_inner(
     bt_base,
     bt_vec,
     pg0,
-    start,
-    end,
     leftpad,
     q_pos,
     offs_d,
@@ -123,7 +122,6 @@ def _attn_inner(
     window_left,
     window_right,
     attention_chunk,
-    MASKED: tl.constexpr,
     IS_LOCAL: tl.constexpr,
     HAS_CHUNK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -137,7 +135,12 @@ def _attn_inner(
     EVEN_D: tl.constexpr,
     EVEN_DV: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    start,
+    end,
+    MASKED: tl.constexpr,
 ):
+    """Online-softmax accumulation of the keys ``[start, end)`` (``MASKED``: with the element mask, window /
+    chunk and edge checks); the call sites differ only in ``start``, ``end`` and ``MASKED``."""
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in tl.range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
@@ -155,11 +158,11 @@ def _attn_inner(
             stride_vb,
             stride_vn,
             num_blocks,
-            PAGED,
-            PAGE,
-            PAGE_TILE,
-            MASKED,
-            BT_PRELOAD,
+            PAGED=PAGED,
+            PAGE=PAGE,
+            PAGE_TILE=PAGE_TILE,
+            MASK_N=MASKED,
+            BT_PRELOAD=BT_PRELOAD,
         )
         # K transposed: (BLOCK_D, BLOCK_N)
         k_ptrs = k_base + k_off[None, :] + offs_d[:, None]
@@ -211,7 +214,6 @@ def split_kv_kernel(
     Lse,
     OutPart,
     LsePart,
-    Counter,
     BlockTable,
     CacheSeqlens,
     CacheBatchIdx,
@@ -267,7 +269,6 @@ def split_kv_kernel(
     HAS_ALIBI: tl.constexpr,
     HAS_SINK: tl.constexpr,
     SPLIT: tl.constexpr,
-    FUSED_COMBINE: tl.constexpr,
     HB: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -371,27 +372,139 @@ def split_kv_kernel(
     # [s_lo, a) and [c, s_hi) need the element mask, [a, c) does not. [s_lo, a) is empty unless a window
     # bounds the keys on the left (kv_range: full_lo == lo otherwise): compiled out then, as in the forward
     # kernel (a zero-trip masked loop still cost 7-13% there on an H200)
-    # fmt: off
     if HAS_WINDOW_LEFT:
         acc, l_i, m_i = _attn_inner(
-            acc, l_i, m_i, q, k_base, v_base, bt_base, bt_vec, pg0, s_lo, a, leftpad, q_pos, offs_d, offs_dv, seqlen_q,
-            seqlen_k, stride_kb, stride_kn, stride_vb, stride_vn, num_blocks, sm_scale, softcap, alibi_slope, window_left,
-            window_right, attention_chunk, True, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI, PAGED, PAGE,
-            PAGE_TILE, BT_PRELOAD, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N,
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            bt_base,
+            bt_vec,
+            pg0,
+            leftpad,
+            q_pos,
+            offs_d,
+            offs_dv,
+            seqlen_q,
+            seqlen_k,
+            stride_kb,
+            stride_kn,
+            stride_vb,
+            stride_vn,
+            num_blocks,
+            sm_scale,
+            softcap,
+            alibi_slope,
+            window_left,
+            window_right,
+            attention_chunk,
+            IS_LOCAL=IS_LOCAL,
+            HAS_CHUNK=HAS_CHUNK,
+            HAS_SOFTCAP=HAS_SOFTCAP,
+            HAS_ALIBI=HAS_ALIBI,
+            PAGED=PAGED,
+            PAGE=PAGE,
+            PAGE_TILE=PAGE_TILE,
+            BT_PRELOAD=BT_PRELOAD,
+            HEADDIM=HEADDIM,
+            HEADDIM_V=HEADDIM_V,
+            EVEN_D=EVEN_D,
+            EVEN_DV=EVEN_DV,
+            BLOCK_N=BLOCK_N,
+            start=s_lo,
+            end=a,
+            MASKED=True,
         )
     acc, l_i, m_i = _attn_inner(
-        acc, l_i, m_i, q, k_base, v_base, bt_base, bt_vec, pg0, a, c, leftpad, q_pos, offs_d, offs_dv, seqlen_q,
-        seqlen_k, stride_kb, stride_kn, stride_vb, stride_vn, num_blocks, sm_scale, softcap, alibi_slope, window_left,
-        window_right, attention_chunk, False, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI, PAGED, PAGE,
-        PAGE_TILE, BT_PRELOAD, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N,
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        bt_base,
+        bt_vec,
+        pg0,
+        leftpad,
+        q_pos,
+        offs_d,
+        offs_dv,
+        seqlen_q,
+        seqlen_k,
+        stride_kb,
+        stride_kn,
+        stride_vb,
+        stride_vn,
+        num_blocks,
+        sm_scale,
+        softcap,
+        alibi_slope,
+        window_left,
+        window_right,
+        attention_chunk,
+        IS_LOCAL=IS_LOCAL,
+        HAS_CHUNK=HAS_CHUNK,
+        HAS_SOFTCAP=HAS_SOFTCAP,
+        HAS_ALIBI=HAS_ALIBI,
+        PAGED=PAGED,
+        PAGE=PAGE,
+        PAGE_TILE=PAGE_TILE,
+        BT_PRELOAD=BT_PRELOAD,
+        HEADDIM=HEADDIM,
+        HEADDIM_V=HEADDIM_V,
+        EVEN_D=EVEN_D,
+        EVEN_DV=EVEN_DV,
+        BLOCK_N=BLOCK_N,
+        start=a,
+        end=c,
+        MASKED=False,
     )
     acc, l_i, m_i = _attn_inner(
-        acc, l_i, m_i, q, k_base, v_base, bt_base, bt_vec, pg0, c, s_hi, leftpad, q_pos, offs_d, offs_dv, seqlen_q,
-        seqlen_k, stride_kb, stride_kn, stride_vb, stride_vn, num_blocks, sm_scale, softcap, alibi_slope, window_left,
-        window_right, attention_chunk, True, IS_LOCAL, HAS_CHUNK, HAS_SOFTCAP, HAS_ALIBI, PAGED, PAGE, PAGE_TILE,
-        BT_PRELOAD, HEADDIM, HEADDIM_V, EVEN_D, EVEN_DV, BLOCK_N,
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        bt_base,
+        bt_vec,
+        pg0,
+        leftpad,
+        q_pos,
+        offs_d,
+        offs_dv,
+        seqlen_q,
+        seqlen_k,
+        stride_kb,
+        stride_kn,
+        stride_vb,
+        stride_vn,
+        num_blocks,
+        sm_scale,
+        softcap,
+        alibi_slope,
+        window_left,
+        window_right,
+        attention_chunk,
+        IS_LOCAL=IS_LOCAL,
+        HAS_CHUNK=HAS_CHUNK,
+        HAS_SOFTCAP=HAS_SOFTCAP,
+        HAS_ALIBI=HAS_ALIBI,
+        PAGED=PAGED,
+        PAGE=PAGE,
+        PAGE_TILE=PAGE_TILE,
+        BT_PRELOAD=BT_PRELOAD,
+        HEADDIM=HEADDIM,
+        HEADDIM_V=HEADDIM_V,
+        EVEN_D=EVEN_D,
+        EVEN_DV=EVEN_DV,
+        BLOCK_N=BLOCK_N,
+        start=c,
+        end=s_hi,
+        MASKED=True,
     )
-    # fmt: on
 
     dv_ok = offs_dv[None, :] < HEADDIM_V
     if SPLIT:
@@ -403,41 +516,6 @@ def split_kv_kernel(
         prow = ((split * batch + b).to(tl.int64) * seqlen_q + q_pos) * nheads + head
         tl.store(LsePart + prow, tl.where(empty, float("-inf"), lse), mask=row_ok)
         tl.store(OutPart + prow[:, None] * HEADDIM_V + offs_dv[None, :], acc, mask=row_ok[:, None] & dv_ok)
-        if FUSED_COMBINE:
-            # the last split of this tile to arrive merges all of them (no combine launch): every thread's
-            # partial stores precede the barrier, the acq_rel atomic publishes them at GPU scope and acquires
-            # the other splits'; the counter goes back to 0 for the next call (CUDA-graph replays included)
-            tl.debug_barrier()
-            tile = pid_bh * tl.num_programs(0) + pid_m
-            arrived = tl.atomic_add(Counter + tile, 1, sem="acq_rel")
-            if arrived == num_splits - 1:
-                tl.atomic_xchg(Counter + tile, 0)
-                m_c = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-                den = tl.zeros([BLOCK_M], dtype=tl.float32)
-                acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-                for sp in range(0, num_splits):
-                    prow = ((sp * batch + b).to(tl.int64) * seqlen_q + q_pos) * nheads + head
-                    # .cg: read through L2, where the other programs' partials are
-                    lse_s = tl.load(LsePart + prow, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-                    o = tl.load(
-                        OutPart + prow[:, None] * HEADDIM_V + offs_dv[None, :],
-                        mask=row_ok[:, None] & dv_ok,
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
-                    m_new = tl.maximum(m_c, lse_s)
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    alpha = tl.exp(m_c - m_safe)
-                    w = tl.exp(lse_s - m_safe)
-                    den = den * alpha + w
-                    acc = acc * alpha[:, None] + w[:, None] * o
-                    m_c = m_new
-                sink = tl.zeros([BLOCK_M], dtype=tl.float32)
-                if HAS_SINK:
-                    sink = tl.load(Sink + head, mask=row_ok, other=0.0).to(tl.float32)
-                acc, lse = _merged_rows(acc, den, m_c, sink, HAS_SINK)
-                _store_rows(Out, Lse, acc, lse, b, q_pos, head, row_ok, offs_dv, dv_ok, seqlen_q, nheads,
-                            stride_ob, stride_om, stride_oh)  # fmt: skip
     else:
         if HAS_SINK:
             # learnable sink (gpt-oss): one extra logit per head in the denominator, none in the output
@@ -452,8 +530,23 @@ def split_kv_kernel(
         l_safe = tl.where(empty, 1.0, l_i)
         acc = acc / l_safe[:, None]
         lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-        _store_rows(Out, Lse, acc, lse, b, q_pos, head, row_ok, offs_dv, dv_ok, seqlen_q, nheads,
-                    stride_ob, stride_om, stride_oh)  # fmt: skip
+        _store_rows(
+            Out,
+            Lse,
+            acc,
+            lse,
+            b,
+            q_pos,
+            head,
+            row_ok,
+            offs_dv,
+            dv_ok,
+            seqlen_q,
+            nheads,
+            stride_ob,
+            stride_om,
+            stride_oh,
+        )
 
 
 @triton.jit
@@ -558,5 +651,20 @@ def combine_kernel(
     if HAS_SINK:
         sink = tl.load(Sink + head).to(tl.float32)
     out_row, lse = _merged_rows(acc[None, :], den, m, sink, HAS_SINK)
-    _store_rows(Out, Lse, out_row, lse, b, q_pos, head, one == 0, offs_dv, dv_ok[None, :], seqlen_q, nheads,
-                stride_ob, stride_om, stride_oh)  # fmt: skip
+    _store_rows(
+        Out,
+        Lse,
+        out_row,
+        lse,
+        b,
+        q_pos,
+        head,
+        one == 0,
+        offs_dv,
+        dv_ok[None, :],
+        seqlen_q,
+        nheads,
+        stride_ob,
+        stride_om,
+        stride_oh,
+    )
