@@ -18,12 +18,14 @@ from fa_core.block_sparse import BlockMask
 from fa_core.forward_launch import launch_forward
 from fa_core.testing import DEVICE
 
+#: float32 under the interpreter, float16 on a GPU
+DT = torch.float32 if DEVICE == "cpu" else torch.float16
 G = 48  # guard rows / pages on each side: larger than any garbage excursion below
 SENTINEL = 7.25
 H, HK, D = 4, 2, 32
 
 
-def guarded(shape, dim=0, fill=float("nan"), dtype=torch.float32):
+def guarded(shape, dim=0, fill=float("nan"), dtype=DT):
     """``(buffer, view)``: ``view`` has ``shape`` and sits ``G`` entries into ``buffer`` along ``dim``; the
     buffer is filled with ``fill`` and the view with random values."""
     big_shape = list(shape)
@@ -34,11 +36,11 @@ def guarded(shape, dim=0, fill=float("nan"), dtype=torch.float32):
     return buf, view
 
 
-def out_buffer(shape, dim=0):
+def out_buffer(shape, dim=0, dtype=DT):
     """An output view into a sentinel-filled buffer: ``(buffer, view)``."""
     big_shape = list(shape)
     big_shape[dim] += 2 * G
-    buf = torch.full(big_shape, SENTINEL, dtype=torch.float32, device=DEVICE)
+    buf = torch.full(big_shape, SENTINEL, dtype=dtype, device=DEVICE)
     return buf, buf.narrow(dim, G, shape[dim])
 
 
@@ -88,7 +90,7 @@ def test_varlen_garbage_indices(case, causal):
     _, k = guarded((TOTAL, HK, D))
     _, v = guarded((TOTAL, HK, D))
     out_buf, out = out_buffer((TOTAL, H, D))
-    lse_buf, lse = out_buffer((H, TOTAL), dim=1)
+    lse_buf, lse = out_buffer((H, TOTAL), dim=1, dtype=torch.float32)
     with settings.override(value_checks=False):
         if leftpad is None:
             res = flash_attn_varlen_forward(
@@ -143,7 +145,7 @@ def test_paged_garbage_indices(with_leftpad):
     leftpad = torch.tensor([-7, 50, 3, 2**30], dtype=torch.int32, device=DEVICE) if with_leftpad else None
     _, q = guarded((26, H, D))
     out_buf, out = out_buffer((26, H, D))
-    lse_buf, lse = out_buffer((H, 26), dim=1)
+    lse_buf, lse = out_buffer((H, 26), dim=1, dtype=torch.float32)
     for used in (None, seqused):
         launch_forward(
             q,

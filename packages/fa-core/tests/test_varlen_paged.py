@@ -23,6 +23,8 @@ from fa_core.paged_varlen import check_leftpad_and_pages
 from fa_core.testing import DEVICE, assert_close_2x, poisoned
 
 DTYPES = [torch.float32, torch.float16] if DEVICE == "cpu" else [torch.float16, torch.bfloat16]
+#: one-dtype tests: float32 under the interpreter, float16 on a GPU (whose float32 dot rounds to TF32)
+DT = torch.float32 if DEVICE == "cpu" else torch.float16
 
 H, HK, D = 4, 2, 32
 LENS_Q = [3, 17, 0, 9, 1]
@@ -159,18 +161,18 @@ def test_paged_pages_smaller_than_the_tile(page, rule):
     """A 64-key tile over 16- / 32-row pages: one block-table read per key (several pages per tile), several
     tiles per sequence."""
     lens_q, lens_k = [7, 33, 1], [150, 70, 131]
-    q, k, v, cu_q, cu_k = _inputs(torch.float32, seed=page + 1, lens_q=lens_q, lens_k=lens_k)
+    q, k, v, cu_q, cu_k = _inputs(DT, seed=page + 1, lens_q=lens_q, lens_k=lens_k)
     kc, vc, table = to_pages(k, v, cu_k, page, seed=page + 1)
     with force_tile((32, 64, 4, 1, False)):
         out, lse = varlen_launch(
             q, kc, vc, cu_q, cu_k, max(lens_q), max(lens_k), block_table=table, **RULES[rule]
         )
-    _check_ref(q, k, v, cu_q, cu_k, out, lse, torch.float32, **RULES[rule])
+    _check_ref(q, k, v, cu_q, cu_k, out, lse, DT, **RULES[rule])
 
 
 @pytest.mark.parametrize("page", [16, 64])
 def test_paged_with_seqused_and_leftpad(page):
-    q, k, v, cu_q, cu_k = _inputs(torch.float32, seed=7)
+    q, k, v, cu_q, cu_k = _inputs(DT, seed=7)
     leftpad = torch.tensor([2, 0, 5, 17, 1], dtype=torch.int32, device=DEVICE)
     seqused = torch.tensor([20, 12, 9, 33, 6], dtype=torch.int32, device=DEVICE)
     # the cache holds each sequence's keys from row leftpad[b] on
@@ -191,23 +193,23 @@ def test_paged_with_seqused_and_leftpad(page):
     # sequence b attends to its keys [0, seqused[b] - leftpad[b]) (the cache rows leftpad[b] + j)
     used = seqused - leftpad
     k_eq, v_eq, cu_eq = used_keys(k, v, cu_k, used, None)
-    _check_ref(q, k_eq, v_eq, cu_q, cu_eq, out, lse, torch.float32, causal=True)
+    _check_ref(q, k_eq, v_eq, cu_q, cu_eq, out, lse, DT, causal=True)
 
 
 def test_paged_table_wider_than_needed_and_a_strided_cache():
     """Unused table slots past each sequence's pages hold junk page ids (clamped, never read for valid
     lengths); the cache is a non-contiguous view (a slice of a wider head dimension)."""
-    q, k, v, cu_q, cu_k = _inputs(torch.float32, seed=5)
+    q, k, v, cu_q, cu_k = _inputs(DT, seed=5)
     kc, vc, table = to_pages(k, v, cu_k, 16, seed=5)
     table = torch.where(table < 0, torch.full_like(table, 10**6), table)
-    wide_k = torch.randn(kc.shape[0], 16, HK + 1, D, device=DEVICE)
-    wide_v = torch.randn(vc.shape[0], 16, HK + 1, D, device=DEVICE)
+    wide_k = torch.randn(kc.shape[0], 16, HK + 1, D, device=DEVICE, dtype=DT)
+    wide_v = torch.randn(vc.shape[0], 16, HK + 1, D, device=DEVICE, dtype=DT)
     wide_k[:, :, :HK] = kc
     wide_v[:, :, :HK] = vc
     out, lse = varlen_launch(
         q, wide_k[:, :, :HK], wide_v[:, :, :HK], cu_q, cu_k, max(LENS_Q), max(LENS_K), block_table=table
     )
-    _check_ref(q, k, v, cu_q, cu_k, out, lse, torch.float32)
+    _check_ref(q, k, v, cu_q, cu_k, out, lse, DT)
 
 
 _PUBLIC = inspect.signature(flash_attn_varlen_forward).parameters
@@ -218,21 +220,21 @@ _PUBLIC = inspect.signature(flash_attn_varlen_forward).parameters
     reason="fa_core.flash_attn_varlen_forward does not take block_table / leftpad_k yet",
 )
 def test_public_api_paged_and_leftpad():
-    q, k, v, cu_q, cu_k = _inputs(torch.float32, seed=3)
+    q, k, v, cu_q, cu_k = _inputs(DT, seed=3)
     kc, vc, table = to_pages(k, v, cu_k, 32, seed=3)
     res = flash_attn_varlen_forward(
         q, kc, vc, cu_q, cu_k, max(LENS_Q), max(LENS_K), causal=True, block_table=table
     )
-    _check_ref(q, k, v, cu_q, cu_k, res.out, res.lse, torch.float32, causal=True)
+    _check_ref(q, k, v, cu_q, cu_k, res.out, res.lse, DT, causal=True)
     leftpad = torch.tensor([1, 2, 0, 3, 4], dtype=torch.int32, device=DEVICE)
     res = flash_attn_varlen_forward(q, k, v, cu_q, cu_k, max(LENS_Q), max(LENS_K), leftpad_k=leftpad)
     k_eq, v_eq, cu_eq = used_keys(k, v, cu_k, None, leftpad)
-    _check_ref(q, k_eq, v_eq, cu_q, cu_eq, res.out, res.lse, torch.float32)
+    _check_ref(q, k_eq, v_eq, cu_q, cu_eq, res.out, res.lse, DT)
 
 
 def _bad(**over):
     """Arguments of check_leftpad_and_pages for a valid paged + leftpad case, with ``over`` replaced."""
-    q, k, v, cu_q, cu_k = _inputs(torch.float32, seed=9)
+    q, k, v, cu_q, cu_k = _inputs(DT, seed=9)
     leftpad = torch.tensor([1, 0, 2, 3, 0], dtype=torch.int32, device=DEVICE)
     kc, vc, table = to_pages(k, v, cu_k, 16, leftpad=leftpad, seed=9)
     args = dict(
@@ -259,17 +261,45 @@ def test_checks_accept_a_valid_case():
     "over, err, match",
     [
         (dict(return_probs=True), FlashAttnValueError, "return_probs"),
-        (dict(leftpad_k=torch.zeros(5, dtype=torch.int64)), TypeError, "leftpad_k"),
-        (dict(leftpad_k=torch.zeros(4, dtype=torch.int32)), FlashAttnValueError, "leftpad_k"),
-        (dict(leftpad_k=torch.tensor([0, 0, 10, 0, 0], dtype=torch.int32)), FlashAttnValueError, "leftpad_k"),
-        (dict(leftpad_k=torch.tensor([-1, 0, 0, 0, 0], dtype=torch.int32)), FlashAttnValueError, "leftpad_k"),
-        (dict(block_table=torch.zeros(5, 4, dtype=torch.int64)), TypeError, "block_table"),
-        (dict(block_table=torch.zeros(4, 4, dtype=torch.int32)), FlashAttnValueError, "block_table"),
-        (dict(block_table=torch.zeros(5, 4, dtype=torch.int32)[:, ::2]), FlashAttnValueError, "contiguous"),
-        (dict(block_table=torch.zeros(5, 1, dtype=torch.int32)), FlashAttnValueError, "capacity"),
-        (dict(k=torch.zeros(3, 24, HK, D), v=torch.zeros(3, 24, HK, D)), FlashAttnValueError, "page size"),
-        (dict(k=torch.zeros(3, 16, HK, D), v=torch.zeros(2, 16, HK, D)), FlashAttnValueError, "caches"),
-        (dict(k=torch.zeros(3, HK, D)), FlashAttnValueError, "k must have 4"),
+        (dict(leftpad_k=torch.zeros(5, dtype=torch.int64, device=DEVICE)), TypeError, "leftpad_k"),
+        (dict(leftpad_k=torch.zeros(4, dtype=torch.int32, device=DEVICE)), FlashAttnValueError, "leftpad_k"),
+        (
+            dict(leftpad_k=torch.tensor([0, 0, 10, 0, 0], dtype=torch.int32, device=DEVICE)),
+            FlashAttnValueError,
+            "leftpad_k",
+        ),
+        (
+            dict(leftpad_k=torch.tensor([-1, 0, 0, 0, 0], dtype=torch.int32, device=DEVICE)),
+            FlashAttnValueError,
+            "leftpad_k",
+        ),
+        (dict(block_table=torch.zeros(5, 4, dtype=torch.int64, device=DEVICE)), TypeError, "block_table"),
+        (
+            dict(block_table=torch.zeros(4, 4, dtype=torch.int32, device=DEVICE)),
+            FlashAttnValueError,
+            "block_table",
+        ),
+        (
+            dict(block_table=torch.zeros(5, 4, dtype=torch.int32, device=DEVICE)[:, ::2]),
+            FlashAttnValueError,
+            "contiguous",
+        ),
+        (
+            dict(block_table=torch.zeros(5, 1, dtype=torch.int32, device=DEVICE)),
+            FlashAttnValueError,
+            "capacity",
+        ),
+        (
+            dict(k=torch.zeros(3, 24, HK, D, device=DEVICE), v=torch.zeros(3, 24, HK, D, device=DEVICE)),
+            FlashAttnValueError,
+            "page size",
+        ),
+        (
+            dict(k=torch.zeros(3, 16, HK, D, device=DEVICE), v=torch.zeros(2, 16, HK, D, device=DEVICE)),
+            FlashAttnValueError,
+            "caches",
+        ),
+        (dict(k=torch.zeros(3, HK, D, device=DEVICE)), FlashAttnValueError, "k must have 4"),
     ],
 )
 def test_checks_refuse_bad_arguments(over, err, match):
@@ -292,16 +322,16 @@ def test_checks_refuse_table_entries_out_of_range_but_not_unread_slots():
 def test_leftpad_k_with_the_fp8_layout(monkeypatch):
     """leftpad_k moves the key start of the keys-last V copy too (the FP8 path's layout on 16-bit inputs)."""
     monkeypatch.setenv("FA_PLUS_FP8_LAYOUT", "1")
-    q, k, v, cu_q, cu_k = _inputs(torch.float32, seed=21)
+    q, k, v, cu_q, cu_k = _inputs(DT, seed=21)
     leftpad = torch.tensor([3, 1, 0, 7, 2], dtype=torch.int32, device=DEVICE)
     out, lse = varlen_launch(q, k, v, cu_q, cu_k, max(LENS_Q), max(LENS_K), leftpad_k=leftpad, causal=True)
     k_eq, v_eq, cu_eq = used_keys(k, v, cu_k, None, leftpad)
-    _check_ref(q, k_eq, v_eq, cu_q, cu_eq, out, lse, torch.float32, causal=True)
+    _check_ref(q, k_eq, v_eq, cu_q, cu_eq, out, lse, DT, causal=True)
 
 
 def test_paged_refuses_the_fp8_layout(monkeypatch):
     monkeypatch.setenv("FA_PLUS_FP8_LAYOUT", "1")
-    q, k, v, cu_q, cu_k = _inputs(torch.float32, seed=22)
+    q, k, v, cu_q, cu_k = _inputs(DT, seed=22)
     kc, vc, table = to_pages(k, v, cu_k, 16, seed=22)
     with pytest.raises(FlashAttnValueError, match="block_table"):
         varlen_launch(q, kc, vc, cu_q, cu_k, max(LENS_Q), max(LENS_K), block_table=table)
@@ -321,20 +351,23 @@ def test_paged_descriptor_loads(page, tile, rule, monkeypatch):
     """Tensor-descriptor (TMA) loads of a paged cache (forced under the interpreter): one descriptor over the
     whole cache where a tile lies in one page, pointer loads for smaller pages; rows no sequence uses hold NaN
     (a stale cache), which must not reach the output."""
-    monkeypatch.setattr(forward_launch, "tma_ok", lambda *t: True)
+    if DEVICE == "cpu":
+        monkeypatch.setattr(forward_launch, "tma_ok", lambda *t: True)
+    elif torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need sm_90+")
     lens_q, lens_k = [7, 33, 1], [150, 70, 131]
-    q, k, v, cu_q, cu_k = _inputs(torch.float32, seed=page, lens_q=lens_q, lens_k=lens_k)
+    q, k, v, cu_q, cu_k = _inputs(DT, seed=page, lens_q=lens_q, lens_k=lens_k)
     kc, vc, table = to_pages(k, v, cu_k, page, seed=page, stale=float("nan"))
     with force_tile(tile):
         out, lse = varlen_launch(
             q, kc, vc, cu_q, cu_k, max(lens_q), max(lens_k), block_table=table, **RULES[rule]
         )
         assert fwd_kernel.best_config.kwargs["USE_TMA"]
-    _check_ref(q, k, v, cu_q, cu_k, out, lse, torch.float32, **RULES[rule])
+    _check_ref(q, k, v, cu_q, cu_k, out, lse, DT, **RULES[rule])
 
 
 def test_paged_pointer_loads_ignore_stale_rows():
-    q, k, v, cu_q, cu_k = _inputs(torch.float32, seed=31)
+    q, k, v, cu_q, cu_k = _inputs(DT, seed=31)
     kc, vc, table = to_pages(k, v, cu_k, 32, seed=31, stale=float("nan"))
     out, lse = varlen_launch(q, kc, vc, cu_q, cu_k, max(LENS_Q), max(LENS_K), block_table=table, causal=True)
-    _check_ref(q, k, v, cu_q, cu_k, out, lse, torch.float32, causal=True)
+    _check_ref(q, k, v, cu_q, cu_k, out, lse, DT, causal=True)
