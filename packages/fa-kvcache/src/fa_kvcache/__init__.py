@@ -5,26 +5,42 @@ Public API:
 * :func:`flash_attn_with_kvcache` -- flash-attn 2.8's function (same signature and return).
 * :class:`PagedKVCache` -- a paged cache manager for serving loops (block allocation, fork with
   copy-on-write, block tables).
+* :func:`cascade_decode` -- shared-prefix (cascade) decode over a :class:`CascadePlan`
+  (:func:`cascade_plan_from_cache` builds one from a :class:`PagedKVCache`), and
+  :func:`merge_attention_states`, the lse-weighted merge of two partial attention results.
 * Lower level: :func:`append_to_cache` (fused append + rotary of new k/v), :func:`num_splits_heuristic`,
+  :func:`plan_decode` (a decode call's launch plan), :func:`force_tile` (impose a split-KV tile, for tuners),
   :func:`kvcache_value_checks_enabled`.
 """
 
 from fa_kvcache.cache_manager import CacheFullError, PagedKVCache
+from fa_kvcache.cascade import CascadePlan, cascade_decode, cascade_plan_from_cache
 from fa_kvcache.interface import (
+    DecodePlan,
     append_to_cache,
     flash_attn_with_kvcache,
+    force_tile,
     kvcache_value_checks_enabled,
     num_splits_heuristic,
+    plan_decode,
 )
+from fa_kvcache.merge import merge_attention_states
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CacheFullError",
+    "CascadePlan",
+    "DecodePlan",
     "PagedKVCache",
     "append_to_cache",
+    "cascade_decode",
+    "cascade_plan_from_cache",
     "flash_attn_with_kvcache",
+    "force_tile",
     "kvcache_value_checks_enabled",
+    "merge_attention_states",
     "num_splits_heuristic",
+    "plan_decode",
     "__version__",
 ]

@@ -12,8 +12,6 @@ still stay inside every tensor: each index read from a tensor's values is clampe
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
@@ -22,7 +20,6 @@ from fa_core import settings
 from fa_core import validation as V
 from fa_core.errors import FlashAttnValueError
 from fa_core.fast_launch import FastLaunch, empty_arg
-from fa_core.settings import interpreting
 
 __all__ = [
     "cache_capacity",
@@ -179,42 +176,41 @@ def _device_reduce(
     like: torch.Tensor,
 ) -> tuple[int, int, int, int, int, int, int]:
     """The check kernel's seven numbers, reduced over its programs: one launch and one host read."""
-    interp = interpreting()
-    block_b = 16 if interp else 32
-    block_c = 16 if interp else 64
+    # CPU tensors run through the interpreter: small blocks
+    block_b = 32 if like.is_cuda else 16
+    block_c = 64 if like.is_cuda else 16
     n_prog = min(-(-batch // block_b), MAX_CHECK_PROGRAMS)
     buf = _check_buffer(like)
     seq_tensor = isinstance(cache_seqlens, torch.Tensor)
     dummy = empty_arg(like, torch.int32)
-    ctx = torch.cuda.device(like.device) if like.is_cuda else contextlib.nullcontext()
-    with ctx:
-        value_check_launch(
-            (n_prog,),
-            buf,
-            cache_seqlens if seq_tensor else dummy,
-            cache_leftpad if cache_leftpad is not None else dummy,
-            cache_batch_idx if cache_batch_idx is not None else dummy,
-            block_table if block_table is not None else dummy,
-            batch,
-            block_table.shape[1] if block_table is not None else 1,
-            block_table.stride(0) if block_table is not None else 0,
-            0 if seq_tensor else int(cache_seqlens),
-            seqlen_new,
-            max(num_blocks, 1),
-            batch_cache,
-            max(page, 1),
-            SEQLENS_TENSOR=seq_tensor,
-            HAS_LEFTPAD=cache_leftpad is not None,
-            HAS_BATCH_IDX=cache_batch_idx is not None,
-            HAS_BT=block_table is not None,
-            BLOCK_B=block_b,
-            BLOCK_C=block_c,
-        )
+    # (the launcher switches to the tensors' device when it is not the current one)
+    value_check_launch(
+        (n_prog,),
+        buf,
+        cache_seqlens if seq_tensor else dummy,
+        cache_leftpad if cache_leftpad is not None else dummy,
+        cache_batch_idx if cache_batch_idx is not None else dummy,
+        block_table if block_table is not None else dummy,
+        batch,
+        block_table.shape[1] if block_table is not None else 1,
+        block_table.stride(0) if block_table is not None else 0,
+        0 if seq_tensor else int(cache_seqlens),
+        seqlen_new,
+        max(num_blocks, 1),
+        batch_cache,
+        max(page, 1),
+        SEQLENS_TENSOR=seq_tensor,
+        HAS_LEFTPAD=cache_leftpad is not None,
+        HAS_BATCH_IDX=cache_batch_idx is not None,
+        HAS_BT=block_table is not None,
+        BLOCK_B=block_b,
+        BLOCK_C=block_c,
+    )
     # the one host read (a device sync) of the passing case
-    vals = (buf[:CHECK_SLOTS] if n_prog == 1 else buf[: n_prog * CHECK_SLOTS]).tolist()
+    vals = buf.tolist()  # the whole (small) buffer: a slice would cost one more tensor op
     if n_prog == 1:
         return vals[0], vals[1], vals[2], vals[3], vals[4], vals[5], vals[6]
-    rows = [vals[i : i + CHECK_SLOTS] for i in range(0, len(vals), CHECK_SLOTS)]
+    rows = [vals[i : i + CHECK_SLOTS] for i in range(0, n_prog * CHECK_SLOTS, CHECK_SLOTS)]
     firsts = [(r[5], r[6]) for r in rows if r[5] >= 0]
     row, col = min(firsts) if firsts else (-1, -1)
     return (
@@ -251,13 +247,14 @@ def value_checks(
     ``[cache_leftpad, cache_seqlens + seqlen_new)``) in ``[0, num_blocks)``; unused entries may hold anything
     (serving stacks pad with -1). Raises :class:`FlashAttnValueError` naming the argument.
     """
-    like = next(
-        (
-            t
-            for t in (cache_seqlens, cache_leftpad, cache_batch_idx, block_table)
-            if isinstance(t, torch.Tensor)
-        ),
-        None,
+    like = (
+        cache_seqlens
+        if isinstance(cache_seqlens, torch.Tensor)
+        else block_table
+        if block_table is not None
+        else cache_batch_idx
+        if cache_batch_idx is not None
+        else cache_leftpad
     )
     if like is None:
         # an int cache_seqlens and no index tensor: no device work
