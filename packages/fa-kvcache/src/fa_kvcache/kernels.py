@@ -12,8 +12,8 @@ Split-KV attention (flash-decoding)
     gather, so any page size works and a tile may straddle pages).
     With one split the kernel writes ``out`` and ``lse`` directly; with several, each split writes a
     normalised partial output and its lse (fp32), and :func:`combine_kernel` merges them (a second launch:
-    merging in the split-KV kernel's last program of each tile ran at 0.54-0.77x at batch 1 on an H200, a
-    serial tail, ``reports/h200-decode-fused-combine.md``).
+    merging in the split-KV kernel's last program of each tile ran at 0.54-0.68x of it at batch 1 on an H200, a
+    serial tail, ``reports/h200-decode-tuning.md``).
 
 Masking and score modification come from :mod:`fa_core.masking` (``kv_range``, ``visible``,
 ``scores_log2``), the project's single definition of causal / window / softcap / ALiBi.
