@@ -1,6 +1,7 @@
-"""Triton kernel of the cache append: new k (rotated when cos/sin are given) and v written into a contiguous or
-paged cache at each sequence's ``cache_seqlens`` (launched by :func:`fa_kvcache.interface.append_to_cache`).
-Rows are addressed through :func:`fa_kvcache.kernels.page_offsets`, the split-KV kernel's own paging rule."""
+"""Triton kernel of the cache append: new k (rotated when cos/sin are given) and v written into a contiguous
+or paged cache at each sequence's ``cache_seqlens`` (launched by
+:func:`fa_kvcache.interface.append_to_cache`). Rows are addressed through
+:func:`fa_kvcache.kernels.page_offsets`, the split-KV kernel's own paging rule."""
 
 from __future__ import annotations
 

@@ -87,12 +87,13 @@ def value_check_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Grid ``(P,)``: program ``p`` reduces batch rows ``[p * BLOCK_B + k * P * BLOCK_B, +BLOCK_B)`` and writes
-    :data:`CHECK_SLOTS` int32 at ``Out + p * CHECK_SLOTS``: ``max(cache_seqlens + seqlen_new)`` (clamped to the
-    int32 range), ``min(cache_seqlens)``, the number of ``cache_leftpad`` entries outside ``[0, cache_seqlens]``,
-    of ``cache_batch_idx`` entries outside ``[0, batch_cache)``, of used ``block_table`` entries (columns
-    ``[leftpad // page, cdiv(cache_seqlens + seqlen_new, page))``) outside ``[0, num_blocks)``, and the
-    row-major first such entry's row and column (-1 when none). Only the used columns are read."""
+    """Grid ``(P,)``: program ``p`` reduces batch rows ``[p * BLOCK_B + k * P * BLOCK_B, +BLOCK_B)`` and
+    writes :data:`CHECK_SLOTS` int32 at ``Out + p * CHECK_SLOTS``: ``max(cache_seqlens + seqlen_new)``
+    (clamped to the int32 range), ``min(cache_seqlens)``, the number of ``cache_leftpad`` entries outside
+    ``[0, cache_seqlens]``, of ``cache_batch_idx`` entries outside ``[0, batch_cache)``, of used
+    ``block_table`` entries (columns ``[leftpad // page, cdiv(cache_seqlens + seqlen_new, page))``) outside
+    ``[0, num_blocks)``, and the row-major first such entry's row and column (-1 when none). Only the used
+    columns are read."""
     pid = tl.program_id(0)
     step = tl.num_programs(0) * BLOCK_B
     offs_b0 = tl.arange(0, BLOCK_B)

@@ -168,8 +168,8 @@ def _key_tile(
         # batch 64 / 32k (one split): 64-key tiles through pages smaller than a 128-key tile
         return (64, 4, 3) if 0 < page < 128 else (128, 4, 3)
     if 0 < page < 64 and keys_per_program >= 1024:
-        # paged, pages smaller than the tile, medium streams: 64-key tiles (batch 1 / 32k, 32 splits: 3263 GB/s
-        # at page 16; batch 64 / 32k, 16 splits: 4383)
+        # paged, pages smaller than the tile, medium streams: 64-key tiles (batch 1 / 32k, 32 splits: 3263
+        # GB/s at page 16; batch 64 / 32k, 16 splits: 4383)
         return 64, 4, 3
     if page > 0 and keys_per_program >= 512:
         # paged, medium streams: 32-key tiles (batch 1 / 32k, 47 splits: 3164 / 3270 GB/s at page 16 / 256;

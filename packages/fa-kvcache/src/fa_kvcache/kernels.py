@@ -1,5 +1,5 @@
-"""Triton kernels of the KV-cache path: split-KV attention over a (paged) cache and the split combine (the cache
-append is :mod:`fa_kvcache.append`).
+"""Triton kernels of the KV-cache path: split-KV attention over a (paged) cache and the split combine (the
+cache append is :mod:`fa_kvcache.append`).
 
 Split-KV attention (flash-decoding)
     A program owns one ``(batch, kv_head)`` pair, a tile of ``BLOCK_M`` rows and one split of the key range.
@@ -12,8 +12,8 @@ Split-KV attention (flash-decoding)
     gather, so any page size works and a tile may straddle pages).
     With one split the kernel writes ``out`` and ``lse`` directly; with several, each split writes a
     normalised partial output and its lse (fp32), and :func:`combine_kernel` merges them (a second launch:
-    merging in the split-KV kernel's last program of each tile ran at 0.54-0.68x of it at batch 1 on an H200, a
-    serial tail, ``reports/h200-decode-tuning.md``).
+    merging in the split-KV kernel's last program of each tile ran at 0.54-0.68x of it at batch 1 on an H200,
+    a serial tail, ``reports/h200-decode-tuning.md``).
 
 Masking and score modification come from :mod:`fa_core.masking` (``kv_range``, ``visible``,
 ``scores_log2``), the project's single definition of causal / window / softcap / ALiBi.
@@ -36,8 +36,8 @@ def clamp_index(x, n):
 
 @triton.jit
 def page_offsets(blk, rows, stride_kb, stride_kn, stride_vb, stride_vn, num_blocks, PAGE: tl.constexpr):
-    """K and V element offsets (int64) of cache rows ``rows`` held in cache blocks ``blk`` of ``PAGE`` rows: the
-    paging rule shared by the split-KV kernel and the cache append. Block ids are clamped to
+    """K and V element offsets (int64) of cache rows ``rows`` held in cache blocks ``blk`` of ``PAGE`` rows:
+    the paging rule shared by the split-KV kernel and the cache append. Block ids are clamped to
     ``[0, num_blocks)``."""
     blk = clamp_index(blk, num_blocks).to(tl.int64)
     prow = (rows % PAGE).to(tl.int64)
@@ -68,14 +68,15 @@ def _row_offsets(
     one page (page size a multiple of BLOCK_N, no left padding), so one scalar block-table read serves the
     tile and the row offsets stay affine (cheaper address math, wider loads).
 
-    ``BT_PRELOAD`` > 0: the program's block-table entries ``pg0 + [0, BT_PRELOAD)`` were loaded once before the
-    loop (``bt_vec``) and are picked from registers here. A block-table load inside the loop makes the K/V loads
-    indirect, and Triton's pipeliner then splits the stages between the two loads (num_stages 4 prefetched
-    K/V one tile ahead instead of three): a paged cache streamed at about half the contiguous rate per program.
-    Pages smaller than the tile take one entry per key through ``tl.gather`` (shared memory: 10 barriers per
-    iteration instead of 7 in the sm_90 PTX). Picking the tile's ``BLOCK_N // PAGE`` entries as scalars instead
-    compiles without the extra barriers (<= 32 entries, i.e. 64 splits at b1/32k page 16) but measured on an
-    H200 it did not pay: 3127 vs 3096 GB/s at 64 splits, both below the gather at 47 splits (3143), so it is gone."""
+    ``BT_PRELOAD`` > 0: the program's block-table entries ``pg0 + [0, BT_PRELOAD)`` were loaded once before
+    the loop (``bt_vec``) and are picked from registers here. A block-table load inside the loop makes the K/V
+    loads indirect, and Triton's pipeliner then splits the stages between the two loads (num_stages 4
+    prefetched K/V one tile ahead instead of three): a paged cache streamed at about half the contiguous rate
+    per program. Pages smaller than the tile take one entry per key through ``tl.gather`` (shared memory: 10
+    barriers per iteration instead of 7 in the sm_90 PTX). Picking the tile's ``BLOCK_N // PAGE`` entries as
+    scalars instead compiles without the extra barriers (<= 32 entries, i.e. 64 splits at b1/32k page 16) but
+    measured on an H200 it did not pay: 3127 vs 3096 GB/s at 64 splits, both below the gather at 47 splits
+    (3143), so it is gone."""
     if PAGED:
         if BT_PRELOAD > 0:
             if PAGE_TILE:
