@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from fa_backward.autograd import attention
+from fa_core import ops
 from fa_core.ops import KV, QKV
 
 __all__ = [
@@ -31,14 +32,6 @@ def _result(res: tuple[Tensor, Tensor, Tensor], return_attn_probs: bool, dropout
     return out, lse, (s_dmask[:, :, :sq, :sk] if dropout_p > 0 else None)
 
 
-def _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, probs):
-    return dict(
-        dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-        softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
-        return_softmax=bool(probs) and dropout_p > 0,
-    )  # fmt: skip
-
-
 def flash_attn_qkvpacked_func(
     qkv: Tensor,
     dropout_p: float = 0.0,
@@ -53,7 +46,7 @@ def flash_attn_qkvpacked_func(
     """qkv ``(batch, seqlen, 3, nheads, headdim)`` -> out ``(batch, seqlen, nheads, headdim)``; backward
     writes one ``dqkv``. With ``return_attn_probs``: ``(out, softmax_lse, S_dmask)`` (``S_dmask`` is None
     unless ``dropout_p > 0``, as in flash-attn; dropped entries negated)."""
-    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+    opts = ops.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                     return_attn_probs)  # fmt: skip
     res = attention(qkv, None, None, pack=QKV, **opts)
     return _result(res, return_attn_probs, dropout_p, qkv.shape[1], qkv.shape[1])
@@ -73,7 +66,7 @@ def flash_attn_kvpacked_func(
 ):
     """q ``(batch, seqlen_q, nheads, headdim)``, kv ``(batch, seqlen_k, 2, nheads_k, headdim)``; backward
     writes one ``dkv``."""
-    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+    opts = ops.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                     return_attn_probs)  # fmt: skip
     res = attention(q, kv, None, pack=KV, **opts)
     return _result(res, return_attn_probs, dropout_p, q.shape[1], kv.shape[1])
@@ -108,7 +101,7 @@ def flash_attn_func(
     Returns:
         ``out (batch, seqlen_q, nheads, headdim_v)``, or ``(out, softmax_lse, S_dmask)``.
     """
-    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+    opts = ops.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                     return_attn_probs)  # fmt: skip
     res = attention(q, k, v, **opts)
     return _result(res, return_attn_probs, dropout_p, q.shape[1], k.shape[1])
@@ -128,7 +121,7 @@ def flash_attn_varlen_qkvpacked_func(
     return_attn_probs: bool = False,
 ):
     """qkv ``(total, 3, nheads, headdim)``, cu_seqlens int32 ``(batch + 1,)``; lse ``(nheads, total)``."""
-    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+    opts = ops.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                     return_attn_probs)  # fmt: skip
     res = attention(
         qkv, None, None, pack=QKV, varlen=True, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
@@ -154,7 +147,7 @@ def flash_attn_varlen_kvpacked_func(
     return_attn_probs: bool = False,
 ):
     """q ``(total_q, nheads, headdim)``, kv ``(total_k, 2, nheads_k, headdim)``."""
-    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+    opts = ops.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                     return_attn_probs)  # fmt: skip
     res = attention(
         q, kv, None, pack=KV, varlen=True, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
@@ -198,7 +191,7 @@ def flash_attn_varlen_func(
             "block_table (paged KV) is not supported by fa_backward.flash_attn_varlen_func: use "
             "flash_attn.flash_attn_varlen_func (forward) or flash_attn_with_kvcache (fa-kvcache)"
         )
-    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+    opts = ops.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                     return_attn_probs)  # fmt: skip
     res = attention(
         q, k, v, varlen=True, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,

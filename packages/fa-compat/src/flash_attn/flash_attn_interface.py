@@ -122,14 +122,6 @@ def _attention(a: Tensor, b: Tensor | None, c: Tensor | None, **kwargs: Any) -> 
     )  # fmt: skip
 
 
-def _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, probs):
-    return dict(
-        dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-        softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
-        return_softmax=bool(probs) and dropout_p > 0,
-    )  # fmt: skip
-
-
 def _result(res: tuple[Tensor, Tensor, Tensor], return_attn_probs: bool):
     """flash-attn's return: ``out``, or ``(out, softmax_lse, S_dmask)`` (S_dmask ``(0,)`` without dropout)."""
     return res if return_attn_probs else res[0]
@@ -150,7 +142,7 @@ def flash_attn_qkvpacked_func(
     """qkv ``(batch, seqlen, 3, nheads, headdim)`` -> out ``(batch, seqlen, nheads, headdim)``; with
     ``return_attn_probs`` ``(out, softmax_lse (b, h, s), S_dmask)`` (S_dmask ``(0,)`` without dropout). The
     backward writes one ``dqkv``."""
-    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+    opts = ops.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                     return_attn_probs)  # fmt: skip
     return _result(_attention(qkv, None, None, pack=QKV, **opts), return_attn_probs)
 
@@ -169,7 +161,7 @@ def flash_attn_kvpacked_func(
 ):
     """q ``(batch, seqlen_q, nheads, headdim)``, kv ``(batch, seqlen_k, 2, nheads_k, headdim)``; the backward
     writes one ``dkv``."""
-    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+    opts = ops.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                     return_attn_probs)  # fmt: skip
     return _result(_attention(q, kv, None, pack=KV, **opts), return_attn_probs)
 
@@ -212,7 +204,7 @@ def flash_attn_func(
     Returns:
         ``out (batch, seqlen_q, nheads, headdim)``, or ``(out, softmax_lse, S_dmask)``.
     """
-    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+    opts = ops.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                     return_attn_probs)  # fmt: skip
     res = _attention(q, k, v, attention_chunk=attention_chunk, learnable_sink=learnable_sink, **opts)
     return _result(res, return_attn_probs)
@@ -232,7 +224,7 @@ def flash_attn_varlen_qkvpacked_func(
     return_attn_probs=False,
 ):
     """qkv ``(total, 3, nheads, headdim)``, cu_seqlens int32 ``(batch + 1,)`` -> out ``(total, nheads, headdim)``."""
-    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+    opts = ops.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                     return_attn_probs)  # fmt: skip
     res = _attention(
         qkv, None, None, pack=QKV, varlen=True, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
@@ -258,7 +250,7 @@ def flash_attn_varlen_kvpacked_func(
     return_attn_probs=False,
 ):
     """q ``(total_q, nheads, headdim)``, kv ``(total_k, 2, nheads_k, headdim)``."""
-    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+    opts = ops.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                     return_attn_probs)  # fmt: skip
     res = _attention(
         q, kv, None, pack=KV, varlen=True, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
@@ -308,7 +300,7 @@ def flash_attn_varlen_func(
         k, v, cu_seqlens_k, seqused_k = _gather_pages(
             k, v, V.contig_last(block_table), cu_seqlens_k, int(max_seqlen_k), None
         )
-    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+    opts = ops.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                     return_attn_probs)  # fmt: skip
     res = _attention(
         q, k, v, varlen=True, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,

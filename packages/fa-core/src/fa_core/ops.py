@@ -320,6 +320,25 @@ def run_forward(
     )  # fmt: skip
 
 
+def options(
+    dropout_p: float,
+    softmax_scale: float | None,
+    causal: bool,
+    window_size: Any,
+    softcap: float,
+    alibi_slopes: Tensor | None,
+    deterministic: bool,
+    return_attn_probs: bool,
+) -> dict[str, Any]:
+    """flash-attn's common options as :func:`prepare`'s keywords (``S_dmask`` is materialised only with
+    dropout, as flash-attn's public functions do)."""
+    return dict(
+        dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+        softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
+        return_softmax=bool(return_attn_probs) and dropout_p > 0,
+    )  # fmt: skip
+
+
 def needs_grad(*tensors: object) -> bool:
     """Grad mode is on and one of ``tensors`` requires grad (None and non-tensors do not)."""
     return torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors)
