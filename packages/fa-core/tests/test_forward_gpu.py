@@ -9,7 +9,13 @@ import torch
 import triton
 import triton.language as tl  # noqa: F401  (the interpreter needs it visible to @triton.jit functions)
 
-from fa_core import attention_ref, attention_varlen_ref, flash_attn_forward, flash_attn_varlen_forward
+from fa_core import (
+    attention_ref,
+    attention_varlen_ref,
+    flash_attn_forward,
+    flash_attn_varlen_forward,
+    forward_launch,
+)
 from fa_core.testing import assert_close_2x, poisoned, use_settings
 
 pytestmark = [
@@ -85,7 +91,7 @@ def test_dropout_gpu():
 def test_fp8_layout_gpu(varlen, tma, monkeypatch):
     """The FP8 path's layout (V transposed on the host, read through TMA or pointers) with bf16 inputs."""
     use_settings(monkeypatch, tma=tma == "1")
-    monkeypatch.setenv("FA_PLUS_FP8_LAYOUT", "1")
+    monkeypatch.setattr(forward_launch, "FP8_LAYOUT_FOR_16BIT", True)
     torch.manual_seed(9)
     dt = torch.bfloat16
     if varlen:

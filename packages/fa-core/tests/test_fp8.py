@@ -11,6 +11,7 @@ from fa_core import (
     attention_varlen_ref,
     flash_attn_forward,
     flash_attn_varlen_forward,
+    forward_launch,
 )
 from fa_core.testing import DEVICE, assert_close_2x, poisoned
 
@@ -136,9 +137,9 @@ def test_fp8_negative_descale_gpu():
 
 
 # ----------------------------------------------------------------------------- the FP8 path's layout, 16-bit
-# FA_PLUS_FP8_LAYOUT=1 runs 16-bit inputs through the FP8 path's data layout (V transposed on the host and read
-# as (headdim, keys) tiles, probabilities scaled by 2^8): checks its indexing and masks where FP8 dots cannot
-# run (the CPU interpreter), and its TMA descriptors on a GPU.
+# forward_launch.FP8_LAYOUT_FOR_16BIT runs 16-bit inputs through the FP8 path's data layout (V transposed on
+# the host and read as (headdim, keys) tiles, probabilities scaled by 2^8): checks its indexing and masks where
+# FP8 dots cannot run (the CPU interpreter), and its TMA descriptors on a GPU.
 LAYOUT_DTYPE = torch.float16 if DEVICE == "cpu" else torch.bfloat16
 
 
@@ -153,7 +154,7 @@ LAYOUT_DTYPE = torch.float16 if DEVICE == "cpu" else torch.bfloat16
     ids=["causal_sink", "window_softcap", "whole_tiles_sink"],
 )
 def test_fp8_layout_dense(monkeypatch, case):
-    monkeypatch.setenv("FA_PLUS_FP8_LAYOUT", "1")
+    monkeypatch.setattr(forward_launch, "FP8_LAYOUT_FOR_16BIT", True)
     torch.manual_seed(11)
     kw = dict(case)
     b, sq, sk, h, hk, d, dv = 2, 45, kw.pop("sk", 71), 4, 2, 40, 24  # ragged keys, odd head dims, GQA
@@ -170,7 +171,7 @@ def test_fp8_layout_dense(monkeypatch, case):
 
 
 def test_fp8_layout_varlen(monkeypatch):
-    monkeypatch.setenv("FA_PLUS_FP8_LAYOUT", "1")
+    monkeypatch.setattr(forward_launch, "FP8_LAYOUT_FOR_16BIT", True)
     torch.manual_seed(12)
     lens_q, lens_k = [3, 40, 0, 17], [9, 33, 5, 50]
     cq = torch.tensor([0, 3, 43, 43, 60], dtype=torch.int32, device=DEVICE)

@@ -321,7 +321,7 @@ def test_checks_refuse_table_entries_out_of_range_but_not_unread_slots():
 
 def test_leftpad_k_with_the_fp8_layout(monkeypatch):
     """leftpad_k moves the key start of the keys-last V copy too (the FP8 path's layout on 16-bit inputs)."""
-    monkeypatch.setenv("FA_PLUS_FP8_LAYOUT", "1")
+    monkeypatch.setattr(forward_launch, "FP8_LAYOUT_FOR_16BIT", True)
     q, k, v, cu_q, cu_k = _inputs(DT, seed=21)
     leftpad = torch.tensor([3, 1, 0, 7, 2], dtype=torch.int32, device=DEVICE)
     out, lse = varlen_launch(q, k, v, cu_q, cu_k, max(LENS_Q), max(LENS_K), leftpad_k=leftpad, causal=True)
@@ -330,7 +330,7 @@ def test_leftpad_k_with_the_fp8_layout(monkeypatch):
 
 
 def test_paged_refuses_the_fp8_layout(monkeypatch):
-    monkeypatch.setenv("FA_PLUS_FP8_LAYOUT", "1")
+    monkeypatch.setattr(forward_launch, "FP8_LAYOUT_FOR_16BIT", True)
     q, k, v, cu_q, cu_k = _inputs(DT, seed=22)
     kc, vc, table = to_pages(k, v, cu_k, 16, seed=22)
     with pytest.raises(FlashAttnValueError, match="block_table"):

@@ -8,7 +8,6 @@ probabilities kernel. Inputs are validated by :mod:`fa_core.forward` before they
 from __future__ import annotations
 
 import functools
-import os
 import threading
 
 import torch
@@ -61,6 +60,9 @@ try:  # Triton keeps its allocator in a ContextVar: one value per thread (and pe
 except Exception:  # private API moved: _ensure_allocator installs ours once per thread
     _NullAllocator = _ALLOCATOR = None
 _SET_IN_THREAD = threading.local()
+
+#: Tests set this (pytest's monkeypatch) to run 16-bit inputs through the FP8 path's data layout.
+FP8_LAYOUT_FOR_16BIT = False
 
 
 def _torch_scratch(size: int, align: int, stream: int | None) -> torch.Tensor:
@@ -119,9 +121,9 @@ def launch_forward(
     paged = block_table is not None
     nheads, nheads_k, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     is_fp8 = descale is not None
-    # FA_PLUS_FP8_LAYOUT=1: 16-bit inputs take the FP8 path's layout too (transposed V, shifted P), so that
-    # the CPU interpreter tests it (it cannot run FP8 dots) and timings can compare the layouts
-    v_t = is_fp8 or os.environ.get("FA_PLUS_FP8_LAYOUT", "0") == "1"
+    # FP8_LAYOUT_FOR_16BIT (tests): 16-bit inputs take the FP8 path's layout too (transposed V, shifted P), so
+    # that the CPU interpreter, which cannot run FP8 dots, tests that layout
+    v_t = is_fp8 or FP8_LAYOUT_FOR_16BIT
     if v_t:
         if paged:
             raise V.FlashAttnValueError("block_table is not supported with FP8 inputs (or the FP8 layout)")
@@ -239,13 +241,9 @@ def launch_forward(
         P_SHIFT=8.0 if v_t else 0.0,
         # plain scores: row max on raw q @ k^T, scale folded into exp2's FMA (needs a positive scale; FP8's
         # device-side descales are handled in the kernel by flipping q's sign bits, which makes the FP8 loop
-        # reload Q from shared memory every tile: FA_PLUS_FP8_FUSED_SCALE=0 scales the scores instead, for the
-        # A/B timing of docs/STATUS.md)
+        # reload Q from shared memory every tile; that costs less than scaling every score tile)
         FUSED_SCALE=not (softcap > 0 or alibi_slopes is not None or score_mod is not None)
-        and (
-            (is_fp8 and os.environ.get("FA_PLUS_FP8_FUSED_SCALE", "1") != "0")
-            or (not is_fp8 and softmax_scale > 0)
-        ),
+        and (is_fp8 or softmax_scale > 0),
         HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None,
         HAS_DROPOUT=dropout_p > 0,
