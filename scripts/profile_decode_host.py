@@ -5,8 +5,12 @@ argument checking, the value check's bookkeeping and its one host read, planning
 Shapes: one query token, batch 2, 4/4 heads, d 64, a contiguous cache of 256 rows (``cache_seqlens`` a
 tensor, as serving loops pass it) and a paged one (page 16, a block table); value checks on and off.
 
-    python scripts/profile_decode_host.py              # microseconds per call, median of 7 rounds
+    python scripts/profile_decode_host.py              # microseconds per call (best of 9 rounds), ATen ops
     python scripts/profile_decode_host.py --profile    # cProfile of the paged case (top functions)
+
+The ATen op count per call (the tensor ops a call dispatches besides its Triton launches; on a GPU most are a
+kernel launch or an allocation, microseconds of host time each) is the machine-independent part; times on a
+shared CPU are noisy, hence the best round.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import argparse
 import cProfile
 import os
 import pstats
-import statistics
 import time
 from typing import Any
 
@@ -58,7 +61,23 @@ def cases() -> dict[str, tuple[tuple, dict]]:
     }
 
 
-def us_per_call(args: tuple, kwargs: dict, n: int = 2000, rounds: int = 7) -> float:
+def aten_ops_per_call(args: tuple, kwargs: dict) -> int:
+    """ATen ops one call dispatches (factory functions, views and copies included)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, a=(), kw=None):  # type: ignore[override]
+            Count.n += 1
+            return func(*a, **(kw or {}))
+
+    with Count():
+        ki.flash_attn_with_kvcache(*args, **kwargs)
+    return Count.n
+
+
+def us_per_call(args: tuple, kwargs: dict, n: int = 2000, rounds: int = 9) -> float:
     for _ in range(50):
         ki.flash_attn_with_kvcache(*args, **kwargs)
     times = []
@@ -67,7 +86,7 @@ def us_per_call(args: tuple, kwargs: dict, n: int = 2000, rounds: int = 7) -> fl
         for _ in range(n):
             ki.flash_attn_with_kvcache(*args, **kwargs)
         times.append((time.perf_counter() - t0) / n * 1e6)
-    return statistics.median(times)
+    return min(times)
 
 
 def main() -> None:
@@ -91,7 +110,10 @@ def main() -> None:
         for checks in (True, False):
             with fs.override(value_checks=checks):
                 us = us_per_call(args, kwargs, a.n)
-            print(f"{name:12s} value_checks={'on ' if checks else 'off'}  {us:7.1f} us/call")
+                ops = aten_ops_per_call(args, kwargs)
+            print(
+                f"{name:12s} value_checks={'on ' if checks else 'off'}  {us:7.1f} us/call  {ops:3d} ATen ops"
+            )
 
 
 if __name__ == "__main__":
