@@ -1,12 +1,13 @@
 """``flash_attn_with_kvcache``: flash-attn 2.8's KV-cache attention (decode / chunked prefill) in Triton.
 
-Host side: validate, append the new k/v into the cache (one fused append + rotary kernel), rotate q with
-:func:`fa_core.rotary.apply_rotary`, launch the split-KV attention kernel and, with several splits, the
-combine kernel. The only device value read on the host is the value check's one copy of a few reduced numbers
-(:func:`fa_kvcache.checks.value_checks`; off under CUDA-graph capture and torch.compile, or with
-``fa_core.settings.get().value_checks`` off), so a whole decode step can be captured in a CUDA graph. With or
-without the checks, the kernels clamp every index they read from a tensor's values, so no input value makes
-them read or write outside the tensors passed in.
+Host side of an eager call: shape / dtype checks (one pass, :func:`fa_kvcache.checks.validate`); the value
+checks (:func:`fa_kvcache.checks.value_checks`: one small kernel and one host read of the few numbers it
+reduces; off under CUDA-graph capture and torch.compile, or with ``fa_core.settings.get().value_checks`` off);
+the launch plan (:func:`plan_decode`, cached per shapes and flags); the fused append + rotary kernel for new
+k/v, q rotated with :func:`fa_core.rotary.apply_rotary`; the split-KV attention kernel and, with several
+splits, the combine kernel. The value checks' copy is the only device value read on the host, so a whole
+decode step can be captured in a CUDA graph. With or without the checks, the kernels clamp every index they
+read from a tensor's values, so no input value makes them read or write outside the tensors passed in.
 """
 
 from __future__ import annotations
