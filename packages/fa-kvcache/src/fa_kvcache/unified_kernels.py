@@ -1,0 +1,628 @@
+"""Triton kernels of :func:`fa_kvcache.unified.unified_attention`: the attention of a mixed batch (decode rows
+and prefill chunks) over a paged cache in one launch, the split combine, and the paged append.
+
+Unified attention (:func:`unified_kernel`)
+    Query rows are packed ``(total_q, nheads, d)``; request ``b`` owns rows ``[cu_seqlens_q[b],
+    cu_seqlens_q[b + 1])``, the last ``seqlen_q`` of its ``seqused_k[b]`` keys (bottom-right alignment). A
+    program owns one tile of ``QROWS = BLOCK_M // HB`` query positions of one request times ``HB`` query heads
+    of one GQA group (row ``r`` -> position ``r // HB``, head ``r % HB``, as the split-KV decode kernel packs
+    them), so each K/V tile read serves the whole group. Grid axis 0 enumerates the tiles of every request:
+    request ``b``'s tiles start at ``cu_seqlens_q[b] // QROWS + b``, so ``total_q // QROWS + batch``
+    programs cover any split of ``total_q`` rows into ``batch`` requests, a size known without reading
+    ``cu_seqlens_q`` (CUDA-graph capturable); a program finds its request by a binary search over those
+    starts and exits when its tile lies past the request's rows.
+
+    Split-KV: a request whose rows fit one tile (decode, short speculative runs) has its key range shared out
+    over ``num_splits`` programs (grid axis 2); each writes a normalised partial output and its lse (fp32) and
+    :func:`combine_kernel` merges them. Longer requests (prefill chunks) are not split: their split-0 program
+    writes the output directly, the others exit.
+
+    FP8 cache: K / V tiles are converted to q's dtype after the load; ``k_descale[b, hk]`` multiplies the
+    softmax scale (scores ``q @ (k * k_descale)``) and ``v_descale[b, hk]`` the fp32 accumulator.
+
+Every index read from a tensor (``cu_seqlens_q``, ``seqused_k``, ``block_table``) is clamped before it
+addresses memory: garbage values give meaningless output, never an access outside the tensors.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from fa_core.masking import clamp, kv_range, scores_log2, varlen_bounds, visible
+from fa_core.rotary import load_cos_sin, rotary_pair_cols, rotate_pair
+from fa_kvcache.kernels import _merged_rows, _row_offsets, page_offsets
+
+__all__ = ["append_paged_kernel", "combine_kernel", "unified_kernel"]
+
+
+@triton.jit
+def _find_request(CuSeqlensQ, pid_t, batch, total_q, search_iters, QROWS: tl.constexpr):
+    """The request whose tiles hold tile ``pid_t``: the last ``b`` with ``cu_seqlens_q[b] // QROWS + b <=
+    pid_t`` (entries clamped to ``[0, total_q]``), in ``[0, batch)``."""
+    lo = pid_t * 0
+    hi = lo + batch
+    for _ in range(search_iters):
+        live = lo < hi
+        mid = (lo + hi) // 2
+        val = clamp(tl.load(CuSeqlensQ + mid), 0, total_q) // QROWS + mid
+        lo = tl.where(live & (val <= pid_t), mid + 1, lo)
+        hi = tl.where(live & (val > pid_t), mid, hi)
+    return clamp(lo - 1, 0, batch - 1)
+
+
+@triton.jit
+def _attn_keys(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    bt_base,
+    bt_vec,
+    pg0,
+    q_pos,
+    offs_d,
+    offs_dv,
+    seqlen_q,
+    seqlen_k,
+    stride_kb,
+    stride_kn,
+    stride_vb,
+    stride_vn,
+    num_blocks,
+    sm_scale,
+    softcap,
+    alibi_slope,
+    window_left,
+    window_right,
+    start,
+    end,
+    IS_LOCAL: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    PAGE: tl.constexpr,
+    PAGE_TILE: tl.constexpr,
+    BT_PRELOAD: tl.constexpr,
+    HEADDIM: tl.constexpr,
+    HEADDIM_V: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    EVEN_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """Online-softmax accumulation of the keys ``[start, end)`` of a paged cache (``MASKED``: element mask,
+    window and edge checks). K / V tiles are converted to q's dtype after the load (FP8 cache -> bf16 / fp16)."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in tl.range(start, end, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < seqlen_k
+        k_off, v_off = _row_offsets(
+            bt_base,
+            bt_vec,
+            pg0,
+            start_n,
+            offs_n,
+            n_ok,
+            stride_kb,
+            stride_kn,
+            stride_vb,
+            stride_vn,
+            num_blocks,
+            PAGED=True,
+            PAGE=PAGE,
+            PAGE_TILE=PAGE_TILE,
+            MASK_N=MASKED,
+            BT_PRELOAD=BT_PRELOAD,
+        )
+        k_ptrs = k_base + k_off[None, :] + offs_d[:, None]
+        v_ptrs = v_base + v_off[:, None] + offs_dv[None, :]
+        if MASKED:
+            if EVEN_D:
+                k = tl.load(k_ptrs, mask=n_ok[None, :], other=0.0)
+            else:
+                k = tl.load(k_ptrs, mask=n_ok[None, :] & (offs_d[:, None] < HEADDIM), other=0.0)
+            if EVEN_DV:
+                v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
+            else:
+                v = tl.load(v_ptrs, mask=n_ok[:, None] & (offs_dv[None, :] < HEADDIM_V), other=0.0)
+        else:
+            if EVEN_D:
+                k = tl.load(k_ptrs)
+            else:
+                k = tl.load(k_ptrs, mask=offs_d[:, None] < HEADDIM, other=0.0)
+            if EVEN_DV:
+                v = tl.load(v_ptrs)
+            else:
+                v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEADDIM_V, other=0.0)
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
+        qk = tl.dot(q, k)
+        s = scores_log2(
+            qk, q_pos, offs_n, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, HAS_SOFTCAP, HAS_ALIBI
+        )
+        if MASKED:
+            ok = visible(q_pos, offs_n, seqlen_q, seqlen_k, window_left, window_right, IS_LOCAL, True)
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_range(
+    q,
+    k_base,
+    v_base,
+    bt_base,
+    q_pos,
+    offs_d,
+    offs_dv,
+    seqlen_q,
+    seqlen_k,
+    s_lo,
+    s_hi,
+    full_lo,
+    full_hi,
+    stride_kb,
+    stride_kn,
+    stride_vb,
+    stride_vn,
+    num_blocks,
+    sm_scale,
+    softcap,
+    alibi_slope,
+    window_left,
+    window_right,
+    IS_LOCAL: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    PAGE: tl.constexpr,
+    PAGE_TILE: tl.constexpr,
+    BT_PRELOAD: tl.constexpr,
+    HEADDIM: tl.constexpr,
+    HEADDIM_V: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    EVEN_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """``(acc, l_i, m_i)`` of the keys ``[s_lo, s_hi)``: masked edges ``[s_lo, a)`` (only with a left window)
+    and ``[c, s_hi)``, unmasked middle ``[a, c)`` (``a`` / ``c``: ``full_lo`` / ``full_hi`` clipped to the
+    range). ``BT_PRELOAD`` > 0: the range's block-table entries are loaded once, before the key loop."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    a = tl.minimum(tl.maximum(full_lo, s_lo), s_hi)
+    c = tl.minimum(tl.maximum(full_hi, a), s_hi)
+    bt_vec = 0
+    pg0 = 0
+    if BT_PRELOAD > 0:
+        pg0 = s_lo // PAGE
+        pidx = pg0 + tl.arange(0, BT_PRELOAD)
+        bt_vec = tl.load(bt_base + pidx, mask=pidx <= (s_hi - 1) // PAGE, other=0)
+    if HAS_WINDOW_LEFT:
+        acc, l_i, m_i = _attn_keys(
+            acc, l_i, m_i, q, k_base, v_base, bt_base, bt_vec, pg0, q_pos, offs_d, offs_dv, seqlen_q,
+            seqlen_k, stride_kb, stride_kn, stride_vb, stride_vn, num_blocks, sm_scale, softcap, alibi_slope,
+            window_left, window_right, s_lo, a, IS_LOCAL=IS_LOCAL, HAS_SOFTCAP=HAS_SOFTCAP,
+            HAS_ALIBI=HAS_ALIBI, PAGE=PAGE, PAGE_TILE=PAGE_TILE, BT_PRELOAD=BT_PRELOAD, HEADDIM=HEADDIM,
+            HEADDIM_V=HEADDIM_V, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, BLOCK_N=BLOCK_N, MASKED=True,
+        )  # fmt: skip
+    acc, l_i, m_i = _attn_keys(
+        acc, l_i, m_i, q, k_base, v_base, bt_base, bt_vec, pg0, q_pos, offs_d, offs_dv, seqlen_q,
+        seqlen_k, stride_kb, stride_kn, stride_vb, stride_vn, num_blocks, sm_scale, softcap, alibi_slope,
+        window_left, window_right, a, c, IS_LOCAL=IS_LOCAL, HAS_SOFTCAP=HAS_SOFTCAP,
+        HAS_ALIBI=HAS_ALIBI, PAGE=PAGE, PAGE_TILE=PAGE_TILE, BT_PRELOAD=BT_PRELOAD, HEADDIM=HEADDIM,
+        HEADDIM_V=HEADDIM_V, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, BLOCK_N=BLOCK_N, MASKED=False,
+    )  # fmt: skip
+    acc, l_i, m_i = _attn_keys(
+        acc, l_i, m_i, q, k_base, v_base, bt_base, bt_vec, pg0, q_pos, offs_d, offs_dv, seqlen_q,
+        seqlen_k, stride_kb, stride_kn, stride_vb, stride_vn, num_blocks, sm_scale, softcap, alibi_slope,
+        window_left, window_right, c, s_hi, IS_LOCAL=IS_LOCAL, HAS_SOFTCAP=HAS_SOFTCAP,
+        HAS_ALIBI=HAS_ALIBI, PAGE=PAGE, PAGE_TILE=PAGE_TILE, BT_PRELOAD=BT_PRELOAD, HEADDIM=HEADDIM,
+        HEADDIM_V=HEADDIM_V, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, BLOCK_N=BLOCK_N, MASKED=True,
+    )  # fmt: skip
+    return acc, l_i, m_i
+
+
+@triton.jit
+def unified_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    OutPart,
+    LsePart,
+    BlockTable,
+    CuSeqlensQ,
+    SequsedK,
+    Alibi,
+    Sink,
+    KDescale,
+    VDescale,
+    stride_qm,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_om,
+    stride_oh,
+    stride_btb,
+    stride_alb,
+    stride_kdb,
+    stride_kdh,
+    stride_vdb,
+    stride_vdh,
+    total_q,
+    batch,
+    bt_cols,
+    num_blocks,
+    nheads,
+    nheads_k,
+    group,
+    n_head_chunks,
+    num_splits,
+    search_iters,
+    sm_scale,
+    softcap,
+    window_left,
+    window_right,
+    HEADDIM: tl.constexpr,
+    HEADDIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    PAGE: tl.constexpr,
+    PAGE_TILE: tl.constexpr,
+    BT_PRELOAD: tl.constexpr,
+    BT_PRELOAD_SPLIT: tl.constexpr,
+    IS_LOCAL: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_SINK: tl.constexpr,
+    HAS_DESCALE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    HB: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Grid ``(total_q // QROWS + batch, nheads_k * n_head_chunks, num_splits)``, ``QROWS = BLOCK_M // HB``.
+
+    q ``(total_q, nheads, d)``; cache ``(num_blocks, PAGE, nheads_k, d[v])``; block_table ``(batch,
+    bt_cols)``; out ``(total_q, nheads, dv)``; lse ``(nheads, total_q)`` fp32; partials (``SPLIT``)
+    ``(num_splits, batch, QROWS, nheads[, dv])`` fp32, contiguous. ``BT_PRELOAD`` / ``BT_PRELOAD_SPLIT``:
+    block-table entries preloaded by unsplit / split programs (0: read in the key loop).
+    """
+    QROWS: tl.constexpr = BLOCK_M // HB
+    EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
+    EVEN_DV: tl.constexpr = HEADDIM_V == BLOCK_DV
+    pid_t = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    split = tl.program_id(2)
+    hk = pid_h // n_head_chunks
+    chunk = pid_h % n_head_chunks
+
+    b = _find_request(CuSeqlensQ, pid_t, batch, total_q, search_iters, QROWS)
+    q_start, seqlen_q = varlen_bounds(CuSeqlensQ, b, total_q)
+    qblock = pid_t - (q_start // QROWS + b)
+    is_split = seqlen_q <= QROWS
+    if SPLIT:
+        n_split = tl.where(is_split, num_splits, 1)
+    else:
+        n_split = 1
+    if (qblock < 0) | (qblock * QROWS >= seqlen_q) | (split >= n_split):
+        return
+    capacity = bt_cols * PAGE
+    seqlen_k = clamp(tl.load(SequsedK + b), 0, capacity)
+
+    offs_r = tl.arange(0, BLOCK_M)
+    q_pos = qblock * QROWS + offs_r // HB
+    g = chunk * HB + offs_r % HB
+    head = hk * group + g
+    row_ok = (q_pos < seqlen_q) & (g < group)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_rows = (q_start + q_pos).to(tl.int64)
+    q_ptrs = Q + q_rows[:, None] * stride_qm + head[:, None].to(tl.int64) * stride_qh + offs_d[None, :]
+    if EVEN_D:
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEADDIM), other=0.0)
+
+    alibi_slope = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
+    if HAS_ALIBI:
+        alibi_slope = tl.load(Alibi + b * stride_alb + head, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    scale = sm_scale
+    if HAS_DESCALE:
+        scale = sm_scale * tl.load(KDescale + b * stride_kdb + hk * stride_kdh)
+
+    k_base = K + hk.to(tl.int64) * stride_kh
+    v_base = V + hk.to(tl.int64) * stride_vh
+    bt_base = BlockTable + b.to(tl.int64) * stride_btb
+
+    lo, full_lo, full_hi, hi = kv_range(
+        qblock, seqlen_q, seqlen_k, window_left, window_right, QROWS, BLOCK_N, IS_LOCAL
+    )
+    # this split's share of the key blocks; split edges stay multiples of BLOCK_N from lo
+    per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), n_split)
+    s_lo = tl.minimum(lo + split * per_split * BLOCK_N, hi)
+    s_hi = tl.minimum(s_lo + per_split * BLOCK_N, hi)
+    # split programs preload their split's block-table entries (BT_PRELOAD_SPLIT), unsplit ones the whole
+    # range's when it fits (BT_PRELOAD); each variant is compiled only where a launch can take it
+    if SPLIT:
+        if is_split:
+            acc, l_i, m_i = _attn_range(
+                q, k_base, v_base, bt_base, q_pos, offs_d, offs_dv, seqlen_q, seqlen_k, s_lo, s_hi, full_lo,
+                full_hi, stride_kb, stride_kn, stride_vb, stride_vn, num_blocks, scale, softcap, alibi_slope,
+                window_left, window_right, IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT,
+                HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, PAGE=PAGE, PAGE_TILE=PAGE_TILE,
+                BT_PRELOAD=BT_PRELOAD_SPLIT, HEADDIM=HEADDIM, HEADDIM_V=HEADDIM_V, EVEN_D=EVEN_D,
+                EVEN_DV=EVEN_DV, BLOCK_M=BLOCK_M, BLOCK_DV=BLOCK_DV, BLOCK_N=BLOCK_N,
+            )  # fmt: skip
+        else:
+            acc, l_i, m_i = _attn_range(
+                q, k_base, v_base, bt_base, q_pos, offs_d, offs_dv, seqlen_q, seqlen_k, s_lo, s_hi, full_lo,
+                full_hi, stride_kb, stride_kn, stride_vb, stride_vn, num_blocks, scale, softcap, alibi_slope,
+                window_left, window_right, IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT,
+                HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, PAGE=PAGE, PAGE_TILE=PAGE_TILE,
+                BT_PRELOAD=BT_PRELOAD, HEADDIM=HEADDIM, HEADDIM_V=HEADDIM_V, EVEN_D=EVEN_D,
+                EVEN_DV=EVEN_DV, BLOCK_M=BLOCK_M, BLOCK_DV=BLOCK_DV, BLOCK_N=BLOCK_N,
+            )  # fmt: skip
+    else:
+        acc, l_i, m_i = _attn_range(
+            q, k_base, v_base, bt_base, q_pos, offs_d, offs_dv, seqlen_q, seqlen_k, s_lo, s_hi, full_lo,
+            full_hi, stride_kb, stride_kn, stride_vb, stride_vn, num_blocks, scale, softcap, alibi_slope,
+            window_left, window_right, IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT,
+            HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, PAGE=PAGE, PAGE_TILE=PAGE_TILE,
+            BT_PRELOAD=BT_PRELOAD, HEADDIM=HEADDIM, HEADDIM_V=HEADDIM_V, EVEN_D=EVEN_D,
+            EVEN_DV=EVEN_DV, BLOCK_M=BLOCK_M, BLOCK_DV=BLOCK_DV, BLOCK_N=BLOCK_N,
+        )  # fmt: skip
+    if HAS_DESCALE:
+        acc = acc * tl.load(VDescale + b * stride_vdb + hk * stride_vdh)
+
+    if SPLIT:
+        if is_split:
+            # partial row (split, b, q_pos, head); empty splits carry lse = -inf (weight 0 in the combine)
+            empty = l_i == 0.0
+            l_safe = tl.where(empty, 1.0, l_i)
+            prow = ((split * batch + b).to(tl.int64) * QROWS + q_pos) * nheads + head
+            lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+            tl.store(LsePart + prow, lse, mask=row_ok)
+            o_ptrs = OutPart + prow[:, None] * HEADDIM_V + offs_dv[None, :]
+            tl.store(o_ptrs, acc / l_safe[:, None], mask=row_ok[:, None] & (offs_dv[None, :] < HEADDIM_V))
+        else:
+            _store_final(Out, Lse, Sink, acc, l_i, m_i, head, q_rows, row_ok, offs_dv, total_q, stride_om,
+                         stride_oh, HEADDIM_V, HAS_SINK)  # fmt: skip
+    else:
+        _store_final(Out, Lse, Sink, acc, l_i, m_i, head, q_rows, row_ok, offs_dv, total_q, stride_om,
+                     stride_oh, HEADDIM_V, HAS_SINK)  # fmt: skip
+
+
+@triton.jit
+def _store_final(
+    Out,
+    Lse,
+    Sink,
+    acc,
+    l_i,
+    m_i,
+    head,
+    q_rows,
+    row_ok,
+    offs_dv,
+    total_q,
+    stride_om,
+    stride_oh,
+    HEADDIM_V: tl.constexpr,
+    HAS_SINK: tl.constexpr,
+):
+    """Finish and store unsplit rows (log2-domain ``m_i``): out ``(total_q, nheads, dv)`` rows ``q_rows``, lse
+    ``(nheads, total_q)``; the learnable sink joins the denominator; rows with no visible key give out 0 and
+    lse +inf (flash-attn 2.8's convention)."""
+    if HAS_SINK:
+        # learnable sink (gpt-oss): one extra logit per head in the denominator, none in the output
+        sink = tl.load(Sink + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        m_sink = tl.maximum(m_i, sink)
+        alpha_sink = tl.exp2(m_i - m_sink)
+        l_i = l_i * alpha_sink + tl.exp2(sink - m_sink)
+        acc = acc * alpha_sink[:, None]
+        m_i = m_sink
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    tl.store(Lse + head.to(tl.int64) * total_q + q_rows, lse, mask=row_ok)
+    o_ptrs = Out + q_rows[:, None] * stride_om + head[:, None].to(tl.int64) * stride_oh + offs_dv[None, :]
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEADDIM_V))
+
+
+@triton.jit
+def combine_kernel(
+    OutPart,
+    LsePart,
+    Out,
+    Lse,
+    Sink,
+    CuSeqlensQ,
+    total_q,
+    batch,
+    nheads,
+    num_splits,
+    stride_om,
+    stride_oh,
+    QROWS: tl.constexpr,
+    HEADDIM_V: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    HAS_SINK: tl.constexpr,
+):
+    """Grid ``(batch, nheads)``: merge the splits of request ``pid 0``'s rows of head ``pid 1`` when the
+    request was split (its rows fit one tile of ``QROWS``: the attention kernel's rule, on the same clamped
+    ``cu_seqlens_q``); the other requests' rows were written by the attention kernel."""
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    q_start, seqlen_q = varlen_bounds(CuSeqlensQ, b, total_q)
+    if seqlen_q > QROWS:
+        return
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < HEADDIM_V
+    n_rows = batch * QROWS * nheads
+    sink = tl.zeros([1], dtype=tl.float32)
+    if HAS_SINK:
+        sink = tl.load(Sink + head + tl.zeros([1], dtype=tl.int32)).to(tl.float32)
+    for qi in tl.range(0, seqlen_q):
+        r = ((b * QROWS + qi) * nheads + head).to(tl.int64)
+        m = tl.full([1], float("-inf"), dtype=tl.float32)
+        den = tl.zeros([1], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+        for s0 in tl.range(0, num_splits, BLOCK_S):
+            sp = s0 + offs_s
+            s_ok = sp < num_splits
+            row = sp.to(tl.int64) * n_rows + r
+            lse_s = tl.load(LsePart + row, mask=s_ok, other=float("-inf"))
+            o = tl.load(
+                OutPart + row[:, None] * HEADDIM_V + offs_dv[None, :],
+                mask=s_ok[:, None] & dv_ok[None, :],
+                other=0.0,
+            )
+            m_new = tl.maximum(m, tl.max(lse_s, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)
+            w = tl.exp(lse_s[None, :] - m_safe[:, None])  # (1, BLOCK_S)
+            den = den * alpha + tl.sum(w, 1)
+            acc = acc * alpha + tl.sum(tl.reshape(w, [BLOCK_S])[:, None] * o, 0)
+            m = m_new
+        out_row, lse = _merged_rows(acc[None, :], den, m, sink, HAS_SINK)
+        orow = (q_start + qi).to(tl.int64)
+        tl.store(Lse + head.to(tl.int64) * total_q + orow + tl.zeros([1], dtype=tl.int64), lse)
+        o_ptrs = Out + orow * stride_om + head.to(tl.int64) * stride_oh + offs_dv[None, :]
+        tl.store(o_ptrs, out_row.to(Out.dtype.element_ty), mask=dv_ok[None, :])
+
+
+@triton.jit
+def append_paged_kernel(
+    Knew,
+    Vnew,
+    K,
+    V,
+    BlockTable,
+    CacheSeqlens,
+    CuSeqlensNew,
+    KScale,
+    VScale,
+    Cos,
+    Sin,
+    stride_knm,
+    stride_knh,
+    stride_vnm,
+    stride_vnh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_btb,
+    stride_ksb,
+    stride_ksh,
+    stride_vsb,
+    stride_vsh,
+    total_new,
+    bt_cols,
+    num_blocks,
+    seqlen_ro,
+    HEADDIM: tl.constexpr,
+    HEADDIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HAS_ROTARY: tl.constexpr,
+    ROTARY_DIM: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    PAGE: tl.constexpr,
+    QUANT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """Grid ``(cdiv(max_seqlen_new, BLOCK_T), batch, nheads_k)``: write request ``b``'s new rows ``[cu[b],
+    cu[b + 1])`` of packed ``k_new`` (rotated at its positions when cos / sin are given) / ``v_new``
+    ``(total_new, nheads_k, d)`` into its pages at positions ``cache_seqlens[b] + t``. ``QUANT``: the cache is
+    FP8 e4m3; stored values are ``k / k_scale[b, h]`` (``v / v_scale[b, h]``) rounded to e4m3, saturated to
+    +-448. Indices read from tensors are clamped (``cu_seqlens_new`` to ``[0, total_new]``, ``cache_seqlens``
+    to ``[0, capacity]``, block ids to ``[0, num_blocks)``); rows at or past the capacity are not written."""
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    capacity = bt_cols * PAGE
+    start, n_new = varlen_bounds(CuSeqlensNew, b, total_new)
+    cache_len = clamp(tl.load(CacheSeqlens + b), 0, capacity)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    pos = cache_len + t
+    ok = (t < n_new) & (pos < capacity)
+    bt_base = BlockTable + b.to(tl.int64) * stride_btb
+    blk = tl.load(bt_base + pos // PAGE, mask=ok, other=0)
+    k_off, v_off = page_offsets(blk, pos, stride_kb, stride_kn, stride_vb, stride_vn, num_blocks, PAGE)
+    k_dst = K + h.to(tl.int64) * stride_kh + k_off
+    v_dst = V + h.to(tl.int64) * stride_vh + v_off
+    src_row = (start + t).to(tl.int64)
+    k_src = Knew + h.to(tl.int64) * stride_knh + src_row * stride_knm
+    v_src = Vnew + h.to(tl.int64) * stride_vnh + src_row * stride_vnm
+    k_mul = 1.0
+    v_mul = 1.0
+    if QUANT:
+        k_mul = 1.0 / tl.load(KScale + b * stride_ksb + h * stride_ksh)
+        v_mul = 1.0 / tl.load(VScale + b * stride_vsb + h * stride_vsh)
+
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_v = ok[:, None] & (offs_dv[None, :] < HEADDIM_V)
+    vv = tl.load(v_src[:, None] + offs_dv[None, :], mask=mask_v, other=0.0)
+    tl.store(v_dst[:, None] + offs_dv[None, :], _quant(vv, v_mul, QUANT, V.dtype.element_ty), mask=mask_v)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    if HAS_ROTARY:
+        # pass-through channels [ROTARY_DIM, HEADDIM)
+        mask_p = ok[:, None] & (offs_d[None, :] >= ROTARY_DIM) & (offs_d[None, :] < HEADDIM)
+        kp = tl.load(k_src[:, None] + offs_d[None, :], mask=mask_p, other=0.0)
+        tl.store(k_dst[:, None] + offs_d[None, :], _quant(kp, k_mul, QUANT, K.dtype.element_ty), mask=mask_p)
+        HALF: tl.constexpr = ROTARY_DIM // 2
+        offs_k = tl.arange(0, BLOCK_HALF)
+        k0, k1 = rotary_pair_cols(offs_k, HALF, INTERLEAVED)
+        mask_r = ok[:, None] & (offs_k[None, :] < HALF)
+        cos, sin = load_cos_sin(Cos, Sin, pos, offs_k, HALF, mask_r & (pos[:, None] < seqlen_ro))
+        x0 = tl.load(k_src[:, None] + k0[None, :], mask=mask_r, other=0.0).to(tl.float32)
+        x1 = tl.load(k_src[:, None] + k1[None, :], mask=mask_r, other=0.0).to(tl.float32)
+        o0, o1 = rotate_pair(x0, x1, cos, sin)
+        if not QUANT:
+            # round the rotated values to k's dtype first, as a rotated k_new then cast would be
+            o0 = o0.to(Knew.dtype.element_ty)
+            o1 = o1.to(Knew.dtype.element_ty)
+        tl.store(k_dst[:, None] + k0[None, :], _quant(o0, k_mul, QUANT, K.dtype.element_ty), mask=mask_r)
+        tl.store(k_dst[:, None] + k1[None, :], _quant(o1, k_mul, QUANT, K.dtype.element_ty), mask=mask_r)
+    else:
+        mask_k = ok[:, None] & (offs_d[None, :] < HEADDIM)
+        kk = tl.load(k_src[:, None] + offs_d[None, :], mask=mask_k, other=0.0)
+        tl.store(k_dst[:, None] + offs_d[None, :], _quant(kk, k_mul, QUANT, K.dtype.element_ty), mask=mask_k)
+
+
+@triton.jit
+def _quant(x, mul, QUANT: tl.constexpr, dtype: tl.constexpr):
+    """``x`` cast to the cache dtype; FP8: ``x * mul`` (``1 / scale``) in fp32, saturated to +-448 first."""
+    if QUANT:
+        y = x.to(tl.float32) * mul
+        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        return y.to(dtype)
+    return x.to(dtype)
