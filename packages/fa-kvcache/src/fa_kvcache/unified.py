@@ -228,8 +228,6 @@ def _check_caches(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor)
         raise TypeError(f"k_cache and v_cache must share a dtype, got {k_cache.dtype} and {v_cache.dtype}")
     if k_cache.dtype != FP8 and k_cache.dtype != q.dtype:
         raise TypeError(f"k_cache must have q's dtype ({q.dtype}) or float8_e4m3fn, got {k_cache.dtype}")
-    if k_cache.dtype == FP8 and q.device.type == "cpu":
-        raise FlashAttnValueError("k_cache is float8_e4m3fn on CPU: the FP8 cache needs a CUDA GPU")
     if k_cache.shape[:3] != v_cache.shape[:3] or k_cache.shape[0] < 1:
         raise FlashAttnValueError(
             "k_cache / v_cache must be paged caches (num_blocks >= 1, page_size, nheads_k, d) with the same "

@@ -620,9 +620,15 @@ def append_paged_kernel(
 
 @triton.jit
 def _quant(x, mul, QUANT: tl.constexpr, dtype: tl.constexpr):
-    """``x`` cast to the cache dtype; FP8: ``x * mul`` (``1 / scale``) in fp32, saturated to +-448 first."""
+    """``x`` cast to the cache dtype; FP8: ``x * mul`` (``1 / scale``) in fp32 rounded to nearest-even at e4m3's
+    3 mantissa bits on the fp32 bits (so the cast itself is exact: the same result on every backend, Triton's
+    interpreter included), then saturated to +-448. Below e4m3's normal range (``|y| < 2^-6``) the cast rounds
+    a second time to the subnormal step 2^-9."""
     if QUANT:
         y = x.to(tl.float32) * mul
+        bits = y.to(tl.int32, bitcast=True)
+        bits = (bits + (0x7FFFF + ((bits >> 20) & 1))) & -1048576  # clear the low 20 of 23 mantissa bits
+        y = bits.to(tl.float32, bitcast=True)
         y = tl.minimum(tl.maximum(y, -448.0), 448.0)
         return y.to(dtype)
     return x.to(dtype)
