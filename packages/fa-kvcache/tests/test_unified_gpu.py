@@ -117,6 +117,7 @@ def test_fp8_cache_through_append(page):
     a = _batch(qlens, klens, page, seed=page)
     kc16, vc16 = a["k_cache"].nan_to_num(), a["v_cache"].nan_to_num()
     bf16_out = unified_attention(**{**a, "k_cache": kc16, "v_cache": vc16})
+    assert isinstance(bf16_out, torch.Tensor)
     batch, hk = len(klens), 8
     # per-(request, kv head) scales mapping each request's largest |k| / |v| to 448
     k_scale = torch.empty(batch, hk, device=DEV)
