@@ -41,7 +41,7 @@ except ImportError:  # older torch
 import fa_core
 from fa_core import gluon as fg
 from fa_core import settings as fa_settings
-from fa_core.reference import attention_ref
+from fa_core.reference import attention_ref, attention_varlen_ref
 from fa_core.testing import slack_for
 
 
@@ -60,6 +60,8 @@ def _check_one(kind, b, sq, sk, h, hk, d, causal, dtype, extra) -> dict[str, Any
     scale, strided = extra.get("scale"), extra.get("strided", False)
     window, softcap = extra.get("window_size", (-1, -1)), extra.get("softcap", 0.0)
     torch.manual_seed(sq * 7 + sk + d)
+    if extra.get("varlen"):
+        return _check_varlen(kind, h, hk, d, causal, dtype, extra)
     if strided:  # q, k, v as views into one packed buffer (non-contiguous batch/seq strides)
         assert sq == sk and h == hk
         qkv = torch.randn(b, sq, 3, h, d, device="cuda", dtype=dtype)
@@ -79,6 +81,38 @@ def _check_one(kind, b, sq, sk, h, hk, d, causal, dtype, extra) -> dict[str, Any
         return row
     ref_o, ref_lse = attention_ref(q, k, v, **kw)
     low_o, _ = attention_ref(q, k, v, upcast=False, **kw)
+    err = (o.float() - ref_o.float()).abs().max().item()
+    err_low = (low_o.float() - ref_o.float()).abs().max().item()
+    finite = torch.isfinite(ref_lse)
+    lse_err = (lse[finite] - ref_lse[finite]).abs().max().item() if finite.any() else 0.0
+    inf_ok = bool(torch.equal(torch.isinf(lse), ~finite)) and bool((lse[~finite] > 0).all())
+    nan_free = not bool(torch.isnan(o).any())
+    ok = nan_free and err <= 2 * err_low + slack_for(dtype) and lse_err <= 1e-3 and inf_ok
+    row.update(ok=ok, err=err, err_lowp=err_low, lse_err=lse_err, inf_rows_ok=inf_ok, nan_free=nan_free)
+    return row
+
+
+def _check_varlen(kind, h, hk, d, causal, dtype, extra) -> dict[str, Any]:
+    lens = extra["varlen"]
+    window, softcap = extra.get("window_size", (-1, -1)), extra.get("softcap", 0.0)
+    cu_q = torch.tensor([0] + [sum(a for a, _ in lens[: i + 1]) for i in range(len(lens))], dtype=torch.int32)
+    cu_k = torch.tensor([0] + [sum(c for _, c in lens[: i + 1]) for i in range(len(lens))], dtype=torch.int32)
+    cu_q, cu_k = cu_q.cuda(), cu_k.cuda()
+    q = torch.randn(int(cu_q[-1]), h, d, device="cuda", dtype=dtype)
+    k = torch.randn(int(cu_k[-1]), hk, d, device="cuda", dtype=dtype)
+    v = torch.randn(int(cu_k[-1]), hk, d, device="cuda", dtype=dtype)
+    out = torch.full_like(q, float("nan"))
+    row = dict(kind=kind, h=h, hk=hk, d=d, causal=causal, dtype=str(dtype), **extra)
+    kw = dict(causal=causal, window_size=window, softcap=softcap)
+    mq, mk = max(a for a, _ in lens), max(c for _, c in lens)
+    try:
+        o, lse = fg.forward_varlen(q, k, v, cu_q, cu_k, mq, mk, out=out, kind=kind, **kw)
+        torch.cuda.synchronize()
+    except Exception as exc:
+        row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000])
+        return row
+    ref_o, ref_lse = attention_varlen_ref(q, k, v, cu_q, cu_k, **kw)
+    low_o, _ = attention_varlen_ref(q, k, v, cu_q, cu_k, upcast=False, **kw)
     err = (o.float() - ref_o.float()).abs().max().item()
     err_low = (low_o.float() - ref_o.float()).abs().max().item()
     finite = torch.isfinite(ref_lse)
@@ -119,14 +153,30 @@ CASES = [
     (1, 1000, 1000, 2, 2, 128, True, BF, {"window_size": (255, 0), "softcap": 10.0}),
     (2, 517, 517, 3, 3, 64, False, BF, {"softcap": 30.0}),
     (2, 1000, 1500, 4, 2, 128, True, FP, {"softcap": 5.0, "scale": 0.2}),
+    # packed variable-length sequences (b, sq, sk unused): (seqlen_q, seqlen_k) per sequence
+    (0, 0, 0, 4, 2, 128, True, BF, {"varlen": [(300, 300), (1, 77), (1000, 1000), (129, 513), (64, 64)]}),
+    (0, 0, 0, 4, 2, 128, False, BF, {"varlen": [(513, 257), (77, 1), (0, 100), (200, 200)]}),
+    (0, 0, 0, 4, 4, 64, True, FP, {"varlen": [(777, 300), (128, 128), (5, 1000)]}),
+    (0, 0, 0, 4, 1, 64, False, BF, {"varlen": [(1000, 1000), (1, 1), (333, 444)]}),
+    (
+        0,
+        0,
+        0,
+        2,
+        2,
+        128,
+        True,
+        BF,
+        {"varlen": [(700, 900), (256, 256)], "window_size": (64, 0), "softcap": 5.0},
+    ),
 ]
 
 
 def _is_feature(case) -> bool:
-    return bool(case[8].get("window_size") or case[8].get("softcap"))
+    return bool(case[8].get("window_size") or case[8].get("softcap") or case[8].get("varlen"))
 
 
-def correctness(kinds, sink) -> list[dict[str, Any]]:
+def correctness(kinds, sink, verbose: bool = False) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for kind in kinds:
         for case in CASES:
@@ -136,6 +186,8 @@ def correctness(kinds, sink) -> list[dict[str, Any]]:
             row["feature"] = _is_feature(case)
             rows.append(row)
             sink(rows)
+            if row["ok"] and not verbose:
+                continue
             status = "ok " if row["ok"] else "BAD"
             detail = row.get("error") or (
                 f"err {row['err']:.2e} (lowp {row['err_lowp']:.2e}) lse {row['lse_err']:.1e} "
@@ -228,13 +280,18 @@ FEATURES = [
     (128, False, 8192, (-1, -1), 30.0),
     (64, True, 8192, (1024, 0), 0.0),
 ]
+#: packed sequences of 16k tokens in all (hidden 2048): (headdim, causal, lengths)
+VARLEN_SPEED = [
+    (128, True, [2048] * 8),
+    (128, False, [4096, 2048, 1024, 1024, 512, 512, 4096, 3072]),
+]
 
 
-def features_speed(deadline: float, sink) -> list[dict[str, Any]]:
+def features_speed(deadline: float, sink, windows: bool = True, varlen: bool = True) -> list[dict[str, Any]]:
     """Sliding window and softcap at 8k tokens x 2: Gluon (default kind) against our Triton forward; TFLOP/s
     count only visible (window) score entries."""
-    rows = []
-    for d, causal, s, window, softcap in FEATURES:
+    rows: list[dict[str, Any]] = []
+    for d, causal, s, window, softcap in FEATURES if windows else []:
         b, h = 16384 // s, 2048 // d
         q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         left = window[0] if window[0] >= 0 else s
@@ -269,6 +326,37 @@ def features_speed(deadline: float, sink) -> list[dict[str, Any]]:
                 f"features d{d} causal={causal!s:5} window={window} softcap={softcap} {name:8s} {t}",
                 flush=True,
             )
+            sink(rows)
+        del q, k, v
+    for d, causal, lens in VARLEN_SPEED if varlen else []:
+        h = 2048 // d
+        cu = torch.tensor(
+            [0] + [sum(lens[: i + 1]) for i in range(len(lens))], dtype=torch.int32, device="cuda"
+        )
+        q, k, v = (torch.randn(int(cu[-1]), h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        flops = sum(4 * h * n * n * d / (2 if causal else 1) for n in lens)
+        mx = max(lens)
+
+        def fa_plus_varlen(q=q, k=k, v=v, cu=cu, mx=mx, causal=causal):
+            with fa_settings.override(autotune=False):
+                return fa_core.flash_attn_varlen_forward(q, k, v, cu, cu, mx, mx, causal=causal)
+
+        def gluon_varlen(q=q, k=k, v=v, cu=cu, mx=mx, causal=causal):
+            return fg.forward_varlen(q, k, v, cu, cu, mx, mx, causal=causal)
+
+        for name, fn in (("gluon", gluon_varlen), ("fa-plus", fa_plus_varlen)):
+            row = dict(provider=name, headdim=d, causal=causal, varlen=lens, nheads=h)
+            if time.time() > deadline:
+                row.update(tflops=None, error="skipped: time budget")
+            else:
+                try:
+                    ms = _bench(fn)
+                    row.update(ms=ms, tflops=flops / ms / 1e9)
+                except Exception as exc:
+                    row.update(tflops=None, error=f"{type(exc).__name__}: {exc}"[:500])
+            rows.append(row)
+            t = f"{row['tflops']:.1f}" if row.get("tflops") else row.get("error", "")[:60]
+            print(f"varlen d{d} causal={causal!s:5} {lens} {name:8s} {t}", flush=True)
             sink(rows)
         del q, k, v
     return rows
@@ -441,8 +529,20 @@ def main() -> None:
             seqlens = [int(x) for x in args.seqlens.split(",")]
             speed(kinds, seqlens, not args.no_autotune, deadline, lambda rows: dump("rows", rows))
             print(table(result["rows"]))
-        if "features" not in skip and result.get("all_cases_ok", {}).get(fg.default_kind(128, True), True):
-            features_speed(deadline, lambda rows: dump("features", rows))
+        if "features" not in skip:
+            checked = result["correctness"]
+
+            def passed(pred) -> bool:
+                return all(r["ok"] for r in checked if pred(r))
+
+            def default(r) -> bool:  # the rows of the kind forward() picks for that head dim and mask
+                return r.get("d") is None or r["kind"] == fg.default_kind(r["d"], r["causal"])
+
+            win_ok = passed(
+                lambda r: default(r) and (r.get("window_size") or r.get("softcap")) and not r.get("varlen")
+            )
+            var_ok = passed(lambda r: default(r) and r.get("varlen"))
+            features_speed(deadline, lambda rows: dump("features", rows), windows=win_ok, varlen=var_ok)
         if "sweep" not in skip and kinds:
             sweep(kinds, deadline, lambda rows: dump("sweep", rows))
     except Exception:

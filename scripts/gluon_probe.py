@@ -51,13 +51,19 @@ def compile_variant(
     config: dict | None = None,
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
+    varlen: bool = False,
 ):
     b, s, h = 1, 256, 2
     q = torch.empty(b, s, h, d, dtype=dtype)
     out = torch.empty_like(q)
     lse = torch.empty(b, h, s, dtype=torch.float32)
+    vl = None
+    if varlen:
+        q, out, lse = q[0], out[0], lse[0]
+        cu = torch.tensor([0, 100, 256], dtype=torch.int32)
+        vl = (cu, cu, 156, 156)
     kernel, args, constexprs, num_warps, _grid = _launch.prepare(
-        kind, q, q, q, out, lse, 1 / math.sqrt(d), causal, window_size, softcap, config=config
+        kind, q, q, q, out, lse, 1 / math.sqrt(d), causal, window_size, softcap, config=config, varlen=vl
     )
     names = kernel.arg_names
     sig = {}
@@ -76,6 +82,7 @@ def compile_variant(
         config=config,
         window_size=window_size,
         softcap=softcap,
+        varlen=varlen,
         shared=ck.metadata.shared,
         regs=getattr(ck, "n_regs", None),
         wgmma=len(re.findall(r"wgmma.mma_async", ptx)),
@@ -96,6 +103,7 @@ def main() -> None:
     ap.add_argument("--kinds", default="pipelined,ws")
     ap.add_argument("--d", default="64,128")
     ap.add_argument("--sweep", action="store_true", help="compile bench/bench_gluon.py's SWEEP tiles too")
+    ap.add_argument("--varlen", action="store_true", help="also compile the varlen variants")
     ap.add_argument(
         "--features", action="store_true", help="also compile sliding-window and softcap variants"
     )
@@ -127,6 +135,25 @@ def main() -> None:
                         failed += 1
                         print(
                             f"FAILED {kind} d{d} {window} {softcap}: {type(exc).__name__}: {exc}"[:4000],
+                            flush=True,
+                        )
+    if args.varlen:
+        for kind in args.kinds.split(","):
+            for d in [int(x) for x in args.d.split(",")]:
+                for causal, window, softcap in (
+                    (False, (-1, -1), 0.0),
+                    (True, (-1, -1), 0.0),
+                    (False, (64, 0), 5.0),
+                ):
+                    try:
+                        stats = compile_variant(
+                            kind, d, causal, window_size=window, softcap=softcap, varlen=True
+                        )
+                        print(stats, flush=True)
+                    except Exception as exc:
+                        failed += 1
+                        print(
+                            f"FAILED varlen {kind} d{d} {causal}: {type(exc).__name__}: {exc}"[:4000],
                             flush=True,
                         )
     if args.sweep:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fa_core import attention_ref
+from fa_core import attention_ref, attention_varlen_ref
 from fa_core import gluon as fg
 from fa_core.errors import FlashAttnValueError
 from fa_core.testing import assert_close_2x, poisoned
@@ -96,3 +96,36 @@ def test_unsupported_call_raises():
     assert not fg.supports(q, q, q)
     with pytest.raises(FlashAttnValueError, match="head dim"):
         fg.forward(q, q, q)
+
+
+VARLEN_CASES = [
+    # nheads, nheads_k, headdim, causal, window_size, softcap, (seqlen_q, seqlen_k) per sequence
+    (4, 2, 128, True, (-1, -1), 0.0, [(300, 300), (1, 77), (1000, 1000), (129, 513)]),
+    (4, 4, 64, False, (-1, -1), 0.0, [(513, 257), (77, 1), (0, 100), (200, 200)]),
+    (2, 2, 128, True, (64, 0), 5.0, [(700, 900), (256, 256)]),
+]
+
+
+@pytest.mark.parametrize("kind", fg.KINDS)
+@pytest.mark.parametrize("case", range(len(VARLEN_CASES)))
+def test_varlen_matches_reference(case, kind):
+    h, hk, d, causal, window, softcap, lens = VARLEN_CASES[case]
+    if d not in fg.head_dims(kind):
+        pytest.skip(f"{kind} has no tile for head dim {d}")
+    torch.manual_seed(case)
+    cu_q = torch.tensor([0] + [sum(a for a, _ in lens[: i + 1]) for i in range(len(lens))], dtype=torch.int32)
+    cu_k = torch.tensor([0] + [sum(c for _, c in lens[: i + 1]) for i in range(len(lens))], dtype=torch.int32)
+    cu_q, cu_k = cu_q.cuda(), cu_k.cuda()
+    q = torch.randn(int(cu_q[-1]), h, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(int(cu_k[-1]), hk, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    kw = dict(causal=causal, window_size=window, softcap=softcap)
+    mq, mk = max(a for a, _ in lens), max(c for _, c in lens)
+    assert fg.supports(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=mq, max_seqlen_k=mk, **kw)
+    o, lse = fg.forward_varlen(
+        q, k, v, cu_q, cu_k, mq, mk, out=poisoned(q.shape, q.dtype, "cuda"), kind=kind, **kw
+    )
+    ref_o, ref_lse = attention_varlen_ref(q, k, v, cu_q, cu_k, **kw)
+    low_o, _ = attention_varlen_ref(q, k, v, cu_q, cu_k, upcast=False, **kw)
+    assert_close_2x(o, ref_o, low_o, "out")
+    assert_close_2x(lse, ref_lse, ref_lse, "lse", slack=1e-3)

@@ -146,3 +146,18 @@ def test_window_bounds(causal, window, expected):
     except Exception as exc:  # pragma: no cover - depends on the installed Triton
         pytest.skip(f"Gluon kernel module does not import under Triton {triton.__version__}: {exc}")
     assert launch.window_bounds(causal, window) == expected
+
+
+def test_varlen_predicate():
+    q, k, v = (t.reshape(-1, t.shape[2], t.shape[3]) for t in _qkv(sq=100, sk=100))
+    cu = torch.tensor([0, 60, 200], dtype=torch.int32)
+    kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=140, max_seqlen_k=140)
+    assert _reason(q, k, v, causal=True, window_size=(32, 0), softcap=5.0, **kw) is None
+    assert "int32" in _reason(q, k, v, **dict(kw, cu_seqlens_q=cu.long()))
+    assert "same length" in _reason(q, k, v, **dict(kw, cu_seqlens_k=cu[:2]))
+    assert "max_seqlen" in _reason(q, k, v, **dict(kw, max_seqlen_q=None))
+    assert "both" in _reason(q, k, v, cu_seqlens_q=cu)
+    assert "dense" in _reason(q, k, v)  # 3-D tensors without cu_seqlens
+    assert "dense" in _reason(*_qkv(), **kw)  # 4-D tensors with cu_seqlens
+    with pytest.raises(FlashAttnValueError, match="sm_90"):
+        fg.forward_varlen(q, k, v, cu, cu, 140, 140)

@@ -33,6 +33,7 @@ __all__ = [
     "available",
     "default_kind",
     "forward",
+    "forward_varlen",
     "head_dims",
     "supports",
     "unsupported_reason",
@@ -124,29 +125,53 @@ def unsupported_reason(
     alibi_slopes: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     softmax_scale: float | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
     check_device: bool = True,
     **extras: Any,
 ) -> str | None:
-    """Why :func:`forward` cannot take these arguments, or None when it can (see :func:`supports`)."""
+    """Why :func:`forward` (or, with ``cu_seqlens_*``, :func:`forward_varlen`) cannot take these arguments,
+    or None when it can (see :func:`supports`)."""
     if check_device and not (q.is_cuda and available(q.device)):
         return "needs Triton 3.6 Gluon and an sm_90 CUDA device"
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return "dense (batch, seqlen, nheads, headdim) tensors only"
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    ndim = 3 if varlen else 4
+    if q.dim() != ndim or k.dim() != ndim or v.dim() != ndim:
+        return "dense (batch, seqlen, nheads, headdim) or varlen (total, nheads, headdim) tensors only"
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return "q, k, v must all be bfloat16 or all float16"
     if check_device and (k.device != q.device or v.device != q.device):
         return "q, k, v must be on one device"
-    batch, seqlen_q, nheads, head_dim = q.shape
+    nheads, head_dim = q.shape[-2], q.shape[-1]
+    nheads_k = k.shape[-2]
     if head_dim not in HEAD_DIMS or k.shape[-1] != head_dim or v.shape[-1] != head_dim:
         return f"head dim must be one of {HEAD_DIMS} for q, k and v"
-    if k.shape[0] != batch or v.shape[:3] != k.shape[:3]:
-        return "k and v must be (batch, seqlen_k, nheads_k, headdim) with q's batch"
-    nheads_k = k.shape[2]
+    if v.shape[:-1] != k.shape[:-1]:
+        return "k and v must have the same shape"
+    if varlen:
+        if cu_seqlens_q is None or cu_seqlens_k is None:
+            return "varlen needs both cu_seqlens_q and cu_seqlens_k"
+        for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+            if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2 or not cu.is_contiguous():
+                return f"{name} must be a contiguous int32 (batch + 1,) tensor"
+            if check_device and cu.device != q.device:
+                return f"{name} must be on q's device"
+        if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+            return "cu_seqlens_q and cu_seqlens_k must have the same length"
+        if max_seqlen_q is None or max_seqlen_k is None or min(max_seqlen_q, max_seqlen_k) < 1:
+            return "varlen needs max_seqlen_q and max_seqlen_k >= 1"
+        batch, seqlen_q, seqlen_k = cu_seqlens_q.numel() - 1, q.shape[0], k.shape[0]
+    else:
+        batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+        if k.shape[0] != batch:
+            return "k and v must be (batch, seqlen_k, nheads_k, headdim) with q's batch"
     if nheads_k == 0 or nheads % nheads_k:
         return "nheads must be a multiple of nheads_k"
-    if min(batch, seqlen_q, nheads, k.shape[1]) == 0:
+    if min(batch, seqlen_q, nheads, seqlen_k) == 0:
         return "empty tensors"
-    if max(seqlen_q, k.shape[1], batch * nheads) >= 2**31:
+    if max(seqlen_q, seqlen_k, batch * nheads) >= 2**31:
         return "sizes must fit int32"
     try:
         left, right = (int(w) for w in window_size)
@@ -182,12 +207,17 @@ def supports(
     alibi_slopes: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     softmax_scale: float | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
     **extras: Any,
 ) -> bool:
-    """Whether :func:`forward` handles this call.
+    """Whether :func:`forward` (dense) or :func:`forward_varlen` (``cu_seqlens_*`` given) handles this call.
 
-    True only for: :func:`available` on q's device; dense bf16/fp16 ``q (b, s_q, h, d)``,
-    ``k, v (b, s_k, h_k, d)`` with ``d`` in {64, 128} and ``h % h_k == 0``; any ``window_size`` (-1 = unbounded
+    True only for: :func:`available` on q's device; bf16/fp16 ``q (b, s_q, h, d)``, ``k, v (b, s_k, h_k, d)``
+    (varlen: ``q (total_q, h, d)``, ``k, v (total_k, h_k, d)``, contiguous int32 ``cu_seqlens_q/k (b + 1,)``
+    on q's device, ``max_seqlen_q/k >= 1``) with ``d`` in {64, 128} and ``h % h_k == 0``; any ``window_size`` (-1 = unbounded
     side) and ``softcap >= 0``, with or without ``causal``; no ALiBi or dropout; ``softmax_scale`` None or
     finite > 0; every stride but the last (which is 1) and the base 16-byte aligned. Any further keyword (``return_probs``,
     ``learnable_sink``, ``attention_chunk``, ``score_mod``, ``q_descale``, ...) must be None / False / 0.
@@ -203,6 +233,10 @@ def supports(
             alibi_slopes=alibi_slopes,
             dropout_p=dropout_p,
             softmax_scale=softmax_scale,
+            cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k,
             **extras,
         )
         is None
@@ -265,4 +299,75 @@ def forward(
 
     with torch.cuda.device(q.device):
         _launch.launch(kind, q, k, v, out, lse, scale, causal, window_size, softcap, config)
+    return out, lse
+
+
+def forward_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    out: torch.Tensor | None = None,
+    kind: str | None = None,
+    config: dict[str, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed variable-length attention forward on Hopper with the Gluon kernels.
+
+    Args:
+        q: ``(total_q, nheads, headdim)``; k, v: ``(total_k, nheads_k, headdim)``; sequence i is rows
+            ``cu_seqlens_q[i]:cu_seqlens_q[i + 1]`` of q and ``cu_seqlens_k[i]:cu_seqlens_k[i + 1]`` of k, v
+            (int32 ``(batch + 1,)`` on q's device; offsets are clamped to the tensors, never checked on the host).
+        max_seqlen_q, max_seqlen_k: upper bounds of the sequence lengths (the grid covers ``max_seqlen_q``).
+        softmax_scale, causal, window_size, softcap, out, kind, config: as :func:`forward`; ``out`` is
+            ``(total_q, nheads, headdim)``. Each sequence is attended on its own (causal aligned bottom-right
+            per sequence); the kernels build one TMA descriptor per sequence on the device.
+
+    Returns:
+        ``(out (total_q, nheads, headdim), lse (nheads, total_q) float32)``.
+
+    Raises:
+        FlashAttnValueError: the arguments are outside :func:`supports` (the message says which one).
+    """
+    reason = unsupported_reason(
+        q,
+        k,
+        v,
+        causal=causal,
+        window_size=window_size,
+        softcap=softcap,
+        softmax_scale=softmax_scale,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+    )
+    if reason is not None:
+        raise FlashAttnValueError(f"fa_core.gluon.forward_varlen: {reason}")
+    kind = kind or default_kind(q.shape[-1], causal)
+    if kind not in KINDS:
+        raise FlashAttnValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if config is None and q.shape[-1] not in head_dims(kind):
+        raise FlashAttnValueError(f"kind {kind!r} has no tile for head dim {q.shape[-1]}")
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or not _tma_ok(out):
+        raise FlashAttnValueError(
+            f"out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device} with TMA-compatible strides"
+        )
+    total_q, nheads, head_dim = q.shape
+    lse = torch.empty(nheads, total_q, dtype=torch.float32, device=q.device)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    from fa_core.gluon import _launch
+
+    varlen = (cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
+    with torch.cuda.device(q.device):
+        _launch.launch(kind, q, k, v, out, lse, scale, causal, window_size, softcap, config, varlen)
     return out, lse

@@ -162,29 +162,29 @@ def _epilogue(
     o_smem,
     o_desc,
     lse_ptr,
-    b,
+    bc,
+    lse_off,
     h,
     m0,
     seqlen_q,
-    stride_lb,
     stride_lh,
     o_layout: gl.constexpr,
     BLOCK_M: gl.constexpr,
 ):
-    """Normalise O, store it through shared memory + TMA (rows past seqlen_q are clipped) and store the lse."""
+    """Normalise O, store it through shared memory + TMA (rows past seqlen_q are clipped) and store the lse
+    at ``lse_ptr + lse_off + h * stride_lh + row``. ``bc``: the batch coordinate of the descriptors."""
     empty = l_i == 0.0
     l_safe = gl.where(empty, 1.0, l_i)
     inv = gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, o_layout))
     o = acc * gl.expand_dims(inv, 1)
-    o_smem.store(o.to(o_desc.dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [b, m0, h, 0], _as4d(o_smem, o_desc))
+    if m0 < seqlen_q:  # (a varlen tile past its sequence's end stores nothing)
+        o_smem.store(o.to(o_desc.dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(o_desc, [bc, m0, h, 0], _as4d(o_smem, o_desc))
     # lse in natural-log units; +inf where no key was visible
     lse = gl.where(empty, float("inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
     rows = m0 + gl.arange(0, BLOCK_M, layout=lse.type.layout)
-    gl.store(
-        lse_ptr + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + rows, lse, mask=rows < seqlen_q
-    )
+    gl.store(lse_ptr + lse_off + h.to(gl.int64) * stride_lh + rows, lse, mask=rows < seqlen_q)
     tma.store_wait(0)
 
 
@@ -349,6 +349,72 @@ def _overlapped_step(
     return acc, m_i, l_i, p_next
 
 
+@gluon.jit
+def _seq_desc(ptr, start, seqlen, nheads, stride_s, stride_h, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """On-device rank-4 descriptor ``[1, seqlen, nheads, HEAD_DIM]`` over one packed (varlen) sequence: TMA
+    zero-fills reads and clips writes at the sequence's end, exactly as the dense descriptors do at seqlen."""
+    layout: gl.constexpr = gl.NVMMASharedLayout(
+        swizzle_byte_width=128, element_bitwidth=ptr.dtype.element_ty.primitive_bitwidth, rank=4
+    )
+    return tma.make_tensor_descriptor(
+        ptr + start.to(gl.int64) * stride_s,
+        [1, gl.maximum(seqlen, 1), nheads, HEAD_DIM],
+        [stride_s, stride_s, stride_h, 1],
+        [1, ROWS, 1, HEAD_DIM],
+        layout,
+    )
+
+
+@gluon.jit
+def _problem(
+    q_arg,
+    k_arg,
+    v_arg,
+    o_arg,
+    b,
+    seqlen_q,
+    seqlen_k,
+    stride_lb,
+    vl,
+    ROWS_Q: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    HEAD_DIM: gl.constexpr,
+    VARLEN: gl.constexpr,
+):
+    """(q, k, v, o descriptors, seqlen_q, seqlen_k, batch coordinate, lse offset) of batch entry ``b``.
+
+    Dense: the host descriptors over ``(batch, seqlen, nheads, headdim)``, coordinate ``b``, lse offset
+    ``b * stride_lb``. Varlen (``vl`` = (cu_seqlens_q, cu_seqlens_k, q/k/v/o sequence and head strides,
+    nheads, nheads_k, total_q, total_k), ``*_arg`` base pointers of ``(total, nheads, headdim)`` tensors):
+    one descriptor per sequence, coordinate 0, lse offset ``cu_seqlens_q[b]`` (lse ``(nheads, total_q)``).
+    """
+    if VARLEN:
+        cu_q, cu_k, sqs, sqh, sks, skh, svs, svh, sos, soh, nheads, nheads_k, total_q, total_k = vl
+        # clamped: garbage offsets give garbage rows, never an access outside q, k, v, out
+        q_start = gl.minimum(gl.maximum(gl.load(cu_q + b), 0), total_q)
+        k_start = gl.minimum(gl.maximum(gl.load(cu_k + b), 0), total_k)
+        seqlen_q = gl.minimum(gl.maximum(gl.load(cu_q + b + 1), q_start), total_q) - q_start
+        seqlen_k = gl.minimum(gl.maximum(gl.load(cu_k + b + 1), k_start), total_k) - k_start
+        q_desc = _seq_desc(q_arg, q_start, seqlen_q, nheads, sqs, sqh, ROWS_Q, HEAD_DIM)
+        k_desc = _seq_desc(k_arg, k_start, seqlen_k, nheads_k, sks, skh, BLOCK_N, HEAD_DIM)
+        v_desc = _seq_desc(v_arg, k_start, seqlen_k, nheads_k, svs, svh, BLOCK_N, HEAD_DIM)
+        o_desc = _seq_desc(o_arg, q_start, seqlen_q, nheads, sos, soh, ROWS_Q, HEAD_DIM)
+        return q_desc, k_desc, v_desc, o_desc, seqlen_q, seqlen_k, 0, q_start.to(gl.int64)
+    else:
+        return q_arg, k_arg, v_arg, o_arg, seqlen_q, seqlen_k, b, b.to(gl.int64) * stride_lb
+
+
+@gluon.jit
+def _active_tiles(tiles, m0, seqlen_q, VARLEN: gl.constexpr):
+    """Varlen grids are sized by the longest sequence: a tile past its own sequence's end gets no key tile."""
+    if VARLEN:
+        lo, full_lo, full_hi, hi = tiles
+        hi = lo + (hi - lo) * (m0 < seqlen_q).to(gl.int32)
+        return lo, gl.minimum(full_lo, hi), gl.minimum(full_hi, hi), hi
+    else:
+        return tiles
+
+
 @gluon.constexpr_function
 def _mma_layout(num_warps, n):
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
@@ -367,10 +433,10 @@ def _smem_layout(bitwidth):
 
 @gluon.jit
 def attn_fwd_pipelined(
-    q_desc,
-    k_desc,
-    v_desc,
-    o_desc,
+    q_arg,
+    k_arg,
+    v_arg,
+    o_arg,
     lse_ptr,
     stride_lb,
     stride_lh,
@@ -381,6 +447,7 @@ def attn_fwd_pipelined(
     softcap_in,
     left,
     right,
+    vl,
     BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr,
     HEAD_DIM: gl.constexpr,
@@ -388,14 +455,18 @@ def attn_fwd_pipelined(
     CAUSAL: gl.constexpr,
     WINDOW: gl.constexpr,
     SOFTCAP: gl.constexpr,
+    VARLEN: gl.constexpr,
     num_warps: gl.constexpr,
 ):
-    """Grid ``(cdiv(seqlen_q, BLOCK_M), nheads, batch)``; query tiles are visited last-first (the causal
-    tiles with the most keys start first)."""
-    dtype: gl.constexpr = q_desc.dtype
+    """Grid ``(cdiv(max seqlen_q, BLOCK_M), nheads, batch)``; query tiles are visited last-first (the causal
+    tiles with the most keys start first). See :func:`_problem` for the dense / varlen arguments."""
     pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
     h = gl.program_id(1)
     b = gl.program_id(2)
+    q_desc, k_desc, v_desc, o_desc, seqlen_q, seqlen_k, bc, lse_off = _problem(
+        q_arg, k_arg, v_arg, o_arg, b, seqlen_q, seqlen_k, stride_lb, vl, BLOCK_M, BLOCK_N, HEAD_DIM, VARLEN
+    )
+    dtype: gl.constexpr = q_desc.dtype
     hk = h // group
     m0 = pid_m * BLOCK_M
     diag = seqlen_k - seqlen_q
@@ -418,18 +489,19 @@ def attn_fwd_pipelined(
     fence_async_shared()
 
     tiles = _tile_range(m0, seqlen_k, diag, left, right, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    tiles = _active_tiles(tiles, m0, seqlen_q, VARLEN)
     lo = tiles[0]
     n_total = tiles[3] - lo
 
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [b, m0, h, 0], q_bar, _as4d(q_smem, q_desc))
+    tma.async_copy_global_to_shared(q_desc, [bc, m0, h, 0], q_bar, _as4d(q_smem, q_desc))
     for t in gl.static_range(STAGES):
         if t < n_total:
-            _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, lo + t, t, b, hk)
+            _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, lo + t, t, bc, hk)
     mbarrier.wait(q_bar, 0)
 
     acc, m_i, l_i = _consume_tiles(
-        q_smem, k_smem, v_smem, (k_bars, v_bars, k_bars, k_bars), k_desc, v_desc, b, hk, m0, sp, tiles,
+        q_smem, k_smem, v_smem, (k_bars, v_bars, k_bars, k_bars), k_desc, v_desc, bc, hk, m0, sp, tiles,
         s_layout, o_layout, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, SOFTCAP, True, 0, False, 1,
     )  # fmt: skip
 
@@ -438,7 +510,7 @@ def attn_fwd_pipelined(
         mbarrier.invalidate(k_bars.index(i))
         mbarrier.invalidate(v_bars.index(i))
     _epilogue(
-        acc, m_i, l_i, q_smem, o_desc, lse_ptr, b, h, m0, seqlen_q, stride_lb, stride_lh, o_layout, BLOCK_M
+        acc, m_i, l_i, q_smem, o_desc, lse_ptr, bc, lse_off, h, m0, seqlen_q, stride_lh, o_layout, BLOCK_M
     )
 
 
@@ -458,11 +530,11 @@ def _ws_consumer(
     v_desc,
     o_desc,
     lse_ptr,
-    stride_lb,
+    lse_off,
     stride_lh,
     seqlen_q,
     sp,
-    b,
+    bc,
     h,
     hk,
     m0,
@@ -484,11 +556,11 @@ def _ws_consumer(
     m_me = m0 + ME * BLOCK_M
     mbarrier.wait(q_bars.index(ME), 0)
     acc, m_i, l_i = _consume_tiles(
-        q_smem, k_smem, v_smem, bars, k_desc, v_desc, b, hk, m_me, sp, tiles, s_layout, o_layout, BLOCK_M,
+        q_smem, k_smem, v_smem, bars, k_desc, v_desc, bc, hk, m_me, sp, tiles, s_layout, o_layout, BLOCK_M,
         BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, SOFTCAP, False, ME, PINGPONG, NCONS,
     )  # fmt: skip
     _epilogue(
-        acc, m_i, l_i, q_smem, o_desc, lse_ptr, b, h, m_me, seqlen_q, stride_lb, stride_lh, o_layout, BLOCK_M
+        acc, m_i, l_i, q_smem, o_desc, lse_ptr, bc, lse_off, h, m_me, seqlen_q, stride_lh, o_layout, BLOCK_M
     )
 
 
@@ -527,10 +599,10 @@ def _ws_producer(
 
 @gluon.jit
 def attn_fwd_ws(
-    q_desc,
-    k_desc,
-    v_desc,
-    o_desc,
+    q_arg,
+    k_arg,
+    v_arg,
+    o_arg,
     lse_ptr,
     stride_lb,
     stride_lh,
@@ -541,6 +613,7 @@ def attn_fwd_ws(
     softcap_in,
     left,
     right,
+    vl,
     BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr,
     HEAD_DIM: gl.constexpr,
@@ -550,6 +623,7 @@ def attn_fwd_ws(
     SOFTCAP: gl.constexpr,
     PINGPONG: gl.constexpr,
     NCONS: gl.constexpr,
+    VARLEN: gl.constexpr,
     CONSUMER_REGS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr,
     num_warps: gl.constexpr,
@@ -557,10 +631,13 @@ def attn_fwd_ws(
     """Grid ``(cdiv(seqlen_q, NCONS * BLOCK_M), nheads, batch)``, ``num_warps=4`` (the first consumer);
     ``BLOCK_M`` is one consumer's rows (64), ``NCONS`` (2 or 3) the number of consumers. Every consumer walks
     the key tiles of the CTA's ``NCONS * BLOCK_M`` rows (the masks cover the tiles a consumer does not need)."""
-    dtype: gl.constexpr = q_desc.dtype
     pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
     h = gl.program_id(1)
     b = gl.program_id(2)
+    q_desc, k_desc, v_desc, o_desc, seqlen_q, seqlen_k, bc, lse_off = _problem(
+        q_arg, k_arg, v_arg, o_arg, b, seqlen_q, seqlen_k, stride_lb, vl, BLOCK_M, BLOCK_N, HEAD_DIM, VARLEN
+    )
+    dtype: gl.constexpr = q_desc.dtype
     hk = h // group
     m0 = pid_m * (NCONS * BLOCK_M)
     diag = seqlen_k - seqlen_q
@@ -588,19 +665,20 @@ def attn_fwd_ws(
     bars = (k_bars, v_bars, free_bars, turn_bars)
 
     tiles = _tile_range(m0, seqlen_k, diag, left, right, NCONS * BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    tiles = _active_tiles(tiles, m0, seqlen_q, VARLEN)
     if NCONS == 3:
         gl.warp_specialize(
             [
-                (_ws_consumer, (q_all, k_smem, v_smem, q_bars, bars, k_desc, v_desc, o_desc, lse_ptr, stride_lb,
-                                stride_lh, seqlen_q, sp, b, h, hk, m0, tiles, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                (_ws_consumer, (q_all, k_smem, v_smem, q_bars, bars, k_desc, v_desc, o_desc, lse_ptr, lse_off,
+                                stride_lh, seqlen_q, sp, bc, h, hk, m0, tiles, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
                                 CAUSAL, WINDOW, SOFTCAP, 0, PINGPONG, NCONS)),
-                (_ws_consumer, (q_all, k_smem, v_smem, q_bars, bars, k_desc, v_desc, o_desc, lse_ptr, stride_lb,
-                                stride_lh, seqlen_q, sp, b, h, hk, m0, tiles, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                (_ws_consumer, (q_all, k_smem, v_smem, q_bars, bars, k_desc, v_desc, o_desc, lse_ptr, lse_off,
+                                stride_lh, seqlen_q, sp, bc, h, hk, m0, tiles, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
                                 CAUSAL, WINDOW, SOFTCAP, 1, PINGPONG, NCONS)),
-                (_ws_consumer, (q_all, k_smem, v_smem, q_bars, bars, k_desc, v_desc, o_desc, lse_ptr, stride_lb,
-                                stride_lh, seqlen_q, sp, b, h, hk, m0, tiles, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                (_ws_consumer, (q_all, k_smem, v_smem, q_bars, bars, k_desc, v_desc, o_desc, lse_ptr, lse_off,
+                                stride_lh, seqlen_q, sp, bc, h, hk, m0, tiles, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
                                 CAUSAL, WINDOW, SOFTCAP, 2, PINGPONG, NCONS)),
-                (_ws_producer, (q_desc, k_desc, v_desc, q_all, k_smem, v_smem, q_bars, bars, b, h, hk, m0,
+                (_ws_producer, (q_desc, k_desc, v_desc, q_all, k_smem, v_smem, q_bars, bars, bc, h, hk, m0,
                                 tiles[0], tiles[3], BLOCK_M, STAGES, NCONS)),
             ],
             [4, 4, 1],
@@ -609,13 +687,13 @@ def attn_fwd_ws(
     else:
         gl.warp_specialize(
             [
-                (_ws_consumer, (q_all, k_smem, v_smem, q_bars, bars, k_desc, v_desc, o_desc, lse_ptr, stride_lb,
-                                stride_lh, seqlen_q, sp, b, h, hk, m0, tiles, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                (_ws_consumer, (q_all, k_smem, v_smem, q_bars, bars, k_desc, v_desc, o_desc, lse_ptr, lse_off,
+                                stride_lh, seqlen_q, sp, bc, h, hk, m0, tiles, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
                                 CAUSAL, WINDOW, SOFTCAP, 0, PINGPONG, NCONS)),
-                (_ws_consumer, (q_all, k_smem, v_smem, q_bars, bars, k_desc, v_desc, o_desc, lse_ptr, stride_lb,
-                                stride_lh, seqlen_q, sp, b, h, hk, m0, tiles, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                (_ws_consumer, (q_all, k_smem, v_smem, q_bars, bars, k_desc, v_desc, o_desc, lse_ptr, lse_off,
+                                stride_lh, seqlen_q, sp, bc, h, hk, m0, tiles, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
                                 CAUSAL, WINDOW, SOFTCAP, 1, PINGPONG, NCONS)),
-                (_ws_producer, (q_desc, k_desc, v_desc, q_all, k_smem, v_smem, q_bars, bars, b, h, hk, m0,
+                (_ws_producer, (q_desc, k_desc, v_desc, q_all, k_smem, v_smem, q_bars, bars, bc, h, hk, m0,
                                 tiles[0], tiles[3], BLOCK_M, STAGES, NCONS)),
             ],
             [4, 1],

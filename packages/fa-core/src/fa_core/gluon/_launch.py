@@ -12,6 +12,7 @@ import torch
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from fa_core.forward_launch import _ensure_allocator
 from fa_core.gluon import _hopper
 
 __all__ = ["CONFIGS", "UNBOUNDED", "launch", "prepare", "window_bounds"]
@@ -75,10 +76,16 @@ def prepare(
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     config: dict[str, int] | None = None,
+    varlen: tuple[torch.Tensor, torch.Tensor, int, int] | None = None,
 ) -> tuple[Any, dict[str, Any], dict[str, Any], int, tuple[int, int, int]]:
-    """Build (kernel, runtime args by name, constexprs by name, num_warps, grid) for one call."""
-    batch, seqlen_q, nheads, head_dim = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    """Build (kernel, runtime args by name, constexprs by name, num_warps, grid) for one call.
+
+    Dense: q ``(b, s_q, h, d)``, k/v ``(b, s_k, h_k, d)``, lse ``(b, h, s_q)``. Varlen (``varlen`` =
+    ``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)``): q ``(total_q, h, d)``, k/v
+    ``(total_k, h_k, d)``, lse ``(h, total_q)``; the kernels build one descriptor per sequence on the device.
+    """
+    head_dim = q.shape[-1]
+    nheads, nheads_k = q.shape[-2], k.shape[-2]
     cfg = dict(config or CONFIGS[(kind, head_dim)])
     num_warps = cfg.pop("num_warps")
     rows_per_cta = cfg["BLOCK_M"] * cfg.get("NCONS", 1)
@@ -87,32 +94,66 @@ def prepare(
         qk_scale, softcap_in = float(softcap) * LOG2E, float(softmax_scale) / float(softcap)
     else:
         qk_scale, softcap_in = float(softmax_scale) * LOG2E, 1.0
-    args: dict[str, Any] = dict(
-        q_desc=_desc(q, cfg["BLOCK_M"]),
-        k_desc=_desc(k, cfg["BLOCK_N"]),
-        v_desc=_desc(v, cfg["BLOCK_N"]),
-        o_desc=_desc(out, cfg["BLOCK_M"]),
-        lse_ptr=lse,
-        stride_lb=lse.stride(0),
-        stride_lh=lse.stride(1),
-        seqlen_q=seqlen_q,
-        seqlen_k=seqlen_k,
+    common = dict(
         group=nheads // nheads_k,
         qk_scale=qk_scale,
         softcap_in=softcap_in,
         left=left,
         right=right,
     )
+    if varlen is None:
+        batch, seqlen_q = q.shape[0], q.shape[1]
+        args: dict[str, Any] = dict(
+            q_arg=_desc(q, cfg["BLOCK_M"]),
+            k_arg=_desc(k, cfg["BLOCK_N"]),
+            v_arg=_desc(v, cfg["BLOCK_N"]),
+            o_arg=_desc(out, cfg["BLOCK_M"]),
+            lse_ptr=lse,
+            stride_lb=lse.stride(0),
+            stride_lh=lse.stride(1),
+            seqlen_q=seqlen_q,
+            seqlen_k=k.shape[1],
+            **common,
+            vl=(0,),
+        )
+    else:
+        cu_q, cu_k, seqlen_q, max_seqlen_k = varlen
+        batch = cu_q.shape[0] - 1
+        args = dict(
+            q_arg=q,
+            k_arg=k,
+            v_arg=v,
+            o_arg=out,
+            lse_ptr=lse,
+            stride_lb=0,
+            stride_lh=lse.stride(0),
+            seqlen_q=seqlen_q,
+            seqlen_k=max_seqlen_k,
+            **common,
+            vl=(
+                cu_q,
+                cu_k,
+                *q.stride()[:2],
+                *k.stride()[:2],
+                *v.stride()[:2],
+                *out.stride()[:2],
+                nheads,
+                nheads_k,
+                q.shape[0],
+                k.shape[0],
+            ),
+        )
     constexprs: dict[str, Any] = dict(
         HEAD_DIM=head_dim,
         CAUSAL=bool(causal),
         WINDOW=has_window,
         SOFTCAP=softcap > 0,
+        VARLEN=varlen is not None,
         num_warps=num_warps,
         **cfg,
     )
     kernel = _hopper.attn_fwd_pipelined if kind == "pipelined" else _hopper.attn_fwd_ws
-    grid = (math.ceil(seqlen_q / rows_per_cta), nheads, batch)
+    grid = (max(1, math.ceil(seqlen_q / rows_per_cta)), nheads, batch)
     return kernel, args, constexprs, num_warps, grid
 
 
@@ -128,9 +169,12 @@ def launch(
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     config: dict[str, int] | None = None,
+    varlen: tuple[torch.Tensor, torch.Tensor, int, int] | None = None,
 ) -> None:
-    """Launch one forward; ``out`` ``(b, s_q, h, d)`` and ``lse`` ``(b, h, s_q)`` float32 are written."""
+    """Launch one forward; ``out`` (like q) and ``lse`` (float32, see :func:`prepare`) are written."""
     kernel, args, constexprs, _, grid = prepare(
-        kind, q, k, v, out, lse, softmax_scale, causal, window_size, softcap, config
+        kind, q, k, v, out, lse, softmax_scale, causal, window_size, softcap, config, varlen
     )
+    if varlen is not None:
+        _ensure_allocator()  # the per-sequence descriptors live in a global scratch buffer
     kernel[grid](**args, **constexprs)
