@@ -136,8 +136,11 @@ class Attention(torch.autograd.Function):
     def forward(ctx, a, b, c, sink, alibi, cu_q, cu_k, seqused_k, spec: Spec):
         if cu_k is None:
             cu_k = cu_q  # passed once when the two are one tensor (packed qkv)
-        q, k, v = ops.unpack(a, b, c, spec.pack, spec.varlen)
-        q, k, v = ops.V.contig_last(q), ops.V.contig_last(k), ops.V.contig_last(v)
+        if spec.pack == ops.DENSE:
+            q, k, v = a, b, c  # fa_core.ops.attention passes them checked (last dim contiguous)
+        else:
+            q, k, v = ops.unpack(a, b, c, spec.pack, spec.varlen)
+            q, k, v = ops.V.contig_last(q), ops.V.contig_last(k), ops.V.contig_last(v)
         out, lse, s_dmask, rng_state = ops.run_forward(q, k, v, sink, alibi, cu_q, cu_k, seqused_k, spec)
         packed = a if spec.pack == QKV else (b if spec.pack == KV else None)
         save(ctx, q, k, v, sink, alibi, cu_q, cu_k, seqused_k, out, lse, rng_state, spec,

@@ -369,6 +369,8 @@ def attention(
             )
         # cu_k None: the same tensor as cu_q (torch.compile cannot trace one tensor in two inputs of a Function)
         cu_k_arg = None if cu_k is cu_q else cu_k
+        if spec.pack == DENSE:  # the checked tensors (a strided last dim already copied, differentiably)
+            a, b, c = q, k, v
         out, lse, s_dmask, _ = autograd(a, b, c, sink, alibi, cu_q, cu_k_arg, seqused_k, spec)
         return out, lse, s_dmask
     out, lse, s_dmask, _ = run_forward(q, k, v, sink, alibi, cu_q, cu_k, seqused_k, spec)
@@ -521,9 +523,11 @@ def function_view(
                 max_seqlen_k=bound["max_seqlen" if same else "max_seqlen_k"],
             )
         want = bool(bound["return_softmax"])
-        _, _, _, spec = prepare(
+        q, k, v, spec = prepare(
             *abc, pack=pack, varlen=varlen, return_softmax=want and kw["dropout_p"] > 0, **kw
         )
+        if pack == DENSE:
+            abc = [q, k, v]  # checked (a strided last dim copied)
         ctx.view_return_softmax = want
         cu_q, cu_k = kw.get("cu_seqlens_q"), kw.get("cu_seqlens_k")
         cu_k = None if cu_k is cu_q else cu_k  # None: cu_q's (see attention())
