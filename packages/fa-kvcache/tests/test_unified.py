@@ -105,8 +105,9 @@ def check(a: dict, out: torch.Tensor, lse: torch.Tensor, tol: float, **ref_kw) -
     torch.testing.assert_close(lse[finite], rl[finite], atol=tol, rtol=tol)
 
 
-# decode rows (1 query), short runs that fit one tile, and prefill chunks longer than a tile
-MIXED = ([1, 7, 1, 40, 1, 3], [70, 25, 1, 90, 130, 3])
+# decode rows (1 query) and short runs (the small tile), a run that fits one full tile (split, full tile) and a
+# prefill chunk longer than a tile (unsplit)
+MIXED = ([1, 7, 1, 40, 1, 12], [70, 25, 1, 90, 130, 30])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

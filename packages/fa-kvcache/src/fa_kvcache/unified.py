@@ -165,6 +165,8 @@ def plan_unified(
         "SPLIT": splits > 1,
         "HB": hb,
         "BLOCK_M": block_m,
+        # decode rows of a step with longer runs take a smaller tile of the same GQA packing
+        "BLOCK_M_SMALL": max(16, hb),
         "BLOCK_N": block_n,
         "num_warps": warps,
         "num_stages": stages,

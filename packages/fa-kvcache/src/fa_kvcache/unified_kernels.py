@@ -236,6 +236,128 @@ def _attn_range(
 
 
 @triton.jit
+def _tile(
+    Q,
+    Out,
+    Lse,
+    OutPart,
+    LsePart,
+    Alibi,
+    Sink,
+    KDescale,
+    VDescale,
+    k_base,
+    v_base,
+    bt_base,
+    b,
+    hk,
+    chunk,
+    split,
+    n_split,
+    qblock,
+    q_start,
+    seqlen_q,
+    seqlen_k,
+    stride_qm,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_vb,
+    stride_vn,
+    stride_om,
+    stride_oh,
+    stride_alb,
+    stride_kdb,
+    stride_kdh,
+    stride_vdb,
+    stride_vdh,
+    total_q,
+    batch,
+    num_blocks,
+    nheads,
+    group,
+    sm_scale,
+    softcap,
+    window_left,
+    window_right,
+    HEADDIM: tl.constexpr,
+    HEADDIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    PAGE: tl.constexpr,
+    PAGE_TILE: tl.constexpr,
+    BT_PRELOAD: tl.constexpr,
+    IS_LOCAL: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_SINK: tl.constexpr,
+    HAS_DESCALE: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    PART_ROWS: tl.constexpr,
+    HB: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One program's work: query tile ``qblock`` (``BLOCK_M // HB`` positions x ``HB`` heads of kv head
+    ``hk``'s group, head chunk ``chunk``) of request ``b`` over split ``split`` of ``n_split`` of its key
+    range; ``PARTIAL``: store a normalised partial output and its lse (rows ``(split, b, position, head)`` of
+    ``PART_ROWS`` positions per request), else the final rows."""
+    QROWS: tl.constexpr = BLOCK_M // HB
+    EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
+    EVEN_DV: tl.constexpr = HEADDIM_V == BLOCK_DV
+    offs_r = tl.arange(0, BLOCK_M)
+    q_pos = qblock * QROWS + offs_r // HB
+    g = chunk * HB + offs_r % HB
+    head = hk * group + g
+    row_ok = (q_pos < seqlen_q) & (g < group)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_rows = (q_start + q_pos).to(tl.int64)
+    q_ptrs = Q + q_rows[:, None] * stride_qm + head[:, None].to(tl.int64) * stride_qh + offs_d[None, :]
+    if EVEN_D:
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEADDIM), other=0.0)
+    alibi_slope = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
+    if HAS_ALIBI:
+        alibi_slope = tl.load(Alibi + b * stride_alb + head, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    scale = sm_scale
+    if HAS_DESCALE:
+        scale = sm_scale * tl.load(KDescale + b * stride_kdb + hk * stride_kdh)
+
+    lo, full_lo, full_hi, hi = kv_range(
+        qblock, seqlen_q, seqlen_k, window_left, window_right, QROWS, BLOCK_N, IS_LOCAL
+    )
+    # this split's share of the key blocks; split edges stay multiples of BLOCK_N from lo
+    per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), n_split)
+    s_lo = tl.minimum(lo + split * per_split * BLOCK_N, hi)
+    s_hi = tl.minimum(s_lo + per_split * BLOCK_N, hi)
+    acc, l_i, m_i = _attn_range(
+        q, k_base, v_base, bt_base, q_pos, offs_d, offs_dv, seqlen_q, seqlen_k, s_lo, s_hi, full_lo, full_hi,
+        stride_kb, stride_kn, stride_vb, stride_vn, num_blocks, scale, softcap, alibi_slope, window_left,
+        window_right, IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_SOFTCAP=HAS_SOFTCAP,
+        HAS_ALIBI=HAS_ALIBI, PAGE=PAGE, PAGE_TILE=PAGE_TILE, BT_PRELOAD=BT_PRELOAD, HEADDIM=HEADDIM,
+        HEADDIM_V=HEADDIM_V, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, BLOCK_M=BLOCK_M, BLOCK_DV=BLOCK_DV,
+        BLOCK_N=BLOCK_N,
+    )  # fmt: skip
+    if HAS_DESCALE:
+        acc = acc * tl.load(VDescale + b * stride_vdb + hk * stride_vdh)
+    if PARTIAL:
+        # empty splits carry lse = -inf (weight 0 in the combine)
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        prow = ((split * batch + b).to(tl.int64) * PART_ROWS + q_pos) * nheads + head
+        lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+        tl.store(LsePart + prow, lse, mask=row_ok)
+        o_ptrs = OutPart + prow[:, None] * HEADDIM_V + offs_dv[None, :]
+        tl.store(o_ptrs, acc / l_safe[:, None], mask=row_ok[:, None] & (offs_dv[None, :] < HEADDIM_V))
+    else:
+        _store_final(Out, Lse, Sink, acc, l_i, m_i, head, q_rows, row_ok, offs_dv, total_q, stride_om,
+                     stride_oh, HEADDIM_V, HAS_SINK)  # fmt: skip
+
+
+@triton.jit
 def unified_kernel(
     Q,
     K,
@@ -298,6 +420,7 @@ def unified_kernel(
     SPLIT: tl.constexpr,
     HB: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BLOCK_M_SMALL: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """Grid ``(total_q // QROWS + batch, nheads_k * n_head_chunks, num_splits)``, ``QROWS = BLOCK_M // HB``.
@@ -306,10 +429,14 @@ def unified_kernel(
     bt_cols)``; out ``(total_q, nheads, dv)``; lse ``(nheads, total_q)`` fp32; partials (``SPLIT``)
     ``(num_splits, batch, QROWS, nheads[, dv])`` fp32, contiguous. ``BT_PRELOAD`` / ``BT_PRELOAD_SPLIT``:
     block-table entries preloaded by unsplit / split programs (0: read in the key loop).
+
+    Requests whose rows fit ``BLOCK_M_SMALL // HB`` positions (decode) run a ``BLOCK_M_SMALL``-row tile
+    (``< BLOCK_M`` when the step also holds longer runs): a decode row then costs the decode kernel's small
+    dots instead of a prefill-sized tile of mostly padding rows.
     """
     QROWS: tl.constexpr = BLOCK_M // HB
-    EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
-    EVEN_DV: tl.constexpr = HEADDIM_V == BLOCK_DV
+    QROWS_SMALL: tl.constexpr = BLOCK_M_SMALL // HB
+    SMALL: tl.constexpr = BLOCK_M_SMALL < BLOCK_M
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
     split = tl.program_id(2)
@@ -326,90 +453,76 @@ def unified_kernel(
         n_split = 1
     if (qblock < 0) | (qblock * QROWS >= seqlen_q) | (split >= n_split):
         return
-    capacity = bt_cols * PAGE
-    seqlen_k = clamp(tl.load(SequsedK + b), 0, capacity)
-
-    offs_r = tl.arange(0, BLOCK_M)
-    q_pos = qblock * QROWS + offs_r // HB
-    g = chunk * HB + offs_r % HB
-    head = hk * group + g
-    row_ok = (q_pos < seqlen_q) & (g < group)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q_rows = (q_start + q_pos).to(tl.int64)
-    q_ptrs = Q + q_rows[:, None] * stride_qm + head[:, None].to(tl.int64) * stride_qh + offs_d[None, :]
-    if EVEN_D:
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-    else:
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEADDIM), other=0.0)
-
-    alibi_slope = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
-    if HAS_ALIBI:
-        alibi_slope = tl.load(Alibi + b * stride_alb + head, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    scale = sm_scale
-    if HAS_DESCALE:
-        scale = sm_scale * tl.load(KDescale + b * stride_kdb + hk * stride_kdh)
-
+    seqlen_k = clamp(tl.load(SequsedK + b), 0, bt_cols * PAGE)
     k_base = K + hk.to(tl.int64) * stride_kh
     v_base = V + hk.to(tl.int64) * stride_vh
     bt_base = BlockTable + b.to(tl.int64) * stride_btb
-
-    lo, full_lo, full_hi, hi = kv_range(
-        qblock, seqlen_q, seqlen_k, window_left, window_right, QROWS, BLOCK_N, IS_LOCAL
-    )
-    # this split's share of the key blocks; split edges stay multiples of BLOCK_N from lo
-    per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), n_split)
-    s_lo = tl.minimum(lo + split * per_split * BLOCK_N, hi)
-    s_hi = tl.minimum(s_lo + per_split * BLOCK_N, hi)
-    # split programs preload their split's block-table entries (BT_PRELOAD_SPLIT), unsplit ones the whole
-    # range's when it fits (BT_PRELOAD); each variant is compiled only where a launch can take it
+    small = seqlen_q <= QROWS_SMALL
+    # every variant below is the same code (_tile) with other constexprs: split programs preload their split's
+    # block-table entries (BT_PRELOAD_SPLIT), unsplit ones the whole range's when it fits (BT_PRELOAD)
     if SPLIT:
         if is_split:
-            acc, l_i, m_i = _attn_range(
-                q, k_base, v_base, bt_base, q_pos, offs_d, offs_dv, seqlen_q, seqlen_k, s_lo, s_hi, full_lo,
-                full_hi, stride_kb, stride_kn, stride_vb, stride_vn, num_blocks, scale, softcap, alibi_slope,
-                window_left, window_right, IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT,
-                HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, PAGE=PAGE, PAGE_TILE=PAGE_TILE,
-                BT_PRELOAD=BT_PRELOAD_SPLIT, HEADDIM=HEADDIM, HEADDIM_V=HEADDIM_V, EVEN_D=EVEN_D,
-                EVEN_DV=EVEN_DV, BLOCK_M=BLOCK_M, BLOCK_DV=BLOCK_DV, BLOCK_N=BLOCK_N,
-            )  # fmt: skip
+            if SMALL and small:
+                _tile(
+                    Q, Out, Lse, OutPart, LsePart, Alibi, Sink, KDescale, VDescale, k_base, v_base, bt_base, b,
+                    hk, chunk, split, n_split, qblock, q_start, seqlen_q, seqlen_k, stride_qm, stride_qh,
+                    stride_kb, stride_kn, stride_vb, stride_vn, stride_om, stride_oh, stride_alb, stride_kdb,
+                    stride_kdh, stride_vdb, stride_vdh, total_q, batch, num_blocks, nheads, group, sm_scale,
+                    softcap, window_left, window_right, HEADDIM=HEADDIM, HEADDIM_V=HEADDIM_V, BLOCK_D=BLOCK_D,
+                    BLOCK_DV=BLOCK_DV, PAGE=PAGE, PAGE_TILE=PAGE_TILE, BT_PRELOAD=BT_PRELOAD_SPLIT,
+                    IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_SOFTCAP=HAS_SOFTCAP,
+                    HAS_ALIBI=HAS_ALIBI, HAS_SINK=HAS_SINK, HAS_DESCALE=HAS_DESCALE, PARTIAL=True,
+                    PART_ROWS=QROWS, HB=HB, BLOCK_M=BLOCK_M_SMALL, BLOCK_N=BLOCK_N,
+                )  # fmt: skip
+            else:
+                _tile(
+                    Q, Out, Lse, OutPart, LsePart, Alibi, Sink, KDescale, VDescale, k_base, v_base, bt_base, b,
+                    hk, chunk, split, n_split, qblock, q_start, seqlen_q, seqlen_k, stride_qm, stride_qh,
+                    stride_kb, stride_kn, stride_vb, stride_vn, stride_om, stride_oh, stride_alb, stride_kdb,
+                    stride_kdh, stride_vdb, stride_vdh, total_q, batch, num_blocks, nheads, group, sm_scale,
+                    softcap, window_left, window_right, HEADDIM=HEADDIM, HEADDIM_V=HEADDIM_V, BLOCK_D=BLOCK_D,
+                    BLOCK_DV=BLOCK_DV, PAGE=PAGE, PAGE_TILE=PAGE_TILE, BT_PRELOAD=BT_PRELOAD_SPLIT,
+                    IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_SOFTCAP=HAS_SOFTCAP,
+                    HAS_ALIBI=HAS_ALIBI, HAS_SINK=HAS_SINK, HAS_DESCALE=HAS_DESCALE, PARTIAL=True,
+                    PART_ROWS=QROWS, HB=HB, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                )  # fmt: skip
         else:
-            acc, l_i, m_i = _attn_range(
-                q, k_base, v_base, bt_base, q_pos, offs_d, offs_dv, seqlen_q, seqlen_k, s_lo, s_hi, full_lo,
-                full_hi, stride_kb, stride_kn, stride_vb, stride_vn, num_blocks, scale, softcap, alibi_slope,
-                window_left, window_right, IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT,
-                HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, PAGE=PAGE, PAGE_TILE=PAGE_TILE,
-                BT_PRELOAD=BT_PRELOAD, HEADDIM=HEADDIM, HEADDIM_V=HEADDIM_V, EVEN_D=EVEN_D,
-                EVEN_DV=EVEN_DV, BLOCK_M=BLOCK_M, BLOCK_DV=BLOCK_DV, BLOCK_N=BLOCK_N,
+            _tile(
+                Q, Out, Lse, OutPart, LsePart, Alibi, Sink, KDescale, VDescale, k_base, v_base, bt_base, b,
+                hk, chunk, split, n_split, qblock, q_start, seqlen_q, seqlen_k, stride_qm, stride_qh,
+                stride_kb, stride_kn, stride_vb, stride_vn, stride_om, stride_oh, stride_alb, stride_kdb,
+                stride_kdh, stride_vdb, stride_vdh, total_q, batch, num_blocks, nheads, group, sm_scale,
+                softcap, window_left, window_right, HEADDIM=HEADDIM, HEADDIM_V=HEADDIM_V, BLOCK_D=BLOCK_D,
+                BLOCK_DV=BLOCK_DV, PAGE=PAGE, PAGE_TILE=PAGE_TILE, BT_PRELOAD=BT_PRELOAD,
+                IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_SOFTCAP=HAS_SOFTCAP,
+                HAS_ALIBI=HAS_ALIBI, HAS_SINK=HAS_SINK, HAS_DESCALE=HAS_DESCALE, PARTIAL=False,
+                PART_ROWS=QROWS, HB=HB, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             )  # fmt: skip
     else:
-        acc, l_i, m_i = _attn_range(
-            q, k_base, v_base, bt_base, q_pos, offs_d, offs_dv, seqlen_q, seqlen_k, s_lo, s_hi, full_lo,
-            full_hi, stride_kb, stride_kn, stride_vb, stride_vn, num_blocks, scale, softcap, alibi_slope,
-            window_left, window_right, IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT,
-            HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, PAGE=PAGE, PAGE_TILE=PAGE_TILE,
-            BT_PRELOAD=BT_PRELOAD, HEADDIM=HEADDIM, HEADDIM_V=HEADDIM_V, EVEN_D=EVEN_D,
-            EVEN_DV=EVEN_DV, BLOCK_M=BLOCK_M, BLOCK_DV=BLOCK_DV, BLOCK_N=BLOCK_N,
-        )  # fmt: skip
-    if HAS_DESCALE:
-        acc = acc * tl.load(VDescale + b * stride_vdb + hk * stride_vdh)
-
-    if SPLIT:
-        if is_split:
-            # partial row (split, b, q_pos, head); empty splits carry lse = -inf (weight 0 in the combine)
-            empty = l_i == 0.0
-            l_safe = tl.where(empty, 1.0, l_i)
-            prow = ((split * batch + b).to(tl.int64) * QROWS + q_pos) * nheads + head
-            lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-            tl.store(LsePart + prow, lse, mask=row_ok)
-            o_ptrs = OutPart + prow[:, None] * HEADDIM_V + offs_dv[None, :]
-            tl.store(o_ptrs, acc / l_safe[:, None], mask=row_ok[:, None] & (offs_dv[None, :] < HEADDIM_V))
+        if SMALL and small:
+            _tile(
+                Q, Out, Lse, OutPart, LsePart, Alibi, Sink, KDescale, VDescale, k_base, v_base, bt_base, b,
+                hk, chunk, split, n_split, qblock, q_start, seqlen_q, seqlen_k, stride_qm, stride_qh,
+                stride_kb, stride_kn, stride_vb, stride_vn, stride_om, stride_oh, stride_alb, stride_kdb,
+                stride_kdh, stride_vdb, stride_vdh, total_q, batch, num_blocks, nheads, group, sm_scale,
+                softcap, window_left, window_right, HEADDIM=HEADDIM, HEADDIM_V=HEADDIM_V, BLOCK_D=BLOCK_D,
+                BLOCK_DV=BLOCK_DV, PAGE=PAGE, PAGE_TILE=PAGE_TILE, BT_PRELOAD=BT_PRELOAD,
+                IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_SOFTCAP=HAS_SOFTCAP,
+                HAS_ALIBI=HAS_ALIBI, HAS_SINK=HAS_SINK, HAS_DESCALE=HAS_DESCALE, PARTIAL=False,
+                PART_ROWS=QROWS, HB=HB, BLOCK_M=BLOCK_M_SMALL, BLOCK_N=BLOCK_N,
+            )  # fmt: skip
         else:
-            _store_final(Out, Lse, Sink, acc, l_i, m_i, head, q_rows, row_ok, offs_dv, total_q, stride_om,
-                         stride_oh, HEADDIM_V, HAS_SINK)  # fmt: skip
-    else:
-        _store_final(Out, Lse, Sink, acc, l_i, m_i, head, q_rows, row_ok, offs_dv, total_q, stride_om,
-                     stride_oh, HEADDIM_V, HAS_SINK)  # fmt: skip
+            _tile(
+                Q, Out, Lse, OutPart, LsePart, Alibi, Sink, KDescale, VDescale, k_base, v_base, bt_base, b,
+                hk, chunk, split, n_split, qblock, q_start, seqlen_q, seqlen_k, stride_qm, stride_qh,
+                stride_kb, stride_kn, stride_vb, stride_vn, stride_om, stride_oh, stride_alb, stride_kdb,
+                stride_kdh, stride_vdb, stride_vdh, total_q, batch, num_blocks, nheads, group, sm_scale,
+                softcap, window_left, window_right, HEADDIM=HEADDIM, HEADDIM_V=HEADDIM_V, BLOCK_D=BLOCK_D,
+                BLOCK_DV=BLOCK_DV, PAGE=PAGE, PAGE_TILE=PAGE_TILE, BT_PRELOAD=BT_PRELOAD,
+                IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_SOFTCAP=HAS_SOFTCAP,
+                HAS_ALIBI=HAS_ALIBI, HAS_SINK=HAS_SINK, HAS_DESCALE=HAS_DESCALE, PARTIAL=False,
+                PART_ROWS=QROWS, HB=HB, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            )  # fmt: skip
 
 
 @triton.jit
