@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# fa-parallel on a multi-GPU machine, in one stage (issue #8): (a) the correctness check, then (b) the benchmark.
+# fa-parallel on a multi-GPU machine, in one stage: (a) the correctness check, then (b) the benchmark.
 #
 #   scripts/gpu_run.sh parallel@530                  (through the runner: wheels, PYTHONPATH, logs, packing)
 #   bash scripts/gpu_stage_parallel.sh [--quick]     (directly; PYTHONPATH must name the packages' src dirs)

@@ -13,7 +13,7 @@ variant's extra cost goes before any timing. Two steps, each in its own process:
     python scripts/sass_mix.py                       # plain causal vs the relative-bias score_mod, both kernels
     python scripts/sass_mix.py --modes relbias --kernels dkdv --tile 64,128,8,2
 
-Session 9, d128 (dQ 128x64 / dK/dV 32x128 tiles, 8 warps): the unmasked dQ loop has 379 instructions per warp
+For example, d128 (dQ 128x64 / dK/dV 32x128 tiles, 8 warps): the unmasked dQ loop has 379 instructions per warp
 and iteration plain, 474 with the relative bias (+64 FFMA: two per score element, +16 I2F of the key index
 vector); dK/dV 283 -> 339. The per-element FP32 work of plain dQ is one FFMA, one FMUL, one FADD.
 """

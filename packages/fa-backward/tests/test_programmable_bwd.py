@@ -1,4 +1,4 @@
-"""Backward of programmable attention (issue 6): chunks, mask_mod, score_mod (+ derivative), block-sparse masks
+"""Backward of programmable attention: chunks, mask_mod, score_mod (+ derivative), block-sparse masks
 (partial and full blocks), the lse gradient (sinks included), varlen; alone and in pairs, against the
 reference's autograd (float64 on CPU) with the 2x rule."""
 

@@ -1,4 +1,4 @@
-"""GPU tests of programmable attention (issue 6), forward and backward, bf16/fp16, against the fp32 reference's
+"""GPU tests of programmable attention, forward and backward, bf16/fp16, against the fp32 reference's
 autograd with the 2x rule: chunks, sinks (and the lse gradient), mask_mod, score_mod + derivative, block-sparse
 masks with partial and full blocks, the worked examples of :mod:`fa_core.score_mods`, varlen.
 

@@ -37,7 +37,7 @@ the transposed tile directly. Chunks are aligned on key positions, so their quer
 The tile loads and inner loops are in :mod:`fa_backward.backward_inner`, the autotune space in
 :mod:`fa_backward.backward_configs`.
 
-Programmable attention (issue 6): ``attention_chunk``; ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (needs no
+Programmable attention: ``attention_chunk``; ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (needs no
 derivative); ``score_mod(score, b, h, q_idx, kv_idx)`` with its derivative ``score_mod_grad(score, b, h, q_idx,
 kv_idx) = d score_mod / d score`` evaluated at the unmodified score (natural-log units, after scale, softcap
 and ALiBi), so ``dS = dS_mod * score_mod_grad``; block-sparse masks: the dQ pass walks the key blocks of

@@ -85,7 +85,8 @@ def num_splits_heuristic(
     per_sm = (2 if small_pages else 3) if paged else 1
     splits = max(1, min(max_splits, n_key_blocks, (per_sm * num_sms) // work))
     # each split takes cdiv(blocks, splits) blocks: drop the splits that would get none (they cost a program
-    # and a combine read each). Batch 1, 32k keys: 66 -> 64 splits, 2989 -> 3092 GB/s at page 16 (session 6)
+    # and a combine read each). Batch 1, 32k keys: 66 -> 64 splits, 2989 -> 3092 GB/s at page 16
+    # (bench/results/h200-decode-tune-b1-splits.json)
     return cdiv(n_key_blocks, cdiv(n_key_blocks, splits))
 
 
