@@ -48,6 +48,7 @@ MEASURE_FIELDS = frozenset(
         "peak_mem_mb",
         "tokens_per_s",
         "tile",
+        "host_us",
         "ms_rounds",
     }
 )

@@ -38,7 +38,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
 from common import host_ms_per_call, write_results  # noqa: E402
 
 CALLS = ("fwd", "fwd_bwd", "decode")
@@ -60,9 +59,11 @@ def patch_nop() -> None:
 
     patches = [(fl, ("fwd_launch",)), (bl, ("dq_launch", "dkdv_launch"))]
     try:
+        import fa_kvcache.checks as kc
         import fa_kvcache.interface as ki
 
         patches.append((ki, ("append_launch", "split_kv_launch", "combine_launch")))
+        patches.append((kc, ("value_check_launch",)))
     except ImportError:
         pass
     for module, names in patches:
@@ -227,8 +228,6 @@ def main() -> int:
     if nop:
         print("launches replaced by no-ops: a CPU-side proxy of our Python, not written to bench/results")
         return 0
-    # host_us is a measurement, not part of a row's identity (merging, the markdown table's columns)
-    common.MEASURE_FIELDS = common.MEASURE_FIELDS | {"host_us"}
     path = write_results(
         "host", rows, plot_kw={"bench": "host", "metric": "host_us", "x": "headdim", "panels": ("call", "causal")},
         table_kw={"metric": "host_us", "title": "host time per call (us, lower is better)"},
