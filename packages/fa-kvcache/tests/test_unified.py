@@ -105,8 +105,8 @@ def check(a: dict, out: torch.Tensor, lse: torch.Tensor, tol: float, **ref_kw) -
     torch.testing.assert_close(lse[finite], rl[finite], atol=tol, rtol=tol)
 
 
-# decode rows (1 query) and short runs (the small tile), a run that fits one full tile (split, full tile) and a
-# prefill chunk longer than a tile (unsplit)
+# decode rows (1 query) and short runs (the small tile, split), a run of one full tile and a prefill chunk of
+# several tiles (unsplit)
 MIXED = ([1, 7, 1, 40, 1, 12], [70, 25, 1, 90, 130, 30])
 
 

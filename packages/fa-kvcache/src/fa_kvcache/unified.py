@@ -52,8 +52,11 @@ class UnifiedPlan(NamedTuple):
 
     #: key splits of the requests whose rows fit one tile (1: no combine launch)
     splits: int
-    #: query positions per tile (``BLOCK_M // HB``): requests with at most this many rows are split
+    #: query positions per tile (``BLOCK_M // HB``)
     qrows: int
+    #: query positions of the small tile (``BLOCK_M_SMALL // HB``): requests with at most this many rows take
+    #: it and are split
+    split_rows: int
     #: attention grid ``(total_q // qrows + batch, nheads_k * head chunks, splits)``
     grid: tuple[int, int, int]
     #: the attention kernel's runtime scalars that depend only on the plan (head chunks, search steps)
@@ -82,7 +85,7 @@ def _key_tile(block_m: int, dmax: int, interpret: bool, keys_per_program: int, p
     if dmax > 128:
         return 32, 8 if block_m >= 64 else 4, 2
     if block_m >= 64:
-        return 64, 4, 2
+        return 64, 4, 3
     if keys_per_program >= 8192:
         return (64, 4, 3) if 0 < page < 128 else (128, 4, 3)
     if 0 < page < 64 and keys_per_program >= 1024:
@@ -120,7 +123,8 @@ def plan_unified(
     Row tile: the GQA group padded to a power of two (``HB`` heads) times ``QROWS`` positions, ``BLOCK_M =
     HB * QROWS`` = the rows of ``max_seqlen_q`` positions rounded up to a power of two in ``[16, 64]`` (32 in
     the interpreter or for head dims > 128): a decode-only step gets the decode kernel's small tiles, a step
-    with prefill chunks 64-row tiles. Splits: ``num_splits`` > 0 forces that many (at most
+    with prefill chunks 64-row tiles, in which the requests of at most ``split_rows`` rows (``BLOCK_M_SMALL =
+    max(16, HB)`` rows: decode) still take a small tile. Splits (of those requests only): ``num_splits`` > 0 forces that many (at most
     :data:`fa_kvcache.interface.MAX_SPLITS`); 0 applies
     :func:`fa_kvcache.interface.num_splits_heuristic` to the split-eligible programs (``batch * nheads_k *
     head chunks``) next to the prefill tiles' programs, over ``max_seqlen_k`` keys.
@@ -131,6 +135,9 @@ def plan_unified(
     block_m = min(max(16, next_pow2(max(max_seqlen_q, 1) * gp)), cap_m)
     hb = min(gp, block_m)
     qrows = block_m // hb
+    # decode rows of a step with longer runs take a smaller tile of the same GQA packing
+    block_m_small = max(16, hb)
+    split_rows = block_m_small // hb
     n_head_chunks = cdiv(group, hb)
     n_tiles = total_q // qrows + batch
     capacity = bt_cols * page
@@ -165,14 +172,13 @@ def plan_unified(
         "SPLIT": splits > 1,
         "HB": hb,
         "BLOCK_M": block_m,
-        # decode rows of a step with longer runs take a smaller tile of the same GQA packing
-        "BLOCK_M_SMALL": max(16, hb),
+        "BLOCK_M_SMALL": block_m_small,
         "BLOCK_N": block_n,
         "num_warps": warps,
         "num_stages": stages,
     }
     combine_meta: dict[str, Any] = {
-        "QROWS": qrows,
+        "QROWS": split_rows,
         "HEADDIM_V": dv,
         "BLOCK_DV": max(next_pow2(dv), 16),
         "BLOCK_S": min(next_pow2(splits), 16),
@@ -181,7 +187,9 @@ def plan_unified(
     }
     search_iters = max(1, math.ceil(math.log2(batch + 1)) + 1)
     grid = (n_tiles, nheads_k * n_head_chunks, splits)
-    return UnifiedPlan(splits, qrows, grid, n_head_chunks, search_iters, meta, (batch, nheads), combine_meta)
+    return UnifiedPlan(
+        splits, qrows, split_rows, grid, n_head_chunks, search_iters, meta, (batch, nheads), combine_meta
+    )
 
 
 def _check_descale(name: str, t: torch.Tensor | None, batch: int, nheads_k: int, q: torch.Tensor) -> None:
@@ -415,8 +423,9 @@ def unified_attention(
         )
     splits = plan.splits
     if splits > 1:
-        out_part = torch.empty(splits, batch, plan.qrows, nheads, dv, dtype=torch.float32, device=q.device)
-        lse_part = torch.empty(splits, batch, plan.qrows, nheads, dtype=torch.float32, device=q.device)
+        rows = plan.split_rows
+        out_part = torch.empty(splits, batch, rows, nheads, dv, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(splits, batch, rows, nheads, dtype=torch.float32, device=q.device)
     else:
         out_part = lse_part = empty_arg(q, torch.float32)
     f32 = empty_arg(q, torch.float32)

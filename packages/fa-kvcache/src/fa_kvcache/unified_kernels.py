@@ -12,10 +12,10 @@ Unified attention (:func:`unified_kernel`)
     ``cu_seqlens_q`` (CUDA-graph capturable); a program finds its request by a binary search over those
     starts and exits when its tile lies past the request's rows.
 
-    Split-KV: a request whose rows fit one tile (decode, short speculative runs) has its key range shared out
-    over ``num_splits`` programs (grid axis 2); each writes a normalised partial output and its lse (fp32) and
-    :func:`combine_kernel` merges them. Longer requests (prefill chunks) are not split: their split-0 program
-    writes the output directly, the others exit.
+    Split-KV: a request whose rows fit the small tile (``BLOCK_M_SMALL // HB`` positions: decode, short
+    speculative runs) has its key range shared out over ``num_splits`` programs (grid axis 2); each writes a
+    normalised partial output and its lse (fp32) and :func:`combine_kernel` merges them. Longer requests
+    (prefill chunks) are not split: their split-0 programs write the output directly, the others exit.
 
     FP8 cache: K / V tiles are converted to q's dtype after the load; ``k_descale[b, hk]`` multiplies the
     softmax scale (scores ``q @ (k * k_descale)``) and ``v_descale[b, hk]`` the fp32 accumulator.
@@ -427,16 +427,15 @@ def unified_kernel(
 
     q ``(total_q, nheads, d)``; cache ``(num_blocks, PAGE, nheads_k, d[v])``; block_table ``(batch,
     bt_cols)``; out ``(total_q, nheads, dv)``; lse ``(nheads, total_q)`` fp32; partials (``SPLIT``)
-    ``(num_splits, batch, QROWS, nheads[, dv])`` fp32, contiguous. ``BT_PRELOAD`` / ``BT_PRELOAD_SPLIT``:
+    ``(num_splits, batch, BLOCK_M_SMALL // HB, nheads[, dv])`` fp32, contiguous. ``BT_PRELOAD`` / ``BT_PRELOAD_SPLIT``:
     block-table entries preloaded by unsplit / split programs (0: read in the key loop).
 
     Requests whose rows fit ``BLOCK_M_SMALL // HB`` positions (decode) run a ``BLOCK_M_SMALL``-row tile
-    (``< BLOCK_M`` when the step also holds longer runs): a decode row then costs the decode kernel's small
-    dots instead of a prefill-sized tile of mostly padding rows.
+    (``< BLOCK_M`` when the step also holds longer runs; a decode row then costs the decode kernel's small dots
+    instead of a prefill-sized tile of padding rows), and only they are split.
     """
     QROWS: tl.constexpr = BLOCK_M // HB
     QROWS_SMALL: tl.constexpr = BLOCK_M_SMALL // HB
-    SMALL: tl.constexpr = BLOCK_M_SMALL < BLOCK_M
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
     split = tl.program_id(2)
@@ -446,9 +445,10 @@ def unified_kernel(
     b = _find_request(CuSeqlensQ, pid_t, batch, total_q, search_iters, QROWS)
     q_start, seqlen_q = varlen_bounds(CuSeqlensQ, b, total_q)
     qblock = pid_t - (q_start // QROWS + b)
-    is_split = seqlen_q <= QROWS
+    # requests whose rows fit the small tile (decode, short speculative runs) take the small tile and are split
+    is_small = seqlen_q <= QROWS_SMALL
     if SPLIT:
-        n_split = tl.where(is_split, num_splits, 1)
+        n_split = tl.where(is_small, num_splits, 1)
     else:
         n_split = 1
     if (qblock < 0) | (qblock * QROWS >= seqlen_q) | (split >= n_split):
@@ -457,35 +457,21 @@ def unified_kernel(
     k_base = K + hk.to(tl.int64) * stride_kh
     v_base = V + hk.to(tl.int64) * stride_vh
     bt_base = BlockTable + b.to(tl.int64) * stride_btb
-    small = seqlen_q <= QROWS_SMALL
     # every variant below is the same code (_tile) with other constexprs: split programs preload their split's
     # block-table entries (BT_PRELOAD_SPLIT), unsplit ones the whole range's when it fits (BT_PRELOAD)
-    if SPLIT:
-        if is_split:
-            if SMALL and small:
-                _tile(
-                    Q, Out, Lse, OutPart, LsePart, Alibi, Sink, KDescale, VDescale, k_base, v_base, bt_base, b,
-                    hk, chunk, split, n_split, qblock, q_start, seqlen_q, seqlen_k, stride_qm, stride_qh,
-                    stride_kb, stride_kn, stride_vb, stride_vn, stride_om, stride_oh, stride_alb, stride_kdb,
-                    stride_kdh, stride_vdb, stride_vdh, total_q, batch, num_blocks, nheads, group, sm_scale,
-                    softcap, window_left, window_right, HEADDIM=HEADDIM, HEADDIM_V=HEADDIM_V, BLOCK_D=BLOCK_D,
-                    BLOCK_DV=BLOCK_DV, PAGE=PAGE, PAGE_TILE=PAGE_TILE, BT_PRELOAD=BT_PRELOAD_SPLIT,
-                    IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_SOFTCAP=HAS_SOFTCAP,
-                    HAS_ALIBI=HAS_ALIBI, HAS_SINK=HAS_SINK, HAS_DESCALE=HAS_DESCALE, PARTIAL=True,
-                    PART_ROWS=QROWS, HB=HB, BLOCK_M=BLOCK_M_SMALL, BLOCK_N=BLOCK_N,
-                )  # fmt: skip
-            else:
-                _tile(
-                    Q, Out, Lse, OutPart, LsePart, Alibi, Sink, KDescale, VDescale, k_base, v_base, bt_base, b,
-                    hk, chunk, split, n_split, qblock, q_start, seqlen_q, seqlen_k, stride_qm, stride_qh,
-                    stride_kb, stride_kn, stride_vb, stride_vn, stride_om, stride_oh, stride_alb, stride_kdb,
-                    stride_kdh, stride_vdb, stride_vdh, total_q, batch, num_blocks, nheads, group, sm_scale,
-                    softcap, window_left, window_right, HEADDIM=HEADDIM, HEADDIM_V=HEADDIM_V, BLOCK_D=BLOCK_D,
-                    BLOCK_DV=BLOCK_DV, PAGE=PAGE, PAGE_TILE=PAGE_TILE, BT_PRELOAD=BT_PRELOAD_SPLIT,
-                    IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_SOFTCAP=HAS_SOFTCAP,
-                    HAS_ALIBI=HAS_ALIBI, HAS_SINK=HAS_SINK, HAS_DESCALE=HAS_DESCALE, PARTIAL=True,
-                    PART_ROWS=QROWS, HB=HB, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                )  # fmt: skip
+    if is_small:
+        if SPLIT:
+            _tile(
+                Q, Out, Lse, OutPart, LsePart, Alibi, Sink, KDescale, VDescale, k_base, v_base, bt_base, b,
+                hk, chunk, split, n_split, qblock, q_start, seqlen_q, seqlen_k, stride_qm, stride_qh,
+                stride_kb, stride_kn, stride_vb, stride_vn, stride_om, stride_oh, stride_alb, stride_kdb,
+                stride_kdh, stride_vdb, stride_vdh, total_q, batch, num_blocks, nheads, group, sm_scale,
+                softcap, window_left, window_right, HEADDIM=HEADDIM, HEADDIM_V=HEADDIM_V, BLOCK_D=BLOCK_D,
+                BLOCK_DV=BLOCK_DV, PAGE=PAGE, PAGE_TILE=PAGE_TILE, BT_PRELOAD=BT_PRELOAD_SPLIT,
+                IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_SOFTCAP=HAS_SOFTCAP,
+                HAS_ALIBI=HAS_ALIBI, HAS_SINK=HAS_SINK, HAS_DESCALE=HAS_DESCALE, PARTIAL=True,
+                PART_ROWS=QROWS_SMALL, HB=HB, BLOCK_M=BLOCK_M_SMALL, BLOCK_N=BLOCK_N,
+            )  # fmt: skip
         else:
             _tile(
                 Q, Out, Lse, OutPart, LsePart, Alibi, Sink, KDescale, VDescale, k_base, v_base, bt_base, b,
@@ -496,33 +482,20 @@ def unified_kernel(
                 BLOCK_DV=BLOCK_DV, PAGE=PAGE, PAGE_TILE=PAGE_TILE, BT_PRELOAD=BT_PRELOAD,
                 IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_SOFTCAP=HAS_SOFTCAP,
                 HAS_ALIBI=HAS_ALIBI, HAS_SINK=HAS_SINK, HAS_DESCALE=HAS_DESCALE, PARTIAL=False,
-                PART_ROWS=QROWS, HB=HB, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                PART_ROWS=QROWS_SMALL, HB=HB, BLOCK_M=BLOCK_M_SMALL, BLOCK_N=BLOCK_N,
             )  # fmt: skip
     else:
-        if SMALL and small:
-            _tile(
-                Q, Out, Lse, OutPart, LsePart, Alibi, Sink, KDescale, VDescale, k_base, v_base, bt_base, b,
-                hk, chunk, split, n_split, qblock, q_start, seqlen_q, seqlen_k, stride_qm, stride_qh,
-                stride_kb, stride_kn, stride_vb, stride_vn, stride_om, stride_oh, stride_alb, stride_kdb,
-                stride_kdh, stride_vdb, stride_vdh, total_q, batch, num_blocks, nheads, group, sm_scale,
-                softcap, window_left, window_right, HEADDIM=HEADDIM, HEADDIM_V=HEADDIM_V, BLOCK_D=BLOCK_D,
-                BLOCK_DV=BLOCK_DV, PAGE=PAGE, PAGE_TILE=PAGE_TILE, BT_PRELOAD=BT_PRELOAD,
-                IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_SOFTCAP=HAS_SOFTCAP,
-                HAS_ALIBI=HAS_ALIBI, HAS_SINK=HAS_SINK, HAS_DESCALE=HAS_DESCALE, PARTIAL=False,
-                PART_ROWS=QROWS, HB=HB, BLOCK_M=BLOCK_M_SMALL, BLOCK_N=BLOCK_N,
-            )  # fmt: skip
-        else:
-            _tile(
-                Q, Out, Lse, OutPart, LsePart, Alibi, Sink, KDescale, VDescale, k_base, v_base, bt_base, b,
-                hk, chunk, split, n_split, qblock, q_start, seqlen_q, seqlen_k, stride_qm, stride_qh,
-                stride_kb, stride_kn, stride_vb, stride_vn, stride_om, stride_oh, stride_alb, stride_kdb,
-                stride_kdh, stride_vdb, stride_vdh, total_q, batch, num_blocks, nheads, group, sm_scale,
-                softcap, window_left, window_right, HEADDIM=HEADDIM, HEADDIM_V=HEADDIM_V, BLOCK_D=BLOCK_D,
-                BLOCK_DV=BLOCK_DV, PAGE=PAGE, PAGE_TILE=PAGE_TILE, BT_PRELOAD=BT_PRELOAD,
-                IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_SOFTCAP=HAS_SOFTCAP,
-                HAS_ALIBI=HAS_ALIBI, HAS_SINK=HAS_SINK, HAS_DESCALE=HAS_DESCALE, PARTIAL=False,
-                PART_ROWS=QROWS, HB=HB, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            )  # fmt: skip
+        _tile(
+            Q, Out, Lse, OutPart, LsePart, Alibi, Sink, KDescale, VDescale, k_base, v_base, bt_base, b,
+            hk, chunk, split, n_split, qblock, q_start, seqlen_q, seqlen_k, stride_qm, stride_qh,
+            stride_kb, stride_kn, stride_vb, stride_vn, stride_om, stride_oh, stride_alb, stride_kdb,
+            stride_kdh, stride_vdb, stride_vdh, total_q, batch, num_blocks, nheads, group, sm_scale,
+            softcap, window_left, window_right, HEADDIM=HEADDIM, HEADDIM_V=HEADDIM_V, BLOCK_D=BLOCK_D,
+            BLOCK_DV=BLOCK_DV, PAGE=PAGE, PAGE_TILE=PAGE_TILE, BT_PRELOAD=BT_PRELOAD,
+            IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_SOFTCAP=HAS_SOFTCAP,
+            HAS_ALIBI=HAS_ALIBI, HAS_SINK=HAS_SINK, HAS_DESCALE=HAS_DESCALE, PARTIAL=False,
+            PART_ROWS=QROWS_SMALL, HB=HB, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -584,8 +557,8 @@ def combine_kernel(
     HAS_SINK: tl.constexpr,
 ):
     """Grid ``(batch, nheads)``: merge the splits of request ``pid 0``'s rows of head ``pid 1`` when the
-    request was split (its rows fit one tile of ``QROWS``: the attention kernel's rule, on the same clamped
-    ``cu_seqlens_q``); the other requests' rows were written by the attention kernel."""
+    request was split (its rows fit the small tile's ``QROWS`` positions: the attention kernel's rule, on the
+    same clamped ``cu_seqlens_q``); the other requests' rows were written by the attention kernel."""
     b = tl.program_id(0)
     head = tl.program_id(1)
     q_start, seqlen_q = varlen_bounds(CuSeqlensQ, b, total_q)
