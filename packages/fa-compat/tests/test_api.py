@@ -450,6 +450,34 @@ def test_lowlevel_forwards_accept_num_splits():
     _check(out, lse, qv, kv, vv, varlen=(cu_q, cu_k))
 
 
+def test_use_triton_rocm_flag():
+    from flash_attn import flash_attn_interface
+
+    assert flash_attn_interface.USE_TRITON_ROCM is False
+
+
+def test_lowlevel_paged_varlen_refuses_num_splits():
+    """flash-attn main: a paged varlen forward takes num_splits 0 / 1 (same output), refuses > 1."""
+    from fa_core.errors import FlashAttnValueError
+
+    torch.manual_seed(9)
+    lens, page, h, d = [5, 12], 4, 2, 16
+    k_cache, v_cache = rand(8, page, h, d), rand(8, page, h, d)
+    block_table = torch.randperm(8, dtype=torch.int32).reshape(2, 4).to(DEVICE)
+    q, cu_q = rand(2, h, d), cu_seqlens([1, 1])
+    cu_k, seqused = cu_seqlens(lens), torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    kw = dict(block_table=block_table, seqused_k=seqused)
+    args = (q, k_cache, v_cache, cu_q, cu_k, 1, max(lens), 0.0, None, False)
+    out0 = _flash_attn_varlen_forward(*args, **kw)[0]
+    out1 = _flash_attn_varlen_forward(*args, **kw, num_splits=1)[0]
+    torch.testing.assert_close(out0, out1, rtol=0, atol=0)
+    assert not out0.isnan().any()
+    with pytest.raises(RuntimeError, match="num_splits > 1 is not supported"):
+        _flash_attn_varlen_forward(*args, **kw, num_splits=2)
+    with pytest.raises(FlashAttnValueError, match="num_splits"):
+        _flash_attn_varlen_forward(*args, **kw, num_splits=3)
+
+
 def test_get_block_size_n_follows_flash_attn():
     from flash_attn.flash_attn_interface import _block_size_n_rule, _get_block_size_n
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from fa_core import ops
+from fa_core.errors import FlashAttnValueError
 from fa_core.validation import contig_last as maybe_contiguous
 from flash_attn import _extras
 
@@ -70,7 +71,13 @@ def _flash_attn_varlen_forward(
     """-> ``(out, softmax_lse (h, total_q) fp32, S_dmask, rng_state)``. ``zero_tensors`` has nothing to do here:
     every row of out/lse belongs to a sequence and is written. ``leftpad_k`` ``(batch,)`` int32: sequence b's
     keys start ``leftpad_k[b]`` rows into its slice of k/v (passed on to fa-core's varlen forward launcher).
-    ``num_splits`` (keyword, flash-attn main) is accepted and ignored: the varlen forward does not split."""
+    ``num_splits`` (keyword, flash-attn main) is accepted and ignored: the varlen forward does not split;
+    with a ``block_table``, ``num_splits > 1`` raises :class:`~fa_core.errors.FlashAttnValueError` (a
+    ``RuntimeError``), as flash-attn's paged varlen forward does."""
+    if block_table is not None and num_splits > 1:
+        raise FlashAttnValueError(
+            f"num_splits > 1 is not supported with a block_table (paged KV), got num_splits={num_splits}"
+        )
     if block_table is not None:
         from flash_attn._checks import _check_block_table
 

@@ -75,6 +75,9 @@ Tensor = torch.Tensor
 #: flash-attn's helper name (copies only a strided last dim), shared with fa_core
 maybe_contiguous = V.contig_last
 
+#: flash-attn 2.8's module flag (its ROCm Triton backend); these Triton kernels are not that backend
+USE_TRITON_ROCM = False
+
 
 def _get_block_size_n(device, head_dim: int, is_dropout: bool, is_causal: bool) -> int:
     """flash-attn's key-block width for ``head_dim`` on ``device`` (what its ``S_dmask`` columns are grouped
