@@ -161,6 +161,14 @@ def test_gqa_groups(nheads, nheads_k):
     check(a, out, lse, _tol(a["q"].dtype), causal=True)
 
 
+@pytest.mark.parametrize("d", [40, 64])
+def test_head_dims(d):
+    """A head dim that is not a power of two (masked channels) and a wider one."""
+    a = make_batch([1, 9, 1], [33, 40, 64], page=16, d=d, seed=d)
+    out, lse = unified_attention(**a, num_splits=3, return_softmax_lse=True)
+    check(a, out, lse, _tol(a["q"].dtype), causal=True)
+
+
 def test_more_queries_than_keys_and_empty_requests():
     """Rows above the causal diagonal (seqlen_q > seqlen_k) see no key: out 0, lse +inf; requests with no
     query rows or no keys."""
