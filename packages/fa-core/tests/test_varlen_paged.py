@@ -9,8 +9,6 @@ of the cache ``(num_pages, page, nheads_k, d)``; ``cu_seqlens_k`` / ``seqused_k`
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 
@@ -212,13 +210,6 @@ def test_paged_table_wider_than_needed_and_a_strided_cache():
     _check_ref(q, k, v, cu_q, cu_k, out, lse, DT)
 
 
-_PUBLIC = inspect.signature(flash_attn_varlen_forward).parameters
-
-
-@pytest.mark.skipif(
-    "block_table" not in _PUBLIC or "leftpad_k" not in _PUBLIC,
-    reason="fa_core.flash_attn_varlen_forward does not take block_table / leftpad_k yet",
-)
 def test_public_api_paged_and_leftpad():
     q, k, v, cu_q, cu_k = _inputs(DT, seed=3)
     kc, vc, table = to_pages(k, v, cu_k, 32, seed=3)

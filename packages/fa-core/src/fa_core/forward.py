@@ -61,7 +61,7 @@ def _no_extras_on_backend(backend, attention_chunk, *extras) -> None:
     if attention_chunk or any(e is not None for e in extras):
         raise NotImplementedError(
             f"backend {backend or '$FA_BACKEND'} does not support attention_chunk, learnable_sink, "
-            "score_mod / mask_mod or FP8 descales"
+            "score_mod / mask_mod, FP8 descales, leftpad_k or block_table"
         )
 
 
@@ -249,14 +249,25 @@ def flash_attn_varlen_forward(
     q_descale: torch.Tensor | None = None,
     k_descale: torch.Tensor | None = None,
     v_descale: torch.Tensor | None = None,
+    leftpad_k: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> FwdResult:
     """Variable-length (packed) attention forward.
 
     Args:
-        q: ``(total_q, nheads, headdim)``; k: ``(total_k, nheads_k, headdim)``; v: ``(total_k, nheads_k, headdim_v)``.
-        cu_seqlens_q, cu_seqlens_k: ``(batch + 1,)`` int32 prefix sums of the sequence lengths.
+        q: ``(total_q, nheads, headdim)``; k: ``(total_k, nheads_k, headdim)``; v: ``(total_k, nheads_k, headdim_v)``,
+            or with ``block_table`` paged caches ``(num_pages, page_size, nheads_k, headdim[_v])``.
+        cu_seqlens_q, cu_seqlens_k: ``(batch + 1,)`` int32 prefix sums of the sequence lengths (with
+            ``block_table``, ``cu_seqlens_k`` gives only the key lengths, its last entry is not a row count).
         max_seqlen_q, max_seqlen_k: upper bounds of the per-sequence lengths (the grid is sized by them).
         seqused_k: optional ``(batch,)`` int32: sequence b uses only its first ``seqused_k[b]`` keys.
+        leftpad_k: optional ``(batch,)`` int32 (flash-attn's rule): sequence b's keys start ``leftpad_k[b]``
+            rows into its slice and number ``(seqused_k[b] or cu_seqlens_k[b + 1] - cu_seqlens_k[b]) -
+            leftpad_k[b]``; ``0 <= leftpad_k[b] <= seqlen_k[b]``.
+        block_table: optional ``(batch, max_pages)`` int32: k / v are a paged cache (page size a power of two
+            >= 16) and key j of sequence b is row ``(leftpad_k[b] + j) % page_size`` of page
+            ``block_table[b, (leftpad_k[b] + j) // page_size]``; combines with ``leftpad_k``. Neither takes
+            ``return_probs`` (see :mod:`fa_core.paged_varlen`).
         Other arguments as in :func:`flash_attn_forward`.
 
     Returns:
@@ -274,6 +285,8 @@ def flash_attn_varlen_forward(
             q_descale,
             k_descale,
             v_descale,
+            leftpad_k,
+            block_table,
         )
         return impl(
             q,
@@ -296,18 +309,22 @@ def flash_attn_varlen_forward(
         )
     from fa_core.forward_launch import launch_forward, launch_probs
     from fa_core.fp8 import fp8_descale, out_dtype
+    from fa_core.paged_varlen import check_leftpad_and_pages, key_view
 
     softmax_scale = _common_checks(
-        q, k, v, out, softmax_scale, window_size, softcap, dropout_p, rng_state, True
-    )
+        q, key_view(k, block_table), key_view(v, block_table), out, softmax_scale, window_size, softcap,
+        dropout_p, rng_state, True,
+    )  # fmt: skip
     max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
     if max_seqlen_q < 0 or max_seqlen_k < 0:
         raise ValueError("max_seqlen_q and max_seqlen_k must be >= 0")
     batch = V.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q, max_seqlen_q, "max_seqlen_q")
-    batch_k = V.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q, max_seqlen_k, "max_seqlen_k")
+    total_k = None if block_table is not None else k.shape[0]  # paged: cu_seqlens_k counts no cache rows
+    batch_k = V.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, q, max_seqlen_k, "max_seqlen_k")
     if batch_k != batch:
         raise ValueError(f"cu_seqlens_k has {batch_k + 1} entries but cu_seqlens_q has {batch + 1}")
     V.check_seqused(seqused_k, batch, cu_seqlens_k, q)
+    check_leftpad_and_pages(q, k, v, cu_seqlens_k, seqused_k, leftpad_k, block_table, batch, return_probs)
     nheads = q.shape[1]
     V.check_alibi(alibi_slopes, batch, nheads, q)
     descale = fp8_descale(q, k, batch, q_descale, k_descale, v_descale, return_probs)
@@ -338,6 +355,9 @@ def flash_attn_varlen_forward(
         score_mod=score_mod,
         mask_mod=mask_mod,
     )
-    window = launch_forward(q, k, v, out, lse, causal=causal, window_size=window_size, descale=descale, **kw)
+    window = launch_forward(
+        q, k, v, out, lse, causal=causal, window_size=window_size, descale=descale, leftpad_k=leftpad_k,
+        block_table=block_table, **kw,
+    )  # fmt: skip
     probs = launch_probs(q, k, lse, window=window, **kw) if return_probs else None
     return FwdResult(out, lse, rng_state, probs)

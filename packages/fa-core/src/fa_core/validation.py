@@ -363,9 +363,10 @@ def check_full_blocks(
 
 
 def check_cu_seqlens(
-    name: str, cu: torch.Tensor, total: int, q: torch.Tensor, max_seqlen: int | None, max_name: str
+    name: str, cu: torch.Tensor, total: int | None, q: torch.Tensor, max_seqlen: int | None, max_name: str
 ) -> int:
-    """Validate a ``(batch + 1,)`` int32 prefix-sum tensor; return batch."""
+    """Validate a ``(batch + 1,)`` int32 prefix-sum tensor; return batch. ``total`` None (keys read through
+    a block table): the last entry is not compared with a row count."""
     check_tensor(name, cu, 1)
     check_device(name, cu, "q", q)
     if cu.dtype != torch.int32:
@@ -378,7 +379,7 @@ def check_cu_seqlens(
             raise FlashAttnValueError(f"{name}[0] must be 0, got {int(vals[0])}")
         if bool((vals[1:] < vals[:-1]).any()):
             raise FlashAttnValueError(f"{name} must be non-decreasing, got {vals.tolist()}")
-        if int(vals[-1]) != total:
+        if total is not None and int(vals[-1]) != total:
             raise FlashAttnValueError(f"{name}[-1] = {int(vals[-1])} does not match the total length {total}")
         if max_seqlen is not None and vals.numel() > 1:
             longest = int((vals[1:] - vals[:-1]).max())
