@@ -17,7 +17,7 @@ from fa_core import settings
 from fa_core.errors import FlashAttnValueError
 from fa_core.reference import attention_ref
 from fa_core.rotary_ref import apply_rotary_ref
-from fa_kvcache.interface import _sm_count
+from fa_kvcache.interface import _sm_count, force_tile
 from fa_kvcache.unified import append_paged_kv, plan_unified, unified_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -117,6 +117,24 @@ def test_mixed_batch(dtype, page, splits):
     a = make_batch(*MIXED, page=page, dtype=dtype, seed=page + splits)
     out, lse = unified_attention(**a, num_splits=splits, return_softmax_lse=True)
     check(a, out, lse, _tol(dtype), causal=True)
+
+
+@pytest.mark.parametrize("block_n", [32, 64])
+@pytest.mark.parametrize("preload", [True, False])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_key_tiles_past_a_page(block_n, preload, splits, monkeypatch):
+    """Key tiles larger than the page (16): one block-table entry per key, from the preloaded entries
+    (``tl.gather``) or read in the key loop when they do not fit the preload."""
+    import fa_kvcache.unified as U
+
+    if not preload:
+        monkeypatch.setattr(U, "MAX_BT_PRELOAD", 0)
+    U.plan_unified.cache_clear()
+    a = make_batch(*MIXED, page=16, seed=block_n + splits)
+    with force_tile((block_n, 4, 2)):
+        out, lse = unified_attention(**a, num_splits=splits, return_softmax_lse=True)
+    U.plan_unified.cache_clear()
+    check(a, out, lse, _tol(a["q"].dtype), causal=True, window_size=(-1, 0))
 
 
 @pytest.mark.parametrize(

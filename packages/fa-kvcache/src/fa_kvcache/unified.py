@@ -34,7 +34,7 @@ from fa_core.fast_launch import FastLaunch, empty_arg
 from fa_core.forward_configs import cdiv, next_pow2
 from fa_core.masking import has_window_left, normalize_window
 from fa_core.rotary import apply_rotary
-from fa_kvcache.interface import MAX_BT_PRELOAD, MAX_SPLITS, _sm_count, num_splits_heuristic
+from fa_kvcache.interface import _FORCED_TILES, MAX_BT_PRELOAD, MAX_SPLITS, _sm_count, num_splits_heuristic
 from fa_kvcache.unified_kernels import append_paged_kernel, combine_kernel, unified_kernel
 
 __all__ = ["UnifiedPlan", "append_paged_kv", "plan_unified", "unified_attention"]
@@ -116,6 +116,7 @@ def plan_unified(
     has_sink: bool = False,
     fp8: bool = False,
     interpret: bool = False,
+    forced_tile: tuple[int, int, int] | None = None,
 ) -> UnifiedPlan:
     """The launch plan of one :func:`unified_attention` step, cached on its arguments (shapes, ints, flags):
     a serving loop at a fixed maximum batch plans once (FlashInfer's plan / run split, without a device read).
@@ -127,7 +128,9 @@ def plan_unified(
     max(16, HB)`` rows: decode) still take a small tile. Splits (of those requests only): ``num_splits`` > 0 forces that many (at most
     :data:`fa_kvcache.interface.MAX_SPLITS`); 0 applies
     :func:`fa_kvcache.interface.num_splits_heuristic` to the split-eligible programs (``batch * nheads_k *
-    head chunks``) next to the prefill tiles' programs, over ``max_seqlen_k`` keys.
+    head chunks``) next to the prefill tiles' programs, over ``max_seqlen_k`` keys. Key tile: ``forced_tile``
+    ``(BLOCK_N, num_warps, num_stages)`` (:func:`fa_kvcache.interface.force_tile` passes it), else
+    :func:`_key_tile`.
     """
     group = max(1, nheads // max(nheads_k, 1))
     gp = next_pow2(group)
@@ -150,7 +153,10 @@ def plan_unified(
         splits = num_splits_heuristic(
             decode_work + prefill_work, cdiv(keys, 64), num_sms, paged=True, page=page
         )
-    block_n, warps, stages = _key_tile(block_m, max(d, dv), interpret, keys // splits, page, fp8)
+    if forced_tile is not None:
+        block_n, warps, stages = forced_tile
+    else:
+        block_n, warps, stages = _key_tile(block_m, max(d, dv), interpret, keys // splits, page, fp8)
     page_tile = page % block_n == 0
     bt_full = _bt_preload(keys, page)
     bt_split = _bt_preload(cdiv(cdiv(keys, block_n), splits) * block_n, page)
@@ -420,6 +426,7 @@ def unified_attention(
             learnable_sink is not None,
             fp8,
             V.interpreting(),
+            _FORCED_TILES[-1] if _FORCED_TILES else None,
         )
     splits = plan.splits
     if splits > 1:
