@@ -483,7 +483,10 @@ def main() -> None:
         triton=triton.__version__,
         gluon_available=fg.available(),
         default_kinds={
-            f"d{d}-{'causal' if c else 'full'}": fg.default_kind(d, c) for d in (64, 128) for c in (0, 1)
+            f"d{d}-{'causal' if c else 'full'}-s{n}": fg.default_kind(d, c, n)
+            for d in (64, 128)
+            for c in (0, 1)
+            for n in (2048, 16384)
         },
         correctness=[],
         rows=[],
@@ -536,7 +539,13 @@ def main() -> None:
                 return all(r["ok"] for r in checked if pred(r))
 
             def default(r) -> bool:  # the rows of the kind forward() picks for that head dim and mask
-                return r.get("d") is None or r["kind"] == fg.default_kind(r["d"], r["causal"])
+                n = r.get("sq") or max((a for a, _ in r.get("varlen") or [(0, 0)]), default=0)
+                kind = (
+                    fg.default_kind(r["d"], r["causal"], n, varlen=bool(r.get("varlen")))
+                    if r.get("d")
+                    else None
+                )
+                return kind is None or r["kind"] == kind
 
             win_ok = passed(
                 lambda r: default(r) and (r.get("window_size") or r.get("softcap")) and not r.get("varlen")

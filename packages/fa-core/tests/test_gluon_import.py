@@ -29,7 +29,10 @@ def test_public_api_present():
         assert callable(getattr(fg, name))
     for d in fg.HEAD_DIMS:
         for causal in (False, True):
-            assert fg.default_kind(d, causal) in fg.KINDS
+            for seqlen in (None, 1, 2048, 16384):
+                for varlen in (False, True):
+                    kind = fg.default_kind(d, causal, seqlen, varlen=varlen)
+                    assert kind in fg.KINDS and d in fg.head_dims(kind)
 
 
 def test_unavailable_without_cuda_sm90():

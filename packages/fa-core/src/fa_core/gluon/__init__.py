@@ -4,14 +4,14 @@ FlashAttention-3's design on sm_90: TMA loads of Q once and of K/V into a multi-
 by mbarriers, asynchronous wgmma for S = QK^T (shared-memory operands) and O += PV (P from registers), the
 softmax of tile j overlapped with PV(j - 1) inside each warpgroup, exp2 online softmax. Two kernels exist
 (see :mod:`fa_core.gluon._hopper`): a software-pipelined one and a warp-specialized one (a TMA producer warp
-plus two consumer warpgroups taking turns on the tensor cores); :func:`default_kind` picks the faster per head
-dim and mask on an H100 (``bench/results/h100-gluon-forward.json``).
+plus two or three consumer warpgroups taking turns on the tensor cores); :func:`default_kind` picks the faster
+per head dim, mask and length on an H100 (``bench/results/h100-gluon-forward.json``).
 
 Scope: dense bf16/fp16, head dim 64 or 128 (q, k, v alike), non-causal or causal (bottom-right aligned,
 ``diag = seqlen_k - seqlen_q``), sliding windows, softcap, GQA/MQA, any ``softmax_scale > 0``, tensors
-``(batch, seqlen, nheads, headdim)`` with a contiguous last dim and 16-byte aligned base and strides (TMA).
-Everything else (ALiBi, dropout, varlen, FP8, ...) is refused by :func:`supports` and stays with the Triton
-kernels.
+``(batch, seqlen, nheads, headdim)`` (or packed varlen ``(total, nheads, headdim)`` with ``cu_seqlens``) with
+a contiguous last dim and 16-byte aligned base and strides (TMA). Everything else (ALiBi, dropout,
+``seqused_k``, paged KV, FP8, ...) is refused by :func:`supports` and stays with the Triton kernels.
 
 The kernels were written against Triton 3.6's Gluon API; :func:`available` is False under other Triton
 versions (this module still imports there: the kernel modules are imported on first use only).
@@ -45,8 +45,8 @@ GLUON_TRITON_VERSION = (3, 6)
 #: 64 rows) and "ws3" (three consumers, head dim 64 only)
 KINDS = ("pipelined", "ws", "ws3")
 _KIND_HEAD_DIMS = {"pipelined": (64, 128), "ws": (64, 128), "ws3": (64,)}
-#: (head_dim, causal) -> the faster kind on an H100 at seqlen 2k-16k (bench/results/h100-gluon-forward.json)
-_DEFAULT_KINDS = {(64, False): "pipelined", (64, True): "ws", (128, False): "ws", (128, True): "ws"}
+#: below this many query rows, causal d64 runs the pipelined kernel (the 192-row ws3 tiles waste the diagonal)
+_WS3_CAUSAL_MIN_SEQLEN = 4096
 HEAD_DIMS = (64, 128)
 
 _DTYPES = (torch.bfloat16, torch.float16)
@@ -102,9 +102,19 @@ def head_dims(kind: str) -> tuple[int, ...]:
     return _KIND_HEAD_DIMS.get(kind, ())
 
 
-def default_kind(head_dim: int, causal: bool) -> str:
-    """The kernel :func:`forward` uses for this head dim and mask when ``kind`` is not given."""
-    return _DEFAULT_KINDS.get((head_dim, bool(causal)), "ws")
+def default_kind(head_dim: int, causal: bool, seqlen_q: int | None = None, varlen: bool = False) -> str:
+    """The kernel :func:`forward` / :func:`forward_varlen` use when ``kind`` is not given.
+
+    The faster per head dim, mask and length on an H100 (``bench/results/h100-gluon-forward.json``):
+    d128: "ws" (two ping-pong consumers); d64: "ws3" (three consumers), except causal below 4096 query rows
+    (``seqlen_q``; the max for varlen), where "pipelined" wins. Varlen d128 runs "pipelined": its "ws"
+    varlen path has not been checked on a GPU yet (``tests/test_gluon_gpu.py::test_varlen_matches_reference``).
+    """
+    if head_dim == 64:
+        if causal and (seqlen_q is None or seqlen_q < _WS3_CAUSAL_MIN_SEQLEN):
+            return "pipelined"
+        return "ws3"
+    return "pipelined" if varlen else "ws"
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
@@ -281,7 +291,7 @@ def forward(
     )
     if reason is not None:
         raise FlashAttnValueError(f"fa_core.gluon.forward: {reason}")
-    kind = kind or default_kind(q.shape[-1], causal)
+    kind = kind or default_kind(q.shape[-1], causal, q.shape[1])
     if kind not in KINDS:
         raise FlashAttnValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if config is None and q.shape[-1] not in head_dims(kind):
@@ -351,7 +361,7 @@ def forward_varlen(
     )
     if reason is not None:
         raise FlashAttnValueError(f"fa_core.gluon.forward_varlen: {reason}")
-    kind = kind or default_kind(q.shape[-1], causal)
+    kind = kind or default_kind(q.shape[-1], causal, int(max_seqlen_q), varlen=True)
     if kind not in KINDS:
         raise FlashAttnValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if config is None and q.shape[-1] not in head_dims(kind):
