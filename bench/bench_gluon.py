@@ -468,7 +468,7 @@ def main() -> None:
     ap.add_argument(
         "--skip", default="", help="comma list of sections to skip: correctness,speed,features,sweep"
     )
-    ap.add_argument("--check-timeout", type=float, default=75.0, help="seconds for the correctness runs")
+    ap.add_argument("--check-timeout", type=float, default=150.0, help="seconds for the correctness runs")
     ap.add_argument("--correctness-json", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     t0 = time.time()

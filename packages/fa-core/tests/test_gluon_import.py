@@ -110,6 +110,10 @@ def test_refused_dtypes_and_layouts():
     # a broadcast (zero-stride) head dim is refused as well
     k_bc = k[:, :, :1].expand(-1, -1, 2, -1)
     assert "TMA" in _reason(q, k_bc, v)
+    # an out buffer must match q and be TMA-aligned; rng_state is ignored without dropout
+    assert _reason(q, k, v, out=torch.empty_like(q), rng_state=torch.zeros(2, dtype=torch.int64)) is None
+    assert "out must" in _reason(q, k, v, out=torch.empty_like(q)[:, :50])
+    assert "TMA" in _reason(q, k, v, out=torch.randn(2, 100, 4, 66, dtype=torch.bfloat16)[..., :64])
     # strided views with aligned strides (packed qkv) are fine
     qkv = torch.randn(2, 100, 3, 4, 64, dtype=torch.bfloat16)
     assert _reason(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]) is None

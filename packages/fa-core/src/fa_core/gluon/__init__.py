@@ -139,6 +139,8 @@ def unsupported_reason(
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
+    out: torch.Tensor | None = None,
+    rng_state: torch.Tensor | None = None,
     check_device: bool = True,
     **extras: Any,
 ) -> str | None:
@@ -200,9 +202,15 @@ def unsupported_reason(
     for name, value in extras.items():
         if value is not None and value is not False and not (isinstance(value, (int, float)) and value == 0):
             return f"{name} is not supported"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not _tma_ok(t):
+    if out is not None and (
+        out.shape != q.shape or out.dtype != q.dtype or (check_device and out.device != q.device)
+    ):
+        return "out must have q's shape, dtype and device"
+    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
+        if t is not None and not _tma_ok(t):
             return f"{name} needs a contiguous last dim and 16-byte aligned base and strides (TMA)"
+    # rng_state only matters with dropout, which is refused above
+    del rng_state
     return None
 
 
@@ -221,6 +229,7 @@ def supports(
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
+    out: torch.Tensor | None = None,
     **extras: Any,
 ) -> bool:
     """Whether :func:`forward` (dense) or :func:`forward_varlen` (``cu_seqlens_*`` given) handles this call.
@@ -229,7 +238,8 @@ def supports(
     (varlen: ``q (total_q, h, d)``, ``k, v (total_k, h_k, d)``, contiguous int32 ``cu_seqlens_q/k (b + 1,)``
     on q's device, ``max_seqlen_q/k >= 1``) with ``d`` in {64, 128} and ``h % h_k == 0``; any ``window_size`` (-1 = unbounded
     side) and ``softcap >= 0``, with or without ``causal``; no ALiBi or dropout; ``softmax_scale`` None or
-    finite > 0; every stride but the last (which is 1) and the base 16-byte aligned. Any further keyword (``return_probs``,
+    finite > 0; every stride but the last (which is 1) and the base 16-byte aligned, for q, k, v and ``out``
+    (if given: q's shape and dtype); ``rng_state`` is ignored (no dropout). Any further keyword (``return_probs``,
     ``learnable_sink``, ``attention_chunk``, ``score_mod``, ``q_descale``, ...) must be None / False / 0.
     """
     return (
@@ -247,6 +257,7 @@ def supports(
             cu_seqlens_k=cu_seqlens_k,
             max_seqlen_q=max_seqlen_q,
             max_seqlen_k=max_seqlen_k,
+            out=out,
             **extras,
         )
         is None

@@ -8,11 +8,14 @@ Two kernels share one consumer loop (:func:`_consume_tiles`):
   S = QK^T can start before V lands). The loop overlaps within the warpgroup (FlashAttention-3): QK^T(j) and
   PV(j-1) are issued as async wgmma, the softmax of tile j runs while PV(j-1) is still on the tensor cores,
   then O is rescaled; the same warps refill the ring slot that PV(j-1) released.
-* ``attn_fwd_ws``: warp-specialized. A 1-warp producer partition issues every TMA load (Q of both halves, then
-  the K/V ring, waiting on "slot free" barriers); two consumer partitions of 4 warps (the default one and a
-  worker) each own 64 query rows of the CTA's 128-row tile and run the same overlapped loop on the shared ring
-  (a slot is released when both consumers are done with it). With ``PINGPONG`` the consumers take turns to
-  issue their wgmma (FlashAttention-3's ping-pong): one group's softmax runs under the other's GEMMs.
+* ``attn_fwd_ws``: warp-specialized. A 1-warp producer partition issues every TMA load (Q of every consumer,
+  then the K/V ring, waiting on "slot free" barriers); ``NCONS`` (2 or 3) consumer partitions of 4 warps (the
+  default one and workers) each own 64 query rows of the CTA's tile and run the same overlapped loop on the
+  shared ring (a slot is released when every consumer is done with it). With ``PINGPONG`` the consumers take
+  turns to issue their wgmma (FlashAttention-3's ping-pong): one group's softmax runs under another's GEMMs.
+
+Both take dense inputs (host TMA descriptors) or packed varlen sequences (``VARLEN``: one descriptor per
+sequence, built on the device from ``cu_seqlens``; see :func:`_problem`).
 
 Scores live in the log2 domain: ``s2 = qk * qk_scale`` with ``qk_scale = softmax_scale * log2(e)``, or with a
 softcap ``s2 = tanh(qk * softcap_in) * qk_scale`` with ``softcap_in = softmax_scale / softcap`` and
