@@ -133,15 +133,11 @@ def test_torch_block_mask_passed_directly():
     torch.manual_seed(3)
     tbm = flex.create_block_mask(_causal, None, None, 64, 64, device=DEVICE, BLOCK_SIZE=32)
     q, k, v = _inputs(64, 64, DTYPE)
-    try:
-        res = flash_attn_forward(q, k, v, causal=True, block_mask=tbm)
-    except AttributeError as exc:
-        if "block_size" in str(exc):
-            pytest.skip("fa_core.forward does not call fa_core.block_sparse.as_block_mask yet")
-        raise
+    res = flash_attn_forward(q, k, v, causal=True, block_mask=tbm)
     ref, ref_lse = attention_ref(q, k, v, causal=True, dtype=HI)
     low, low_lse = attention_ref(q, k, v, causal=True, upcast=False)
     assert_close_2x(res.out, ref, low, "out")
+    assert_close_2x(res.lse, ref_lse, low_lse, "lse", slack=1e-3)
 
 
 def test_python_mask_mod_not_expressible_raises_then_triton_twin_is_exact():
@@ -238,3 +234,34 @@ def test_kernel_mask_mod_is_trusted_without_check():
     tbm = flex.create_block_mask(prefix_lm_torch, None, None, 64, 64, device=DEVICE, BLOCK_SIZE=32)
     bm = as_block_mask(tbm, 1, 1, 64, 64, mask_mod=_never)
     assert int(bm.kv_num_blocks.sum()) > 0
+
+
+def test_torch_block_mask_through_autograd_and_backward():
+    """The differentiable path (fa_backward.programmable.attention) and the standalone backward take the
+    torch mask too: gradients match the reference and the standalone backward's."""
+    prog = pytest.importorskip("fa_backward.programmable")
+    from fa_backward.backward import flash_attn_backward
+
+    torch.manual_seed(4)
+    fn, mb, (sq, sk), bs, rules = CASES["document_causal"]
+    tbm = flex.create_block_mask(fn, mb, None, sq, sk, device=DEVICE, BLOCK_SIZE=bs)
+    q, k, v = _inputs(sq, sk, DTYPE, grad=True)
+    out, lse = prog.attention(q, k, v, block_mask=tbm, **rules)
+    g = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), g)
+    mask = _element_mask_fn(fn, mb, sq, sk)
+    grads, outs = {}, {}
+    for name, kw in (("ref", {"dtype": HI}), ("low", {"upcast": False})):
+        qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        o, _ = attention_ref(qr, kr, vr, mask_mod=mask, **rules, **kw)
+        outs[name] = o
+        grads[name] = torch.autograd.grad(o, (qr, kr, vr), g.to(o.dtype))
+    assert_close_2x(out, outs["ref"], outs["low"], "out")
+    for i, (name, ours) in enumerate((("dq", dq), ("dk", dk), ("dv", dv))):
+        assert_close_2x(ours, grads["ref"][i], grads["low"][i], name)
+    res = flash_attn_backward(
+        g, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, None, None, 0.0,
+        causal=bool(rules.get("causal", False)), block_mask=tbm,
+    )  # fmt: skip
+    for ours, standalone in zip((dq, dk, dv), res[:3], strict=True):
+        torch.testing.assert_close(standalone, ours, rtol=0, atol=0)

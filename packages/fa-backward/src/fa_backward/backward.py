@@ -20,7 +20,7 @@ from fa_backward.sparse_args import _sparse_args as _sparse_args  # re-exported 
 from fa_backward.sparse_args import check_full_blocks as check_full_blocks  # re-exported
 from fa_backward.sparse_args import check_programmable
 from fa_core import validation as V
-from fa_core.block_sparse import BlockMask
+from fa_core.block_sparse import BlockMask, as_block_mask
 
 __all__ = ["BwdResult", "backward_from_autograd", "flash_attn_backward", "flash_attn_varlen_backward"]
 
@@ -199,6 +199,10 @@ def flash_attn_backward(
         attention_chunk, score_mod, score_mod_grad, mask_mod, dsoftmax_lse, (batch, nheads, seqlen_q), q
     )
     # full-block lists exactly like the partial ones (fa_backward.sparse_args.check_full_blocks)
+    block_mask = as_block_mask(
+        block_mask, batch, nheads, seqlen_q, k.shape[1], causal=causal, window_size=window,
+        attention_chunk=int(attention_chunk), mask_mod=mask_mod,
+    )  # fmt: skip
     V.check_block_mask(block_mask, batch, nheads, seqlen_q, k.shape[1], q, False, full_like_partial=True)
     dq = torch.empty_like(q) if dq is None else dq
     dk = torch.empty_like(k) if dk is None else dk

@@ -58,7 +58,7 @@ def attention(
     score_mod: Callable[..., Any] | None = None,
     score_mod_grad: Callable[..., Any] | None = None,
     mask_mod: Callable[..., Any] | None = None,
-    block_mask: BlockMask | None = None,
+    block_mask: BlockMask | Any | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable programmable attention (dense): gradients for q, k, v, the sink, through out and lse.
 
@@ -72,8 +72,10 @@ def attention(
             ``d score_mod / d score`` at the unmodified score; required to differentiate a score_mod
             (examples with their derivatives: :mod:`fa_core.score_mods`).
         mask_mod: ``@triton.jit (b, h, q_idx, kv_idx) -> bool`` (False = masked); needs no derivative.
-        block_mask: :class:`fa_core.block_sparse.BlockMask`; only listed blocks are loaded, forward and backward;
-            ``mask_mod`` is evaluated in its partial blocks only.
+        block_mask: :class:`fa_core.block_sparse.BlockMask`, or PyTorch's FlexAttention ``BlockMask``
+            (converted once by :func:`fa_core.block_sparse.as_block_mask` before the forward; the backward
+            reads the converted mask); only listed blocks are loaded, forward and backward; ``mask_mod`` is
+            evaluated in its partial blocks only.
         dropout_p: dropout on the probabilities (the sink's probability is not dropped).
         Other arguments: as :func:`fa_core.flash_attn_forward`.
 

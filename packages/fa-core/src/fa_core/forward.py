@@ -16,7 +16,7 @@ import torch
 
 from fa_core import validation as V
 from fa_core.backends import get_forward, get_varlen_forward
-from fa_core.block_sparse import BlockMask
+from fa_core.block_sparse import BlockMask, as_block_mask
 
 # The launchers (and with them Triton) are imported at the first call, not with fa_core: ``import fa_core``
 # costs no Triton import.
@@ -130,8 +130,9 @@ def flash_attn_forward(
             logit (natural-log units, after scale, softcap and ALiBi), FlexAttention-style; forward only.
         mask_mod: a ``@triton.jit`` function ``(b, h, q_idx, kv_idx) -> bool``: keys where it is False are
             masked out (combined with causal / window / chunk); forward only.
-        block_mask: :class:`fa_core.block_sparse.BlockMask`: only the listed key blocks are loaded (dense
-            inputs only; not with ``return_probs``). Its optional full blocks (``full_kv_num_blocks`` /
+        block_mask: :class:`fa_core.block_sparse.BlockMask`, or PyTorch's FlexAttention ``BlockMask``
+            (converted by :func:`fa_core.block_sparse.as_block_mask`): only the listed key blocks are loaded
+            (dense inputs only; not with ``return_probs``). Its optional full blocks (``full_kv_num_blocks`` /
             ``full_kv_indices``) skip ``mask_mod``; causal / window / chunk still apply in every block.
         q_descale, k_descale, v_descale: ``(batch, nheads_k)`` float32 dequantisation factors for
             ``float8_e4m3fn`` q, k, v (FlashAttention-3's convention; default 1). The output is bf16. V is
@@ -181,6 +182,10 @@ def flash_attn_forward(
     descale = fp8_descale(q, k, batch, q_descale, k_descale, v_descale, return_probs)
     V.check_chunk_and_sink(attention_chunk, learnable_sink, nheads, q)
     V.check_mods(score_mod, mask_mod)
+    block_mask = as_block_mask(
+        block_mask, batch, nheads, seqlen_q, seqlen_k, causal=causal, window_size=window_size,
+        attention_chunk=int(attention_chunk), mask_mod=mask_mod,
+    )  # fmt: skip
     V.check_block_mask(block_mask, batch, nheads, seqlen_q, seqlen_k, q, return_probs)
     if out is None:
         out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=out_dtype(q))

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import torch
 
 from fa_core import validation as V
+from fa_core.block_sparse import as_block_mask
 from fa_core.forward import new_rng_state
 
 __all__ = [
@@ -202,6 +203,16 @@ def prepare(
     q, k, v = unpack(a, b, c, pack, varlen)
     q, k, v = V.contig_last(q), V.contig_last(k), V.contig_last(v)
     left, right = V.window_pair(window_size)
+    given_mask = None if mods is None or varlen else mods[3]
+    if mods is not None and given_mask is not None and isinstance(q, torch.Tensor) and q.dim() == 4:
+        # PyTorch's FlexAttention BlockMask -> ours, once, before the checks (the autograd layer saves this
+        # converted mask in the spec, so the backward reads the same one)
+        block_mask = as_block_mask(
+            given_mask, q.shape[0], q.shape[2], q.shape[1], k.shape[1], causal=bool(causal),
+            window_size=(left, right), attention_chunk=int(attention_chunk), mask_mod=mods[2],
+        )  # fmt: skip
+        if block_mask is not given_mask:
+            mods = (*mods[:3], block_mask)
     if varlen:
         # HF transformers passes max_seqlen as a 0-dim tensor (cu_seqlens.diff().max()): one host sync, as in
         # flash-attn, where the C++ binding converts it too
