@@ -36,7 +36,7 @@ import triton
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 except ImportError:  # older torch
-    SDPBackend = sdpa_kernel = None
+    SDPBackend = sdpa_kernel = None  # type: ignore[misc,assignment]
 
 import fa_core
 from fa_core import gluon as fg
@@ -211,8 +211,8 @@ def _bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=80)
 
 
-def providers(q, k, v, causal, autotune: bool, kinds):
-    out = {}
+def providers(q, k, v, causal, autotune: bool, kinds) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for kind in kinds:
         if q.shape[-1] in fg.head_dims(kind):
             out[f"gluon-{kind}"] = lambda kind=kind: fg.forward(q, k, v, causal=causal, kind=kind)
@@ -310,7 +310,7 @@ def features_speed(deadline: float, sink, windows: bool = True, varlen: bool = T
             ("gluon", lambda q=q, k=k, v=v, kw=kw: fg.forward(q, k, v, **kw)),
             ("fa-plus", fa_plus),
         ):
-            row = dict(provider=name, headdim=d, causal=causal, seqlen=s, batch=b, nheads=h, window_size=window,
+            row: dict[str, Any] = dict(provider=name, headdim=d, causal=causal, seqlen=s, batch=b, nheads=h, window_size=window,
                        softcap=softcap)  # fmt: skip
             if time.time() > deadline:
                 row.update(tflops=None, error="skipped: time budget")
@@ -334,7 +334,7 @@ def features_speed(deadline: float, sink, windows: bool = True, varlen: bool = T
             [0] + [sum(lens[: i + 1]) for i in range(len(lens))], dtype=torch.int32, device="cuda"
         )
         q, k, v = (torch.randn(int(cu[-1]), h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        flops = sum(4 * h * n * n * d / (2 if causal else 1) for n in lens)
+        varlen_flops = sum((4.0 * h * n * n * d / (2 if causal else 1) for n in lens), 0.0)
         mx = max(lens)
 
         def fa_plus_varlen(q=q, k=k, v=v, cu=cu, mx=mx, causal=causal):
@@ -351,7 +351,7 @@ def features_speed(deadline: float, sink, windows: bool = True, varlen: bool = T
             else:
                 try:
                     ms = _bench(fn)
-                    row.update(ms=ms, tflops=flops / ms / 1e9)
+                    row.update(ms=ms, tflops=varlen_flops / ms / 1e9)
                 except Exception as exc:
                     row.update(tflops=None, error=f"{type(exc).__name__}: {exc}"[:500])
             rows.append(row)
@@ -483,7 +483,7 @@ def main() -> None:
         triton=triton.__version__,
         gluon_available=fg.available(),
         default_kinds={
-            f"d{d}-{'causal' if c else 'full'}-s{n}": fg.default_kind(d, c, n)
+            f"d{d}-{'causal' if c else 'full'}-s{n}": fg.default_kind(d, bool(c), n)
             for d in (64, 128)
             for c in (0, 1)
             for n in (2048, 16384)
