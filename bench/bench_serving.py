@@ -703,7 +703,9 @@ def main() -> None:
                 else "All rows timed in CUDA graphs."
             ]
             extra += [
-                f"- {r['bench']} {r['provider']} page {r['page']}: {r['note']}"
+                f"- {r['bench']} {r['provider']} "
+                + ", ".join(f"{k} {r[k]}" for k in ("batch", "prefix", "context", "page") if k in r)
+                + f": {r['note']}"
                 for r in all_rows
                 if r.get("note")
             ]
