@@ -236,3 +236,92 @@ def test_s_dmask_garbage_lengths_stay_in_bounds():
         )
         assert S.shape == (3, 2, 128, 128) and torch.isfinite(S).all()
         assert (S[:, :, 8:] == 0).all() and (S[:, :, :, 12:] == 0).all()
+
+
+# ------------------------------------------------------------------------- the public API returns this form
+def _recover_and_check(S, out, q, k, v, p, causal):
+    """flash-attn's test logic on a public call's ``S_dmask`` (dense ``(b, s, h, d)`` q/k/v): the recovered
+    probabilities match the reference (2x rule), the dropout fraction is near ``p`` and the output rebuilt from
+    the recovered probabilities and the sign mask is the call's output."""
+    batch, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    assert S.shape == (batch, h, 128 * math.ceil(sq / 128), 128 * math.ceil(sk / 128)) and S.dtype == q.dtype
+    scale = 1.0 / math.sqrt(d)
+    scores, visible = _scores(q, k, scale, causal, (-1, -1), None)
+    S_conv = convert_flash_attn_S_to_softmax(S, sq, sk, visible)
+    keep = S_conv >= 0
+    attn = normalize_flash_attn_S(S_conv.abs(), scores, get_block_size_n(q.device, d, p > 0, causal))
+    s64, _ = _scores(q.double(), k.double(), scale, causal, (-1, -1), None)
+    attn_ref = torch.softmax(s64.double(), dim=-1).nan_to_num(0.0)
+    attn_pt = torch.softmax(scores.to(q.dtype).float(), dim=-1).to(q.dtype).double().nan_to_num(0.0)
+    err_pt = (attn_pt - attn_ref).abs().max().item()
+    assert (attn.double() - attn_ref).abs().max().item() <= 2 * err_pt + 1e-4
+    if p > 0:
+        assert abs(dropout_fraction(keep, visible) - p) <= 0.05
+    v_rep = v.double().repeat_interleave(h // hk, dim=2)
+    rebuilt = torch.einsum("bhts,bshd->bthd", attn.double() * keep / (1 - p), v_rep)
+    out_ref = torch.einsum("bhts,bshd->bthd", attn_ref * keep / (1 - p), v_rep)
+    err_out = (out.double() - out_ref).abs().max().item()
+    assert err_out <= 5e-3 and (rebuilt - out_ref).abs().max().item() <= 2 * err_out + 2e-3
+    assert (S[:, :, sq:] == 0).all() and (S[:, :, :, sk:] == 0).all()
+
+
+def _dense(batch, sq, sk, h, hk, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(
+        torch.randn(batch, s, n, d, generator=g).to(DTYPE).to(DEVICE)
+        for s, n in ((sq, h), (sk, hk), (sk, hk))
+    )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_call_path_returns_flash_attn_form(causal):
+    """fa_core.ops.attention (the one call path behind every public function): S_dmask in flash-attn's form."""
+    from fa_core import ops
+
+    p = 0.2
+    q, k, v = _dense(2, 40, 150, 2, 1, 64, seed=11 + causal)
+    out, lse, S = ops.attention(
+        q, k, v, autograd=None, dropout_p=p, causal=causal, return_softmax=True
+    )  # fmt: skip
+    _recover_and_check(S, out, q, k, v, p, causal)
+
+
+def test_flash_attn_public_functions_return_flash_attn_form():
+    """flash_attn's public functions (dense, packed, varlen) and low-level forwards give flash-attn's S_dmask;
+    the low-level ones equal flash_attn_s_dmask of their rng_state exactly."""
+    fai = pytest.importorskip("flash_attn.flash_attn_interface")
+    p = 0.25
+    q, k, v = _dense(1, 33, 140, 2, 2, 64, seed=21)
+    out, _, S = fai.flash_attn_func(q, k, v, dropout_p=p, causal=True, return_attn_probs=True)
+    _recover_and_check(S, out, q, k, v, p, True)
+    qkv = torch.stack(_dense(1, 70, 70, 2, 2, 64, seed=22), dim=2)
+    out, _, S = fai.flash_attn_qkvpacked_func(qkv, dropout_p=p, return_attn_probs=True)
+    _recover_and_check(S, out, qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], p, False)
+    # varlen: each sequence's block of S_dmask is its dense S_dmask
+    lens_q, lens_k = [7, 30], [90, 41]
+    parts = [_dense(1, lq, lk, 2, 1, 64, seed=30 + i) for i, (lq, lk) in enumerate(zip(lens_q, lens_k))]
+    qv, kv, vv = (torch.cat([t[j][0] for t in parts]) for j in range(3))
+    cu_q = torch.tensor([0, 7, 37], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 90, 131], dtype=torch.int32, device=DEVICE)
+    out, _, S = fai.flash_attn_varlen_func(
+        qv, kv, vv, cu_q, cu_k, 30, 90, dropout_p=p, return_attn_probs=True
+    )
+    assert S.shape == (2, 2, 128, 128)
+    for b, (qb, kb, vb) in enumerate(parts):
+        out_b = out[int(cu_q[b]) : int(cu_q[b + 1])][None]
+        _recover_and_check(S[b : b + 1, :, :, :], out_b, qb, kb, vb, p, False)
+    # low level: exactly flash_attn_s_dmask of the returned rng_state (dropout and no dropout)
+    for drop in (0.0, p):
+        out, lse, S, rng = fai._flash_attn_forward(q, k, v, drop, None, True, -1, -1, 0.0, None, True)
+        want = flash_attn_s_dmask(q, k, dropout_p=drop, rng_state=rng, causal=True)
+        torch.testing.assert_close(S, want, rtol=0, atol=0)
+        out, lse, S, rng = fai._flash_attn_varlen_forward(
+            qv, kv, vv, cu_q, cu_k, 30, 90, drop, None, False, return_softmax=True
+        )
+        want = flash_attn_s_dmask(
+            qv, kv, dropout_p=drop, rng_state=rng, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=30,
+            max_seqlen_k=90,
+        )  # fmt: skip
+        torch.testing.assert_close(S, want, rtol=0, atol=0)
+    assert fai._get_block_size_n(q.device, 64, True, False) == get_block_size_n(q.device, 64, True, False)

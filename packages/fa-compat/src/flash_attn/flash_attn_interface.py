@@ -10,8 +10,11 @@ Differences from flash-attn (all supersets, none changes a result flash-attn wou
 * head dims 1..256 without padding, v's head dim may differ from q's; fp32 also accepted on CPU (interpreter).
 * ``window_size``: any pair of ints (tuple, list, tensor or numpy array of two ints); floats and bools raise
   ``TypeError``.
-* ``S_dmask`` (``return_attn_probs=True`` with dropout) holds the normalized probabilities, dropped entries
-  negated (flash-attn: block-scaled unnormalized values, documented as "might not have the right scaling").
+* ``S_dmask`` (``return_attn_probs=True`` with dropout, ``return_softmax``) is flash-attn's form: per key block
+  of ``_get_block_size_n`` columns the unnormalized ``exp(s - running max)``, dropped entries negated, zero
+  padded to ``(b, h, round128(sq), round128(sk))`` (:func:`fa_core.probs_kernel.flash_attn_s_dmask`, from the
+  forward's ``rng_state``), so flash-attn's ``normalize_flash_attn_S`` recovers the probabilities. With a
+  ``learnable_sink`` (no flash-attn form) it holds the normalized probabilities, the sink's share included.
 * ``softmax_lse`` (``return_attn_probs=True``) is differentiable (flash-attn ignores its gradient).
 * ``deterministic`` is accepted and passed on, but the backward is always deterministic (no atomics).
 * softcap and dropout may be combined; ``_flash_attn_forward(return_softmax=True)`` works without dropout.
@@ -40,7 +43,6 @@ import torch
 
 from fa_core import ops
 from fa_core import validation as V
-from fa_core.errors import FlashAttnValueError
 from fa_core.ops import KV, QKV
 from fa_core.ops import round_multiple as round_multiple
 from flash_attn import _extras, _kvcache
@@ -80,38 +82,12 @@ USE_TRITON_ROCM = False
 
 
 def _get_block_size_n(device, head_dim: int, is_dropout: bool, is_causal: bool) -> int:
-    """flash-attn's key-block width for ``head_dim`` on ``device`` (what its ``S_dmask`` columns are grouped
-    by): :func:`fa_core.probs_kernel.get_block_size_n` when fa-core has it, else flash-attn 2.8's rule."""
-    try:
-        from fa_core.probs_kernel import get_block_size_n
-    except ImportError:
-        return _block_size_n_rule(device, head_dim, is_dropout, is_causal)
+    """flash-attn's key-block width for ``head_dim`` on ``device``: the block ``S_dmask``'s columns are
+    scaled by (:func:`fa_core.probs_kernel.get_block_size_n`, flash-attn 2.8's rule; imported at the first
+    call, so ``import flash_attn`` imports no Triton)."""
+    from fa_core.probs_kernel import get_block_size_n
+
     return get_block_size_n(device, head_dim, is_dropout, is_causal)
-
-
-def _block_size_n_rule(device, head_dim: int, is_dropout: bool, is_causal: bool) -> int:
-    """flash-attn 2.8's ``_get_block_size_n``: the CUDA kernels' block N per head dim and architecture (sm86 /
-    sm89 differ from sm80 / sm90 at head dims 97..160). A non-CUDA device counts as sm80."""
-    if head_dim > 256:
-        raise FlashAttnValueError(f"head_dim must be <= 256, got {head_dim}")
-    major, minor = (8, 0)
-    dev = torch.device(device) if not isinstance(device, torch.device) else device
-    if dev.type == "cuda" and torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability(dev)
-    is_sm8x = major == 8 and minor > 0
-    if head_dim <= 32:
-        return 128
-    if head_dim <= 64:
-        return 64 if is_dropout else 128
-    if head_dim <= 96:
-        return 64
-    if head_dim <= 128:
-        if is_sm8x:
-            return 64 if (not is_dropout and is_causal) else 32
-        return 32 if is_dropout else 64
-    if head_dim <= 160:
-        return 64 if is_sm8x else 32
-    return 64
 
 
 # ---------------------------------------------------------------------------------------- the one path

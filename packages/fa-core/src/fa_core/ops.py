@@ -239,22 +239,39 @@ _LAUNCH: dict[str, Callable[..., Any]] = {}
 def _launchers() -> dict[str, Callable[..., Any]]:
     if not _LAUNCH:
         from fa_core.forward_launch import launch_forward, launch_probs
+        from fa_core.probs_kernel import flash_attn_s_dmask
 
-        _LAUNCH.update(forward=launch_forward, probs=launch_probs)
+        _LAUNCH.update(forward=launch_forward, probs=launch_probs, s_dmask=flash_attn_s_dmask)
     return _LAUNCH
 
 
 def _dmask(
     want: bool, probs: Tensor | None, batch: int, nheads: int, sq: int, sk: int, like: Tensor
 ) -> Tensor:
-    """flash-attn's ``S_dmask`` layout: ``(b, h, round128(sq), round128(sk))`` in q's dtype, or ``(0,)``.
-    Entries: the probabilities (normalized, unlike flash-attn's block-scaled ones), dropped entries negated."""
+    """The ``S_dmask`` of a call with a learnable sink or programmable mods (which flash-attn's form does not
+    describe): flash-attn's layout ``(b, h, round128(sq), round128(sk))`` in q's dtype (or ``(0,)``) holding
+    the normalized probabilities (the sink's share included), dropped entries negated."""
     if not want:
         return like.new_empty((0,))
     s = like.new_zeros(dmask_shape(batch, nheads, sq, sk))
     if probs is not None:  # None: empty problem, the kernel did not run
         s[:, :, : probs.shape[2], : probs.shape[3]] = probs.to(like.dtype)
     return s
+
+
+def _flash_attn_dmask(launch, q, k, alibi, cu_q, cu_k, seqused_k, spec: Spec, rng_state: Tensor) -> Tensor:
+    """flash-attn's ``S_dmask`` (:func:`fa_core.probs_kernel.flash_attn_s_dmask`): ``(b, h, round128(sq),
+    round128(sk))`` in q's dtype, per key block of ``_get_block_size_n`` columns ``exp(s - running max)``
+    (unnormalized), dropped entries negated, zero outside the sequences; the dropout mask regenerated from
+    the forward's ``rng_state``."""
+    varlen = spec.varlen
+    return launch["s_dmask"](
+        q, k, dropout_p=spec.dropout_p, rng_state=rng_state, softmax_scale=spec.softmax_scale,
+        causal=spec.causal, window_size=(spec.window_left, spec.window_right), softcap=spec.softcap,
+        alibi_slopes=alibi, cu_seqlens_q=cu_q if varlen else None, cu_seqlens_k=cu_k if varlen else None,
+        max_seqlen_q=spec.max_seqlen_q if varlen else None, max_seqlen_k=spec.max_seqlen_k if varlen else None,
+        seqused_k=seqused_k if varlen else None, attention_chunk=spec.attention_chunk,
+    )  # fmt: skip
 
 
 def forward_eager(
@@ -269,10 +286,18 @@ def forward_eager(
     spec: Spec,
     leftpad_k: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Launch the forward on checked inputs: ``(out, lse, S_dmask, rng_state)`` (flash-attn's layouts)."""
+    """Launch the forward on checked inputs: ``(out, lse, S_dmask, rng_state)`` (flash-attn's layouts).
+
+    ``S_dmask`` (``spec.return_softmax``) is flash-attn's block-scaled unnormalized form
+    (:func:`_flash_attn_dmask`, computed after the forward from its ``rng_state``); with a learnable sink or
+    programmable mods, which that form does not describe, the normalized probabilities (:func:`_dmask`);
+    with ``leftpad_k`` it raises."""
+    if leftpad_k is not None and spec.return_softmax:
+        raise V.FlashAttnValueError("return_softmax (S_dmask) is not supported with leftpad_k")
     launch = _launchers()
     varlen = spec.varlen
-    want = spec.return_softmax
+    flash_form = spec.return_softmax and sink is None and spec.mods is None
+    want = spec.return_softmax and not flash_form  # the normalized probabilities, from the probs kernel
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     if varlen:
         batch, nheads, max_q, max_k = cu_q.shape[0] - 1, q.shape[1], spec.max_seqlen_q, spec.max_seqlen_k  # type: ignore[union-attr]
@@ -300,6 +325,9 @@ def forward_eager(
         )  # fmt: skip
         if want:
             probs = launch["probs"](q, k, lse, window=window, **kw)
+    if flash_form:
+        s_dmask = _flash_attn_dmask(launch, q, k, alibi, cu_q, cu_k, seqused_k, spec, rng_state)
+        return out, lse, s_dmask, rng_state
     return out, lse, _dmask(want, probs, batch, nheads, max_q, max_k, q), rng_state
 
 
