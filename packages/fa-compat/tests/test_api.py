@@ -193,6 +193,118 @@ def test_varlen_block_table_matches_contiguous():
     torch.testing.assert_close(low[0], out, rtol=0, atol=0)
 
 
+def _paged(lens, page, h, d, n_blocks, seed, leftpad=None):
+    """A paged cache with a shuffled block table and the packed keys it holds per sequence (from
+    ``leftpad[b]`` on, flash-attn's rule): ``(k_cache, v_cache, block_table, k, v)``."""
+    torch.manual_seed(seed)
+    k_cache, v_cache = rand(n_blocks, page, h, d), rand(n_blocks, page, h, d)
+    cols = max(-(-n // page) for n in lens)
+    block_table = torch.randperm(n_blocks)[: len(lens) * cols].reshape(len(lens), cols).to(torch.int32)
+    block_table = block_table.to(DEVICE)
+    ks, vs = [], []
+    for b, n in enumerate(lens):
+        start = 0 if leftpad is None else leftpad[b]
+        ks.append(torch.cat([k_cache[int(i)] for i in block_table[b]])[start:n])
+        vs.append(torch.cat([v_cache[int(i)] for i in block_table[b]])[start:n])
+    return k_cache, v_cache, block_table, torch.cat(ks), torch.cat(vs)
+
+
+def test_varlen_paged_read_in_kernel(monkeypatch):
+    """Page size 16 without a gradient: the pages are read in the kernel (no gathered copy), through the
+    public function, the low-level forward (with seqused_k, and leftpad_k with a block table) and
+    FlashAttnVarlenFunc.apply."""
+    import flash_attn._lowlevel as low
+    import flash_attn.flash_attn_interface as fai
+
+    def no_gather(*args, **kwargs):
+        raise AssertionError("the pages were gathered")
+
+    monkeypatch.setattr(low, "_gather_pages", no_gather)
+    monkeypatch.setattr(fai, "_gather_pages", no_gather)
+    lens, lq, h, hk, d = [5, 40, 17], [3, 9, 1], 2, 1, 16
+    k_cache, v_cache, table, k, v = _paged(lens, 16, hk, d, 12, seed=41)
+    q, cu_q, cu_k = rand(sum(lq), h, d), cu_seqlens(lq), cu_seqlens(lens)
+    out, lse, s_dmask = flash_attn_varlen_func(
+        q, k_cache, v_cache, cu_q, cu_k, max(lq), max(lens), causal=True, block_table=table,
+        return_attn_probs=True,
+    )  # fmt: skip
+    _check(out, lse, q, k, v, varlen=(cu_q, cu_k), causal=True)
+    assert s_dmask.shape == (0,)
+    view = fai.FlashAttnVarlenFunc.apply(
+        q, k_cache, v_cache, cu_q, cu_k, max(lq), max(lens), 0.0, None, True, (-1, -1), 0.0, None, False,
+        False, table, False,
+    )  # fmt: skip
+    torch.testing.assert_close(view, out, rtol=0, atol=0)
+    # seqused_k shorter than cu_seqlens_k's lengths, and leftpad_k inside the pages
+    used, pad = [4, 33, 17], [1, 5, 0]
+    _, _, _, k_used, v_used = _paged(lens, 16, hk, d, 12, seed=41, leftpad=pad)
+    seqused = torch.tensor(used, dtype=torch.int32, device=DEVICE)
+    leftpad = torch.tensor(pad, dtype=torch.int32, device=DEVICE)
+    out, lse, _, _ = _flash_attn_varlen_forward(
+        q, k_cache, v_cache, cu_q, cu_k, max(lq), max(lens), 0.0, None, False, block_table=table,
+        seqused_k=seqused, leftpad_k=leftpad,
+    )  # fmt: skip
+    ks, vs, off = [], [], 0
+    for b, n in enumerate(lens):  # keys leftpad[b] .. used[b] of each sequence
+        ks.append(k_used[off : off + used[b] - pad[b]])
+        vs.append(v_used[off : off + used[b] - pad[b]])
+        off += n - pad[b]
+    cu_used = cu_seqlens([u - p for u, p in zip(used, pad)])
+    _check(out, lse, q, torch.cat(ks), torch.cat(vs), varlen=(cu_q, cu_used))
+
+
+def test_varlen_leftpad_k_is_checked_and_read_in_kernel():
+    """_flash_attn_varlen_forward(leftpad_k=) on packed keys: validated (errors name leftpad_k), and equal to
+    the reference on the keys after the padding."""
+    from fa_core.errors import FlashAttnValueError
+
+    torch.manual_seed(43)
+    lens, lq, h, d = [9, 20], [4, 6], 2, 16
+    k, v, q = rand(sum(lens), 1, d), rand(sum(lens), 1, d), rand(sum(lq), h, d)
+    cu_q, cu_k = cu_seqlens(lq), cu_seqlens(lens)
+    pad = [3, 0]
+    leftpad = torch.tensor(pad, dtype=torch.int32, device=DEVICE)
+    out, lse, _, _ = _flash_attn_varlen_forward(
+        q, k, v, cu_q, cu_k, max(lq), max(lens), 0.0, None, True, leftpad_k=leftpad
+    )
+    keep = torch.cat([torch.arange(int(cu_k[b]) + pad[b], int(cu_k[b + 1])) for b in range(2)]).to(DEVICE)
+    cu_eq = cu_seqlens([n - p for n, p in zip(lens, pad)])
+    _check(out, lse, q, k[keep], v[keep], varlen=(cu_q, cu_eq), causal=True)
+    with pytest.raises(FlashAttnValueError, match="leftpad_k"):
+        _flash_attn_varlen_forward(
+            q, k, v, cu_q, cu_k, max(lq), max(lens), 0.0, None, False,
+            leftpad_k=torch.tensor([10, 0], dtype=torch.int32, device=DEVICE),
+        )  # fmt: skip
+    with pytest.raises(FlashAttnValueError, match="leftpad_k"):
+        _flash_attn_varlen_forward(
+            q, k, v, cu_q, cu_k, max(lq), max(lens), 0.0, None, False, return_softmax=True, leftpad_k=leftpad
+        )
+
+
+@needs_backward
+def test_varlen_paged_with_grad_gathers():
+    """A gradient through paged keys (beyond flash-attn, whose paged varlen is forward-only): the pages are
+    gathered into a differentiable copy; the cache gets the gradient of the keys it holds."""
+    lens, lq, h, d = [5, 30], [4, 7], 2, 16
+    k_cache, v_cache, table, k, v = _paged(lens, 16, 1, d, 6, seed=45)
+    q, cu_q, cu_k = rand(sum(lq), h, d), cu_seqlens(lq), cu_seqlens(lens)
+    kc, vc, qg = (t.clone().requires_grad_() for t in (k_cache, v_cache, q))
+    out = flash_attn_varlen_func(qg, kc, vc, cu_q, cu_k, max(lq), max(lens), block_table=table)
+    _check(out, None, q, k, v, varlen=(cu_q, cu_k))
+    dout = torch.randn_like(out)
+    dq, dkc, dvc = torch.autograd.grad(out, (qg, kc, vc), dout)
+    kr, vr, qr = (t.detach().clone().requires_grad_() for t in (k, v, q))
+    want = torch.autograd.grad(
+        flash_attn_varlen_func(qr, kr, vr, cu_q, cu_k, max(lq), max(lens)), (qr, kr, vr), dout
+    )
+    torch.testing.assert_close(dq, want[0], atol=ATOL, rtol=1e-3)
+    for b, n in enumerate(lens):  # the cache rows sequence b reads hold its key gradients
+        rows = torch.cat([dkc[int(i)] for i in table[b]])[:n]
+        torch.testing.assert_close(rows, want[1][int(cu_k[b]) : int(cu_k[b + 1])], atol=ATOL, rtol=1e-3)
+        rows = torch.cat([dvc[int(i)] for i in table[b]])[:n]
+        torch.testing.assert_close(rows, want[2][int(cu_k[b]) : int(cu_k[b + 1])], atol=ATOL, rtol=1e-3)
+
+
 # ------------------------------------------------------------------------------------------- low level
 def test_low_level_forward_shapes_and_values():
     torch.manual_seed(6)

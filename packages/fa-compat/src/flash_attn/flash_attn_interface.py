@@ -18,7 +18,11 @@ Differences from flash-attn (all supersets, none changes a result flash-attn wou
 * ``softmax_lse`` (``return_attn_probs=True``) is differentiable (flash-attn ignores its gradient).
 * ``deterministic`` is accepted and passed on, but the backward is always deterministic (no atomics).
 * softcap and dropout may be combined; ``_flash_attn_forward(return_softmax=True)`` works without dropout.
-* varlen ``block_table`` (paged keys) gathers the pages into a padded copy of K/V (as flash-attn, forward).
+* varlen ``block_table`` (paged keys): any power-of-two page size >= 16 is read in the kernel through the
+  table (flash-attn: multiples of 256), forward only as in flash-attn; where a gradient is wanted, under
+  ``torch.compile``, with ``S_dmask`` or with other page sizes the pages are gathered into a padded copy
+  (differentiable). ``_flash_attn_varlen_forward``'s ``leftpad_k`` is read in the kernel too, and combines
+  with a ``block_table`` (flash-attn refuses the pair).
 * keyword-only extras of newer flash-attn interfaces, after every 2.8 parameter: ``attention_chunk`` (FA3) in
   ``flash_attn_func`` / ``flash_attn_varlen_func`` / ``flash_attn_with_kvcache``, ``learnable_sink`` (FA4)
   in the same three; at their defaults nothing changes. Both compile with ``fullgraph=True``.
@@ -53,7 +57,7 @@ from flash_attn._lowlevel import _flash_attn_backward as _flash_attn_backward
 from flash_attn._lowlevel import _flash_attn_forward as _flash_attn_forward
 from flash_attn._lowlevel import _flash_attn_varlen_backward as _flash_attn_varlen_backward
 from flash_attn._lowlevel import _flash_attn_varlen_forward as _flash_attn_varlen_forward
-from flash_attn._lowlevel import _gather_pages
+from flash_attn._lowlevel import _gather_pages, in_kernel, paged_varlen_forward
 
 __all__ = [
     "FlashAttnFunc",
@@ -273,6 +277,15 @@ def flash_attn_varlen_func(
     """
     seqused_k = None
     if block_table is not None:
+        want_s_dmask = bool(return_attn_probs) and dropout_p > 0
+        if in_kernel(q, k, block_table, want_s_dmask, v, learnable_sink):  # forward only, pages read in place
+            out, lse, s_dmask, _ = paged_varlen_forward(
+                q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
+                softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+                alibi_slopes=alibi_slopes, block_table=block_table, attention_chunk=attention_chunk,
+                learnable_sink=learnable_sink,
+            )  # fmt: skip
+            return _result((out, lse, s_dmask), return_attn_probs)
         V.check_tensor("k", k, 4)
         V.check_tensor("cu_seqlens_k", cu_seqlens_k, 1)
         _check_block_table(block_table, k, cu_seqlens_k)
