@@ -503,6 +503,32 @@ def test_flash_attn_with_kvcache(paged):
     _check(out2, None, q, k_full, v_full)
 
 
+@needs_kvcache
+def test_flash_attn_with_kvcache_cache_leftpad():
+    """cache_leftpad reaches fa-kvcache on the eager path: sequence b's keys are cache rows
+    ``[cache_leftpad[b], cache_seqlens[b])``, checked against the reference on those rows."""
+    torch.manual_seed(17)
+    b, sq, h, hk, d, cap = 2, 2, 2, 1, 16, 40
+    lens, pad = [25, 37], [6, 0]
+    k_cache, v_cache, q = rand(b, cap, hk, d), rand(b, cap, hk, d), rand(b, sq, h, d)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    leftpad = torch.tensor(pad, dtype=torch.int32, device=DEVICE)
+    out, lse = flash_attn_with_kvcache(
+        q,
+        k_cache,
+        v_cache,
+        cache_seqlens=seqlens,
+        cache_leftpad=leftpad,
+        causal=True,
+        return_softmax_lse=True,
+    )
+    for i in range(b):
+        k_ref, v_ref = k_cache[i : i + 1, pad[i] : lens[i]], v_cache[i : i + 1, pad[i] : lens[i]]
+        _check(out[i : i + 1], lse[i : i + 1], q[i : i + 1], k_ref, v_ref, causal=True)
+    plain = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, causal=True)
+    assert not torch.allclose(plain[0], out[0])  # the padding changes sequence 0
+
+
 # ------------------------------------------------------------------------------ flash-attn interface details
 @pytest.mark.parametrize(
     "window",
