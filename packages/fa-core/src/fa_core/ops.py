@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from fa_core import settings
 from fa_core import validation as V
 from fa_core.block_sparse import as_block_mask
 from fa_core.forward import new_rng_state
@@ -274,6 +275,51 @@ def _flash_attn_dmask(launch, q, k, alibi, cu_q, cu_k, seqused_k, spec: Spec, rn
     )  # fmt: skip
 
 
+def _gluon_forward(q, k, v, out, cu_q, cu_k, seqused_k, leftpad_k, sink, alibi, spec: Spec) -> Tensor | None:
+    """Run the Hopper (Gluon) forward into ``out`` when it covers the call and return its lse; else None.
+
+    It covers bf16 / fp16, head dims 64 and 128, dense and varlen, causal, windows, softcap and GQA on sm_90
+    with Triton 3.6 (:func:`fa_core.gluon.supports`); dropout, ALiBi, sinks, chunks, mods, ``seqused_k`` and
+    ``leftpad_k`` stay on the Triton kernels. Measured against them and cuDNN:
+    ``bench/results/h100-gluon-forward.json``."""
+    if (
+        not q.is_cuda
+        or spec.dropout_p > 0
+        or alibi is not None
+        or sink is not None
+        or spec.mods is not None
+        or spec.attention_chunk
+        or seqused_k is not None
+        or leftpad_k is not None
+        or not settings.get().gluon
+    ):
+        return None
+    from fa_core import gluon
+
+    window = (spec.window_left, spec.window_right)
+    kw: dict[str, Any] = dict(
+        causal=spec.causal, window_size=window, softcap=spec.softcap, softmax_scale=spec.softmax_scale
+    )
+    if spec.varlen:
+        max_q, max_k = spec.max_seqlen_q, spec.max_seqlen_k
+        if not gluon.supports(
+            q,
+            k,
+            v,
+            cu_seqlens_q=cu_q,
+            cu_seqlens_k=cu_k,
+            max_seqlen_q=max_q,
+            max_seqlen_k=max_k,
+            out=out,
+            **kw,
+        ):
+            return None
+        return gluon.forward_varlen(q, k, v, cu_q, cu_k, max_q, max_k, out=out, **kw)[1]
+    if not gluon.supports(q, k, v, out=out, **kw):
+        return None
+    return gluon.forward(q, k, v, out=out, **kw)[1]
+
+
 def forward_eager(
     q: Tensor,
     k: Tensor,
@@ -319,6 +365,13 @@ def forward_eager(
             attention_chunk=spec.attention_chunk, learnable_sink=sink, score_mod=mods[0], mask_mod=mods[2],
         )  # fmt: skip
         extra = {} if leftpad_k is None else {"leftpad_k": leftpad_k}
+        g_lse = (
+            None
+            if want
+            else _gluon_forward(q, k, v, out, cu_q, cu_k, seqused_k, leftpad_k, sink, alibi, spec)
+        )
+        if g_lse is not None:
+            return out, g_lse, _dmask(False, None, batch, nheads, max_q, max_k, q), rng_state
         window = launch["forward"](
             q, k, v, out, lse, causal=spec.causal, window_size=(spec.window_left, spec.window_right),
             block_mask=mods[3], **kw, **extra,

@@ -16,6 +16,8 @@ environment variable               field (default)                 effect
 ``FA_PLUS_SKIP_VALUE_CHECKS``      ``value_checks`` (``True``)     ``1``: skip checks that read tensor values
                                                                    on the host (a device sync); kernels still
                                                                    clamp every index they read
+``FA_PLUS_GLUON``                  ``gluon`` (``True``)            ``0``: never take the Gluon (Hopper) forward;
+                                                                   the Triton kernels run every call
 ``FA_BACKEND``                     ``backend`` (``""``)            ``flaggems``: the dense forward runs on
                                                                    FlagGems where it covers the call
 ``FA_PLUS_SILENCE_CONFLICT``       ``silence_conflict``            ``1``: no warning when the CUDA flash-attn is
@@ -55,6 +57,7 @@ class Settings:
     tma: bool = True
     fast_launch: bool = True
     value_checks: bool = True
+    gluon: bool = True
     backend: str = ""
     silence_conflict: bool = False
 
@@ -65,6 +68,7 @@ class Settings:
             tma=_flag("FA_PLUS_TMA", True),
             fast_launch=_flag("FA_PLUS_FAST_LAUNCH", True),
             value_checks=not _flag("FA_PLUS_SKIP_VALUE_CHECKS", False),
+            gluon=_flag("FA_PLUS_GLUON", True),
             backend=os.environ.get("FA_BACKEND", "").strip().lower(),
             silence_conflict=_flag("FA_PLUS_SILENCE_CONFLICT", False),
         )

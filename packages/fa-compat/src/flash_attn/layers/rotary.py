@@ -289,16 +289,16 @@ class ApplyRotaryEmbQKV_(torch.autograd.Function):
         else:
             cos, sin, cos_k, sin_k = ctx.saved_tensors
             seqlen_offsets = ctx.seqlen_offsets
-        # Rotate a private copy in place: the incoming grad may be caller-owned or expanded (stride 0).
-        dqkv = dqkv.clone(memory_format=torch.contiguous_format)
+        # Out of place: the incoming grad may be caller-owned or expanded (stride 0), and a functional backward
+        # keeps inductor's graph free of mutations of the tangents
         dqkv = _apply_rotary_emb_qkv(
-            dqkv,
+            dqkv.contiguous(),
             cos,
             sin,
             cos_k,
             sin_k,
             interleaved=ctx.interleaved,
-            inplace=True,
+            inplace=False,
             seqlen_offsets=seqlen_offsets,
             num_heads_q=ctx.num_heads_q,
             conjugate=True,
@@ -383,17 +383,18 @@ class ApplyRotaryEmbKV_(torch.autograd.Function):
         else:
             cos, sin = ctx.saved_tensors
             seqlen_offsets = ctx.seqlen_offsets
-        dkv = dkv.clone(memory_format=torch.contiguous_format)  # never write into the caller's grad
-        apply_rotary(
+        # out of place (never write into the caller's grad; no mutation in a compiled backward)
+        dkv = dkv.contiguous()
+        dk = apply_rotary(
             dkv[:, :, 0],
             cos,
             sin,
             seqlen_offsets=seqlen_offsets,
             interleaved=ctx.interleaved,
-            inplace=True,
+            inplace=False,
             conjugate=True,
         )
-        return dkv, None, None, None, None
+        return torch.stack([dk, dkv[:, :, 1]], dim=2), None, None, None, None
 
 
 def apply_rotary_emb_kv_(
