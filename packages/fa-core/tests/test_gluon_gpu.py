@@ -140,8 +140,8 @@ def test_public_forward_dispatches_to_gluon(causal, d):
     from flash_attn import flash_attn_func
 
     torch.manual_seed(3)
-    q = torch.randn(2, 1031, 8, d, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(2, 1031, 2, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    q = torch.randn(2, 8191, 16, d, device="cuda", dtype=torch.bfloat16)  # above ops.GLUON_MIN_FLOPS
+    k, v = (torch.randn(2, 8191, 4, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     out = flash_attn_func(q, k, v, causal=causal)
     g_out, _ = fg.forward(q, k, v, causal=causal)
     assert torch.equal(out, g_out)

@@ -275,6 +275,11 @@ def _flash_attn_dmask(launch, q, k, alibi, cu_q, cu_k, seqused_k, spec: Spec, rn
     )  # fmt: skip
 
 
+#: Smallest forward (FLOPs, 4 * rows_q * rows_k * nheads * headdim, twice that when causal) sent to the Gluon
+#: kernels: ~0.4 ms of tensor-core work, above their host cost per call (``bench/results/*-host.json``).
+GLUON_MIN_FLOPS = 2e11
+
+
 def _gluon_forward(q, k, v, out, cu_q, cu_k, seqused_k, leftpad_k, sink, alibi, spec: Spec) -> Tensor | None:
     """Run the Hopper (Gluon) forward into ``out`` when it covers the call and return its lse; else None.
 
@@ -293,6 +298,12 @@ def _gluon_forward(q, k, v, out, cu_q, cu_k, seqused_k, leftpad_k, sink, alibi, 
         or leftpad_k is not None
         or not settings.get().gluon
     ):
+        return None
+    # Gluon launches build host-side tensor descriptors through Triton's own launch path (~0.2 ms of host
+    # time): worth it only where the kernel runs longer than that, else the Triton kernels' cached launch wins
+    rows_k = spec.max_seqlen_k if spec.varlen else k.shape[1]
+    work = 4 * q.shape[-2] * q.shape[-1] * rows_k * (q.shape[0] if spec.varlen else q.shape[0] * q.shape[1])
+    if work < GLUON_MIN_FLOPS * (2 if spec.causal else 1):
         return None
     from fa_core import gluon
 
