@@ -20,7 +20,7 @@ from fa_core import attention_ref, attention_varlen_ref, flash_attn_forward, fla
 from fa_core.backends import flaggems as fgb
 from fa_core.backends import get_forward, get_varlen_forward, resolve_backend
 from fa_core.reference import visible_mask
-from fa_core.testing import assert_close_2x, poisoned
+from fa_core.testing import assert_close_2x, poisoned, use_settings
 
 CUDA = torch.cuda.is_available()
 _DISPATCH = "backend" in inspect.signature(fa_core.flash_attn_forward).parameters
@@ -56,7 +56,7 @@ def test_unavailable_without_gpu():
 
 
 def test_resolve_backend(monkeypatch):
-    monkeypatch.delenv("FA_BACKEND", raising=False)
+    use_settings(monkeypatch, backend="")
     assert (
         resolve_backend(None) == "triton"
         and get_forward(None) is None
@@ -65,7 +65,7 @@ def test_resolve_backend(monkeypatch):
     assert resolve_backend("FlagGems") == "flaggems"
     assert get_forward("flaggems") is fgb.flaggems_forward
     assert get_varlen_forward("flag_gems") is fgb.flaggems_varlen_forward
-    monkeypatch.setenv("FA_BACKEND", "flaggems")
+    use_settings(monkeypatch, backend="flaggems")  # FA_BACKEND=flaggems
     assert resolve_backend(None) == "flaggems" and resolve_backend("triton") == "triton"
     with pytest.raises(ValueError, match="not a known backend"):
         resolve_backend("cudnn")
