@@ -41,6 +41,8 @@ def kvcache(
     num_splits: int,
     attention_chunk: int = 0,
     learnable_sink: Tensor | None = None,
+    k_descale: Tensor | None = None,
+    v_descale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """fa-kvcache's ``flash_attn_with_kvcache`` (always returns ``(out (b, sq, h, dv), lse (b, h, sq))``).
     ``cache_seqlens`` is split in a tensor and an int argument because an op schema has no union type."""
@@ -51,7 +53,7 @@ def kvcache(
             q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_idx, cache_leftpad,
             block_table, softmax_scale, causal, (window_size_left, window_size_right), softcap,
             rotary_interleaved, alibi_slopes, num_splits, True, attention_chunk=attention_chunk,
-            learnable_sink=learnable_sink,
+            learnable_sink=learnable_sink, k_descale=k_descale, v_descale=v_descale,
         )  # fmt: skip
     return out, lse
 

@@ -325,6 +325,8 @@ def flash_attn_with_kvcache(
     *,
     attention_chunk: int = 0,
     learnable_sink: Tensor | None = None,
+    k_descale: Tensor | None = None,
+    v_descale: Tensor | None = None,
 ):
     """Attention over a KV cache, appending ``k``/``v`` into it in place first (see fa_kvcache for details).
 
@@ -335,7 +337,9 @@ def flash_attn_with_kvcache(
 
     Keyword only, beyond flash-attn 2.8: ``attention_chunk`` (FlashAttention-3's chunked attention, 0 = off)
     and ``learnable_sink`` ``(nheads,)`` (one extra softmax logit per head, as in :func:`flash_attn_func`;
-    included in ``softmax_lse``). Eager calls run fa-kvcache directly; under ``torch.compile`` the call is the
+    included in ``softmax_lse``); ``k_descale`` / ``v_descale`` ``(batch, nheads_k)`` float32 with a
+    ``float8_e4m3fn`` k_cache / v_cache (FlashAttention-3's names: real values ``k_cache * k_descale``; q, k, v
+    and out stay fp16 / bf16). Eager calls run fa-kvcache directly; under ``torch.compile`` the call is the
     ``flash_attn_plus::kvcache`` custom op.
     """
     left, right = V.window_pair(window_size)
@@ -348,6 +352,7 @@ def flash_attn_with_kvcache(
                 q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                 cache_leftpad, block_table, softmax_scale, causal, (left, right), softcap, rotary_interleaved,
                 alibi_slopes, num_splits, True, attention_chunk=attention_chunk, learnable_sink=learnable_sink,
+                k_descale=k_descale, v_descale=v_descale,
             )  # fmt: skip
         return (out, lse) if return_softmax_lse else out
     seqlens_t = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
@@ -362,7 +367,7 @@ def flash_attn_with_kvcache(
     out, lse = _kvcache.kvcache(
         q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens_t, seqlens_i, cache_batch_idx, cache_leftpad,
         maybe_contiguous(block_table), softmax_scale, causal, left, right, softcap, rotary_interleaved,
-        alibi_slopes, num_splits, attention_chunk, learnable_sink,
+        alibi_slopes, num_splits, attention_chunk, learnable_sink, k_descale, v_descale,
     )  # fmt: skip
     return (out, lse) if return_softmax_lse else out
 
