@@ -133,7 +133,8 @@ def _model(q, k, v, cu, k_cache, v_cache, k_new, v_new, cache_seqlens):
         total = total + out_kv.float().sum()
         # the rotary inside flash_attn_with_kvcache (q and the new keys rotated at the cache's positions)
         angle = torch.arange(k_cache.shape[1], device=q.device, dtype=torch.float32)[:, None] * 0.1
-        angle = angle * torch.arange(1, d // 4 + 1, device=q.device, dtype=torch.float32)  # rotary_dim = d / 2
+        # rotary_dim = d / 2
+        angle = angle * torch.arange(1, d // 4 + 1, device=q.device, dtype=torch.float32)
         out_rot = flash_attn_with_kvcache(
             q[:, -1:].detach(), k_cache, v_cache, k_new, v_new, rotary_cos=angle.cos().to(q.dtype),
             rotary_sin=angle.sin().to(q.dtype), cache_seqlens=cache_seqlens + 1, causal=True,
