@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download the wheels the GPU machine (Python 3.12, x86-64, no network) lacks into the git-ignored .whl/.
 #
-# The device tool carries .whl/ (name it in `carry`) and scripts/gpu_run.sh installs it with
+# A GPU machine without network gets .whl/ copied next to the checkout, and scripts/gpu_run.sh installs it with
 #   python3 -m pip install --no-index --no-deps --target /tmp/site .whl/*.whl
 # and appends /tmp/site to the END of PYTHONPATH, so the machine's own torch/numpy/... always win.
 #
@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
 DEST=.whl
 
-# Make sure .whl/ never travels as an untracked file (it travels through `carry`) and is never committed.
+# Make sure .whl/ is ignored by git (it is copied to the GPU machine explicitly) and is never committed.
 if ! git check-ignore -q "$DEST/probe" 2>/dev/null; then
     mkdir -p .git/info
     echo "/$DEST/" >>.git/info/exclude

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One entry point for a GPU-machine run (device tool): install the carried wheels, set PYTHONPATH, print the
+# One entry point for a run on a GPU machine: install the carried wheels, set PYTHONPATH, print the
 # environment, run the selected stages (each under its own timeout and inside one overall budget), and pack
 # everything into $OUT/results.tar.gz plus a short $OUT/summary.txt.
 #
@@ -15,7 +15,7 @@
 # A trailing @SECONDS sets that stage's timeout (e.g. tests@240, "python3 x.py@60").
 #
 # Environment: OUT (default /tmp/gpu_out), GPU_RUN_BUDGET (seconds for the whole script, default 560: the
-# device tool kills a command at 600 s), PYTEST_ARGS (extra pytest arguments), MAXFAIL (default 30).
+# runs are capped at 600 s there), PYTEST_ARGS (extra pytest arguments), MAXFAIL (default 30).
 # Exit status: 0 when every stage passed, else 1 (see summary.txt).
 set -u -o pipefail
 
@@ -36,7 +36,7 @@ say() { echo "$*" | tee -a "$SUMMARY"; }
 remaining() { echo $((BUDGET - ($(date +%s) - START))); }
 
 pack() {
-    # results + logs -> one tarball (the device tool returns at most 8 files from $OUT)
+    # results + logs -> one tarball (few files come back from $OUT)
     trap - EXIT TERM INT
     local stage_dir
     stage_dir="$(mktemp -d)"  # unique: two runners may pack at once (one per GPU)

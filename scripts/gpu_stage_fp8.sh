@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU stage (scripts/gpu_run.sh fp8@240): issue #7's FP8 forward in one call.
+# GPU stage (scripts/gpu_run.sh fp8@240): the FP8 forward's tests and benchmark in one call.
 #   1. FP8 accuracy + forward GPU tests (one tile per kernel, no autotune timing), xdist when carried;
 #   2. bench/bench_fp8.py: FP8 vs our bf16 forward at seqlen 4k/8k/16k, d128/d64, causal and not, with the
 #      ratio per point and the worst one against the 1.3x bar.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU stage: flash-attn's own tests/test_flash_attn.py (unmodified) of every ref in .upstream/ (copied there
-# by scripts/fetch_upstream_tests.sh; carry ".upstream" to the GPU machine) against our flash_attn, a seeded
+# by scripts/fetch_upstream_tests.sh; copy .upstream to the GPU machine) against our flash_attn, a seeded
 # sample of cases per test function (tests/upstream/conftest.py, docs/upstream-suite.md).
 #
 # flash_attn comes from the installed wheels of .whl/fa when present (scripts/build_gpu_wheels.sh; installed
@@ -21,7 +21,7 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 
 if ! compgen -G ".upstream/*/test_flash_attn.py" >/dev/null; then
-    echo "no .upstream/<ref>/test_flash_attn.py: run scripts/fetch_upstream_tests.sh and carry .upstream" >&2
+    echo "no .upstream/<ref>/test_flash_attn.py: run scripts/fetch_upstream_tests.sh and copy .upstream along" >&2
     exit 1
 fi
 
