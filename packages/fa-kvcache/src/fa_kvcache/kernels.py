@@ -141,7 +141,8 @@ def _attn_inner(
     MASKED: tl.constexpr,
 ):
     """Online-softmax accumulation of the keys ``[start, end)`` (``MASKED``: with the element mask, window /
-    chunk and edge checks); the call sites differ only in ``start``, ``end`` and ``MASKED``."""
+    chunk and edge checks); :func:`_attn_range` calls it for the masked edges and the unmasked middle of a key
+    range. K / V tiles are converted to q's dtype after the load (FP8 cache -> bf16 / fp16)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in tl.range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
@@ -186,6 +187,8 @@ def _attn_inner(
                 v = tl.load(v_ptrs)
             else:
                 v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEADDIM_V, other=0.0)
+        k = k.to(q.dtype)  # FP8 cache -> q's dtype; a no-op when they match
+        v = v.to(q.dtype)
         qk = tl.dot(q, k)
         s = scores_log2(
             qk, q_pos, offs_n, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, HAS_SOFTCAP, HAS_ALIBI
@@ -203,6 +206,91 @@ def _attn_inner(
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_range(
+    q,
+    k_base,
+    v_base,
+    bt_base,
+    leftpad,
+    q_pos,
+    offs_d,
+    offs_dv,
+    seqlen_q,
+    seqlen_k,
+    s_lo,
+    s_hi,
+    full_lo,
+    full_hi,
+    stride_kb,
+    stride_kn,
+    stride_vb,
+    stride_vn,
+    num_blocks,
+    sm_scale,
+    softcap,
+    alibi_slope,
+    window_left,
+    window_right,
+    attention_chunk,
+    IS_LOCAL: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr,
+    HAS_CHUNK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    PAGED: tl.constexpr,
+    PAGE: tl.constexpr,
+    PAGE_TILE: tl.constexpr,
+    BT_PRELOAD: tl.constexpr,
+    HEADDIM: tl.constexpr,
+    HEADDIM_V: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    EVEN_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """``(acc, l_i, m_i)`` (``(BLOCK_M, BLOCK_DV)``, ``(BLOCK_M,)`` x 2, log2 domain) of the keys ``[s_lo,
+    s_hi)`` (logical indices; cache row ``leftpad + j``): masked edges ``[s_lo, a)`` and ``[c, s_hi)``,
+    unmasked middle ``[a, c)`` (``a`` / ``c``: ``full_lo`` / ``full_hi`` clipped to the range). ``[s_lo, a)``
+    is empty unless a window bounds the keys on the left (``kv_range``: ``full_lo == lo`` otherwise), so it is
+    compiled only with ``HAS_WINDOW_LEFT`` (a zero-trip masked loop still cost 7-13% in the forward kernel on
+    an H200). ``BT_PRELOAD`` > 0: the range's block-table entries are loaded once, before the key loop (see
+    :func:`_row_offsets`); the host sizes it for the longest range, entries past the range's last page are not
+    read. Shared by the split-KV kernel and :mod:`fa_kvcache.unified_kernels`."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    a = tl.minimum(tl.maximum(full_lo, s_lo), s_hi)
+    c = tl.minimum(tl.maximum(full_hi, a), s_hi)
+    bt_vec = 0
+    pg0 = 0
+    if BT_PRELOAD > 0:
+        pg0 = (s_lo + leftpad) // PAGE
+        pidx = pg0 + tl.arange(0, BT_PRELOAD)
+        bt_vec = tl.load(bt_base + pidx, mask=pidx <= (s_hi - 1 + leftpad) // PAGE, other=0)
+    # part 0: [s_lo, a) masked (left window only), 1: [a, c) unmasked, 2: [c, s_hi) masked
+    for part in tl.static_range(1 - HAS_WINDOW_LEFT, 3):
+        if part == 0:
+            start = s_lo
+            end = a
+        elif part == 1:
+            start = a
+            end = c
+        else:
+            start = c
+            end = s_hi
+        acc, l_i, m_i = _attn_inner(
+            acc, l_i, m_i, q, k_base, v_base, bt_base, bt_vec, pg0, leftpad, q_pos, offs_d, offs_dv, seqlen_q,
+            seqlen_k, stride_kb, stride_kn, stride_vb, stride_vn, num_blocks, sm_scale, softcap, alibi_slope,
+            window_left, window_right, attention_chunk, IS_LOCAL=IS_LOCAL, HAS_CHUNK=HAS_CHUNK,
+            HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, PAGED=PAGED, PAGE=PAGE, PAGE_TILE=PAGE_TILE,
+            BT_PRELOAD=BT_PRELOAD, HEADDIM=HEADDIM, HEADDIM_V=HEADDIM_V, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV,
+            BLOCK_N=BLOCK_N, start=start, end=end, MASKED=part != 1,
+        )  # fmt: skip
     return acc, l_i, m_i
 
 
@@ -342,10 +430,6 @@ def split_kv_kernel(
         v_base = V + cb.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
         bt_base = BlockTable
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-
     lo, full_lo, full_hi, hi = kv_range(
         qblock, seqlen_q, seqlen_k, window_left, window_right, QROWS, BLOCK_N, IS_LOCAL
     )
@@ -359,153 +443,14 @@ def split_kv_kernel(
     per_split = tl.cdiv(n_blocks, num_splits)
     s_lo = tl.minimum(lo + split * per_split * BLOCK_N, hi)
     s_hi = tl.minimum(s_lo + per_split * BLOCK_N, hi)
-    a = tl.minimum(tl.maximum(full_lo, s_lo), s_hi)
-    c = tl.minimum(tl.maximum(full_hi, a), s_hi)
-
-    bt_vec = 0
-    pg0 = 0
-    if BT_PRELOAD > 0:
-        # this split's block-table entries, once (see _row_offsets); the host sized BT_PRELOAD for the longest
-        # split, entries past the split's last page are not read
-        pg0 = (s_lo + leftpad) // PAGE
-        pidx = pg0 + tl.arange(0, BT_PRELOAD)
-        bt_vec = tl.load(bt_base + pidx, mask=pidx <= (s_hi - 1 + leftpad) // PAGE, other=0)
-    # [s_lo, a) and [c, s_hi) need the element mask, [a, c) does not. [s_lo, a) is empty unless a window
-    # bounds the keys on the left (kv_range: full_lo == lo otherwise): compiled out then, as in the forward
-    # kernel (a zero-trip masked loop still cost 7-13% there on an H200)
-    if HAS_WINDOW_LEFT:
-        acc, l_i, m_i = _attn_inner(
-            acc,
-            l_i,
-            m_i,
-            q,
-            k_base,
-            v_base,
-            bt_base,
-            bt_vec,
-            pg0,
-            leftpad,
-            q_pos,
-            offs_d,
-            offs_dv,
-            seqlen_q,
-            seqlen_k,
-            stride_kb,
-            stride_kn,
-            stride_vb,
-            stride_vn,
-            num_blocks,
-            sm_scale,
-            softcap,
-            alibi_slope,
-            window_left,
-            window_right,
-            attention_chunk,
-            IS_LOCAL=IS_LOCAL,
-            HAS_CHUNK=HAS_CHUNK,
-            HAS_SOFTCAP=HAS_SOFTCAP,
-            HAS_ALIBI=HAS_ALIBI,
-            PAGED=PAGED,
-            PAGE=PAGE,
-            PAGE_TILE=PAGE_TILE,
-            BT_PRELOAD=BT_PRELOAD,
-            HEADDIM=HEADDIM,
-            HEADDIM_V=HEADDIM_V,
-            EVEN_D=EVEN_D,
-            EVEN_DV=EVEN_DV,
-            BLOCK_N=BLOCK_N,
-            start=s_lo,
-            end=a,
-            MASKED=True,
-        )
-    acc, l_i, m_i = _attn_inner(
-        acc,
-        l_i,
-        m_i,
-        q,
-        k_base,
-        v_base,
-        bt_base,
-        bt_vec,
-        pg0,
-        leftpad,
-        q_pos,
-        offs_d,
-        offs_dv,
-        seqlen_q,
-        seqlen_k,
-        stride_kb,
-        stride_kn,
-        stride_vb,
-        stride_vn,
-        num_blocks,
-        sm_scale,
-        softcap,
-        alibi_slope,
-        window_left,
-        window_right,
-        attention_chunk,
-        IS_LOCAL=IS_LOCAL,
-        HAS_CHUNK=HAS_CHUNK,
-        HAS_SOFTCAP=HAS_SOFTCAP,
-        HAS_ALIBI=HAS_ALIBI,
-        PAGED=PAGED,
-        PAGE=PAGE,
-        PAGE_TILE=PAGE_TILE,
-        BT_PRELOAD=BT_PRELOAD,
-        HEADDIM=HEADDIM,
-        HEADDIM_V=HEADDIM_V,
-        EVEN_D=EVEN_D,
-        EVEN_DV=EVEN_DV,
-        BLOCK_N=BLOCK_N,
-        start=a,
-        end=c,
-        MASKED=False,
-    )
-    acc, l_i, m_i = _attn_inner(
-        acc,
-        l_i,
-        m_i,
-        q,
-        k_base,
-        v_base,
-        bt_base,
-        bt_vec,
-        pg0,
-        leftpad,
-        q_pos,
-        offs_d,
-        offs_dv,
-        seqlen_q,
-        seqlen_k,
-        stride_kb,
-        stride_kn,
-        stride_vb,
-        stride_vn,
-        num_blocks,
-        sm_scale,
-        softcap,
-        alibi_slope,
-        window_left,
-        window_right,
-        attention_chunk,
-        IS_LOCAL=IS_LOCAL,
-        HAS_CHUNK=HAS_CHUNK,
-        HAS_SOFTCAP=HAS_SOFTCAP,
-        HAS_ALIBI=HAS_ALIBI,
-        PAGED=PAGED,
-        PAGE=PAGE,
-        PAGE_TILE=PAGE_TILE,
-        BT_PRELOAD=BT_PRELOAD,
-        HEADDIM=HEADDIM,
-        HEADDIM_V=HEADDIM_V,
-        EVEN_D=EVEN_D,
-        EVEN_DV=EVEN_DV,
-        BLOCK_N=BLOCK_N,
-        start=c,
-        end=s_hi,
-        MASKED=True,
-    )
+    acc, l_i, m_i = _attn_range(
+        q, k_base, v_base, bt_base, leftpad, q_pos, offs_d, offs_dv, seqlen_q, seqlen_k, s_lo, s_hi, full_lo,
+        full_hi, stride_kb, stride_kn, stride_vb, stride_vn, num_blocks, sm_scale, softcap, alibi_slope,
+        window_left, window_right, attention_chunk, IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT,
+        HAS_CHUNK=HAS_CHUNK, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, PAGED=PAGED, PAGE=PAGE,
+        PAGE_TILE=PAGE_TILE, BT_PRELOAD=BT_PRELOAD, HEADDIM=HEADDIM, HEADDIM_V=HEADDIM_V, EVEN_D=EVEN_D,
+        EVEN_DV=EVEN_DV, BLOCK_M=BLOCK_M, BLOCK_DV=BLOCK_DV, BLOCK_N=BLOCK_N,
+    )  # fmt: skip
 
     dv_ok = offs_dv[None, :] < HEADDIM_V
     if SPLIT:
@@ -597,6 +542,46 @@ def _store_rows(
 
 
 @triton.jit
+def _merge_splits(
+    OutPart,
+    LsePart,
+    r,
+    n_rows,
+    num_splits,
+    offs_s,
+    offs_dv,
+    dv_ok,
+    HEADDIM_V: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Online merge of row ``r``'s ``num_splits`` partials (lse ``(num_splits, n_rows)``, out ``(num_splits,
+    n_rows, HEADDIM_V)`` fp32), ``BLOCK_S`` splits per ``(BLOCK_S, BLOCK_DV)`` load. Returns ``acc (BLOCK_DV,)``
+    (sum of weighted outputs), ``den (1,)`` (their weights) and ``m (1,)`` (max lse, -inf: no visible key), for
+    :func:`_merged_rows`. Shared by both combine kernels."""
+    m = tl.full([1], float("-inf"), dtype=tl.float32)
+    den = tl.zeros([1], dtype=tl.float32)
+    acc = tl.zeros(offs_dv.shape, dtype=tl.float32)
+    for s0 in tl.range(0, num_splits, BLOCK_S):
+        sp = s0 + offs_s
+        s_ok = sp < num_splits
+        row = sp.to(tl.int64) * n_rows + r
+        lse_s = tl.load(LsePart + row, mask=s_ok, other=float("-inf"))
+        o = tl.load(
+            OutPart + row[:, None] * HEADDIM_V + offs_dv[None, :],
+            mask=s_ok[:, None] & dv_ok[None, :],
+            other=0.0,
+        )
+        m_new = tl.maximum(m, tl.max(lse_s, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        w = tl.exp(lse_s[None, :] - m_safe[:, None])  # (1, BLOCK_S)
+        den = den * alpha + tl.sum(w, 1)
+        acc = acc * alpha + tl.sum(tl.reshape(w, [BLOCK_S])[:, None] * o, 0)
+        m = m_new
+    return acc, den, m
+
+
+@triton.jit
 def combine_kernel(
     OutPart,
     LsePart,
@@ -624,26 +609,9 @@ def combine_kernel(
     offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < HEADDIM_V
-    m = tl.full([1], float("-inf"), dtype=tl.float32)
-    den = tl.zeros([1], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
-    for s0 in tl.range(0, num_splits, BLOCK_S):
-        sp = s0 + offs_s
-        s_ok = sp < num_splits
-        row = sp.to(tl.int64) * n_rows + r
-        lse_s = tl.load(LsePart + row, mask=s_ok, other=float("-inf"))
-        o = tl.load(
-            OutPart + row[:, None] * HEADDIM_V + offs_dv[None, :],
-            mask=s_ok[:, None] & dv_ok[None, :],
-            other=0.0,
-        )
-        m_new = tl.maximum(m, tl.max(lse_s, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        w = tl.exp(lse_s[None, :] - m_safe[:, None])  # (1, BLOCK_S)
-        den = den * alpha + tl.sum(w, 1)
-        acc = acc * alpha + tl.sum(tl.reshape(w, [BLOCK_S])[:, None] * o, 0)
-        m = m_new
+    acc, den, m = _merge_splits(
+        OutPart, LsePart, r, n_rows, num_splits, offs_s, offs_dv, dv_ok, HEADDIM_V, BLOCK_S
+    )
     one = tl.zeros([1], dtype=tl.int64)
     head = r % nheads + one
     q_pos = (r // nheads) % seqlen_q + one

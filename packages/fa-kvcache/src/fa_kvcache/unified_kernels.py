@@ -29,9 +29,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fa_core.masking import clamp, kv_range, scores_log2, varlen_bounds, visible
+from fa_core.masking import clamp, kv_range, varlen_bounds
 from fa_core.rotary import load_cos_sin, rotary_pair_cols, rotate_pair
-from fa_kvcache.kernels import _merged_rows, _row_offsets, page_offsets
+from fa_kvcache.kernels import _attn_range, _merge_splits, _merged_rows, page_offsets
 
 __all__ = ["append_paged_kernel", "combine_kernel", "unified_kernel"]
 
@@ -49,190 +49,6 @@ def _find_request(CuSeqlensQ, pid_t, batch, total_q, search_iters, QROWS: tl.con
         lo = tl.where(live & (val <= pid_t), mid + 1, lo)
         hi = tl.where(live & (val > pid_t), mid, hi)
     return clamp(lo - 1, 0, batch - 1)
-
-
-@triton.jit
-def _attn_keys(
-    acc,
-    l_i,
-    m_i,
-    q,
-    k_base,
-    v_base,
-    bt_base,
-    bt_vec,
-    pg0,
-    q_pos,
-    offs_d,
-    offs_dv,
-    seqlen_q,
-    seqlen_k,
-    stride_kb,
-    stride_kn,
-    stride_vb,
-    stride_vn,
-    num_blocks,
-    sm_scale,
-    softcap,
-    alibi_slope,
-    window_left,
-    window_right,
-    start,
-    end,
-    IS_LOCAL: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    PAGE: tl.constexpr,
-    PAGE_TILE: tl.constexpr,
-    BT_PRELOAD: tl.constexpr,
-    HEADDIM: tl.constexpr,
-    HEADDIM_V: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    EVEN_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,
-):
-    """Online-softmax accumulation of the keys ``[start, end)`` of a paged cache (``MASKED``: element mask,
-    window and edge checks). K / V tiles are converted to q's dtype after the load (FP8 cache -> bf16 / fp16)."""
-    offs_n0 = tl.arange(0, BLOCK_N)
-    for start_n in tl.range(start, end, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_ok = offs_n < seqlen_k
-        k_off, v_off = _row_offsets(
-            bt_base,
-            bt_vec,
-            pg0,
-            start_n,
-            offs_n,
-            n_ok,
-            stride_kb,
-            stride_kn,
-            stride_vb,
-            stride_vn,
-            num_blocks,
-            PAGED=True,
-            PAGE=PAGE,
-            PAGE_TILE=PAGE_TILE,
-            MASK_N=MASKED,
-            BT_PRELOAD=BT_PRELOAD,
-        )
-        k_ptrs = k_base + k_off[None, :] + offs_d[:, None]
-        v_ptrs = v_base + v_off[:, None] + offs_dv[None, :]
-        if MASKED:
-            if EVEN_D:
-                k = tl.load(k_ptrs, mask=n_ok[None, :], other=0.0)
-            else:
-                k = tl.load(k_ptrs, mask=n_ok[None, :] & (offs_d[:, None] < HEADDIM), other=0.0)
-            if EVEN_DV:
-                v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
-            else:
-                v = tl.load(v_ptrs, mask=n_ok[:, None] & (offs_dv[None, :] < HEADDIM_V), other=0.0)
-        else:
-            if EVEN_D:
-                k = tl.load(k_ptrs)
-            else:
-                k = tl.load(k_ptrs, mask=offs_d[:, None] < HEADDIM, other=0.0)
-            if EVEN_DV:
-                v = tl.load(v_ptrs)
-            else:
-                v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEADDIM_V, other=0.0)
-        k = k.to(q.dtype)
-        v = v.to(q.dtype)
-        qk = tl.dot(q, k)
-        s = scores_log2(
-            qk, q_pos, offs_n, seqlen_q, seqlen_k, sm_scale, softcap, alibi_slope, HAS_SOFTCAP, HAS_ALIBI
-        )
-        if MASKED:
-            ok = visible(q_pos, offs_n, seqlen_q, seqlen_k, window_left, window_right, IS_LOCAL, True)
-            s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
-    return acc, l_i, m_i
-
-
-@triton.jit
-def _attn_range(
-    q,
-    k_base,
-    v_base,
-    bt_base,
-    q_pos,
-    offs_d,
-    offs_dv,
-    seqlen_q,
-    seqlen_k,
-    s_lo,
-    s_hi,
-    full_lo,
-    full_hi,
-    stride_kb,
-    stride_kn,
-    stride_vb,
-    stride_vn,
-    num_blocks,
-    sm_scale,
-    softcap,
-    alibi_slope,
-    window_left,
-    window_right,
-    IS_LOCAL: tl.constexpr,
-    HAS_WINDOW_LEFT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    PAGE: tl.constexpr,
-    PAGE_TILE: tl.constexpr,
-    BT_PRELOAD: tl.constexpr,
-    HEADDIM: tl.constexpr,
-    HEADDIM_V: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    EVEN_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """``(acc, l_i, m_i)`` of the keys ``[s_lo, s_hi)``: masked edges ``[s_lo, a)`` (only with a left window)
-    and ``[c, s_hi)``, unmasked middle ``[a, c)`` (``a`` / ``c``: ``full_lo`` / ``full_hi`` clipped to the
-    range). ``BT_PRELOAD`` > 0: the range's block-table entries are loaded once, before the key loop."""
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    a = tl.minimum(tl.maximum(full_lo, s_lo), s_hi)
-    c = tl.minimum(tl.maximum(full_hi, a), s_hi)
-    bt_vec = 0
-    pg0 = 0
-    if BT_PRELOAD > 0:
-        pg0 = s_lo // PAGE
-        pidx = pg0 + tl.arange(0, BT_PRELOAD)
-        bt_vec = tl.load(bt_base + pidx, mask=pidx <= (s_hi - 1) // PAGE, other=0)
-    if HAS_WINDOW_LEFT:
-        acc, l_i, m_i = _attn_keys(
-            acc, l_i, m_i, q, k_base, v_base, bt_base, bt_vec, pg0, q_pos, offs_d, offs_dv, seqlen_q,
-            seqlen_k, stride_kb, stride_kn, stride_vb, stride_vn, num_blocks, sm_scale, softcap, alibi_slope,
-            window_left, window_right, s_lo, a, IS_LOCAL=IS_LOCAL, HAS_SOFTCAP=HAS_SOFTCAP,
-            HAS_ALIBI=HAS_ALIBI, PAGE=PAGE, PAGE_TILE=PAGE_TILE, BT_PRELOAD=BT_PRELOAD, HEADDIM=HEADDIM,
-            HEADDIM_V=HEADDIM_V, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, BLOCK_N=BLOCK_N, MASKED=True,
-        )  # fmt: skip
-    acc, l_i, m_i = _attn_keys(
-        acc, l_i, m_i, q, k_base, v_base, bt_base, bt_vec, pg0, q_pos, offs_d, offs_dv, seqlen_q,
-        seqlen_k, stride_kb, stride_kn, stride_vb, stride_vn, num_blocks, sm_scale, softcap, alibi_slope,
-        window_left, window_right, a, c, IS_LOCAL=IS_LOCAL, HAS_SOFTCAP=HAS_SOFTCAP,
-        HAS_ALIBI=HAS_ALIBI, PAGE=PAGE, PAGE_TILE=PAGE_TILE, BT_PRELOAD=BT_PRELOAD, HEADDIM=HEADDIM,
-        HEADDIM_V=HEADDIM_V, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, BLOCK_N=BLOCK_N, MASKED=False,
-    )  # fmt: skip
-    acc, l_i, m_i = _attn_keys(
-        acc, l_i, m_i, q, k_base, v_base, bt_base, bt_vec, pg0, q_pos, offs_d, offs_dv, seqlen_q,
-        seqlen_k, stride_kb, stride_kn, stride_vb, stride_vn, num_blocks, sm_scale, softcap, alibi_slope,
-        window_left, window_right, c, s_hi, IS_LOCAL=IS_LOCAL, HAS_SOFTCAP=HAS_SOFTCAP,
-        HAS_ALIBI=HAS_ALIBI, PAGE=PAGE, PAGE_TILE=PAGE_TILE, BT_PRELOAD=BT_PRELOAD, HEADDIM=HEADDIM,
-        HEADDIM_V=HEADDIM_V, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, BLOCK_N=BLOCK_N, MASKED=True,
-    )  # fmt: skip
-    return acc, l_i, m_i
 
 
 @triton.jit
@@ -334,12 +150,12 @@ def _tile(
     s_lo = tl.minimum(lo + split * per_split * BLOCK_N, hi)
     s_hi = tl.minimum(s_lo + per_split * BLOCK_N, hi)
     acc, l_i, m_i = _attn_range(
-        q, k_base, v_base, bt_base, q_pos, offs_d, offs_dv, seqlen_q, seqlen_k, s_lo, s_hi, full_lo, full_hi,
-        stride_kb, stride_kn, stride_vb, stride_vn, num_blocks, scale, softcap, alibi_slope, window_left,
-        window_right, IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_SOFTCAP=HAS_SOFTCAP,
-        HAS_ALIBI=HAS_ALIBI, PAGE=PAGE, PAGE_TILE=PAGE_TILE, BT_PRELOAD=BT_PRELOAD, HEADDIM=HEADDIM,
-        HEADDIM_V=HEADDIM_V, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, BLOCK_M=BLOCK_M, BLOCK_DV=BLOCK_DV,
-        BLOCK_N=BLOCK_N,
+        q, k_base, v_base, bt_base, 0, q_pos, offs_d, offs_dv, seqlen_q, seqlen_k, s_lo, s_hi, full_lo,
+        full_hi, stride_kb, stride_kn, stride_vb, stride_vn, num_blocks, scale, softcap, alibi_slope,
+        window_left, window_right, 0, IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_CHUNK=False,
+        HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, PAGED=True, PAGE=PAGE, PAGE_TILE=PAGE_TILE,
+        BT_PRELOAD=BT_PRELOAD, HEADDIM=HEADDIM, HEADDIM_V=HEADDIM_V, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV,
+        BLOCK_M=BLOCK_M, BLOCK_DV=BLOCK_DV, BLOCK_N=BLOCK_N,
     )  # fmt: skip
     if HAS_DESCALE:
         acc = acc * tl.load(VDescale + b * stride_vdb + hk * stride_vdh)
@@ -573,26 +389,9 @@ def combine_kernel(
         sink = tl.load(Sink + head + tl.zeros([1], dtype=tl.int32)).to(tl.float32)
     for qi in tl.range(0, seqlen_q):
         r = ((b * QROWS + qi) * nheads + head).to(tl.int64)
-        m = tl.full([1], float("-inf"), dtype=tl.float32)
-        den = tl.zeros([1], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
-        for s0 in tl.range(0, num_splits, BLOCK_S):
-            sp = s0 + offs_s
-            s_ok = sp < num_splits
-            row = sp.to(tl.int64) * n_rows + r
-            lse_s = tl.load(LsePart + row, mask=s_ok, other=float("-inf"))
-            o = tl.load(
-                OutPart + row[:, None] * HEADDIM_V + offs_dv[None, :],
-                mask=s_ok[:, None] & dv_ok[None, :],
-                other=0.0,
-            )
-            m_new = tl.maximum(m, tl.max(lse_s, 0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_safe)
-            w = tl.exp(lse_s[None, :] - m_safe[:, None])  # (1, BLOCK_S)
-            den = den * alpha + tl.sum(w, 1)
-            acc = acc * alpha + tl.sum(tl.reshape(w, [BLOCK_S])[:, None] * o, 0)
-            m = m_new
+        acc, den, m = _merge_splits(
+            OutPart, LsePart, r, n_rows, num_splits, offs_s, offs_dv, dv_ok, HEADDIM_V, BLOCK_S
+        )
         out_row, lse = _merged_rows(acc[None, :], den, m, sink, HAS_SINK)
         orow = (q_start + qi).to(tl.int64)
         tl.store(Lse + head.to(tl.int64) * total_q + orow + tl.zeros([1], dtype=tl.int64), lse)
