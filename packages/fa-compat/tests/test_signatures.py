@@ -26,6 +26,9 @@ EXTRAS: dict[tuple[str, str], list[tuple[str, object]]] = {
     for module in ("flash_attn", "flash_attn.flash_attn_interface")
     for name in _EXTRA_FUNCS
 }
+# FlashAttention-3's FP8 cache descales on flash_attn_with_kvcache
+for _module in ("flash_attn", "flash_attn.flash_attn_interface"):
+    EXTRAS[(_module, "flash_attn_with_kvcache")] += [("k_descale", None), ("v_descale", None)]
 # flash-attn main's ``num_splits`` on the low-level forwards (ignored there: the forward does not split)
 EXTRAS.update(
     {
