@@ -15,6 +15,83 @@ __all__ = ["append_kernel"]
 
 
 @triton.jit
+def _quant(x, mul, QUANT: tl.constexpr, dtype: tl.constexpr):
+    """``x`` cast to the cache dtype; FP8: ``x * mul`` (``1 / scale``) in fp32 rounded to nearest-even at e4m3's
+    3 mantissa bits on the fp32 bits (so the cast itself is exact: the same result on every backend, Triton's
+    interpreter included), then saturated to +-448. Below e4m3's normal range (``|y| < 2^-6``) the cast rounds
+    a second time to the subnormal step 2^-9."""
+    if QUANT:
+        y = x.to(tl.float32) * mul
+        bits = y.to(tl.int32, bitcast=True)
+        bits = (bits + (0x7FFFF + ((bits >> 20) & 1))) & -1048576  # clear the low 20 of 23 mantissa bits
+        y = bits.to(tl.float32, bitcast=True)
+        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        return y.to(dtype)
+    return x.to(dtype)
+
+
+@triton.jit
+def _write_rows(
+    k_src,
+    v_src,
+    k_dst,
+    v_dst,
+    ok,
+    pos,
+    Cos,
+    Sin,
+    seqlen_ro,
+    k_mul,
+    v_mul,
+    HEADDIM: tl.constexpr,
+    HEADDIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HAS_ROTARY: tl.constexpr,
+    ROTARY_DIM: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    QUANT: tl.constexpr,
+    ROUND_NEW: tl.constexpr,
+):
+    """Copy ``(BLOCK_T,)`` new rows from row pointers ``k_src`` / ``v_src`` to cache row pointers ``k_dst`` /
+    ``v_dst`` where ``ok``: v as is, k rotated at positions ``pos`` (cos / sin rows ``< seqlen_ro``) when
+    ``HAS_ROTARY`` (channels ``[ROTARY_DIM, HEADDIM)`` pass through), each through :func:`_quant` (``QUANT``:
+    times ``k_mul`` / ``v_mul`` and rounded to FP8 e4m3). ``ROUND_NEW``: without ``QUANT``, rotated values are
+    rounded to k_new's dtype before the cast to the cache's. Shared by both append kernels."""
+    k_ty = k_dst.dtype.element_ty
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_v = ok[:, None] & (offs_dv[None, :] < HEADDIM_V)
+    vv = tl.load(v_src[:, None] + offs_dv[None, :], mask=mask_v, other=0.0)
+    tl.store(v_dst[:, None] + offs_dv[None, :], _quant(vv, v_mul, QUANT, v_dst.dtype.element_ty), mask=mask_v)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    if HAS_ROTARY:
+        # pass-through channels [ROTARY_DIM, HEADDIM)
+        mask_p = ok[:, None] & (offs_d[None, :] >= ROTARY_DIM) & (offs_d[None, :] < HEADDIM)
+        kp = tl.load(k_src[:, None] + offs_d[None, :], mask=mask_p, other=0.0)
+        tl.store(k_dst[:, None] + offs_d[None, :], _quant(kp, k_mul, QUANT, k_ty), mask=mask_p)
+        HALF: tl.constexpr = ROTARY_DIM // 2
+        offs_k = tl.arange(0, BLOCK_HALF)
+        k0, k1 = rotary_pair_cols(offs_k, HALF, INTERLEAVED)
+        mask_r = ok[:, None] & (offs_k[None, :] < HALF)
+        cos, sin = load_cos_sin(Cos, Sin, pos, offs_k, HALF, mask_r & (pos[:, None] < seqlen_ro))
+        x0 = tl.load(k_src[:, None] + k0[None, :], mask=mask_r, other=0.0).to(tl.float32)
+        x1 = tl.load(k_src[:, None] + k1[None, :], mask=mask_r, other=0.0).to(tl.float32)
+        o0, o1 = rotate_pair(x0, x1, cos, sin)
+        if ROUND_NEW and not QUANT:
+            # round the rotated values to k's dtype first, as a rotated k_new then cast would be
+            o0 = o0.to(k_src.dtype.element_ty)
+            o1 = o1.to(k_src.dtype.element_ty)
+        tl.store(k_dst[:, None] + k0[None, :], _quant(o0, k_mul, QUANT, k_ty), mask=mask_r)
+        tl.store(k_dst[:, None] + k1[None, :], _quant(o1, k_mul, QUANT, k_ty), mask=mask_r)
+    else:
+        mask_k = ok[:, None] & (offs_d[None, :] < HEADDIM)
+        kk = tl.load(k_src[:, None] + offs_d[None, :], mask=mask_k, other=0.0)
+        tl.store(k_dst[:, None] + offs_d[None, :], _quant(kk, k_mul, QUANT, k_ty), mask=mask_k)
+
+
+@triton.jit
 def append_kernel(
     Knew,
     Vnew,
@@ -93,28 +170,8 @@ def append_kernel(
     k_src = Knew + b.to(tl.int64) * stride_knb + h.to(tl.int64) * stride_knh + t.to(tl.int64) * stride_knm
     v_src = Vnew + b.to(tl.int64) * stride_vnb + h.to(tl.int64) * stride_vnh + t.to(tl.int64) * stride_vnm
 
-    offs_dv = tl.arange(0, BLOCK_DV)
-    mask_v = ok[:, None] & (offs_dv[None, :] < HEADDIM_V)
-    vv = tl.load(v_src[:, None] + offs_dv[None, :], mask=mask_v, other=0.0)
-    tl.store(v_dst[:, None] + offs_dv[None, :], vv.to(V.dtype.element_ty), mask=mask_v)
-
-    offs_d = tl.arange(0, BLOCK_D)
-    if HAS_ROTARY:
-        # pass-through channels [ROTARY_DIM, HEADDIM)
-        mask_p = ok[:, None] & (offs_d[None, :] >= ROTARY_DIM) & (offs_d[None, :] < HEADDIM)
-        kp = tl.load(k_src[:, None] + offs_d[None, :], mask=mask_p, other=0.0)
-        tl.store(k_dst[:, None] + offs_d[None, :], kp.to(K.dtype.element_ty), mask=mask_p)
-        HALF: tl.constexpr = ROTARY_DIM // 2
-        offs_k = tl.arange(0, BLOCK_HALF)
-        k0, k1 = rotary_pair_cols(offs_k, HALF, INTERLEAVED)
-        mask_r = ok[:, None] & (offs_k[None, :] < HALF)
-        cos, sin = load_cos_sin(Cos, Sin, pos, offs_k, HALF, mask_r & (pos[:, None] < seqlen_ro))
-        x0 = tl.load(k_src[:, None] + k0[None, :], mask=mask_r, other=0.0).to(tl.float32)
-        x1 = tl.load(k_src[:, None] + k1[None, :], mask=mask_r, other=0.0).to(tl.float32)
-        o0, o1 = rotate_pair(x0, x1, cos, sin)
-        tl.store(k_dst[:, None] + k0[None, :], o0.to(K.dtype.element_ty), mask=mask_r)
-        tl.store(k_dst[:, None] + k1[None, :], o1.to(K.dtype.element_ty), mask=mask_r)
-    else:
-        mask_k = ok[:, None] & (offs_d[None, :] < HEADDIM)
-        kk = tl.load(k_src[:, None] + offs_d[None, :], mask=mask_k, other=0.0)
-        tl.store(k_dst[:, None] + offs_d[None, :], kk.to(K.dtype.element_ty), mask=mask_k)
+    _write_rows(
+        k_src, v_src, k_dst, v_dst, ok, pos, Cos, Sin, seqlen_ro, 1.0, 1.0, HEADDIM=HEADDIM, HEADDIM_V=HEADDIM_V,
+        BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, HAS_ROTARY=HAS_ROTARY, ROTARY_DIM=ROTARY_DIM, BLOCK_HALF=BLOCK_HALF,
+        INTERLEAVED=INTERLEAVED, QUANT=False, ROUND_NEW=False,
+    )  # fmt: skip

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from fa_core.masking import clamp, kv_range, varlen_bounds
-from fa_core.rotary import load_cos_sin, rotary_pair_cols, rotate_pair
+from fa_kvcache.append import _write_rows
 from fa_kvcache.kernels import _attn_range, _merge_splits, _merged_rows, page_offsets
 
 __all__ = ["append_paged_kernel", "combine_kernel", "unified_kernel"]
@@ -472,48 +472,8 @@ def append_paged_kernel(
         k_mul = 1.0 / tl.load(KScale + b * stride_ksb + h * stride_ksh)
         v_mul = 1.0 / tl.load(VScale + b * stride_vsb + h * stride_vsh)
 
-    offs_dv = tl.arange(0, BLOCK_DV)
-    mask_v = ok[:, None] & (offs_dv[None, :] < HEADDIM_V)
-    vv = tl.load(v_src[:, None] + offs_dv[None, :], mask=mask_v, other=0.0)
-    tl.store(v_dst[:, None] + offs_dv[None, :], _quant(vv, v_mul, QUANT, V.dtype.element_ty), mask=mask_v)
-
-    offs_d = tl.arange(0, BLOCK_D)
-    if HAS_ROTARY:
-        # pass-through channels [ROTARY_DIM, HEADDIM)
-        mask_p = ok[:, None] & (offs_d[None, :] >= ROTARY_DIM) & (offs_d[None, :] < HEADDIM)
-        kp = tl.load(k_src[:, None] + offs_d[None, :], mask=mask_p, other=0.0)
-        tl.store(k_dst[:, None] + offs_d[None, :], _quant(kp, k_mul, QUANT, K.dtype.element_ty), mask=mask_p)
-        HALF: tl.constexpr = ROTARY_DIM // 2
-        offs_k = tl.arange(0, BLOCK_HALF)
-        k0, k1 = rotary_pair_cols(offs_k, HALF, INTERLEAVED)
-        mask_r = ok[:, None] & (offs_k[None, :] < HALF)
-        cos, sin = load_cos_sin(Cos, Sin, pos, offs_k, HALF, mask_r & (pos[:, None] < seqlen_ro))
-        x0 = tl.load(k_src[:, None] + k0[None, :], mask=mask_r, other=0.0).to(tl.float32)
-        x1 = tl.load(k_src[:, None] + k1[None, :], mask=mask_r, other=0.0).to(tl.float32)
-        o0, o1 = rotate_pair(x0, x1, cos, sin)
-        if not QUANT:
-            # round the rotated values to k's dtype first, as a rotated k_new then cast would be
-            o0 = o0.to(Knew.dtype.element_ty)
-            o1 = o1.to(Knew.dtype.element_ty)
-        tl.store(k_dst[:, None] + k0[None, :], _quant(o0, k_mul, QUANT, K.dtype.element_ty), mask=mask_r)
-        tl.store(k_dst[:, None] + k1[None, :], _quant(o1, k_mul, QUANT, K.dtype.element_ty), mask=mask_r)
-    else:
-        mask_k = ok[:, None] & (offs_d[None, :] < HEADDIM)
-        kk = tl.load(k_src[:, None] + offs_d[None, :], mask=mask_k, other=0.0)
-        tl.store(k_dst[:, None] + offs_d[None, :], _quant(kk, k_mul, QUANT, K.dtype.element_ty), mask=mask_k)
-
-
-@triton.jit
-def _quant(x, mul, QUANT: tl.constexpr, dtype: tl.constexpr):
-    """``x`` cast to the cache dtype; FP8: ``x * mul`` (``1 / scale``) in fp32 rounded to nearest-even at e4m3's
-    3 mantissa bits on the fp32 bits (so the cast itself is exact: the same result on every backend, Triton's
-    interpreter included), then saturated to +-448. Below e4m3's normal range (``|y| < 2^-6``) the cast rounds
-    a second time to the subnormal step 2^-9."""
-    if QUANT:
-        y = x.to(tl.float32) * mul
-        bits = y.to(tl.int32, bitcast=True)
-        bits = (bits + (0x7FFFF + ((bits >> 20) & 1))) & -1048576  # clear the low 20 of 23 mantissa bits
-        y = bits.to(tl.float32, bitcast=True)
-        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-        return y.to(dtype)
-    return x.to(dtype)
+    _write_rows(
+        k_src, v_src, k_dst, v_dst, ok, pos, Cos, Sin, seqlen_ro, k_mul, v_mul, HEADDIM=HEADDIM,
+        HEADDIM_V=HEADDIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, HAS_ROTARY=HAS_ROTARY, ROTARY_DIM=ROTARY_DIM,
+        BLOCK_HALF=BLOCK_HALF, INTERLEAVED=INTERLEAVED, QUANT=QUANT, ROUND_NEW=True,
+    )  # fmt: skip
