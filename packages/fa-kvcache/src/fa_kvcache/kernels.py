@@ -453,46 +453,37 @@ def split_kv_kernel(
     )  # fmt: skip
 
     dv_ok = offs_dv[None, :] < HEADDIM_V
+    acc, lse = _finish_rows(acc, l_i, m_i, Sink, head, row_ok, HAS_SINK=HAS_SINK and not SPLIT, PARTIAL=SPLIT)
     if SPLIT:
-        empty = l_i == 0.0
-        l_safe = tl.where(empty, 1.0, l_i)
-        acc = acc / l_safe[:, None]
-        lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
-        # flattened row (split, b, q_pos, head); empty splits carry lse = -inf (weight 0 in the combine)
+        # flattened row (split, b, q_pos, head)
         prow = ((split * batch + b).to(tl.int64) * seqlen_q + q_pos) * nheads + head
-        tl.store(LsePart + prow, tl.where(empty, float("-inf"), lse), mask=row_ok)
+        tl.store(LsePart + prow, lse, mask=row_ok)
         tl.store(OutPart + prow[:, None] * HEADDIM_V + offs_dv[None, :], acc, mask=row_ok[:, None] & dv_ok)
     else:
-        if HAS_SINK:
-            # learnable sink (gpt-oss): one extra logit per head in the denominator, none in the output
-            sink = tl.load(Sink + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
-            m_sink = tl.maximum(m_i, sink)
-            alpha_sink = tl.exp2(m_i - m_sink)
-            l_i = l_i * alpha_sink + tl.exp2(sink - m_sink)
-            acc = acc * alpha_sink[:, None]
-            m_i = m_sink
-        # rows with no visible key: out 0, lse +inf (flash-attn 2.8's convention)
-        empty = l_i == 0.0
-        l_safe = tl.where(empty, 1.0, l_i)
-        acc = acc / l_safe[:, None]
-        lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-        _store_rows(
-            Out,
-            Lse,
-            acc,
-            lse,
-            b,
-            q_pos,
-            head,
-            row_ok,
-            offs_dv,
-            dv_ok,
-            seqlen_q,
-            nheads,
-            stride_ob,
-            stride_om,
-            stride_oh,
-        )
+        _store_rows(Out, Lse, acc, lse, b, q_pos, head, row_ok, offs_dv, dv_ok, seqlen_q, nheads, stride_ob,
+                    stride_om, stride_oh)  # fmt: skip
+
+
+@triton.jit
+def _finish_rows(acc, l_i, m_i, Sink, head, row_ok, HAS_SINK: tl.constexpr, PARTIAL: tl.constexpr):
+    """Normalise accumulated rows (log2-domain ``m_i``): ``(acc / l, lse)`` with ``acc (R, DV)``, ``l_i`` /
+    ``m_i`` / ``head`` / ``row_ok`` ``(R,)``. ``HAS_SINK``: the learnable sink ``Sink[head]`` (gpt-oss: one
+    extra logit per head) joins the denominator, not the output. Rows with no visible key: out 0 and lse
+    +inf (flash-attn 2.8's convention), or ``PARTIAL`` (a split's partial rows) lse -inf, weight 0 in the
+    combine. Shared by the split-KV and unified kernels."""
+    if HAS_SINK:
+        sink = tl.load(Sink + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        m_sink = tl.maximum(m_i, sink)
+        alpha_sink = tl.exp2(m_i - m_sink)
+        l_i = l_i * alpha_sink + tl.exp2(sink - m_sink)
+        acc = acc * alpha_sink[:, None]
+        m_i = m_sink
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse = tl.where(
+        empty, float("-inf") if PARTIAL else float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453
+    )
+    return acc / l_safe[:, None], lse
 
 
 @triton.jit

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from fa_core.masking import clamp, kv_range, varlen_bounds
 from fa_kvcache.append import _write_rows
-from fa_kvcache.kernels import _attn_range, _merge_splits, _merged_rows, page_offsets
+from fa_kvcache.kernels import _attn_range, _finish_rows, _merge_splits, _merged_rows, page_offsets
 
 __all__ = ["append_paged_kernel", "combine_kernel", "unified_kernel"]
 
@@ -273,45 +273,26 @@ def unified_kernel(
     k_base = K + hk.to(tl.int64) * stride_kh
     v_base = V + hk.to(tl.int64) * stride_vh
     bt_base = BlockTable + b.to(tl.int64) * stride_btb
-    # every variant below is the same code (_tile) with other constexprs: split programs preload their split's
-    # block-table entries (BT_PRELOAD_SPLIT), unsplit ones the whole range's when it fits (BT_PRELOAD)
+    # every variant is the same code (_tile) with other constexprs: small tiles are split when SPLIT (partial
+    # rows, each split's block-table entries preloaded: BT_PRELOAD_SPLIT), unsplit programs preload the whole
+    # range's entries when they fit (BT_PRELOAD)
+    args = (
+        Q, Out, Lse, OutPart, LsePart, Alibi, Sink, KDescale, VDescale, k_base, v_base, bt_base, b, hk, chunk,
+        split, n_split, qblock, q_start, seqlen_q, seqlen_k, stride_qm, stride_qh, stride_kb, stride_kn,
+        stride_vb, stride_vn, stride_om, stride_oh, stride_alb, stride_kdb, stride_kdh, stride_vdb, stride_vdh,
+        total_q, batch, num_blocks, nheads, group, sm_scale, softcap, window_left, window_right,
+    )  # fmt: skip
+    BT_SMALL: tl.constexpr = BT_PRELOAD_SPLIT if SPLIT else BT_PRELOAD
     if is_small:
-        if SPLIT:
-            _tile(
-                Q, Out, Lse, OutPart, LsePart, Alibi, Sink, KDescale, VDescale, k_base, v_base, bt_base, b,
-                hk, chunk, split, n_split, qblock, q_start, seqlen_q, seqlen_k, stride_qm, stride_qh,
-                stride_kb, stride_kn, stride_vb, stride_vn, stride_om, stride_oh, stride_alb, stride_kdb,
-                stride_kdh, stride_vdb, stride_vdh, total_q, batch, num_blocks, nheads, group, sm_scale,
-                softcap, window_left, window_right, HEADDIM=HEADDIM, HEADDIM_V=HEADDIM_V, BLOCK_D=BLOCK_D,
-                BLOCK_DV=BLOCK_DV, PAGE=PAGE, PAGE_TILE=PAGE_TILE, BT_PRELOAD=BT_PRELOAD_SPLIT,
-                IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_SOFTCAP=HAS_SOFTCAP,
-                HAS_ALIBI=HAS_ALIBI, HAS_SINK=HAS_SINK, HAS_DESCALE=HAS_DESCALE, PARTIAL=True,
-                PART_ROWS=QROWS_SMALL, HB=HB, BLOCK_M=BLOCK_M_SMALL, BLOCK_N=BLOCK_N,
-            )  # fmt: skip
-        else:
-            _tile(
-                Q, Out, Lse, OutPart, LsePart, Alibi, Sink, KDescale, VDescale, k_base, v_base, bt_base, b,
-                hk, chunk, split, n_split, qblock, q_start, seqlen_q, seqlen_k, stride_qm, stride_qh,
-                stride_kb, stride_kn, stride_vb, stride_vn, stride_om, stride_oh, stride_alb, stride_kdb,
-                stride_kdh, stride_vdb, stride_vdh, total_q, batch, num_blocks, nheads, group, sm_scale,
-                softcap, window_left, window_right, HEADDIM=HEADDIM, HEADDIM_V=HEADDIM_V, BLOCK_D=BLOCK_D,
-                BLOCK_DV=BLOCK_DV, PAGE=PAGE, PAGE_TILE=PAGE_TILE, BT_PRELOAD=BT_PRELOAD,
-                IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_SOFTCAP=HAS_SOFTCAP,
-                HAS_ALIBI=HAS_ALIBI, HAS_SINK=HAS_SINK, HAS_DESCALE=HAS_DESCALE, PARTIAL=False,
-                PART_ROWS=QROWS_SMALL, HB=HB, BLOCK_M=BLOCK_M_SMALL, BLOCK_N=BLOCK_N,
-            )  # fmt: skip
+        _tile(*args, HEADDIM=HEADDIM, HEADDIM_V=HEADDIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, PAGE=PAGE,
+              PAGE_TILE=PAGE_TILE, BT_PRELOAD=BT_SMALL, IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT,
+              HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_SINK=HAS_SINK, HAS_DESCALE=HAS_DESCALE,
+              PARTIAL=SPLIT, PART_ROWS=QROWS_SMALL, HB=HB, BLOCK_M=BLOCK_M_SMALL, BLOCK_N=BLOCK_N)  # fmt: skip
     else:
-        _tile(
-            Q, Out, Lse, OutPart, LsePart, Alibi, Sink, KDescale, VDescale, k_base, v_base, bt_base, b,
-            hk, chunk, split, n_split, qblock, q_start, seqlen_q, seqlen_k, stride_qm, stride_qh,
-            stride_kb, stride_kn, stride_vb, stride_vn, stride_om, stride_oh, stride_alb, stride_kdb,
-            stride_kdh, stride_vdb, stride_vdh, total_q, batch, num_blocks, nheads, group, sm_scale,
-            softcap, window_left, window_right, HEADDIM=HEADDIM, HEADDIM_V=HEADDIM_V, BLOCK_D=BLOCK_D,
-            BLOCK_DV=BLOCK_DV, PAGE=PAGE, PAGE_TILE=PAGE_TILE, BT_PRELOAD=BT_PRELOAD,
-            IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT, HAS_SOFTCAP=HAS_SOFTCAP,
-            HAS_ALIBI=HAS_ALIBI, HAS_SINK=HAS_SINK, HAS_DESCALE=HAS_DESCALE, PARTIAL=False,
-            PART_ROWS=QROWS_SMALL, HB=HB, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        )  # fmt: skip
+        _tile(*args, HEADDIM=HEADDIM, HEADDIM_V=HEADDIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, PAGE=PAGE,
+              PAGE_TILE=PAGE_TILE, BT_PRELOAD=BT_PRELOAD, IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT,
+              HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_SINK=HAS_SINK, HAS_DESCALE=HAS_DESCALE,
+              PARTIAL=False, PART_ROWS=QROWS_SMALL, HB=HB, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)  # fmt: skip
 
 
 @triton.jit
@@ -335,18 +316,7 @@ def _store_final(
     """Finish and store unsplit rows (log2-domain ``m_i``): out ``(total_q, nheads, dv)`` rows ``q_rows``, lse
     ``(nheads, total_q)``; the learnable sink joins the denominator; rows with no visible key give out 0 and
     lse +inf (flash-attn 2.8's convention)."""
-    if HAS_SINK:
-        # learnable sink (gpt-oss): one extra logit per head in the denominator, none in the output
-        sink = tl.load(Sink + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
-        m_sink = tl.maximum(m_i, sink)
-        alpha_sink = tl.exp2(m_i - m_sink)
-        l_i = l_i * alpha_sink + tl.exp2(sink - m_sink)
-        acc = acc * alpha_sink[:, None]
-        m_i = m_sink
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    acc = acc / l_safe[:, None]
-    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    acc, lse = _finish_rows(acc, l_i, m_i, Sink, head, row_ok, HAS_SINK=HAS_SINK, PARTIAL=False)
     tl.store(Lse + head.to(tl.int64) * total_q + q_rows, lse, mask=row_ok)
     o_ptrs = Out + q_rows[:, None] * stride_om + head[:, None].to(tl.int64) * stride_oh + offs_dv[None, :]
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEADDIM_V))
