@@ -219,6 +219,7 @@ def test_contiguous_cache_batch_idx():
     check(out, lse, *reference(q, c, lens))
 
 
+@pytest.mark.combination  # needs fa-compat (the flash_attn namespace) installed beside fa-kvcache
 def test_flash_attn_namespace_passes_descales():
     from flash_attn import flash_attn_with_kvcache
 
