@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -46,48 +45,17 @@ def capture(mode: str, path: str) -> None:
     """Under TRITON_INTERPRET=1: record the launch arguments of both kernels for one configuration."""
     import torch
 
-    from fa_backward import backward_kernel as bk
     from fa_backward.programmable import attention, attention_varlen
     from fa_core import score_mods as sm
     from fa_core.block_sparse import create_block_mask
 
-    record: dict[str, dict] = {}
-
-    class Captured(Exception):
-        pass
-
-    def describe(a):
-        if isinstance(a, torch.Tensor):
-            return {"t": "tensor", "dtype": str(a.dtype)}
-        if callable(a) and hasattr(a, "fn"):
-            return {"t": "jit", "mod": a.fn.__module__, "name": a.fn.__name__}
-        if isinstance(a, bool) or a is None:
-            return {"t": "const", "v": a}
-        if isinstance(a, int):
-            return {"t": "int", "v": a}
-        if isinstance(a, float):
-            return {"t": "float", "v": a}
-        raise TypeError(f"unexpected launch argument {a!r}")
-
-    def recorder(name, kern):
-        def run(*args, grid=None, **kwargs):
-            rec = {n: describe(a) for n, a in zip(kern.arg_names, args)}
-            rec.update({n: describe(a) for n, a in kwargs.items()})
-            record[name] = rec
-            if name == "dkdv":  # the dQ pass runs first
-                raise Captured
-
-        return run
-
-    bk.dq_kernel.run = recorder("dq", bk.dq_kernel)
-    bk.dkdv_kernel.run = recorder("dkdv", bk.dkdv_kernel)
     torch.manual_seed(0)
     h, d = 2, 128
 
     def leaf(*shape):
         return torch.randn(*shape, dtype=torch.float16, requires_grad=True)
 
-    with contextlib.suppress(Captured):
+    def run_backward() -> None:
         if mode == "varlen":
             cu = torch.tensor([0, 40, 64], dtype=torch.int32)
             q, k, v = leaf(64, h, d), leaf(64, h, d), leaf(64, h, d)
@@ -110,7 +78,8 @@ def capture(mode: str, path: str) -> None:
                 kw = dict(window_size=(24, 8), alibi_slopes=sm.alibi_slopes(h), dropout_p=0.1)
             out = attention(q, k, v, **kw)[0]
         out.float().sum().backward()
-    Path(path).write_text(json.dumps(record))
+
+    Path(path).write_text(json.dumps(_sass_mix().record_backward_launches(run_backward)))
 
 
 def fingerprint(sass: str) -> dict:

@@ -37,13 +37,13 @@ SRC = [str(ROOT / "packages" / p / "src") for p in ("fa-core", "fa-backward")]
 TILES = {"dq": (128, 64, 8, 2), "dkdv": (32, 128, 8, 2)}  # the first entries of DQ_SPACE / DKDV_SPACE
 
 
-def capture(mode: str, path: str) -> None:
-    """Step 1 (under TRITON_INTERPRET=1): record the launch arguments of both backward kernels."""
+def record_backward_launches(run_backward) -> dict[str, dict]:
+    """Run ``run_backward()`` (a small backward, under TRITON_INTERPRET=1) with the dQ and dK/dV launches replaced
+    by recorders: each launch argument described by kind (tensor dtype, jit function, constant, int, float). The
+    dQ pass runs first; the backward stops at the dK/dV launch."""
     import torch
 
     from fa_backward import backward_kernel as bk
-    from fa_backward.programmable import attention
-    from fa_core import score_mods as sm
 
     record: dict[str, dict] = {}
 
@@ -75,13 +75,24 @@ def capture(mode: str, path: str) -> None:
 
     bk.dq_kernel.run = recorder("dq", bk.dq_kernel)
     bk.dkdv_kernel.run = recorder("dkdv", bk.dkdv_kernel)
+    with contextlib.suppress(Captured):
+        run_backward()
+    return record
+
+
+def capture(mode: str, path: str) -> None:
+    """Step 1 (under TRITON_INTERPRET=1): record the launch arguments of both backward kernels."""
+    import torch
+
+    from fa_backward.programmable import attention
+    from fa_core import score_mods as sm
+
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 64, 2, 128, dtype=torch.float16, requires_grad=True) for _ in range(3))
     kw: dict = {"causal": True}
     if mode == "relbias":
         kw.update(score_mod=sm.relative_position_bias, score_mod_grad=sm.additive_grad)
-    with contextlib.suppress(Captured):
-        attention(q, k, v, **kw)[0].sum().backward()
+    record = record_backward_launches(lambda: attention(q, k, v, **kw)[0].sum().backward())
     Path(path).write_text(json.dumps(record))
 
 
