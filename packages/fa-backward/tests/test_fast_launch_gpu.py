@@ -159,3 +159,74 @@ def test_inputs_on_a_device_other_than_the_current_one():
     torch.cuda.synchronize(1)
     for a, b in zip(got, ref):
         assert a.device == torch.device("cuda:1") and torch.equal(a, b)
+
+
+def _fresh(t):
+    return t.detach().clone().requires_grad_(t.requires_grad)
+
+
+def _no_launcher_calls(monkeypatch):
+    calls = []
+    for launcher in LAUNCHERS:
+        monkeypatch.setattr(launcher, "_launch", lambda *a, **k: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_replayed_calls_bitwise_with_new_tensors(name, monkeypatch):
+    """A signature's later calls replay the recorded launches (fa_core.fast_launch.Replay: no launcher runs)
+    with the new call's tensors: forward, fwd+bwd, and the forward without grad, bitwise equal to Triton's
+    launch path on fresh copies (new data pointers)."""
+    q, k, v, dout, kw = _inputs(name)
+    previous = set_fast_launch(False)
+    try:
+        ref = _step(q, k, v, dout, kw)
+    finally:
+        set_fast_launch(previous)
+    set_fast_launch(True)
+    _step(q, k, v, dout, kw)  # compiles, fills the launcher cache
+    _step(*map(_fresh, (q, k, v, dout)), kw)  # records
+    for _ in range(2):
+        kw2 = {n: _fresh(x) if isinstance(x, torch.Tensor) else x for n, x in kw.items()}
+        q2, k2, v2, dout2 = map(_fresh, (q, k, v, dout))
+        calls = _no_launcher_calls(monkeypatch)
+        got = _step(q2, k2, v2, dout2, kw2)
+        with torch.no_grad():
+            out_ng = flash_attn_func(q2, k2, v2, **kw2)
+        torch.cuda.synchronize()
+        monkeypatch.undo()
+        assert not calls, "a repeated signature went through the launcher"
+        for a, b in zip(got, ref):
+            assert torch.equal(a, b)
+        assert torch.equal(out_ng, ref[0])
+
+
+def test_replayed_varlen_calls_bitwise(monkeypatch):
+    torch.manual_seed(2)
+    lens = [17, 256, 1, 300]
+    total, h, d = sum(lens), 4, 64
+    q, k, v = (rand(total, h, d, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    dout = rand(total, h, d, dtype=torch.bfloat16)
+
+    def step(q, k, v, dout, cu_q, cu_k):
+        out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens), max(lens), causal=True)
+        return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+    cu = cu_seqlens(lens)
+    previous = set_fast_launch(False)
+    try:
+        ref = step(q, k, v, dout, cu, cu)
+    finally:
+        set_fast_launch(previous)
+    set_fast_launch(True)
+    for same in (True, False):  # one cu_seqlens tensor for both, then two
+        step(q, k, v, dout, cu, cu if same else cu.clone())
+        step(q, k, v, dout, cu, cu if same else cu.clone())
+        cu2 = cu.clone()
+        calls = _no_launcher_calls(monkeypatch)
+        got = step(*map(_fresh, (q, k, v, dout)), cu2, cu2 if same else cu.clone())
+        torch.cuda.synchronize()
+        monkeypatch.undo()
+        assert not calls
+        for a, b in zip(got, ref):
+            assert torch.equal(a, b)

@@ -10,7 +10,18 @@ import torch
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from fa_core.fast_launch import FastLaunch, _arg_class, _classes, fast_launch_enabled, set_fast_launch
+from fa_core import fast_launch
+from fa_core.fast_launch import (
+    FastLaunch,
+    Recording,
+    Replay,
+    _arg_class,
+    _classes,
+    empty_arg,
+    fast_launch_enabled,
+    record,
+    set_fast_launch,
+)
 
 
 def _kernel(X, Y, n, scale, SEQ_BUCKET, BLOCK: tl.constexpr, FLAG: tl.constexpr):
@@ -112,3 +123,74 @@ def test_descriptor_allocator_is_set_in_every_thread():
     t.join()
     assert seen["before"], "a new thread starts without an allocator"
     assert seen["after"] is fl._torch_scratch
+
+
+# ------------------------------------------------------------------------------------------ replay
+def _recording(steps_vals, calls=None):
+    """A Recording of fake direct launches: each step's ``run`` appends its arguments to ``log``."""
+    log: list = []
+
+    def run(*args):
+        log.append(args)
+
+    launcher = FastLaunch(JITFunction(_kernel))
+    rec = Recording()
+    for vals in steps_vals:
+        rec.steps.append((launcher, run, 4, 2, 1, "fn", "meta", tuple(vals), (64, True), "cfg", 0))
+    rec.calls = len(rec.steps) if calls is None else calls
+    return rec, log
+
+
+@pytest.fixture
+def fake_device(monkeypatch):
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 7, raising=False)
+
+
+def test_replay_substitutes_the_new_calls_tensors(fake_device):
+    q, k, out = torch.zeros(4), torch.zeros(4), torch.zeros(4)
+    placeholder = empty_arg(q, torch.int32)
+    rec, log = _recording([(q, k, 3, 0.5, placeholder), (out, q, None)])
+    replay = Replay.build(rec, (q, k, out))
+    assert replay is not None
+    q2, k2, out2 = torch.ones(4), torch.ones(4), torch.ones(4)
+    assert replay((q2, k2, out2))
+    (a, b) = log
+    assert a[:6] == (4, 2, 1, 7, "fn", "meta") and a[6:9] == (None, None, None)
+    assert (
+        a[9] is q2 and a[10] is k2 and a[11:13] == (3, 0.5) and a[13] is placeholder and a[14:] == (64, True)
+    )
+    assert b[9] is out2 and b[10] is q2 and b[11] is None
+    # the recorded tensors are not kept alive by the replay
+    assert all(not isinstance(x, torch.Tensor) or x is placeholder for s in replay.steps for x in s[7])
+
+
+def test_replay_refuses_what_it_cannot_replay(fake_device):
+    q, k = torch.zeros(4), torch.zeros(4)
+    stray = torch.zeros(4)  # made inside the launcher: no slot, no placeholder
+    assert Replay.build(_recording([(q, stray)])[0], (q, k)) is None
+    assert Replay.build(_recording([(q, k)])[0], (q, q)) is None  # two slots, one tensor: ambiguous
+    assert Replay.build(_recording([(q, k)], calls=2)[0], (q, k)) is None  # a launch took Triton's path
+    assert Replay.build(_recording([])[0], (q, k)) is None
+    rec, log = _recording([(q, k)])
+    replay = Replay.build(rec, (q, k))
+    previous = set_fast_launch(False)
+    try:
+        assert not replay((q, k)) and not log  # the shortcut off: the caller takes the launch path
+    finally:
+        set_fast_launch(previous)
+
+
+def test_record_counts_launcher_calls_on_this_thread_only():
+    import threading
+
+    launcher = FastLaunch(JITFunction(_kernel))
+    seen = []
+    with record() as rec:
+        t = threading.Thread(target=lambda: seen.append(getattr(fast_launch._TLS, "rec", None)))
+        t.start()
+        t.join()
+        with pytest.raises(Exception):  # a CPU tensor without the interpreter: Triton's path, which fails
+            launcher((1,), torch.zeros(4), torch.zeros(4), 1, 0.5, 16, BLOCK=16, FLAG=True)
+    assert seen == [None] and rec.calls == 1 and not rec.steps
+    assert getattr(fast_launch._TLS, "rec", None) is None

@@ -14,6 +14,13 @@ Anything unusual (CPU / interpreter, launch hooks set, a kernel whose constexprs
 arguments, a Triton without the expected attributes) simply takes Triton's path. ``FA_PLUS_FAST_LAUNCH=0``
 (``fa_core.settings.get().fast_launch``) turns the shortcut off (the GPU tests compare both paths bit for bit).
 
+A caller whose launches follow from a signature of its own (shapes, strides, dtypes, scalars) can go one step
+further: :func:`record` captures the direct launches of one call, and :meth:`Replay.build` turns them into a
+:class:`Replay` that re-issues them with the next call's tensors substituted (its Python and the launchers'
+keys skipped). The caller keys the replay on everything its launches derive from; tensors of the recorded
+launches that are neither one of the caller's named ``slots`` nor a cached placeholder (:func:`empty_arg`)
+make the call not replayable.
+
 The compiled kernel's ``run(gridX, gridY, gridZ, stream, function, packed_metadata, launch_metadata,
 enter_hook, exit_hook, *args)`` is a private Triton interface: the shortcut is taken only on the Triton
 versions it was written and tested for (:data:`TESTED_TRITON`); any other version launches through Triton's
@@ -22,14 +29,25 @@ own path (:func:`launcher_supported`).
 
 from __future__ import annotations
 
+import contextlib
 import re
+import threading
+from collections.abc import Iterator, Sequence
 from itertools import repeat
 from operator import and_, eq, itemgetter
 from typing import Any
 
 import torch
 
-__all__ = ["FastLaunch", "empty_arg", "fast_launch_enabled", "set_fast_launch"]
+__all__ = [
+    "FastLaunch",
+    "Recording",
+    "Replay",
+    "empty_arg",
+    "fast_launch_enabled",
+    "record",
+    "set_fast_launch",
+]
 
 _I32_MIN, _I32_MAX, _U64_FROM = -(2**31), 2**31 - 1, 2**63
 #: keyword arguments of a launch that are compile options, not kernel parameters (part of the cache key)
@@ -242,6 +260,9 @@ class FastLaunch:
     # ------------------------------------------------------------------------------------------ launch
     def __call__(self, grid: Any, *args: Any, **kwargs: Any) -> None:
         first = args[0]
+        rec: Recording | None = getattr(_TLS, "rec", None)
+        if rec is not None:
+            rec.calls += 1  # replayable only if every call records a direct launch
         if not first.is_cuda:  # the CPU interpreter
             self.kernel[grid](*args, **kwargs)
             return
@@ -251,9 +272,11 @@ class FastLaunch:
             with torch.cuda.device(device):
                 self._launch(grid, device, args, kwargs)
             return
-        self._launch(grid, device, args, kwargs)
+        self._launch(grid, device, args, kwargs, rec)
 
-    def _launch(self, grid: Any, device: int, args: tuple, kwargs: dict) -> None:
+    def _launch(
+        self, grid: Any, device: int, args: tuple, kwargs: dict, rec: Recording | None = None
+    ) -> None:
         if not (self.ok and LAUNCHER_SUPPORTED and fast_launch_enabled()):
             self.kernel[grid](*args, **kwargs)
             return
@@ -286,19 +309,10 @@ class FastLaunch:
         else:
             g = grid
         stream = torch._C._cuda_getCurrentRawStream(device)
-        run(
-            g[0],
-            g[1] if len(g) > 1 else 1,
-            g[2] if len(g) > 2 else 1,
-            stream,
-            function,
-            packed,
-            None,
-            None,
-            None,
-            *vals,
-            *tail,
-        )
+        g0, g1, g2 = g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1
+        run(g0, g1, g2, stream, function, packed, None, None, None, *vals, *tail)
+        if rec is not None:
+            rec.steps.append((self, run, g0, g1, g2, function, packed, vals, tail, self.last_config, device))
 
     def _slow(self, key: tuple, grid: Any, args: tuple, kwargs: dict) -> None:
         compiled = self.kernel[grid](*args, **kwargs)
@@ -319,3 +333,98 @@ class FastLaunch:
 
     def clear(self) -> None:
         self._cache.clear()
+
+
+# ------------------------------------------------------------------------------------------ replay
+_TLS = threading.local()
+
+
+class Recording:
+    """The direct launches made inside :func:`record` on this thread: ``steps`` (one per direct launch) and
+    ``calls`` (launcher calls; more than steps when one took Triton's own path, which cannot be replayed)."""
+
+    __slots__ = ("calls", "steps")
+
+    def __init__(self) -> None:
+        self.steps: list[tuple] = []
+        self.calls = 0
+
+
+@contextlib.contextmanager
+def record() -> Iterator[Recording]:
+    """Capture the launches of the :class:`FastLaunch` calls made inside the block (this thread only).
+
+    The block must do nothing else a replay would have to repeat: a tensor made inside it and passed to a
+    launch makes the recording unreplayable (it is no slot), but an in-place torch op on a slot tensor would
+    be silently left out of the replay."""
+    rec = Recording()
+    previous = getattr(_TLS, "rec", None)
+    _TLS.rec = rec
+    try:
+        yield rec
+    finally:
+        _TLS.rec = previous
+
+
+class Replay:
+    """Recorded direct launches, re-issued with new tensors: ``replay(slots)`` launches every recorded step with
+    the tensors of ``slots`` (same order as given to :meth:`build`) in place of the recorded ones.
+
+    The caller guarantees that the new call has the recorded call's signature: same shapes, strides, dtypes,
+    16-byte alignment, device and scalar options (everything the launches' arguments and the launcher's cache
+    key were derived from). ``replay`` returns False, launching nothing, where the launch path must be taken
+    instead (the shortcut switched off, launch hooks set, another current device)."""
+
+    __slots__ = ("device", "steps")
+
+    def __init__(self, steps: list[tuple], device: int) -> None:
+        self.steps = steps
+        self.device = device
+
+    @classmethod
+    def build(cls, rec: Recording, slots: Sequence[torch.Tensor | None]) -> Replay | None:
+        """A replay of ``rec`` where each tensor argument is one of ``slots`` (by identity) or a cached
+        placeholder; None when the recording is incomplete or empty, when two slots are one tensor (which
+        slot a recorded argument stands for would be ambiguous), or when a launch took another tensor."""
+        if rec.calls != len(rec.steps) or not rec.steps:
+            return None
+        index: dict[int, int] = {}
+        for j, t in enumerate(slots):
+            if t is None:
+                continue
+            if id(t) in index:
+                return None
+            index[id(t)] = j
+        placeholders = {id(t) for t in _EMPTY.values()}
+        devices = {step[-1] for step in rec.steps}
+        if len(devices) != 1:
+            return None
+        steps = []
+        for launcher, run, g0, g1, g2, function, packed, vals, tail, config, _ in rec.steps:
+            template = list(vals)
+            subs = []
+            for i, x in enumerate(vals):
+                if isinstance(x, torch.Tensor):
+                    j = index.get(id(x))
+                    if j is not None:
+                        subs.append((i, j))
+                        template[i] = None  # no recorded tensor kept alive
+                    elif id(x) not in placeholders:
+                        return None
+            steps.append((launcher, run, g0, g1, g2, function, packed, template, tuple(subs), tail, config))
+        return cls(steps, devices.pop())
+
+    def __call__(self, slots: Sequence[torch.Tensor | None]) -> bool:
+        if not fast_launch_enabled() or _hooks_active():
+            return False
+        device = self.device
+        if torch._C._cuda_getDevice() != device:
+            return False
+        stream = torch._C._cuda_getCurrentRawStream(device)
+        for launcher, run, g0, g1, g2, function, packed, template, subs, tail, config in self.steps:
+            vals = template.copy()
+            for i, j in subs:
+                vals[i] = slots[j]
+            run(g0, g1, g2, stream, function, packed, None, None, None, *vals, *tail)
+            launcher.last_config = config
+        return True
