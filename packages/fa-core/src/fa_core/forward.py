@@ -228,6 +228,51 @@ def flash_attn_forward(
     return FwdResult(out, lse, rng_state, probs)
 
 
+def _gluon_paged(q, k, v, out, block_table, causal, window_size, kw) -> torch.Tensor | None:
+    """Run the paged varlen forward on the Hopper (Gluon) kernels into ``out`` when they cover the call and
+    return the lse ``(nheads, total_q)``; else None (the Triton kernel runs).
+
+    Covered: sm_90 with Triton 3.6, bf16 / fp16, head dim 64 / 128, causal, windows, softcap, GQA,
+    ``seqused_k``, caches whose pages are contiguous rows (:func:`fa_core.gluon.supports`); not dropout,
+    ALiBi, sinks, chunks, score / mask mods, FP8 or ``leftpad_k`` (the caller checks the last two), the same
+    rules as the packed varlen dispatch, including its minimum amount of work per launch."""
+    from fa_core import settings
+
+    if (
+        not q.is_cuda
+        or kw["dropout_p"] > 0
+        or kw["alibi_slopes"] is not None
+        or kw["learnable_sink"] is not None
+        or kw["score_mod"] is not None
+        or kw["mask_mod"] is not None
+        or kw["attention_chunk"]
+        or not settings.get().gluon
+    ):
+        return None
+    from fa_core.ops import GLUON_MIN_FLOPS
+
+    # Gluon launches cost more host time than the Triton kernel's cached launch: small calls stay there
+    work = 4 * q.shape[-2] * q.shape[-1] * kw["max_seqlen_k"] * q.shape[0]
+    if work < GLUON_MIN_FLOPS * (2 if causal else 1):
+        return None
+    from fa_core import gluon
+
+    gkw: dict[str, Any] = dict(
+        causal=causal,
+        window_size=tuple(window_size),
+        softcap=kw["softcap"],
+        softmax_scale=kw["softmax_scale"],
+        block_table=block_table,
+        seqused_k=kw["seqused_k"],
+    )
+    cu_q, cu_k, max_q, max_k = kw["cu_seqlens_q"], kw["cu_seqlens_k"], kw["max_seqlen_q"], kw["max_seqlen_k"]
+    if max_k < 1 or not gluon.supports(
+        q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k, out=out, **gkw
+    ):
+        return None
+    return gluon.forward_varlen(q, k, v, cu_q, cu_k, max_q, max_k, out=out, **gkw)[1]
+
+
 def flash_attn_varlen_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -360,6 +405,10 @@ def flash_attn_varlen_forward(
         score_mod=score_mod,
         mask_mod=mask_mod,
     )
+    if block_table is not None and descale is None and leftpad_k is None:
+        g_lse = _gluon_paged(q, k, v, out, block_table, causal, window_size, kw)
+        if g_lse is not None:
+            return FwdResult(out, g_lse, rng_state, None)
     window = launch_forward(
         q, k, v, out, lse, causal=causal, window_size=window_size, descale=descale, leftpad_k=leftpad_k,
         block_table=block_table, **kw,

@@ -10,8 +10,9 @@ per head dim, mask and length on an H100 (``bench/results/h100-gluon-forward.jso
 Scope: dense bf16/fp16, head dim 64 or 128 (q, k, v alike), non-causal or causal (bottom-right aligned,
 ``diag = seqlen_k - seqlen_q``), sliding windows, softcap, GQA/MQA, any ``softmax_scale > 0``, tensors
 ``(batch, seqlen, nheads, headdim)`` (or packed varlen ``(total, nheads, headdim)`` with ``cu_seqlens``) with
-a contiguous last dim and 16-byte aligned base and strides (TMA). Everything else (ALiBi, dropout,
-``seqused_k``, paged KV, FP8, ...) is refused by :func:`supports` and stays with the Triton kernels.
+a contiguous last dim and 16-byte aligned base and strides (TMA); varlen also with K/V in a paged cache
+(``block_table``, optionally ``seqused_k``): the kernels' TMA loads follow the block table. Everything else
+(ALiBi, dropout, ``leftpad_k``, FP8, ...) is refused by :func:`supports` and stays with the Triton kernels.
 
 The kernels were written against Triton 3.6's Gluon API; :func:`available` is False under other Triton
 versions (this module still imports there: the kernel modules are imported on first use only).
@@ -142,6 +143,8 @@ def unsupported_reason(
     out: torch.Tensor | None = None,
     rng_state: torch.Tensor | None = None,
     check_device: bool = True,
+    block_table: torch.Tensor | None = None,
+    seqused_k: torch.Tensor | None = None,
     **extras: Any,
 ) -> str | None:
     """Why :func:`forward` (or, with ``cu_seqlens_*``, :func:`forward_varlen`) cannot take these arguments,
@@ -150,7 +153,15 @@ def unsupported_reason(
         return "needs Triton 3.6 Gluon and an sm_90 CUDA device"
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     ndim = 3 if varlen else 4
-    if q.dim() != ndim or k.dim() != ndim or v.dim() != ndim:
+    paged = block_table is not None
+    if paged and not varlen:
+        return "block_table needs the varlen arguments"
+    if seqused_k is not None and not paged:
+        return "seqused_k is supported only with block_table"
+    kv_ndim = 4 if paged else ndim
+    if q.dim() != ndim or k.dim() != kv_ndim or v.dim() != kv_ndim:
+        if paged:
+            return "paged varlen needs q (total_q, nheads, headdim) and k, v (num_pages, page_size, nheads_k, headdim)"
         return "dense (batch, seqlen, nheads, headdim) or varlen (total, nheads, headdim) tensors only"
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return "q, k, v must all be bfloat16 or all float16"
@@ -175,6 +186,11 @@ def unsupported_reason(
         if max_seqlen_q is None or max_seqlen_k is None or min(max_seqlen_q, max_seqlen_k) < 1:
             return "varlen needs max_seqlen_q and max_seqlen_k >= 1"
         batch, seqlen_q, seqlen_k = cu_seqlens_q.numel() - 1, q.shape[0], k.shape[0]
+        if paged:
+            reason = _paged_reason(q, k, v, block_table, seqused_k, batch, check_device)
+            if reason is not None:
+                return reason
+            seqlen_k = k.shape[0] * k.shape[1]
     else:
         batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
         if k.shape[0] != batch:
@@ -214,6 +230,38 @@ def unsupported_reason(
     return None
 
 
+def _paged_reason(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_table: torch.Tensor,
+    seqused_k: torch.Tensor | None,
+    batch: int,
+    check_device: bool,
+) -> str | None:
+    """Why the paged varlen path cannot take these caches / table (k, v already 4-D, same page layout)."""
+    if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.stride(-1) != 1:
+        return "block_table must be an int32 (batch, max_pages) tensor with a contiguous last dim"
+    if block_table.shape[0] != batch or block_table.shape[1] < 1:
+        return "block_table must have one row per sequence and max_pages >= 1"
+    if check_device and block_table.device != q.device:
+        return "block_table must be on q's device"
+    if seqused_k is not None:
+        if seqused_k.dtype != torch.int32 or seqused_k.dim() != 1 or seqused_k.numel() != batch:
+            return "seqused_k must be an int32 (batch,) tensor"
+        if check_device and seqused_k.device != q.device:
+            return "seqused_k must be on q's device"
+    num_pages, page = k.shape[0], k.shape[1]
+    if num_pages < 1 or page < 16 or page & (page - 1):
+        return "a paged cache needs num_pages >= 1 and a page size that is a power of two >= 16"
+    for name, t in (("k", k), ("v", v)):
+        if t.stride(0) != page * t.stride(1):
+            return f"the pages of {name} must be contiguous rows (stride(0) == page_size * stride(1))"
+    if max(num_pages * page, block_table.shape[1] * page) >= 2**31:
+        return "cache rows and max_pages * page_size must fit int32"
+    return None
+
+
 def supports(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -230,6 +278,8 @@ def supports(
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
     out: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    seqused_k: torch.Tensor | None = None,
     **extras: Any,
 ) -> bool:
     """Whether :func:`forward` (dense) or :func:`forward_varlen` (``cu_seqlens_*`` given) handles this call.
@@ -239,7 +289,10 @@ def supports(
     on q's device, ``max_seqlen_q/k >= 1``) with ``d`` in {64, 128} and ``h % h_k == 0``; any ``window_size`` (-1 = unbounded
     side) and ``softcap >= 0``, with or without ``causal``; no ALiBi or dropout; ``softmax_scale`` None or
     finite > 0; every stride but the last (which is 1) and the base 16-byte aligned, for q, k, v and ``out``
-    (if given: q's shape and dtype); ``rng_state`` is ignored (no dropout). Any further keyword (``return_probs``,
+    (if given: q's shape and dtype); ``rng_state`` is ignored (no dropout). Paged varlen: ``block_table``
+    int32 ``(b, max_pages)`` with a contiguous last dim on q's device, k, v ``(num_pages, page, h_k, d)``
+    with the page a power of two >= 16 and contiguous pages (``stride(0) == page * stride(1)``), optional
+    ``seqused_k`` int32 ``(b,)`` (only with ``block_table``). Any further keyword (``return_probs``,
     ``learnable_sink``, ``attention_chunk``, ``score_mod``, ``q_descale``, ...) must be None / False / 0.
     """
     return (
@@ -258,6 +311,8 @@ def supports(
             max_seqlen_q=max_seqlen_q,
             max_seqlen_k=max_seqlen_k,
             out=out,
+            block_table=block_table,
+            seqused_k=seqused_k,
             **extras,
         )
         is None
@@ -339,6 +394,8 @@ def forward_varlen(
     out: torch.Tensor | None = None,
     kind: str | None = None,
     config: dict[str, int] | None = None,
+    block_table: torch.Tensor | None = None,
+    seqused_k: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed variable-length attention forward on Hopper with the Gluon kernels.
 
@@ -350,6 +407,13 @@ def forward_varlen(
         softmax_scale, causal, window_size, softcap, out, kind, config: as :func:`forward`; ``out`` is
             ``(total_q, nheads, headdim)``. Each sequence is attended on its own (causal aligned bottom-right
             per sequence); the kernels build one TMA descriptor per sequence on the device.
+        block_table: optional int32 ``(batch, max_pages)``: k, v are paged caches ``(num_pages, page_size,
+            nheads_k, headdim)`` (page a power of two >= 16, pages contiguous rows) and key j of sequence b is
+            row ``j % page_size`` of page ``block_table[b, j // page_size]``; ``cu_seqlens_k`` then gives only
+            the key lengths. Table entries and lengths are clamped in the kernel (never checked on the host):
+            garbage gives garbage output, never an access outside the table or the caches.
+        seqused_k: optional int32 ``(batch,)`` (with ``block_table`` only): sequence b has ``seqused_k[b]``
+            keys (instead of ``cu_seqlens_k[b + 1] - cu_seqlens_k[b]``).
 
     Returns:
         ``(out (total_q, nheads, headdim), lse (nheads, total_q) float32)``.
@@ -369,6 +433,8 @@ def forward_varlen(
         cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k,
+        block_table=block_table,
+        seqused_k=seqused_k,
     )
     if reason is not None:
         raise FlashAttnValueError(f"fa_core.gluon.forward_varlen: {reason}")
@@ -389,6 +455,7 @@ def forward_varlen(
     from fa_core.gluon import _launch
 
     varlen = (cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
+    paged = None if block_table is None else (block_table, seqused_k)
     with torch.cuda.device(q.device):
-        _launch.launch(kind, q, k, v, out, lse, scale, causal, window_size, softcap, config, varlen)
+        _launch.launch(kind, q, k, v, out, lse, scale, causal, window_size, softcap, config, varlen, paged)
     return out, lse

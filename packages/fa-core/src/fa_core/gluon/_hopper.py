@@ -146,15 +146,91 @@ def _as4d(smem, desc):
 
 
 @gluon.jit
-def _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, tile, slot, b, hk):
-    """TMA K and V of key tile ``tile`` into ring slot ``slot`` (each on its own barrier)."""
-    BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
+def _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, tile, slot, b, hk, pg, PAGE: gl.constexpr):
+    """TMA K and V of key tile ``tile`` into ring slot ``slot`` (each on its own barrier); ``PAGE > 0``: from a
+    paged cache through the block table (see :func:`_load_kv_paged`)."""
     kb = k_bars.index(slot)
     vb = v_bars.index(slot)
-    mbarrier.expect(kb, k_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [b, tile * BLOCK_N, hk, 0], kb, _as4d(k_smem.index(slot), k_desc))
-    mbarrier.expect(vb, v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(v_desc, [b, tile * BLOCK_N, hk, 0], vb, _as4d(v_smem.index(slot), v_desc))
+    if PAGE == 0:
+        BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
+        mbarrier.expect(kb, k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(
+            k_desc, [b, tile * BLOCK_N, hk, 0], kb, _as4d(k_smem.index(slot), k_desc)
+        )
+        mbarrier.expect(vb, v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(
+            v_desc, [b, tile * BLOCK_N, hk, 0], vb, _as4d(v_smem.index(slot), v_desc)
+        )
+    else:
+        _load_kv_paged(k_desc, v_desc, k_smem, v_smem, kb, vb, tile, slot, hk, pg, PAGE)
+
+
+@gluon.jit
+def _page_of(table, lp, max_pages, num_pages):
+    """The cache page of logical page ``lp`` of a sequence (``table``: its block-table row), both clamped: a
+    garbage table gives garbage rows, never a read outside the table or the cache."""
+    lp = gl.minimum(gl.maximum(lp, 0), max_pages - 1)
+    return gl.minimum(gl.maximum(gl.load(table + lp), 0), num_pages - 1)
+
+
+@gluon.jit
+def _load_kv_paged(k_desc, v_desc, k_smem, v_smem, kb, vb, tile, slot, hk, pg, PAGE: gl.constexpr):
+    """K and V of key tile ``tile`` from a paged cache: the descriptors cover the whole cache as rows
+    ``(1, num_pages * PAGE, nheads_k, d)`` with blocks of ``ROWS = min(PAGE, BLOCK_N)`` rows.
+
+    ``PAGE >= BLOCK_N``: one load per tile (a tile lies in one page). ``PAGE < BLOCK_N``: ``BLOCK_N / PAGE``
+    page loads per tile, each split by hand into ``HEAD_DIM / BOX_D`` column chunks of 128 bytes (the ring
+    slot is column-chunk major under the 128-byte swizzle, so a row slice of it is not one TMA destination).
+    One barrier per operand expects the whole tile. ``pg`` = (block-table row, max_pages, num_pages, last
+    logical page, tail descriptor): V of the sequence's last page (and anything past it) comes through the tail
+    descriptor, which ends at the sequence's last key, so TMA zero-fills the rows past the end (unused cache
+    rows may hold NaN / Inf, and 0 * NaN in P @ V would poison the row). K needs no such care: the scores of
+    those columns are masked to -inf before any use.
+    """
+    table, max_pages, num_pages, last_lp, vt_desc = pg
+    BLOCK_N: gl.constexpr = k_smem.shape[1]
+    HEAD_DIM: gl.constexpr = k_smem.shape[2]
+    ROWS: gl.constexpr = k_desc.block_type.shape[1]
+    BOX_D: gl.constexpr = k_desc.block_type.shape[3]
+    NPG: gl.constexpr = BLOCK_N // ROWS
+    NCH: gl.constexpr = HEAD_DIM // BOX_D
+    mbarrier.expect(kb, k_desc.block_type.nbytes * NPG * NCH)
+    mbarrier.expect(vb, v_desc.block_type.nbytes * NPG * NCH)
+    if NPG == 1:
+        key0 = tile * BLOCK_N
+        lp = key0 // PAGE
+        row = _page_of(table, lp, max_pages, num_pages) * PAGE + key0 % PAGE
+        tma.async_copy_global_to_shared(k_desc, [0, row, hk, 0], kb, _as4d(k_smem.index(slot), k_desc))
+        v_dst = _as4d(v_smem.index(slot), v_desc)
+        if lp < last_lp:
+            tma.async_copy_global_to_shared(v_desc, [0, row, hk, 0], vb, v_dst)
+        else:
+            tma.async_copy_global_to_shared(vt_desc, [0, key0 - last_lp * PAGE, hk, 0], vb, v_dst)
+    else:
+        # the tile's NPG page numbers in one vector load (every thread holds all of them), then picked out
+        # by a thread-local select-and-sum
+        idx_layout: gl.constexpr = gl.BlockedLayout([NPG], [32], [gl.num_warps()], [0])
+        idx = gl.arange(0, NPG, layout=idx_layout)
+        lps = gl.minimum(tile * NPG + idx, max_pages - 1)
+        pids = gl.minimum(gl.maximum(gl.load(table + lps), 0), num_pages - 1)
+        smem_layout: gl.constexpr = k_smem.layout
+        k_parts = k_smem.index(slot)._reinterpret(k_smem.dtype, [NCH * NPG, ROWS, BOX_D], smem_layout)
+        v_parts = v_smem.index(slot)._reinterpret(v_smem.dtype, [NCH * NPG, ROWS, BOX_D], smem_layout)
+        for i in gl.static_range(NPG):
+            lp = tile * NPG + i
+            row = gl.sum(gl.where(idx == i, pids, 0), axis=0) * PAGE
+            for c in gl.static_range(NCH):
+                part = c * NPG + i
+                tma.async_copy_global_to_shared(
+                    k_desc, [0, row, hk, c * BOX_D], kb, _as4d(k_parts.index(part), k_desc)
+                )
+                v_dst = _as4d(v_parts.index(part), v_desc)
+                if lp < last_lp:
+                    tma.async_copy_global_to_shared(v_desc, [0, row, hk, c * BOX_D], vb, v_dst)
+                else:
+                    tma.async_copy_global_to_shared(
+                        vt_desc, [0, (lp - last_lp) * PAGE, hk, c * BOX_D], vb, v_dst
+                    )
 
 
 @gluon.jit
@@ -201,6 +277,7 @@ def _consume_tiles(
     v_desc,
     b,
     hk,
+    pg,
     m0,
     sp,
     tiles,
@@ -217,6 +294,7 @@ def _consume_tiles(
     ME: gl.constexpr,
     PINGPONG: gl.constexpr,
     NCONS: gl.constexpr,
+    PAGE: gl.constexpr,
 ):
     """The overlapped QK^T / softmax / PV loop over key tiles [lo, hi) for the query tile in ``q_smem``.
 
@@ -257,21 +335,21 @@ def _consume_tiles(
         if WINDOW:
             for j in range(lo + 1, full_lo):
                 acc, m_i, l_i, p_prev = _overlapped_step(
-                    j, lo, acc, m_i, l_i, p_prev, q_smem, k_smem, v_smem, bars, k_desc, v_desc, b, hk, sp,
+                    j, lo, acc, m_i, l_i, p_prev, q_smem, k_smem, v_smem, bars, k_desc, v_desc, b, hk, pg, sp,
                     rows, n_total, s_zero, s_layout, o_layout, p_layout, BLOCK_N, STAGES, True, CAUSAL, WINDOW,
-                    SOFTCAP, PRODUCER, ME, PINGPONG, NCONS,
+                    SOFTCAP, PRODUCER, ME, PINGPONG, NCONS, PAGE,
                 )  # fmt: skip
         for j in range(gl.maximum(full_lo, lo + 1), full_hi):
             acc, m_i, l_i, p_prev = _overlapped_step(
-                j, lo, acc, m_i, l_i, p_prev, q_smem, k_smem, v_smem, bars, k_desc, v_desc, b, hk, sp,
+                j, lo, acc, m_i, l_i, p_prev, q_smem, k_smem, v_smem, bars, k_desc, v_desc, b, hk, pg, sp,
                 rows, n_total, s_zero, s_layout, o_layout, p_layout, BLOCK_N, STAGES, False, CAUSAL, WINDOW,
-                SOFTCAP, PRODUCER, ME, PINGPONG, NCONS,
+                SOFTCAP, PRODUCER, ME, PINGPONG, NCONS, PAGE,
             )  # fmt: skip
         for j in range(gl.maximum(full_hi, lo + 1), hi):
             acc, m_i, l_i, p_prev = _overlapped_step(
-                j, lo, acc, m_i, l_i, p_prev, q_smem, k_smem, v_smem, bars, k_desc, v_desc, b, hk, sp,
+                j, lo, acc, m_i, l_i, p_prev, q_smem, k_smem, v_smem, bars, k_desc, v_desc, b, hk, pg, sp,
                 rows, n_total, s_zero, s_layout, o_layout, p_layout, BLOCK_N, STAGES, True, CAUSAL, WINDOW,
-                SOFTCAP, PRODUCER, ME, PINGPONG, NCONS,
+                SOFTCAP, PRODUCER, ME, PINGPONG, NCONS, PAGE,
             )  # fmt: skip
         # the last PV
         last = n_total - 1
@@ -303,6 +381,7 @@ def _overlapped_step(
     v_desc,
     b,
     hk,
+    pg,
     sp,
     rows,
     n_total,
@@ -320,6 +399,7 @@ def _overlapped_step(
     ME: gl.constexpr,
     PINGPONG: gl.constexpr,
     NCONS: gl.constexpr,
+    PAGE: gl.constexpr,
 ):
     """Issue QK^T(j) and PV(j - 1) asynchronously, softmax tile j while PV(j - 1) runs, then rescale O."""
     k_bars, v_bars, free_bars, turn_bars = bars
@@ -346,7 +426,7 @@ def _overlapped_step(
     if PRODUCER:
         t = r - 1 + STAGES
         if t < n_total:
-            _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, lo + t, prev, b, hk)
+            _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, lo + t, prev, b, hk, pg, PAGE)
     else:
         mbarrier.arrive(free_bars.index(prev), count=1)
     return acc, m_i, l_i, p_next
@@ -379,32 +459,63 @@ def _problem(
     seqlen_k,
     stride_lb,
     vl,
+    pa,
     ROWS_Q: gl.constexpr,
     BLOCK_N: gl.constexpr,
     HEAD_DIM: gl.constexpr,
     VARLEN: gl.constexpr,
+    PAGE: gl.constexpr,
+    SEQUSED: gl.constexpr,
 ):
-    """(q, k, v, o descriptors, seqlen_q, seqlen_k, batch coordinate, lse offset) of batch entry ``b``.
+    """(q, k, v, o descriptors, seqlen_q, seqlen_k, batch coordinate, lse offset, paging state) of batch
+    entry ``b``.
 
     Dense: the host descriptors over ``(batch, seqlen, nheads, headdim)``, coordinate ``b``, lse offset
     ``b * stride_lb``. Varlen (``vl`` = (cu_seqlens_q, cu_seqlens_k, q/k/v/o sequence and head strides,
     nheads, nheads_k, total_q, total_k), ``*_arg`` base pointers of ``(total, nheads, headdim)`` tensors):
     one descriptor per sequence, coordinate 0, lse offset ``cu_seqlens_q[b]`` (lse ``(nheads, total_q)``).
+    Paged varlen (``PAGE > 0``; ``k_arg``, ``v_arg`` host descriptors over the whole cache as rows ``(1,
+    num_pages * PAGE, nheads_k, headdim)``; ``pa`` = (block_table, its row stride, max_pages, num_pages,
+    seqused_k, v base pointer): the key length is ``seqused_k[b]`` (``SEQUSED``) or ``cu_seqlens_k[b + 1] -
+    cu_seqlens_k[b]``, clamped to ``[0, max_pages * PAGE]``; the paging state is :func:`_load_kv_paged`'s.
+    Without paging the state is ``pa`` itself (unused).
     """
     if VARLEN:
         cu_q, cu_k, sqs, sqh, sks, skh, svs, svh, sos, soh, nheads, nheads_k, total_q, total_k = vl
         # clamped: garbage offsets give garbage rows, never an access outside q, k, v, out
         q_start = gl.minimum(gl.maximum(gl.load(cu_q + b), 0), total_q)
-        k_start = gl.minimum(gl.maximum(gl.load(cu_k + b), 0), total_k)
         seqlen_q = gl.minimum(gl.maximum(gl.load(cu_q + b + 1), q_start), total_q) - q_start
-        seqlen_k = gl.minimum(gl.maximum(gl.load(cu_k + b + 1), k_start), total_k) - k_start
         q_desc = _seq_desc(q_arg, q_start, seqlen_q, nheads, sqs, sqh, ROWS_Q, HEAD_DIM)
-        k_desc = _seq_desc(k_arg, k_start, seqlen_k, nheads_k, sks, skh, BLOCK_N, HEAD_DIM)
-        v_desc = _seq_desc(v_arg, k_start, seqlen_k, nheads_k, svs, svh, BLOCK_N, HEAD_DIM)
         o_desc = _seq_desc(o_arg, q_start, seqlen_q, nheads, sos, soh, ROWS_Q, HEAD_DIM)
-        return q_desc, k_desc, v_desc, o_desc, seqlen_q, seqlen_k, 0, q_start.to(gl.int64)
+        if PAGE > 0:
+            table, stride_bt, max_pages, num_pages, seqused, v_ptr = pa
+            if SEQUSED:
+                seqlen_k = gl.load(seqused + b)
+            else:
+                seqlen_k = gl.load(cu_k + b + 1) - gl.load(cu_k + b)
+            seqlen_k = gl.minimum(gl.maximum(seqlen_k, 0), max_pages * PAGE)
+            table = table + b.to(gl.int64) * stride_bt
+            last_lp = gl.maximum(seqlen_k - 1, 0) // PAGE
+            # V of the last page through a descriptor ending at the last key: TMA zero-fills past it
+            vt_base = v_ptr + (_page_of(table, last_lp, max_pages, num_pages) * PAGE).to(gl.int64) * svs
+            vt_rows = gl.maximum(seqlen_k - last_lp * PAGE, 1)
+            vt_desc = tma.make_tensor_descriptor(
+                vt_base,
+                [1, vt_rows, nheads_k, HEAD_DIM],
+                [svs, svs, svh, 1],
+                v_arg.block_type.shape,
+                v_arg.layout,
+            )
+            pg = (table, max_pages, num_pages, last_lp, vt_desc)
+            return q_desc, k_arg, v_arg, o_desc, seqlen_q, seqlen_k, 0, q_start.to(gl.int64), pg
+        else:
+            k_start = gl.minimum(gl.maximum(gl.load(cu_k + b), 0), total_k)
+            seqlen_k = gl.minimum(gl.maximum(gl.load(cu_k + b + 1), k_start), total_k) - k_start
+            k_desc = _seq_desc(k_arg, k_start, seqlen_k, nheads_k, sks, skh, BLOCK_N, HEAD_DIM)
+            v_desc = _seq_desc(v_arg, k_start, seqlen_k, nheads_k, svs, svh, BLOCK_N, HEAD_DIM)
+            return q_desc, k_desc, v_desc, o_desc, seqlen_q, seqlen_k, 0, q_start.to(gl.int64), pa
     else:
-        return q_arg, k_arg, v_arg, o_arg, seqlen_q, seqlen_k, b, b.to(gl.int64) * stride_lb
+        return q_arg, k_arg, v_arg, o_arg, seqlen_q, seqlen_k, b, b.to(gl.int64) * stride_lb, pa
 
 
 @gluon.jit
@@ -451,6 +562,7 @@ def attn_fwd_pipelined(
     left,
     right,
     vl,
+    pa,
     BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr,
     HEAD_DIM: gl.constexpr,
@@ -459,6 +571,8 @@ def attn_fwd_pipelined(
     WINDOW: gl.constexpr,
     SOFTCAP: gl.constexpr,
     VARLEN: gl.constexpr,
+    PAGE: gl.constexpr,
+    SEQUSED: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     """Grid ``(cdiv(max seqlen_q, BLOCK_M), nheads, batch)``; query tiles are visited last-first (the causal
@@ -466,9 +580,10 @@ def attn_fwd_pipelined(
     pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
     h = gl.program_id(1)
     b = gl.program_id(2)
-    q_desc, k_desc, v_desc, o_desc, seqlen_q, seqlen_k, bc, lse_off = _problem(
-        q_arg, k_arg, v_arg, o_arg, b, seqlen_q, seqlen_k, stride_lb, vl, BLOCK_M, BLOCK_N, HEAD_DIM, VARLEN
-    )
+    q_desc, k_desc, v_desc, o_desc, seqlen_q, seqlen_k, bc, lse_off, pg = _problem(
+        q_arg, k_arg, v_arg, o_arg, b, seqlen_q, seqlen_k, stride_lb, vl, pa, BLOCK_M, BLOCK_N, HEAD_DIM, VARLEN,
+        PAGE, SEQUSED,
+    )  # fmt: skip
     dtype: gl.constexpr = q_desc.dtype
     hk = h // group
     m0 = pid_m * BLOCK_M
@@ -500,12 +615,12 @@ def attn_fwd_pipelined(
     tma.async_copy_global_to_shared(q_desc, [bc, m0, h, 0], q_bar, _as4d(q_smem, q_desc))
     for t in gl.static_range(STAGES):
         if t < n_total:
-            _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, lo + t, t, bc, hk)
+            _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, lo + t, t, bc, hk, pg, PAGE)
     mbarrier.wait(q_bar, 0)
 
     acc, m_i, l_i = _consume_tiles(
-        q_smem, k_smem, v_smem, (k_bars, v_bars, k_bars, k_bars), k_desc, v_desc, bc, hk, m0, sp, tiles,
-        s_layout, o_layout, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, SOFTCAP, True, 0, False, 1,
+        q_smem, k_smem, v_smem, (k_bars, v_bars, k_bars, k_bars), k_desc, v_desc, bc, hk, pg, m0, sp, tiles,
+        s_layout, o_layout, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, SOFTCAP, True, 0, False, 1, PAGE,
     )  # fmt: skip
 
     mbarrier.invalidate(q_bar)
@@ -559,8 +674,8 @@ def _ws_consumer(
     m_me = m0 + ME * BLOCK_M
     mbarrier.wait(q_bars.index(ME), 0)
     acc, m_i, l_i = _consume_tiles(
-        q_smem, k_smem, v_smem, bars, k_desc, v_desc, bc, hk, m_me, sp, tiles, s_layout, o_layout, BLOCK_M,
-        BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, SOFTCAP, False, ME, PINGPONG, NCONS,
+        q_smem, k_smem, v_smem, bars, k_desc, v_desc, bc, hk, 0, m_me, sp, tiles, s_layout, o_layout, BLOCK_M,
+        BLOCK_N, HEAD_DIM, STAGES, CAUSAL, WINDOW, SOFTCAP, False, ME, PINGPONG, NCONS, 0,
     )  # fmt: skip
     _epilogue(
         acc, m_i, l_i, q_smem, o_desc, lse_ptr, bc, lse_off, h, m_me, seqlen_q, stride_lh, o_layout, BLOCK_M
@@ -580,12 +695,14 @@ def _ws_producer(
     b,
     h,
     hk,
+    pg,
     m0,
     lo,
     hi,
     BLOCK_M: gl.constexpr,
     STAGES: gl.constexpr,
     NCONS: gl.constexpr,
+    PAGE: gl.constexpr,
 ):
     k_bars, v_bars, free_bars, turn_bars = bars
     for c in gl.static_range(NCONS):
@@ -597,7 +714,7 @@ def _ws_producer(
         slot = r % STAGES
         # wait until every consumer released the slot's previous tile (r - STAGES); the first pass is free
         mbarrier.wait(free_bars.index(slot), ((r // STAGES) & 1) ^ 1, pred=r >= STAGES)
-        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, lo + r, slot, b, hk)
+        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, lo + r, slot, b, hk, pg, PAGE)
 
 
 @gluon.jit
@@ -617,6 +734,7 @@ def attn_fwd_ws(
     left,
     right,
     vl,
+    pa,
     BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr,
     HEAD_DIM: gl.constexpr,
@@ -627,6 +745,8 @@ def attn_fwd_ws(
     PINGPONG: gl.constexpr,
     NCONS: gl.constexpr,
     VARLEN: gl.constexpr,
+    PAGE: gl.constexpr,
+    SEQUSED: gl.constexpr,
     CONSUMER_REGS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr,
     num_warps: gl.constexpr,
@@ -637,9 +757,10 @@ def attn_fwd_ws(
     pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
     h = gl.program_id(1)
     b = gl.program_id(2)
-    q_desc, k_desc, v_desc, o_desc, seqlen_q, seqlen_k, bc, lse_off = _problem(
-        q_arg, k_arg, v_arg, o_arg, b, seqlen_q, seqlen_k, stride_lb, vl, BLOCK_M, BLOCK_N, HEAD_DIM, VARLEN
-    )
+    q_desc, k_desc, v_desc, o_desc, seqlen_q, seqlen_k, bc, lse_off, pg = _problem(
+        q_arg, k_arg, v_arg, o_arg, b, seqlen_q, seqlen_k, stride_lb, vl, pa, BLOCK_M, BLOCK_N, HEAD_DIM, VARLEN,
+        PAGE, SEQUSED,
+    )  # fmt: skip
     dtype: gl.constexpr = q_desc.dtype
     hk = h // group
     m0 = pid_m * (NCONS * BLOCK_M)
@@ -681,8 +802,8 @@ def attn_fwd_ws(
                 (_ws_consumer, (q_all, k_smem, v_smem, q_bars, bars, k_desc, v_desc, o_desc, lse_ptr, lse_off,
                                 stride_lh, seqlen_q, sp, bc, h, hk, m0, tiles, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
                                 CAUSAL, WINDOW, SOFTCAP, 2, PINGPONG, NCONS)),
-                (_ws_producer, (q_desc, k_desc, v_desc, q_all, k_smem, v_smem, q_bars, bars, bc, h, hk, m0,
-                                tiles[0], tiles[3], BLOCK_M, STAGES, NCONS)),
+                (_ws_producer, (q_desc, k_desc, v_desc, q_all, k_smem, v_smem, q_bars, bars, bc, h, hk, pg, m0,
+                                tiles[0], tiles[3], BLOCK_M, STAGES, NCONS, PAGE)),
             ],
             [4, 4, 1],
             [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS],
@@ -696,8 +817,8 @@ def attn_fwd_ws(
                 (_ws_consumer, (q_all, k_smem, v_smem, q_bars, bars, k_desc, v_desc, o_desc, lse_ptr, lse_off,
                                 stride_lh, seqlen_q, sp, bc, h, hk, m0, tiles, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
                                 CAUSAL, WINDOW, SOFTCAP, 1, PINGPONG, NCONS)),
-                (_ws_producer, (q_desc, k_desc, v_desc, q_all, k_smem, v_smem, q_bars, bars, bc, h, hk, m0,
-                                tiles[0], tiles[3], BLOCK_M, STAGES, NCONS)),
+                (_ws_producer, (q_desc, k_desc, v_desc, q_all, k_smem, v_smem, q_bars, bars, bc, h, hk, pg, m0,
+                                tiles[0], tiles[3], BLOCK_M, STAGES, NCONS, PAGE)),
             ],
             [4, 1],
             [CONSUMER_REGS, PRODUCER_REGS],

@@ -64,6 +64,18 @@ def _desc(t: torch.Tensor, rows: int) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 
 
+def _cache_desc(t: torch.Tensor, rows: int, box_d: int) -> TensorDescriptor:
+    """Rank-4 descriptor over a paged cache ``(num_pages, page, nheads_k, headdim)`` seen as rows ``(1,
+    num_pages * page, nheads_k, headdim)`` (pages contiguous rows), block ``[1, rows, 1, box_d]``."""
+    num_pages, page, nheads_k, head_dim = t.shape
+    block = [1, rows, 1, box_d]
+    layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype])
+    shape = [1, num_pages * page, nheads_k, head_dim]
+    return TensorDescriptor(
+        t, shape, [num_pages * page * t.stride(1), t.stride(1), t.stride(2), 1], block, layout
+    )
+
+
 def window_bounds(causal: bool, window_size: tuple[int, int]) -> tuple[int, int, bool]:
     """``(left, right, has_window)``: -1 sides become :data:`UNBOUNDED`, causal sets ``right = 0``;
     ``has_window`` is False for plain or purely causal attention (the kernels' cheaper range rule)."""
@@ -89,12 +101,16 @@ def prepare(
     softcap: float = 0.0,
     config: dict[str, int] | None = None,
     varlen: tuple[torch.Tensor, torch.Tensor, int, int] | None = None,
+    paged: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[Any, dict[str, Any], dict[str, Any], int, tuple[int, int, int]]:
     """Build (kernel, runtime args by name, constexprs by name, num_warps, grid) for one call.
 
     Dense: q ``(b, s_q, h, d)``, k/v ``(b, s_k, h_k, d)``, lse ``(b, h, s_q)``. Varlen (``varlen`` =
     ``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)``): q ``(total_q, h, d)``, k/v
     ``(total_k, h_k, d)``, lse ``(h, total_q)``; the kernels build one descriptor per sequence on the device.
+    Paged varlen (``paged`` = ``(block_table (b, max_pages) int32, seqused_k (b,) int32 or None)``, with
+    ``varlen``): k/v are caches ``(num_pages, page, h_k, d)`` whose pages are contiguous rows (``stride(0) ==
+    page * stride(1)``), page a power of two >= 16; one host descriptor per cache over all its rows.
     """
     head_dim = q.shape[-1]
     nheads, nheads_k = q.shape[-2], k.shape[-2]
@@ -113,6 +129,18 @@ def prepare(
         left=left,
         right=right,
     )
+    page = 0
+    pa: tuple[Any, ...] = (0,)
+    if paged is not None:
+        if varlen is None:
+            raise ValueError("a paged K/V cache needs the varlen arguments")
+        block_table, seqused_k = paged
+        page = k.shape[1]
+        if page < 16 or page & (page - 1):
+            raise ValueError(f"the page size must be a power of two >= 16, got {page}")
+        # (without seqused_k its slot holds the table: any pointer, never read)
+        used = seqused_k if seqused_k is not None else block_table
+        pa = (block_table, block_table.stride(0), block_table.shape[1], k.shape[0], used, v)
     if varlen is None:
         batch, seqlen_q = q.shape[0], q.shape[1]
         args: dict[str, Any] = dict(
@@ -131,10 +159,22 @@ def prepare(
     else:
         cu_q, cu_k, seqlen_q, max_seqlen_k = varlen
         batch = cu_q.shape[0] - 1
+        k_arg: Any = k
+        v_arg: Any = v
+        k_strides, v_strides = k.stride()[:2], v.stride()[:2]
+        total_k = k.shape[0]
+        if page:
+            # blocks of min(page, BLOCK_N) rows; below BLOCK_N, the kernel splits each page load into
+            # 128-byte column chunks itself (see _hopper._load_kv_paged)
+            rows = min(page, cfg["BLOCK_N"])
+            box_d = head_dim if page >= cfg["BLOCK_N"] else 128 // q.element_size()
+            k_arg, v_arg = _cache_desc(k, rows, box_d), _cache_desc(v, rows, box_d)
+            k_strides, v_strides = k.stride()[1:3], v.stride()[1:3]
+            total_k = k.shape[0] * page
         args = dict(
             q_arg=q,
-            k_arg=k,
-            v_arg=v,
+            k_arg=k_arg,
+            v_arg=v_arg,
             o_arg=out,
             lse_ptr=lse,
             stride_lb=0,
@@ -146,21 +186,24 @@ def prepare(
                 cu_q,
                 cu_k,
                 *q.stride()[:2],
-                *k.stride()[:2],
-                *v.stride()[:2],
+                *k_strides,
+                *v_strides,
                 *out.stride()[:2],
                 nheads,
                 nheads_k,
                 q.shape[0],
-                k.shape[0],
+                total_k,
             ),
         )
+    args["pa"] = pa
     constexprs: dict[str, Any] = dict(
         HEAD_DIM=head_dim,
         CAUSAL=bool(causal),
         WINDOW=has_window,
         SOFTCAP=softcap > 0,
         VARLEN=varlen is not None,
+        PAGE=page,
+        SEQUSED=paged is not None and paged[1] is not None,
         num_warps=num_warps,
         **cfg,
     )
@@ -182,10 +225,11 @@ def launch(
     softcap: float = 0.0,
     config: dict[str, int] | None = None,
     varlen: tuple[torch.Tensor, torch.Tensor, int, int] | None = None,
+    paged: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> None:
     """Launch one forward; ``out`` (like q) and ``lse`` (float32, see :func:`prepare`) are written."""
     kernel, args, constexprs, _, grid = prepare(
-        kind, q, k, v, out, lse, softmax_scale, causal, window_size, softcap, config, varlen
+        kind, q, k, v, out, lse, softmax_scale, causal, window_size, softcap, config, varlen, paged
     )
     if varlen is not None:
         _ensure_allocator()  # the per-sequence descriptors live in a global scratch buffer
