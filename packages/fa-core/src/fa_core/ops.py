@@ -502,7 +502,12 @@ def options(
 
 def needs_grad(*tensors: object) -> bool:
     """Grad mode is on and one of ``tensors`` requires grad (None and non-tensors do not)."""
-    return torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and getattr(t, "requires_grad", False):
+            return True
+    return False
 
 
 def attention(
