@@ -3,7 +3,8 @@
 Shape and dtype checks raise ``TypeError`` / :class:`fa_core.errors.FlashAttnValueError` naming the argument.
 Value checks (the contents of ``cache_seqlens``, ``block_table``, ``cache_batch_idx``, ``cache_leftpad``) cost
 one small kernel (:func:`value_check_kernel`) and one device-to-host copy of the few numbers it reduces (none
-of either for an int ``cache_seqlens`` without index tensors); they run on CPU and GPU alike unless
+of either for an int ``cache_seqlens`` without index tensors; a tensor ``cache_seqlens`` alone is copied to the
+host itself, no kernel); they run on CPU and GPU alike unless
 ``fa_core.settings.get().value_checks`` is off (``FA_PLUS_SKIP_VALUE_CHECKS=1``), and never under CUDA-graph
 capture or torch.compile tracing (:func:`fa_core.validation.value_checks_enabled`). Without them the kernels
 still stay inside every tensor: each index read from a tensor's values is clamped in the kernel (see
@@ -60,6 +61,9 @@ def cache_capacity(k_cache: torch.Tensor, block_table: torch.Tensor | None) -> i
 
 #: programs of the value-check kernel at most (each reduces a strided share of the batch rows)
 MAX_CHECK_PROGRAMS = 16
+#: largest batch whose ``cache_seqlens`` alone (no other index tensor) is checked by copying the tensor to the
+#: host (one small copy, no kernel); larger batches go through :func:`value_check_kernel`'s reduction
+HOST_READ_MAX = 1024
 #: int32 slots each program writes: max total, min length, leftpad / batch-index / block-table violations,
 #: the first bad block-table entry's row and column (-1: none), one spare
 CHECK_SLOTS = 8
@@ -240,7 +244,8 @@ def value_checks(
 ) -> None:
     """Range checks of the index tensors: one small kernel (:func:`value_check_kernel`) and one device-to-host
     copy of the numbers it reduces; pure host arithmetic when ``cache_seqlens`` is an int and no index tensor
-    is given.
+    is given; a tensor ``cache_seqlens`` with no other index tensor (and a batch of at most
+    :data:`HOST_READ_MAX`) is copied to the host as is (one copy, no kernel).
 
     ``cache_seqlens`` (int or ``(batch,)``): ``>= 0`` and ``max(cache_seqlens) + seqlen_new <= capacity``
     (as flash-attn checks a paged cache); ``cache_leftpad`` in ``[0, cache_seqlens]``; ``cache_batch_idx`` in
@@ -261,6 +266,17 @@ def value_checks(
         # an int cache_seqlens and no index tensor: no device work
         n = int(cache_seqlens)
         max_total, min_len, n_pad, n_idx, n_bt, bad_row, bad_col = n + seqlen_new, n, 0, 0, 0, -1, -1
+    elif like is cache_seqlens and cache_leftpad is None and cache_batch_idx is None and block_table is None:
+        # cache_seqlens alone (the common decode call): one host copy of the tensor itself, no kernel
+        lens = cache_seqlens.tolist() if batch <= HOST_READ_MAX else None
+        if lens is None:
+            max_total, min_len, n_pad, n_idx, n_bt, bad_row, bad_col = _device_reduce(
+                batch, cache_seqlens, None, None, None, seqlen_new, page, batch_cache, num_blocks, like
+            )
+        else:
+            max_total, min_len, n_pad, n_idx, n_bt, bad_row, bad_col = (
+                max(lens) + seqlen_new, min(lens), 0, 0, 0, -1, -1
+            )  # fmt: skip
     else:
         max_total, min_len, n_pad, n_idx, n_bt, bad_row, bad_col = _device_reduce(
             batch,
