@@ -211,3 +211,22 @@ def test_replay_in_cuda_graph_gpu():
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, _general(q, k_cache, v_cache, cache_seqlens=lens)[0])
+
+
+def test_plan_cache_clear_drops_signatures():
+    """Clearing plan_decode's cache (after a planning constant changed) re-plans the cached signatures too."""
+    qp, kp, vp, lp, bt = _inputs(page=16)
+    flash_attn_with_kvcache(qp, kp, vp, cache_seqlens=lp, block_table=bt, num_splits=2)
+    fast = next(reversed(ki._FAST.values()))
+    assert fast is not None and fast.split_meta["BT_PRELOAD"] > 0
+    saved = ki.MAX_BT_PRELOAD
+    ki.MAX_BT_PRELOAD = 0
+    ki.plan_decode.cache_clear()
+    try:
+        assert not ki._FAST
+        flash_attn_with_kvcache(qp, kp, vp, cache_seqlens=lp, block_table=bt, num_splits=2)
+        fast = next(reversed(ki._FAST.values()))
+        assert fast is not None and fast.split_meta["BT_PRELOAD"] == 0
+    finally:
+        ki.MAX_BT_PRELOAD = saved
+        ki.plan_decode.cache_clear()

@@ -1291,3 +1291,16 @@ def plan_decode(
     }
     grid = (n_qblocks * n_head_chunks, batch * nheads_k, splits)
     return DecodePlan(splits, n_head_chunks, grid, split_meta, (batch * seqlen_q * nheads,), combine_meta)
+
+
+_clear_plan_cache = plan_decode.cache_clear
+
+
+def _clear_plans() -> None:
+    """``plan_decode.cache_clear()``: drops the cached plans and the signature cache of :func:`_decode_fast`
+    (whose entries hold plans), so that the next calls plan again (e.g. after a planning constant changed)."""
+    _clear_plan_cache()
+    _FAST.clear()
+
+
+plan_decode.cache_clear = _clear_plans  # type: ignore[method-assign]
