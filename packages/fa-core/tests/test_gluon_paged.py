@@ -84,6 +84,15 @@ def test_paged_supported(page, d):
     assert _reason(q, kc, vc, seqused_k=used, **kw) is None
 
 
+def test_paged_default_kind():
+    for d in fg.HEAD_DIMS:
+        for causal in (False, True):
+            for seqlen in (1, 2048, 16384):
+                kind = fg.default_kind(d, causal, seqlen, varlen=True, paged=True)
+                assert kind in fg.KINDS and d in fg.head_dims(kind)
+    assert fg.default_kind(128, False, 2048, varlen=True, paged=True) == "ws"
+
+
 def test_paged_refused():
     q, kc, vc, kw = _paged_inputs()
     # pages that are not contiguous rows (a cache sliced out of a wider one)

@@ -175,62 +175,73 @@ def _page_of(table, lp, max_pages, num_pages):
 
 @gluon.jit
 def _load_kv_paged(k_desc, v_desc, k_smem, v_smem, kb, vb, tile, slot, hk, pg, PAGE: gl.constexpr):
-    """K and V of key tile ``tile`` from a paged cache: the descriptors cover the whole cache as rows
-    ``(1, num_pages * PAGE, nheads_k, d)`` with blocks of ``ROWS = min(PAGE, BLOCK_N)`` rows.
+    """K and V of key tile ``tile`` from a paged cache into ring slot ``slot`` (see :func:`_load_paged`)."""
+    rows = _page_rows(pg, tile, k_smem.shape[1], k_desc.block_type.shape[1], PAGE)
+    _load_paged(k_desc, k_smem, kb, rows, tile, slot, hk, pg, PAGE, False)
+    _load_paged(v_desc, v_smem, vb, rows, tile, slot, hk, pg, PAGE, True)
+
+
+@gluon.jit
+def _page_rows(pg, tile, BLOCK_N: gl.constexpr, ROWS: gl.constexpr, PAGE: gl.constexpr):
+    """The cache rows of key tile ``tile``: ``PAGE >= BLOCK_N``, the row of its first key (a scalar);
+    below, the first row of each of its ``BLOCK_N / PAGE`` pages, as one vector load of the block-table
+    entries (every thread holds all of them; :func:`_load_paged` picks them out)."""
+    table, max_pages, num_pages, last_lp, vt_desc = pg
+    NPG: gl.constexpr = BLOCK_N // ROWS
+    if NPG == 1:
+        key0 = tile * BLOCK_N
+        return _page_of(table, key0 // PAGE, max_pages, num_pages) * PAGE + key0 % PAGE
+    else:
+        rows = (_page_of(table, tile * NPG, max_pages, num_pages) * PAGE,)
+        for i in gl.static_range(1, NPG):
+            rows = rows + (_page_of(table, tile * NPG + i, max_pages, num_pages) * PAGE,)
+        return rows
+
+
+@gluon.jit
+def _load_paged(desc, smem, bar, rows, tile, slot, hk, pg, PAGE: gl.constexpr, IS_V: gl.constexpr):
+    """TMA one operand (K, or V with ``IS_V``) of key tile ``tile`` from a paged cache into ring slot
+    ``slot``; ``rows`` from :func:`_page_rows`. The descriptors cover the whole cache as rows ``(1,
+    num_pages * PAGE, nheads_k, d)`` with blocks of ``ROWS = min(PAGE, BLOCK_N)`` rows.
 
     ``PAGE >= BLOCK_N``: one load per tile (a tile lies in one page). ``PAGE < BLOCK_N``: ``BLOCK_N / PAGE``
     page loads per tile, each split by hand into ``HEAD_DIM / BOX_D`` column chunks of 128 bytes (the ring
     slot is column-chunk major under the 128-byte swizzle, so a row slice of it is not one TMA destination).
-    One barrier per operand expects the whole tile. ``pg`` = (block-table row, max_pages, num_pages, last
-    logical page, tail descriptor): V of the sequence's last page (and anything past it) comes through the tail
-    descriptor, which ends at the sequence's last key, so TMA zero-fills the rows past the end (unused cache
-    rows may hold NaN / Inf, and 0 * NaN in P @ V would poison the row). K needs no such care: the scores of
-    those columns are masked to -inf before any use.
+    One barrier expects the whole tile. ``pg`` = (block-table row, max_pages, num_pages, last logical page,
+    tail descriptor): V of the sequence's last page (and anything past it) comes through the tail descriptor,
+    which ends at the sequence's last key, so TMA zero-fills the rows past the end (unused cache rows may hold
+    NaN / Inf, and 0 * NaN in P @ V would poison the row). K needs no such care: the scores of those columns
+    are masked to -inf before any use.
     """
     table, max_pages, num_pages, last_lp, vt_desc = pg
-    BLOCK_N: gl.constexpr = k_smem.shape[1]
-    HEAD_DIM: gl.constexpr = k_smem.shape[2]
-    ROWS: gl.constexpr = k_desc.block_type.shape[1]
-    BOX_D: gl.constexpr = k_desc.block_type.shape[3]
+    BLOCK_N: gl.constexpr = smem.shape[1]
+    HEAD_DIM: gl.constexpr = smem.shape[2]
+    ROWS: gl.constexpr = desc.block_type.shape[1]
+    BOX_D: gl.constexpr = desc.block_type.shape[3]
     NPG: gl.constexpr = BLOCK_N // ROWS
     NCH: gl.constexpr = HEAD_DIM // BOX_D
-    mbarrier.expect(kb, k_desc.block_type.nbytes * NPG * NCH)
-    mbarrier.expect(vb, v_desc.block_type.nbytes * NPG * NCH)
+    mbarrier.expect(bar, desc.block_type.nbytes * NPG * NCH)
     if NPG == 1:
-        key0 = tile * BLOCK_N
-        lp = key0 // PAGE
-        row = _page_of(table, lp, max_pages, num_pages) * PAGE + key0 % PAGE
-        tma.async_copy_global_to_shared(k_desc, [0, row, hk, 0], kb, _as4d(k_smem.index(slot), k_desc))
-        v_dst = _as4d(v_smem.index(slot), v_desc)
-        if lp < last_lp:
-            tma.async_copy_global_to_shared(v_desc, [0, row, hk, 0], vb, v_dst)
+        dst = _as4d(smem.index(slot), desc)
+        lp = tile * BLOCK_N // PAGE
+        if IS_V and lp >= last_lp:
+            tma.async_copy_global_to_shared(vt_desc, [0, tile * BLOCK_N - last_lp * PAGE, hk, 0], bar, dst)
         else:
-            tma.async_copy_global_to_shared(vt_desc, [0, key0 - last_lp * PAGE, hk, 0], vb, v_dst)
+            tma.async_copy_global_to_shared(desc, [0, rows, hk, 0], bar, dst)
     else:
-        # the tile's NPG page numbers in one vector load (every thread holds all of them), then picked out
-        # by a thread-local select-and-sum
-        idx_layout: gl.constexpr = gl.BlockedLayout([NPG], [32], [gl.num_warps()], [0])
-        idx = gl.arange(0, NPG, layout=idx_layout)
-        lps = gl.minimum(tile * NPG + idx, max_pages - 1)
-        pids = gl.minimum(gl.maximum(gl.load(table + lps), 0), num_pages - 1)
-        smem_layout: gl.constexpr = k_smem.layout
-        k_parts = k_smem.index(slot)._reinterpret(k_smem.dtype, [NCH * NPG, ROWS, BOX_D], smem_layout)
-        v_parts = v_smem.index(slot)._reinterpret(v_smem.dtype, [NCH * NPG, ROWS, BOX_D], smem_layout)
+        STAGES: gl.constexpr = smem.shape[0]
+        parts = smem._reinterpret(smem.dtype, [STAGES * NCH * NPG, ROWS, BOX_D], smem.layout)
         for i in gl.static_range(NPG):
             lp = tile * NPG + i
-            row = gl.sum(gl.where(idx == i, pids, 0), axis=0) * PAGE
+            row = rows[i]
             for c in gl.static_range(NCH):
-                part = c * NPG + i
-                tma.async_copy_global_to_shared(
-                    k_desc, [0, row, hk, c * BOX_D], kb, _as4d(k_parts.index(part), k_desc)
-                )
-                v_dst = _as4d(v_parts.index(part), v_desc)
-                if lp < last_lp:
-                    tma.async_copy_global_to_shared(v_desc, [0, row, hk, c * BOX_D], vb, v_dst)
-                else:
+                dst = _as4d(parts.index((slot * NCH + c) * NPG + i), desc)
+                if IS_V and lp >= last_lp:
                     tma.async_copy_global_to_shared(
-                        vt_desc, [0, (lp - last_lp) * PAGE, hk, c * BOX_D], vb, v_dst
+                        vt_desc, [0, (lp - last_lp) * PAGE, hk, c * BOX_D], bar, dst
                     )
+                else:
+                    tma.async_copy_global_to_shared(desc, [0, row, hk, c * BOX_D], bar, dst)
 
 
 @gluon.jit
@@ -415,6 +426,13 @@ def _overlapped_step(
     acc_tok = warpgroup_mma(p_prev, v_smem.index(prev), acc, is_async=True)
     if PINGPONG:
         mbarrier.arrive(turn_bars.index((ME + 1) % NCONS), count=1)
+    t = r - 1 + STAGES
+    if PRODUCER and PAGE > 0:
+        # paged: the block-table look-up and the K half of the refill run under the wgmma (K of tile r - 1
+        # was consumed by the previous step's QK^T); V waits for PV(j - 1) below
+        page_rows = _page_rows(pg, lo + t, BLOCK_N, k_desc.block_type.shape[1], PAGE)
+        if t < n_total:
+            _load_paged(k_desc, k_smem, k_bars.index(prev), page_rows, lo + t, prev, hk, pg, PAGE, False)
     s = warpgroup_mma_wait(1, deps=(s_tok,))
     p, alpha, m_i, l_i = _qk_softmax(
         s, m_i, l_i, j * BLOCK_N, rows, sp, s_layout, BLOCK_N, MASK, CAUSAL, WINDOW, SOFTCAP
@@ -424,9 +442,11 @@ def _overlapped_step(
     acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
     # tile r - 1 is fully consumed: its slot can be refilled
     if PRODUCER:
-        t = r - 1 + STAGES
         if t < n_total:
-            _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, lo + t, prev, b, hk, pg, PAGE)
+            if PAGE > 0:
+                _load_paged(v_desc, v_smem, v_bars.index(prev), page_rows, lo + t, prev, hk, pg, PAGE, True)
+            else:
+                _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, lo + t, prev, b, hk, pg, PAGE)
     else:
         mbarrier.arrive(free_bars.index(prev), count=1)
     return acc, m_i, l_i, p_next
