@@ -88,9 +88,11 @@ def test_paged_default_kind():
     for d in fg.HEAD_DIMS:
         for causal in (False, True):
             for seqlen in (1, 2048, 16384):
-                kind = fg.default_kind(d, causal, seqlen, varlen=True, paged=True)
-                assert kind in fg.KINDS and d in fg.head_dims(kind)
-    assert fg.default_kind(128, False, 2048, varlen=True, paged=True) == "ws"
+                for page in (16, 32, 64, 256):
+                    kind = fg.default_kind(d, causal, seqlen, varlen=True, page_size=page)
+                    assert kind in fg.KINDS and d in fg.head_dims(kind)
+    assert fg.default_kind(128, False, 2048, varlen=True, page_size=16) == "ws"
+    assert fg.default_kind(64, True, 2048, varlen=True, page_size=16) == "ws3"
 
 
 def test_paged_refused():

@@ -104,7 +104,7 @@ def head_dims(kind: str) -> tuple[int, ...]:
 
 
 def default_kind(
-    head_dim: int, causal: bool, seqlen_q: int | None = None, varlen: bool = False, paged: bool = False
+    head_dim: int, causal: bool, seqlen_q: int | None = None, varlen: bool = False, page_size: int = 0
 ) -> str:
     """The kernel :func:`forward` / :func:`forward_varlen` use when ``kind`` is not given.
 
@@ -112,12 +112,15 @@ def default_kind(
     d128: "ws" (two ping-pong consumers); d64: "ws3" (three consumers), except causal below 4096 query rows
     (``seqlen_q``; the max for varlen), where "pipelined" wins. Varlen d128 runs "pipelined": its "ws"
     varlen path has not been checked on a GPU yet (``tests/test_gluon_gpu.py::test_varlen_matches_reference``).
-    Paged varlen (``paged``) d128 runs "ws": its producer warp issues the per-page loads off the consumers'
-    path (H100, 16k tokens of mean length 2048, 16 heads: 473 / 359 TFLOP/s non-causal / causal at page 16
-    against 300 / 255 for "pipelined", and 434 / 342 for the packed layout on "pipelined").
+    Paged varlen (``page_size`` > 0) d128 runs "ws": its producer warp issues the per-page loads off the
+    consumers' path (H100, 16k tokens of mean length 2048, 16 heads: 473 / 359 TFLOP/s non-causal / causal
+    at page 16 against 300 / 255 for "pipelined", and 434 / 342 for the packed layout on "pipelined"); d64
+    with pages below 64 rows runs "ws3" (page 16: 327 / 197 against 216 / 173 for "pipelined").
     """
-    if paged and head_dim == 128:
+    if page_size and head_dim == 128:
         return "ws"
+    if page_size and head_dim == 64 and page_size < 64:
+        return "ws3"
     if head_dim == 64:
         if causal and (seqlen_q is None or seqlen_q < _WS3_CAUSAL_MIN_SEQLEN):
             return "pipelined"
@@ -445,9 +448,8 @@ def forward_varlen(
     )
     if reason is not None:
         raise FlashAttnValueError(f"fa_core.gluon.forward_varlen: {reason}")
-    kind = kind or default_kind(
-        q.shape[-1], causal, int(max_seqlen_q), varlen=True, paged=block_table is not None
-    )
+    page_size = k.shape[1] if block_table is not None else 0
+    kind = kind or default_kind(q.shape[-1], causal, int(max_seqlen_q), varlen=True, page_size=page_size)
     if kind not in KINDS:
         raise FlashAttnValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if config is None and q.shape[-1] not in head_dims(kind):

@@ -169,6 +169,10 @@ def prepare(
             rows = min(page, cfg["BLOCK_N"])
             box_d = head_dim if page >= cfg["BLOCK_N"] else 128 // q.element_size()
             k_arg, v_arg = _cache_desc(k, rows, box_d), _cache_desc(v, rows, box_d)
+            if config is None and "PRODUCER_REGS" in cfg:
+                # the producer warp holds a tile's page rows: 32 registers (the most the 512-per-thread budget
+                # of the consumers' 240 x 2 / 160 x 3 leaves) instead of 24 avoid its spills
+                cfg["PRODUCER_REGS"] = max(cfg["PRODUCER_REGS"], 32)
             k_strides, v_strides = k.stride()[1:3], v.stride()[1:3]
             total_k = k.shape[0] * page
         args = dict(
