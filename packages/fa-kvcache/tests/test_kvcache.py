@@ -524,6 +524,8 @@ def test_num_splits_heuristic_fitted_points():
     assert num_splits_heuristic(8, 16, 132, paged=True) == 16
     assert num_splits_heuristic(256, 16, 132) == 1  # batch 32: the programs fill the machine
     assert num_splits_heuristic(8, 1, 132) == 1
+    assert num_splits_heuristic(8, 4, 132) == 1  # 256 keys: no combine launch (FlashAttention-3's rule)
+    assert num_splits_heuristic(8, 5, 132) == 5
     assert num_splits_heuristic(0, 10, 132) == 1
 
 

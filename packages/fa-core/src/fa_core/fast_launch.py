@@ -411,7 +411,10 @@ class Replay:
                         template[i] = None  # no recorded tensor kept alive
                     elif id(x) not in placeholders:
                         return None
-            steps.append((launcher, run, g0, g1, g2, function, packed, template, tuple(subs), tail, config))
+            direct = _direct(run, g0 * g1 * g2)
+            steps.append(
+                (launcher, run, g0, g1, g2, function, packed, template, tuple(subs), tail, config, direct)
+            )
         return cls(steps, devices.pop())
 
     def __call__(self, slots: Sequence[torch.Tensor | None]) -> bool:
@@ -421,10 +424,65 @@ class Replay:
         if torch._C._cuda_getDevice() != device:
             return False
         stream = torch._C._cuda_getCurrentRawStream(device)
-        for launcher, run, g0, g1, g2, function, packed, template, subs, tail, config in self.steps:
+        capturing = torch._C._cuda_isCurrentStreamCapturing()
+        for launcher, run, g0, g1, g2, function, packed, template, subs, tail, config, direct in self.steps:
             vals = template.copy()
             for i, j in subs:
                 vals[i] = slots[j]
-            run(g0, g1, g2, stream, function, packed, None, None, None, *vals, *tail)
+            if direct is None or capturing:
+                run(g0, g1, g2, stream, function, packed, None, None, None, *vals, *tail)
+            else:
+                launch, coop, pdl, nbytes = direct
+                scratch = _scratch(device, stream, nbytes) if nbytes else None
+                launch(
+                    g0,
+                    g1,
+                    g2,
+                    stream,
+                    function,
+                    coop,
+                    pdl,
+                    scratch,
+                    None,
+                    packed,
+                    None,
+                    None,
+                    None,
+                    *vals,
+                    *tail,
+                )
             launcher.last_config = config
         return True
+
+
+def _direct(run: Any, programs: int) -> tuple | None:
+    """``(launch, cooperative, pdl, scratch_bytes)`` of Triton 3.6's ``CudaLauncher`` ``run`` for a grid of
+    ``programs``: the C launch its ``__call__`` makes after allocating the global scratch (the on-device
+    tensor descriptors' space) through Triton's allocator; a replay takes it with a scratch buffer kept per
+    stream (:func:`_scratch`). None (replay through ``run``) for anything else, or a profiling scratch."""
+    try:
+        if run.profile_scratch_size or run.global_scratch_align > 256:
+            return None
+        size = run.global_scratch_size
+        return (
+            run.launch,
+            run.launch_cooperative_grid,
+            run.launch_pdl,
+            programs * run.num_ctas * size if size else 0,
+        )
+    except AttributeError:
+        return None
+
+
+#: per (device, stream): the global scratch of replayed launches on that stream. Kernels of one stream run one
+#: after the other (none of ours launches with programmatic dependent launch), so they can share it; another
+#: stream has its own; under CUDA-graph capture the replay allocates through Triton's allocator instead
+_SCRATCH: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _scratch(device: int, stream: int, nbytes: int) -> torch.Tensor:
+    buf = _SCRATCH.get((device, stream))
+    if buf is None or buf.numel() < nbytes:
+        # torch's allocations are 512-byte aligned (the descriptors ask for at most 256, checked in _direct)
+        buf = _SCRATCH[(device, stream)] = torch.empty(max(nbytes, 1 << 16), dtype=torch.int8, device=device)
+    return buf

@@ -84,10 +84,12 @@ def num_splits_heuristic(
     3211; batch 8 / 8k: 2 splits 3993 vs 4 3769); a paged cache wants about three, shorter programs with
     32-key tiles (batch 1 / 32k: 47 splits, 3270 GB/s at page 256 vs 3179 at 32), or two with 64-key tiles
     through pages smaller than the tile (batch 1 / 32k at page 16: 32 splits 3263 GB/s vs 3167 at 47). Never
-    more splits than key blocks, and none left without a block.
+    more splits than key blocks, and none left without a block. At most 4 blocks (256 keys) never split, as
+    FlashAttention-3's heuristic: a program's whole run is then a few microseconds, less than the combine
+    launch a split adds to every call.
     """
     small_pages = paged and 0 < page < 64
-    if work <= 0 or n_key_blocks <= 1:
+    if work <= 0 or n_key_blocks <= 4:
         return 1
     if work >= 0.8 * num_sms:
         return min(max_splits, cdiv(n_key_blocks, 32)) if small_pages else 1
