@@ -73,8 +73,11 @@ def _grads(ctx: Any, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor | 
         dqkv = q.new_empty(ctx.packed_shape)
         dq, dk, dv = ops.unpack(dqkv, None, None, QKV, spec.varlen)
         return dqkv, None, dq, dk, dv
-    if spec.pack == ops.DENSE and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype and (
-        q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+    if (
+        spec.pack == ops.DENSE
+        and q.shape == k.shape == v.shape
+        and q.dtype == k.dtype == v.dtype
+        and (q.is_contiguous() and k.is_contiguous() and v.is_contiguous())
     ):
         # one allocation for the three (host time per call): contiguous views, as empty_like's would be
         dq, dk, dv = torch.empty((3, *q.shape), dtype=q.dtype, device=q.device).unbind(0)
