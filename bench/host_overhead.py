@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import host_ms_per_call, write_results  # noqa: E402
+from common import host_ms_per_call, install_sigterm_handler, write_results  # noqa: E402
 
 CALLS = ("fwd", "fwd_bwd", "decode")
 PROVIDERS = ("fa-plus", "sdpa-flash", "flaggems")
@@ -160,10 +160,16 @@ MAKERS: dict[str, Callable[..., Callable[[], Any]]] = {
 
 
 def measure(
-    device: str, providers: tuple[str, ...] = PROVIDERS, rounds: int = 5, n: int = 200
+    device: str,
+    providers: tuple[str, ...] = PROVIDERS,
+    rounds: int = 5,
+    n: int = 200,
+    rows: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
+    """Rows of every (headdim, causal, call) point, appended to ``rows`` as they are measured (a caller
+    stopped midway still has the finished points)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float16
-    rows = []
+    rows = [] if rows is None else rows
     for d in HEADDIMS:
         for causal in (False, True):
             for call in CALLS:
@@ -224,15 +230,22 @@ def main() -> int:
         profile(device)
         return 0
     # on CPU, SDPA runs its CPU kernel (milliseconds per call, nothing like the GPU's host cost): ours only
-    rows = measure(device, PROVIDERS if device == "cuda" else ("fa-plus",))
+    rows: list[dict[str, Any]] = []
     if nop:
+        measure(device, ("fa-plus",), rows=rows)
         print("launches replaced by no-ops: a CPU-side proxy of our Python, not written to bench/results")
         return 0
-    path = write_results(
-        "host", rows, plot_kw={"bench": "host", "metric": "host_us", "x": "headdim", "panels": ("call", "causal")},
-        table_kw={"metric": "host_us", "title": "host time per call (us, lower is better)"},
-    )  # fmt: skip
-    print(f"wrote {path}")
+    install_sigterm_handler()  # a time limit still writes the points measured so far
+    try:
+        measure(device, PROVIDERS, rows=rows)
+    finally:
+        if rows:
+            path = write_results(
+                "host", rows,
+                plot_kw={"bench": "host", "metric": "host_us", "x": "headdim", "panels": ("call", "causal")},
+                table_kw={"metric": "host_us", "title": "host time per call (us, lower is better)"},
+            )  # fmt: skip
+            print(f"wrote {path}")
     return 0
 
 
