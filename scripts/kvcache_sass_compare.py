@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FILES = ("kernels", "unified_kernels", "append")
 
 
-def run(pkgdir: str, out: Path, only: str) -> dict[str, collections.Counter]:
+def run(pkgdir: str, out: Path, only: str, loop_ops: bool = False) -> dict[str, collections.Counter]:
     """Compile every variant from the fa_kvcache kernel files under ``pkgdir``; returns SASS opcode histograms."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -117,6 +117,22 @@ def run(pkgdir: str, out: Path, only: str) -> dict[str, collections.Counter]:
             f"{tag:28s} regs {regs.group(1) if regs else '?':>4} stack {regs.group(2) if regs else '?':>3} sass {n:5d} ptx {ptxn:5d} loops {sorted(loops)} sha {h}",
             flush=True,
         )
+        if loop_ops:
+            # opcode histogram (opcode without modifiers) of the longest loop: the key loop of the hot path
+            best = None
+            for i, ln in enumerate(text):
+                m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", ln)
+                if m and labels.get(m.group(1), i) < i:
+                    body_ops = [
+                        mm.group(1).split(".")[0]
+                        for s in text[labels[m.group(1)] : i + 1]
+                        if (mm := op.match(s))
+                    ]
+                    if best is None or len(body_ops) > len(best):
+                        best = body_ops
+            if best:
+                top = collections.Counter(best).most_common()
+                print("    longest loop:", " ".join(f"{k}:{v}" for k, v in top), flush=True)
 
     common = dict(HEADDIM=128, HEADDIM_V=128, BLOCK_D=128, BLOCK_DV=128)
 
@@ -225,6 +241,7 @@ def run(pkgdir: str, out: Path, only: str) -> dict[str, collections.Counter]:
             HAS_ALIBI=False,
             HAS_SINK=False,
             HAS_DESCALE=fp8,
+            F16_DOTS=fp8,
             SPLIT=SPLIT,
             HB=8,
             BLOCK_M=BM,
@@ -238,6 +255,35 @@ def run(pkgdir: str, out: Path, only: str) -> dict[str, collections.Counter]:
     uni("uni_64_nosplit", 64, False, False)
     uni("uni_64_fp8", 64, True, True)
     uni("uni_64_window", 64, False, True, window=True)
+
+    def fp8dec(tag, fp8, SPLIT, BN, bt):
+        # bench/bench_serving.py --bench fp8_decode: 32 q / 8 kv heads (HB 4), d128, page 64 (PAGE_TILE), decode
+        # rows (16-row small tile); batch 32 unsplit (whole 8k range's entries preloaded), batch 8 split
+        c = dict(
+            common,
+            PAGE=64,
+            PAGE_TILE=True,
+            BT_PRELOAD=bt,
+            BT_PRELOAD_SPLIT=bt,
+            IS_LOCAL=False,
+            HAS_WINDOW_LEFT=False,
+            HAS_SOFTCAP=False,
+            HAS_ALIBI=False,
+            HAS_SINK=False,
+            HAS_DESCALE=fp8,
+            F16_DOTS=fp8,
+            SPLIT=SPLIT,
+            HB=4,
+            BLOCK_M=16,
+            BLOCK_M_SMALL=16,
+            BLOCK_N=BN,
+        )
+        comp(tag, U.unified_kernel, c, 4, 3, fp8=fp8)
+
+    fp8dec("fp8dec_b32_bf16", False, False, 64, 256)
+    fp8dec("fp8dec_b32_fp8", True, False, 64, 256)
+    fp8dec("fp8dec_b8_bf16", False, True, 32, 32)
+    fp8dec("fp8dec_b8_fp8", True, True, 64, 32)
     return hist
 
 
@@ -245,6 +291,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rev", default="HEAD", help="git revision to compare the working tree against")
     ap.add_argument("--only", default="", help="compile only the variants whose name starts with this")
+    ap.add_argument("--loop-ops", action="store_true", help="print the opcode histogram of each longest loop")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="kvcache_sass_"))
     res = {}
@@ -262,7 +309,7 @@ def main() -> None:
             )  # fmt: skip
             (pkg / f"{f}.py").write_text(text)
         print(f"== {args.rev if side == 'rev' else 'working tree'} (files under {tmp / side})", flush=True)
-        res[side] = run(str(tmp / side), tmp / f"{side}_out", args.only)
+        res[side] = run(str(tmp / side), tmp / f"{side}_out", args.only, args.loop_ops)
     diff = [t for t in res["rev"] if res["rev"][t] != res["tree"].get(t)]
     print("per-opcode SASS histograms:", "identical" if not diff else "differ in " + ", ".join(diff))
 

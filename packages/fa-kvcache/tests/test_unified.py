@@ -3,7 +3,8 @@ the float32 reference (fa_core.reference.attention_ref per request, on the cache
 CPU through Triton's interpreter (float32 / float16) or on a GPU (float16).
 
 The FP8 cache runs here too: the kernel converts each e4m3 K / V tile to q's dtype before the dot, which the
-interpreter executes; the reference is computed on the dequantised cache (``k_cache.float() * k_descale``).
+interpreter executes, or (the GPU path, forced here on float32 q) to fp16 with q rescaled and rounded to fp16;
+the reference is computed on the dequantised cache (``k_cache.float() * k_descale``).
 """
 
 from __future__ import annotations
@@ -222,25 +223,60 @@ def test_out_buffer_and_plan_reuse():
     check(a, out, lse, _tol(a["q"].dtype), causal=True)
 
 
-def test_fp8_cache():
-    """FP8 e4m3 cache with per-(request, kv head) descales: equal to attention on the dequantised cache."""
-    if DEVICE == "cpu":
-        qdt = torch.float32
-    else:
-        qdt = torch.float16
-    a = make_batch(*MIXED, page=16, dtype=torch.float32, seed=21)
-    a["q"] = a["q"].to(qdt)
+def _fp8_batch(seed: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """MIXED with an FP8 e4m3 cache (values up to about +-17) and per-(request, kv head) descales."""
+    a = make_batch(*MIXED, page=16, dtype=torch.float32, seed=seed)
     g = torch.Generator().manual_seed(2)
     batch, nheads_k = len(MIXED[0]), a["k_cache"].shape[2]
     k_scale = (torch.rand(batch, nheads_k, generator=g) + 0.5).to(DEVICE)
     v_scale = (torch.rand(batch, nheads_k, generator=g) + 0.5).to(DEVICE)
     a["k_cache"] = (a["k_cache"] * 4).to(FP8)
     a["v_cache"] = (a["v_cache"] * 4).to(FP8)
+    return a, k_scale, v_scale
+
+
+def test_fp8_cache():
+    """FP8 e4m3 cache with per-(request, kv head) descales: equal to attention on the dequantised cache."""
+    if DEVICE == "cpu":
+        qdt = torch.float32
+    else:
+        qdt = torch.float16
+    a, k_scale, v_scale = _fp8_batch(21)
+    a["q"] = a["q"].to(qdt)
     for splits in (1, 3):
         out, lse = unified_attention(
             **a, k_descale=k_scale, v_descale=v_scale, num_splits=splits, return_softmax_lse=True
         )
         check(a, out, lse, _tol(qdt), k_scale=k_scale, v_scale=v_scale, causal=True)
+
+
+@pytest.mark.skipif(
+    DEVICE == "cuda", reason="float32 q is CPU-only; test_unified_gpu.py runs this path on bf16 q"
+)
+@pytest.mark.parametrize("q_mul", [1.0, 1e6, 1e-6])
+def test_fp8_cache_f16_dots(q_mul):
+    """The GPU's FP8 path (``F16_DOTS``: q rescaled by a power of two and rounded to fp16 once per program,
+    the e4m3 tiles converted to fp16, fp16 dots with fp32 accumulators), forced in the interpreter on float32
+    q: equal to attention on the dequantised cache within the float16 tolerance, also for q far outside
+    fp16's range (1e6: |q| up to ~5e6 > 65504) or below its normal range (1e-6), which the rescale brings
+    back."""
+    a, k_scale, v_scale = _fp8_batch(21)
+    a["q"] = a["q"].to(torch.float32) * q_mul
+    d = a["q"].shape[-1]
+    scale = d**-0.5 / q_mul
+    nheads, nheads_k = a["q"].shape[1], a["k_cache"].shape[2]
+    for splits in (1, 3):
+        plan = plan_unified(
+            len(MIXED[0]), a["q"].shape[0], a["max_seqlen_q"], a["max_seqlen_k"], nheads, nheads_k, d, d, 16,
+            a["block_table"].shape[1], splits, _sm_count(a["q"].device), is_local=True, fp8=True,
+            interpret=settings.interpreting(),
+        )  # fmt: skip
+        plan = plan._replace(meta={**plan.meta, "F16_DOTS": True})
+        out, lse = unified_attention(
+            **a, k_descale=k_scale, v_descale=v_scale, softmax_scale=scale, return_softmax_lse=True, plan=plan
+        )
+        tol = _tol(torch.float16)
+        check(a, out, lse, tol, k_scale=k_scale, v_scale=v_scale, causal=True, softmax_scale=scale)
 
 
 @pytest.mark.parametrize("page", [16, 64])

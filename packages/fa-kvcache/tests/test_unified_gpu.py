@@ -148,6 +148,28 @@ def test_fp8_cache_through_append(page):
         torch.testing.assert_close(out.float(), bf16_out.float(), atol=1e-1, rtol=1e-1)
 
 
+@pytest.mark.parametrize("q_mul", [1.0, 1e6, 1e-6])
+@pytest.mark.parametrize("splits", [0, 1])
+def test_fp8_cache_q_magnitudes(q_mul, splits):
+    """bf16 q over an FP8 cache runs fp16 dots (q rescaled by a power of two into fp16's range once per
+    program): q far above fp16's range (1e6: |q| up to ~5e6 > 65504) or below its normal range (1e-6), with the
+    softmax scale compensating, still equals the reference on the dequantised cache."""
+    qlens, klens = [1] * 8 + [40], [8192, 300, 1, 4100, 64, 2000, 9000, 17, 700]
+    a = _batch(qlens, klens, 64, seed=5)
+    a["q"] = (a["q"].float() * q_mul).to(BF16)
+    a["k_cache"] = (a["k_cache"] * 16).to(FP8)
+    a["v_cache"] = (a["v_cache"] * 16).to(FP8)
+    g = torch.Generator(device=DEV).manual_seed(1)
+    k_scale = torch.rand(len(klens), 8, device=DEV, generator=g) / 8 + 1 / 32
+    v_scale = torch.rand(len(klens), 8, device=DEV, generator=g) / 8 + 1 / 32
+    scale = 128**-0.5 / q_mul
+    out, lse = unified_attention(
+        **a, k_descale=k_scale, v_descale=v_scale, softmax_scale=scale, num_splits=splits,
+        return_softmax_lse=True,
+    )  # fmt: skip
+    _check(out, lse, *_ref(a, k_scale=k_scale, v_scale=v_scale, causal=True, softmax_scale=scale))
+
+
 def test_cuda_graph_capture_and_replay():
     """One serving step (append with rotary, then attention) captured at a fixed maximum batch and replayed
     over steps whose mixes of decode and prefill rows (and their values) differ: each replay equals an

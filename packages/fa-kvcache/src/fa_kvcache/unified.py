@@ -8,11 +8,15 @@ values into the pages first (rotary on k and q, FP8 quantization with per-(reque
 
 FP8 KV cache (FlashAttention-3's ``flash_attn_with_kvcache`` convention): ``k_cache`` / ``v_cache`` in
 ``float8_e4m3fn`` with ``k_descale`` / ``v_descale`` ``(batch, nheads_k)`` float32, the real values being
-``k_cache * k_descale``; q and out stay bf16 / fp16. The kernel converts each K / V tile to q's dtype after the
-load and folds the descales into the softmax scale and the fp32 accumulator, so the result equals attention on
-the dequantised cache (``k_cache.float() * k_descale``) up to the rounding of q's dtype: the tests assert
-max abs / rel error <= 2e-2 against the float32 reference on the dequantised cache with bf16 q on a GPU
-(test_unified_gpu.py) and <= 2e-3 with float32 q in the interpreter (test_unified.py). The quantisation of
+``k_cache * k_descale``; q and out stay bf16 / fp16. On GPUs the kernel rescales q by a power of two into
+fp16's range and rounds it to fp16 once per program, converts each K / V tile to fp16 after the load (sm_90
+converts e4m3 pairs to fp16 in one instruction; to bf16 it needs three more per element, which bounded the
+decode key loop) and runs both dots in fp16 with fp32 accumulators; the descales fold into the softmax scale
+and the fp32 accumulator. So the result equals attention on the dequantised cache (``k_cache.float() *
+k_descale``) up to fp16 rounding of q and P (finer than bf16's): the tests assert max abs / rel error <= 2e-2
+against the float32 reference on the dequantised cache with bf16 q on a GPU (test_unified_gpu.py, q up to
+1e6 and down to 1e-6 included), <= 1.5e-2 for the fp16 dots forced in the interpreter on float32 q and <= 2e-3
+for the interpreter's default, float32 q converting the tiles to float32 (test_unified.py). The quantisation of
 :func:`append_paged_kv` rounds to nearest even like torch's cast to ``float8_e4m3fn`` (tested bit for bit
 in e4m3's normal range).
 
@@ -178,6 +182,9 @@ def plan_unified(
         "HAS_ALIBI": has_alibi,
         "HAS_SINK": has_sink,
         "HAS_DESCALE": fp8,
+        # fp16 dots over an FP8 cache on GPUs (e4m3 -> fp16 is native on sm_90, -> bf16 is not); the interpreter
+        # keeps q's dtype (float32 there: exact on the dequantised cache)
+        "F16_DOTS": fp8 and not interpret,
         "SPLIT": splits > 1,
         "HB": hb,
         "BLOCK_M": block_m,

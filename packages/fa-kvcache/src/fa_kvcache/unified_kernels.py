@@ -18,7 +18,11 @@ Unified attention (:func:`unified_kernel`)
     (prefill chunks) are not split: their split-0 programs write the output directly, the others exit.
 
     FP8 cache: K / V tiles are converted to q's dtype after the load; ``k_descale[b, hk]`` multiplies the
-    softmax scale (scores ``q @ (k * k_descale)``) and ``v_descale[b, hk]`` the fp32 accumulator.
+    softmax scale (scores ``q @ (k * k_descale)``) and ``v_descale[b, hk]`` the fp32 accumulator. With
+    ``F16_DOTS`` (the host sets it for FP8 caches on GPUs) q is rescaled by a power of two into fp16's range
+    and rounded to fp16 once per program (:func:`_q_to_f16`), so the tiles convert to fp16 (sm_90's native
+    e4m3x2 -> f16x2, where bf16 costs three more instructions per element) and both dots run in fp16 with fp32
+    accumulators.
 
 Every index read from a tensor (``cu_seqlens_q``, ``seqused_k``, ``block_table``) is clamped before it
 addresses memory: garbage values give meaningless output, never an access outside the tensors.
@@ -49,6 +53,22 @@ def _find_request(CuSeqlensQ, pid_t, batch, total_q, search_iters, QROWS: tl.con
         lo = tl.where(live & (val <= pid_t), mid + 1, lo)
         hi = tl.where(live & (val > pid_t), mid, hi)
     return clamp(lo - 1, 0, batch - 1)
+
+
+@triton.jit
+def _q_to_f16(q, scale):
+    """``(q16, scale')``: q rescaled by a power of two ``2^e`` and rounded to fp16, and ``scale' = scale *
+    2^-e``, so ``(q16 @ k) * scale' == (q @ k) * scale`` up to fp16's rounding of q. ``2^e`` brings the tile's
+    largest ``|q|`` into ``[1, 2)`` (``e`` clamped to ``[-100, 100]``): no element exceeds fp16's range whatever
+    q's magnitude, bf16's 8 significant bits fit fp16's 11 exactly, and only elements more than ``2^14`` below
+    the tile's largest (contributing less than fp16's rounding of the largest) fall into fp16's subnormals;
+    ``|q16 . k|`` stays below ``2 * 448 * d``. The power of two is built from the exponent bits (exact)."""
+    amax = tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0)
+    exp = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent of amax (0 for 0 / subnormals)
+    e = tl.minimum(tl.maximum(127 - exp, -100), 100)  # 2^e * amax in [1, 2)
+    up = ((e + 127) << 23).to(tl.float32, bitcast=True)
+    down = ((127 - e) << 23).to(tl.float32, bitcast=True)
+    return (q.to(tl.float32) * up).to(tl.float16), scale * down
 
 
 @triton.jit
@@ -109,6 +129,7 @@ def _tile(
     HAS_ALIBI: tl.constexpr,
     HAS_SINK: tl.constexpr,
     HAS_DESCALE: tl.constexpr,
+    F16_DOTS: tl.constexpr,
     PARTIAL: tl.constexpr,
     PART_ROWS: tl.constexpr,
     HB: tl.constexpr,
@@ -141,6 +162,12 @@ def _tile(
     scale = sm_scale
     if HAS_DESCALE:
         scale = sm_scale * tl.load(KDescale + b * stride_kdb + hk * stride_kdh)
+    if F16_DOTS:
+        # FP8 cache: e4m3 converts to fp16 in one instruction per pair (sm_90's cvt e4m3x2 -> f16x2); to bf16
+        # it takes three more per element (through fp16, a quarter-rate F2F each, and a repack), which bound
+        # the decode key loop. So the K / V tiles convert to fp16 (the key loop converts to q's dtype), q
+        # once per program, and the dots run in fp16 (P too) with fp32 accumulators
+        q, scale = _q_to_f16(q, scale)
 
     lo, full_lo, full_hi, hi = kv_range(
         qblock, seqlen_q, seqlen_k, window_left, window_right, QROWS, BLOCK_N, IS_LOCAL
@@ -233,6 +260,7 @@ def unified_kernel(
     HAS_ALIBI: tl.constexpr,
     HAS_SINK: tl.constexpr,
     HAS_DESCALE: tl.constexpr,
+    F16_DOTS: tl.constexpr,
     SPLIT: tl.constexpr,
     HB: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -287,12 +315,14 @@ def unified_kernel(
         _tile(*args, HEADDIM=HEADDIM, HEADDIM_V=HEADDIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, PAGE=PAGE,
               PAGE_TILE=PAGE_TILE, BT_PRELOAD=BT_SMALL, IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT,
               HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_SINK=HAS_SINK, HAS_DESCALE=HAS_DESCALE,
-              PARTIAL=SPLIT, PART_ROWS=QROWS_SMALL, HB=HB, BLOCK_M=BLOCK_M_SMALL, BLOCK_N=BLOCK_N)  # fmt: skip
+              F16_DOTS=F16_DOTS, PARTIAL=SPLIT, PART_ROWS=QROWS_SMALL, HB=HB, BLOCK_M=BLOCK_M_SMALL,
+              BLOCK_N=BLOCK_N)  # fmt: skip
     else:
         _tile(*args, HEADDIM=HEADDIM, HEADDIM_V=HEADDIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, PAGE=PAGE,
               PAGE_TILE=PAGE_TILE, BT_PRELOAD=BT_PRELOAD, IS_LOCAL=IS_LOCAL, HAS_WINDOW_LEFT=HAS_WINDOW_LEFT,
               HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, HAS_SINK=HAS_SINK, HAS_DESCALE=HAS_DESCALE,
-              PARTIAL=False, PART_ROWS=QROWS_SMALL, HB=HB, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)  # fmt: skip
+              F16_DOTS=F16_DOTS, PARTIAL=False, PART_ROWS=QROWS_SMALL, HB=HB, BLOCK_M=BLOCK_M,
+              BLOCK_N=BLOCK_N)  # fmt: skip
 
 
 @triton.jit
