@@ -1,4 +1,4 @@
-"""The eager decode call's signature cache (``fa_kvcache.interface._decode_fast``): the same results as the
+"""The eager decode call's signature cache (``fa_kvcache.decode_fast._decode_fast``): the same results as the
 general path, the same errors (shape errors on the first call of a signature, value errors on every call,
 before anything is written), one host copy of ``cache_seqlens`` as its value check, and on a GPU the recorded
 launches replayed bit for bit."""
