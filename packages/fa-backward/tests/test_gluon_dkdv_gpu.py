@@ -1,0 +1,130 @@
+"""GPU tests of the Hopper Gluon dK/dV pass (:mod:`fa_backward.gluon_dkdv`) against the Triton dK/dV pass and
+the float32 reference (flash-attn's 2x rule), on the lse2 / delta that the Triton dQ pass writes.
+
+Run (from the repository root, on an H100 with Triton 3.6):
+    PYTHONPATH=packages/fa-core/src:packages/fa-backward/src \\
+        python -m pytest packages/fa-backward/tests/test_gluon_dkdv_gpu.py -m gpu -q -s -n 0
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fa_backward import gluon_dkdv
+from fa_backward.backward import flash_attn_backward
+from fa_core.forward import flash_attn_forward
+from fa_core.reference import attention_ref
+from fa_core.testing import assert_close_2x, poisoned
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(
+        torch.cuda.is_available() and not gluon_dkdv.available(),
+        reason="needs Triton 3.6 Gluon and an sm_90 GPU",
+    ),
+]
+
+LOG2E = 1.4426950408889634
+
+# (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, causal): ragged lengths (not multiples of the
+# 64-row query tiles or the 128-key blocks), seqlen_q < / > seqlen_k, GQA groups 1 / 4, MQA
+CASES = {
+    "d64": (2, 1000, 1000, 4, 4, 64, False),
+    "d64_causal_gqa4": (2, 777, 1537, 8, 2, 64, True),
+    "d128": (1, 1537, 1000, 4, 4, 128, False),
+    "d128_causal": (2, 1000, 1000, 4, 4, 128, True),
+    "d128_causal_gqa4": (1, 1537, 777, 8, 2, 128, True),
+    "d128_gqa4": (2, 513, 255, 4, 1, 128, False),
+    "d64_short": (3, 65, 129, 2, 1, 64, True),
+}
+
+
+def _setup(name: str, dtype: torch.dtype, seed: int = 0):
+    batch, sq, sk, h, hk, d, causal = CASES[name]
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q, dout = (torch.randn(batch, sq, h, d, device="cuda", generator=gen).to(dtype) for _ in range(2))
+    k, v = (torch.randn(batch, sk, hk, d, device="cuda", generator=gen).to(dtype) for _ in range(2))
+    scale = 0.9 / math.sqrt(d)
+    fwd = flash_attn_forward(q, k, v, softmax_scale=scale, causal=causal)
+    # the Triton backward: its dQ pass writes delta (returned) and lse2 = lse * log2(e) (as computed here)
+    bwd = flash_attn_backward(dout, q, k, v, fwd.out, fwd.lse, softmax_scale=scale, causal=causal)
+    lse2 = (fwd.lse * LOG2E).contiguous()
+    delta = bwd.softmax_d.contiguous()
+    return q, k, v, dout, lse2, delta, scale, causal, bwd
+
+
+def _gluon(q, k, v, dout, lse2, delta, scale, causal):
+    dk = poisoned(k.shape, k.dtype, k.device)
+    dv = poisoned(v.shape, v.dtype, v.device)
+    out = gluon_dkdv.dkdv(q, k, v, dout, lse2, delta, dk, dv, causal=causal, softmax_scale=scale)
+    assert out[0] is dk and out[1] is dv
+    return dk, dv
+
+
+def _ref_grads(q, k, v, dout, scale, causal, dtype):
+    q_, k_, v_ = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    out, _ = attention_ref(q_, k_, v_, softmax_scale=scale, causal=causal, upcast=False)
+    out.backward(dout.to(dtype))
+    return k_.grad, v_.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_reference_and_triton(name: str, dtype: torch.dtype) -> None:
+    q, k, v, dout, lse2, delta, scale, causal, bwd = _setup(name, dtype)
+    assert gluon_dkdv.supports(q, k, v, dout, lse2, delta, causal=causal, softmax_scale=scale)
+    dk, dv = _gluon(q, k, v, dout, lse2, delta, scale, causal)
+    torch.cuda.synchronize()
+    assert torch.isfinite(dk).all() and torch.isfinite(dv).all(), "unwritten (NaN) or non-finite rows"
+    true_dk, true_dv = _ref_grads(q, k, v, dout, scale, causal, torch.float32)
+    low_dk, low_dv = _ref_grads(q, k, v, dout, scale, causal, dtype)
+    assert_close_2x(dk, true_dk, low_dk, "dk")
+    assert_close_2x(dv, true_dv, low_dv, "dv")
+    # and as close to the Triton dK/dV pass as the reference rule allows (both accumulate in float32)
+    assert_close_2x(bwd.dk, true_dk, low_dk, "triton dk")
+    assert_close_2x(bwd.dv, true_dv, low_dv, "triton dv")
+    tol_k = 2 * (low_dk.double() - true_dk.double()).abs().max().item() + 1e-2
+    tol_v = 2 * (low_dv.double() - true_dv.double()).abs().max().item() + 1e-2
+    assert (dk.double() - bwd.dk.double()).abs().max().item() <= tol_k
+    assert (dv.double() - bwd.dv.double()).abs().max().item() <= tol_v
+
+
+@pytest.mark.parametrize("name", ["d128_causal_gqa4", "d64_causal_gqa4", "d128_gqa4"])
+def test_deterministic(name: str) -> None:
+    q, k, v, dout, lse2, delta, scale, causal, _ = _setup(name, torch.bfloat16, seed=1)
+    first = _gluon(q, k, v, dout, lse2, delta, scale, causal)
+    second = _gluon(q, k, v, dout, lse2, delta, scale, causal)
+    torch.cuda.synchronize()
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_misaligned_lse_and_strided_outputs() -> None:
+    """lse2 / delta at offsets that are not 16-byte aligned (as the dQ pass's shared allocation gives them
+    when ``batch * nheads * seqlen_q`` is not a multiple of 4) and dk / dv views with padded heads."""
+    q, k, v, dout, lse2, delta, scale, causal, bwd = _setup("d64_short", torch.float16)
+    both = torch.empty(2 * lse2.numel() + 1, device="cuda")
+    lse2_m = both[1 : 1 + lse2.numel()].view_as(lse2).copy_(lse2)
+    delta_m = both[1 + lse2.numel() :].view_as(delta).copy_(delta)
+    assert lse2_m.data_ptr() % 16 and delta_m.data_ptr() % 16
+    pad = torch.full((*k.shape[:2], k.shape[2] + 1, k.shape[3]), float("nan"), dtype=k.dtype, device="cuda")
+    pad2 = pad.clone()
+    dk, dv = pad[:, :, 1:], pad2[:, :, 1:]
+    gluon_dkdv.dkdv(q, k, v, dout, lse2_m, delta_m, dk, dv, causal=causal, softmax_scale=scale)
+    ref_dk, ref_dv = _gluon(q, k, v, dout, lse2, delta, scale, causal)
+    torch.cuda.synchronize()
+    assert torch.equal(dk, ref_dk) and torch.equal(dv, ref_dv)
+    assert torch.isnan(pad[:, :, 0]).all(), "wrote outside the dk view"
+
+
+def test_refuses_unsupported() -> None:
+    q, k, v, dout, lse2, delta, scale, causal, _ = _setup("d64_short", torch.float16)
+    from fa_core.errors import FlashAttnValueError
+
+    with pytest.raises(FlashAttnValueError, match="lse2"):
+        gluon_dkdv.dkdv(q, k, v, dout, lse2[:, :, :-1], delta, causal=causal)
+    with pytest.raises(FlashAttnValueError, match="softmax_scale"):
+        gluon_dkdv.dkdv(q, k, v, dout, lse2, delta, causal=causal, softmax_scale=-1.0)
