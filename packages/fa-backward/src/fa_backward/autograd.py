@@ -26,6 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from fa_backward.backward import backward_from_autograd
 from fa_core import ops
+from fa_core.function_views import function_views
 from fa_core.ops import KV, QKV, Spec
 
 __all__ = [
@@ -186,7 +187,7 @@ def attention(
 
 
 # ------------------------------------------------------------- flash-attn's FlashAttn*Func names: views
-_VIEWS = ops.function_views(__name__, Attention.forward, backward)
+_VIEWS = function_views(__name__, Attention.forward, backward)
 FlashAttnFunc = _VIEWS["FlashAttnFunc"]
 FlashAttnQKVPackedFunc = _VIEWS["FlashAttnQKVPackedFunc"]
 FlashAttnKVPackedFunc = _VIEWS["FlashAttnKVPackedFunc"]

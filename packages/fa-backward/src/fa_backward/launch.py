@@ -189,8 +189,10 @@ def _launch(
              None if cu_seqlens_k is cu_seqlens_q else cu_seqlens_k, seqused_k, alibi_slopes, dlse)  # fmt: skip
     if key is not None:
         replay = _REPLAYS.get(key)
-        if replay is not None and _ensure_allocator() is None and replay(slots):
-            return delta
+        if replay is not None:
+            _ensure_allocator()  # the descriptor kernels' scratch allocator, per thread
+            if replay(slots):
+                return delta
         with record() as rec:
             _launches(dout, q, k, v, out, lse, dq, dk, dv, delta, lse2, dlse, varlen=varlen, batch=batch,
                       max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, cu_seqlens_q=cu_seqlens_q,
@@ -227,7 +229,7 @@ def _replay_key(tensors: tuple, *scalars: Any) -> tuple | None:
     if not q.is_cuda:
         return None
     ptrs = 0
-    metas = []
+    metas: list[tuple | None] = []
     for t in tensors:
         if t is None:
             metas.append(None)

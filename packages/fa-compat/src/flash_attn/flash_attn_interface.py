@@ -47,6 +47,7 @@ import torch
 
 from fa_core import ops
 from fa_core import validation as V
+from fa_core.function_views import function_views
 from fa_core.ops import KV, QKV
 from fa_core.ops import round_multiple as round_multiple
 from flash_attn import _extras, _kvcache
@@ -401,7 +402,7 @@ def _view_paged(**arguments: Any):
         return flash_attn_varlen_func(**arguments)
 
 
-_VIEWS = ops.function_views(__name__, _view_forward, _view_backward, paged=_view_paged)
+_VIEWS = function_views(__name__, _view_forward, _view_backward, paged=_view_paged)
 FlashAttnFunc = _VIEWS["FlashAttnFunc"]
 FlashAttnQKVPackedFunc = _VIEWS["FlashAttnQKVPackedFunc"]
 FlashAttnKVPackedFunc = _VIEWS["FlashAttnKVPackedFunc"]

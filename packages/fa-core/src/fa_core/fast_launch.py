@@ -389,12 +389,12 @@ class Replay:
         if rec.calls != len(rec.steps) or not rec.steps:
             return None
         index: dict[int, int] = {}
-        for j, t in enumerate(slots):
+        for slot, t in enumerate(slots):
             if t is None:
                 continue
             if id(t) in index:
                 return None
-            index[id(t)] = j
+            index[id(t)] = slot
         placeholders = {id(t) for t in _EMPTY.values()}
         devices = {step[-1] for step in rec.steps}
         if len(devices) != 1:

@@ -196,7 +196,7 @@ def unsupported_reason(
         if max_seqlen_q is None or max_seqlen_k is None or min(max_seqlen_q, max_seqlen_k) < 1:
             return "varlen needs max_seqlen_q and max_seqlen_k >= 1"
         batch, seqlen_q, seqlen_k = cu_seqlens_q.numel() - 1, q.shape[0], k.shape[0]
-        if paged:
+        if block_table is not None:
             reason = _paged_reason(q, k, v, block_table, seqused_k, batch, check_device)
             if reason is not None:
                 return reason

@@ -194,7 +194,7 @@ def _page_rows(pg, tile, BLOCK_N: gl.constexpr, ROWS: gl.constexpr, PAGE: gl.con
     else:
         rows = (_page_of(table, tile * NPG, max_pages, num_pages) * PAGE,)
         for i in gl.static_range(1, NPG):
-            rows = rows + (_page_of(table, tile * NPG + i, max_pages, num_pages) * PAGE,)
+            rows = rows + (_page_of(table, tile * NPG + i, max_pages, num_pages) * PAGE,)  # type: ignore[assignment]
         return rows
 
 
