@@ -41,9 +41,10 @@ _KEYS = (
     "FSEL",
     "F2FP",
     "SYNCS",
-    "LDG",
     "LDS",
-    "STS",
+    "LDL",
+    "STL",
+    "BAR",
 )
 
 

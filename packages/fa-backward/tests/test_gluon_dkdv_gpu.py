@@ -17,7 +17,7 @@ from fa_backward import gluon_dkdv
 from fa_backward.backward import flash_attn_backward
 from fa_core.forward import flash_attn_forward
 from fa_core.reference import attention_ref
-from fa_core.testing import assert_close_2x, poisoned
+from fa_core.testing import assert_close_2x, poisoned, slack_for
 
 pytestmark = [
     pytest.mark.gpu,
@@ -84,13 +84,16 @@ def test_matches_reference_and_triton(name: str, dtype: torch.dtype) -> None:
     low_dk, low_dv = _ref_grads(q, k, v, dout, scale, causal, dtype)
     assert_close_2x(dk, true_dk, low_dk, "dk")
     assert_close_2x(dv, true_dv, low_dv, "dv")
-    # and as close to the Triton dK/dV pass as the reference rule allows (both accumulate in float32)
+    # and within the sum of both kernels' allowances of the Triton dK/dV pass (both accumulate in float32)
     assert_close_2x(bwd.dk, true_dk, low_dk, "triton dk")
     assert_close_2x(bwd.dv, true_dv, low_dv, "triton dv")
-    tol_k = 2 * (low_dk.double() - true_dk.double()).abs().max().item() + 1e-2
-    tol_v = 2 * (low_dv.double() - true_dv.double()).abs().max().item() + 1e-2
-    assert (dk.double() - bwd.dk.double()).abs().max().item() <= tol_k
-    assert (dv.double() - bwd.dv.double()).abs().max().item() <= tol_v
+    for name, ours, tl_grad, low, true in (
+        ("dk", dk, bwd.dk, low_dk, true_dk),
+        ("dv", dv, bwd.dv, low_dv, true_dv),
+    ):
+        tol = 4 * (low.double() - true.double()).abs().max().item() + 2 * slack_for(dtype)
+        err = (ours.double() - tl_grad.double()).abs().max().item()
+        assert err <= tol, f"{name}: |gluon - triton| {err:.3e} > {tol:.3e}"
 
 
 @pytest.mark.parametrize("name", ["d128_causal_gqa4", "d64_causal_gqa4", "d128_gqa4"])

@@ -28,6 +28,13 @@ Per CTA (``NCONS`` consumer warpgroups of ``BLOCK_N`` = 64 key rows each, plus a
 * Finally ``dK *= softmax_scale``; dK / dV go through the (now free) K / V shared-memory tiles and TMA stores
   (rows past ``seqlen_k`` are clipped).
 
+Offline sm_90 compile (``scripts/gluon_bwd_probe.py``, Triton 3.6): every variant (d64 / d128, causal or not,
+GQA group 1 / 4, bf16 / fp16) compiles; d64: 84 KB of shared memory, no spills; d128: 132 KB, 8 (non-causal)
+/ 56 (causal) bytes of scalar spills, 0-3 local loads per tile. Per query tile and consumer the loop has 32
+MUFU.EX2 and 24 (d128) / 16 (d64) HGMMA (S^T, dP^T from shared memory; dV, dK with P^T / dS^T from registers).
+Numerics and speed on a GPU: ``tests/test_gluon_dkdv_gpu.py`` and ``bench/bench_gluon_bwd.py``; neither has
+run on an H100 yet, hence no dispatch.
+
 Scope (:func:`supports`): dense ``(batch, seqlen, nheads, headdim)`` bf16/fp16, head dim 64 or 128, causal or
 not, GQA/MQA, any ``softmax_scale > 0``; TMA-compatible strides. The kernel is not dispatched by
 :mod:`fa_backward.launch` (which launches the portable dK/dV kernel); :func:`dkdv` runs it on buffers that the
@@ -444,8 +451,9 @@ def unsupported_reason(
     for name, t in (("lse2", lse2), ("delta", delta)):
         if t.dtype != torch.float32 or tuple(t.shape) != (batch, nheads, seqlen_q) or not t.is_contiguous():
             return f"{name} must be a contiguous float32 (batch, nheads, seqlen_q) tensor"
-        if t.data_ptr() % 4:
-            return f"{name} must be 4-byte aligned"
+        if t.data_ptr() % 4 or (t.data_ptr() % 16) // 4 > t.storage_offset():
+            # (the kernel's descriptor starts at the 16-byte boundary at or before the first element)
+            return f"{name} must be 4-byte aligned, in a storage that starts 16-byte aligned"
     outs = [(name, t) for name, t in (("dk", dk), ("dv", dv)) if t is not None]
     for name, o in outs:
         if o.shape != k.shape or o.dtype != q.dtype:
