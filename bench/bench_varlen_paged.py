@@ -4,9 +4,9 @@ varlen layout, and vs FlagGems' paged varlen.
 Random sequence lengths summing to 16384 tokens (query = key lengths, prefill), 16 heads (nheads_k 16),
 headdim 128, bf16, causal and not, three length regimes (mean sequence 512, 2048, 8192):
 
-* ``fa-plus``: ``fa_core.flash_attn_varlen_forward`` on packed K/V (page 0) and on shuffled paged caches
-  (page 16, 256) with ``block_table`` (both through its launcher where the public function does not take
-  ``block_table``; value checks skipped as in every benchmark);
+* ``fa-plus``: the public ``flash_attn.flash_attn_varlen_func`` on packed K/V (page 0) and on shuffled paged
+  caches (page 16, 256) with ``block_table`` (``fa_core.flash_attn_varlen_forward`` where fa-compat is not
+  installed; value checks skipped as in every benchmark);
 * ``flaggems``: ``flag_gems.ops.flash_attn_varlen_func`` (vLLM's argument order: ``max_seqlen_q`` before
   ``cu_seqlens_q``) with ``block_table`` + ``seqused_k`` on the same paged caches (pages 16, 256); skipped with
   the reason when FlagGems is not installed.
@@ -18,7 +18,8 @@ under the table). Writes bench/results/<device>-varlen-paged.{json,md,png}.
     python bench/bench_varlen_paged.py
     python bench/bench_varlen_paged.py --pages 0,16 --means 2048 --providers fa-plus
 
-Run from the repository root with PYTHONPATH=packages/fa-core/src.
+Run from the repository root with
+PYTHONPATH=packages/fa-core/src:packages/fa-backward/src:packages/fa-kvcache/src:packages/fa-compat/src.
 """
 
 from __future__ import annotations
@@ -83,14 +84,22 @@ def paged(k: torch.Tensor, v: torch.Tensor, lens: list[int], page: int, seed: in
 
 
 def _fa_plus(q, k, v, cu, lens, page, causal):
-    """Packed (page 0) and paged K/V through the same entry point: the public function when it takes
-    ``block_table``, else its launcher (the same kernel launch without the host checks) for both."""
+    """Packed (page 0) and paged K/V through the same entry point, as users call it: flash-attn's public
+    ``flash_attn.flash_attn_varlen_func`` (``block_table=`` for the pages), so both runs take what the library
+    dispatches to (on sm_90 the Gluon kernels); without fa-compat, ``fa_core.flash_attn_varlen_forward``, else
+    its launcher (the same kernel launch without the host checks) for both."""
     import fa_core
 
     mx = max(lens)
     table = None
     if page:
         k, v, table = paged(k, v, lens, page, seed=page)
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        flash_attn_varlen_func = None
+    if flash_attn_varlen_func is not None:
+        return lambda: flash_attn_varlen_func(q, k, v, cu, cu, mx, mx, causal=causal, block_table=table)
     if "block_table" in inspect.signature(fa_core.flash_attn_varlen_forward).parameters:
         extra = {} if table is None else {"block_table": table}
         return lambda: fa_core.flash_attn_varlen_forward(q, k, v, cu, cu, mx, mx, causal=causal, **extra).out
