@@ -405,9 +405,7 @@ def flash_attn_with_kvcache(
     )
     batch, seqlen_q, nheads, d = q.shape
     V.check_chunk_and_sink(attention_chunk, learnable_sink, nheads, q)
-    nheads_k, dv = k_cache.shape[2], v_cache.shape[3]
-    group = nheads // nheads_k
-    paged = block_table is not None
+    dv = v_cache.shape[3]
     capacity = cache_capacity(k_cache, block_table)
     if rotary_cos is not None and rotary_cos.shape[0] < capacity:
         # checked before anything is written: a short table must not leave a half-updated cache behind
@@ -448,33 +446,84 @@ def flash_attn_with_kvcache(
             rotary_interleaved,
         )
 
-    left, right, is_local = normalize_window(causal, window_size)
     if rotary_cos is not None and rotary_sin is not None and seqlen_q > 0 and batch > 0:
-        # flash-attn drops a window side that spans the whole cache before deciding "local"
-        local = any(0 <= int(w) < capacity for w in window_size) and not causal
-        # q's rotary rows start at cache_seqlens, clamped on the device like the kernels' (no sync): a value
-        # outside [0, capacity] (value checks off) cannot address cos/sin outside the table
-        ro_offsets = (
-            cache_seqlens.clamp(0, capacity) if isinstance(cache_seqlens, torch.Tensor) else cache_seqlens
+        q = _rotate_q(
+            q, rotary_cos, rotary_sin, cache_seqlens, capacity, causal, window_size, rotary_interleaved
         )
-        if causal or local:
-            q = apply_rotary(
-                q, rotary_cos, rotary_sin, seqlen_offsets=ro_offsets, interleaved=rotary_interleaved
-            )
-        else:
-            q = apply_rotary(
-                q.reshape(batch, 1, seqlen_q * nheads, d),
-                rotary_cos,
-                rotary_sin,
-                seqlen_offsets=ro_offsets,
-                interleaved=rotary_interleaved,
-            ).reshape(q.shape)
-
     out = q.new_empty(batch, seqlen_q, nheads, dv)
     lse = torch.empty(batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
     if batch == 0 or seqlen_q == 0 or nheads == 0:
         return (out, lse) if return_softmax_lse else out
+    _launch_decode(
+        q, k_cache, v_cache, out, lse, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, capacity,
+        seqlen_new, softmax_scale, causal, window_size, softcap, alibi_slopes, num_splits, attention_chunk,
+        learnable_sink,
+    )  # fmt: skip
+    return (out, lse) if return_softmax_lse else out
 
+
+def _rotate_q(
+    q: torch.Tensor,
+    rotary_cos: torch.Tensor,
+    rotary_sin: torch.Tensor,
+    cache_seqlens: Any,
+    capacity: int,
+    causal: bool,
+    window_size: tuple[int, int],
+    rotary_interleaved: bool,
+) -> torch.Tensor:
+    """q ``(batch, seqlen_q, nheads, d)`` rotated at its positions ``cache_seqlens + t`` (causal or local), or
+    every query at ``cache_seqlens`` (otherwise), as flash-attn's kvcache kernel does."""
+    batch, seqlen_q, nheads, d = q.shape
+    # flash-attn drops a window side that spans the whole cache before deciding "local"
+    local = any(0 <= int(w) < capacity for w in window_size) and not causal
+    # q's rotary rows start at cache_seqlens, clamped on the device like the kernels' (no sync): a value
+    # outside [0, capacity] (value checks off) cannot address cos/sin outside the table
+    ro_offsets = (
+        cache_seqlens.clamp(0, capacity) if isinstance(cache_seqlens, torch.Tensor) else cache_seqlens
+    )
+    if causal or local:
+        return apply_rotary(
+            q, rotary_cos, rotary_sin, seqlen_offsets=ro_offsets, interleaved=rotary_interleaved
+        )
+    return apply_rotary(
+        q.reshape(batch, 1, seqlen_q * nheads, d),
+        rotary_cos,
+        rotary_sin,
+        seqlen_offsets=ro_offsets,
+        interleaved=rotary_interleaved,
+    ).reshape(q.shape)
+
+
+def _launch_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cache_seqlens: int | torch.Tensor | None,
+    cache_batch_idx: torch.Tensor | None,
+    cache_leftpad: torch.Tensor | None,
+    block_table: torch.Tensor | None,
+    capacity: int,
+    seqlen_new: int,
+    softmax_scale: float,
+    causal: bool,
+    window_size: tuple[int, int],
+    softcap: float,
+    alibi_slopes: torch.Tensor | None,
+    num_splits: int,
+    attention_chunk: int,
+    learnable_sink: torch.Tensor | None,
+) -> None:
+    """Plan (:func:`plan_decode`) and launch the split-KV kernel and, with several splits, the combine kernel
+    on checked inputs, writing ``out`` ``(batch, seqlen_q, nheads, dv)`` and ``lse`` ``(batch, nheads,
+    seqlen_q)``."""
+    batch, seqlen_q, nheads, d = q.shape
+    nheads_k, dv = k_cache.shape[2], v_cache.shape[3]
+    group = nheads // nheads_k
+    paged = block_table is not None
+    left, right, is_local = normalize_window(causal, window_size)
     page = k_cache.shape[1] if paged else 0
     seq_tensor = isinstance(cache_seqlens, torch.Tensor)
     plan = plan_decode(
@@ -575,7 +624,6 @@ def flash_attn_with_kvcache(
             out.stride(2),
             **plan.combine_meta,
         )
-    return (out, lse) if return_softmax_lse else out
 
 
 class DecodePlan(NamedTuple):
