@@ -79,6 +79,8 @@ def _grads(ctx: Any, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor | 
         and q.shape == k.shape == v.shape
         and q.dtype == k.dtype == v.dtype
         and (q.is_contiguous() and k.is_contiguous() and v.is_contiguous())
+        and q.numel() * q.element_size() % 16 == 0  # dk, dv start 16-byte aligned
+        and all(ctx.needs_input_grad[:3])  # a kept gradient holds the whole buffer
     ):
         # one allocation for the three (host time per call): contiguous views, as empty_like's would be
         dq, dk, dv = torch.empty((3, *q.shape), dtype=q.dtype, device=q.device).unbind(0)
@@ -89,14 +91,6 @@ def _grads(ctx: Any, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor | 
         _, dk, dv = ops.unpack(dq, dkv, None, KV, spec.varlen)
         return dq, dkv, dq, dk, dv
     return dq, None, dq, torch.empty_like(k), torch.empty_like(v)
-
-
-def _signature(ctx: Any) -> tuple | None:
-    """What fixes every layout of the backward's launch except the incoming gradients': the forward's replay
-    key (its inputs' and outputs' layouts, the options), the gradient buffers' layout rule and the packing; None
-    where the forward had no key (fa_core.ops.last_replay_key)."""
-    key = getattr(ctx, "replay_key", None)
-    return None if key is None else (key, ctx.packed_shape)
 
 
 def backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None, *unused: Any) -> tuple[Tensor | None, ...]:
@@ -115,7 +109,6 @@ def backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None, *unused: Any) -
             softmax_scale=spec.softmax_scale, causal=spec.causal, window_size=window, softcap=spec.softcap,
             alibi_slopes=alibi, rng_state=rng_state, seqused_k=seqused_k, attention_chunk=spec.attention_chunk,
             score_mod=mods[0], score_mod_grad=mods[1], mask_mod=mods[2], block_mask=mods[3], dsoftmax_lse=dlse,
-            signature=_signature(ctx),
         )  # fmt: skip
     elif spec.varlen:
         softmax_d = torch.ops.flash_attn_plus.varlen_bwd(
@@ -161,8 +154,6 @@ class Attention(torch.autograd.Function):
             q, k, v = ops.unpack(a, b, c, spec.pack, spec.varlen)
             q, k, v = ops.V.contig_last(q), ops.V.contig_last(k), ops.V.contig_last(v)
         out, lse, s_dmask, rng_state = ops.run_forward(q, k, v, sink, alibi, cu_q, cu_k, seqused_k, spec)
-        # eager calls only: a traced forward has no launches to replay (and its backward calls the custom op)
-        ctx.replay_key = None if spec.mods is not None or ops.tracing(q) else ops.last_replay_key()
         packed = a if spec.pack == QKV else (b if spec.pack == KV else None)
         save(ctx, q, k, v, sink, alibi, cu_q, cu_k, seqused_k, out, lse, rng_state, spec,
              None if packed is None else tuple(packed.shape))  # fmt: skip

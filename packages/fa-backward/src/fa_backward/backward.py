@@ -392,15 +392,12 @@ def backward_from_autograd(
     mask_mod: Callable[..., Any] | None = None,
     block_mask: BlockMask | None = None,
     dsoftmax_lse: torch.Tensor | None = None,
-    signature: tuple | None = None,
 ) -> torch.Tensor:
     """The backward of the autograd layer (:mod:`fa_backward.autograd`): no input checks (q, k, v, out, lse,
     rng_state and the options are the ones the forward checked and saved; autograd hands ``dout`` with
     ``out``'s shape, dtype and device), only the last-dim layout of ``dout``. Host time matters here: at short
     sequences a training step waits on it. ``varlen``: ``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-    max_seqlen_k)``. ``signature``: what fixes the layouts of q, k, v, out, lse, dq, dk, dv and the options
-    (the autograd layer's, see :func:`fa_backward.launch._launch`), None to derive the replay key from the
-    tensors. Writes dq, dk, dv; returns ``softmax_d`` laid out like the lse."""
+    max_seqlen_k)``. Writes dq, dk, dv; returns ``softmax_d`` laid out like the lse."""
     dout = V.contig_last(dout)
     if varlen is None:
         batch, max_q, max_k = q.shape[0], q.shape[1], k.shape[1]
@@ -419,5 +416,5 @@ def backward_from_autograd(
         softmax_scale=softmax_scale, causal=causal, window=window_size, softcap=softcap,
         alibi_slopes=alibi_slopes, dropout_p=dropout_p, rng_state=rng_state, attention_chunk=attention_chunk,
         score_mod=score_mod, score_mod_grad=score_mod_grad, mask_mod=mask_mod, block_mask=block_mask,
-        dsoftmax_lse=dsoftmax_lse, signature=signature,
+        dsoftmax_lse=dsoftmax_lse,
     )  # fmt: skip

@@ -158,27 +158,11 @@ def _launch(
     mask_mod=None,
     block_mask=None,
     dsoftmax_lse=None,
-    signature=None,
 ):
-    """Launch the dQ and dK/dV passes (replayed per call signature where possible: see :func:`_replay_key`);
-    ``signature``: the caller's summary of every layout but ``dout``'s and ``dsoftmax_lse``'s and of the
-    options (the autograd layer's), or None to key on the tensors themselves. Returns ``delta``."""
     lse = V.contig_last(lse)
     dlse = None if dsoftmax_lse is None else V.contig_last(dsoftmax_lse)
     key = None
-    if dropout_p > 0 or block_mask is not None or score_mod is not None or mask_mod is not None:
-        pass
-    elif signature is not None:
-        ptrs = dout.data_ptr() | (0 if dlse is None else dlse.data_ptr())
-        if not ptrs & 15 and dout.is_cuda:
-            key = (
-                signature,
-                dout.shape,
-                dout.stride(),
-                dout.dtype,
-                None if dlse is None else (dlse.shape, dlse.stride(), dlse.dtype),
-            )
-    else:
+    if not (dropout_p > 0 or block_mask is not None or score_mod is not None or mask_mod is not None):
         key = _replay_key(
             (dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, dlse),
             varlen, batch, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window, softcap, attention_chunk,

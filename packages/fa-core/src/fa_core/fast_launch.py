@@ -373,13 +373,17 @@ class Replay:
     The caller guarantees that the new call has the recorded call's signature: same shapes, strides, dtypes,
     16-byte alignment, device and scalar options (everything the launches' arguments and the launcher's cache
     key were derived from). ``replay`` returns False, launching nothing, where the launch path must be taken
-    instead (the shortcut switched off, launch hooks set, another current device)."""
+    instead (the shortcut switched off, launch hooks set, another current device, None in a slot that held a
+    tensor). Each launch goes through the compiled kernel's launcher as a direct launch does: its global scratch,
+    if any, comes from Triton's allocator (stream-ordered, and in the graph's pool under capture)."""
 
-    __slots__ = ("device", "steps")
+    __slots__ = ("device", "required", "steps")
 
-    def __init__(self, steps: list[tuple], device: int) -> None:
+    def __init__(self, steps: list[tuple], device: int, required: tuple[int, ...] = ()) -> None:
         self.steps = steps
         self.device = device
+        #: the slots that held a tensor the recorded launches took
+        self.required = required
 
     @classmethod
     def build(cls, rec: Recording, slots: Sequence[torch.Tensor | None]) -> Replay | None:
@@ -411,78 +415,24 @@ class Replay:
                         template[i] = None  # no recorded tensor kept alive
                     elif id(x) not in placeholders:
                         return None
-            direct = _direct(run, g0 * g1 * g2)
-            steps.append(
-                (launcher, run, g0, g1, g2, function, packed, template, tuple(subs), tail, config, direct)
-            )
-        return cls(steps, devices.pop())
+            steps.append((launcher, run, g0, g1, g2, function, packed, template, tuple(subs), tail, config))
+        required = tuple(sorted({j for step in steps for _, j in step[8]}))
+        return cls(steps, devices.pop(), required)
 
     def __call__(self, slots: Sequence[torch.Tensor | None]) -> bool:
         if not fast_launch_enabled() or _hooks_active():
             return False
+        for j in self.required:
+            if slots[j] is None:  # a slot recorded with a tensor: the launches would get a null pointer
+                return False
         device = self.device
         if torch._C._cuda_getDevice() != device:
             return False
         stream = torch._C._cuda_getCurrentRawStream(device)
-        capturing = torch._C._cuda_isCurrentStreamCapturing()
-        for launcher, run, g0, g1, g2, function, packed, template, subs, tail, config, direct in self.steps:
+        for launcher, run, g0, g1, g2, function, packed, template, subs, tail, config in self.steps:
             vals = template.copy()
             for i, j in subs:
                 vals[i] = slots[j]
-            if direct is None or capturing:
-                run(g0, g1, g2, stream, function, packed, None, None, None, *vals, *tail)
-            else:
-                launch, coop, pdl, nbytes = direct
-                scratch = _scratch(device, stream, nbytes) if nbytes else None
-                launch(
-                    g0,
-                    g1,
-                    g2,
-                    stream,
-                    function,
-                    coop,
-                    pdl,
-                    scratch,
-                    None,
-                    packed,
-                    None,
-                    None,
-                    None,
-                    *vals,
-                    *tail,
-                )
+            run(g0, g1, g2, stream, function, packed, None, None, None, *vals, *tail)
             launcher.last_config = config
         return True
-
-
-def _direct(run: Any, programs: int) -> tuple | None:
-    """``(launch, cooperative, pdl, scratch_bytes)`` of Triton 3.6's ``CudaLauncher`` ``run`` for a grid of
-    ``programs``: the C launch its ``__call__`` makes after allocating the global scratch (the on-device
-    tensor descriptors' space) through Triton's allocator; a replay takes it with a scratch buffer kept per
-    stream (:func:`_scratch`). None (replay through ``run``) for anything else, or a profiling scratch."""
-    try:
-        if run.profile_scratch_size or run.global_scratch_align > 256:
-            return None
-        size = run.global_scratch_size
-        return (
-            run.launch,
-            run.launch_cooperative_grid,
-            run.launch_pdl,
-            programs * run.num_ctas * size if size else 0,
-        )
-    except AttributeError:
-        return None
-
-
-#: per (device, stream): the global scratch of replayed launches on that stream. Kernels of one stream run one
-#: after the other (none of ours launches with programmatic dependent launch), so they can share it; another
-#: stream has its own; under CUDA-graph capture the replay allocates through Triton's allocator instead
-_SCRATCH: dict[tuple[int, int], torch.Tensor] = {}
-
-
-def _scratch(device: int, stream: int, nbytes: int) -> torch.Tensor:
-    buf = _SCRATCH.get((device, stream))
-    if buf is None or buf.numel() < nbytes:
-        # torch's allocations are 512-byte aligned (the descriptors ask for at most 256, checked in _direct)
-        buf = _SCRATCH[(device, stream)] = torch.empty(max(nbytes, 1 << 16), dtype=torch.int8, device=device)
-    return buf

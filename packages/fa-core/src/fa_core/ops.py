@@ -23,7 +23,6 @@ evaluated annotations. Importing it imports no Triton (the launchers are importe
 """
 
 import math
-import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -256,17 +255,6 @@ _REPLAYS: dict[tuple, tuple] = {}
 _REPLAYS_MAX = 1024
 
 
-#: this thread's last eager forward's replay key (:func:`last_replay_key`)
-_LAST_KEY = threading.local()
-
-
-def last_replay_key() -> tuple | None:
-    """The replay key of this thread's last eager forward (:func:`forward_eager`), None when it was not
-    replayable. It fixes the layouts of the forward's inputs and outputs, so the autograd layer keys its
-    backward's replay on it plus the incoming gradient's layout."""
-    return getattr(_LAST_KEY, "key", None)
-
-
 def _replay_key(q, k, v, sink, alibi, cu_q, cu_k, seqused_k, spec: Spec, leftpad_k) -> tuple | None:
     """Everything the forward's launches derive from, for a call whose launches can be replayed: a GPU call
     without dropout (its seed is per call), S_dmask, programmable mods or ``leftpad_k``, with 16-byte aligned
@@ -409,7 +397,7 @@ def forward_eager(
     if leftpad_k is not None and spec.return_softmax:
         raise V.FlashAttnValueError("return_softmax (S_dmask) is not supported with leftpad_k")
     launch = _launchers()
-    key = _LAST_KEY.key = _replay_key(q, k, v, sink, alibi, cu_q, cu_k, seqused_k, spec, leftpad_k)
+    key = _replay_key(q, k, v, sink, alibi, cu_q, cu_k, seqused_k, spec, leftpad_k)
     if key is not None:
         replay = _REPLAYS.get(key)
         if replay is not None:
