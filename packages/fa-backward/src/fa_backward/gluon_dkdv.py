@@ -25,6 +25,10 @@ Per CTA (``NCONS`` consumer warpgroups of ``BLOCK_N`` = 64 key rows each, plus a
 * Causal (bottom-right aligned, ``diag = seqlen_k - seqlen_q``: key ``j`` visible from query ``i`` iff
   ``j <= i + diag``): query tiles that see no key of the CTA are skipped, the diagonal tiles are masked, the
   tiles below them run without a mask.
+* Masked entries of ``dS^T`` are ``P^T = 0`` times ``dP^T - delta``: zero for finite inputs. A non-finite
+  ``dout`` / ``delta`` row in a diagonal tile reaches the dK rows of keys it cannot see, which the Triton pass
+  zeroes explicitly; the extra select costs the d128 causal build 164 more bytes of spills
+  (``scripts/gluon_bwd_probe.py``: 56 -> 220), so it is left out.
 * Finally ``dK *= softmax_scale``; dK / dV go through the (now free) K / V shared-memory tiles and TMA stores
   (rows past ``seqlen_k`` are clipped).
 
