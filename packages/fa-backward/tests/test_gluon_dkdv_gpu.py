@@ -40,6 +40,9 @@ CASES = {
     "d128_causal_gqa4": (1, 1537, 777, 8, 2, 128, True),
     "d128_gqa4": (2, 513, 255, 4, 1, 128, False),
     "d64_short": (3, 65, 129, 2, 1, 64, True),
+    # whole tiles (the training shapes): every query tile full, the diagonal exactly on tile boundaries
+    "d128_causal_whole": (2, 1024, 1024, 4, 4, 128, True),
+    "d64_causal_gqa8_whole": (1, 2048, 2048, 16, 2, 64, True),
 }
 
 
@@ -131,3 +134,24 @@ def test_refuses_unsupported() -> None:
         gluon_dkdv.dkdv(q, k, v, dout, lse2[:, :, :-1], delta, causal=causal)
     with pytest.raises(FlashAttnValueError, match="softmax_scale"):
         gluon_dkdv.dkdv(q, k, v, dout, lse2, delta, causal=causal, softmax_scale=-1.0)
+
+
+def test_strided_inputs_and_default_scale() -> None:
+    """q / k / v as views of a packed ``(b, s, 3, h, d)`` buffer and dout as a ``(b, h, s, d)`` transpose (the
+    layouts models hand over), with the default softmax scale."""
+    torch.manual_seed(3)
+    b, s, h, d = 2, 1000, 4, 128
+    qkv = torch.randn(b, s, 3, h, d, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.unbind(2)
+    dout = torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    fwd = flash_attn_forward(q, k, v, causal=True)
+    bwd = flash_attn_backward(dout, q, k, v, fwd.out, fwd.lse, causal=True)
+    lse2, delta = (fwd.lse * LOG2E).contiguous(), bwd.softmax_d.contiguous()
+    if not gluon_dkdv.supports(q, k, v, dout, lse2, delta, causal=True):
+        pytest.skip("these strides are not TMA-compatible for the Gluon pass")
+    dk, dv = poisoned(k.shape, k.dtype, k.device), poisoned(v.shape, v.dtype, v.device)
+    gluon_dkdv.dkdv(q, k, v, dout, lse2, delta, dk, dv, causal=True)
+    true_dk, true_dv = _ref_grads(q, k, v, dout, d**-0.5, True, torch.float32)
+    low_dk, low_dv = _ref_grads(q, k, v, dout, d**-0.5, True, torch.bfloat16)
+    assert_close_2x(dk, true_dk, low_dk, "dk")
+    assert_close_2x(dv, true_dv, low_dv, "dv")
