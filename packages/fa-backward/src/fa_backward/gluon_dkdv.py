@@ -544,7 +544,7 @@ def prepare(
 
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    cfg = dict(config or CONFIGS[head_dim])
+    cfg = {**CONFIGS[head_dim], **(config or {})}  # a partial override keeps the tuned rest
     num_warps = cfg.pop("num_warps")
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     lse_desc, lse_off = vec_desc(lse2, block_m)
