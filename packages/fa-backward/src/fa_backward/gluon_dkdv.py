@@ -54,7 +54,7 @@ from typing import Any
 import torch
 
 from fa_core.errors import FlashAttnValueError
-from fa_core.gluon import _gluon_importable
+from fa_core.gluon import _gluon_importable, _tma_ok
 from fa_core.gluon import available as _gluon_available
 
 __all__ = ["CONFIGS", "HEAD_DIMS", "available", "dkdv", "prepare", "supports", "unsupported_reason"]
@@ -93,21 +93,7 @@ if _gluon_importable():
         warpgroup_mma_wait,
     )
 
-    @gluon.jit
-    def _as4d(smem, desc):
-        """View a 2-D ``[rows, headdim]`` tile as the descriptor's rank-4 ``[1, rows, 1, headdim]`` block."""
-        return smem._reinterpret(desc.dtype, desc.block_type.shape, desc.layout)
-
-    @gluon.constexpr_function
-    def _mma_layout(num_warps, n):
-        return gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16]
-        )
-
-    @gluon.constexpr_function
-    def _smem_layout(bitwidth):
-        # 128-byte swizzle: what NVMMASharedLayout.get_default_for picks for 16-bit tiles of >= 64 columns
-        return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=bitwidth, rank=2)
+    from fa_core.gluon._hopper import _as4d, _mma_layout, _smem_layout
 
     @gluon.jit
     def _q_range(n0, seqlen_q, seqlen_k, KEYS: gl.constexpr, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
@@ -409,13 +395,6 @@ if _gluon_importable():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _tma_ok(t: torch.Tensor) -> bool:
-    size = t.element_size()
-    if t.stride(-1) != 1 or t.data_ptr() % 16:
-        return False
-    return all(s > 0 and (s * size) % 16 == 0 for s in t.stride()[:-1])
-
-
 def unsupported_reason(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -527,12 +506,7 @@ def prepare(
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    gl_dtypes = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
-
-    def desc(t: torch.Tensor, rows: int) -> Any:
-        block = [1, rows, 1, t.shape[-1]]
-        layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtypes[t.dtype])
-        return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+    from fa_core.gluon._launch import _desc as desc  # rank-4 (b, s, h, d), block [1, rows, 1, d]
 
     def vec_desc(t: torch.Tensor, rows: int) -> tuple[Any, int]:
         # a contiguous float32 tensor as one vector, from the 16-byte boundary at or before its first element
