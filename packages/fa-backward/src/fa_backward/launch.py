@@ -7,6 +7,7 @@ block-sparse arguments of the kernels of :mod:`fa_backward.backward_kernel`, lau
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -177,25 +178,19 @@ def _launch(
             _ensure_allocator()  # the descriptor kernels' scratch allocator, per thread
             if replay(slots):
                 return delta
-        with record() as rec:
-            _launches(dout, q, k, v, out, lse, dq, dk, dv, delta, lse2, dlse, varlen=varlen, batch=batch,
-                      max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, cu_seqlens_q=cu_seqlens_q,
-                      cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, softmax_scale=softmax_scale, causal=causal,
-                      window=window, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-                      rng_state=rng_state, attention_chunk=attention_chunk, score_mod=score_mod,
-                      score_mod_grad=score_mod_grad, mask_mod=mask_mod, block_mask=block_mask)  # fmt: skip
+    with record() if key is not None else contextlib.nullcontext() as rec:
+        _launches(dout, q, k, v, out, lse, dq, dk, dv, delta, lse2, dlse, varlen=varlen, batch=batch,
+                  max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, cu_seqlens_q=cu_seqlens_q,
+                  cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, softmax_scale=softmax_scale, causal=causal,
+                  window=window, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                  rng_state=rng_state, attention_chunk=attention_chunk, score_mod=score_mod,
+                  score_mod_grad=score_mod_grad, mask_mod=mask_mod, block_mask=block_mask)  # fmt: skip
+    if rec is not None and key is not None:
         replay = Replay.build(rec, slots)
         if replay is not None:
             if len(_REPLAYS) >= _REPLAYS_MAX:
                 _REPLAYS.clear()
             _REPLAYS[key] = replay
-        return delta
-    _launches(dout, q, k, v, out, lse, dq, dk, dv, delta, lse2, dlse, varlen=varlen, batch=batch,
-              max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, cu_seqlens_q=cu_seqlens_q,
-              cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, softmax_scale=softmax_scale, causal=causal,
-              window=window, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, rng_state=rng_state,
-              attention_chunk=attention_chunk, score_mod=score_mod, score_mod_grad=score_mod_grad,
-              mask_mod=mask_mod, block_mask=block_mask)  # fmt: skip
     return delta
 
 
