@@ -24,6 +24,7 @@ from fa_core.fast_launch import FastLaunch, empty_arg
 
 __all__ = [
     "cache_capacity",
+    "check_new_kv",
     "kvcache_value_checks_enabled",
     "validate",
     "value_check_kernel",
@@ -322,6 +323,40 @@ def value_checks(
         )
 
 
+def check_new_kv(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
+    batch: int,
+    nheads_k: int,
+    d: int,
+    dv: int,
+    cache_seqlens: object,
+) -> int:
+    """The new keys / values of a kvcache call: both or neither, each ``(batch, seqlen_new, nheads_k, d | dv)``
+    on q's device in q's dtype, with ``cache_seqlens`` saying where they go; returns ``seqlen_new`` (0 without
+    them)."""
+    if (k is None) != (v is None):
+        raise FlashAttnValueError("k and v must be passed together (new keys and values to append)")
+    if k is None or v is None:
+        return 0
+    for name, t, hd in (("k", k, d), ("v", v, dv)):
+        V.check_tensor(name, t, 4)
+        V.check_device(name, t, "q", q)
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}: they must share a dtype")
+        if t.shape[0] != batch or t.shape[2] != nheads_k or t.shape[3] != hd:
+            raise FlashAttnValueError(
+                f"{name} must have shape (batch={batch}, seqlen_new, nheads_k={nheads_k}, {hd}), "
+                f"got {tuple(t.shape)}"
+            )
+    if k.shape[1] != v.shape[1]:
+        raise FlashAttnValueError(f"k and v must have the same seqlen_new, got {k.shape[1]} and {v.shape[1]}")
+    if cache_seqlens is None:
+        raise FlashAttnValueError("cache_seqlens must be passed when k and v are appended to the cache")
+    return k.shape[1]
+
+
 def validate(
     q,
     k_cache,
@@ -402,27 +437,7 @@ def validate(
         raise FlashAttnValueError(
             f"k_cache batch {k_cache.shape[0]} is smaller than q batch {batch} (and no cache_batch_idx)"
         )
-    if (k is None) != (v is None):
-        raise FlashAttnValueError("k and v must be passed together (new keys and values to append)")
-    seqlen_new = 0
-    if k is not None:
-        for name, t, hd in (("k", k, d), ("v", v, dv)):
-            V.check_tensor(name, t, 4)
-            V.check_device(name, t, "q", q)
-            if t.dtype != q.dtype:
-                raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}: they must share a dtype")
-            if t.shape[0] != batch or t.shape[2] != nheads_k or t.shape[3] != hd:
-                raise FlashAttnValueError(
-                    f"{name} must have shape (batch={batch}, seqlen_new, nheads_k={nheads_k}, {hd}), "
-                    f"got {tuple(t.shape)}"
-                )
-        if k.shape[1] != v.shape[1]:
-            raise FlashAttnValueError(
-                f"k and v must have the same seqlen_new, got {k.shape[1]} and {v.shape[1]}"
-            )
-        seqlen_new = k.shape[1]
-        if cache_seqlens is None:
-            raise FlashAttnValueError("cache_seqlens must be passed when k and v are appended to the cache")
+    seqlen_new = check_new_kv(q, k, v, batch, nheads_k, d, dv, cache_seqlens)
     if cache_seqlens is not None and not isinstance(cache_seqlens, torch.Tensor):
         if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, int):
             raise TypeError(

@@ -14,7 +14,7 @@ import torch
 from fa_core import validation as V
 from fa_core.errors import FlashAttnValueError
 from fa_core.rotary import apply_rotary
-from fa_kvcache.checks import kvcache_value_checks_enabled
+from fa_kvcache.checks import check_new_kv, kvcache_value_checks_enabled
 
 __all__ = ["fp8_kvcache"]
 
@@ -167,27 +167,7 @@ def _fp8_kvcache(
     U._check_caches(q3, kc, vc)
     page = kc.shape[1]
     capacity = block_table.shape[1] * page
-    if (k is None) != (v is None):
-        raise FlashAttnValueError("k and v must be passed together (new keys and values to append)")
-    seqlen_new = 0
-    if k is not None and v is not None:
-        for name, t, hd in (("k", k, d), ("v", v, dv)):
-            V.check_tensor(name, t, 4)
-            V.check_device(name, t, "q", q)
-            if t.dtype != q.dtype:
-                raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}: they must share a dtype")
-            if t.shape[0] != batch or t.shape[2] != nheads_k or t.shape[3] != hd:
-                raise FlashAttnValueError(
-                    f"{name} must have shape (batch={batch}, seqlen_new, nheads_k={nheads_k}, {hd}), "
-                    f"got {tuple(t.shape)}"
-                )
-        if k.shape[1] != v.shape[1]:
-            raise FlashAttnValueError(
-                f"k and v must have the same seqlen_new, got {k.shape[1]} and {v.shape[1]}"
-            )
-        seqlen_new = k.shape[1]
-        if cache_seqlens is None:
-            raise FlashAttnValueError("cache_seqlens must be passed when k and v are appended to the cache")
+    seqlen_new = check_new_kv(q, k, v, batch, nheads_k, d, dv, cache_seqlens)
     if isinstance(cache_seqlens, torch.Tensor):
         seqlens = U._check_int_vec("cache_seqlens", cache_seqlens, batch, q)
     elif cache_seqlens is None or (isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool)):
