@@ -203,17 +203,18 @@ def varlen_oob(name, cu_q, cu_k, total_q, total_k, max_q, max_k, seqused=None, c
     finite(name, res.out, res.lse)
 
 
-def paged_varlen_oob(name, table, lens_k):
-    """flash_attn_varlen_func over a paged K/V (block_table) with value checks off and block ids out of range.
-    Last of the set: a device-side assert here would end the process."""
+def paged_varlen_oob(name, table, lens_k, d=72, page=16):
+    """flash_attn_varlen_func over a paged K/V (block_table) with value checks off and block ids out of range
+    (head dims 64 / 128 take the Gluon TMA kernel on Hopper, others the Triton one). Last of the set: a
+    device-side assert here would end the process."""
     from fa_core import settings
 
-    print(f"{name}: paged varlen oob table={table} lens_k={lens_k}", flush=True)
-    b, page, cols = len(lens_k), 16, 2
+    print(f"{name}: paged varlen oob d={d} page={page} table={table} lens_k={lens_k}", flush=True)
+    b, cols = len(lens_k), 2
     cu_q = torch.tensor([0, 3, 6][: b + 1], dtype=torch.int32, device=DEV)
     cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
-    q = rand(3 * b, 4, 72)
-    kc, vc = rand(3, page, 2, 72), rand(3, page, 2, 72)
+    q = rand(3 * b, 4, d)
+    kc, vc = rand(3, page, 2, d), rand(3, page, 2, d)
     with settings.override(value_checks=False):
         try:
             out = flash_attn_varlen_func(
@@ -255,6 +256,8 @@ def oob_set() -> None:
         "varlen-oob-seqused-min", [0, 10, 30, 40], [0, 20, 45, 50], 40, 50, 32, 32, seqused=[I32_MIN, 0, 25]
     )
     paged_varlen_oob("varlen-paged-oob-table", [0, 3, I32_MAX, -1], [20, 30])
+    paged_varlen_oob("varlen-paged-oob-table-d128", [0, 3, I32_MAX, -1], [20, 30], d=128)
+    paged_varlen_oob("varlen-paged-oob-lens-d64", [I32_MIN, 2, 1, 9], [300, 40], d=64, page=64)
 
 
 def main() -> int:
