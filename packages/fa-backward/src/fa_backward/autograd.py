@@ -161,9 +161,16 @@ class Attention(torch.autograd.Function):
         return out, lse, s_dmask, rng_state
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dout, dlse, ds, drng):
-        return backward(ctx, dout, dlse)
+        # create_graph=True: a second backward must raise, as with once_differentiable
+        if torch.is_grad_enabled():
+            return _backward_once(ctx, dout, dlse)
+        return backward(ctx, dout, dlse)  # the engine's usual call, in no-grad mode: no wrapper (host time)
+
+
+@once_differentiable
+def _backward_once(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
+    return backward(ctx, dout, dlse)
 
 
 def attention(

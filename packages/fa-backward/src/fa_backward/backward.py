@@ -39,13 +39,17 @@ class BwdResult(NamedTuple):
 _LAUNCH: list[Callable[..., torch.Tensor]] = []
 
 
-def _launch(*args: Any, **kwargs: Any) -> torch.Tensor:
+def _launcher() -> Callable[..., torch.Tensor]:
     """:func:`fa_backward.launch._launch`, imported at the first launch (it imports Triton and the kernels)."""
     if not _LAUNCH:
         from fa_backward.launch import _launch as launch
 
         _LAUNCH.append(launch)
-    return _LAUNCH[0](*args, **kwargs)
+    return _LAUNCH[0]
+
+
+def _launch(*args: Any, **kwargs: Any) -> torch.Tensor:
+    return _launcher()(*args, **kwargs)
 
 
 def _check_qkv(q, k, v, varlen: bool) -> None:
@@ -410,7 +414,8 @@ def backward_from_autograd(
         dk.zero_()
         dv.zero_()
         return torch.zeros_like(softmax_lse)
-    return _launch(
+    launch = _LAUNCH[0] if _LAUNCH else _launcher()  # called directly: one call layer less per backward
+    return launch(
         dout, q, k, v, out, softmax_lse, dq, dk, dv, varlen=varlen is not None, batch=batch,
         max_seqlen_q=max_q, max_seqlen_k=max_k, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_k=seqused_k,
         softmax_scale=softmax_scale, causal=causal, window=window_size, softcap=softcap,
