@@ -31,6 +31,7 @@ from fa_core.ops import KV, QKV, Spec
 
 __all__ = [
     "Attention",
+    "apply",
     "FlashAttnFunc",
     "FlashAttnKVPackedFunc",
     "FlashAttnQKVPackedFunc",
@@ -173,6 +174,24 @@ def _backward_once(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[
     return backward(ctx, dout, dlse)
 
 
+_C_APPLY = super(torch.autograd.Function, Attention).apply  # the C entry point under Function.apply
+_WRAPPED = torch._C._functorch.is_functorch_wrapped_tensor
+_compiling = torch.compiler.is_compiling
+
+
+def apply(a, b, c, sink, alibi, cu_q, cu_k, seqused_k, spec: Spec):
+    """``Attention.apply`` without its Python preamble where the preamble has nothing to do (eager, no functorch
+    transform active, no functorch-wrapped input tensor that it would unwrap): host time per call. Dynamo
+    traces ``Attention.apply`` itself."""
+    if (
+        _compiling()
+        or torch._C._are_functorch_transforms_active()
+        or any(t is not None and _WRAPPED(t) for t in (a, b, c, sink, alibi))
+    ):
+        return Attention.apply(a, b, c, sink, alibi, cu_q, cu_k, seqused_k, spec)
+    return _C_APPLY(a, b, c, sink, alibi, cu_q, cu_k, seqused_k, spec)
+
+
 def attention(
     a: Tensor,
     b: Tensor | None,
@@ -181,7 +200,7 @@ def attention(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One differentiable call: ``(out, softmax_lse, S_dmask)`` in flash-attn's layouts. ``kwargs``: those of
     :func:`fa_core.ops.prepare` (``pack``, ``varlen``, ``cu_seqlens_q``, ..., ``mods``)."""
-    return ops.attention(a, b, c, autograd=Attention.apply, **kwargs)
+    return ops.attention(a, b, c, autograd=apply, **kwargs)
 
 
 # ------------------------------------------------------------- flash-attn's FlashAttn*Func names: views

@@ -101,7 +101,7 @@ def _attention(a: Tensor, b: Tensor | None, c: Tensor | None, **kwargs: Any) -> 
     fa-backward's autograd layer when installed."""
     fab = _extras.BACKWARD
     return ops.attention(
-        a, b, c, autograd=None if fab is None else fab.autograd.Attention.apply,
+        a, b, c, autograd=None if fab is None else fab.autograd.apply,
         missing=_extras.require_backward, **kwargs,
     )  # fmt: skip
 
