@@ -155,3 +155,68 @@ def test_strided_inputs_and_default_scale() -> None:
     low_dk, low_dv = _ref_grads(q, k, v, dout, d**-0.5, True, torch.bfloat16)
     assert_close_2x(dk, true_dk, low_dk, "dk")
     assert_close_2x(dv, true_dv, low_dv, "dv")
+
+
+# (batch, seqlen, nheads, nheads_k, headdim, causal, packed): the public backward with the dispatch on
+DISPATCH = {
+    "d128": (2, 1000, 4, 4, 128, False, False),
+    "d128_causal_gqa2": (1, 1537, 4, 2, 128, True, False),
+    "d64_causal": (2, 1024, 4, 4, 64, True, False),
+    "d64_qkvpacked": (2, 777, 4, 4, 64, False, True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DISPATCH))
+def test_public_backward_dispatch(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``flash_attn_func`` / ``flash_attn_qkvpacked_func`` gradients with the Gluon dK/dV pass dispatched
+    (``fa_backward.launch.GLUON_DKDV_MIN_FLOPS`` = 0): the Gluon kernel runs on every call (none is replayed
+    without it), and dq / dk / dv match the reference (2x rule) and the Triton-only backward."""
+    from fa_backward import flash_attn_func, flash_attn_qkvpacked_func, launch
+
+    batch, s, h, hk, d, causal, packed = DISPATCH[name]
+    torch.manual_seed(11)
+    dtype = torch.bfloat16
+    if packed:
+        qkv = torch.randn(batch, s, 3, h, d, device="cuda", dtype=dtype)
+        leaves = (qkv,)
+    else:
+        q = torch.randn(batch, s, h, d, device="cuda", dtype=dtype)
+        k, v = (torch.randn(batch, s, hk, d, device="cuda", dtype=dtype) for _ in range(2))
+        leaves = (q, k, v)
+    dout = torch.randn(batch, s, h, d, device="cuda", dtype=dtype)
+
+    def grads() -> tuple[torch.Tensor, ...]:
+        xs = tuple(x.detach().clone().requires_grad_() for x in leaves)
+        out = (
+            flash_attn_qkvpacked_func(xs[0], causal=causal) if packed else flash_attn_func(*xs, causal=causal)
+        )
+        return torch.autograd.grad(out, xs, dout)
+
+    base = grads()  # Triton dK/dV (the threshold's default)
+    calls = []
+    real = gluon_dkdv.dkdv
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(launch, "GLUON_DKDV_MIN_FLOPS", 0.0)
+    monkeypatch.setattr(gluon_dkdv, "dkdv", counting)
+    first, second = grads(), grads()
+    torch.cuda.synchronize()
+    assert len(calls) == 2, f"the Gluon dK/dV pass ran {len(calls)} times in 2 calls"
+    assert all(torch.equal(a, b) for a, b in zip(first, second)), "not deterministic"
+    if packed:
+        q, k, v = (t.detach() for t in leaves[0].unbind(2))
+    xs32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    xs16 = [t.detach().requires_grad_() for t in (q, k, v)]
+    out32, _ = attention_ref(*xs32, causal=causal, upcast=False)
+    out16, _ = attention_ref(*xs16, causal=causal, upcast=False)
+    true = torch.autograd.grad(out32, xs32, dout.float())
+    low = torch.autograd.grad(out16, xs16, dout)
+    got = first[0].unbind(2) if packed else first
+    tl_grads = base[0].unbind(2) if packed else base
+    for i, label in enumerate(("dq", "dk", "dv")):
+        assert_close_2x(got[i], true[i], low[i], label)
+        assert_close_2x(tl_grads[i], true[i], low[i], f"triton {label}")
+    assert torch.equal(got[0], tl_grads[0]), "dq must be the same pass's (Triton dQ) in both"

@@ -27,6 +27,48 @@ from fa_core.score_mods import additive_grad
 dkdv_launch = FastLaunch(dkdv_kernel)
 dq_launch = FastLaunch(dq_kernel)
 
+#: Smallest dense dK/dV pass (FLOPs: 8 * batch * nheads * seqlen_q * seqlen_k * headdim, twice the threshold when
+#: causal) sent to the Hopper Gluon kernel (:mod:`fa_backward.gluon_dkdv`) instead of the Triton one; None:
+#: never. It stays None until the Gluon pass is measured faster through the public API on the GPU
+#: (``bench/bench_gluon_bwd.py`` times the two passes on the same inputs; its GPU tests set a threshold to run
+#: the dispatch).
+GLUON_DKDV_MIN_FLOPS: float | None = None
+
+
+def _gluon_dkdv(
+    q, k, v, dout, lse2, delta, dk, dv, *, varlen, dropout_p, alibi_slopes, softcap, window, attention_chunk,
+    seqused_k, score_mod, mask_mod, block_mask, causal,
+) -> bool:  # fmt: skip
+    """Whether the dK/dV pass of this call runs on the Gluon kernel (see :data:`GLUON_DKDV_MIN_FLOPS`): dense,
+    no dropout / ALiBi / softcap / window / chunk / seqused_k / mods / block mask, a pass large enough, an sm_90
+    device with Triton 3.6's Gluon and tensors it takes (``gluon_dkdv.unsupported_reason``, which also checks
+    the dtypes, head dims 64 / 128 and TMA strides)."""
+    threshold = GLUON_DKDV_MIN_FLOPS
+    if (
+        threshold is None
+        or varlen
+        or not q.is_cuda
+        or dropout_p > 0
+        or alibi_slopes is not None
+        or softcap > 0
+        or tuple(window) != (-1, -1)
+        or attention_chunk
+        or seqused_k is not None
+        or score_mod is not None
+        or mask_mod is not None
+        or block_mask is not None
+        or not settings.get().gluon
+    ):
+        return False
+    batch, seqlen_q, nheads, d = q.shape
+    if 8 * batch * nheads * seqlen_q * k.shape[1] * d < threshold * (2 if causal else 1):
+        return False
+    from fa_backward import gluon_dkdv
+
+    if not gluon_dkdv.available(q.device):
+        return False
+    return gluon_dkdv.unsupported_reason(q, k, v, dout, lse2, delta, dk, dv, causal=causal) is None
+
 
 def bwd_tma(*tensors: torch.Tensor) -> bool:
     """Load the streamed tiles (q / dout in the dK/dV pass, k / v in the dQ pass) through tensor descriptors
@@ -162,14 +204,22 @@ def _launch(
 ):
     lse = V.contig_last(lse)
     dlse = None if dsoftmax_lse is None else V.contig_last(dsoftmax_lse)
+    # delta and the lse in log2 units (both written by the dQ pass, read by the dK/dV pass), one allocation
+    delta, lse2 = torch.empty((2, *lse.shape), dtype=torch.float32, device=q.device).unbind(0)
     key = None
-    if not (dropout_p > 0 or block_mask is not None or score_mod is not None or mask_mod is not None):
+    gluon = _gluon_dkdv(
+        q, k, v, dout, lse2, delta, dk, dv, varlen=varlen, dropout_p=dropout_p, alibi_slopes=alibi_slopes, softcap=softcap,
+        window=window, attention_chunk=attention_chunk, seqused_k=seqused_k, score_mod=score_mod,
+        mask_mod=mask_mod, block_mask=block_mask, causal=causal,
+    )  # fmt: skip
+    # a Gluon launch is no FastLaunch: such a call is never recorded (its replay would miss the dK/dV pass)
+    if not (
+        gluon or dropout_p > 0 or block_mask is not None or score_mod is not None or mask_mod is not None
+    ):
         key = _replay_key(
             (dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, dlse),
             varlen, batch, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window, softcap, attention_chunk,
         )  # fmt: skip
-    # delta and the lse in log2 units (both written by the dQ pass, read by the dK/dV pass), one allocation
-    delta, lse2 = torch.empty((2, *lse.shape), dtype=torch.float32, device=q.device).unbind(0)
     slots = (dout, q, k, v, out, lse, dq, dk, dv, delta, lse2, cu_seqlens_q,
              None if cu_seqlens_k is cu_seqlens_q else cu_seqlens_k, seqused_k, alibi_slopes, dlse)  # fmt: skip
     if key is not None:
@@ -184,7 +234,8 @@ def _launch(
                   cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, softmax_scale=softmax_scale, causal=causal,
                   window=window, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
                   rng_state=rng_state, attention_chunk=attention_chunk, score_mod=score_mod,
-                  score_mod_grad=score_mod_grad, mask_mod=mask_mod, block_mask=block_mask)  # fmt: skip
+                  score_mod_grad=score_mod_grad, mask_mod=mask_mod, block_mask=block_mask,
+                  gluon_dkdv=gluon)  # fmt: skip
     if rec is not None and key is not None:
         replay = Replay.build(rec, slots)
         if replay is not None:
@@ -253,8 +304,10 @@ def _launches(
     score_mod_grad,
     mask_mod,
     block_mask,
+    gluon_dkdv=False,
 ):
-    """The dQ launch (which writes ``delta`` and ``lse2``), then the dK/dV launch, on prepared buffers."""
+    """The dQ launch (which writes ``delta`` and ``lse2``), then the dK/dV launch (the Gluon kernel's with
+    ``gluon_dkdv``, see :func:`_gluon_dkdv`), on prepared buffers."""
     dsoftmax_lse = dlse
     nheads, nheads_k = q.shape[-2], k.shape[-2]
     static, dq_static, dkdv_static, (is_local, has_left) = _static(
@@ -358,7 +411,11 @@ def _launches(
             **sparse_dq,
             **common,
         )
-    if max_seqlen_k > 0:
+    if max_seqlen_k > 0 and gluon_dkdv:
+        from fa_backward import gluon_dkdv as gd
+
+        gd.dkdv(q, k, v, dout, lse2, delta, dk, dv, causal=causal, softmax_scale=softmax_scale)
+    elif max_seqlen_k > 0:
         dkdv_launch(
             lambda meta: (cdiv(max_seqlen_k, meta["BLOCK_N"]), nheads_k, batch),
             q,
