@@ -207,9 +207,9 @@ def _launch(
     # delta and the lse in log2 units (both written by the dQ pass, read by the dK/dV pass), one allocation
     delta, lse2 = torch.empty((2, *lse.shape), dtype=torch.float32, device=q.device).unbind(0)
     key = None
-    gluon = _gluon_dkdv(
-        q, k, v, dout, lse2, delta, dk, dv, varlen=varlen, dropout_p=dropout_p, alibi_slopes=alibi_slopes, softcap=softcap,
-        window=window, attention_chunk=attention_chunk, seqused_k=seqused_k, score_mod=score_mod,
+    gluon = GLUON_DKDV_MIN_FLOPS is not None and _gluon_dkdv(
+        q, k, v, dout, lse2, delta, dk, dv, varlen=varlen, dropout_p=dropout_p, alibi_slopes=alibi_slopes,
+        softcap=softcap, window=window, attention_chunk=attention_chunk, seqused_k=seqused_k, score_mod=score_mod,
         mask_mod=mask_mod, block_mask=block_mask, causal=causal,
     )  # fmt: skip
     # a Gluon launch is no FastLaunch: such a call is never recorded (its replay would miss the dK/dV pass)
