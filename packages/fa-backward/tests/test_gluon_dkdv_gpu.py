@@ -166,12 +166,14 @@ DISPATCH = {
 }
 
 
+@pytest.mark.parametrize("passes", ["dkdv", "dq", "dq+dkdv"])
 @pytest.mark.parametrize("name", sorted(DISPATCH))
-def test_public_backward_dispatch(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``flash_attn_func`` / ``flash_attn_qkvpacked_func`` gradients with the Gluon dK/dV pass dispatched
-    (``fa_backward.launch.GLUON_DKDV_MIN_FLOPS`` = 0): the Gluon kernel runs on every call (none is replayed
-    without it), and dq / dk / dv match the reference (2x rule) and the Triton-only backward."""
-    from fa_backward import flash_attn_func, flash_attn_qkvpacked_func, launch
+def test_public_backward_dispatch(name: str, passes: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``flash_attn_func`` / ``flash_attn_qkvpacked_func`` gradients with Gluon passes dispatched
+    (``fa_backward.launch.GLUON_DQ_MIN_FLOPS`` / ``GLUON_DKDV_MIN_FLOPS`` = 0): the chosen Gluon kernels run on
+    every call (none is replayed without them), and dq / dk / dv match the reference (2x rule) and the
+    Triton-only backward."""
+    from fa_backward import flash_attn_func, flash_attn_qkvpacked_func, gluon_dq, launch
 
     batch, s, h, hk, d, causal, packed = DISPATCH[name]
     torch.manual_seed(11)
@@ -192,19 +194,28 @@ def test_public_backward_dispatch(name: str, monkeypatch: pytest.MonkeyPatch) ->
         )
         return torch.autograd.grad(out, xs, dout)
 
-    base = grads()  # Triton dK/dV (the threshold's default)
-    calls = []
-    real = gluon_dkdv.dkdv
+    base = grads()  # the Triton passes (the thresholds' default)
+    calls = {"dq": 0, "dkdv": 0}
 
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def counting(module, attr: str, tag: str) -> None:
+        real = getattr(module, attr)
 
-    monkeypatch.setattr(launch, "GLUON_DKDV_MIN_FLOPS", 0.0)
-    monkeypatch.setattr(gluon_dkdv, "dkdv", counting)
+        def wrapper(*args, **kwargs):
+            calls[tag] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, attr, wrapper)
+
+    wanted = passes.split("+")
+    if "dq" in wanted:
+        monkeypatch.setattr(launch, "GLUON_DQ_MIN_FLOPS", 0.0)
+    if "dkdv" in wanted:
+        monkeypatch.setattr(launch, "GLUON_DKDV_MIN_FLOPS", 0.0)
+    counting(gluon_dq, "dq_pass", "dq")
+    counting(gluon_dkdv, "dkdv", "dkdv")
     first, second = grads(), grads()
     torch.cuda.synchronize()
-    assert len(calls) == 2, f"the Gluon dK/dV pass ran {len(calls)} times in 2 calls"
+    assert calls == {tag: (2 if tag in wanted else 0) for tag in calls}, f"Gluon passes per 2 calls: {calls}"
     assert all(torch.equal(a, b) for a, b in zip(first, second)), "not deterministic"
     if packed:
         q, k, v = (t.detach() for t in leaves[0].unbind(2))
@@ -219,4 +230,5 @@ def test_public_backward_dispatch(name: str, monkeypatch: pytest.MonkeyPatch) ->
     for i, label in enumerate(("dq", "dk", "dv")):
         assert_close_2x(got[i], true[i], low[i], label)
         assert_close_2x(tl_grads[i], true[i], low[i], f"triton {label}")
-    assert torch.equal(got[0], tl_grads[0]), "dq must be the same pass's (Triton dQ) in both"
+    if "dq" not in wanted:
+        assert torch.equal(got[0], tl_grads[0]), "dq must be the Triton pass's in both"

@@ -27,26 +27,25 @@ from fa_core.score_mods import additive_grad
 dkdv_launch = FastLaunch(dkdv_kernel)
 dq_launch = FastLaunch(dq_kernel)
 
-#: Smallest dense dK/dV pass (FLOPs: 8 * batch * nheads * seqlen_q * seqlen_k * headdim, twice the threshold when
-#: causal) sent to the Hopper Gluon kernel (:mod:`fa_backward.gluon_dkdv`) instead of the Triton one; None:
-#: never. It stays None until the Gluon pass is measured faster through the public API on the GPU
-#: (``bench/bench_gluon_bwd.py`` times the two passes on the same inputs; its GPU tests set a threshold to run
-#: the dispatch).
+#: Smallest dense backward pass (FLOPs of one pass: 8 * batch * nheads * seqlen_q * seqlen_k * headdim, twice the
+#: threshold when causal) sent to the Hopper Gluon kernels instead of the Triton ones: the dQ pass
+#: (:mod:`fa_backward.gluon_dq`) and the dK/dV pass (:mod:`fa_backward.gluon_dkdv`); None: never. Each stays
+#: None until its Gluon pass is measured faster through the public API on the GPU (``bench/bench_gluon_bwd.py``
+#: times the passes on the same inputs; the GPU tests set thresholds to run the dispatch).
+GLUON_DQ_MIN_FLOPS: float | None = None
 GLUON_DKDV_MIN_FLOPS: float | None = None
 
 
-def _gluon_dkdv(
-    q, k, v, dout, lse2, delta, dk, dv, *, varlen, dropout_p, alibi_slopes, softcap, window, attention_chunk,
-    seqused_k, score_mod, mask_mod, block_mask, causal,
-) -> bool:  # fmt: skip
-    """Whether the dK/dV pass of this call runs on the Gluon kernel (see :data:`GLUON_DKDV_MIN_FLOPS`): dense,
-    no dropout / ALiBi / softcap / window / chunk / seqused_k / mods / block mask, a pass large enough, an sm_90
-    device with Triton 3.6's Gluon and tensors it takes (``gluon_dkdv.unsupported_reason``, which also checks
-    the dtypes, head dims 64 / 128 and TMA strides)."""
-    threshold = GLUON_DKDV_MIN_FLOPS
+def _gluon_passes(
+    q, k, v, out, dout, lse, lse2, delta, dq, dk, dv, dlse, *, varlen, dropout_p, alibi_slopes, softcap, window,
+    attention_chunk, seqused_k, score_mod, mask_mod, block_mask, causal,
+) -> tuple[bool, bool]:  # fmt: skip
+    """``(gluon_dq, gluon_dkdv)``: which passes of this call run on the Gluon kernels (see
+    :data:`GLUON_DKDV_MIN_FLOPS`): dense, no dropout / ALiBi / softcap / window / chunk / seqused_k / mods /
+    block mask, a pass large enough, an sm_90 device with Triton 3.6's Gluon and tensors the kernel takes
+    (its ``unsupported_reason``, which also checks the dtypes, head dims 64 / 128 and TMA strides)."""
     if (
-        threshold is None
-        or varlen
+        varlen
         or not q.is_cuda
         or dropout_p > 0
         or alibi_slopes is not None
@@ -59,15 +58,24 @@ def _gluon_dkdv(
         or block_mask is not None
         or not settings.get().gluon
     ):
-        return False
+        return False, False
     batch, seqlen_q, nheads, d = q.shape
-    if 8 * batch * nheads * seqlen_q * k.shape[1] * d < threshold * (2 if causal else 1):
-        return False
-    from fa_backward import gluon_dkdv
+    work = 8 * batch * nheads * seqlen_q * k.shape[1] * d / (2 if causal else 1)
+    want_dq = GLUON_DQ_MIN_FLOPS is not None and work >= GLUON_DQ_MIN_FLOPS
+    want_dkdv = GLUON_DKDV_MIN_FLOPS is not None and work >= GLUON_DKDV_MIN_FLOPS
+    if not (want_dq or want_dkdv):
+        return False, False
+    from fa_backward import gluon_dkdv, gluon_dq
 
     if not gluon_dkdv.available(q.device):
-        return False
-    return gluon_dkdv.unsupported_reason(q, k, v, dout, lse2, delta, dk, dv, causal=causal) is None
+        return False, False
+    use_dq = want_dq and gluon_dq.unsupported_reason(
+        q, k, v, out, dout, lse, dq, delta, lse2, causal=causal, dlse=dlse
+    ) is None  # fmt: skip
+    use_dkdv = (
+        want_dkdv and gluon_dkdv.unsupported_reason(q, k, v, dout, lse2, delta, dk, dv, causal=causal) is None
+    )
+    return use_dq, use_dkdv
 
 
 def bwd_tma(*tensors: torch.Tensor) -> bool:
@@ -207,14 +215,16 @@ def _launch(
     # delta and the lse in log2 units (both written by the dQ pass, read by the dK/dV pass), one allocation
     delta, lse2 = torch.empty((2, *lse.shape), dtype=torch.float32, device=q.device).unbind(0)
     key = None
-    gluon = GLUON_DKDV_MIN_FLOPS is not None and _gluon_dkdv(
-        q, k, v, dout, lse2, delta, dk, dv, varlen=varlen, dropout_p=dropout_p, alibi_slopes=alibi_slopes,
-        softcap=softcap, window=window, attention_chunk=attention_chunk, seqused_k=seqused_k, score_mod=score_mod,
-        mask_mod=mask_mod, block_mask=block_mask, causal=causal,
-    )  # fmt: skip
-    # a Gluon launch is no FastLaunch: such a call is never recorded (its replay would miss the dK/dV pass)
+    gluon = (False, False)
+    if GLUON_DQ_MIN_FLOPS is not None or GLUON_DKDV_MIN_FLOPS is not None:
+        gluon = _gluon_passes(
+            q, k, v, out, dout, lse, lse2, delta, dq, dk, dv, dlse, varlen=varlen, dropout_p=dropout_p,
+            alibi_slopes=alibi_slopes, softcap=softcap, window=window, attention_chunk=attention_chunk,
+            seqused_k=seqused_k, score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask, causal=causal,
+        )  # fmt: skip
+    # a Gluon launch is no FastLaunch: such a call is never recorded (its replay would miss that pass)
     if not (
-        gluon or dropout_p > 0 or block_mask is not None or score_mod is not None or mask_mod is not None
+        any(gluon) or dropout_p > 0 or block_mask is not None or score_mod is not None or mask_mod is not None
     ):
         key = _replay_key(
             (dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, dlse),
@@ -235,7 +245,7 @@ def _launch(
                   window=window, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
                   rng_state=rng_state, attention_chunk=attention_chunk, score_mod=score_mod,
                   score_mod_grad=score_mod_grad, mask_mod=mask_mod, block_mask=block_mask,
-                  gluon_dkdv=gluon)  # fmt: skip
+                  gluon=gluon)  # fmt: skip
     if rec is not None and key is not None:
         replay = Replay.build(rec, slots)
         if replay is not None:
@@ -304,10 +314,10 @@ def _launches(
     score_mod_grad,
     mask_mod,
     block_mask,
-    gluon_dkdv=False,
+    gluon=(False, False),
 ):
-    """The dQ launch (which writes ``delta`` and ``lse2``), then the dK/dV launch (the Gluon kernel's with
-    ``gluon_dkdv``, see :func:`_gluon_dkdv`), on prepared buffers."""
+    """The dQ launch (which writes ``delta`` and ``lse2``), then the dK/dV launch, on prepared buffers; ``gluon``
+    = (dQ, dK/dV): which of them run on the Gluon kernels (see :func:`_gluon_passes`)."""
     dsoftmax_lse = dlse
     nheads, nheads_k = q.shape[-2], k.shape[-2]
     static, dq_static, dkdv_static, (is_local, has_left) = _static(
@@ -385,7 +395,24 @@ def _launches(
         stride_deltah,
     )
     # dQ first: it writes delta and lse2 (every row of every sequence), which the dK/dV pass reads
-    if max_seqlen_q > 0:
+    if max_seqlen_q > 0 and gluon[0]:
+        from fa_backward import gluon_dq as gq
+
+        gq.dq_pass(
+            q,
+            k,
+            v,
+            out,
+            dout,
+            lse,
+            dq,
+            delta,
+            lse2,
+            causal=causal,
+            softmax_scale=softmax_scale,
+            dlse=dsoftmax_lse,  # (dlse stands for delta above when there is none)
+        )
+    elif max_seqlen_q > 0:
         dq_launch(
             lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), nheads, batch),
             q,
@@ -411,7 +438,7 @@ def _launches(
             **sparse_dq,
             **common,
         )
-    if max_seqlen_k > 0 and gluon_dkdv:
+    if max_seqlen_k > 0 and gluon[1]:
         from fa_backward import gluon_dkdv as gd
 
         gd.dkdv(q, k, v, dout, lse2, delta, dk, dv, causal=causal, softmax_scale=softmax_scale)
