@@ -1,6 +1,8 @@
-"""Compile the Gluon Hopper dK/dV backward kernel offline for sm_90 (no GPU needed) and report resources.
+"""Compile the Gluon Hopper backward kernels (the dK/dV pass and the dQ pass) offline for sm_90 (no GPU needed)
+and report resources.
 
-Run with a Triton 3.6 environment: ``python scripts/gluon_bwd_probe.py [--sass DIR] [--d 64,128]``.
+Run with a Triton 3.6 environment: ``python scripts/gluon_bwd_probe.py [--pass dkdv,dq] [--sass DIR] [--d 64,128]
+[--dlse]``.
 Per head dim, mask, GQA group and dtype: shared memory, registers (ptxas), spill bytes, and the SASS
 instruction mix of the consumer's loops over query tiles (HGMMA, MUFU.EX2, FP32 ops, barriers), from the
 cubin disassembled with the nvdisasm that ships with Triton. Exits non-zero when a variant fails to compile.
@@ -28,7 +30,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 from triton.runtime.jit import mangle_type  # noqa: E402
 
-from fa_backward import gluon_dkdv  # noqa: E402
+from fa_backward import gluon_dkdv, gluon_dq  # noqa: E402
 
 _OP = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)")
 _KEYS = (
@@ -84,26 +86,37 @@ def compile_variant(
     dtype: torch.dtype = torch.bfloat16,
     config: dict | None = None,
     sass_dir: Path | None = None,
+    which: str = "dkdv",
+    dlse: bool = False,
 ) -> dict:
-    """Compile one variant (CPU tensors stand in for the device ones: only shapes and strides count)."""
+    """Compile one variant of pass ``which`` (CPU tensors stand in for the device ones: only shapes and strides
+    count)."""
     b, sq, sk, hk = 2, 1000, 1537, 2
     h = hk * group
     q = torch.empty(b, sq, h, d, dtype=dtype)
     k = torch.empty(b, sk, hk, d, dtype=dtype)
-    lse2 = torch.empty(2, b, h, sq, dtype=torch.float32)
-    kernel, args, constexprs, num_warps, _grid = gluon_dkdv.prepare(
-        q, k, k, q, lse2[0], lse2[1], k, k, 1 / math.sqrt(d), causal, config
-    )
+    lse = torch.empty(b, h, sq, dtype=torch.float32)
+    delta, lse2 = torch.empty(2, b, h, sq, dtype=torch.float32).unbind(0)
+    scale = 1 / math.sqrt(d)
+    if which == "dq":
+        prepared = gluon_dq.prepare(
+            q, k, k, q, q, lse, q, delta, lse2, scale, causal, lse if dlse else None, config
+        )
+    else:
+        prepared = gluon_dkdv.prepare(q, k, k, q, lse2, delta, k, k, scale, causal, config)
+    kernel, args, constexprs, num_warps, _grid = prepared
     names = kernel.arg_names
     sig = {name: "constexpr" if name in constexprs else mangle_type(args[name]) for name in names}
     src = GluonASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in constexprs.items()})
     ck = triton.compile(src, target=GPUTarget("cuda", 90, 128), options={"num_warps": num_warps})
     ptx = ck.asm["ptx"]
     stats: dict = dict(
+        which=which,
         d=d,
         causal=causal,
         group=group,
         dtype=str(dtype).replace("torch.", ""),
+        dlse=dlse,
         config=config,
         shared=ck.metadata.shared,
         regs=getattr(ck, "n_regs", None),
@@ -123,7 +136,7 @@ def compile_variant(
     stats["loops"] = loop_mix(sass)
     if sass_dir is not None:
         sass_dir.mkdir(parents=True, exist_ok=True)
-        tag = f"dkdv_d{d}_{'c' if causal else 'n'}_g{group}_{stats['dtype']}"
+        tag = f"{which}_d{d}_{'c' if causal else 'n'}_g{group}_{stats['dtype']}"
         (sass_dir / f"{tag}.sass").write_text(sass)
         (sass_dir / f"{tag}.ttgir").write_text(ck.asm["ttgir"])
         (sass_dir / f"{tag}.ptx").write_text(ptx)
@@ -138,31 +151,33 @@ def main() -> None:
     ap.add_argument("--d", default="64,128")
     ap.add_argument("--groups", default="1,4")
     ap.add_argument("--dtypes", default="bfloat16,float16")
-    ap.add_argument("--config", default=None, help="tile override, e.g. BLOCK_M=128,STAGES=2 (on CONFIGS[d])")
+    ap.add_argument("--config", default=None, help="tile override, e.g. BLOCK_N=64,STAGES=3 (on CONFIGS[d])")
+    ap.add_argument("--pass", dest="passes", default="dkdv,dq", help="comma list out of dkdv, dq")
+    ap.add_argument("--dlse", action="store_true", help="dq: compile with a dlse input (HAS_DLSE)")
     args = ap.parse_args()
     failed = 0
-    for d in [int(x) for x in args.d.split(",")]:
-        config = None
-        if args.config:
-            config = dict(gluon_dkdv.CONFIGS[d])
-            config.update({kk: int(vv) for kk, vv in (kv.split("=") for kv in args.config.split(","))})
-        for dtype in [getattr(torch, x) for x in args.dtypes.split(",")]:
-            for causal in (False, True):
-                for group in [int(x) for x in args.groups.split(",")]:
-                    try:
-                        stats = compile_variant(d, causal, group, dtype, config, args.sass)
-                        loops = stats.pop("loops")
-                        print(stats, flush=True)
-                        for line in loops:
-                            print(line, flush=True)
-                    except Exception as exc:  # report every variant
-                        failed += 1
-                        print(
-                            f"FAILED d{d} causal={causal} group={group} {dtype}: {type(exc).__name__}: {exc}"[
-                                :4000
-                            ],
-                            flush=True,
-                        )
+    modules = {"dkdv": gluon_dkdv, "dq": gluon_dq}
+    for which in [x.strip() for x in args.passes.split(",") if x.strip()]:
+        for d in [int(x) for x in args.d.split(",")]:
+            config = None
+            if args.config:
+                config = dict(modules[which].CONFIGS[d])
+                config.update({kk: int(vv) for kk, vv in (kv.split("=") for kv in args.config.split(","))})
+            for dtype in [getattr(torch, x) for x in args.dtypes.split(",")]:
+                for causal in (False, True):
+                    for group in [int(x) for x in args.groups.split(",")]:
+                        try:
+                            stats = compile_variant(
+                                d, causal, group, dtype, config, args.sass, which, args.dlse
+                            )
+                            loops = stats.pop("loops")
+                            print(stats, flush=True)
+                            for line in loops:
+                                print(line, flush=True)
+                        except Exception as exc:  # report every variant
+                            failed += 1
+                            what = f"{which} d{d} causal={causal} group={group} {dtype}"
+                            print(f"FAILED {what}: {type(exc).__name__}: {exc}"[:4000], flush=True)
     sys.exit(1 if failed else 0)
 
 

@@ -53,15 +53,12 @@ from typing import Any
 
 import torch
 
+from fa_backward._gluon_checks import HEAD_DIMS, LOG2E, available, dense_reason, layout_reason, options_reason
 from fa_core.errors import FlashAttnValueError
-from fa_core.gluon import _gluon_importable, _tma_ok
-from fa_core.gluon import available as _gluon_available
+from fa_core.gluon import _gluon_importable
 
 __all__ = ["CONFIGS", "HEAD_DIMS", "available", "dkdv", "prepare", "supports", "unsupported_reason"]
 
-LOG2E = 1.4426950408889634
-HEAD_DIMS = (64, 128)
-_DTYPES = (torch.bfloat16, torch.float16)
 
 #: head dim -> tile configuration: ``NCONS`` consumer warpgroups of ``BLOCK_N`` key rows each (the CTA's key
 #: block is ``NCONS * BLOCK_N``), query tiles of ``BLOCK_M`` rows through a ``STAGES``-deep ring, registers
@@ -71,11 +68,6 @@ CONFIGS: dict[int, dict[str, int]] = {
     64: dict(BLOCK_M=64, BLOCK_N=64, NCONS=2, STAGES=3, CONSUMER_REGS=232, PRODUCER_REGS=40, num_warps=4),
     128: dict(BLOCK_M=64, BLOCK_N=64, NCONS=2, STAGES=2, CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=4),
 }
-
-
-def available(device: torch.device | int | None = None) -> bool:
-    """True when the kernel can run: Triton 3.6 with Gluon's Hopper modules, CUDA, an sm_90 device."""
-    return _gluon_available(device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -411,25 +403,11 @@ def unsupported_reason(
     **extras: Any,
 ) -> str | None:
     """Why :func:`dkdv` cannot take these arguments, or None when it can (see :func:`supports`)."""
-    if check_device and not (q.is_cuda and available(q.device)):
-        return "needs Triton 3.6 Gluon and an sm_90 CUDA device"
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or dout.dim() != 4:
-        return "dense (batch, seqlen, nheads, headdim) q, k, v, dout only"
-    if q.dtype not in _DTYPES or any(t.dtype != q.dtype for t in (k, v, dout)):
-        return "q, k, v, dout must all be bfloat16 or all float16"
-    batch, seqlen_q, nheads, head_dim = q.shape
-    _, seqlen_k, nheads_k, _ = k.shape
-    if head_dim not in HEAD_DIMS or k.shape[-1] != head_dim or v.shape[-1] != head_dim:
-        return f"head dim must be one of {HEAD_DIMS} for q, k and v"
-    if k.shape[0] != batch or v.shape != k.shape:
-        return "k and v must be (batch, seqlen_k, nheads_k, headdim) with q's batch"
-    if dout.shape != q.shape:
-        return "dout must have q's shape"
-    if nheads_k == 0 or nheads % nheads_k:
-        return "nheads must be a multiple of nheads_k"
-    if min(batch, seqlen_q, seqlen_k, nheads) == 0:
-        return "empty tensors"
-    if max(seqlen_q, seqlen_k, batch * nheads * seqlen_q + 4) >= 2**31:
+    reason = dense_reason(q, k, v, [("dout", dout)], check_device)
+    if reason is not None:
+        return reason
+    batch, seqlen_q, nheads, _ = q.shape
+    if max(seqlen_q, k.shape[1], batch * nheads * seqlen_q + 4) >= 2**31:
         return "sizes must fit int32 (batch * nheads * seqlen_q included)"
     for name, t in (("lse2", lse2), ("delta", delta)):
         if t.dtype != torch.float32 or tuple(t.shape) != (batch, nheads, seqlen_q) or not t.is_contiguous():
@@ -441,20 +419,9 @@ def unsupported_reason(
     for name, o in outs:
         if o.shape != k.shape or o.dtype != q.dtype:
             return f"{name} must have k's shape and q's dtype"
-    if softmax_scale is not None and not (math.isfinite(softmax_scale) and softmax_scale > 0):
-        return "softmax_scale must be finite and > 0"
-    for name, value in extras.items():
-        if name == "window_size" and isinstance(value, (tuple, list)) and tuple(value) == (-1, -1):
-            continue
-        if value is not None and value is not False and not (isinstance(value, (int, float)) and value == 0):
-            return f"{name} is not supported"
-    tensors = [("q", q), ("k", k), ("v", v), ("dout", dout), *outs]
-    if check_device and any(o.device != q.device for _, o in [*tensors, ("lse2", lse2), ("delta", delta)]):
-        return "every tensor must be on q's device"
-    for name, o in tensors:
-        if not _tma_ok(o):
-            return f"{name} needs a contiguous last dim and 16-byte aligned base and strides (TMA)"
-    return None
+    return options_reason(softmax_scale, extras) or layout_reason(
+        q, [("q", q), ("k", k), ("v", v), ("dout", dout), *outs], (lse2, delta), check_device
+    )
 
 
 def supports(
@@ -475,7 +442,8 @@ def supports(
 
     True only for: :func:`available` on q's device; bf16/fp16 ``q, dout (b, s_q, h, d)``, ``k, v (b, s_k, h_k,
     d)`` with ``d`` in {64, 128} and ``h % h_k == 0``, no empty dim, ``b * h * s_q < 2**31 - 4``; ``lse2``,
-    ``delta`` contiguous float32 ``(b, h, s_q)`` (the kernel reads each as one vector through TMA); ``dk``, ``dv`` (if given) of k's shape and q's dtype; causal or not;
+    ``delta`` contiguous float32 ``(b, h, s_q)`` (the kernel reads each as one vector through TMA); ``dk``,
+    ``dv`` (if given) of k's shape and q's dtype; causal or not;
     ``softmax_scale`` None or finite > 0; every stride but the last (which is 1) and the base 16-byte aligned
     for q, k, v, dout, dk, dv (TMA); every tensor on q's device. Any further keyword (``softcap``,
     ``alibi_slopes``, ``dropout_p``, ...) must be None / False / 0, ``window_size`` also ``(-1, -1)``.

@@ -30,7 +30,7 @@ Per CTA (``NCONS`` consumer warpgroups of ``BLOCK_M`` = 64 query rows each, plus
   a row that sees no key gets ``dQ = 0``. Tiles past ``hi`` (no visible key) are never loaded.
 * Finally ``dQ *= softmax_scale``, stored through shared memory and TMA (rows past ``seqlen_q`` clipped).
 
-Offline sm_90 compile (``scripts/gluon_dq_probe.py``, Triton 3.6): every variant (d64 / d128, causal or not,
+Offline sm_90 compile (``scripts/gluon_bwd_probe.py --pass dq``, Triton 3.6): every variant (d64 / d128, causal or not,
 GQA group 1 / 4, bf16 / fp16, with or without ``dlse``) compiles without spills; shared memory 112 KB (d64)
 / 160 KB (d128). Per key tile and consumer the loop has 64 (d64, ``BLOCK_N`` 128) / 32 (d128, ``BLOCK_N``
 64) MUFU.EX2 and 16 / 20 HGMMA (S, dP from shared memory; dQ with dS from registers). The dQ wgmma is waited
@@ -51,29 +51,22 @@ from typing import Any
 
 import torch
 
+from fa_backward._gluon_checks import HEAD_DIMS, LOG2E, available, dense_reason, layout_reason, options_reason
 from fa_core.errors import FlashAttnValueError
-from fa_core.gluon import _gluon_importable, _tma_ok
-from fa_core.gluon import available as _gluon_available
+from fa_core.gluon import _gluon_importable
 
 __all__ = ["CONFIGS", "HEAD_DIMS", "available", "dq_pass", "prepare", "supports", "unsupported_reason"]
 
-LOG2E = 1.4426950408889634
-HEAD_DIMS = (64, 128)
-_DTYPES = (torch.bfloat16, torch.float16)
 
 #: head dim -> tile configuration: ``NCONS`` consumer warpgroups of ``BLOCK_M`` query rows each (the CTA's
 #: query tile is ``NCONS * BLOCK_M`` rows, sharing one K/V ring), key tiles of ``BLOCK_N`` rows through a
 #: ``STAGES``-deep ring, registers split by setmaxnreg between the consumers and the producer warp (the
-#: forward's split). Untuned: the simplest shapes that compile without spills (``scripts/gluon_dq_probe.py``).
+#: forward's split). Untuned: the simplest shapes that compile without spills
+#: (``scripts/gluon_bwd_probe.py --pass dq``).
 CONFIGS: dict[int, dict[str, int]] = {
     64: dict(BLOCK_M=64, BLOCK_N=128, NCONS=2, STAGES=2, CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=4),
     128: dict(BLOCK_M=64, BLOCK_N=64, NCONS=2, STAGES=2, CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=4),
 }
-
-
-def available(device: torch.device | int | None = None) -> bool:
-    """True when the kernel can run: Triton 3.6 with Gluon's Hopper modules, CUDA, an sm_90 device."""
-    return _gluon_available(device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -408,25 +401,11 @@ def unsupported_reason(
     **extras: Any,
 ) -> str | None:
     """Why :func:`dq_pass` cannot take these arguments, or None when it can (see :func:`supports`)."""
-    if check_device and not (q.is_cuda and available(q.device)):
-        return "needs Triton 3.6 Gluon and an sm_90 CUDA device"
-    if any(t.dim() != 4 for t in (q, k, v, out, dout)):
-        return "dense (batch, seqlen, nheads, headdim) q, k, v, out, dout only"
-    if q.dtype not in _DTYPES or any(t.dtype != q.dtype for t in (k, v, out, dout)):
-        return "q, k, v, out, dout must all be bfloat16 or all float16"
-    batch, seqlen_q, nheads, head_dim = q.shape
-    _, seqlen_k, nheads_k, _ = k.shape
-    if head_dim not in HEAD_DIMS or k.shape[-1] != head_dim or v.shape[-1] != head_dim:
-        return f"head dim must be one of {HEAD_DIMS} for q, k and v"
-    if k.shape[0] != batch or v.shape != k.shape:
-        return "k and v must be (batch, seqlen_k, nheads_k, headdim) with q's batch"
-    if out.shape != q.shape or dout.shape != q.shape:
-        return "out and dout must have q's shape"
-    if nheads_k == 0 or nheads % nheads_k:
-        return "nheads must be a multiple of nheads_k"
-    if min(batch, seqlen_q, seqlen_k, nheads) == 0:
-        return "empty tensors"
-    if max(seqlen_q, seqlen_k) >= 2**31:
+    reason = dense_reason(q, k, v, [("out", out), ("dout", dout)], check_device)
+    if reason is not None:
+        return reason
+    batch, seqlen_q, nheads, _ = q.shape
+    if max(seqlen_q, k.shape[1]) >= 2**31:
         return "sizes must fit int32"
     shape = (batch, nheads, seqlen_q)
     vecs = [("lse", lse), ("delta", delta), ("lse2", lse2), ("dlse", dlse)]
@@ -435,23 +414,17 @@ def unsupported_reason(
             return reason
     if dq is not None and (dq.shape != q.shape or dq.dtype != q.dtype):
         return "dq must have q's shape and dtype"
-    if softmax_scale is not None and not (math.isfinite(softmax_scale) and softmax_scale > 0):
-        return "softmax_scale must be finite and > 0"
-    for name, value in extras.items():
-        if name == "window_size" and isinstance(value, (tuple, list)) and tuple(value) == (-1, -1):
-            continue
-        if value is not None and value is not False and not (isinstance(value, (int, float)) and value == 0):
-            return f"{name} is not supported"
-    tensors = [("q", q), ("k", k), ("v", v), ("out", out), ("dout", dout)]
-    if dq is not None:
-        tensors.append(("dq", dq))
-    present = [*tensors, *((n, t) for n, t in vecs if t is not None)]
-    if check_device and any(t.device != q.device for _, t in present):
-        return "every tensor must be on q's device"
-    for name, t in tensors:
-        if not _tma_ok(t):
-            return f"{name} needs a contiguous last dim and 16-byte aligned base and strides (TMA)"
-    return None
+    tma = [
+        ("q", q),
+        ("k", k),
+        ("v", v),
+        ("out", out),
+        ("dout", dout),
+        *([("dq", dq)] if dq is not None else []),
+    ]
+    return options_reason(softmax_scale, extras) or layout_reason(
+        q, tma, [t for _, t in vecs if t is not None], check_device
+    )
 
 
 def supports(
@@ -514,7 +487,7 @@ def prepare(
     config: dict[str, int] | None = None,
 ) -> tuple[Any, dict[str, Any], dict[str, Any], int, tuple[int, int, int]]:
     """Build (kernel, runtime args by name, constexprs by name, num_warps, grid) for one call (shapes as
-    :func:`dq_pass`); works on CPU tensors too (offline compiles: ``scripts/gluon_dq_probe.py``)."""
+    :func:`dq_pass`); works on CPU tensors too (offline compiles: ``scripts/gluon_bwd_probe.py --pass dq``)."""
     if not _gluon_importable():
         raise FlashAttnValueError("fa_backward.gluon_dq needs Triton 3.6 with Gluon's Hopper modules")
     from fa_core.gluon._launch import _desc as desc  # rank-4 (b, s, h, d), block [1, rows, 1, d]
