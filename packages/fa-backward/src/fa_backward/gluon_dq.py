@@ -35,8 +35,9 @@ GQA group 1 / 4, bf16 / fp16, with or without ``dlse``) compiles without spills;
 / 160 KB (d128). Per key tile and consumer the loop has 64 (d64, ``BLOCK_N`` 128) / 32 (d128, ``BLOCK_N``
 64) MUFU.EX2 and 16 / 20 HGMMA (S, dP from shared memory; dQ with dS from registers). The dQ wgmma is waited
 for inside its tile (the next tile's S / dP do not run under it): the two consumers' tiles interleave on the
-tensor cores instead. Numerics on a GPU: ``tests/test_gluon_dq_gpu.py``; neither they nor a benchmark have
-run on an H100 yet, hence no dispatch from :mod:`fa_backward.launch`.
+tensor cores instead. Numerics on a GPU: ``tests/test_gluon_dq_gpu.py``; speed against the Triton pass:
+``bench/bench_gluon_bwd.py``. :mod:`fa_backward.launch` takes this pass above ``GLUON_DQ_MIN_FLOPS``, which
+stays None (the Triton pass everywhere) until that benchmark shows it faster.
 
 Scope (:func:`supports`): dense ``(batch, seqlen, nheads, headdim)`` bf16/fp16, head dim 64 or 128, causal or
 not, GQA/MQA, any ``softmax_scale > 0``, optional float32 ``dlse``; TMA-compatible strides for q, k, v, out,
