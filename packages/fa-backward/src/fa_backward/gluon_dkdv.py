@@ -36,13 +36,12 @@ Offline sm_90 compile (``scripts/gluon_bwd_probe.py``, Triton 3.6): every varian
 GQA group 1 / 4, bf16 / fp16) compiles; d64: 84 KB of shared memory, no spills; d128: 132 KB, 8 (non-causal)
 / 56 (causal) bytes of scalar spills, 0-3 local loads per tile. Per query tile and consumer the loop has 32
 MUFU.EX2 and 24 (d128) / 16 (d64) HGMMA (S^T, dP^T from shared memory; dV, dK with P^T / dS^T from registers).
-Numerics and speed on a GPU: ``tests/test_gluon_dkdv_gpu.py`` and ``bench/bench_gluon_bwd.py``; neither has
-run on an H100 yet, hence no dispatch.
+Numerics and speed on a GPU: ``tests/test_gluon_dkdv_gpu.py`` and ``bench/bench_gluon_bwd.py``.
 
 Scope (:func:`supports`): dense ``(batch, seqlen, nheads, headdim)`` bf16/fp16, head dim 64 or 128, causal or
-not, GQA/MQA, any ``softmax_scale > 0``; TMA-compatible strides. The kernel is not dispatched by
-:mod:`fa_backward.launch` (which launches the portable dK/dV kernel); :func:`dkdv` runs it on buffers that the
-dQ pass has filled. This module imports under any Triton: the kernels are defined only where
+not, GQA/MQA, any ``softmax_scale > 0``; TMA-compatible strides. :mod:`fa_backward.launch` takes it, on the
+buffers the dQ pass has filled, above ``GLUON_DKDV_MIN_FLOPS``, which stays None (the portable dK/dV kernel
+everywhere) until ``bench/bench_gluon_bwd.py`` shows it faster; :func:`dkdv` runs it directly. This module imports under any Triton: the kernels are defined only where
 :func:`fa_core.gluon._gluon_importable` says Triton 3.6's Gluon is there.
 """
 
