@@ -96,18 +96,10 @@ def _gluon_dkdv(x: dict[str, Any], dk: torch.Tensor, dv: torch.Tensor) -> None:
     )  # fmt: skip
 
 
-def _one(cfg: Row, flop: float, launch: Any) -> list[Row]:
-    """The two rows (triton, gluon) of the dK/dV pass of one shape."""
+def _one(cfg: Row, flop: float, x: dict[str, Any], launch: Any) -> list[Row]:
+    """The two rows (triton, gluon) of the dK/dV pass of one shape (inputs ``x``, see :func:`_inputs`)."""
     from fa_backward import gluon_dkdv
 
-    x = _inputs(
-        cfg["batch"],
-        cfg["seqlen"],
-        cfg["nheads"],
-        cfg["headdim"],
-        cfg["causal"],
-        getattr(torch, cfg["dtype"]),
-    )
     row = try_provider(dict(cfg, provider="triton"), lambda: bench_ms(lambda: _tl_pass(x, launch)), flop)
     dk, dv = torch.empty_like(x["k"]), torch.empty_like(x["v"])
     grow: Row = dict(cfg, provider="gluon")
@@ -124,13 +116,10 @@ def _one(cfg: Row, flop: float, launch: Any) -> list[Row]:
     return [row, grow]
 
 
-def _one_dq(cfg: Row, flop: float) -> list[Row]:
+def _one_dq(cfg: Row, flop: float, x: dict[str, Any]) -> list[Row]:
     """The two rows (triton, gluon) of the dQ pass of one shape."""
     from fa_backward import gluon_dq
 
-    x = _inputs(
-        cfg["batch"], cfg["seqlen"], cfg["nheads"], cfg["headdim"], cfg["causal"], getattr(torch, cfg["dtype"])
-    )  # fmt: skip
     with _skipped("dkdv_launch") as launch:
         row = try_provider(dict(cfg, provider="triton"), lambda: bench_ms(lambda: _tl_pass(x, launch)), flop)
         _tl_pass(x, launch)  # x["dq"]: the tl pass's
@@ -152,14 +141,11 @@ def _one_dq(cfg: Row, flop: float) -> list[Row]:
     return [row, grow]
 
 
-def _one_public(cfg: Row, flop: float) -> list[Row]:
+def _one_public(cfg: Row, flop: float, x: dict[str, Any]) -> list[Row]:
     """``flash_attn_func`` forward + backward with the tl passes, the Gluon dK/dV pass, and both Gluon passes."""
     from fa_backward import launch
     from flash_attn import flash_attn_func
 
-    x = _inputs(
-        cfg["batch"], cfg["seqlen"], cfg["nheads"], cfg["headdim"], cfg["causal"], getattr(torch, cfg["dtype"])
-    )  # fmt: skip
     q, k, v = (x[n].detach().requires_grad_() for n in ("q", "k", "v"))
 
     def step() -> Any:
@@ -191,14 +177,18 @@ def run(
                 shape: Row = dict(dtype=str(dtype).replace("torch.", ""), headdim=d, seqlen=seqlen, batch=batch,
                                   nheads=nheads, causal=causal)  # fmt: skip
                 fwd = flops(batch, seqlen, seqlen, nheads, d, causal, "fwd")
+                # one set of inputs (and one forward) for every bench of the shape; the tl dQ pass rewrites
+                # delta / lse2 with the values _inputs computed, after the dK/dV rows have used them
+                x = _inputs(batch, seqlen, nheads, d, causal, dtype)
                 found: list[Row] = []
                 if "dkdv" in benches:
                     with _skipped("dq_launch") as launch:
-                        found += _one(dict(shape, bench="dkdv"), 2.0 * fwd, launch)
+                        found += _one(dict(shape, bench="dkdv"), 2.0 * fwd, x, launch)
                 if "dq" in benches:
-                    found += _one_dq(dict(shape, bench="dq"), 1.5 * fwd)
+                    found += _one_dq(dict(shape, bench="dq"), 1.5 * fwd, x)
                 if "fwd_bwd" in benches:
-                    found += _one_public(dict(shape, bench="fwd_bwd"), 3.5 * fwd)
+                    found += _one_public(dict(shape, bench="fwd_bwd"), 3.5 * fwd, x)
+                del x
                 for row in found:
                     rows.append(row)
                     print(row, flush=True)
