@@ -8,8 +8,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from fa_core.forward_configs import next_pow2
 from fa_core.rotary import load_cos_sin, rotary_pair_cols, rotate_pair
 from fa_kvcache.kernels import clamp_index, page_offsets
+
+
+def append_dims(d: int, dv: int, has_rot: bool, rot_dim: int, interleaved: bool) -> dict[str, object]:
+    """The head-dim and rotary constexprs that both append kernels take (this module's ``append_kernel`` and
+    ``fa_kvcache.unified_kernels.append_paged_kernel``): key / value head dims, their power-of-two tile widths,
+    and the rotary layout (``rot_dim``: rotated columns, 0 without rotary)."""
+    return dict(
+        HEADDIM=d, HEADDIM_V=dv, BLOCK_D=max(next_pow2(d), 16), BLOCK_DV=max(next_pow2(dv), 16),
+        HAS_ROTARY=has_rot, ROTARY_DIM=rot_dim, BLOCK_HALF=max(next_pow2(max(rot_dim // 2, 1)), 2),
+        INTERLEAVED=bool(interleaved),
+    )  # fmt: skip
+
 
 __all__ = ["append_kernel"]
 

@@ -30,7 +30,7 @@ from fa_core.fast_launch import FastLaunch, empty_arg
 from fa_core.forward_configs import cdiv, next_pow2
 from fa_core.masking import has_window_left, normalize_window
 from fa_core.rotary import apply_rotary
-from fa_kvcache.append import append_kernel
+from fa_kvcache.append import append_dims, append_kernel
 from fa_kvcache.checks import cache_capacity, kvcache_value_checks_enabled, validate, value_checks
 from fa_kvcache.decode_fast import _FAST, _decode_fast, _split_workspace
 from fa_kvcache.kernels import combine_kernel, split_kv_kernel
@@ -258,14 +258,7 @@ def append_to_cache(
         max(k_cache.shape[0], 1),
         max(k_cache.shape[0], 1),
         cos.shape[0] if has_rot else 0,
-        HEADDIM=d,
-        HEADDIM_V=dv,
-        BLOCK_D=max(next_pow2(d), 16),
-        BLOCK_DV=max(next_pow2(dv), 16),
-        HAS_ROTARY=has_rot,
-        ROTARY_DIM=rot_dim,
-        BLOCK_HALF=max(next_pow2(max(rot_dim // 2, 1)), 2),
-        INTERLEAVED=bool(rotary_interleaved),
+        **append_dims(d, dv, has_rot, rot_dim, rotary_interleaved),
         PAGED=paged,
         PAGE=page,
         SEQLENS_TENSOR=seq_tensor,

@@ -9,8 +9,9 @@ from fa_core import settings
 from fa_core import validation as V
 from fa_core.errors import FlashAttnValueError
 from fa_core.fast_launch import FastLaunch, empty_arg
-from fa_core.forward_configs import cdiv, next_pow2
+from fa_core.forward_configs import cdiv
 from fa_core.rotary import apply_rotary
+from fa_kvcache.append import append_dims
 from fa_kvcache.unified_checks import FP8, _check_block_table, _check_descale, _check_int_vec
 from fa_kvcache.unified_kernels import append_paged_kernel
 
@@ -203,14 +204,7 @@ def append_paged_kv(
         block_table.shape[1],
         k_cache.shape[0],
         cos.shape[0] if has_rot else 0,
-        HEADDIM=d,
-        HEADDIM_V=v_new.shape[2],
-        BLOCK_D=max(next_pow2(d), 16),
-        BLOCK_DV=max(next_pow2(v_new.shape[2]), 16),
-        HAS_ROTARY=has_rot,
-        ROTARY_DIM=rot_dim,
-        BLOCK_HALF=max(next_pow2(max(rot_dim // 2, 1)), 2),
-        INTERLEAVED=bool(rotary_interleaved),
+        **append_dims(d, v_new.shape[2], has_rot, rot_dim, rotary_interleaved),
         PAGE=page,
         QUANT=quant,
         BLOCK_T=block_t,
