@@ -783,7 +783,7 @@ def test_nan_alibi_slopes_propagate_like_the_reference(where):
     """NaN ``alibi_slopes`` are NOT rejected, by decision: a value check would need a device sync on every call
     (slopes live on the GPU), flash-attn does not check them either, and a NaN slope does not hide anything:
     it propagates. The heads whose slope is NaN come out all-NaN, exactly where the reference has NaN, and the
-    other heads are unaffected (the lse too). Documented in docs/CONVENTIONS.md (inputs with NaN/Inf)."""
+    other heads are unaffected (the lse too). Documented in docs/design.md (NaN / Inf inputs)."""
     from fa_core.reference import attention_ref
 
     torch.manual_seed(0)

@@ -174,7 +174,7 @@ def fwd_kernel(
     from a tensor's values is clamped to.
     ``EVEN_M``: every query block is full (dense, seqlen_q a multiple of MAX_BLOCK_M = 128): the Q load and
     the O / LSE stores drop their row masks (H200, 128x128 tile: d128 non-causal 1k 405 -> 419, 4k 477 -> 486
-    TFLOP/s; bench/forward_variants.py masked_rows times the masks back in).
+    TFLOP/s, masked and unmasked variants timed in one process).
     """
     EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
     EVEN_DV: tl.constexpr = HEADDIM_V == BLOCK_DV
@@ -490,7 +490,7 @@ def fwd_kernel(
             # it is empty for every block (the host knows: no rule cuts the band, keys fill whole tiles): even
             # a zero-trip masked loop cost 7-13% at d128 non-causal on an H200 (its software pipeline).
             # It runs BEFORE the interior (FlagGems' order): d128 causal, 128x128 tile, H200: 8k 422 -> 476,
-            # 16k 460 -> 514 TFLOP/s (bench/forward_variants.py, edge-first vs interior-first in one process)
+            # 16k 460 -> 514 TFLOP/s (edge-first vs interior-first timed in one process)
             acc, l_i, m_i = fwd_inner(
                 acc,
                 l_i,

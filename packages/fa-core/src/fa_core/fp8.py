@@ -104,7 +104,7 @@ def transposed_v(v: torch.Tensor, varlen: bool) -> torch.Tensor:
     Hopper's FP8 tensor-core dot (wgmma) needs both operands K-major; for P @ V the K dim is the key dim, so
     V must be read from a keys-contiguous copy. One tiled copy kernel per call, coalesced on both sides: 24 us
     for 16k tokens of 16 heads at d128 on an H200 (2.8 TB/s), 5% of an FP8 forward at 4k keys; the strided
-    torch copy it replaced took 181-193 us (bench/fp8_prep.py).
+    torch copy it replaced took 181-193 us (bench/results/h200-fp8-prep.json).
     """
     if varlen:
         n, hk, d = v.shape

@@ -74,7 +74,7 @@ def num_splits_heuristic(
     """Number of key splits for ``work`` programs (batch * kv heads * query tiles) on ``num_sms`` SMs, with
     ``n_key_blocks`` blocks of 64 keys to share out (``page``: the cache's page size, 0 unknown / contiguous).
 
-    Fitted on an H200 (bench/tune_decode.py, block-table preload on; docs/STATUS.md has the numbers): no split
+    Fitted on an H200 (bench/tune_decode.py, block-table preload on; numbers in bench/results/h200-decode-tune-*.json): no split
     once the programs fill the machine, except through pages smaller than the 64-key tile, where a program
     whose block-table entries do not fit the preload reads one entry per key inside the key loop (an indirect
     K/V load that halves the pipeline): those split into runs of 2048 keys (batch 64 / 32k at page 16: 16

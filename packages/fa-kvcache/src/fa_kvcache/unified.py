@@ -54,6 +54,9 @@ from fa_kvcache.unified_kernels import combine_kernel, unified_kernel
 
 __all__ = ["UnifiedPlan", "append_paged_kv", "plan_unified", "unified_attention"]
 
+#: the largest row tile (GQA heads x query positions) of a step with prefill chunks on GPUs, head dims <= 128
+PREFILL_BLOCK_M = 64
+
 unified_launch = FastLaunch(unified_kernel)
 combine_launch = FastLaunch(combine_kernel)
 
@@ -145,7 +148,7 @@ def plan_unified(
     """
     group = max(1, nheads // max(nheads_k, 1))
     gp = next_pow2(group)
-    cap_m = 32 if interpret or max(d, dv) > 128 else 64
+    cap_m = 32 if interpret or max(d, dv) > 128 else PREFILL_BLOCK_M
     block_m = min(max(16, next_pow2(max(max_seqlen_q, 1) * gp)), cap_m)
     hb = min(gp, block_m)
     qrows = block_m // hb
