@@ -31,15 +31,16 @@ pytestmark = [
 LOG2E = 1.4426950408889634
 
 # (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, causal): ragged lengths (not multiples of the
-# 64-row query tiles or the 128-key blocks), seqlen_q < / > seqlen_k, GQA groups 1 / 4, MQA
+# 64-row query tiles or the 128-key blocks; seqlen_q a multiple of 4, as the pass requires), seqlen_q < / >
+# seqlen_k, GQA groups 1 / 4, MQA
 CASES = {
     "d64": (2, 1000, 1000, 4, 4, 64, False),
-    "d64_causal_gqa4": (2, 777, 1537, 8, 2, 64, True),
-    "d128": (1, 1537, 1000, 4, 4, 128, False),
+    "d64_causal_gqa4": (2, 780, 1537, 8, 2, 64, True),
+    "d128": (1, 1540, 1000, 4, 4, 128, False),
     "d128_causal": (2, 1000, 1000, 4, 4, 128, True),
-    "d128_causal_gqa4": (1, 1537, 777, 8, 2, 128, True),
-    "d128_gqa4": (2, 513, 255, 4, 1, 128, False),
-    "d64_short": (3, 65, 129, 2, 1, 64, True),
+    "d128_causal_gqa4": (1, 1540, 777, 8, 2, 128, True),
+    "d128_gqa4": (2, 516, 255, 4, 1, 128, False),
+    "d64_short": (3, 68, 129, 2, 1, 64, True),
     # whole tiles (the training shapes): every query tile full, the diagonal exactly on tile boundaries
     "d128_causal_whole": (2, 1024, 1024, 4, 4, 128, True),
     "d64_causal_gqa8_whole": (1, 2048, 2048, 16, 2, 64, True),
@@ -108,18 +109,25 @@ def test_deterministic(name: str) -> None:
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
-def test_misaligned_lse_and_strided_outputs() -> None:
-    """lse2 / delta at offsets that are not 16-byte aligned (as the dQ pass's shared allocation gives them
-    when ``batch * nheads * seqlen_q`` is not a multiple of 4) and dk / dv views with padded heads."""
+def test_misaligned_vectors_refused_and_strided_outputs() -> None:
+    """lse2 / delta that do not start 16-byte aligned are refused before any launch (their rows are TMA
+    coordinates, which must address 16-byte boundaries); dk / dv views with padded heads are written in place,
+    nothing outside them."""
+    from fa_core.errors import FlashAttnValueError
+
     q, k, v, dout, lse2, delta, scale, causal, bwd = _setup("d64_short", torch.float16)
     both = torch.empty(2 * lse2.numel() + 1, device="cuda")
     lse2_m = both[1 : 1 + lse2.numel()].view_as(lse2).copy_(lse2)
     delta_m = both[1 + lse2.numel() :].view_as(delta).copy_(delta)
     assert lse2_m.data_ptr() % 16 and delta_m.data_ptr() % 16
+    with pytest.raises(FlashAttnValueError, match="16-byte"):
+        gluon_dkdv.dkdv(q, k, v, dout, lse2_m, delta, causal=causal, softmax_scale=scale)
+    with pytest.raises(FlashAttnValueError, match="16-byte"):
+        gluon_dkdv.dkdv(q, k, v, dout, lse2, delta_m, causal=causal, softmax_scale=scale)
     pad = torch.full((*k.shape[:2], k.shape[2] + 1, k.shape[3]), float("nan"), dtype=k.dtype, device="cuda")
     pad2 = pad.clone()
     dk, dv = pad[:, :, 1:], pad2[:, :, 1:]
-    gluon_dkdv.dkdv(q, k, v, dout, lse2_m, delta_m, dk, dv, causal=causal, softmax_scale=scale)
+    gluon_dkdv.dkdv(q, k, v, dout, lse2, delta, dk, dv, causal=causal, softmax_scale=scale)
     ref_dk, ref_dv = _gluon(q, k, v, dout, lse2, delta, scale, causal)
     torch.cuda.synchronize()
     assert torch.equal(dk, ref_dk) and torch.equal(dv, ref_dv)
@@ -134,6 +142,12 @@ def test_refuses_unsupported() -> None:
         gluon_dkdv.dkdv(q, k, v, dout, lse2[:, :, :-1], delta, causal=causal)
     with pytest.raises(FlashAttnValueError, match="softmax_scale"):
         gluon_dkdv.dkdv(q, k, v, dout, lse2, delta, causal=causal, softmax_scale=-1.0)
+    # a query length that is not a multiple of 4: the lse2 / delta rows would be TMA coordinates off a
+    # 16-byte boundary (an illegal instruction on the device), refused before any launch
+    with pytest.raises(FlashAttnValueError, match="seqlen_q"):
+        gluon_dkdv.dkdv(
+            q[:, :-1], k, v, dout[:, :-1], lse2[:, :, :-1].contiguous(), delta[:, :, :-1].contiguous()
+        )
 
 
 def test_strided_inputs_and_default_scale() -> None:
@@ -157,12 +171,14 @@ def test_strided_inputs_and_default_scale() -> None:
     assert_close_2x(dv, true_dv, low_dv, "dv")
 
 
-# (batch, seqlen, nheads, nheads_k, headdim, causal, packed): the public backward with the dispatch on
+# (batch, seqlen, nheads, nheads_k, headdim, causal, packed): the public backward with the dispatch on; a
+# seqlen that is not a multiple of 4 keeps the Triton dK/dV pass (see gluon_dkdv.unsupported_reason)
 DISPATCH = {
     "d128": (2, 1000, 4, 4, 128, False, False),
-    "d128_causal_gqa2": (1, 1537, 4, 2, 128, True, False),
+    "d128_causal_gqa2": (1, 1540, 4, 2, 128, True, False),
+    "d128_causal_ragged": (1, 1537, 4, 2, 128, True, False),
     "d64_causal": (2, 1024, 4, 4, 64, True, False),
-    "d64_qkvpacked": (2, 777, 4, 4, 64, False, True),
+    "d64_qkvpacked": (2, 780, 4, 4, 64, False, True),
 }
 
 
@@ -215,7 +231,8 @@ def test_public_backward_dispatch(name: str, passes: str, monkeypatch: pytest.Mo
     counting(gluon_dkdv, "dkdv", "dkdv")
     first, second = grads(), grads()
     torch.cuda.synchronize()
-    assert calls == {tag: (2 if tag in wanted else 0) for tag in calls}, f"Gluon passes per 2 calls: {calls}"
+    runs = {"dq": "dq" in wanted, "dkdv": "dkdv" in wanted and s % 4 == 0}
+    assert calls == {tag: (2 if runs[tag] else 0) for tag in calls}, f"Gluon passes per 2 calls: {calls}"
     assert all(torch.equal(a, b) for a, b in zip(first, second)), "not deterministic"
     if packed:
         q, k, v = (t.detach() for t in leaves[0].unbind(2))

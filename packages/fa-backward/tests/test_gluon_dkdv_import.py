@@ -48,6 +48,9 @@ def test_supported_shapes() -> None:
         (dict(dtype=torch.float32), "bfloat16"),
         (dict(h=3, hk=2), "multiple"),
         (dict(sq=0), "empty"),
+        # lse2 / delta rows through TMA: each row's coordinate must address a 16-byte boundary
+        (dict(sq=98), "seqlen_q"),
+        (dict(sq=1537), "seqlen_q"),
     ],
 )
 def test_refused_shapes(change: dict, needle: str) -> None:
@@ -62,6 +65,10 @@ def test_refused_arguments() -> None:
     assert "dout" in _reason(q, k, v, dout[:, :-1], lse2, delta)
     assert "lse2" in _reason(q, k, v, dout, lse2[..., :-1], delta)
     assert "lse2" in _reason(q, k, v, dout, lse2.double(), delta)
+    # a vector that does not start 16-byte aligned (a view one element into its storage)
+    shifted = torch.zeros(lse2.numel() + 1)[1:].view(lse2.shape)
+    assert "16-byte" in _reason(q, k, v, dout, shifted, delta)
+    assert "16-byte" in _reason(q, k, v, dout, lse2, shifted)
     assert "delta" in _reason(q, k, v, dout, lse2, delta.transpose(1, 2).contiguous().transpose(1, 2))
     assert "dk" in _reason(q, k, v, dout, lse2, delta, torch.empty_like(q))
     assert "dv" in _reason(q, k, v, dout, lse2, delta, None, v.half())

@@ -12,7 +12,8 @@ Per CTA (``NCONS`` consumer warpgroups of ``BLOCK_N`` = 64 key rows each, plus a
   each consumer owns ``BLOCK_N`` of those rows (its dK / dV rows).
 * The producer streams (q, dout) tiles of ``BLOCK_M`` query rows, and the matching ``BLOCK_M`` values of the
   log2 lse and delta (1-D TMA loads: each of those contiguous ``(batch, nheads, seqlen_q)`` buffers is read
-  as one vector), through a ``STAGES``-deep shared-memory ring: one "ready" mbarrier per slot expecting the
+  as one vector; a TMA coordinate must address a 16-byte boundary, else the copy faults with an illegal
+  instruction, so ``seqlen_q`` is a multiple of 4 and both buffers start 16-byte aligned), through a ``STAGES``-deep shared-memory ring: one "ready" mbarrier per slot expecting the
   four loads' bytes, one "free" mbarrier per slot on which every consumer arrives once done with the tile.
   q / dout rows past ``seqlen_q`` read as zero (TMA bounds).
 * Each consumer, per query tile (transposed tiles: keys x queries): ``S^T = K Q^T`` and ``dP^T = V dO^T``
@@ -311,7 +312,8 @@ if _gluon_importable():
         Descriptors: rank-4 over ``(batch, seqlen, nheads, headdim)``: q / dout with blocks ``[1, BLOCK_M, 1,
         HEAD_DIM]``, k / v / dk / dv with ``[1, BLOCK_N, 1, HEAD_DIM]``; rank-1 over the float32 log2 lse and
         delta of the dQ pass, contiguous ``(batch, nheads, seqlen_q)``, each seen from ``*_off`` elements
-        before its first one (16-byte aligned descriptor base), blocks of ``BLOCK_M``. Key blocks run
+        before its first one (0 from :func:`prepare`: both start 16-byte aligned and ``seqlen_q % 4 == 0``, so
+        every row's coordinate is a 16-byte boundary, as TMA requires), blocks of ``BLOCK_M``. Key blocks run
         first-first: under a causal mask the first ones see the most queries."""
         n0 = gl.program_id(0) * (NCONS * BLOCK_N)
         hk = gl.program_id(1)
@@ -408,12 +410,16 @@ def unsupported_reason(
     batch, seqlen_q, nheads, _ = q.shape
     if max(seqlen_q, k.shape[1], batch * nheads * seqlen_q + 4) >= 2**31:
         return "sizes must fit int32 (batch * nheads * seqlen_q included)"
+    # lse2 / delta rows are TMA loads of one vector at element (b * nheads + h) * seqlen_q + m0: a TMA
+    # coordinate must address a 16-byte boundary (else the copy faults with an illegal instruction), so
+    # seqlen_q a multiple of 4 and both vectors 16-byte aligned; other calls keep the Triton pass
+    if seqlen_q % 4:
+        return "seqlen_q must be a multiple of 4 (lse2 / delta rows are read through TMA)"
     for name, t in (("lse2", lse2), ("delta", delta)):
         if t.dtype != torch.float32 or tuple(t.shape) != (batch, nheads, seqlen_q) or not t.is_contiguous():
             return f"{name} must be a contiguous float32 (batch, nheads, seqlen_q) tensor"
-        if t.data_ptr() % 4 or (t.data_ptr() % 16) // 4 > t.storage_offset():
-            # (the kernel's descriptor starts at the 16-byte boundary at or before the first element)
-            return f"{name} must be 4-byte aligned, in a storage that starts 16-byte aligned"
+        if t.data_ptr() % 16:
+            return f"{name} must start 16-byte aligned (TMA)"
     outs = [(name, t) for name, t in (("dk", dk), ("dv", dv)) if t is not None]
     for name, o in outs:
         if o.shape != k.shape or o.dtype != q.dtype:
@@ -440,8 +446,9 @@ def supports(
     """Whether :func:`dkdv` handles this call.
 
     True only for: :func:`available` on q's device; bf16/fp16 ``q, dout (b, s_q, h, d)``, ``k, v (b, s_k, h_k,
-    d)`` with ``d`` in {64, 128} and ``h % h_k == 0``, no empty dim, ``b * h * s_q < 2**31 - 4``; ``lse2``,
-    ``delta`` contiguous float32 ``(b, h, s_q)`` (the kernel reads each as one vector through TMA); ``dk``,
+    d)`` with ``d`` in {64, 128} and ``h % h_k == 0``, no empty dim, ``b * h * s_q < 2**31 - 4``, ``s_q`` a
+    multiple of 4; ``lse2``, ``delta`` contiguous float32 ``(b, h, s_q)`` starting 16-byte aligned (the
+    kernel reads each as one vector through TMA, whose coordinates must address 16-byte boundaries); ``dk``,
     ``dv`` (if given) of k's shape and q's dtype; causal or not;
     ``softmax_scale`` None or finite > 0; every stride but the last (which is 1) and the base 16-byte aligned
     for q, k, v, dout, dk, dv (TMA); every tensor on q's device. Any further keyword (``softcap``,
@@ -476,12 +483,11 @@ def prepare(
     from fa_core.gluon._launch import _desc as desc  # rank-4 (b, s, h, d), block [1, rows, 1, d]
 
     def vec_desc(t: torch.Tensor, rows: int) -> tuple[Any, int]:
-        # a contiguous float32 tensor as one vector, from the 16-byte boundary at or before its first element
-        # (TMA needs an aligned base); returns the descriptor and the first element's index in it
-        off = (t.data_ptr() % 16) // t.element_size()
-        flat = t.as_strided((t.numel() + off,), (1,), t.storage_offset() - off)
+        # a contiguous float32 tensor (16-byte aligned: see unsupported_reason) as one vector; returns the
+        # descriptor and the first element's index in it (0)
+        flat = t.as_strided((t.numel(),), (1,), t.storage_offset())
         layout = gl.NVMMASharedLayout.get_default_for([rows], gl.float32)
-        return TensorDescriptor(flat, [flat.numel()], [1], [rows], layout), off
+        return TensorDescriptor(flat, [flat.numel()], [1], [rows], layout), 0
 
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
