@@ -5,8 +5,8 @@ d128, bf16): phase 1 times every tile ``(BLOCK_N, num_warps, num_stages)`` of ``
 split count; phase 2 times the best tiles (``--top``) at split counts around it. Every time is a CUDA-graph median
 (``do_bench_cudagraph``), beside SDPA on the contiguous cache in the same run. Prints one line per point with
 the best choice and its ratio to SDPA, and writes bench/results/<device>-decode-tune.json; the table in
-``fa_kvcache.interface._key_tile`` / ``num_splits_heuristic`` is set from it. Tiles are imposed with
-``fa_kvcache.interface.force_tile``.
+``fa_kvcache.decode_configs._key_tile`` / ``num_splits_heuristic`` is set from it. Tiles are imposed with
+``fa_kvcache.decode_configs.force_tile``.
 
     python bench/tune_decode.py [--quick]
     python bench/tune_decode.py --shapes 64x32768 --pages 16,64
@@ -40,7 +40,7 @@ def _ms(fn) -> float:
 def _sweep_point(q, kc, vc, lens, page, ref, sd_ms, nbytes, t0, top: int = 3) -> dict | None:
     """Phase 1 (tiles at the heuristic's splits) and phase 2 (split counts for the ``top`` best tiles: a tile
     that loses at the heuristic's count may win at another, e.g. 32-key tiles with fewer splits) at one point."""
-    import fa_kvcache.interface as fi
+    import fa_kvcache.decode_configs as fi
     from fa_kvcache import flash_attn_with_kvcache
 
     batch, ctx = kc.shape[:2]

@@ -171,15 +171,16 @@ def kvcache_oob(name, *, paged, lens, table=None, batch_idx=None, leftpad=None, 
 def bt_preload_off():
     """Paged split-KV launches read block-table entries inside the key loop (the path of splits too long to
     preload) instead of preloading them."""
+    import fa_kvcache.decode_configs as dc
     import fa_kvcache.interface as ki
 
-    saved = ki.MAX_BT_PRELOAD
-    ki.MAX_BT_PRELOAD = 0
+    saved = dc.MAX_BT_PRELOAD
+    dc.MAX_BT_PRELOAD = 0
     ki.plan_decode.cache_clear()
     try:
         yield
     finally:
-        ki.MAX_BT_PRELOAD = saved
+        dc.MAX_BT_PRELOAD = saved
         ki.plan_decode.cache_clear()
 
 

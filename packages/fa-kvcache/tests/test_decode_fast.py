@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fa_kvcache.checks as kc
+import fa_kvcache.decode_configs as dc
 import fa_kvcache.interface as ki
 from fa_core import settings
 from fa_core.errors import FlashAttnValueError
@@ -219,8 +220,8 @@ def test_plan_cache_clear_drops_signatures():
     flash_attn_with_kvcache(qp, kp, vp, cache_seqlens=lp, block_table=bt, num_splits=2)
     fast = next(reversed(ki._FAST.values()))
     assert fast is not None and fast.split_meta["BT_PRELOAD"] > 0
-    saved = ki.MAX_BT_PRELOAD
-    ki.MAX_BT_PRELOAD = 0
+    saved = dc.MAX_BT_PRELOAD
+    dc.MAX_BT_PRELOAD = 0
     ki.plan_decode.cache_clear()
     try:
         assert not ki._FAST
@@ -228,5 +229,5 @@ def test_plan_cache_clear_drops_signatures():
         fast = next(reversed(ki._FAST.values()))
         assert fast is not None and fast.split_meta["BT_PRELOAD"] == 0
     finally:
-        ki.MAX_BT_PRELOAD = saved
+        dc.MAX_BT_PRELOAD = saved
         ki.plan_decode.cache_clear()

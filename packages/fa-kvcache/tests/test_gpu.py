@@ -213,7 +213,7 @@ def test_fast_launch_bitwise_equal_to_triton_path(page):
 def test_force_tile_gpu(page, tile):
     """Tiles imposed with force_tile (the tuner's path) give the heuristic tile's results, with splits (the
     combine kernel) and without, through contiguous and paged caches."""
-    import fa_kvcache.interface as ki
+    import fa_kvcache.decode_configs as dc
 
     torch.manual_seed(5)
     dt = torch.bfloat16
@@ -232,7 +232,7 @@ def test_force_tile_gpu(page, tile):
             )
 
         ref = [t.clone() for t in run()]
-        with ki.force_tile(tile):
+        with dc.force_tile(tile):
             out, lse = run()
         torch.testing.assert_close(out, ref[0], atol=2e-3, rtol=1e-2)
         torch.testing.assert_close(lse, ref[1], atol=1e-4, rtol=1e-4)

@@ -552,15 +552,16 @@ def test_key_tile_fitted_points():
 def bt_preload_off():
     """Paged split-KV launches read their block-table entries inside the key loop (the path of splits too
     long to preload: ``MAX_BT_PRELOAD`` exceeded) instead of preloading them; plans are re-made on both sides."""
+    import fa_kvcache.decode_configs as dc
     import fa_kvcache.interface as ki
 
-    saved = ki.MAX_BT_PRELOAD
-    ki.MAX_BT_PRELOAD = 0
+    saved = dc.MAX_BT_PRELOAD
+    dc.MAX_BT_PRELOAD = 0
     ki.plan_decode.cache_clear()
     try:
         yield
     finally:
-        ki.MAX_BT_PRELOAD = saved
+        dc.MAX_BT_PRELOAD = saved
         ki.plan_decode.cache_clear()
 
 
@@ -610,22 +611,23 @@ def test_force_tile(page):
     """force_tile imposes (BLOCK_N, num_warps, num_stages) on the split-KV launch: results still match the
     reference (32-key tiles over 16-key pages: one tile straddles two pages); the innermost of nested tiles
     applies and the heuristic's comes back on exit; bad tiles are refused naming ``tile``."""
+    import fa_kvcache.decode_configs as dc
     import fa_kvcache.interface as ki
     from fa_core.errors import FlashAttnValueError
 
     default = ki._key_tile(1, 2, 16, 32, True, 96, page)
-    with ki.force_tile((64, 2, 2)) as outer:
+    with dc.force_tile((64, 2, 2)) as outer:
         assert outer == (64, 2, 2) and ki._key_tile(1, 2, 16, 32, True, 96, page) == (64, 2, 2)
-        with ki.force_tile((32, 1, 1)):
+        with dc.force_tile((32, 1, 1)):
             assert ki._key_tile(1, 2, 16, 32, True, 96, page) == (32, 1, 1)
             case = _make_case(seqlen_q=2, seqlen_new=1, page=page, capacity=96, seed=13 + page)
             _run_and_check(case, causal=True, num_splits=3)
         assert ki._key_tile(1, 2, 16, 32, True, 96, page) == (64, 2, 2)
     assert ki._key_tile(1, 2, 16, 32, True, 96, page) == default
     for bad in [(48, 4, 2), (8, 4, 2), (64, 0, 2), (64, 4), (64, 4, 2.0), (True, 4, 2), [64, 4, 2]]:
-        with pytest.raises(FlashAttnValueError, match="tile"), ki.force_tile(bad):  # type: ignore[arg-type]
+        with pytest.raises(FlashAttnValueError, match="tile"), dc.force_tile(bad):  # type: ignore[arg-type]
             pass
-    assert not ki._FORCED_TILES
+    assert not dc._FORCED_TILES
 
 
 def test_plan_decode_is_cached():
@@ -681,6 +683,7 @@ def test_num_splits_is_honoured(monkeypatch, page):
     """num_splits = n launches n key splits (then the combine), 1 launches one split and no combine, 0 the
     heuristic's count; above 128 (flash-attn's limit) it is capped at 128. Outputs agree with the
     reference."""
+    import fa_kvcache.decode_configs as dc
     import fa_kvcache.interface as ki
 
     seen: list[tuple[str, int]] = []
@@ -699,8 +702,8 @@ def test_num_splits_is_honoured(monkeypatch, page):
         case = _make_case(seqlen_q=1, seqlen_new=1, page=page, capacity=96, seed=5)
         _run_and_check(case, causal=True, num_splits=n)
         split_counts = [c for name, c in seen if name == "split"]
-        expected = {0: ki.num_splits_heuristic(2 * 2, 2, ki._CPU_SM_FALLBACK, paged=page > 0, page=page)}
-        expected[300] = ki.MAX_SPLITS
+        expected = {0: dc.num_splits_heuristic(2 * 2, 2, dc._CPU_SM_FALLBACK, paged=page > 0, page=page)}
+        expected[300] = dc.MAX_SPLITS
         want = expected.get(n, n) if DEVICE == "cpu" or n != 0 else split_counts[0]
         assert split_counts == [want], (n, seen)
         assert any(name == "combine" for name, _ in seen) == (want > 1)

@@ -31,15 +31,16 @@ GUARD = 2  # guard blocks / batch rows on each side of a cache
 def bt_preload_off():
     """Paged split-KV launches read their block-table entries inside the key loop (the path of splits too
     long to preload: ``MAX_BT_PRELOAD`` exceeded) instead of preloading them; plans are re-made on both sides."""
+    import fa_kvcache.decode_configs as dc
     import fa_kvcache.interface as ki
 
-    saved = ki.MAX_BT_PRELOAD
-    ki.MAX_BT_PRELOAD = 0
+    saved = dc.MAX_BT_PRELOAD
+    dc.MAX_BT_PRELOAD = 0
     ki.plan_decode.cache_clear()
     try:
         yield
     finally:
-        ki.MAX_BT_PRELOAD = saved
+        dc.MAX_BT_PRELOAD = saved
         ki.plan_decode.cache_clear()
 
 

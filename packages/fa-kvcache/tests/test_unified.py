@@ -18,7 +18,7 @@ from fa_core import settings
 from fa_core.errors import FlashAttnValueError
 from fa_core.reference import attention_ref
 from fa_core.rotary_ref import apply_rotary_ref
-from fa_kvcache.interface import _sm_count, force_tile
+from fa_kvcache.decode_configs import _sm_count, force_tile
 from fa_kvcache.unified import append_paged_kv, plan_unified, unified_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -19,13 +19,12 @@ Public API:
 
 from fa_kvcache.cache_manager import CacheFullError, PagedKVCache
 from fa_kvcache.cascade import CascadePlan, cascade_decode, cascade_plan_from_cache
+from fa_kvcache.decode_configs import force_tile, num_splits_heuristic
 from fa_kvcache.interface import (
     DecodePlan,
     append_to_cache,
     flash_attn_with_kvcache,
-    force_tile,
     kvcache_value_checks_enabled,
-    num_splits_heuristic,
     plan_decode,
 )
 from fa_kvcache.merge import merge_attention_states

@@ -40,7 +40,13 @@ from fa_core.errors import FlashAttnValueError
 from fa_core.fast_launch import FastLaunch, empty_arg
 from fa_core.forward_configs import cdiv, next_pow2
 from fa_core.masking import has_window_left, normalize_window
-from fa_kvcache.interface import _FORCED_TILES, MAX_BT_PRELOAD, MAX_SPLITS, _sm_count, num_splits_heuristic
+from fa_kvcache.decode_configs import (
+    _FORCED_TILES,
+    MAX_BT_PRELOAD,
+    MAX_SPLITS,
+    _sm_count,
+    num_splits_heuristic,
+)
 from fa_kvcache.paged_append import append_paged_kv
 from fa_kvcache.unified_checks import (
     FP8,
@@ -85,7 +91,7 @@ class UnifiedPlan(NamedTuple):
 
 def _bt_preload(keys: int, page: int) -> int:
     """Block-table entries a program covering ``keys`` keys from any tile start preloads (a power of two), or 0
-    when more than :data:`fa_kvcache.interface.MAX_BT_PRELOAD` (read in the key loop then)."""
+    when more than :data:`fa_kvcache.decode_configs.MAX_BT_PRELOAD` (read in the key loop then)."""
     n = cdiv(keys, page) + 1
     return max(2, next_pow2(n)) if n <= MAX_BT_PRELOAD else 0
 
@@ -140,10 +146,10 @@ def plan_unified(
     the interpreter or for head dims > 128): a decode-only step gets the decode kernel's small tiles, a step
     with prefill chunks 64-row tiles, in which the requests of at most ``split_rows`` rows (``BLOCK_M_SMALL =
     max(16, HB)`` rows: decode) still take a small tile. Splits (of those requests only): ``num_splits`` > 0 forces that many (at most
-    :data:`fa_kvcache.interface.MAX_SPLITS`); 0 applies
-    :func:`fa_kvcache.interface.num_splits_heuristic` to the split-eligible programs (``batch * nheads_k *
+    :data:`fa_kvcache.decode_configs.MAX_SPLITS`); 0 applies
+    :func:`fa_kvcache.decode_configs.num_splits_heuristic` to the split-eligible programs (``batch * nheads_k *
     head chunks``) next to the prefill tiles' programs, over ``max_seqlen_k`` keys. Key tile: ``forced_tile``
-    ``(BLOCK_N, num_warps, num_stages)`` (:func:`fa_kvcache.interface.force_tile` passes it), else
+    ``(BLOCK_N, num_warps, num_stages)`` (:func:`fa_kvcache.decode_configs.force_tile` passes it), else
     :func:`_key_tile`.
     """
     group = max(1, nheads // max(nheads_k, 1))
