@@ -85,7 +85,7 @@ if _gluon_importable():
         warpgroup_mma_wait,
     )
 
-    from fa_core.gluon._hopper import _as4d, _mma_layout, _smem_layout
+    from fa_core.gluon._hopper_parts import _as4d, _mma_layout, _smem_layout
 
     @gluon.jit
     def _q_range(n0, seqlen_q, seqlen_k, KEYS: gl.constexpr, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):

@@ -22,7 +22,7 @@ Per CTA (``NCONS`` consumer warpgroups of ``BLOCK_M`` = 64 query rows each, plus
 * Each consumer, per key tile: ``S = Q K^T`` and ``dP = dO V^T`` issued back to back as async wgmma;
   ``P = exp2(S * scale_log2 - lse2)`` while ``dP`` is still on the tensor cores; ``dS = P (dP - delta)``;
   ``dQ += dS K`` (dS cast to q's dtype, from registers); then the slot is released.
-* Key tiles (:func:`fa_core.gluon._hopper._tile_range` over the CTA's rows): tiles ``[0, full_hi)`` are
+* Key tiles (:func:`fa_core.gluon._hopper_parts._tile_range` over the CTA's rows): tiles ``[0, full_hi)`` are
   visible to every row and run without a mask; tiles ``[full_hi, hi)`` (the causal diagonal, bottom-right
   aligned: key ``j`` visible from query ``i`` iff ``j <= i + seqlen_k - seqlen_q``; the ragged last key tile)
   are masked by one select on dS: ``dS = 0`` where the key is past ``seqlen_k`` or not visible. That single
@@ -85,7 +85,7 @@ if _gluon_importable():
         warpgroup_mma_wait,
     )
 
-    from fa_core.gluon._hopper import _as4d, _load_kv, _mma_layout, _smem_layout, _tile_range
+    from fa_core.gluon._hopper_parts import _as4d, _load_kv, _mma_layout, _smem_layout, _tile_range
 
     @gluon.jit
     def _dq_tile(
