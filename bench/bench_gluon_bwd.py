@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Row, bench_ms, flops, try_provider, write_results  # noqa: E402
+from common import Row, bench_ms, flops, install_sigterm_handler, try_provider, write_results  # noqa: E402
 
 KIND = "gluon-backward"
 LOG2E = 1.4426950408889634
@@ -167,9 +167,15 @@ def _one_public(cfg: Row, flop: float, x: dict[str, Any]) -> list[Row]:
 
 
 def run(
-    headdims: list[int], seqlens: list[int], causals: list[bool], dtype: torch.dtype, benches: list[str]
+    headdims: list[int],
+    seqlens: list[int],
+    causals: list[bool],
+    dtype: torch.dtype,
+    benches: list[str],
+    rows: list[Row],
 ) -> list[Row]:
-    rows: list[Row] = []
+    """Time every shape, appending its rows to ``rows`` as each shape finishes (a run stopped by its time limit
+    keeps what it measured)."""
     for d in headdims:
         for seqlen in seqlens:
             for causal in causals:
@@ -207,17 +213,25 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU (sm_90 for the Gluon kernel)")
     dtype = getattr(torch, args.dtype)
-    rows = run(
-        [int(x) for x in args.headdims.split(",")],
-        [int(x) for x in args.seqlens.split(",")],
-        [bool(int(x)) for x in args.causal.split(",")],
-        dtype,
-        [b.strip() for b in args.benches.split(",") if b.strip()],
-    )
-    path = write_results(
-        KIND, rows, table_kw={"title": f"backward passes, Triton vs Gluon ({args.dtype})", "ours": "gluon"}
-    )
-    print(f"wrote {path} and {path.with_suffix('.md')}")
+    install_sigterm_handler()
+    rows: list[Row] = []
+    try:
+        run(
+            [int(x) for x in args.headdims.split(",")],
+            [int(x) for x in args.seqlens.split(",")],
+            [bool(int(x)) for x in args.causal.split(",")],
+            dtype,
+            [b.strip() for b in args.benches.split(",") if b.strip()],
+            rows,
+        )
+    finally:
+        if rows:
+            path = write_results(
+                KIND,
+                rows,
+                table_kw={"title": f"backward passes, Triton vs Gluon ({args.dtype})", "ours": "gluon"},
+            )
+            print(f"wrote {path} and {path.with_suffix('.md')} ({len(rows)} rows)")
 
 
 if __name__ == "__main__":
