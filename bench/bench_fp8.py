@@ -170,22 +170,28 @@ def main(argv: list[str] | None = None) -> int:
         for p in procs:
             p.wait()
         print(f"[bench_fp8] compiled in {time.time() - t0:.0f}s", flush=True)
-    rows = []
-    print(f"{'d':>4} {'causal':>6} {'seqlen':>6} {'bf16':>7} {'fp8':>7} {'fp8/bf16':>8}  tiles (bf16 | fp8)")
-    for d, c in points:
-        for s in seqlens:
-            row = time_point(d, c, s)
-            rows.append(row)
-            ok = row["ratio"] is not None and (s < 4096 or row["ratio"] >= BAR)
-            print(
-                f"{d:>4} {c!s:>6} {s:>6} {row['bf16']:>7.1f} {row['fp8']:>7.1f} {row['ratio'] or 0:>8.2f}  "
-                f"{row['bf16_tile']} | {row['fp8_tile']}{'' if ok else '  < bar'}",
-                flush=True,
-            )
-    from common import device_slug, results_path, write_json
+    from common import device_slug, install_sigterm_handler, results_path, write_json
 
-    path = write_json("fp8-vs-bf16", rows, bar=BAR)
-    plot_rows(rows, results_path("fp8-vs-bf16", ".png"), device_slug())
+    install_sigterm_handler()
+    rows = []
+    path = None
+    print(f"{'d':>4} {'causal':>6} {'seqlen':>6} {'bf16':>7} {'fp8':>7} {'fp8/bf16':>8}  tiles (bf16 | fp8)")
+    try:
+        for d, c in points:
+            for s in seqlens:
+                row = time_point(d, c, s)
+                rows.append(row)
+                ok = row["ratio"] is not None and (s < 4096 or row["ratio"] >= BAR)
+                print(
+                    f"{d:>4} {c!s:>6} {s:>6} {row['bf16']:>7.1f} {row['fp8']:>7.1f} {row['ratio'] or 0:>8.2f}  "
+                    f"{row['bf16_tile']} | {row['fp8_tile']}{'' if ok else '  < bar'}",
+                    flush=True,
+                )
+    finally:
+        # the points measured so far, also when a time limit stops the run
+        if rows:
+            path = write_json("fp8-vs-bf16", rows, bar=BAR)
+            plot_rows(rows, results_path("fp8-vs-bf16", ".png"), device_slug())
     worst = min((r["ratio"] or 0.0) for r in rows if r["seqlen"] >= 4096) if rows else 0.0
     print(
         f"[bench_fp8] worst fp8/bf16 at seqlen >= 4k: {worst:.2f} (bar {BAR}); {time.time() - t0:.0f}s; {path}"
