@@ -235,8 +235,6 @@ if _gluon_importable():
         seqlen_k,
         group,
         nheads,
-        lse_off,
-        delta_off,
         BLOCK_M: gl.constexpr,
         BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr,
@@ -277,8 +275,8 @@ if _gluon_importable():
             tma.async_copy_global_to_shared(do_desc, [b, m0, h, 0], bar, _as4d(do_smem.index(slot), do_desc))
             # lse2 / delta: (batch, nheads, seqlen_q) seen as one vector (see dkdv's host code)
             row = (b * nheads + h) * seqlen_q + m0
-            tma.async_copy_global_to_shared(lse_desc, [row + lse_off], bar, lse_smem.index(slot))
-            tma.async_copy_global_to_shared(delta_desc, [row + delta_off], bar, delta_smem.index(slot))
+            tma.async_copy_global_to_shared(lse_desc, [row], bar, lse_smem.index(slot))
+            tma.async_copy_global_to_shared(delta_desc, [row], bar, delta_smem.index(slot))
 
     @gluon.jit
     def attn_bwd_dkdv_ws(
@@ -290,8 +288,6 @@ if _gluon_importable():
         dv_desc,
         lse_desc,
         delta_desc,
-        lse_off,
-        delta_off,
         seqlen_q,
         seqlen_k,
         group,
@@ -311,9 +307,9 @@ if _gluon_importable():
 
         Descriptors: rank-4 over ``(batch, seqlen, nheads, headdim)``: q / dout with blocks ``[1, BLOCK_M, 1,
         HEAD_DIM]``, k / v / dk / dv with ``[1, BLOCK_N, 1, HEAD_DIM]``; rank-1 over the float32 log2 lse and
-        delta of the dQ pass, contiguous ``(batch, nheads, seqlen_q)``, each seen from ``*_off`` elements
-        before its first one (0 from :func:`prepare`: both start 16-byte aligned and ``seqlen_q % 4 == 0``, so
-        every row's coordinate is a 16-byte boundary, as TMA requires), blocks of ``BLOCK_M``. Key blocks run
+        delta of the dQ pass, contiguous ``(batch, nheads, seqlen_q)`` starting 16-byte aligned, with
+        ``seqlen_q % 4 == 0`` so every row's coordinate is a 16-byte boundary, as TMA requires; blocks of
+        ``BLOCK_M``. Key blocks run
         first-first: under a causal mask the first ones see the most queries."""
         n0 = gl.program_id(0) * (NCONS * BLOCK_N)
         hk = gl.program_id(1)
@@ -344,7 +340,7 @@ if _gluon_importable():
                     (_consumer, (k_smem, v_smem, ring, bars, dk_desc, dv_desc, b, hk, n0, seqlen_q, seqlen_k, group,
                                  scale_log2, sm_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, NCONS, 0)),
                     (_producer, (descs, k_smem, v_smem, ring, bars, b, hk, n0, seqlen_q, seqlen_k, group, nheads,
-                                 lse_off, delta_off, BLOCK_M, BLOCK_N, STAGES, CAUSAL, NCONS)),
+                                 BLOCK_M, BLOCK_N, STAGES, CAUSAL, NCONS)),
                 ],
                 [1],
                 [PRODUCER_REGS],
@@ -357,7 +353,7 @@ if _gluon_importable():
                     (_consumer, (k_smem, v_smem, ring, bars, dk_desc, dv_desc, b, hk, n0, seqlen_q, seqlen_k, group,
                                  scale_log2, sm_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, NCONS, 1)),
                     (_producer, (descs, k_smem, v_smem, ring, bars, b, hk, n0, seqlen_q, seqlen_k, group, nheads,
-                                 lse_off, delta_off, BLOCK_M, BLOCK_N, STAGES, CAUSAL, NCONS)),
+                                 BLOCK_M, BLOCK_N, STAGES, CAUSAL, NCONS)),
                 ],
                 [4, 1],
                 [CONSUMER_REGS, PRODUCER_REGS],
@@ -372,7 +368,7 @@ if _gluon_importable():
                     (_consumer, (k_smem, v_smem, ring, bars, dk_desc, dv_desc, b, hk, n0, seqlen_q, seqlen_k, group,
                                  scale_log2, sm_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, NCONS, 2)),
                     (_producer, (descs, k_smem, v_smem, ring, bars, b, hk, n0, seqlen_q, seqlen_k, group, nheads,
-                                 lse_off, delta_off, BLOCK_M, BLOCK_N, STAGES, CAUSAL, NCONS)),
+                                 BLOCK_M, BLOCK_N, STAGES, CAUSAL, NCONS)),
                 ],
                 [4, 4, 1],
                 [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS],
@@ -482,20 +478,18 @@ def prepare(
 
     from fa_core.gluon._launch import _desc as desc  # rank-4 (b, s, h, d), block [1, rows, 1, d]
 
-    def vec_desc(t: torch.Tensor, rows: int) -> tuple[Any, int]:
-        # a contiguous float32 tensor (16-byte aligned: see unsupported_reason) as one vector; returns the
-        # descriptor and the first element's index in it (0)
-        flat = t.as_strided((t.numel(),), (1,), t.storage_offset())
+    def vec_desc(t: torch.Tensor, rows: int) -> Any:
+        # a contiguous float32 tensor (16-byte aligned: see unsupported_reason) as one vector
         layout = gl.NVMMASharedLayout.get_default_for([rows], gl.float32)
-        return TensorDescriptor(flat, [flat.numel()], [1], [rows], layout), 0
+        return TensorDescriptor(t.view(-1), [t.numel()], [1], [rows], layout)
 
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     cfg = {**CONFIGS[head_dim], **(config or {})}  # a partial override keeps the tuned rest
     num_warps = cfg.pop("num_warps")
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    lse_desc, lse_off = vec_desc(lse2, block_m)
-    delta_desc, delta_off = vec_desc(delta, block_m)
+    lse_desc = vec_desc(lse2, block_m)
+    delta_desc = vec_desc(delta, block_m)
     args: dict[str, Any] = dict(
         q_desc=desc(q, block_m),
         k_desc=desc(k, block_n),
@@ -505,8 +499,6 @@ def prepare(
         dv_desc=desc(dv, block_n),
         lse_desc=lse_desc,
         delta_desc=delta_desc,
-        lse_off=lse_off,
-        delta_off=delta_off,
         seqlen_q=seqlen_q,
         seqlen_k=seqlen_k,
         group=nheads // nheads_k,
