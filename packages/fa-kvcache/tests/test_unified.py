@@ -126,10 +126,11 @@ def test_mixed_batch(dtype, page, splits):
 def test_key_tiles_past_a_page(block_n, preload, splits, monkeypatch):
     """Key tiles larger than the page (16): one block-table entry per key, from the preloaded entries
     (``tl.gather``) or read in the key loop when they do not fit the preload."""
+    import fa_kvcache.decode_configs as dc
     import fa_kvcache.unified as U
 
     if not preload:
-        monkeypatch.setattr(U, "MAX_BT_PRELOAD", 0)
+        monkeypatch.setattr(dc, "MAX_BT_PRELOAD", 0)
     U.plan_unified.cache_clear()
     a = make_batch(*MIXED, page=16, seed=block_n + splits)
     with force_tile((block_n, 4, 2)):

@@ -42,9 +42,9 @@ from fa_core.forward_configs import cdiv, next_pow2
 from fa_core.masking import has_window_left, normalize_window
 from fa_kvcache.decode_configs import (
     _FORCED_TILES,
-    MAX_BT_PRELOAD,
     MAX_SPLITS,
     _sm_count,
+    bt_preload,
     num_splits_heuristic,
 )
 from fa_kvcache.paged_append import append_paged_kv
@@ -87,13 +87,6 @@ class UnifiedPlan(NamedTuple):
     #: combine grid ``(batch, nheads)`` and its constexprs
     combine_grid: tuple[int, int]
     combine_meta: dict[str, Any]
-
-
-def _bt_preload(keys: int, page: int) -> int:
-    """Block-table entries a program covering ``keys`` keys from any tile start preloads (a power of two), or 0
-    when more than :data:`fa_kvcache.decode_configs.MAX_BT_PRELOAD` (read in the key loop then)."""
-    n = cdiv(keys, page) + 1
-    return max(2, next_pow2(n)) if n <= MAX_BT_PRELOAD else 0
 
 
 def _key_tile(block_m: int, dmax: int, interpret: bool, keys_per_program: int, page: int, fp8: bool):
@@ -178,8 +171,9 @@ def plan_unified(
     else:
         block_n, warps, stages = _key_tile(block_m, max(d, dv), interpret, keys // splits, page, fp8)
     page_tile = page % block_n == 0
-    bt_full = _bt_preload(keys, page)
-    bt_split = _bt_preload(cdiv(cdiv(keys, block_n), splits) * block_n, page)
+    # entries from any key start (not page-aligned: one more page) of the whole range / of one split's share
+    bt_full = bt_preload(page, keys, 1, 1)
+    bt_split = bt_preload(page, keys, splits, block_n)
     meta: dict[str, Any] = {
         "HEADDIM": d,
         "HEADDIM_V": dv,
