@@ -523,6 +523,13 @@ def test_num_splits_heuristic_fitted_points():
     assert num_splits_heuristic(8, 16, 132) == 16  # batch 1, 1k: one block per split
     assert num_splits_heuristic(8, 16, 132, paged=True) == 16
     assert num_splits_heuristic(256, 16, 132) == 1  # batch 32: the programs fill the machine
+    # an FP8 cache still splits a full machine, to ~16 programs per SM in runs of >= 512 keys (batch 32 / 8k,
+    # 8 kv heads: 8 splits measured best)
+    assert num_splits_heuristic(256, 128, 132, paged=True, page=64, fp8=True) == 8
+    assert num_splits_heuristic(256, 16, 132, paged=True, fp8=True) == 2  # 1k keys: two runs of 512
+    assert num_splits_heuristic(256, 7, 132, paged=True, fp8=True) == 1
+    assert num_splits_heuristic(4096, 512, 132, paged=True, fp8=True) == 1  # batch 512: already 31 per SM
+    assert num_splits_heuristic(64, 128, 132, paged=True, fp8=True) == 6  # below a full machine: as bf16
     assert num_splits_heuristic(8, 1, 132) == 1
     assert num_splits_heuristic(8, 4, 132) == 1  # 256 keys: no combine launch (FlashAttention-3's rule)
     assert num_splits_heuristic(8, 5, 132) == 5

@@ -37,7 +37,8 @@ GQA group 1 / 4, bf16 / fp16, with or without ``dlse``) compiles without spills;
 for inside its tile (the next tile's S / dP do not run under it): the two consumers' tiles interleave on the
 tensor cores instead. Numerics on a GPU: ``tests/test_gluon_dq_gpu.py``; speed against the Triton pass:
 ``bench/bench_gluon_bwd.py``. :mod:`fa_backward.launch` takes this pass above ``GLUON_DQ_MIN_FLOPS``, which
-stays None (the Triton pass everywhere) until that benchmark shows it faster.
+is None (the Triton dQ pass everywhere): faster alone at d128, it is not faster in the public fwd+bwd
+everywhere (``bench/results/h200-gluon-backward.md``).
 
 Scope (:func:`supports`): dense ``(batch, seqlen, nheads, headdim)`` bf16/fp16, head dim 64 or 128, causal or
 not, GQA/MQA, any ``softmax_scale > 0``, optional float32 ``dlse``; TMA-compatible strides for q, k, v, out,

@@ -27,13 +27,16 @@ from fa_core.score_mods import additive_grad
 dkdv_launch = FastLaunch(dkdv_kernel)
 dq_launch = FastLaunch(dq_kernel)
 
-#: Smallest dense backward pass (FLOPs of one pass: 8 * batch * nheads * seqlen_q * seqlen_k * headdim, twice the
-#: threshold when causal) sent to the Hopper Gluon kernels instead of the Triton ones: the dQ pass
-#: (:mod:`fa_backward.gluon_dq`) and the dK/dV pass (:mod:`fa_backward.gluon_dkdv`); None: never. Each stays
-#: None until its Gluon pass is measured faster through the public API on the GPU (``bench/bench_gluon_bwd.py``
-#: times the passes on the same inputs; the GPU tests set thresholds to run the dispatch).
+#: Smallest dense backward pass (FLOPs of one pass: 8 * batch * nheads * seqlen_q * seqlen_k * headdim, halved
+#: when causal) sent to the Hopper Gluon kernels instead of the Triton ones: the dQ pass
+#: (:mod:`fa_backward.gluon_dq`) and the dK/dV pass (:mod:`fa_backward.gluon_dkdv`); None: never.
+#: The Gluon dK/dV pass is 1.04-1.33x the Triton one at every measured point (head dims 64 / 128, 4k x 4 and
+#: 16k, causal or not; public fwd+bwd 1.01-1.14x), the smallest of which does 5.5e11 FLOPs: it is taken from
+#: there (below, a Gluon call also gives up the replayed launches). The Gluon dQ pass gains at d128 alone and
+#: loses with the Gluon dK/dV pass at 4k causal (public fwd+bwd 374 vs 439 TFLOP/s): never
+#: (`bench/results/h200-gluon-backward.md`).
 GLUON_DQ_MIN_FLOPS: float | None = None
-GLUON_DKDV_MIN_FLOPS: float | None = None
+GLUON_DKDV_MIN_FLOPS: float | None = 5e11
 
 
 def _gluon_passes(

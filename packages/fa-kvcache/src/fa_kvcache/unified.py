@@ -164,7 +164,7 @@ def plan_unified(
         decode_work = batch * nheads_k * n_head_chunks
         prefill_work = (max(total_q - batch, 0) // qrows) * nheads_k * n_head_chunks
         splits = num_splits_heuristic(
-            decode_work + prefill_work, cdiv(keys, 64), num_sms, paged=True, page=page
+            decode_work + prefill_work, cdiv(keys, 64), num_sms, paged=True, page=page, fp8=fp8
         )
     if forced_tile is not None:
         block_n, warps, stages = forced_tile
