@@ -375,15 +375,23 @@ class Replay:
     key were derived from). ``replay`` returns False, launching nothing, where the launch path must be taken
     instead (the shortcut switched off, launch hooks set, another current device, None in a slot that held a
     tensor). Each launch goes through the compiled kernel's launcher as a direct launch does: its global scratch,
-    if any, comes from Triton's allocator (stream-ordered, and in the graph's pool under capture)."""
+    if any, comes from Triton's allocator (stream-ordered, and in the graph's pool under capture).
 
-    __slots__ = ("device", "required", "steps")
+    Tensors reach the launcher as their addresses (ints): for a tensor object the launcher calls ``data_ptr``
+    and then asks the driver to validate the pointer (``cuPointerGetAttribute``), once per pointer argument of
+    every launch, which a replayed signature (device tensors of the recorded call's device) does not need."""
 
-    def __init__(self, steps: list[tuple], device: int, required: tuple[int, ...] = ()) -> None:
+    __slots__ = ("device", "keep", "required", "steps")
+
+    def __init__(
+        self, steps: list[tuple], device: int, required: tuple[int, ...] = (), keep: tuple = ()
+    ) -> None:
         self.steps = steps
         self.device = device
         #: the slots that held a tensor the recorded launches took
         self.required = required
+        #: the placeholder tensors whose addresses the steps hold (kept alive with them)
+        self.keep = keep
 
     @classmethod
     def build(cls, rec: Recording, slots: Sequence[torch.Tensor | None]) -> Replay | None:
@@ -404,6 +412,7 @@ class Replay:
         if len(devices) != 1:
             return None
         steps = []
+        keep = []
         for launcher, run, g0, g1, g2, function, packed, vals, tail, config, _ in rec.steps:
             template = list(vals)
             subs = []
@@ -413,11 +422,14 @@ class Replay:
                     if j is not None:
                         subs.append((i, j))
                         template[i] = None  # no recorded tensor kept alive
-                    elif id(x) not in placeholders:
+                    elif id(x) in placeholders:
+                        template[i] = x.data_ptr()
+                        keep.append(x)
+                    else:
                         return None
             steps.append((launcher, run, g0, g1, g2, function, packed, template, tuple(subs), tail, config))
         required = tuple(sorted({j for step in steps for _, j in step[8]}))
-        return cls(steps, devices.pop(), required)
+        return cls(steps, devices.pop(), required, tuple(keep))
 
     def __call__(self, slots: Sequence[torch.Tensor | None]) -> bool:
         if not fast_launch_enabled() or _hooks_active():
@@ -432,7 +444,8 @@ class Replay:
         for launcher, run, g0, g1, g2, function, packed, template, subs, tail, config in self.steps:
             vals = template.copy()
             for i, j in subs:
-                vals[i] = slots[j]
+                t = slots[j]
+                vals[i] = None if t is None else t.data_ptr()
             run(g0, g1, g2, stream, function, packed, None, None, None, *vals, *tail)
             launcher.last_config = config
         return True
