@@ -168,3 +168,20 @@ def test_varlen_predicate():
     assert "dense" in _reason(*_qkv(), **kw)  # 4-D tensors with cu_seqlens
     with pytest.raises(FlashAttnValueError, match="sm_90"):
         fg.forward_varlen(q, k, v, cu, cu, 140, 140)
+
+
+def test_shared_layouts_are_cached_and_gluons_own():
+    """The TMA descriptors' shared layouts come from one cache (Gluon derives each in Python), equal to Gluon's
+    default for the block."""
+    if not fg._gluon_importable():
+        pytest.skip("Triton without Gluon's Hopper modules (needs Triton 3.6)")
+    from triton.experimental.gluon import language as gl
+
+    from fa_core.gluon._launch import shared_layout
+
+    a = shared_layout((1, 64, 1, 128), torch.bfloat16)
+    assert a is shared_layout((1, 64, 1, 128), torch.bfloat16)
+    assert a == gl.NVMMASharedLayout.get_default_for([1, 64, 1, 128], gl.bfloat16)
+    assert shared_layout((128,), torch.float32) == gl.NVMMASharedLayout.get_default_for([128], gl.float32)
+    narrow = gl.NVMMASharedLayout.get_default_for([1, 64, 1, 16], gl.float16)  # 32-byte rows: another swizzle
+    assert shared_layout((1, 64, 1, 16), torch.float16) == narrow != a

@@ -473,15 +473,14 @@ def prepare(
     :func:`dkdv`); works on CPU tensors too (offline compiles: ``scripts/gluon_bwd_probe.py``)."""
     if not _gluon_importable():
         raise FlashAttnValueError("fa_backward.gluon_dkdv needs Triton 3.6 with Gluon's Hopper modules")
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from fa_core.gluon._launch import _desc as desc  # rank-4 (b, s, h, d), block [1, rows, 1, d]
+    from fa_core.gluon._launch import shared_layout
 
     def vec_desc(t: torch.Tensor, rows: int) -> Any:
         # a contiguous float32 tensor (16-byte aligned: see unsupported_reason) as one vector
-        layout = gl.NVMMASharedLayout.get_default_for([rows], gl.float32)
-        return TensorDescriptor(t.view(-1), [t.numel()], [1], [rows], layout)
+        return TensorDescriptor(t.view(-1), [t.numel()], [1], [rows], shared_layout((rows,), torch.float32))
 
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]

@@ -344,8 +344,9 @@ def _gluon_forward(q, k, v, out, cu_q, cu_k, seqused_k, leftpad_k, sink, alibi, 
         or not settings.get().gluon
     ):
         return None
-    # Gluon launches build host-side tensor descriptors through Triton's own launch path (~0.2 ms of host
-    # time): worth it only where the kernel runs longer than that, else the Triton kernels' cached launch wins
+    # Gluon launches build host-side tensor descriptors and go through Triton's own launch path (never
+    # replayed): worth it only where the kernel runs longer than that host time, else the Triton kernels'
+    # replayed launch wins
     rows_k = spec.max_seqlen_k if spec.varlen else k.shape[1]
     work = 4 * q.shape[-2] * q.shape[-1] * rows_k * (q.shape[0] if spec.varlen else q.shape[0] * q.shape[1])
     if work < GLUON_MIN_FLOPS * (2 if spec.causal else 1):
