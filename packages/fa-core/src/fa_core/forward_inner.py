@@ -241,11 +241,14 @@ def fwd_step(
     HAS_MASK_MOD: tl.constexpr,
     MASKED: tl.constexpr,
     DYN_MASK: tl.constexpr,
+    ZERO_V: tl.constexpr,
 ):
     """One key tile ``[start_n, start_n + BLOCK_N)`` of the online softmax.
 
     ``MASKED``: loads are bounds-checked and the element rules applied; with ``DYN_MASK`` the rules are applied
-    only where the runtime flag ``apply_mask`` says the tile can cut (block-sparse full blocks).
+    only where the runtime flag ``apply_mask`` says the tile can cut (block-sparse full blocks). ``ZERO_V``
+    (paged cache through descriptors): the tile may reach past ``seqlen_k``, whose V rows are real cache rows
+    and are zeroed (the descriptor does not); tiles that end inside the keys skip that.
     ``FUSED_SCALE`` (no softcap / ALiBi / score_mod, ``sm_scale > 0``): the row max is taken over the raw
     ``q @ k^T`` and the scale folds into the exponent's FMA, one multiply per element fewer.
     """
@@ -362,7 +365,7 @@ def fwd_step(
     elif F.USE_TMA:
         if F.PAGED:
             v = kv.v_desc.load([cache_row, 0])
-            if MASKED:
+            if ZERO_V:
                 # a stale NaN / Inf in the page's unused rows must not reach the output through p = 0
                 v = tl.where(offs_n[:, None] < seqlen_k, v, 0.0)
         else:
@@ -404,6 +407,7 @@ def fwd_inner(
     MASKED: tl.constexpr,
     FROM_LIST: tl.constexpr,
     DYN_MASK: tl.constexpr,
+    ZERO_V: tl.constexpr,
 ):
     """Online softmax over key tiles: ``[start, end)`` in steps of ``BLOCK_N``, or (``FROM_LIST``) the
     ``n_listed`` key blocks of ``SPARSE_KV`` keys whose indices start at ``idx_ptr``, flattened into one loop
@@ -412,8 +416,8 @@ def fwd_inner(
     the element rules only when it reaches outside ``[full_lo, full_hi)``.
 
     What differs between the calls of one kernel is passed by keyword: ``HAS_MASK_MOD`` (False for
-    block-sparse full blocks), ``MASKED``, ``FROM_LIST``, ``DYN_MASK``; the rest travels in ``kv``, ``sc``
-    and ``F``."""
+    block-sparse full blocks), ``MASKED``, ``FROM_LIST``, ``DYN_MASK``, ``ZERO_V`` (see :func:`fwd_step`); the
+    rest travels in ``kv``, ``sc`` and ``F``."""
     if FROM_LIST:
         TILES: tl.constexpr = F.SPARSE_KV // F.BLOCK_N
         # listed block ids are clamped to the key blocks that exist (garbage ids: garbage out, no stray reads)
@@ -435,6 +439,7 @@ def fwd_inner(
                 HAS_MASK_MOD=HAS_MASK_MOD,
                 MASKED=MASKED,
                 DYN_MASK=DYN_MASK,
+                ZERO_V=ZERO_V,
             )
     else:
         for start_n in tl.range(start, end, F.BLOCK_N):
@@ -451,5 +456,6 @@ def fwd_inner(
                 HAS_MASK_MOD=HAS_MASK_MOD,
                 MASKED=MASKED,
                 DYN_MASK=False,
+                ZERO_V=ZERO_V,
             )
     return acc, l_i, m_i

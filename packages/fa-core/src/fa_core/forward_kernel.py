@@ -22,7 +22,7 @@ from fa_core.forward_configs import (
     fast_autotuner,
     prune_configs,
 )
-from fa_core.forward_inner import FwdFlags, KVTiles, ScoreArgs, fwd_inner, load_tile
+from fa_core.forward_inner import FwdFlags, KVTiles, ScoreArgs, fwd_inner, fwd_step, load_tile
 from fa_core.masking import chunk_kv_range, clamp, kv_range, varlen_bounds
 from fa_core.scheduling import lpt_program_ids
 
@@ -432,6 +432,7 @@ def fwd_kernel(
             MASKED=True,
             FROM_LIST=True,
             DYN_MASK=False,
+            ZERO_V=False,
         )
         if HAS_FULL:
             fnb_ptr = FullNum + off_b.to(tl.int64) * stride_fnb_b + off_h * stride_fnb_h + q_blk
@@ -458,6 +459,7 @@ def fwd_kernel(
                 MASKED=True,
                 FROM_LIST=True,
                 DYN_MASK=True,
+                ZERO_V=False,
             )
     else:
         if HAS_MASK_MOD:
@@ -484,6 +486,7 @@ def fwd_kernel(
                 MASKED=True,
                 FROM_LIST=False,
                 DYN_MASK=False,
+                ZERO_V=True,
             )
         if HAS_RIGHT_EDGE:
             # right edge: the causal diagonal / window edge and the ragged end of the keys. Compiled out when
@@ -491,25 +494,68 @@ def fwd_kernel(
             # a zero-trip masked loop cost 7-13% at d128 non-causal on an H200 (its software pipeline).
             # It runs BEFORE the interior (FlagGems' order): d128 causal, 128x128 tile, H200: 8k 422 -> 476,
             # 16k 460 -> 514 TFLOP/s (edge-first vs interior-first timed in one process)
-            acc, l_i, m_i = fwd_inner(
-                acc,
-                l_i,
-                m_i,
-                q,
-                kv,
-                sc,
-                full_hi,
-                hi,
-                KvIdx,
-                0,
-                full_lo,
-                full_hi,
-                F,
-                HAS_MASK_MOD=HAS_MASK_MOD,
-                MASKED=True,
-                FROM_LIST=False,
-                DYN_MASK=False,
-            )
+            if PAGED and USE_TMA and PAGE_TILE and IS_LOCAL:
+                # paged descriptor loads: only the tile holding the keys' ragged end reads cache rows past
+                # seqlen_k, whose V it must zero (a round trip of the tile through registers); the diagonal
+                # tiles before it skip that, and the ragged tile runs on its own
+                tail = tl.maximum(full_hi, tl.minimum(hi, (sc.seqlen_k // BLOCK_N) * BLOCK_N))
+                acc, l_i, m_i = fwd_inner(
+                    acc,
+                    l_i,
+                    m_i,
+                    q,
+                    kv,
+                    sc,
+                    full_hi,
+                    tail,
+                    KvIdx,
+                    0,
+                    full_lo,
+                    full_hi,
+                    F,
+                    HAS_MASK_MOD=HAS_MASK_MOD,
+                    MASKED=True,
+                    FROM_LIST=False,
+                    DYN_MASK=False,
+                    ZERO_V=False,
+                )
+                if tail < hi:
+                    acc, l_i, m_i = fwd_step(
+                        acc,
+                        l_i,
+                        m_i,
+                        q,
+                        kv,
+                        sc,
+                        tail,
+                        True,
+                        F,
+                        HAS_MASK_MOD=HAS_MASK_MOD,
+                        MASKED=True,
+                        DYN_MASK=False,
+                        ZERO_V=True,
+                    )
+            else:
+                acc, l_i, m_i = fwd_inner(
+                    acc,
+                    l_i,
+                    m_i,
+                    q,
+                    kv,
+                    sc,
+                    full_hi,
+                    hi,
+                    KvIdx,
+                    0,
+                    full_lo,
+                    full_hi,
+                    F,
+                    HAS_MASK_MOD=HAS_MASK_MOD,
+                    MASKED=True,
+                    FROM_LIST=False,
+                    DYN_MASK=False,
+                    ZERO_V=True,
+                )
         # interior: no mask at all
         acc, l_i, m_i = fwd_inner(
             acc,
@@ -529,6 +575,7 @@ def fwd_kernel(
             MASKED=False,
             FROM_LIST=False,
             DYN_MASK=False,
+            ZERO_V=False,
         )
     if HAS_SINK:
         # learnable sink (gpt-oss): one extra logit per head in every row's denominator, none in the output
