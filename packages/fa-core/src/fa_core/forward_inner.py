@@ -192,6 +192,13 @@ def page_tile_bases(kv: KVTiles, start_n, PAGE_SIZE: tl.constexpr):
 
 
 @triton.jit
+def _page_of(kv: KVTiles, start_n, PAGE_SIZE: tl.constexpr):
+    """The page (clamped to ``[0, num_pages)``) holding logical key ``start_n``; 0 past the table's row."""
+    col = start_n // PAGE_SIZE
+    return clamp_index(tl.load(kv.bt_row + col, mask=col < kv.bt_cols, other=0), kv.num_pages)
+
+
+@triton.jit
 def page_row_offsets(
     kv: KVTiles,
     start_n,
@@ -237,11 +244,13 @@ def fwd_step(
     sc: ScoreArgs,
     start_n,
     apply_mask,
+    page_id,
     F: FwdFlags,
     HAS_MASK_MOD: tl.constexpr,
     MASKED: tl.constexpr,
     DYN_MASK: tl.constexpr,
     ZERO_V: tl.constexpr,
+    PAGE_GIVEN: tl.constexpr,
 ):
     """One key tile ``[start_n, start_n + BLOCK_N)`` of the online softmax.
 
@@ -261,7 +270,10 @@ def fwd_step(
         if F.PAGED:
             # the cache row of key start_n (a tile lies in one page); keys past seqlen_k are real cache rows
             # here: masked scores drop them from the softmax, V is zeroed below
-            pg = clamp_index(tl.load(kv.bt_row + start_n // F.PAGE_SIZE), kv.num_pages)
+            if PAGE_GIVEN:
+                pg = page_id
+            else:
+                pg = clamp_index(tl.load(kv.bt_row + start_n // F.PAGE_SIZE), kv.num_pages)
             cache_row = pg * F.PAGE_SIZE + start_n % F.PAGE_SIZE
             k = tl.trans(kv.k_desc.load([cache_row, 0]))
         else:
@@ -435,11 +447,37 @@ def fwd_inner(
                 sc,
                 start_n,
                 apply_mask,
+                0,
                 F,
                 HAS_MASK_MOD=HAS_MASK_MOD,
                 MASKED=MASKED,
                 DYN_MASK=DYN_MASK,
                 ZERO_V=ZERO_V,
+                PAGE_GIVEN=False,
+            )
+    elif F.PAGED and F.USE_TMA:
+        # the page of each tile is read one tile ahead (a plain load whose latency the tile's work hides)
+        # instead of inside the tile, where the software pipeline would stage it through shared memory
+        page_next = _page_of(kv, start, F.PAGE_SIZE)
+        for start_n in tl.range(start, end, F.BLOCK_N):
+            page = page_next
+            page_next = _page_of(kv, start_n + F.BLOCK_N, F.PAGE_SIZE)
+            acc, l_i, m_i = fwd_step(
+                acc,
+                l_i,
+                m_i,
+                q,
+                kv,
+                sc,
+                start_n,
+                True,
+                page,
+                F,
+                HAS_MASK_MOD=HAS_MASK_MOD,
+                MASKED=MASKED,
+                DYN_MASK=False,
+                ZERO_V=ZERO_V,
+                PAGE_GIVEN=True,
             )
     else:
         for start_n in tl.range(start, end, F.BLOCK_N):
@@ -452,10 +490,12 @@ def fwd_inner(
                 sc,
                 start_n,
                 True,
+                0,
                 F,
                 HAS_MASK_MOD=HAS_MASK_MOD,
                 MASKED=MASKED,
                 DYN_MASK=False,
                 ZERO_V=ZERO_V,
+                PAGE_GIVEN=False,
             )
     return acc, l_i, m_i

@@ -529,11 +529,13 @@ def fwd_kernel(
                         sc,
                         tail,
                         True,
+                        0,
                         F,
                         HAS_MASK_MOD=HAS_MASK_MOD,
                         MASKED=True,
                         DYN_MASK=False,
                         ZERO_V=True,
+                        PAGE_GIVEN=False,
                     )
             else:
                 acc, l_i, m_i = fwd_inner(
