@@ -21,12 +21,9 @@ table; where a paged tile costs more than a contiguous one shows in the loop's i
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
-import importlib
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -34,6 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = [str(ROOT / "packages" / p / "src") for p in ("fa-core", "fa-backward", "fa-kvcache", "fa-compat")]
+sys.path.insert(0, str(ROOT / "scripts"))
+import sass_mix  # noqa: E402  (the argument record, the sm_90 compile and the loop split of the backward's tools)
+
 KEYS = ("HGMMA", "MUFU", "UTMALDG", "LDGSTS", "LDS", "STS", "LDL", "STL", "BAR", "MEMBAR", "ISETP")
 
 
@@ -51,22 +51,9 @@ def capture(path: str, page: int, causal: bool) -> None:
     class Captured(Exception):
         pass
 
-    def describe(a: object) -> dict:
-        if isinstance(a, torch.Tensor):
-            return {"t": "tensor", "dtype": str(a.dtype)}
-        if callable(a) and hasattr(a, "fn"):
-            return {"t": "jit", "mod": a.fn.__module__, "name": a.fn.__name__}
-        if isinstance(a, bool) or a is None:
-            return {"t": "const", "v": a}
-        if isinstance(a, int):
-            return {"t": "int", "v": a}
-        if isinstance(a, float):
-            return {"t": "float", "v": a}
-        raise TypeError(f"unexpected launch argument {a!r}")
-
     def recorder(grid: object, *args: object, **kwargs: object) -> None:
-        record.update({n: describe(a) for n, a in zip(names, args)})
-        record.update({n: describe(a) for n, a in kwargs.items()})
+        record.update({n: sass_mix.describe_arg(a) for n, a in zip(names, args)})
+        record.update({n: sass_mix.describe_arg(a) for n, a in kwargs.items()})
         raise Captured
 
     fl.fwd_launch = recorder
@@ -90,14 +77,10 @@ def capture(path: str, page: int, causal: bool) -> None:
 
 
 def compile_mix(record: dict, tile: tuple[int, int, int, int, bool], out: Path) -> list[str]:
-    """Step 2: compile the forward kernel for sm_90 from its record with ``tile``; returns the report lines."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    """Step 2: compile the forward kernel for sm_90 from its record with ``tile``; returns the report lines: the
+    registers and stack, then each innermost loop with exponentials (one key tile)."""
     from fa_core.forward_kernel import fwd_kernel
 
-    fn = fwd_kernel.fn
     desc = dict(
         record,
         BLOCK_M={"t": "int", "v": tile[0]},
@@ -105,58 +88,12 @@ def compile_mix(record: dict, tile: tuple[int, int, int, int, bool], out: Path) 
         USE_TMA={"t": "const", "v": tile[4]},
         TMA_OK={"t": "const", "v": tile[4]},
     )
-    dtypes = {
-        "torch.float16": "*bf16",
-        "torch.bfloat16": "*bf16",
-        "torch.float32": "*fp32",
-        "torch.int32": "*i32",
-    }
-    sig: dict[str, str] = {}
-    consts: dict[str, object] = {}
-    attrs: dict[tuple[int], list] = {}
-    for i, name in enumerate(fn.arg_names):
-        d = desc[name]
-        plain = name in fn.do_not_specialize
-        if fn.params[i].is_constexpr or d["t"] == "const" or (d["t"] == "int" and d["v"] == 1 and not plain):
-            sig[name] = "constexpr"
-            consts[name] = (
-                getattr(importlib.import_module(d["mod"]), d["name"]) if d["t"] == "jit" else d["v"]
-            )
-        elif d["t"] == "tensor":
-            sig[name] = dtypes[d["dtype"]]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif d["t"] == "int":
-            sig[name] = "i32"
-            if d["v"] % 16 == 0 and not plain:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            sig[name] = "fp32"
-    compiled = triton.compile(
-        ASTSource(fn, sig, consts, attrs),
-        target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": tile[2], "num_stages": tile[3]},
-    )
-    cubin = out.with_suffix(".cubin")
-    cubin.write_bytes(compiled.asm["cubin"])
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    sass = subprocess.run([str(tools / "nvdisasm"), "-c", str(cubin)], capture_output=True, text=True).stdout
-    usage = subprocess.run(
-        [str(tools / "cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True, text=True
-    ).stdout
-    regs = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
-    lines = [f"tile {tile}: registers {regs.group(1)}, stack {regs.group(2)} bytes" if regs else usage[-200:]]
-    text = sass.splitlines()
-    labels = {m.group(1): i for i, ln in enumerate(text) if (m := re.match(r"^(\.L_x_\d+):", ln.strip()))}
-    op = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
-    spans = []  # backward branches: (loop start, loop end) lines
-    for i, ln in enumerate(text):
-        m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", ln)
-        if m and labels.get(m.group(1), i) < i:
-            spans.append((labels[m.group(1)], i))
-    for a, b in spans:
-        if any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans):
+    sass, usage = sass_mix.compile_sm90(fwd_kernel.fn, desc, tile[2], tile[3], out)
+    lines = [f"tile {tile}: {usage}"]
+    found = sass_mix.loops(sass)
+    for a, b, ops in found:
+        if any(a <= c and d <= b and (c, d) != (a, b) for c, d, _ in found):
             continue  # an enclosing loop: its inner loops are reported
-        ops = collections.Counter(mm.group(1) for s in text[a : b + 1] if (mm := op.match(s)))
         if ops["MUFU"]:
             counts = " ".join(f"{k}={ops[k]}" for k in KEYS)
             lines.append(f"  loop: {sum(ops.values())} instructions; {counts}")

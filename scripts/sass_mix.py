@@ -37,12 +37,28 @@ SRC = [str(ROOT / "packages" / p / "src") for p in ("fa-core", "fa-backward")]
 TILES = {"dq": (128, 64, 8, 2), "dkdv": (32, 128, 8, 2)}  # the first entries of DQ_SPACE / DKDV_SPACE
 
 
+def describe_arg(a: object) -> dict:
+    """One launch argument by kind, as the compile step reads it: tensor dtype, jit function, constant, int,
+    float."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return {"t": "tensor", "dtype": str(a.dtype)}
+    if callable(a) and hasattr(a, "fn"):
+        return {"t": "jit", "mod": a.fn.__module__, "name": a.fn.__name__}
+    if isinstance(a, bool) or a is None:
+        return {"t": "const", "v": a}
+    if isinstance(a, int):
+        return {"t": "int", "v": a}
+    if isinstance(a, float):
+        return {"t": "float", "v": a}
+    raise TypeError(f"unexpected launch argument {a!r}")
+
+
 def record_backward_launches(run_backward) -> dict[str, dict]:
     """Run ``run_backward()`` (a small backward, under TRITON_INTERPRET=1) with the dQ and dK/dV launches replaced
     by recorders: each launch argument described by kind (tensor dtype, jit function, constant, int, float). The
     dQ pass runs first; the backward stops at the dK/dV launch."""
-    import torch
-
     from fa_backward import backward_kernel as bk
 
     record: dict[str, dict] = {}
@@ -50,23 +66,10 @@ def record_backward_launches(run_backward) -> dict[str, dict]:
     class Captured(Exception):
         pass
 
-    def describe(a):
-        if isinstance(a, torch.Tensor):
-            return {"t": "tensor", "dtype": str(a.dtype)}
-        if callable(a) and hasattr(a, "fn"):
-            return {"t": "jit", "mod": a.fn.__module__, "name": a.fn.__name__}
-        if isinstance(a, bool) or a is None:
-            return {"t": "const", "v": a}
-        if isinstance(a, int):
-            return {"t": "int", "v": a}
-        if isinstance(a, float):
-            return {"t": "float", "v": a}
-        raise TypeError(f"unexpected launch argument {a!r}")
-
     def recorder(name, kern):
         def run(*args, grid=None, **kwargs):
-            rec = {n: describe(a) for n, a in zip(kern.arg_names, args)}
-            rec.update({n: describe(a) for n, a in kwargs.items()})
+            rec = {n: describe_arg(a) for n, a in zip(kern.arg_names, args)}
+            rec.update({n: describe_arg(a) for n, a in kwargs.items()})
             record[name] = rec
             if name == "dkdv":  # the dQ pass runs first
                 raise Captured
@@ -96,16 +99,15 @@ def capture(mode: str, path: str) -> None:
     Path(path).write_text(json.dumps(record))
 
 
-def compile_mix(record: dict, which: str, tile: tuple[int, int, int, int], out: Path) -> str:
-    """Step 2: compile one kernel for sm_90 from its record; returns the report lines."""
+def compile_sm90(fn, desc: dict, num_warps: int, num_stages: int, out: Path) -> tuple[str, str]:
+    """Compile the jit function ``fn`` for sm_90 from ``desc`` (every argument described as
+    :func:`describe_arg` does) with Triton's specialization rules: 16-bit tensors become bf16, 16-divisible
+    ints carry ``tt.divisibility`` 16 and ints equal to 1 become constexprs, except the ``do_not_specialize``
+    ints. Writes ``out``.cubin / .sass; returns ``(sass, "registers R, stack S bytes")``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fa_backward import backward_kernel as bk
-
-    fn = {"dq": bk._bwd_dq_kernel, "dkdv": bk._bwd_dkdv_kernel}[which]
-    desc = dict(record[which], BLOCK_M={"t": "int", "v": tile[0]}, BLOCK_N={"t": "int", "v": tile[1]})
     dtypes = {
         "torch.float16": "*bf16",
         "torch.bfloat16": "*bf16",
@@ -117,7 +119,8 @@ def compile_mix(record: dict, which: str, tile: tuple[int, int, int, int], out: 
     attrs: dict[tuple[int], list] = {}
     for i, name in enumerate(fn.arg_names):
         d = desc[name]
-        if fn.params[i].is_constexpr or d["t"] == "const" or (d["t"] == "int" and d["v"] == 1):
+        plain = name in getattr(fn, "do_not_specialize", ())
+        if fn.params[i].is_constexpr or d["t"] == "const" or (d["t"] == "int" and d["v"] == 1 and not plain):
             sig[name] = "constexpr"
             consts[name] = (
                 getattr(importlib.import_module(d["mod"]), d["name"]) if d["t"] == "jit" else d["v"]
@@ -127,14 +130,14 @@ def compile_mix(record: dict, which: str, tile: tuple[int, int, int, int], out: 
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif d["t"] == "int":
             sig[name] = "i32"
-            if d["v"] % 16 == 0:
+            if d["v"] % 16 == 0 and not plain:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "fp32"
     compiled = triton.compile(
         ASTSource(fn, sig, consts, attrs),
         target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": tile[2], "num_stages": tile[3]},
+        options={"num_warps": num_warps, "num_stages": num_stages},
     )
     cubin = out.with_suffix(".cubin")
     cubin.write_bytes(compiled.asm["cubin"])
@@ -145,21 +148,36 @@ def compile_mix(record: dict, which: str, tile: tuple[int, int, int, int], out: 
         [str(tools / "cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True, text=True
     ).stdout
     regs = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
-    lines = [
-        f"{which} {tile}: registers {regs.group(1)}, stack {regs.group(2)} bytes" if regs else usage[-200:]
-    ]
+    return sass, f"registers {regs.group(1)}, stack {regs.group(2)} bytes" if regs else usage[-200:]
+
+
+def loops(sass: str) -> list[tuple[int, int, collections.Counter]]:
+    """Every loop of the disassembly (a backward branch), in order of its closing branch: ``(first line, last
+    line, count per opcode)``."""
     text = sass.splitlines()
     labels = {m.group(1): i for i, ln in enumerate(text) if (m := re.match(r"^(\.L_x_\d+):", ln.strip()))}
     op = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+    found = []
     for i, ln in enumerate(text):
         m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", ln)
         if not m or labels.get(m.group(1), i) >= i:
             continue
-        ops = collections.Counter(
-            mm.group(1) for s in text[labels[m.group(1)] : i + 1] if (mm := op.match(s))
-        )
+        a = labels[m.group(1)]
+        found.append((a, i, collections.Counter(mm.group(1) for s in text[a : i + 1] if (mm := op.match(s)))))
+    return found
+
+
+def compile_mix(record: dict, which: str, tile: tuple[int, int, int, int], out: Path) -> str:
+    """Step 2: compile one kernel for sm_90 from its record; returns the report lines."""
+    from fa_backward import backward_kernel as bk
+
+    fn = {"dq": bk._bwd_dq_kernel, "dkdv": bk._bwd_dkdv_kernel}[which]
+    desc = dict(record[which], BLOCK_M={"t": "int", "v": tile[0]}, BLOCK_N={"t": "int", "v": tile[1]})
+    sass, usage = compile_sm90(fn, desc, tile[2], tile[3], out)
+    lines = [f"{which} {tile}: {usage}"]
+    keys = ("HGMMA", "MUFU", "FFMA", "FMUL", "FADD", "FSEL", "F2FP", "I2FP", "ISETP", "LDS", "BAR")
+    for _, _, ops in loops(sass):
         if ops["MUFU"]:
-            keys = ("HGMMA", "MUFU", "FFMA", "FMUL", "FADD", "FSEL", "F2FP", "I2FP", "ISETP", "LDS", "BAR")
             lines.append(
                 f"  loop: {sum(ops.values())} instructions; " + " ".join(f"{k}={ops[k]}" for k in keys)
             )
