@@ -192,7 +192,7 @@ def page_tile_bases(kv: KVTiles, start_n, PAGE_SIZE: tl.constexpr):
 
 
 @triton.jit
-def _page_of(kv: KVTiles, start_n, PAGE_SIZE: tl.constexpr):
+def page_of(kv: KVTiles, start_n, PAGE_SIZE: tl.constexpr):
     """The page (clamped to ``[0, num_pages)``) holding logical key ``start_n``; 0 past the table's row."""
     col = start_n // PAGE_SIZE
     return clamp_index(tl.load(kv.bt_row + col, mask=col < kv.bt_cols, other=0), kv.num_pages)
@@ -250,14 +250,14 @@ def fwd_step(
     MASKED: tl.constexpr,
     DYN_MASK: tl.constexpr,
     ZERO_V: tl.constexpr,
-    PAGE_GIVEN: tl.constexpr,
 ):
     """One key tile ``[start_n, start_n + BLOCK_N)`` of the online softmax.
 
     ``MASKED``: loads are bounds-checked and the element rules applied; with ``DYN_MASK`` the rules are applied
     only where the runtime flag ``apply_mask`` says the tile can cut (block-sparse full blocks). ``ZERO_V``
     (paged cache through descriptors): the tile may reach past ``seqlen_k``, whose V rows are real cache rows
-    and are zeroed (the descriptor does not); tiles that end inside the keys skip that.
+    and are zeroed (the descriptor does not); tiles that end inside the keys skip that. ``page_id``: on that
+    path, the page holding ``start_n``, read by the caller (:func:`page_of`); unused elsewhere.
     ``FUSED_SCALE`` (no softcap / ALiBi / score_mod, ``sm_scale > 0``): the row max is taken over the raw
     ``q @ k^T`` and the scale folds into the exponent's FMA, one multiply per element fewer.
     """
@@ -270,11 +270,7 @@ def fwd_step(
         if F.PAGED:
             # the cache row of key start_n (a tile lies in one page); keys past seqlen_k are real cache rows
             # here: masked scores drop them from the softmax, V is zeroed below
-            if PAGE_GIVEN:
-                pg = page_id
-            else:
-                pg = clamp_index(tl.load(kv.bt_row + start_n // F.PAGE_SIZE), kv.num_pages)
-            cache_row = pg * F.PAGE_SIZE + start_n % F.PAGE_SIZE
+            cache_row = page_id * F.PAGE_SIZE + start_n % F.PAGE_SIZE
             k = tl.trans(kv.k_desc.load([cache_row, 0]))
         else:
             # the descriptor zero-fills rows past seqlen_k and columns past HEADDIM
@@ -453,15 +449,14 @@ def fwd_inner(
                 MASKED=MASKED,
                 DYN_MASK=DYN_MASK,
                 ZERO_V=ZERO_V,
-                PAGE_GIVEN=False,
             )
     elif F.PAGED and F.USE_TMA:
         # the page of each tile is read one tile ahead (a plain load whose latency the tile's work hides)
         # instead of inside the tile, where the software pipeline would stage it through shared memory
-        page_next = _page_of(kv, start, F.PAGE_SIZE)
+        page_next = page_of(kv, start, F.PAGE_SIZE)
         for start_n in tl.range(start, end, F.BLOCK_N):
             page = page_next
-            page_next = _page_of(kv, start_n + F.BLOCK_N, F.PAGE_SIZE)
+            page_next = page_of(kv, start_n + F.BLOCK_N, F.PAGE_SIZE)
             acc, l_i, m_i = fwd_step(
                 acc,
                 l_i,
@@ -477,7 +472,6 @@ def fwd_inner(
                 MASKED=MASKED,
                 DYN_MASK=False,
                 ZERO_V=ZERO_V,
-                PAGE_GIVEN=True,
             )
     else:
         for start_n in tl.range(start, end, F.BLOCK_N):
@@ -496,6 +490,5 @@ def fwd_inner(
                 MASKED=MASKED,
                 DYN_MASK=False,
                 ZERO_V=ZERO_V,
-                PAGE_GIVEN=False,
             )
     return acc, l_i, m_i

@@ -22,7 +22,7 @@ from fa_core.forward_configs import (
     fast_autotuner,
     prune_configs,
 )
-from fa_core.forward_inner import FwdFlags, KVTiles, ScoreArgs, fwd_inner, fwd_step, load_tile
+from fa_core.forward_inner import FwdFlags, KVTiles, ScoreArgs, fwd_inner, fwd_step, load_tile, page_of
 from fa_core.masking import chunk_kv_range, clamp, kv_range, varlen_bounds
 from fa_core.scheduling import lpt_program_ids
 
@@ -494,32 +494,35 @@ def fwd_kernel(
             # a zero-trip masked loop cost 7-13% at d128 non-causal on an H200 (its software pipeline).
             # It runs BEFORE the interior (FlagGems' order): d128 causal, 128x128 tile, H200: 8k 422 -> 476,
             # 16k 460 -> 514 TFLOP/s (edge-first vs interior-first timed in one process)
-            if PAGED and USE_TMA and PAGE_TILE and IS_LOCAL:
-                # paged descriptor loads: only the tile holding the keys' ragged end reads cache rows past
-                # seqlen_k, whose V it must zero (a round trip of the tile through registers); the diagonal
-                # tiles before it skip that, and the ragged tile runs on its own
-                tail = tl.maximum(full_hi, tl.minimum(hi, (sc.seqlen_k // BLOCK_N) * BLOCK_N))
-                acc, l_i, m_i = fwd_inner(
-                    acc,
-                    l_i,
-                    m_i,
-                    q,
-                    kv,
-                    sc,
-                    full_hi,
-                    tail,
-                    KvIdx,
-                    0,
-                    full_lo,
-                    full_hi,
-                    F,
-                    HAS_MASK_MOD=HAS_MASK_MOD,
-                    MASKED=True,
-                    FROM_LIST=False,
-                    DYN_MASK=False,
-                    ZERO_V=False,
-                )
-                if tail < hi:
+            # paged descriptor loads, causal / window: only the tile holding the keys' ragged end reads cache
+            # rows past seqlen_k, whose V it must zero (a round trip of the tile through registers); the
+            # diagonal tiles before it skip that, and the ragged tile runs on its own after them
+            PEEL_TAIL: tl.constexpr = PAGED and USE_TMA and PAGE_TILE and IS_LOCAL
+            edge_end = hi
+            if PEEL_TAIL:
+                edge_end = tl.maximum(full_hi, tl.minimum(hi, (sc.seqlen_k // BLOCK_N) * BLOCK_N))
+            acc, l_i, m_i = fwd_inner(
+                acc,
+                l_i,
+                m_i,
+                q,
+                kv,
+                sc,
+                full_hi,
+                edge_end,
+                KvIdx,
+                0,
+                full_lo,
+                full_hi,
+                F,
+                HAS_MASK_MOD=HAS_MASK_MOD,
+                MASKED=True,
+                FROM_LIST=False,
+                DYN_MASK=False,
+                ZERO_V=not PEEL_TAIL,
+            )
+            if PEEL_TAIL:
+                if edge_end < hi:
                     acc, l_i, m_i = fwd_step(
                         acc,
                         l_i,
@@ -527,37 +530,15 @@ def fwd_kernel(
                         q,
                         kv,
                         sc,
-                        tail,
+                        edge_end,
                         True,
-                        0,
+                        page_of(kv, edge_end, PAGE_SIZE),
                         F,
                         HAS_MASK_MOD=HAS_MASK_MOD,
                         MASKED=True,
                         DYN_MASK=False,
                         ZERO_V=True,
-                        PAGE_GIVEN=False,
                     )
-            else:
-                acc, l_i, m_i = fwd_inner(
-                    acc,
-                    l_i,
-                    m_i,
-                    q,
-                    kv,
-                    sc,
-                    full_hi,
-                    hi,
-                    KvIdx,
-                    0,
-                    full_lo,
-                    full_hi,
-                    F,
-                    HAS_MASK_MOD=HAS_MASK_MOD,
-                    MASKED=True,
-                    FROM_LIST=False,
-                    DYN_MASK=False,
-                    ZERO_V=True,
-                )
         # interior: no mask at all
         acc, l_i, m_i = fwd_inner(
             acc,
