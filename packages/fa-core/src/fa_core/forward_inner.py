@@ -450,13 +450,18 @@ def fwd_inner(
                 DYN_MASK=DYN_MASK,
                 ZERO_V=ZERO_V,
             )
-    elif F.PAGED and F.USE_TMA:
-        # the page of each tile is read one tile ahead (a plain load whose latency the tile's work hides)
-        # instead of inside the tile, where the software pipeline would stage it through shared memory
-        page_next = page_of(kv, start, F.PAGE_SIZE)
+    else:
+        # paged descriptor loads: the page of each tile is read one tile ahead (a plain load whose latency the
+        # tile's work hides) instead of inside the tile, where the software pipeline would stage it through
+        # shared memory; other layouts take no page (0)
+        READ_AHEAD: tl.constexpr = F.PAGED and F.USE_TMA
+        page_next = 0
+        if READ_AHEAD:
+            page_next = page_of(kv, start, F.PAGE_SIZE)
         for start_n in tl.range(start, end, F.BLOCK_N):
             page = page_next
-            page_next = page_of(kv, start_n + F.BLOCK_N, F.PAGE_SIZE)
+            if READ_AHEAD:
+                page_next = page_of(kv, start_n + F.BLOCK_N, F.PAGE_SIZE)
             acc, l_i, m_i = fwd_step(
                 acc,
                 l_i,
@@ -467,24 +472,6 @@ def fwd_inner(
                 start_n,
                 True,
                 page,
-                F,
-                HAS_MASK_MOD=HAS_MASK_MOD,
-                MASKED=MASKED,
-                DYN_MASK=False,
-                ZERO_V=ZERO_V,
-            )
-    else:
-        for start_n in tl.range(start, end, F.BLOCK_N):
-            acc, l_i, m_i = fwd_step(
-                acc,
-                l_i,
-                m_i,
-                q,
-                kv,
-                sc,
-                start_n,
-                True,
-                0,
                 F,
                 HAS_MASK_MOD=HAS_MASK_MOD,
                 MASKED=MASKED,
