@@ -13,7 +13,7 @@ Each child times its first call (``flash_attn.flash_attn_func`` on bf16 inputs, 
 hidden 2048; ``fwd``: inputs without grad, ``fwd_bwd``: forward + ``torch.autograd.grad``) and, for reference,
 the steady-state time of the same call. Buckets: head dim 64 / 128, causal or not, seqlen 2k and 16k (the
 Gluon forward takes both on sm_90: ``fa_core.ops.GLUON_MIN_FLOPS``). Rows
-``{"bench": "first_call", "call", "headdim", "causal", "seqlen", "cold_s", "warm_s", "steady_ms"}`` go to
+``{"bench": "first_call", "provider": "fa-plus", "call", "headdim", "causal", "seqlen", "cold_s", "warm_s", "steady_ms"}`` go to
 ``bench/results/<gpu>-first-call.{json,md}``.
 
     python bench/first_call.py
@@ -107,7 +107,9 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     try:
         for call, d, causal, s in progress(points, desc="first call"):
-            row: dict[str, Any] = dict(bench="first_call", call=call, headdim=d, causal=causal, seqlen=s)
+            row: dict[str, Any] = dict(
+                bench="first_call", provider="fa-plus", call=call, headdim=d, causal=causal, seqlen=s
+            )
             with tempfile.TemporaryDirectory(prefix="fa-plus-triton-cache-") as cache_dir:
                 cold = _child(call, d, causal, s, cache_dir, args.timeout)
                 warm = _child(call, d, causal, s, cache_dir, args.timeout) if "error" not in cold else cold

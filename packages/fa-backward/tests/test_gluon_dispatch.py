@@ -68,6 +68,35 @@ def test_thresholds(gluon_everywhere, monkeypatch, dq_min, dkdv_min, causal, exp
 
 
 @pytest.mark.parametrize(
+    ("dq_min", "dkdv_min", "expected"),
+    [
+        ({128: 0.0}, {64: 0.0}, (True, False)),  # this call's head dim is 128
+        ({64: 0.0}, {128: WORK}, (False, True)),
+        ({128: None}, {128: WORK + 1}, (False, False)),
+        ({}, {64: 0.0, 128: 0.0}, (False, True)),
+        ({128: WORK}, {128: WORK / 2}, (True, True)),
+    ],
+)
+def test_thresholds_per_head_dim(gluon_everywhere, monkeypatch, dq_min, dkdv_min, expected) -> None:
+    """A map from head dim to threshold applies the entry of the call's head dim; a missing one means never."""
+    monkeypatch.setattr(launch, "GLUON_DQ_MIN_FLOPS", dq_min)
+    monkeypatch.setattr(launch, "GLUON_DKDV_MIN_FLOPS", dkdv_min)
+    assert _choose() == expected
+    if expected == (True, True):  # causal: half the work, below the dQ threshold, at the dK/dV one
+        assert _choose(causal=True) == (False, True)
+
+
+def test_default_thresholds_are_per_head_dim() -> None:
+    """The shipped rule: both Gluon passes at d128, the Gluon dK/dV pass alone at d64."""
+    for setting in (launch.GLUON_DQ_MIN_FLOPS, launch.GLUON_DKDV_MIN_FLOPS):
+        assert isinstance(setting, dict) and set(setting) <= {64, 128}
+    assert launch._min_flops(launch.GLUON_DQ_MIN_FLOPS, 64) is None
+    assert launch._min_flops(launch.GLUON_DQ_MIN_FLOPS, 128) is not None
+    assert launch._min_flops(launch.GLUON_DKDV_MIN_FLOPS, 64) is not None
+    assert launch._min_flops(launch.GLUON_DKDV_MIN_FLOPS, 256) is None
+
+
+@pytest.mark.parametrize(
     "option",
     [
         dict(varlen=True), dict(dropout_p=0.1), dict(alibi_slopes=object()), dict(softcap=30.0),

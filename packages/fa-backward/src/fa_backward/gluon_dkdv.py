@@ -41,8 +41,8 @@ Numerics and speed on a GPU: ``tests/test_gluon_dkdv_gpu.py`` and ``bench/bench_
 
 Scope (:func:`supports`): dense ``(batch, seqlen, nheads, headdim)`` bf16/fp16, head dim 64 or 128, causal or
 not, GQA/MQA, any ``softmax_scale > 0``; TMA-compatible strides. :mod:`fa_backward.launch` takes it, on the
-buffers the dQ pass has filled, from ``GLUON_DKDV_MIN_FLOPS`` (the measured range where it is faster:
-``bench/results/h200-gluon-backward.md``); :func:`dkdv` runs it directly. This module imports under any Triton: the kernels are defined only where
+buffers the dQ pass has filled, from ``GLUON_DKDV_MIN_FLOPS`` (per head dim, the measured range where it is
+faster: ``bench/results/*-gluon-thresholds.md``); :func:`dkdv` runs it directly. This module imports under any Triton: the kernels are defined only where
 :func:`fa_core.gluon._gluon_importable` says Triton 3.6's Gluon is there.
 """
 

@@ -36,9 +36,10 @@ GQA group 1 / 4, bf16 / fp16, with or without ``dlse``) compiles without spills;
 64) MUFU.EX2 and 16 / 20 HGMMA (S, dP from shared memory; dQ with dS from registers). The dQ wgmma is waited
 for inside its tile (the next tile's S / dP do not run under it): the two consumers' tiles interleave on the
 tensor cores instead. Numerics on a GPU: ``tests/test_gluon_dq_gpu.py``; speed against the Triton pass:
-``bench/bench_gluon_bwd.py``. :mod:`fa_backward.launch` takes this pass above ``GLUON_DQ_MIN_FLOPS``, which
-is None (the Triton dQ pass everywhere): faster alone at d128, it is not faster in the public fwd+bwd
-everywhere (``bench/results/h200-gluon-backward.md``).
+``bench/bench_gluon_bwd.py``. :mod:`fa_backward.launch` takes this pass above ``GLUON_DQ_MIN_FLOPS``, at
+d128 only: there the public fwd+bwd with both Gluon passes is the fastest of the three choices from 512 x 32
+non-causal up; at d64 the pass alone is no faster than the Triton one (``bench/results/*-gluon-thresholds.md``,
+``bench/results/h200-gluon-backward.md``).
 
 Scope (:func:`supports`): dense ``(batch, seqlen, nheads, headdim)`` bf16/fp16, head dim 64 or 128, causal or
 not, GQA/MQA, any ``softmax_scale > 0``, optional float32 ``dlse``; TMA-compatible strides for q, k, v, out,

@@ -28,15 +28,22 @@ dkdv_launch = FastLaunch(dkdv_kernel)
 dq_launch = FastLaunch(dq_kernel)
 
 #: Smallest dense backward pass (FLOPs of one pass: 8 * batch * nheads * seqlen_q * seqlen_k * headdim, halved
-#: when causal) sent to the Hopper Gluon kernels instead of the Triton ones: the dQ pass
-#: (:mod:`fa_backward.gluon_dq`) and the dK/dV pass (:mod:`fa_backward.gluon_dkdv`); None: never.
-#: The Gluon dK/dV pass is 1.04-1.33x the Triton one at every measured point (head dims 64 / 128, 4k x 4 and
-#: 16k, causal or not; public fwd+bwd 1.01-1.14x), the smallest of which does 5.5e11 FLOPs: it is taken from
-#: there (below, a Gluon call also gives up the replayed launches). The Gluon dQ pass gains at d128 alone and
-#: loses with the Gluon dK/dV pass at 4k causal (public fwd+bwd 374 vs 439 TFLOP/s): never
-#: (`bench/results/h200-gluon-backward.md`).
-GLUON_DQ_MIN_FLOPS: float | None = None
-GLUON_DKDV_MIN_FLOPS: float | None = 5e11
+#: when causal) sent to the Hopper Gluon kernels instead of the Triton ones, per head dim: the dQ pass
+#: (:mod:`fa_backward.gluon_dq`) and the dK/dV pass (:mod:`fa_backward.gluon_dkdv`). A head dim that is absent
+#: (or None) never takes the pass; a plain number (tests) applies to every head dim. From the public fwd+bwd
+#: with Triton passes, the Gluon dK/dV pass, and both Gluon passes, in one process
+#: (`bench/results/h100-80gb-hbm3-gluon-thresholds.md`): at d128 both Gluon passes are the fastest from 512 x 32
+#: non-causal (1.10-1.22x the Triton passes) and the Gluon dK/dV pass alone at 512 x 32 causal (1.12x); at d64
+#: the Gluon dQ pass gains nothing (`bench/results/h200-gluon-backward.md`) and the Gluon dK/dV pass is taken
+#: from the smallest size measured faster there. Below, a call keeps the Triton passes and their replayed
+#: launches.
+ThresholdMap = dict[int, float | None]
+GLUON_DQ_MIN_FLOPS: ThresholdMap | float | None = {128: 1e11}
+GLUON_DKDV_MIN_FLOPS: ThresholdMap | float | None = {64: 5e11, 128: 6e10}
+
+
+def _min_flops(setting: ThresholdMap | float | None, head_dim: int) -> float | None:
+    return setting.get(head_dim) if isinstance(setting, dict) else setting
 
 
 def _gluon_passes(
@@ -64,8 +71,9 @@ def _gluon_passes(
         return False, False
     batch, seqlen_q, nheads, d = q.shape
     work = 8 * batch * nheads * seqlen_q * k.shape[1] * d / (2 if causal else 1)
-    want_dq = GLUON_DQ_MIN_FLOPS is not None and work >= GLUON_DQ_MIN_FLOPS
-    want_dkdv = GLUON_DKDV_MIN_FLOPS is not None and work >= GLUON_DKDV_MIN_FLOPS
+    dq_min, dkdv_min = _min_flops(GLUON_DQ_MIN_FLOPS, d), _min_flops(GLUON_DKDV_MIN_FLOPS, d)
+    want_dq = dq_min is not None and work >= dq_min
+    want_dkdv = dkdv_min is not None and work >= dkdv_min
     if not (want_dq or want_dkdv):
         return False, False
     from fa_backward import gluon_dkdv, gluon_dq

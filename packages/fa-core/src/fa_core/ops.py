@@ -320,8 +320,12 @@ def _flash_attn_dmask(launch, q, k, alibi, cu_q, cu_k, seqused_k, spec: Spec, rn
     )  # fmt: skip
 
 
-#: Smallest forward (FLOPs, 4 * rows_q * rows_k * nheads * headdim, twice that when causal) sent to the Gluon
-#: kernels: ~0.4 ms of tensor-core work, above their host cost per call (``bench/results/*-host.json``).
+#: Smallest forward (FLOPs, 4 * rows_q * rows_k * nheads * headdim, not halved when causal; twice that for a
+#: causal varlen call) sent to the Gluon kernels: ~0.4 ms of tensor-core work, above their host cost per call
+#: (``bench/results/*-host.json``). Dense causal calls take the same threshold as non-causal ones: at 2k x 8
+#: causal d128 the "ws" kernel runs 470 TFLOP/s against 323 for the Triton kernel
+#: (``bench/results/h100-gluon-forward.md``), at 4k x 4 causal the public call 525 against 433
+#: (``bench/results/h100-80gb-hbm3-gluon-thresholds.md``).
 GLUON_MIN_FLOPS = 2e11
 
 
@@ -349,7 +353,7 @@ def _gluon_forward(q, k, v, out, cu_q, cu_k, seqused_k, leftpad_k, sink, alibi, 
     # replayed launch wins
     rows_k = spec.max_seqlen_k if spec.varlen else k.shape[1]
     work = 4 * q.shape[-2] * q.shape[-1] * rows_k * (q.shape[0] if spec.varlen else q.shape[0] * q.shape[1])
-    if work < GLUON_MIN_FLOPS * (2 if spec.causal else 1):
+    if work < GLUON_MIN_FLOPS * (2 if spec.causal and spec.varlen else 1):
         return None
     from fa_core import gluon
 
