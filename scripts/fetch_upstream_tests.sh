@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Copy flash-attn's own test module (tests/test_flash_attn.py, unmodified) of two refs of the upstream
-# repository into the git-ignored .upstream/<ref>/, with the test-local modules it imports (tests/<name>.py
-# for every `import name` / `from name import ...` that names one; never the library), so that a machine
-# without network can run it (scripts/gpu_stage_upstream.sh; the folder travels as an ignored path).
+# Copy flash-attn's own test modules (unmodified) of two refs of the upstream repository into the git-ignored
+# .upstream/<ref>/: tests/test_flash_attn.py and, where the ref has them, the tests of the other flash_attn
+# modules Flash Attention Plus provides (tests/layers/test_rotary.py, tests/ops/triton/test_layer_norm.py,
+# tests/losses/test_cross_entropy.py), each flattened to its file name, with the test-local modules they import
+# (tests/<name>.py for every `import name` / `from name import ...` that names one; never the library), so that
+# a machine without network can run them (scripts/gpu_stage_upstream.sh; the folder travels as an ignored path).
 #
 #   scripts/fetch_upstream_tests.sh GIT_DIR [REF ...]
 #
@@ -36,10 +38,16 @@ for ref in "${REFS[@]}"; do
     commit=$(git -C "$GIT_DIR" rev-parse --verify "$ref^{commit}")
     dir="$DEST/$ref"
     rm -rf "$dir" && mkdir -p "$dir"
-    files=(tests/test_flash_attn.py)
-    git -C "$GIT_DIR" show "$commit:tests/test_flash_attn.py" >"$dir/test_flash_attn.py"
-    # test-local modules: top-level names the test module imports that exist as tests/<name>.py at that ref
-    for mod in $(grep -oE '^\s*(from|import)\s+[A-Za-z_][A-Za-z0-9_]*' "$dir/test_flash_attn.py" \
+    files=()
+    for path in tests/test_flash_attn.py tests/layers/test_rotary.py tests/ops/triton/test_layer_norm.py \
+        tests/losses/test_cross_entropy.py; do
+        if git -C "$GIT_DIR" cat-file -e "$commit:$path" 2>/dev/null; then
+            git -C "$GIT_DIR" show "$commit:$path" >"$dir/$(basename "$path")"
+            files+=("$path")
+        fi
+    done
+    # test-local modules: top-level names the test modules import that exist as tests/<name>.py at that ref
+    for mod in $(cat "$dir"/test_*.py | grep -oE '^\s*(from|import)\s+[A-Za-z_][A-Za-z0-9_]*' \
         | awk '{print $2}' | sort -u); do
         if git -C "$GIT_DIR" cat-file -e "$commit:tests/$mod.py" 2>/dev/null; then
             git -C "$GIT_DIR" show "$commit:tests/$mod.py" >"$dir/$mod.py"

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# GPU stage: flash-attn's own tests/test_flash_attn.py (unmodified) of every ref in .upstream/ (copied there
-# by scripts/fetch_upstream_tests.sh; copy .upstream to the GPU machine) against our flash_attn, a seeded
-# sample of cases per test function (tests/upstream/conftest.py, docs/upstream-suite.md).
+# GPU stage: flash-attn's own test modules (unmodified: tests/test_flash_attn.py, and the rotary, Triton layer
+# norm and cross-entropy tests where the ref has them) of every ref in .upstream/ (copied there by
+# scripts/fetch_upstream_tests.sh; copy .upstream to the GPU machine) against our flash_attn, a seeded sample
+# of cases per test function (tests/upstream/conftest.py, docs/upstream-suite.md). UPSTREAM_MODULES (default:
+# every test_*.py of the ref's folder but UPSTREAM_SKIP_MODULES, default test_rotary.py: it imports helpers
+# that current transformers no longer has, see docs/upstream-suite.md) selects modules by file name.
 #
 # flash_attn comes from the installed wheels of .whl/fa when present (scripts/build_gpu_wheels.sh; installed
 # into /tmp/fa_site, the flash-attn shim distribution included), else (or with UPSTREAM_FROM_SOURCE=1) from
@@ -68,7 +71,8 @@ for ref in "${REFS[@]}"; do
     echo "===== upstream $ref (seed $SEED)"
     (
         cd "$dir" && PYTHONPATH="$PYPATH" UPSTREAM_SEED="$SEED" UPSTREAM_JSON="$json" FA_PLUS_AUTOTUNE=0 \
-            timeout -k 10 "${UPSTREAM_TIMEOUT:-240}" "$PY" -m pytest test_flash_attn.py -q -rfEs \
+            timeout -k 10 "${UPSTREAM_TIMEOUT:-240}" "$PY" -m pytest ${UPSTREAM_MODULES:-$(ls test_*.py \
+            | grep -vxF -f <(tr ' ' '\n' <<<"${UPSTREAM_SKIP_MODULES-test_rotary.py}"))} -q -rfEs \
             -p no:cacheprovider $TIMEOUT_ARGS ${UPSTREAM_PYTEST_ARGS:-}
     ) >"$log" 2>&1
     rc=$?

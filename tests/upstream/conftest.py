@@ -1,7 +1,8 @@
-"""pytest plugin for flash-attn's own test module (``test_flash_attn.py`` of an upstream ref, unmodified) run
-against the installed ``flash_attn`` (Flash Attention Plus's fa-compat).
+"""pytest plugin for flash-attn's own test modules (``test_flash_attn.py`` of an upstream ref, and the test
+modules of the other flash_attn modules Flash Attention Plus provides: rotary, Triton layer norm, cross-entropy;
+unmodified) run against the installed ``flash_attn`` (Flash Attention Plus's fa-compat).
 
-Copied next to the upstream module by ``scripts/gpu_stage_upstream.sh`` (see ``docs/upstream-suite.md``). It
+Copied next to the upstream modules by ``scripts/gpu_stage_upstream.sh`` (see ``docs/upstream-suite.md``). It
 changes no test, tolerance or library code; it only
 
 * selects cases: a deterministic random sample of ``UPSTREAM_SAMPLE`` cases (default 4; ``all`` = every case)
@@ -37,7 +38,10 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
-TEST_FILE = HERE / "test_flash_attn.py"
+#: the upstream test modules copied next to this plugin (test_flash_attn.py, and the ones of the other
+#: flash_attn modules we provide: layers/test_rotary.py, ops/triton/test_layer_norm.py,
+#: losses/test_cross_entropy.py where the ref has them)
+TEST_FILES = sorted(HERE.glob("test_*.py"))
 
 #: module attributes of the CUDA build (flash_attn.flash_attn_interface) that name or select its compiled
 #: extension; set here only when the installed flash_attn lacks them.
@@ -106,10 +110,9 @@ def _source() -> dict:
 def _imported_flash_attn_names() -> dict[str, list[str]]:
     """``{module: [names]}`` of every ``from flash_attn... import name`` in the test module (any depth), and
     ``flash_attn`` itself for ``import flash_attn...``."""
-    if not TEST_FILE.exists():
-        return {}
     found: dict[str, list[str]] = defaultdict(list)
-    for node in ast.walk(ast.parse(TEST_FILE.read_text())):
+    nodes = [n for path in TEST_FILES for n in ast.walk(ast.parse(path.read_text()))]
+    for node in nodes:
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "flash_attn":
             found[node.module].extend(a.name for a in node.names)
         elif isinstance(node, ast.Import):
