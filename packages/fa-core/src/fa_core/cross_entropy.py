@@ -29,6 +29,23 @@ backward runs one program per (row, column block). Both kernels keep flash-attn'
 direct launch written for flash-attn works unchanged. Block sizes follow the vocabulary (up to 16k columns
 per forward block, 4k per backward block); :func:`override_block_sizes` forces others (e.g. small blocks
 that run the multi-block loop on a small vocabulary under the interpreter).
+
+Under ``torch.compile`` (``fullgraph=True``; aot_eager and inductor; static or dynamic shapes) and other
+tracers, each launch is one opaque ``torch.library`` custom-op node (shapes from fake implementations; a
+tracer never enters the Triton launch), and :class:`CrossEntropyLossFunction` stays the
+only autograd layer (its forward and backward call the ops; the ops have no autograd formula of their own):
+
+* ``torch.ops.fa_core.cross_entropy_fwd``: losses, lse and z-losses (fp32 ``(batch,)`` each, new tensors);
+* ``torch.ops.fa_core.cross_entropy_bwd``: the logits' gradient in a new contiguous tensor;
+* ``torch.ops.fa_core.cross_entropy_bwd_inplace``: the gradient written into the logits
+  (``mutates_args=("logits",)``), for ``inplace_backward=True`` while tracing. The logits hold their gradient
+  after the backward, as in eager mode; inductor keeps the write in place (no second ``(batch, vocab)``
+  buffer), a backend without re-inplacing (aot_eager) computes it out of place and copies it back. Eagerly,
+  the backward launches the kernel into the logits directly (their version counter is left unchanged).
+
+The tensor-parallel loss (``process_group`` of world size > 1) runs eagerly only: :func:`cross_entropy_loss`
+with a ``process_group`` is a graph break (``fullgraph=True`` reports it), and a traced
+``CrossEntropyLossFunction.apply`` with world size > 1 raises :class:`~fa_core.errors.FlashAttnValueError`.
 """
 
 from __future__ import annotations
@@ -41,6 +58,7 @@ import torch
 import torch.distributed as dist
 import triton
 import triton.language as tl
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fa_core.errors import FlashAttnValueError
 from fa_core.forward_configs import cdiv, next_pow2
@@ -299,6 +317,97 @@ def cross_entropy_bwd(
     return dlogits
 
 
+# ------------------------------------------------------------------------------------------------ custom ops
+# One opaque node per launch for torch.compile / export / make_fx: a tracer records the op (shapes from the
+# fake implementations) and never traces the Triton launch. Autograd stays in CrossEntropyLossFunction. The
+# schemas name every argument; the Python bodies take the scalar tail as ``*args`` in schema order.
+_SCALARS = (
+    "float smoothing, float logit_scale, float lse_square_scale, int ignore_index, SymInt total_classes, "
+    "SymInt class_start_idx"
+)
+_BWD_ARGS = f"Tensor lse, Tensor labels, {_SCALARS}, int? block_size"
+
+
+def _unit_col_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op(
+    "fa_core::cross_entropy_fwd",
+    mutates_args=(),
+    schema=f"(Tensor logits, Tensor labels, Tensor? precomputed_lse, {_SCALARS}, bool split, int? block_size) "
+    "-> (Tensor, Tensor, Tensor)",
+)
+def _cross_entropy_fwd_op(
+    logits: torch.Tensor, labels: torch.Tensor, precomputed_lse: torch.Tensor | None, *args: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`cross_entropy_fwd` on inputs of any strides; the lse returned is a new tensor (a copy of
+    ``precomputed_lse`` when given: an op's outputs never alias its inputs)."""
+    if precomputed_lse is not None:
+        precomputed_lse = precomputed_lse.to(torch.float32, copy=True).contiguous()
+    # args: smoothing, logit_scale, lse_square_scale, ignore_index, total_classes, class_start_idx, split,
+    # block_size (the order of cross_entropy_fwd's parameters)
+    return cross_entropy_fwd(_unit_col_stride(logits), labels.contiguous(), precomputed_lse, *args)
+
+
+@_cross_entropy_fwd_op.register_fake
+def _cross_entropy_fwd_fake(logits, labels, precomputed_lse, *args):
+    losses = logits.new_empty(logits.shape[0], dtype=torch.float32)
+    return losses, torch.empty_like(losses), torch.empty_like(losses)
+
+
+def _bwd_into(dlogits: torch.Tensor, dlosses: torch.Tensor, logits: torch.Tensor, *args: Any) -> None:
+    lse, labels, *rest = args  # rest: the scalars and block_size, in cross_entropy_bwd's order
+    cross_entropy_bwd(dlogits, dlosses, logits, lse.contiguous(), labels.contiguous(), *rest)
+
+
+@torch.library.custom_op(
+    "fa_core::cross_entropy_bwd",
+    mutates_args=(),
+    schema=f"(Tensor dlosses, Tensor logits, {_BWD_ARGS}) -> Tensor",
+)
+def _cross_entropy_bwd_op(dlosses: torch.Tensor, logits: torch.Tensor, *args: Any) -> torch.Tensor:
+    """The logits' gradient in a new contiguous tensor of the logits' dtype (:func:`cross_entropy_bwd`)."""
+    logits = _unit_col_stride(logits)
+    dlogits = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    _bwd_into(dlogits, dlosses, logits, *args)
+    return dlogits
+
+
+@_cross_entropy_bwd_op.register_fake
+def _cross_entropy_bwd_fake(dlosses, logits, *args):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op(
+    "fa_core::cross_entropy_bwd_inplace",
+    mutates_args=("logits",),
+    schema=f"(Tensor dlosses, Tensor(a!) logits, {_BWD_ARGS}) -> ()",
+)
+def _cross_entropy_bwd_inplace_op(dlosses: torch.Tensor, logits: torch.Tensor, *args: Any) -> None:
+    """Overwrite ``logits`` with their gradient (through a copy when their columns are strided)."""
+    target = _unit_col_stride(logits)
+    _bwd_into(target, dlosses, target, *args)
+    if target is not logits:
+        logits.copy_(target)
+
+
+@_cross_entropy_bwd_inplace_op.register_fake
+def _cross_entropy_bwd_inplace_fake(dlosses, logits, *args) -> None:
+    return None
+
+
+def _traced(t: torch.Tensor) -> bool:
+    """Whether this call is being traced (torch.compile / export, compiled autograd, make_fx or another
+    dispatch or function mode, fake or functional tensors)."""
+    return (
+        torch.compiler.is_compiling()
+        or type(t) is not torch.Tensor
+        or _get_current_dispatch_mode() is not None
+        or torch._C._is_torch_function_mode_enabled()
+    )
+
+
 def _check_inputs(
     logits: object, labels: object, precomputed_lse: object, logit_scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -330,7 +439,9 @@ def _check_inputs(
 
 class CrossEntropyLossFunction(torch.autograd.Function):
     """``flash_attn.ops.triton.cross_entropy.CrossEntropyLoss``: the autograd Function behind
-    :func:`cross_entropy_loss` (same positional arguments; returns ``(losses, z_losses)``)."""
+    :func:`cross_entropy_loss` (same positional arguments; returns ``(losses, z_losses)``). Its forward and
+    backward launch through the ``fa_core::cross_entropy_*`` custom ops, so ``torch.compile`` traces it
+    whole."""
 
     @staticmethod
     def forward(
@@ -352,6 +463,11 @@ class CrossEntropyLossFunction(torch.autograd.Function):
         total_classes = world_size * n_cols
         class_start_idx = rank * n_cols
         split = world_size > 1
+        if split and _traced(logits):
+            raise FlashAttnValueError(
+                "the tensor-parallel cross-entropy loss (process_group of world size > 1) runs eagerly only: "
+                "call cross_entropy_loss, which leaves it out of the traced graph"
+            )
         lse_in = None
         if precomputed_lse is not None and logit_scale == 1.0 and smoothing == 0.0:
             lse_in = precomputed_lse.to(torch.float32).contiguous()
@@ -359,7 +475,7 @@ class CrossEntropyLossFunction(torch.autograd.Function):
             logits = logits.contiguous()
         labels = labels.contiguous()
         fwd_block = _BLOCK_OVERRIDE["forward"]
-        losses, lse, z_losses = cross_entropy_fwd(
+        losses, lse, z_losses = torch.ops.fa_core.cross_entropy_fwd(
             logits,
             labels,
             lse_in,
@@ -370,7 +486,7 @@ class CrossEntropyLossFunction(torch.autograd.Function):
             total_classes,
             class_start_idx,
             split,
-            block_size=fwd_block,
+            fwd_block,
         )
         if split:
             # losses hold this shard's -(1 - s) x[label] - s sum(x) / total_classes; add the global lse
@@ -404,14 +520,7 @@ class CrossEntropyLossFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_losses: torch.Tensor, grad_z_losses: torch.Tensor) -> tuple[Any, ...]:
         del grad_z_losses  # the z-loss output is for logging; its gradient flows through the losses
         logits, lse, labels = ctx.saved_tensors
-        if ctx.inplace_backward:
-            dlogits = logits
-        else:
-            dlogits = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        cross_entropy_bwd(
-            dlogits,
-            grad_losses,
-            logits,
+        args = (
             lse,
             labels,
             ctx.smoothing,
@@ -420,9 +529,25 @@ class CrossEntropyLossFunction(torch.autograd.Function):
             ctx.ignore_index,
             ctx.total_classes,
             ctx.class_start_idx,
-            block_size=ctx.bwd_block,
+            ctx.bwd_block,
         )
+        if ctx.inplace_backward:
+            dlogits = logits
+            if _traced(logits):
+                # a tracer sees the write into the logits as a mutation (functionalized, or kept in place)
+                torch.ops.fa_core.cross_entropy_bwd_inplace(grad_losses, logits, *args)
+            else:
+                # eager: the bare launch, as ever (the logits' version counter is left alone)
+                _bwd_into(logits, grad_losses, logits, *args)
+        else:
+            dlogits = torch.ops.fa_core.cross_entropy_bwd(grad_losses, logits, *args)
         return dlogits, None, None, None, None, None, None, None, None
+
+
+@torch.compiler.disable(reason="the tensor-parallel cross-entropy loss (process_group) runs eagerly only")
+def _apply_eager(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tensor-parallel loss (collectives on the host): never traced, a graph break under torch.compile."""
+    return CrossEntropyLossFunction.apply(*args)
 
 
 def cross_entropy_loss(
@@ -449,13 +574,16 @@ def cross_entropy_loss(
         lse_square_scale: float; adds the z-loss ``lse_square_scale * lse ** 2`` to each row's loss.
         ignore_index: int.
         inplace_backward: write the gradient into the logits' storage (saves a (batch, vocab) buffer; the
-            logits' values are lost after the backward).
-        process_group: a torch.distributed group whose ranks each hold one vocab shard, or None.
+            logits' values are lost after the backward). Under torch.compile, a mutation of the logits (see
+            the module docstring).
+        process_group: a torch.distributed group whose ranks each hold one vocab shard, or None. Eager only:
+            under torch.compile the call is a graph break (an error with ``fullgraph=True``).
     Returns:
         losses: (batch,) fp32, z-loss included.
         z_losses: (batch,) fp32, the z-loss part alone (not differentiable).
     """
-    return CrossEntropyLossFunction.apply(
+    apply = CrossEntropyLossFunction.apply if process_group is None else _apply_eager
+    return apply(
         logits,
         labels,
         precomputed_lse,

@@ -26,18 +26,25 @@ Decisions:
 * :class:`LayerNormLinearFn` does not keep the normalized output: the backward kernel recomputes it for the
   linear layer's weight gradient. Under autocast (on ``x``'s device type) the norm outputs the autocast dtype
   and the linear weight is cast to it; the backward pass runs under the forward's autocast state.
+* The kernel launches are the custom ops ``fa_core::norm_fwd`` / ``fa_core::norm_bwd``
+  (:mod:`fa_core.layer_norm_ops`), called by the autograd Functions, so every function here works under
+  ``torch.compile`` (``fullgraph=True``, aot_eager and inductor, dynamic row counts). The dropout seeds are
+  drawn before the op; inductor draws them from its own generator (eager's with ``fallback_random``), the
+  returned masks are the ones applied. Traced, caller-given ``out`` / ``residual_out`` buffers receive
+  copies and the returned tensors need not share their storage; in eager they are written in place and
+  returned.
 """
 
 from __future__ import annotations
 
-from typing import Any, cast, overload
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fa_core.errors import FlashAttnValueError
-from fa_core.layer_norm_kernels import bwd_programs, norm_bwd_launch, norm_fwd_launch
+from fa_core.layer_norm_ops import maybe_contiguous, maybe_contiguous_lastdim, norm_bwd, norm_fwd
 from fa_core.layer_norm_ref import layer_norm_ref, rms_norm_ref
 
 __all__ = [
@@ -52,20 +59,6 @@ __all__ = [
     "rms_norm_fn",
     "rms_norm_ref",
 ]
-
-
-@overload
-def maybe_contiguous_lastdim(x: Tensor) -> Tensor: ...
-@overload
-def maybe_contiguous_lastdim(x: Tensor | None) -> Tensor | None: ...
-def maybe_contiguous_lastdim(x: Tensor | None) -> Tensor | None:
-    """``x`` with a unit last stride (a copy only when needed); None stays None."""
-    return x.contiguous() if x is not None and x.stride(-1) != 1 else x
-
-
-def maybe_contiguous(x: Tensor | None) -> Tensor | None:
-    """``x.contiguous()``; None stays None."""
-    return x.contiguous() if x is not None else None
 
 
 # ------------------------------------------------------------------------------------------ host passes
@@ -92,10 +85,6 @@ def _buffer_rows(name: str, t: Tensor, shape: torch.Size) -> Tensor:
         raise FlashAttnValueError(f"{name} must be viewable as (rows, {shape[-1]})") from None
 
 
-def _partial(programs: int, n: int, device: torch.device) -> Tensor:
-    return torch.zeros(programs, n, dtype=torch.float32, device=device)
-
-
 def _layer_norm_fwd(
     x: Tensor,
     weight: Tensor,
@@ -118,7 +107,8 @@ def _layer_norm_fwd(
     """Forward on (M, N) rows (unit last strides, contiguous parameters, rowscale (M,)).
 
     Returns ``(y, y1, mean, rstd, residual_out, seeds, dropout_mask, dropout_mask1)``; ``residual_out`` is the
-    pre-norm value (``x`` itself when nothing changes it), ``mean`` is None for RMSNorm.
+    pre-norm value (``x`` itself when nothing changes it), ``mean`` is None for RMSNorm. The dropout seeds are
+    drawn here and handed to the launch as a tensor.
     """
     m, n = x.shape
     if not 0.0 <= dropout_p < 1.0:
@@ -131,35 +121,31 @@ def _layer_norm_fwd(
         raise FlashAttnValueError("bias1 needs weight1")
     if rowscale is not None and rowscale.shape != (m,):
         raise FlashAttnValueError(f"rowscale must have {m} elements (x.shape[:-1]), got {rowscale.numel()}")
-    if out is None:
-        out = torch.empty_like(x, dtype=out_dtype if out_dtype is not None else x.dtype)
+    if out is not None:
+        out_dtype = out.dtype
     if residual is not None:
         residual_dtype = residual.dtype
-    if residual_out is None and (
+    if residual_out is not None:
+        residual_dtype = residual_out.dtype
+    elif not (
         residual is not None
         or (residual_dtype is not None and residual_dtype != x.dtype)
         or dropout_p > 0.0
         or rowscale is not None
         or x1 is not None
     ):
-        residual_out = torch.empty_like(x, dtype=residual_dtype if residual_dtype is not None else x.dtype)
-    y1 = torch.empty_like(out) if weight1 is not None else None
-    mean = torch.empty(m, dtype=torch.float32, device=x.device) if not is_rms_norm else None
-    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+        residual_dtype = None  # nothing changes x: it is the pre-norm value itself
+    elif residual_dtype is None:
+        residual_dtype = x.dtype
     seeds = None
     if dropout_p > 0.0:
         seeds = torch.randint(0, 2**62, (2 * m if x1 is not None else m,), device=x.device, dtype=torch.int64)
-    mask = mask1 = None
-    if return_dropout_mask and dropout_p > 0.0:
-        mask = torch.empty(m, n, dtype=torch.bool, device=x.device)
-        mask1 = torch.empty_like(mask) if x1 is not None else None
-    norm_fwd_launch(
-        x, weight, bias, out, mean, rstd, eps=eps, residual=residual, x1=x1, weight1=weight1, bias1=bias1,
-        y1=y1, residual_out=residual_out, rowscale=rowscale, seeds=seeds, dropout_p=dropout_p,
-        dropout_mask=mask, dropout_mask1=mask1, zero_centered_weight=zero_centered_weight,
-        is_rms_norm=is_rms_norm,
+    y, y1, mean, rstd, res_out, mask, mask1 = norm_fwd(
+        x, weight, bias, residual, x1, weight1, bias1, rowscale, seeds, eps, dropout_p,
+        out_dtype if out_dtype is not None else x.dtype, residual_dtype, zero_centered_weight, is_rms_norm,
+        return_dropout_mask, out, residual_out,
     )  # fmt: skip
-    return out, y1, mean, rstd, residual_out if residual_out is not None else x, seeds, mask, mask1
+    return y, y1, mean, rstd, res_out if res_out is not None else x, seeds, mask, mask1
 
 
 def _layer_norm_bwd(
@@ -192,39 +178,18 @@ def _layer_norm_bwd(
     residual / ``x1`` gradients (None without residual / ``x1``; they share storage with ``dx`` when they are
     equal), and ``y`` the recomputed ``norm(x) * weight + bias`` in ``dy``'s dtype with ``recompute_output``.
     """
-    m, n = x.shape
-    dy = maybe_contiguous_lastdim(dy)
-    dy1 = maybe_contiguous_lastdim(dy1)
-    dresidual = maybe_contiguous_lastdim(dresidual)
     if recompute_output and weight1 is not None:
         raise FlashAttnValueError("recompute_output is not supported with weight1")
-    dx = torch.empty(m, n, dtype=x_dtype if x_dtype is not None else x.dtype, device=x.device)
-    separate_dres = has_residual and (
-        dx.dtype != x.dtype or dropout_p > 0.0 or rowscale is not None or has_x1
-    )
-    dresidual_in = torch.empty_like(x) if separate_dres else None
-    dx1 = torch.empty_like(dx) if has_x1 and dropout_p > 0.0 else None
-    y = torch.empty(m, n, dtype=dy.dtype, device=x.device) if recompute_output else None
-    programs, rows = bwd_programs(m, x.device)
-    dw_p = _partial(programs, n, x.device)
-    db_p = _partial(programs, n, x.device) if bias is not None else None
-    dw1_p = _partial(programs, n, x.device) if weight1 is not None else None
-    db1_p = _partial(programs, n, x.device) if bias1 is not None else None
-    norm_bwd_launch(
-        dy, x, weight, bias, mean, rstd, dx, dw_p, db_p, rows, dresidual=dresidual,
-        dresidual_in=dresidual_in, weight1=weight1, dy1=dy1, dx1=dx1, dw1_part=dw1_p, db1_part=db1_p, y=y,
-        rowscale=rowscale, seeds=seeds, dropout_p=dropout_p, zero_centered_weight=zero_centered_weight,
-        is_rms_norm=is_rms_norm,
+    dx, dw, db, dresidual_in, dx1, dw1, db1, y = norm_bwd(
+        dy, x, weight, bias, mean, rstd, dresidual, dy1, weight1, bias1, rowscale, seeds, dropout_p,
+        has_residual, has_x1, zero_centered_weight, is_rms_norm, x_dtype if x_dtype is not None else x.dtype,
+        recompute_output,
     )  # fmt: skip
     # equal gradients share dx's storage instead of being stored twice
     if has_residual and dresidual_in is None:
         dresidual_in = dx
     if has_x1 and dx1 is None:
         dx1 = dx
-    dw = dw_p.sum(0).to(weight.dtype)
-    db = db_p.sum(0).to(bias.dtype) if db_p is not None and bias is not None else None
-    dw1 = dw1_p.sum(0).to(weight1.dtype) if dw1_p is not None and weight1 is not None else None
-    db1 = db1_p.sum(0).to(bias1.dtype) if db1_p is not None and bias1 is not None else None
     return dx, dw, db, dresidual_in, dx1, dw1, db1, y
 
 
