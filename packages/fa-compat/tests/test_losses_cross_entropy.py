@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from fa_core.cross_entropy import override_block_sizes  # noqa: E402
 from flash_attn.losses.cross_entropy import CrossEntropyLoss  # noqa: E402
 from flash_attn.ops.triton.cross_entropy import cross_entropy_loss  # noqa: E402
 
@@ -189,3 +190,36 @@ def test_gpu_flash_attn_cases(vocab_size, options, dtype):
     out_pt.backward(g)
     out.backward(g)
     assert torch.allclose(x.grad, x_pt.grad, rtol=rtol, atol=atol)
+
+
+def _compile_inputs(rows: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, vocab, generator=g) * 3).to(DEVICE)
+    y = torch.randint(0, vocab, (rows,), generator=g)
+    y[torch.randperm(rows, generator=g)[:2]] = -100
+    return x, y.to(DEVICE)
+
+
+def _module_losses(modules, xs, y):
+    return [m(x, y) for m, x in zip(modules, xs)]
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_module_reductions_and_dynamic_batch(backend):
+    torch._dynamo.reset()
+    kw = {"label_smoothing": 0.1, "logit_scale": 0.8, "lse_square_scale": 1e-2, "return_z_loss": True}
+    modules = [CrossEntropyLoss(reduction=r, **kw) for r in ("mean", "sum", "none")]
+    compiled = torch.compile(_module_losses, backend=backend, fullgraph=True, dynamic=True)
+    for rows in (8, 5):  # a second batch size reuses the dynamic graph
+        x, y = _compile_inputs(rows, 100, seed=rows)
+        results = []
+        for fn in (_module_losses, compiled):
+            xs = [x.clone().requires_grad_() for _ in modules]
+            with override_block_sizes(32, 16):
+                out = fn(modules, xs, y)
+            torch.autograd.backward([loss.sum() for loss, _ in out])
+            results.append([(loss.detach(), z, xk.grad) for (loss, z), xk in zip(out, xs)])
+        for reduction, e, c in zip(("mean", "sum", "none"), *results):
+            assert c[0].shape == (() if reduction != "none" else (rows,))
+            for a, b in zip(c, e):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
