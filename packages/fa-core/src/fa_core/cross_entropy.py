@@ -58,10 +58,10 @@ import torch
 import torch.distributed as dist
 import triton
 import triton.language as tl
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fa_core.errors import FlashAttnValueError
 from fa_core.forward_configs import cdiv, next_pow2
+from fa_core.validation import traced
 
 __all__ = [
     "CrossEntropyLossFunction",
@@ -397,17 +397,6 @@ def _cross_entropy_bwd_inplace_fake(dlosses, logits, *args) -> None:
     return None
 
 
-def _traced(t: torch.Tensor) -> bool:
-    """Whether this call is being traced (torch.compile / export, compiled autograd, make_fx or another
-    dispatch or function mode, fake or functional tensors)."""
-    return (
-        torch.compiler.is_compiling()
-        or type(t) is not torch.Tensor
-        or _get_current_dispatch_mode() is not None
-        or torch._C._is_torch_function_mode_enabled()
-    )
-
-
 def _check_inputs(
     logits: object, labels: object, precomputed_lse: object, logit_scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -463,7 +452,7 @@ class CrossEntropyLossFunction(torch.autograd.Function):
         total_classes = world_size * n_cols
         class_start_idx = rank * n_cols
         split = world_size > 1
-        if split and _traced(logits):
+        if split and traced(logits):
             raise FlashAttnValueError(
                 "the tensor-parallel cross-entropy loss (process_group of world size > 1) runs eagerly only: "
                 "call cross_entropy_loss, which leaves it out of the traced graph"
@@ -533,7 +522,7 @@ class CrossEntropyLossFunction(torch.autograd.Function):
         )
         if ctx.inplace_backward:
             dlogits = logits
-            if _traced(logits):
+            if traced(logits):
                 # a tracer sees the write into the logits as a mutation (functionalized, or kept in place)
                 torch.ops.fa_core.cross_entropy_bwd_inplace(grad_losses, logits, *args)
             else:

@@ -34,9 +34,9 @@ from typing import overload
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fa_core.layer_norm_kernels import bwd_programs, norm_bwd_launch, norm_fwd_launch
+from fa_core.validation import traced
 
 __all__ = ["maybe_contiguous", "maybe_contiguous_lastdim", "norm_bwd", "norm_fwd"]
 
@@ -74,17 +74,6 @@ def maybe_contiguous_lastdim(x: Tensor | None) -> Tensor | None:
 def maybe_contiguous(x: Tensor | None) -> Tensor | None:
     """``x.contiguous()``; None stays None."""
     return x.contiguous() if x is not None else None
-
-
-def _traced(x: Tensor) -> bool:
-    """Whether this call is being traced (torch.compile / export, make_fx or another dispatch or function
-    mode, fake or functional tensors): then the launches go through the custom ops."""
-    return (
-        torch.compiler.is_compiling()
-        or type(x) is not torch.Tensor
-        or _get_current_dispatch_mode() is not None
-        or torch._C._is_torch_function_mode_enabled()
-    )
 
 
 # ----------------------------------------------------------------------------------------------- forward
@@ -221,7 +210,7 @@ def norm_fwd(
 
     Traced, the op runs and the buffers receive copies of its outputs; otherwise the kernel writes them.
     """
-    if not _traced(x):
+    if not traced(x):
         return _norm_fwd_impl(
             x, weight, bias, residual, x1, weight1, bias1, rowscale, seeds, eps, dropout_p, out_dtype,
             residual_dtype, zero_centered_weight, is_rms_norm, return_dropout_mask, out, residual_out,
@@ -383,4 +372,4 @@ def norm_bwd(
         dy, x, weight, bias, mean, rstd, dresidual, dy1, weight1, bias1, rowscale, seeds, dropout_p,
         has_residual, has_x1, zero_centered_weight, is_rms_norm, x_dtype, recompute_output,
     )  # fmt: skip
-    return torch.ops.fa_core.norm_bwd(*args) if _traced(x) else _norm_bwd_impl(*args)
+    return torch.ops.fa_core.norm_bwd(*args) if traced(x) else _norm_bwd_impl(*args)

@@ -46,12 +46,11 @@ import operator
 import torch
 import triton
 import triton.language as tl
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fa_core.errors import FlashAttnValueError
 from fa_core.forward_configs import cdiv, next_pow2
 from fa_core.masking import varlen_bounds
-from fa_core.validation import value_checks_enabled
+from fa_core.validation import traced, value_checks_enabled
 
 __all__ = [
     "apply_rotary",
@@ -362,17 +361,6 @@ def _rotary_inplace_fake(
     return None
 
 
-def _traced(x: torch.Tensor) -> bool:
-    """Whether this call is being traced (torch.compile / export, make_fx or another dispatch or function
-    mode, fake or functional tensors): then it goes through the custom ops, recorded as one node each."""
-    return (
-        torch.compiler.is_compiling()
-        or type(x) is not torch.Tensor
-        or _get_current_dispatch_mode() is not None
-        or torch._C._is_torch_function_mode_enabled()
-    )
-
-
 def apply_rotary(
     x: torch.Tensor,
     cos: torch.Tensor,
@@ -529,7 +517,7 @@ def apply_rotary(
         bool(conjugate),
     )
     records_grad = torch.is_grad_enabled() and x.requires_grad
-    if not records_grad and not _traced(x):
+    if not records_grad and not traced(x):
         # plain eager call: the same launch as the ops, without their dispatch cost
         if inplace:
             rotary_launch(x, x, *args)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import operator
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fa_core import settings
 from fa_core.errors import FlashAttnValueError
@@ -38,6 +39,18 @@ def value_checks_enabled(t: torch.Tensor) -> bool:
     if t.device.type == "meta" or torch.compiler.is_compiling():
         return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def traced(t: torch.Tensor) -> bool:
+    """Whether this call is being traced (torch.compile / export, compiled autograd, make_fx or another
+    dispatch or function mode, fake or functional tensors): then the launches of the rotary, layer-norm and
+    cross-entropy kernels go through their custom ops, recorded as one node each."""
+    return (
+        torch.compiler.is_compiling()
+        or type(t) is not torch.Tensor
+        or _get_current_dispatch_mode() is not None
+        or torch._C._is_torch_function_mode_enabled()
+    )
 
 
 def check_tensor(name: str, t: object, ndim: int | None = None) -> torch.Tensor:
