@@ -249,11 +249,11 @@ def _gluon_paged(q, k, v, out, block_table, causal, window_size, kw) -> torch.Te
         or not settings.get().gluon
     ):
         return None
-    from fa_core.ops import GLUON_MIN_FLOPS
+    from fa_core.ops import gluon_forward_pays
 
     # Gluon launches cost more host time than the Triton kernel's cached launch: small calls stay there
     work = 4 * q.shape[-2] * q.shape[-1] * kw["max_seqlen_k"] * q.shape[0]
-    if work < GLUON_MIN_FLOPS * (2 if causal else 1):
+    if not gluon_forward_pays(work, causal, varlen=True):
         return None
     from fa_core import gluon
 

@@ -329,6 +329,12 @@ def _flash_attn_dmask(launch, q, k, alibi, cu_q, cu_k, seqused_k, spec: Spec, rn
 GLUON_MIN_FLOPS = 2e11
 
 
+def gluon_forward_pays(work: float, causal: bool, varlen: bool) -> bool:
+    """Whether a forward of ``work`` FLOPs (4 * rows_q * rows_k * nheads * headdim, not halved when causal)
+    is large enough for the Gluon kernels (:data:`GLUON_MIN_FLOPS`, doubled for a causal varlen call)."""
+    return work >= GLUON_MIN_FLOPS * (2 if causal and varlen else 1)
+
+
 def _gluon_forward(q, k, v, out, cu_q, cu_k, seqused_k, leftpad_k, sink, alibi, spec: Spec) -> Tensor | None:
     """Run the Hopper (Gluon) forward into ``out`` when it covers the call and return its lse; else None.
 
@@ -353,7 +359,7 @@ def _gluon_forward(q, k, v, out, cu_q, cu_k, seqused_k, leftpad_k, sink, alibi, 
     # replayed launch wins
     rows_k = spec.max_seqlen_k if spec.varlen else k.shape[1]
     work = 4 * q.shape[-2] * q.shape[-1] * rows_k * (q.shape[0] if spec.varlen else q.shape[0] * q.shape[1])
-    if work < GLUON_MIN_FLOPS * (2 if spec.causal and spec.varlen else 1):
+    if not gluon_forward_pays(work, spec.causal, spec.varlen):
         return None
     from fa_core import gluon
 
