@@ -120,6 +120,11 @@ def _req_name(requirement: str) -> str:
     return _norm(match.group(1))
 
 
+def _req_extras(requirement: str) -> tuple[str, ...]:
+    match = re.match(r"\s*[A-Za-z0-9][A-Za-z0-9._-]*\s*\[([^\]]*)\]", requirement)
+    return tuple(e.strip() for e in match.group(1).split(",")) if match else ()
+
+
 def _workspace_closure(member: str, extras: tuple[str, ...] = ()) -> list[str]:
     """The member plus every sibling member it needs (through its deps and the given extras), in order."""
     seen: list[str] = []
@@ -134,7 +139,7 @@ def _workspace_closure(member: str, extras: tuple[str, ...] = ()) -> list[str]:
         for req in reqs:
             dep = _req_name(req)
             if dep in MEMBERS and dep not in seen:
-                visit(dep, ())
+                visit(dep, _req_extras(req))
 
     visit(member, extras)
     return seen
@@ -261,6 +266,8 @@ def _import_name(member: str) -> str:
     pyproject = MEMBERS[member]["dir"] / "pyproject.toml"
     with pyproject.open("rb") as f:
         module = tomllib.load(f).get("tool", {}).get("uv", {}).get("build-backend", {}).get("module-name")
+    if isinstance(module, list):  # several top-level modules: the first is the member's main one
+        module = module[0]
     return module or member.replace("-", "_")
 
 

@@ -1,0 +1,101 @@
+"""Helpers shared by :mod:`flash_attn_interface` and its KV-cache half (argument refusal, FP8 routing,
+window and varlen utilities)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fa_core import ops
+from fa_core import validation as V
+from fa_core.errors import FlashAttnValueError
+from flash_attn import _extras
+
+Tensor = torch.Tensor
+
+#: FlashAttention-3's helper: copy a tensor only when its last dim is strided
+maybe_contiguous = V.contig_last
+
+
+def round_multiple(x: int, m: int) -> int:
+    """``x`` rounded up to a multiple of ``m`` (FlashAttention-3's helper)."""
+    return (x + m - 1) // m * m
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def _refuse(name: str, value: object, why: str) -> None:
+    if value is not None:
+        raise FlashAttnValueError(
+            f"{name} is not supported by Flash Attention Plus's flash_attn_interface: {why}"
+        )
+
+
+def _refuse_qv(qv: object) -> None:
+    _refuse("qv", qv, "there is no kernel for the extra query-value term (MLA); pass qv=None")
+
+
+def _is_fp8(t: object) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype == V.FP8_DTYPE
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    """``(out, softmax_lse)`` of one call through fa-core's call path, differentiable (fa-backward) when an
+    input requires grad. ``kwargs``: :func:`fa_core.ops.prepare`'s keywords."""
+    fab = _extras.BACKWARD
+    out, lse, _ = ops.attention(
+        q, k, v, autograd=None if fab is None else fab.autograd.apply, missing=_extras.require_backward,
+        dropout_p=0.0, **kwargs,
+    )  # fmt: skip
+    return out, lse
+
+
+def _fp8_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    descales: tuple[Tensor | None, Tensor | None, Tensor | None],
+    varlen: dict[str, Any] | None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor]:
+    """FP8 forward (fa-core; forward only, bf16 output)."""
+    from fa_core.forward import flash_attn_forward, flash_attn_varlen_forward
+
+    qd, kd, vd = descales
+    if varlen is None:
+        res = flash_attn_forward(q, k, v, q_descale=qd, k_descale=kd, v_descale=vd, **kwargs)
+    else:
+        res = flash_attn_varlen_forward(q, k, v, q_descale=qd, k_descale=kd, v_descale=vd, **varlen, **kwargs)
+    return res[0], res[1]
+
+
+def _window(window_size: Any) -> tuple[int, int]:
+    return V.window_pair(window_size)
+
+
+def _even_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> Tensor:
+    return torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
+
+
+def _used_rows(cu_seqlens: Tensor, seqused: Tensor, name: str) -> tuple[Tensor, Tensor]:
+    """Row indices of the first ``seqused[b]`` rows of every sequence and their packed ``cu_seqlens``."""
+    V.check_tensor(name, seqused, 1)
+    batch = cu_seqlens.shape[0] - 1
+    if tuple(seqused.shape) != (batch,) or seqused.dtype != torch.int32:
+        raise FlashAttnValueError(
+            f"{name} must be an int32 tensor of shape (batch,) = ({batch},), got {seqused.dtype} "
+            f"{tuple(seqused.shape)}"
+        )
+    lens = seqused.to(device=cu_seqlens.device, dtype=torch.int64)
+    room = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    if bool(((lens < 0) | (lens > room)).any()):
+        raise FlashAttnValueError(f"{name}[b] must lie in [0, seqlen of sequence b]")
+    cu_used = torch.zeros(batch + 1, dtype=torch.int64, device=lens.device)
+    cu_used[1:] = lens.cumsum(0)
+    seq = torch.repeat_interleave(torch.arange(batch, device=lens.device), lens)
+    pos = torch.arange(seq.shape[0], device=lens.device) - cu_used[seq]
+    rows = cu_seqlens[:-1].to(torch.int64)[seq] + pos
+    return rows, cu_used.to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------- public API
