@@ -163,6 +163,44 @@ def test_conflict_warning(monkeypatch):
         flash_attn_3._warn_if_shadowing()
 
 
+def test_own_shim_does_not_warn(monkeypatch):
+    """The metadata-only ``flash-attn-3`` distribution built from flash-attn-3-shim is not a conflict; a CUDA
+    flash_attn_3 of the same name (no ``+faplus`` label) is."""
+    import dataclasses
+    import importlib.metadata
+
+    from fa_core import settings
+
+    monkeypatch.setattr(settings, "_current", dataclasses.replace(settings.get(), silence_conflict=False))
+    monkeypatch.setattr(
+        importlib.metadata, "packages_distributions",
+        lambda: {"flash_attn_interface": ["flash_attn_3", "fa-compat3"], "flash_attn_3": ["fa-compat3"]},
+    )  # fmt: skip
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.0.0+faplus.0.1.0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flash_attn_3._warn_if_shadowing()
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.0.0")
+    with pytest.warns(flash_attn_3.FlashAttnPlusConflictWarning):
+        flash_attn_3._warn_if_shadowing()
+
+
+def test_shim_metadata_matches_the_package():
+    """The shim's version is FA3's API version plus this project's label and version; it needs fa-compat3."""
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).parents[1]
+    shim = tomllib.loads((root / "flash-attn-3-shim" / "pyproject.toml").read_text())["project"]
+    own = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    label = flash_attn_3.SHIM_LOCAL_LABEL
+    assert shim["name"] == "flash-attn-3"
+    assert shim["version"] == f"{flash_attn_3.__version__}+{label}.{own['version']}"
+    assert shim["dependencies"] == [f"fa-compat3=={own['version']}"]
+    assert own["version"] == flash_attn_3.__fa_plus_version__
+
+
 # -------------------------------------------------------------------------------------------- dense
 DENSE_CASES = [
     dict(),

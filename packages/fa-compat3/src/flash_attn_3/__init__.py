@@ -36,6 +36,10 @@ __version__ = "3.0.0"
 __fa_plus_version__ = "0.1.0"
 __fa_plus__ = True
 
+#: Local-version label of the metadata-only ``flash-attn-3`` distribution Flash Attention Plus builds for
+#: libraries that look FlashAttention-3 up by distribution name (HF transformers): ``3.0.0+faplus...``.
+SHIM_LOCAL_LABEL = "faplus"
+
 __all__ = [
     "FlashAttnFunc",
     "FlashAttnPlusConflictWarning",
@@ -67,12 +71,15 @@ def _foreign_distributions() -> list[str]:
         return found
     names = [*mapping.get("flash_attn_interface", []), *mapping.get("flash_attn_3", [])]
     for name in dict.fromkeys(names):
-        if name.lower().replace("_", "-") == "fa-compat3":
+        norm = name.lower().replace("_", "-")
+        if norm == "fa-compat3":
             continue
         try:
             version = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             version = "?"
+        if norm == "flash-attn-3" and SHIM_LOCAL_LABEL in version:
+            continue  # this project's own metadata-only shim (packages/fa-compat3/flash-attn-3-shim)
         found.append(f"{name} {version}")
     # the CUDA wheel's extension module lives inside flash_attn_3: a leftover of it counts as well
     if not found:
