@@ -53,22 +53,9 @@ class FlashAttnPlusConflictWarning(UserWarning):
 
 def _foreign_distributions() -> list[str]:
     """``name version`` of every distribution mapped to ``flash_attn`` that is not Flash Attention Plus."""
-    found: list[str] = []
-    try:
-        names = importlib.metadata.packages_distributions().get("flash_attn", [])
-    except Exception:  # broken metadata somewhere on sys.path must not break the import
-        return found
-    for name in dict.fromkeys(names):
-        norm = name.lower().replace("_", "-")
-        if norm == "fa-compat":
-            continue
-        try:
-            version = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            version = "?"
-        if norm == "flash-attn" and SHIM_LOCAL_LABEL in version:
-            continue  # our own metadata shim
-        found.append(f"{name} {version}")
+    from fa_core.conflicts import foreign_distributions
+
+    found = foreign_distributions(("flash_attn",), "fa-compat", "flash-attn", SHIM_LOCAL_LABEL)
     # The CUDA wheel's extension module is a top-level module of its own: a leftover of it counts as well.
     if importlib.util.find_spec("flash_attn_2_cuda") is not None and not found:
         found.append("flash_attn_2_cuda (the CUDA flash-attn extension)")

@@ -64,23 +64,11 @@ class FlashAttnPlusConflictWarning(UserWarning):
 
 def _foreign_distributions() -> list[str]:
     """``name version`` of every distribution mapped to FlashAttention-3's modules that is not fa-compat3."""
-    found: list[str] = []
-    try:
-        mapping = importlib.metadata.packages_distributions()
-    except Exception:  # broken metadata somewhere on sys.path must not break the import
-        return found
-    names = [*mapping.get("flash_attn_interface", []), *mapping.get("flash_attn_3", [])]
-    for name in dict.fromkeys(names):
-        norm = name.lower().replace("_", "-")
-        if norm == "fa-compat3":
-            continue
-        try:
-            version = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            version = "?"
-        if norm == "flash-attn-3" and SHIM_LOCAL_LABEL in version:
-            continue  # this project's own metadata-only shim (packages/fa-compat3/flash-attn-3-shim)
-        found.append(f"{name} {version}")
+    from fa_core.conflicts import foreign_distributions
+
+    found = foreign_distributions(
+        ("flash_attn_interface", "flash_attn_3"), "fa-compat3", "flash-attn-3", SHIM_LOCAL_LABEL
+    )
     # the CUDA wheel's extension module lives inside flash_attn_3: a leftover of it counts as well
     if not found:
         try:
