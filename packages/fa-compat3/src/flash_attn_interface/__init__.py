@@ -65,7 +65,6 @@ from flash_attn_interface._common import (
     _is_fp8,
     _refuse_qv,
     _used_rows,
-    _window,
     maybe_contiguous,
     round_multiple,
 )
@@ -108,7 +107,7 @@ def flash_attn_qkvpacked_func(
     if qkv.dim() not in (4, 5):
         raise FlashAttnValueError(f"qkv must have 4 or 5 dimensions, got shape {tuple(qkv.shape)}")
     opts: dict[str, Any] = dict(
-        softmax_scale=softmax_scale, causal=causal, window_size=_window(window_size), softcap=softcap,
+        softmax_scale=softmax_scale, causal=causal, window_size=V.window_pair(window_size), softcap=softcap,
         attention_chunk=attention_chunk,
     )  # fmt: skip
     if qkv.dim() == 5:
@@ -179,7 +178,7 @@ def flash_attn_func(
     """
     _refuse_qv(qv)
     opts: dict[str, Any] = dict(
-        softmax_scale=softmax_scale, causal=causal, window_size=_window(window_size), softcap=softcap,
+        softmax_scale=softmax_scale, causal=causal, window_size=V.window_pair(window_size), softcap=softcap,
         attention_chunk=attention_chunk,
     )  # fmt: skip
     if _is_fp8(q):
@@ -260,7 +259,7 @@ def flash_attn_varlen_func(
         rows, cu_q_in = _used_rows(cu_q, seqused_q, "seqused_q")
         q_in = q.index_select(0, rows)
     opts: dict[str, Any] = dict(
-        softmax_scale=softmax_scale, causal=causal, window_size=_window(window_size), softcap=softcap,
+        softmax_scale=softmax_scale, causal=causal, window_size=V.window_pair(window_size), softcap=softcap,
         attention_chunk=attention_chunk,
     )  # fmt: skip
     var = dict(

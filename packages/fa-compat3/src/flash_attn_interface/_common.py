@@ -69,10 +69,6 @@ def _fp8_attention(
     return res[0], res[1]
 
 
-def _window(window_size: Any) -> tuple[int, int]:
-    return V.window_pair(window_size)
-
-
 def _even_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> Tensor:
     return torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
 

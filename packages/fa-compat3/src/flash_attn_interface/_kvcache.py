@@ -16,7 +16,6 @@ from flash_attn_interface._common import (
     _is_fp8,
     _refuse,
     _refuse_qv,
-    _window,
 )
 
 
@@ -227,7 +226,7 @@ def flash_attn_with_kvcache(
     _refuse("cu_seqlens_k_new", cu_seqlens_k_new, "new keys must be (batch, seqlen_new, nheads_k, headdim)")
     _refuse("rotary_seqlens", rotary_seqlens, "rotary positions follow cache_seqlens")
     opts: dict[str, Any] = dict(
-        softmax_scale=softmax_scale, causal=causal, window_size=_window(window_size), softcap=softcap,
+        softmax_scale=softmax_scale, causal=causal, window_size=V.window_pair(window_size), softcap=softcap,
         attention_chunk=attention_chunk,
     )  # fmt: skip
     if cu_seqlens_q is not None:
