@@ -13,11 +13,118 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import flash_attn
 
 DATA = json.loads((Path(__file__).parent / "data" / "flash_attn_2_8_signatures.json").read_text())
 RECORDS = DATA["records"]
+
+#: flash-attn 2.8.3 modules outside the JSON record: (module, name, parameter list as written in flash-attn's
+#: v2.8.3 source, annotations left out). Turned into records of the same form by the same method (ast).
+SOURCE_SIGNATURES: list[tuple[str, str, str]] = [
+    ("flash_attn.modules.block", "Block.__init__",
+     "self, dim, mixer_cls=None, mlp_cls=None, norm_cls=nn.LayerNorm, dropout_cls=nn.Dropout, prenorm=True, "
+     "resid_dropout1=0.0, resid_dropout2=0.0, drop_path1=0.0, drop_path2=0.0, fused_dropout_add_ln=False, "
+     "return_residual=False, residual_in_fp32=False, sequence_parallel=False, mark_shared_params=False"),
+    ("flash_attn.modules.block", "Block.allocate_inference_cache",
+     "self, batch_size, max_seqlen, dtype=None, **kwargs"),
+    ("flash_attn.modules.block", "Block.forward",
+     "self, hidden_states, residual=None, mixer_subset=None, mixer_kwargs=None"),
+    ("flash_attn.modules.block", "ParallelBlock.__init__",
+     "self, dim, mixer_cls=None, mlp_cls=None, norm_cls=nn.LayerNorm, dropout_cls=nn.Dropout, "
+     "resid_dropout1=0.0, resid_dropout2=0.0, tied_norm=False, fused_dropout_add_ln=False, "
+     "residual_in_fp32=False, sequence_parallel=False, mark_shared_params=False"),
+    ("flash_attn.modules.block", "ParallelBlock.allocate_inference_cache",
+     "self, batch_size, max_seqlen, dtype=None, **kwargs"),
+    ("flash_attn.modules.block", "ParallelBlock.forward",
+     "self, hidden_states1, hidden_states2=None, residual=None, mixer_kwargs=None"),
+    ("flash_attn.modules.embedding", "GPT2Embeddings.__init__",
+     "self, embed_dim, vocab_size, max_position_embeddings, padding_idx=None, word_embed_proj_dim=None, "
+     "device=None, dtype=None"),
+    ("flash_attn.modules.embedding", "GPT2Embeddings.forward", "self, input_ids, position_ids=None"),
+    ("flash_attn.modules.embedding", "BertEmbeddings.__init__",
+     "self, embed_dim, vocab_size, max_position_embeddings, type_vocab_size, padding_idx=None, device=None, "
+     "dtype=None"),
+    ("flash_attn.modules.embedding", "BertEmbeddings.forward",
+     "self, input_ids, position_ids=None, token_type_ids=None"),
+    ("flash_attn.modules.embedding", "VocabParallelEmbedding.__init__",
+     "self, num_embeddings, *args, process_group=None, padding_idx=None, **kwargs"),
+    ("flash_attn.modules.embedding", "VocabParallelEmbedding.forward", "self, input"),
+    ("flash_attn.modules.embedding", "ColumnParallelEmbedding.__init__",
+     "self, num_embeddings, embedding_dim, *args, process_group=None, **kwargs"),
+    ("flash_attn.modules.embedding", "ParallelGPT2Embeddings.__init__",
+     "self, embed_dim, vocab_size, max_position_embeddings, process_group, padding_idx=None, "
+     "sequence_parallel=True, device=None, dtype=None"),
+    ("flash_attn.modules.embedding", "ParallelGPT2Embeddings.forward",
+     "self, input_ids, position_ids=None, combine_batch_seqlen_dim=False"),
+    ("flash_attn.utils.distributed", "all_gather_raw", "input_, process_group, async_op=False"),
+    ("flash_attn.utils.distributed", "reduce_scatter_raw", "input_, process_group, async_op=False"),
+    ("flash_attn.utils.distributed", "all_reduce_raw", "input_, process_group, async_op=False"),
+    ("flash_attn.utils.distributed", "AllGatherFunc.forward", "ctx, input_, process_group"),
+    ("flash_attn.utils.distributed", "AllGatherFunc.backward", "ctx, grad_output"),
+    ("flash_attn.utils.distributed", "ReduceScatterFunc.forward", "ctx, input_, process_group"),
+    ("flash_attn.utils.distributed", "ReduceScatterFunc.backward", "ctx, grad_output"),
+    ("flash_attn.utils.distributed", "AllReduceFunc.forward", "ctx, input_, process_group"),
+    ("flash_attn.utils.distributed", "AllReduceFunc.backward", "ctx, grad_output"),
+    ("flash_attn.utils.distributed", "sync_shared_params", "model, process_group"),
+    ("flash_attn.utils.distributed", "allreduce_sequence_parallel_grad", "model, process_group"),
+    ("flash_attn.utils.distributed", "get_dim_for_local_rank", "dim, world_size, local_rank, multiple_of=1"),
+    ("flash_attn.layers.patch_embed", "PatchEmbed.__init__",
+     "self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, norm_layer=None, flatten=True, bias=True, "
+     "fused_bias_fc=False"),
+    ("flash_attn.layers.patch_embed", "PatchEmbed.forward", "self, x"),
+]  # fmt: skip
+#: module-level aliases of those modules: (module, name, target)
+SOURCE_ALIASES = [
+    ("flash_attn.utils.distributed", "all_gather", "AllGatherFunc.apply"),
+    ("flash_attn.utils.distributed", "reduce_scatter", "ReduceScatterFunc.apply"),
+    ("flash_attn.utils.distributed", "all_reduce", "AllReduceFunc.apply"),
+]
+
+
+def _source_record(module: str, name: str, params: str) -> dict:
+    args = ast.parse(f"def f({params}): pass").body[0].args
+    positional = args.posonlyargs + args.args
+    defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
+    out = [
+        {"name": a.arg, "kind": "POSITIONAL_OR_KEYWORD", "default": None if d is None else ast.unparse(d)}
+        for a, d in zip(positional, defaults)
+    ]
+    if args.vararg is not None:
+        out.append({"name": args.vararg.arg, "kind": "VAR_POSITIONAL", "default": None})
+    out += [
+        {"name": a.arg, "kind": "KEYWORD_ONLY", "default": None if d is None else ast.unparse(d)}
+        for a, d in zip(args.kwonlyargs, args.kw_defaults)
+    ]
+    if args.kwarg is not None:
+        out.append({"name": args.kwarg.arg, "kind": "VAR_KEYWORD", "default": None})
+    record = {"module": module, "name": name, "params": out}
+    if out and out[0]["name"] in ("self", "ctx"):
+        record["params"] = out[1:]
+        record["note"] = "first parameter (self/ctx) omitted"
+    return record
+
+
+RECORDS = (
+    RECORDS
+    + [_source_record(*entry) for entry in SOURCE_SIGNATURES]
+    + [{"module": m, "name": n, "alias_of": target} for m, n, target in SOURCE_ALIASES]
+)
+#: names a recorded default may refer to besides literals (flash-attn's ``nn.LayerNorm`` / ``nn.Dropout``)
+DEFAULT_NAMES = {"nn": torch.nn}
+
+
+def _default_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except ValueError:  # a dotted name such as nn.LayerNorm
+        head, *rest = text.split(".")
+        obj = DEFAULT_NAMES[head]
+        for part in rest:
+            obj = getattr(obj, part)
+        return obj
+
 
 _EXTRA_FUNCS = ("flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache")
 #: {(module, function): [(name, default)]}: keyword-only parameters allowed after the recorded ones.
@@ -74,7 +181,7 @@ def test_signature_matches_flash_attn_2_8(record):
         if rec["default"] is None:
             assert p.default is inspect.Parameter.empty, f"{_id(record)}: {p.name} must have no default"
         else:
-            expected = ast.literal_eval(rec["default"])
+            expected = _default_value(rec["default"])
             assert p.default == expected and type(p.default) is type(expected), (
                 f"{_id(record)}: default of {p.name} is {p.default!r}, flash-attn has {rec['default']}"
             )
