@@ -109,7 +109,57 @@ SOURCE_SIGNATURES: list[tuple[str, str, str]] = [
     ("flash_attn.models.llama", "config_from_checkpoint", "checkpoint_path, model_name, checkpoint_format='meta'"),
     ("flash_attn.models.llama", "state_dicts_from_checkpoint", "checkpoint_path, model_name"),
     ("flash_attn.models.llama", "llama_config_to_gpt2_config", "llama_config"),
+    ("flash_attn.models.bert", "create_mixer_cls", "config, cross_attn=False, return_residual=False"),
+    ("flash_attn.models.bert", "create_mlp_cls", "config, layer_idx=None, return_residual=False"),
+    ("flash_attn.models.bert", "create_block", "config, layer_idx=None"),
+    ("flash_attn.models.bert", "_init_weights", "module, initializer_range=0.02"),
+    ("flash_attn.models.bert", "BertEncoder.__init__", "self, config"),
+    ("flash_attn.models.bert", "BertEncoder.forward", "self, hidden_states, key_padding_mask=None, subset_mask=None"),
+    ("flash_attn.models.bert", "BertPooler.__init__", "self, config"),
+    ("flash_attn.models.bert", "BertPooler.forward", "self, hidden_states, pool=True"),
+    ("flash_attn.models.bert", "BertPredictionHeadTransform.__init__", "self, config"),
+    ("flash_attn.models.bert", "BertPredictionHeadTransform.forward", "self, hidden_states"),
+    ("flash_attn.models.bert", "BertLMPredictionHead.__init__", "self, config"),
+    ("flash_attn.models.bert", "BertLMPredictionHead.forward", "self, hidden_states"),
+    ("flash_attn.models.bert", "BertPreTrainingHeads.__init__", "self, config"),
+    ("flash_attn.models.bert", "BertPreTrainingHeads.forward", "self, sequence_output, pooled_output"),
+    ("flash_attn.models.bert", "BertPreTrainedModel.__init__", "self, config, *inputs, **kwargs"),
+    # a classmethod: inspect.signature leaves cls out
+    ("flash_attn.models.bert", "BertPreTrainedModel.from_pretrained", "model_name, config, *inputs, **kwargs"),
+    ("flash_attn.models.bert", "BertModel.__init__", "self, config, add_pooling_layer=True"),
+    ("flash_attn.models.bert", "BertModel.forward",
+     "self, input_ids, position_ids=None, token_type_ids=None, attention_mask=None, masked_tokens_mask=None"),
+    ("flash_attn.models.bert", "BertForPreTraining.__init__", "self, config"),
+    ("flash_attn.models.bert", "BertForPreTraining.tie_weights", "self"),
+    ("flash_attn.models.bert", "BertForPreTraining.forward",
+     "self, input_ids, position_ids=None, token_type_ids=None, attention_mask=None, labels=None, "
+     "next_sentence_label=None"),
+    ("flash_attn.models.bert", "remap_state_dict", "state_dict, config"),
+    ("flash_attn.models.bert", "inv_remap_state_dict", "state_dict, config"),
     ("flash_attn.utils.pretrained", "state_dict_from_pretrained", "model_name, device=None, dtype=None"),
+    ("flash_attn.ops.fused_dense", "FusedDenseFunc.forward", "ctx, x, weight, bias, return_residual=False, process_group=None, sequence_parallel=True"),
+    ("flash_attn.ops.fused_dense", "FusedDenseFunc.backward", "ctx, grad_output, *args"),
+    ("flash_attn.ops.fused_dense", "fused_dense_func", "x, weight, bias=None, return_residual=False, process_group=None, sequence_parallel=True"),
+    ("flash_attn.ops.fused_dense", "FusedDense.__init__", "self, in_features, out_features, bias=True, return_residual=False, device=None, dtype=None"),
+    ("flash_attn.ops.fused_dense", "FusedDense.forward", "self, x, process_group=None"),
+    ("flash_attn.ops.fused_dense", "ColumnParallelLinear.__init__", "self, in_features, out_features, process_group, bias=True, sequence_parallel=True, multiple_of=1, device=None, dtype=None"),
+    ("flash_attn.ops.fused_dense", "ColumnParallelLinear.forward", "self, x"),
+    ("flash_attn.ops.fused_dense", "RowParallelLinear.__init__", "self, in_features, out_features, process_group, bias=True, sequence_parallel=True, multiple_of=1, device=None, dtype=None"),
+    ("flash_attn.ops.fused_dense", "RowParallelLinear.forward", "self, x"),
+    ('flash_attn.ops.fused_dense', 'FusedMLPFunc.forward', "ctx, x, weight1, bias1, weight2, bias2, activation='gelu_approx', save_pre_act=True, return_residual=False, checkpoint_lvl=0, heuristic=0, process_group=None, sequence_parallel=True"),
+    ("flash_attn.ops.fused_dense", "FusedMLPFunc.backward", "ctx, grad_output, *args"),
+    ('flash_attn.ops.fused_dense', 'fused_mlp_func', "x, weight1, weight2, bias1=None, bias2=None, activation='gelu_approx', save_pre_act=True, return_residual=False, checkpoint_lvl=0, heuristic=0, process_group=None, sequence_parallel=True"),
+    ('flash_attn.ops.fused_dense', 'FusedMLP.__init__', "self, in_features, hidden_features=None, out_features=None, bias1=True, bias2=True, activation='gelu_approx', return_residual=False, checkpoint_lvl=0, heuristic='auto', device=None, dtype=None"),
+    ("flash_attn.ops.fused_dense", "FusedMLP.forward", "self, x, process_group=None"),
+    ('flash_attn.ops.fused_dense', 'ParallelFusedMLP.__init__', "self, in_features, hidden_features=None, out_features=None, activation='gelu_approx', process_group=None, bias1=True, bias2=True, sequence_parallel=True, checkpoint_lvl=0, heuristic='auto', device=None, dtype=None"),
+    ("flash_attn.ops.fused_dense", "ParallelFusedMLP.forward", "self, x"),
+    ("flash_attn.modules.mlp", "ParallelMLP.__init__", "self, in_features, hidden_features=None, out_features=None, activation=F.gelu, process_group=None, sequence_parallel=True, bias1=True, bias2=True, device=None, dtype=None"),
+    ("flash_attn.modules.mlp", "ParallelMLP.forward", "self, x"),
+    ("flash_attn.modules.mlp", "ParallelGatedMlp.__init__", "self, in_features, process_group, hidden_features=None, out_features=None, activation=F.sigmoid, bias1=True, bias2=True, multiple_of=128, sequence_parallel=True, device=None, dtype=None"),
+    ("flash_attn.modules.mlp", "ParallelGatedMlp.forward", "self, x"),
+    ("flash_attn.modules.mha", "ParallelMHA.__init__", "self, embed_dim, num_heads, process_group, num_heads_kv=None, qkv_proj_bias=True, out_proj_bias=True, dropout=0.0, softmax_scale=None, causal=False, layer_idx=None, rotary_emb_dim=0, rotary_emb_base=10000.0, rotary_emb_scale_base=None, rotary_emb_interleaved=False, use_alibi=False, window_size=(-1, -1), use_flash_attn=False, checkpointing=False, sequence_parallel=True, device=None, dtype=None"),
+    ("flash_attn.modules.mha", "ParallelMHA.allocate_inference_cache", "self, batch_size, max_seqlen, dtype=None"),
+    ("flash_attn.modules.mha", "ParallelMHA.forward", "self, x, seqlen=None, inference_params=None, **kwargs"),
 ]  # fmt: skip
 #: module-level aliases of those modules: (module, name, target)
 SOURCE_ALIASES = [
@@ -147,8 +197,8 @@ RECORDS = (
     + [_source_record(*entry) for entry in SOURCE_SIGNATURES]
     + [{"module": m, "name": n, "alias_of": target} for m, n, target in SOURCE_ALIASES]
 )
-#: names a recorded default may refer to besides literals (flash-attn's ``nn.LayerNorm`` / ``nn.Dropout``)
-DEFAULT_NAMES = {"nn": torch.nn}
+#: names a recorded default may refer to besides literals (flash-attn's ``nn.LayerNorm`` / ``nn.Dropout`` / ``F.gelu``)
+DEFAULT_NAMES = {"nn": torch.nn, "F": torch.nn.functional}
 
 
 def _default_value(text: str):

@@ -8,6 +8,10 @@
 * :class:`MHA`: projections + optional rotary embedding / depthwise convolution / GQA + one of the cores +
   output projection, with a KV cache for generation (``inference_params``, duck-typed like flash-attn's
   ``flash_attn.utils.generation.InferenceParams``).
+* :class:`ParallelMHA`: :class:`MHA`'s self-attention split over a ``torch.distributed`` process group by heads
+  (column-parallel ``Wqkv``, row-parallel ``out_proj`` from :mod:`flash_attn.ops.fused_dense`, optional
+  sequence parallelism), with the same cores, rotary embedding, GQA and KV cache; defined in
+  ``flash_attn.modules._parallel_mha`` (see there for its differences from flash-attn).
 
 Parameter names, constructor and forward signatures and defaults are flash-attn's, so state dicts and call
 sites carry over. Differences from flash-attn, all supersets:
@@ -23,7 +27,6 @@ sites carry over. Differences from flash-attn, all supersets:
   the head-split tensors).
 
 ``fused_bias_fc`` is accepted and, as in flash-attn 2.8.x, has no effect: the projections are ``nn.Linear``.
-``ParallelMHA`` (tensor parallelism) is not provided.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from flash_attn.modules._cores import (
     _fp32,
     get_alibi_slopes,
 )
+from flash_attn.modules._parallel_mha import ParallelMHA
 
 __all__ = [
     "MHA",
@@ -54,6 +58,7 @@ __all__ = [
     "FlashCrossAttention",
     "FlashSelfAttention",
     "LinearResidual",
+    "ParallelMHA",
     "SelfAttention",
     "get_alibi_slopes",
 ]

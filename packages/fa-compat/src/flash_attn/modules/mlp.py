@@ -1,21 +1,36 @@
-"""``flash_attn.modules.mlp``: flash-attn 2.8.x's feed-forward blocks ``Mlp`` and ``GatedMlp``.
+"""``flash_attn.modules.mlp``: flash-attn 2.8.x's feed-forward blocks.
 
-Both are built from ``nn.Linear`` layers with the same parameter names (``fc1``, ``fc2``), shapes and defaults
-as flash-attn, so state dicts load either way. The fused CUDA variants (``FusedMLP``) and the tensor-parallel
-ones (``ParallelMLP``, ``ParallelGatedMlp``) are not provided.
+* :class:`Mlp` and :class:`GatedMlp`, built from ``nn.Linear`` layers;
+* :class:`ParallelMLP` and :class:`ParallelGatedMlp`, their tensor-parallel variants: ``fc1`` a
+  :class:`flash_attn.ops.fused_dense.ColumnParallelLinear` (this rank's hidden units; with
+  ``sequence_parallel`` the input rows are all-gathered first), ``fc2`` a
+  :class:`flash_attn.ops.fused_dense.RowParallelLinear` (the same hidden units, bias on the group's first rank)
+  whose partial outputs are reduce-scattered along dim 0 (``sequence_parallel``) or all-reduced;
+* :class:`FusedMLP` and :class:`ParallelFusedMLP`, re-exported from :mod:`flash_attn.ops.fused_dense` (as
+  flash-attn's ``mlp`` module does).
+
+Parameter names (``fc1``, ``fc2``), shapes, signatures and defaults are flash-attn's, so state dicts load either
+way. Like :mod:`flash_attn.ops.fused_dense`, the parallel classes run on any device (plain PyTorch +
+``torch.distributed``) and take ``process_group=None`` as one process without communication. A
+``ParallelGatedMlp`` splits ``fc1`` in whole (value, gate) pairs, so each rank's value and gate halves line up
+with its ``fc2`` columns for any world size (flash-attn splits ``fc1``'s rows one by one: the same shards when
+the world size divides ``hidden_features``, a shape error in ``forward`` otherwise).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flash_attn.ops.activations import swiglu
+from flash_attn.ops.fused_dense import ColumnParallelLinear, FusedMLP, ParallelFusedMLP, RowParallelLinear
 
-__all__ = ["GatedMlp", "Mlp"]
+__all__ = ["FusedMLP", "GatedMlp", "Mlp", "ParallelFusedMLP", "ParallelGatedMlp", "ParallelMLP"]
 
 
 class Mlp(nn.Module):
@@ -112,3 +127,140 @@ class GatedMlp(nn.Module):
             y = swiglu(gate, value) if self.activation is F.silu else value * self.activation(gate)
         y = self.fc2(y)
         return (y, x) if self.return_residual else y
+
+
+class ParallelMLP(nn.Module):
+    """:class:`Mlp` split over a process group: ``fc2(activation(fc1(x)))`` with ``fc1`` a
+    :class:`~flash_attn.ops.fused_dense.ColumnParallelLinear` and ``fc2`` a
+    :class:`~flash_attn.ops.fused_dense.RowParallelLinear` over the same hidden units.
+
+    Input ``x``: with ``sequence_parallel`` this rank's rows ``(n, ..., in_features)`` (all-gathered along dim 0
+    inside ``fc1``) -> this rank's rows of the output ``(n, ..., out_features)`` (reduce-scattered); else the
+    full input on every rank -> the full output on every rank (all-reduced).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        activation: Callable[[Tensor], Tensor] = F.gelu,
+        process_group: dist.ProcessGroup | None = None,
+        sequence_parallel: bool = True,
+        bias1: bool = True,
+        bias2: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """
+        Arguments:
+            in_features: size of the input's last dimension.
+            hidden_features: the full hidden width (split over the ranks); default ``4 * in_features``.
+            out_features: size of the output's last dimension; default ``in_features``.
+            activation: element-wise function applied to the hidden layer.
+            process_group: the tensor-parallel group; None: one process (no communication).
+            sequence_parallel: all-gather the input / reduce-scatter the output along dim 0 (else the input
+                is replicated and the output all-reduced).
+            bias1, bias2: whether ``fc1`` / ``fc2`` have a bias (``fc2``'s on the group's first rank only).
+            device, dtype: of the parameters.
+        """
+        super().__init__()
+        factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
+        out_features = out_features if out_features is not None else in_features
+        hidden_features = hidden_features if hidden_features is not None else 4 * in_features
+        self.fc1 = ColumnParallelLinear(
+            in_features,
+            hidden_features,
+            process_group,
+            bias=bias1,
+            sequence_parallel=sequence_parallel,
+            **factory_kwargs,
+        )
+        self.activation = activation
+        self.fc2 = RowParallelLinear(
+            hidden_features,
+            out_features,
+            process_group,
+            bias=bias2,
+            sequence_parallel=sequence_parallel,
+            **factory_kwargs,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (n, ..., in_features) -> (n, ..., out_features) (rows as in the class docstring)."""
+        return self.fc2(self.activation(self.fc1(x)))
+
+
+class ParallelGatedMlp(nn.Module):
+    """:class:`GatedMlp` split over a process group: ``fc1`` a
+    :class:`~flash_attn.ops.fused_dense.ColumnParallelLinear` holding this rank's value rows followed by its
+    gate rows (the rows ``[value_r; gate_r]`` of the full ``fc1``), ``fc2`` a
+    :class:`~flash_attn.ops.fused_dense.RowParallelLinear` over the same hidden units. The activation cases are
+    :class:`GatedMlp`'s (GLU for ``F.sigmoid``, SwiGLU for ``F.silu``).
+
+    Input / output rows as in :class:`ParallelMLP` (``sequence_parallel``: this rank's rows of dim 0; else
+    the full tensor on every rank).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        process_group: dist.ProcessGroup | None,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        activation: Callable[[Tensor], Tensor] = F.sigmoid,
+        bias1: bool = True,
+        bias2: bool = True,
+        multiple_of: int = 128,
+        sequence_parallel: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """
+        Arguments:
+            in_features: size of the input's last dimension.
+            process_group: the tensor-parallel group; None: one process (no communication).
+            hidden_features: the full gated hidden width; default ``int(8 * in_features / 3)``, in every case
+                rounded up to a multiple of ``multiple_of``; split over the ranks with
+                :func:`flash_attn.utils.distributed.get_dim_for_local_rank`.
+            out_features: size of the output's last dimension; default ``in_features``.
+            activation: applied to the gate (see :class:`GatedMlp`).
+            bias1, bias2: whether ``fc1`` / ``fc2`` have a bias (``fc2``'s on the group's first rank only).
+            sequence_parallel: all-gather the input / reduce-scatter the output along dim 0 (else the input
+                is replicated and the output all-reduced).
+            device, dtype: of the parameters.
+        """
+        super().__init__()
+        factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
+        out_features = out_features if out_features is not None else in_features
+        hidden_features = hidden_features if hidden_features is not None else int(8 * in_features / 3)
+        hidden_features = -(-hidden_features // multiple_of) * multiple_of
+        # split in (value, gate) pairs: this rank's fc1 rows are twice its fc2 columns
+        self.fc1 = ColumnParallelLinear(
+            in_features,
+            2 * hidden_features,
+            process_group,
+            bias=bias1,
+            sequence_parallel=sequence_parallel,
+            multiple_of=2,
+            **factory_kwargs,
+        )
+        self.activation = activation
+        self.fc2 = RowParallelLinear(
+            hidden_features,
+            out_features,
+            process_group,
+            bias=bias2,
+            sequence_parallel=sequence_parallel,
+            **factory_kwargs,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (n, ..., in_features) -> (n, ..., out_features) (rows as in the class docstring)."""
+        y = self.fc1(x)
+        if self.activation is F.sigmoid:
+            y = F.glu(y, dim=-1)
+        else:
+            value, gate = y.chunk(2, dim=-1)
+            y = swiglu(gate, value) if self.activation is F.silu else value * self.activation(gate)
+        return self.fc2(y)
