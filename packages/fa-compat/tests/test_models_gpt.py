@@ -37,9 +37,7 @@ from flash_attn.models.gpt import (  # noqa: E402
     GPTModel,
     _init_weights,
     combine_state_dicts_tp,
-    create_block,
     create_mixer_cls,
-    create_mlp_cls,
     remap_state_dict_hf_gpt2,
     remap_state_dict_megatron,
     shard_state_dict_tp,
@@ -779,22 +777,11 @@ def test_postnorm_and_mlp_variants():
 
 @needs_hf
 def test_refusals():
+    """What is refused (tensor parallelism and fused_mlp: test_models_gpt_parallel.py)."""
     config = _gpt2_config()
-    group = object()
-    for build in (
-        lambda: GPTLMHeadModel(config, process_group=group),
-        lambda: GPTModel(config, process_group=group),
-        lambda: create_block(config, 0, process_group=group),
-        lambda: create_mixer_cls(config, 0, process_group=group),
-        lambda: create_mlp_cls(config, 0, process_group=group),
-    ):
-        with pytest.raises(NotImplementedError, match="ParallelMHA"):
-            build()
-    with pytest.raises(NotImplementedError, match="FusedMLP"):
-        GPTLMHeadModel(_gpt2_config(fused_mlp=True))
     with pytest.raises(NotImplementedError, match="FusedDenseSqreluDense"):
         GPTLMHeadModel(_gpt2_config(fused_dense_sqrelu_dense=True, activation_function="sqrelu"))
-    with pytest.raises(NotImplementedError, match="world_size"):
+    with pytest.raises(ValueError, match="process_group"):  # no process group to shard for
         GPTLMHeadModel.from_pretrained("gpt2", config, world_size=2, rank=0)
     with pytest.raises(NotImplementedError, match="flash_attn.models.opt"):  # refused before any download
         GPTLMHeadModel.from_pretrained("facebook/opt-125m", config)

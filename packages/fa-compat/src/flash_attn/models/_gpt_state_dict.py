@@ -151,12 +151,13 @@ def shard_state_dict_tp(
     """The tensor-parallel shard of rank ``rank`` out of ``world_size`` of a :class:`GPTLMHeadModel` state dict
     (in place: ``state_dict`` is modified and returned).
 
-    Word embeddings and ``lm_head``: equal blocks of vocabulary rows; position embeddings: columns. Per layer:
-    ``Wqkv`` by heads (q, k and v each keep this rank's heads, split with
+    Word embeddings and ``lm_head`` (weight and bias): equal blocks of vocabulary rows; position embeddings:
+    columns. Per layer: ``Wqkv`` by heads (q, k and v each keep this rank's heads, split with
     :func:`flash_attn.utils.distributed.get_dim_for_local_rank`, the kv heads on their own with GQA);
     ``out_proj.weight`` by input columns in units of the head dim; ``fc1`` by output rows (each half of a gated
     MLP's ``fc1`` separately); ``fc2.weight`` by input columns; the output biases (``out_proj.bias``,
-    ``fc2.bias``) only on rank 0; norms replicated.
+    ``fc2.bias``) only on rank 0; norms replicated. (flash-attn leaves ``lm_head.bias`` whole, which does not
+    load into its tensor-parallel model.)
     """
     _check_tp_sizes(config, world_size)
     n_head, n_head_kv = _head_counts(config)
@@ -201,6 +202,7 @@ def shard_state_dict_tp(
 
     rows("transformer.embeddings.word_embeddings.weight")
     rows("lm_head.weight")
+    rows("lm_head.bias")  # lm_head_bias: the ColumnParallelLinear head's rows (flash-attn leaves it whole)
     cols("transformer.embeddings.position_embeddings.weight")
     fc1 = gated_rows if _is_gated(config) else rows
     for i in range(config.num_hidden_layers):
@@ -222,8 +224,9 @@ def combine_state_dicts_tp(state_dicts: Sequence[Mapping[str, Tensor]], config: 
     of :func:`shard_state_dict_tp`.
 
     Word embeddings / ``lm_head`` are concatenated along the dimension they were split on (rows when a shard
-    holds ``vocab_size // world_size`` of them, else columns, as in Meta's Llama checkpoints); the tensors that
-    are not split (norms, output biases) come from the first shard. The shards are not modified.
+    holds ``vocab_size // world_size`` of them, else columns, as in Meta's Llama checkpoints), ``lm_head.bias``
+    along its rows; the tensors that are not split (norms, output biases) come from the first shard. The shards
+    are not modified.
     """
     world_size = len(state_dicts)
     vocab_size = _check_tp_sizes(config, world_size)
@@ -261,6 +264,7 @@ def combine_state_dicts_tp(state_dicts: Sequence[Mapping[str, Tensor]], config: 
 
     word_embeddings("transformer.embeddings.word_embeddings.weight")
     word_embeddings("lm_head.weight")
+    cat("lm_head.bias", 0)
     cat("transformer.embeddings.position_embeddings.weight", -1)
     fc1: Callable[[str], None] = gated if _is_gated(config) else partial(cat, dim=0)
     for i in range(config.num_hidden_layers):

@@ -3,7 +3,8 @@
 * :class:`GPTModel`: embeddings (:class:`flash_attn.modules.embedding.GPT2Embeddings`), a stack of
   :class:`flash_attn.modules.block.Block` / :class:`~flash_attn.modules.block.ParallelBlock` built by
   :func:`create_block` (:func:`create_mixer_cls`: :class:`flash_attn.modules.mha.MHA`; :func:`create_mlp_cls`:
-  :class:`~flash_attn.modules.mlp.Mlp` / :class:`~flash_attn.modules.mlp.GatedMlp`) and the final norm;
+  :class:`~flash_attn.modules.mlp.Mlp` / :class:`~flash_attn.modules.mlp.GatedMlp`, or with ``fused_mlp``
+  :class:`flash_attn.ops.fused_dense.FusedMLP`) and the final norm;
 * :class:`GPTLMHeadModel`: ``GPTModel`` + language-model head, returning ``CausalLMOutput(logits=...)``, with
   ``generate`` (:class:`flash_attn.utils.generation.GenerationMixin`, KV cache through ``inference_params``);
 * :class:`GPTPreTrainedModel`: the base class (config check, ``from_pretrained``); :func:`_init_weights`, the
@@ -11,20 +12,33 @@
 * :func:`remap_state_dict_hf_gpt2`: Hugging Face GPT-2 weights -> this model's names;
   :func:`shard_state_dict_tp` / :func:`combine_state_dicts_tp`: a state dict -> tensor-parallel shards and back.
 
+Tensor parallelism, as in flash-attn: built with a ``torch.distributed`` ``process_group``, every rank holds its
+shard of the model (the layout of :func:`shard_state_dict_tp`): ``ParallelGPT2Embeddings``, ``ParallelMHA``,
+``ParallelMLP`` / ``ParallelGatedMlp`` / ``ParallelFusedMLP`` and a ``ColumnParallelLinear`` head over the
+vocabulary; the norms are replicated (tagged ``_shared_params``, broadcast from the first rank by
+``tie_weights``). ``config.sequence_parallel`` (default True) splits the flattened (batch * seqlen) rows over
+the ranks between the parallel layers (the norms' gradients are then partial sums: call
+:func:`flash_attn.utils.distributed.allreduce_sequence_parallel_grad` after the backward). The logits are this
+rank's vocabulary shard (for a vocabulary-parallel loss such as
+``flash_attn.losses.cross_entropy.CrossEntropyLoss(process_group=...)``), all-gathered to the full vocabulary
+during generation (``sequence_parallel=False``). ``from_pretrained(..., process_group=, world_size=, rank=)``
+loads this rank's shard of a checkpoint. The communication runs through :mod:`flash_attn.ops.fused_dense`
+(plain PyTorch + ``torch.distributed``, any device and backend).
+
 The models are configured by a ``transformers.GPT2Config``; flash-attn's extra attributes are read with
 ``getattr`` and flash-attn's defaults (``use_flash_attn``, ``fused_dropout_add_ln``, ``residual_in_fp32``,
 ``prenorm``, ``parallel_block``, ``rms_norm``, ``rotary_emb_fraction`` / ``_base`` / ``_scale_base`` /
 ``_interleaved``, ``n_head_kv``, ``qkv_proj_bias``, ``out_proj_bias``, ``mlp_fc1_bias``, ``mlp_fc2_bias``,
-``tie_word_embeddings``, ``pad_vocab_size_multiple``, ``window_size``, ``use_alibi``, the ``mup_*`` scales, ...).
+``fused_mlp`` / ``mlp_checkpoint_lvl``, ``sequence_parallel``, ``tie_word_embeddings``,
+``pad_vocab_size_multiple``, ``window_size``, ``use_alibi``, the ``mup_*`` scales, ...).
 Parameter names, signatures, defaults and forward semantics are flash-attn's, so state dicts load either way.
 HF transformers is imported only where a ``GPT2Config`` is checked (:class:`GPTPreTrainedModel`) or a
 checkpoint is read, so the conversions work without it.
 
-Not provided (``NotImplementedError`` naming what is missing): tensor parallelism (``process_group``,
-``from_pretrained(world_size > 1)``: flash-attn's ``ParallelMHA``, ``ParallelMLP``, ``ColumnParallelLinear``),
-``fused_mlp`` (the CUDA ``fused_dense`` extension's ``FusedMLP``), ``fused_dense_sqrelu_dense``, and the
-checkpoint converters of OPT, GPT-J, GPT-NeoX, Falcon and BigCode in ``from_pretrained``.
-``fused_bias_fc=True`` is accepted and builds ``nn.Linear`` projections (see :mod:`flash_attn.modules.mha`).
+Not provided (``NotImplementedError`` naming what is missing): ``fused_dense_sqrelu_dense`` (flash-attn's
+``FusedDenseSqreluDense`` of ``flash_attn.ops.triton.mlp``) and the checkpoint converters of OPT, GPT-J,
+GPT-NeoX, Falcon and BigCode in ``from_pretrained``. ``fused_bias_fc=True`` is accepted and builds
+``nn.Linear`` projections (see :mod:`flash_attn.modules.mha`).
 
 Differences from flash-attn 2.8.3, all supersets:
 
@@ -35,9 +49,18 @@ Differences from flash-attn 2.8.3, all supersets:
   checkpoint's keys (GPT-2, Hugging Face Llama, or already this model's names);
 * :func:`combine_state_dicts_tp` reassembles a gated MLP's ``fc1.bias`` in the gated layout (flash-attn
   concatenates the shards plainly, which interleaves value and gate halves); a ``n_head_kv`` of None means
-  ``n_head`` in both functions;
+  ``n_head`` in both functions; both split / join ``lm_head.bias`` by vocabulary rows (flash-attn keeps it whole,
+  which does not load into its parallel head);
 * :meth:`GPTLMHeadModel.load_state_dict` converts the old norm layout on a copy (the caller's dict is kept);
-* the fused final norm applies an RMSNorm's ``zero_centered_weight``, as the blocks do.
+* the fused final norm applies an RMSNorm's ``zero_centered_weight``, as the blocks do;
+* tensor parallelism does not require ``fused_bias_fc=True`` (a flag without effect here);
+* tensor parallelism with ``norm_head`` all-reduces the hidden states' gradient without ``sequence_parallel``
+  too (flash-attn's plain ``F.linear`` there leaves out the other ranks' vocabulary shards);
+* with a process group, ``word_embed_proj_dim`` raises ``ValueError`` (flash-attn's parallel embeddings drop
+  it, leaving a head of the wrong width), as do ``inference_params`` / ``num_last_tokens`` with
+  ``sequence_parallel`` (before the layers run; flash-attn asserts after them, or slices the flattened rows),
+  and ``from_pretrained`` with a process group that is not of ``world_size`` ranks with this process as
+  ``rank`` (flash-attn fails in ``load_state_dict`` or loads another rank's shard).
 """
 
 from __future__ import annotations
@@ -53,6 +76,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flash_attn.models._gpt_parallel import (
+    TANH_GELUS,
+    build_embeddings,
+    build_lm_head,
+    check_pretrained_group,
+    fused_mlp_cls,
+    gather_vocab_logits,
+    lm_head_logits,
+    mark_shared_params,
+    parallel_kwargs,
+    refuse_fused_dense_sqrelu_dense,
+)
 from flash_attn.models._gpt_state_dict import (
     _GATED,
     _convert_ln_0_layout,
@@ -64,11 +99,11 @@ from flash_attn.models._gpt_state_dict import (
 )
 from flash_attn.models.llama import remap_state_dict_hf_llama
 from flash_attn.modules.block import Block, ParallelBlock
-from flash_attn.modules.embedding import GPT2Embeddings
-from flash_attn.modules.mha import MHA
-from flash_attn.modules.mlp import GatedMlp, Mlp
+from flash_attn.modules.mha import MHA, ParallelMHA
+from flash_attn.modules.mlp import GatedMlp, Mlp, ParallelGatedMlp, ParallelMLP
 from flash_attn.ops.activations import sqrelu_fwd
 from flash_attn.ops.triton.layer_norm import RMSNorm, layer_norm_fn
+from flash_attn.utils.distributed import sync_shared_params
 from flash_attn.utils.generation import GenerationMixin
 from flash_attn.utils.pretrained import _import_optional, state_dict_from_pretrained
 
@@ -88,16 +123,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_TANH_GELUS = ("gelu_new", "gelu_fast", "gelu_approx", "gelu_pytorch_tanh")
 #: ``config.activation_function`` values the models accept
-_ACTIVATIONS = ("gelu", *_TANH_GELUS, "relu", "sqrelu", *_GATED)
-
-_TENSOR_PARALLEL_MESSAGE = (
-    "tensor parallelism (process_group / world_size > 1) needs flash-attn's ParallelMHA, ParallelMLP / "
-    "ParallelGatedMlp and ColumnParallelLinear (flash_attn.ops.fused_dense), which Flash Attention Plus does not "
-    "provide; build the model with process_group=None (shard_state_dict_tp / combine_state_dicts_tp still "
-    "convert checkpoints between the layouts)"
-)
+_ACTIVATIONS = ("gelu", *TANH_GELUS, "relu", "sqrelu", *_GATED)
 
 
 class CausalLMOutput(NamedTuple):
@@ -113,11 +140,6 @@ def _check_activation(config: Any) -> None:
         )
 
 
-def _refuse_tensor_parallel(process_group: Any, where: str) -> None:
-    if process_group is not None:
-        raise NotImplementedError(f"{where}: {_TENSOR_PARALLEL_MESSAGE}")
-
-
 def create_mixer_cls(
     config: Any,
     layer_idx: int | None = None,
@@ -125,16 +147,17 @@ def create_mixer_cls(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> Callable[..., nn.Module]:
-    """The attention constructor of one layer: ``partial(MHA, ...)`` (causal), called with the model width.
+    """The attention constructor of one layer, called with the model width: ``partial(MHA, ...)`` (causal) or,
+    with a ``process_group``, ``partial(ParallelMHA, ...)`` (this rank's heads; ``sequence_parallel`` from
+    ``config.sequence_parallel``, default True).
 
     Reads ``head_dim`` (default ``hidden_size // num_attention_heads``; sets the softmax scale and the rotary
     dimension), ``scale_attn_weights``, ``scale_attn_by_inverse_layer_idx`` (divides the scale by
     ``layer_idx + 1``), ``mup_scale_qk_dot_by_d`` / ``mup_attn_multiplier``, ``attn_pdrop``, ``n_head_kv``,
-    ``qkv_proj_bias`` / ``out_proj_bias``, ``attn_dwconv``, ``rotary_emb_fraction`` (of the head dim) /
-    ``_base`` / ``_scale_base`` / ``_interleaved``, ``use_alibi``, ``window_size``, ``use_flash_attn``,
-    ``fused_bias_fc``.
+    ``qkv_proj_bias`` / ``out_proj_bias``, ``attn_dwconv`` (not with a process group: ``ValueError``),
+    ``rotary_emb_fraction`` (of the head dim) / ``_base`` / ``_scale_base`` / ``_interleaved``, ``use_alibi``,
+    ``window_size``, ``use_flash_attn``, ``fused_bias_fc`` (no effect).
     """
-    _refuse_tensor_parallel(process_group, "create_mixer_cls")
     factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
     head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
     if config.scale_attn_weights:
@@ -147,8 +170,18 @@ def create_mixer_cls(
         if layer_idx is None:
             raise ValueError("scale_attn_by_inverse_layer_idx needs layer_idx")
         softmax_scale /= float(layer_idx + 1)
+    dwconv = getattr(config, "attn_dwconv", False)
+    if process_group is None:
+        mha_cls: Callable[..., nn.Module] = MHA
+        extra: dict[str, Any] = {"fused_bias_fc": getattr(config, "fused_bias_fc", False), "dwconv": dwconv}
+    else:
+        if dwconv:
+            raise ValueError(
+                "attn_dwconv: the tensor-parallel attention (ParallelMHA) does not support dwconv"
+            )
+        mha_cls, extra = ParallelMHA, parallel_kwargs(config, process_group)
     return partial(
-        MHA,
+        mha_cls,
         num_heads=config.num_attention_heads,
         num_heads_kv=getattr(config, "n_head_kv", None),
         qkv_proj_bias=getattr(config, "qkv_proj_bias", True),
@@ -164,8 +197,7 @@ def create_mixer_cls(
         use_alibi=getattr(config, "use_alibi", False),
         window_size=getattr(config, "window_size", (-1, -1)),
         use_flash_attn=getattr(config, "use_flash_attn", False),
-        fused_bias_fc=getattr(config, "fused_bias_fc", False),
-        dwconv=getattr(config, "attn_dwconv", False),
+        **extra,
         **factory_kwargs,
     )
 
@@ -176,7 +208,7 @@ def _activation(name: str) -> Callable[[Tensor], Tensor]:
         return partial(F.relu, inplace=True)
     if name == "sqrelu":
         return sqrelu_fwd
-    return partial(F.gelu, approximate="tanh" if name in _TANH_GELUS else "none")
+    return partial(F.gelu, approximate="tanh" if name in TANH_GELUS else "none")
 
 
 #: gated activation_function -> the function GatedMlp applies to the gate
@@ -197,40 +229,34 @@ def create_mlp_cls(
     """The MLP constructor of one layer, called with the model width: ``partial(GatedMlp, ...)`` for
     ``activation_function`` ``glu`` / ``swiglu`` / ``geglu`` (gate activation sigmoid / SiLU / GeLU,
     ``mlp_multiple_of`` default 128), else ``partial(Mlp, ...)`` (``relu``, ``sqrelu``, exact ``gelu`` or the
-    tanh GeLUs); hidden width ``n_inner``, biases ``mlp_fc1_bias`` / ``mlp_fc2_bias``.
+    tanh GeLUs); hidden width ``n_inner``, biases ``mlp_fc1_bias`` / ``mlp_fc2_bias``. With a
+    ``process_group``: ``ParallelGatedMlp`` / ``ParallelMLP`` (``sequence_parallel`` from the config, default
+    True). ``fused_mlp=True``: ``FusedMLP`` / ``ParallelFusedMLP`` of :mod:`flash_attn.ops.fused_dense` (tanh
+    GeLUs, ``relu`` or ``sqrelu`` only; ``mlp_checkpoint_lvl``, an int or one per layer).
+    ``fused_dense_sqrelu_dense=True`` raises ``NotImplementedError`` (after flash-attn's checks).
     """
-    _refuse_tensor_parallel(process_group, "create_mlp_cls")
     factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
-    if getattr(config, "fused_mlp", False):
-        raise NotImplementedError(
-            "config.fused_mlp=True needs FusedMLP from flash-attn's CUDA fused_dense extension, which Flash "
-            "Attention Plus does not provide; with fused_mlp=False the same MLP is built from nn.Linear layers "
-            "(same parameter names)"
-        )
     if getattr(config, "fused_dense_sqrelu_dense", False):
-        raise NotImplementedError(
-            "config.fused_dense_sqrelu_dense=True needs FusedDenseSqreluDense (flash_attn.ops.triton.mlp), which "
-            "Flash Attention Plus does not provide; with it False, activation_function='sqrelu' builds the same "
-            "MLP from nn.Linear layers"
-        )
+        refuse_fused_dense_sqrelu_dense(config, process_group)
+    if getattr(config, "fused_mlp", False):
+        return fused_mlp_cls(config, layer_idx, process_group, factory_kwargs)
     _check_activation(config)
-    bias_kwargs: dict[str, Any] = {
+    kwargs: dict[str, Any] = {
+        "hidden_features": config.n_inner,
         "bias1": getattr(config, "mlp_fc1_bias", True),
         "bias2": getattr(config, "mlp_fc2_bias", True),
+        **parallel_kwargs(config, process_group),
+        **factory_kwargs,
     }
     name = config.activation_function
     if name in _GATED:
         return partial(
-            GatedMlp,
-            hidden_features=config.n_inner,
+            GatedMlp if process_group is None else ParallelGatedMlp,
             activation=_GATE_ACTIVATIONS[name],
             multiple_of=getattr(config, "mlp_multiple_of", 128),
-            **bias_kwargs,
-            **factory_kwargs,
+            **kwargs,
         )
-    return partial(
-        Mlp, hidden_features=config.n_inner, activation=_activation(name), **bias_kwargs, **factory_kwargs
-    )
+    return partial(Mlp if process_group is None else ParallelMLP, activation=_activation(name), **kwargs)
 
 
 def create_block(
@@ -244,9 +270,10 @@ def create_block(
     :class:`ParallelBlock` (``parallel_block=True``, ``parallel_block_tied_norm``), with the mixer of
     :func:`create_mixer_cls`, the MLP of :func:`create_mlp_cls`, ``nn.LayerNorm`` or ``RMSNorm``
     (``rms_norm``) of eps ``layer_norm_epsilon``, dropouts ``embd_pdrop`` (before the first layer's mixer) /
-    ``resid_pdrop``, ``fused_dropout_add_ln`` and ``residual_in_fp32``. ``block.layer_idx`` is set.
+    ``resid_pdrop``, ``fused_dropout_add_ln`` and ``residual_in_fp32``. ``block.layer_idx`` is set. With a
+    ``process_group`` the norms' parameters are tagged ``_shared_params`` and, with ``config.sequence_parallel``
+    (default True), ``_sequence_parallel`` (see :mod:`flash_attn.utils.distributed`).
     """
-    _refuse_tensor_parallel(process_group, "create_block")
     factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
     mixer_cls = create_mixer_cls(config, layer_idx, process_group=process_group, **factory_kwargs)
     mlp_cls = create_mlp_cls(config, layer_idx, process_group=process_group, **factory_kwargs)
@@ -263,8 +290,8 @@ def create_block(
         "resid_dropout2": config.resid_pdrop,
         "fused_dropout_add_ln": getattr(config, "fused_dropout_add_ln", False),
         "residual_in_fp32": getattr(config, "residual_in_fp32", False),
-        "sequence_parallel": False,
-        "mark_shared_params": False,
+        "sequence_parallel": getattr(config, "sequence_parallel", True) and process_group is not None,
+        "mark_shared_params": process_group is not None,
     }
     prenorm = getattr(config, "prenorm", True)
     block: Block | ParallelBlock
@@ -321,16 +348,21 @@ class GPTPreTrainedModel(nn.Module):
         The checkpoint's names are converted by the model name's prefix as in flash-attn: ``gpt2*``
         (:func:`remap_state_dict_hf_gpt2`), ``meta-llama/Llama-*``
         (:func:`flash_attn.models.llama.remap_state_dict_hf_llama`); other names (a local directory, another
-        Hub id) by the checkpoint's keys. ``strict`` is ``load_state_dict``'s; ``world_size > 1`` (tensor
-        parallelism) raises ``NotImplementedError``.
+        Hub id) by the checkpoint's keys. ``strict`` is ``load_state_dict``'s.
+
+        Tensor parallelism: pass ``process_group=`` (forwarded to the model) and this process's ``world_size``
+        / ``rank`` in it; the converted checkpoint is cut to this rank's shard by :func:`shard_state_dict_tp`
+        when ``world_size > 1``. A model whose process group is not of ``world_size`` ranks with this process as
+        rank ``rank`` (or none with ``world_size > 1``) raises ``ValueError`` before the checkpoint is read.
         """
-        if world_size > 1:
-            raise NotImplementedError(f"from_pretrained(world_size={world_size}): {_TENSOR_PARALLEL_MESSAGE}")
         name = os.fspath(model_name)
         _refuse_unsupported_checkpoint(name)  # before reading (or downloading) the checkpoint
         model = cls(config, *args, device=device, dtype=dtype, **kwargs)
+        check_pretrained_group(model, world_size, rank)
         state_dict = state_dict_from_pretrained(name, device="cpu", dtype=dtype)
         state_dict = _remap_pretrained(name, state_dict, config)
+        if world_size > 1:
+            state_dict = shard_state_dict_tp(state_dict, config, world_size, rank)
         load_return = model.load_state_dict(state_dict, strict=strict)
         logger.info(load_return)
         return model
@@ -420,6 +452,12 @@ class GPTModel(GPTPreTrainedModel):
     The blocks run flash-attn's reordered layout: each one starts with the dropout + residual add + norm of
     the previous sub-layer's output (the first with ``embd_pdrop`` on the embeddings), so the model finishes
     with ``drop_f`` + add + ``ln_f``. ``rotary_emb_fraction > 0``: every layer shares layer 0's rotary module.
+
+    Tensor parallelism (``process_group``): :class:`~flash_attn.modules.embedding.ParallelGPT2Embeddings`, the
+    parallel blocks of :func:`create_block`, ``ln_f`` tagged as the blocks' norms. With
+    ``config.sequence_parallel`` (default True) the embeddings' output is flattened to (B * S, hidden_size) and
+    reduce-scattered: every rank runs the norms on its (B * S / world_size) rows, and the output is those
+    rows; else every rank holds the full (B, S, hidden_size).
     """
 
     def __init__(
@@ -432,11 +470,10 @@ class GPTModel(GPTPreTrainedModel):
         """
         Arguments:
             config: a ``transformers.GPT2Config`` (flash-attn's attributes, see the module docstring).
-            process_group: must be None (tensor parallelism is not provided).
+            process_group: the tensor-parallel group (a ``torch.distributed`` process group), or None.
             device, dtype: of the parameters.
         """
         super().__init__(config)
-        _refuse_tensor_parallel(process_group, "GPTModel")
         factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
         self.process_group = process_group
         self.sequence_parallel = getattr(config, "sequence_parallel", True)
@@ -446,15 +483,10 @@ class GPTModel(GPTPreTrainedModel):
         self.residual_in_fp32 = getattr(config, "residual_in_fp32", False)
         self.prenorm = getattr(config, "prenorm", True)
         self.parallel_block = getattr(config, "parallel_block", False)
-        self.embeddings = GPT2Embeddings(
-            config.hidden_size,
-            vocab_size,
-            config.max_position_embeddings,
-            word_embed_proj_dim=getattr(config, "word_embed_proj_dim", None),
-            **factory_kwargs,
-        )
+        self.embeddings = build_embeddings(config, vocab_size, process_group, factory_kwargs)
         blocks = [
-            create_block(config, layer_idx=i, **factory_kwargs) for i in range(config.num_hidden_layers)
+            create_block(config, layer_idx=i, process_group=process_group, **factory_kwargs)
+            for i in range(config.num_hidden_layers)
         ]
         if getattr(config, "rotary_emb_fraction", 0.0) > 0.0 and len(blocks) > 1:
             shared = getattr(blocks[0].mixer, "rotary_emb", None)
@@ -467,11 +499,16 @@ class GPTModel(GPTPreTrainedModel):
             self.drop_f = nn.Dropout(config.resid_pdrop)
             norm_cls = RMSNorm if getattr(config, "rms_norm", False) else nn.LayerNorm
             self.ln_f = norm_cls(config.hidden_size, eps=config.layer_norm_epsilon, **factory_kwargs)
+            if process_group is not None:
+                mark_shared_params(self.ln_f, self.sequence_parallel)
         _apply_init(self, config)
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        """Nothing to tie in the body (flash-attn syncs tensor-parallel shared parameters here)."""
+        """With a process group: broadcast the parameters tagged ``_shared_params`` (the norms) from the
+        group's first rank (:func:`flash_attn.utils.distributed.sync_shared_params`)."""
+        if self.process_group is not None:
+            sync_shared_params(self, self.process_group)
 
     def allocate_inference_cache(
         self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None, **kwargs: Any
@@ -520,12 +557,16 @@ class GPTModel(GPTPreTrainedModel):
             inference_params: generation state (:class:`flash_attn.utils.generation.InferenceParams`), passed to
                 every attention layer.
         Return:
-            (B, S, hidden_size).
+            (B, S, hidden_size); with a process group and ``sequence_parallel``, this rank's
+            (B * S / world_size, hidden_size) rows of the flattened output.
         """
-        hidden_states = self.embeddings(input_ids, position_ids=position_ids)
+        # sequence parallelism splits the flattened (B * S) rows: only the attention needs the seqlen
+        rows = self.process_group is not None and self.sequence_parallel
+        embedding_kwargs: dict[str, Any] = {"combine_batch_seqlen_dim": True} if rows else {}
+        hidden_states = self.embeddings(input_ids, position_ids=position_ids, **embedding_kwargs)
         if self.embeddings_multiplier != 1.0:
             hidden_states = hidden_states * self.embeddings_multiplier
-        mixer_kwargs: dict[str, Any] = {}
+        mixer_kwargs: dict[str, Any] = {"seqlen": input_ids.shape[1]} if rows else {}
         if inference_params is not None:
             mixer_kwargs["inference_params"] = inference_params
         hidden_states2: Tensor | None = None
@@ -546,7 +587,14 @@ class GPTModel(GPTPreTrainedModel):
 
 class GPTLMHeadModel(GPTPreTrainedModel, GenerationMixin):
     """:class:`GPTModel` (``transformer``) + language-model head ``lm_head`` (tied to the word embeddings with
-    ``tie_word_embeddings``, the default); ``generate`` from :class:`GenerationMixin`."""
+    ``tie_word_embeddings``, the default); ``generate`` from :class:`GenerationMixin`.
+
+    With a ``process_group`` the head is a :class:`~flash_attn.ops.fused_dense.ColumnParallelLinear` over the
+    vocabulary: the logits are this rank's vocabulary shard (vocab / world_size columns, rank order), of
+    (B * S) rows with ``sequence_parallel`` (the head all-gathers the rows) or (B, S) without; with
+    ``inference_params`` (generation, ``sequence_parallel=False`` needed) they are all-gathered to the full
+    vocabulary on every rank.
+    """
 
     def __init__(
         self,
@@ -561,11 +609,10 @@ class GPTLMHeadModel(GPTPreTrainedModel, GenerationMixin):
                 ``tie_word_embeddings`` (default True), ``lm_head_bias`` (False), ``word_embed_proj_dim``
                 (``project_out`` back to that width before the head), ``norm_head`` (L2-normalized head rows),
                 ``mup_width_scale`` / ``mup_output_multiplier`` (logit scale).
-            process_group: must be None (tensor parallelism is not provided).
+            process_group: the tensor-parallel group, or None (see the class docstring).
             device, dtype: of the parameters.
         """
         super().__init__(config)
-        _refuse_tensor_parallel(process_group, "GPTLMHeadModel")
         factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
         self.process_group = process_group
         self.transformer = GPTModel(config, process_group=process_group, **factory_kwargs)
@@ -580,17 +627,18 @@ class GPTLMHeadModel(GPTPreTrainedModel, GenerationMixin):
         )
         mup_width_scale = getattr(config, "mup_width_scale", 1.0)
         self.output_scale = getattr(config, "mup_output_multiplier", 1.0) * mup_width_scale
-        self.lm_head = nn.Linear(
-            embed_dim, vocab_size, bias=getattr(config, "lm_head_bias", False), **factory_kwargs
-        )
+        self.lm_head = build_lm_head(config, embed_dim, vocab_size, process_group, factory_kwargs)
         self.norm_head = getattr(config, "norm_head", False)
         _apply_init(self, config)
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        """With ``tie_word_embeddings``: ``lm_head.weight`` is the word embeddings' weight."""
+        """With ``tie_word_embeddings``: ``lm_head.weight`` is the word embeddings' weight; with a process group
+        the shared parameters are then broadcast from the group's first rank."""
         if self.tie_word_embeddings:
             self.lm_head.weight = self.transformer.embeddings.word_embeddings.weight
+        if self.process_group is not None:
+            sync_shared_params(self, self.process_group)
 
     def allocate_inference_cache(
         self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None, **kwargs: Any
@@ -612,11 +660,18 @@ class GPTLMHeadModel(GPTPreTrainedModel, GenerationMixin):
             inference_params: generation state (KV caches, ``seqlen_offset``), see :meth:`GPTModel.forward`.
             num_last_tokens: > 0: the logits of the last ``num_last_tokens`` positions only.
         Return:
-            ``CausalLMOutput(logits)``, logits (B, S or num_last_tokens, padded vocab size).
+            ``CausalLMOutput(logits)``, logits (B, S or num_last_tokens, padded vocab size); with a process
+            group see the class docstring.
         """
         if input_ids.ndim != 2:
             raise ValueError(
                 f"Expected `input_ids` to have shape [b, slen], but got shape {tuple(input_ids.shape)}"
+            )
+        rows = self.process_group is not None and self.transformer.sequence_parallel
+        if rows and (inference_params is not None or num_last_tokens > 0):
+            raise ValueError(
+                "sequence_parallel is not supported in generation mode (inference_params, num_last_tokens): "
+                "build the model with config.sequence_parallel=False"
             )
         hidden_states = self.transformer(
             input_ids, position_ids=position_ids, inference_params=inference_params
@@ -627,10 +682,9 @@ class GPTLMHeadModel(GPTPreTrainedModel, GenerationMixin):
             hidden_states = self.project_out(hidden_states)
         if self.output_scale != 1.0:
             hidden_states = hidden_states * self.output_scale
-        if self.norm_head:
-            logits = F.linear(hidden_states, F.normalize(self.lm_head.weight), bias=self.lm_head.bias)
-        else:
-            logits = self.lm_head(hidden_states)
+        logits = lm_head_logits(self.lm_head, hidden_states, self.norm_head)
+        if self.process_group is not None and inference_params is not None:
+            logits = gather_vocab_logits(logits, self.process_group, input_ids.shape[0])
         return CausalLMOutput(logits=logits)
 
     def load_state_dict(  # type: ignore[override]
