@@ -23,6 +23,14 @@ SDPA's CPU kernel says nothing of its GPU host cost). Nothing is written on CPU.
     python bench/host_overhead.py                 # GPU: all providers, results file
     python bench/host_overhead.py --nop           # our Python only (launches are no-ops), printed
     python bench/host_overhead.py --profile       # cProfile of fa-plus fwd_bwd (top functions)
+    python bench/host_overhead.py --split         # where fwd_bwd's host time goes (printed)
+
+On a GPU the autograd engine runs a backward on its device thread, not on the caller's: ``--profile`` profiles
+the caller's thread and, separately, every backward call inside the engine's thread. ``--split`` times, in one
+process, SDPA's and our forward alone and forward + backward, an autograd Function that does nothing (the
+engine's own cost for a Python backward, on the device and on CPU tensors), and the mean time inside our
+backward and inside its launch step, so the gap to SDPA can be assigned to the engine, our backward's Python
+or the launches.
 """
 
 from __future__ import annotations
@@ -201,12 +209,27 @@ def measure(
     return rows
 
 
-def profile(device: str, n: int = 300, top: int = 30) -> None:
-    """Where the host time of one fa-plus fwd_bwd call goes, by function (self time first)."""
-    import cProfile
+def _fwd_bwd_inputs(device: str) -> tuple[torch.dtype, Callable[[], Any]]:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    return dtype, _fa_plus("fwd_bwd", device, dtype, 64, True)
+
+
+def _stats(prof: Any, title: str, top: int) -> None:
     import pstats
 
-    fn = _fa_plus("fwd_bwd", device, torch.bfloat16 if device == "cuda" else torch.float16, 64, True)
+    print(title)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+
+
+def profile(device: str, n: int = 300, top: int = 30) -> None:
+    """Where the host time of one fa-plus fwd_bwd call goes, by function (self time first): the caller's
+    thread, then our backward alone (on a GPU it runs on the autograd engine's device thread, which a profiler
+    enabled on the caller's thread does not see)."""
+    import cProfile
+
+    import fa_backward.autograd as ag
+
+    _, fn = _fwd_bwd_inputs(device)
     for _ in range(20):
         fn()
     prof = cProfile.Profile()
@@ -214,8 +237,91 @@ def profile(device: str, n: int = 300, top: int = 30) -> None:
     for _ in range(n):
         fn()
     prof.disable()
-    print(f"cProfile of {n} calls (times include the profiler's own overhead):")
-    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+    _stats(prof, f"cProfile of {n} calls, caller's thread (times include the profiler's own overhead):", top)
+
+    inner = cProfile.Profile()
+    backward = ag.backward
+
+    def profiled(ctx: Any, *grads: Any) -> Any:
+        inner.enable()
+        try:
+            return backward(ctx, *grads)
+        finally:
+            inner.disable()
+
+    ag.backward = profiled
+    try:
+        for _ in range(n):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    finally:
+        ag.backward = backward
+    _stats(inner, f"cProfile of {n} backward calls (the thread that runs them):", top)
+
+
+class _Empty(torch.autograd.Function):
+    """Saves its inputs and returns empty tensors: the autograd engine's cost of a Python Function."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(q, k, v)
+        return torch.empty_like(q)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.empty_like(t) for t in ctx.saved_tensors)
+
+
+def split(device: str, n: int = 300) -> None:
+    """Print the pieces of fwd_bwd's host time (us per call, median of 5 rounds) as they are measured."""
+    import time
+
+    import fa_backward.autograd as ag
+    import fa_backward.backward as bw
+
+    dtype, ours_fb = _fwd_bwd_inputs(device)
+    q, k, v, do = _inputs(device, dtype, 64, True)
+    qc, kc, vc, doc = _inputs("cpu", torch.float32, 64, True)
+    points: list[tuple[str, Callable[[], Any]]] = [
+        ("ours fwd (inputs requiring grad)", _fa_plus("fwd", device, dtype, 64, True)),
+        ("ours fwd_bwd", ours_fb),
+        ("empty Function fwd_bwd", lambda: torch.autograd.grad(_Empty.apply(q, k, v), (q, k, v), do)),
+        ("empty Function fwd_bwd, CPU tensors", lambda: torch.autograd.grad(_Empty.apply(qc, kc, vc), (qc, kc, vc), doc)),
+    ]  # fmt: skip
+    if device == "cuda":
+        points[:0] = [("sdpa fwd", _sdpa("fwd", device, dtype, 64, True)), ("sdpa fwd_bwd", _sdpa("fwd_bwd", device, dtype, 64, True))]  # fmt: skip
+
+    def med(fn: Callable[[], Any]) -> float:
+        for _ in range(30):
+            fn()
+        return statistics.median(host_ms_per_call(fn, n=n, warmup=10) * 1e3 for _ in range(5))
+
+    for name, fn in points:
+        print(f"{name:42s} {med(fn):8.1f} us", flush=True)
+    # time inside our backward and inside its launch step (on a GPU: in the engine's device thread)
+    spent = {"backward": [0.0, 0], "launch": [0.0, 0]}
+
+    def timed(key: str, f: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                spent[key][0] += time.perf_counter() - t0
+                spent[key][1] += 1
+
+        return wrapper
+
+    backward, launch = ag.backward, bw._LAUNCH[0] if bw._LAUNCH else bw._launcher()
+    ag.backward, bw._LAUNCH[0] = timed("backward", backward), timed("launch", launch)
+    try:
+        total = med(ours_fb)
+    finally:
+        ag.backward, bw._LAUNCH[0] = backward, launch
+    print(f"{'ours fwd_bwd, pieces timed':42s} {total:8.1f} us", flush=True)
+    for key, (secs, calls) in spent.items():
+        print(f"  inside our {key:10s} {secs / max(calls, 1) * 1e6:8.1f} us per call", flush=True)
 
 
 def main() -> int:
@@ -228,6 +334,9 @@ def main() -> int:
         patch_nop()
     if "--profile" in args:
         profile(device)
+        return 0
+    if "--split" in args:
+        split(device)
         return 0
     # on CPU, SDPA runs its CPU kernel (milliseconds per call, nothing like the GPU's host cost): ours only
     rows: list[dict[str, Any]] = []
