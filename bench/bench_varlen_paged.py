@@ -249,9 +249,29 @@ def main() -> None:
     ap.add_argument("--causal", default="0,1")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-merge", action="store_true")
+    ap.add_argument(
+        "--gluon-min-flops",
+        type=float,
+        default=None,
+        help="run with fa_core.ops.GLUON_MIN_FLOPS set to this (where the Gluon kernels take over); rows are "
+        "printed, not written",
+    )
     args = ap.parse_args()
     install_sigterm_handler()
     rows: list[Row] = []
+    if args.gluon_min_flops is not None:
+        import fa_core.ops
+
+        fa_core.ops.GLUON_MIN_FLOPS = args.gluon_min_flops
+        run(
+            [int(x) for x in args.means.split(",")],
+            [int(x) for x in args.pages.split(",")],
+            [p for p in args.providers.split(",") if p],
+            [bool(int(x)) for x in args.causal.split(",")],
+            check=not args.no_check,
+            into=rows,
+        )
+        return
     try:
         run(
             [int(x) for x in args.means.split(",")],
