@@ -2,7 +2,8 @@
 # Copy flash-attn's own test modules (unmodified) of two refs of the upstream repository into the git-ignored
 # .upstream/<ref>/: tests/test_flash_attn.py and, where the ref has them, the tests of the other flash_attn
 # modules Flash Attention Plus provides (tests/layers/test_rotary.py, tests/ops/triton/test_layer_norm.py,
-# tests/losses/test_cross_entropy.py, tests/ops/test_dropout_layer_norm.py), each flattened to its file name,
+# tests/losses/test_cross_entropy.py, tests/ops/test_dropout_layer_norm.py, tests/ops/test_fused_dense.py), each
+# flattened to its file name,
 # with the test-local modules they import (tests/<name>.py for every `import name` / `from name import ...`
 # that names one; never the library), so that a machine without network can run them
 # (scripts/gpu_stage_upstream.sh; the folder travels as an ignored path).
@@ -41,7 +42,7 @@ for ref in "${REFS[@]}"; do
     rm -rf "$dir" && mkdir -p "$dir"
     files=()
     for path in tests/test_flash_attn.py tests/layers/test_rotary.py tests/ops/triton/test_layer_norm.py \
-        tests/losses/test_cross_entropy.py tests/ops/test_dropout_layer_norm.py; do
+        tests/losses/test_cross_entropy.py tests/ops/test_dropout_layer_norm.py tests/ops/test_fused_dense.py; do
         if git -C "$GIT_DIR" cat-file -e "$commit:$path" 2>/dev/null; then
             git -C "$GIT_DIR" show "$commit:$path" >"$dir/$(basename "$path")"
             files+=("$path")
