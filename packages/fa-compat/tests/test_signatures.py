@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import flash_attn
+from flash_attn.layers.patch_embed import PatchEmbed
 
 DATA = json.loads((Path(__file__).parent / "data" / "flash_attn_2_8_signatures.json").read_text())
 RECORDS = DATA["records"]
@@ -160,6 +161,35 @@ SOURCE_SIGNATURES: list[tuple[str, str, str]] = [
     ("flash_attn.modules.mha", "ParallelMHA.__init__", "self, embed_dim, num_heads, process_group, num_heads_kv=None, qkv_proj_bias=True, out_proj_bias=True, dropout=0.0, softmax_scale=None, causal=False, layer_idx=None, rotary_emb_dim=0, rotary_emb_base=10000.0, rotary_emb_scale_base=None, rotary_emb_interleaved=False, use_alibi=False, window_size=(-1, -1), use_flash_attn=False, checkpointing=False, sequence_parallel=True, device=None, dtype=None"),
     ("flash_attn.modules.mha", "ParallelMHA.allocate_inference_cache", "self, batch_size, max_seqlen, dtype=None"),
     ("flash_attn.modules.mha", "ParallelMHA.forward", "self, x, seqlen=None, inference_params=None, **kwargs"),
+    ("flash_attn.models.gpt_neox", "remap_state_dict_hf_gpt_neox", "state_dict, config"),
+    ("flash_attn.models.gpt_neox", "gpt_neox_config_to_gpt2_config", "gpt_neox_config"),
+    ("flash_attn.models.gptj", "remap_state_dict_hf_gptj", "state_dict, config"),
+    ("flash_attn.models.gptj", "gptj_config_to_gpt2_config", "gptj_config"),
+    ("flash_attn.models.opt", "remap_state_dict_hf_opt", "state_dict, config"),
+    ("flash_attn.models.opt", "opt_config_to_gpt2_config", "opt_config"),
+    ("flash_attn.models.falcon", "remap_state_dict_hf_falcon", "state_dict, config"),
+    ("flash_attn.models.falcon", "falcon_config_to_gpt2_config", "falcon_config"),
+    ("flash_attn.models.bigcode", "remap_state_dict_hf_bigcode", "state_dict, config"),
+    ("flash_attn.models.bigcode", "inv_remap_state_dict_hf_bigcode", "state_dict, config"),
+    ("flash_attn.models.bigcode", "bigcode_config_to_gpt2_config", "bigcode_config"),
+    ("flash_attn.models.btlm", "remap_state_dict_hf_btlm", "state_dict, config"),
+    ("flash_attn.models.btlm", "btlm_config_to_gpt2_config", "btlm_config"),
+    ("flash_attn.models.baichuan", "remap_state_dict_hf_baichuan", "state_dict, config"),
+    ("flash_attn.models.baichuan", "baichuan_config_to_gpt2_config", "baichuan_config"),
+    ("flash_attn.models.vit", "create_mixer_cls", "num_heads, qkv_bias, attn_drop, use_flash_attn, fused_bias_fc, cross_attn=False"),
+    ("flash_attn.models.vit", "create_mlp_cls", "embed_dim, mlp_ratio, act_layer, fused_mlp"),
+    ("flash_attn.models.vit", "create_block", "embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, drop_path1, drop_path2, norm_layer, act_layer, use_flash_attn, fused_bias_fc, fused_mlp, fused_dropout_add_ln, layer_idx=None, n_layer=None, last_layer_subset=False"),
+    ("flash_attn.models.vit", "VisionTransformer.__init__", "self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool='token', embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, init_values=None, class_token=True, no_embed_class=False, pre_norm=False, fc_norm=None, drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, weight_init='', embed_layer=PatchEmbed, norm_layer=None, act_layer=None, use_flash_attn=False, fused_bias_fc=False, fused_mlp=False, fused_dropout_add_ln=False"),
+    ("flash_attn.models.vit", "VisionTransformer.init_weights", "self, mode=''"),
+    ("flash_attn.models.vit", "VisionTransformer._init_weights", "self, m"),
+    ("flash_attn.models.vit", "VisionTransformer.no_weight_decay", "self"),
+    ("flash_attn.models.vit", "VisionTransformer._pos_embed", "self, x"),
+    ("flash_attn.models.vit", "VisionTransformer.forward_features", "self, x, all_tokens=True"),
+    ("flash_attn.models.vit", "VisionTransformer.forward_head", "self, x, pre_logits=False"),
+    ("flash_attn.models.vit", "VisionTransformer.forward", "self, x"),
+    ("flash_attn.models.vit", "VisionTransformer.load_state_dict", "self, state_dict, strict=True"),
+    ("flash_attn.models.vit", "init_weights_vit_timm", "module, name=''"),
+    ("flash_attn.models.vit", "vit_base_patch16_224", "pretrained=False, **kwargs"),
 ]  # fmt: skip
 #: module-level aliases of those modules: (module, name, target)
 SOURCE_ALIASES = [
@@ -198,7 +228,7 @@ RECORDS = (
     + [{"module": m, "name": n, "alias_of": target} for m, n, target in SOURCE_ALIASES]
 )
 #: names a recorded default may refer to besides literals (flash-attn's ``nn.LayerNorm`` / ``nn.Dropout`` / ``F.gelu``)
-DEFAULT_NAMES = {"nn": torch.nn, "F": torch.nn.functional}
+DEFAULT_NAMES = {"nn": torch.nn, "F": torch.nn.functional, "PatchEmbed": PatchEmbed}
 
 
 def _default_value(text: str):

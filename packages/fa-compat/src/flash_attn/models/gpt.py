@@ -36,8 +36,9 @@ HF transformers is imported only where a ``GPT2Config`` is checked (:class:`GPTP
 checkpoint is read, so the conversions work without it.
 
 Not provided (``NotImplementedError`` naming what is missing): ``fused_dense_sqrelu_dense`` (flash-attn's
-``FusedDenseSqreluDense`` of ``flash_attn.ops.triton.mlp``) and the checkpoint converters of OPT, GPT-J,
-GPT-NeoX, Falcon and BigCode in ``from_pretrained``. ``fused_bias_fc=True`` is accepted and builds
+``FusedDenseSqreluDense`` of ``flash_attn.ops.triton.mlp``). ``from_pretrained`` converts GPT-2 and Llama
+checkpoints here and those of OPT, GPT-J, GPT-NeoX, Falcon and BigCode (by flash-attn's model-name prefixes)
+with the remaps of their modules in :mod:`flash_attn.models`. ``fused_bias_fc=True`` is accepted and builds
 ``nn.Linear`` projections (see :mod:`flash_attn.modules.mha`).
 
 Differences from flash-attn 2.8.3, all supersets:
@@ -65,6 +66,7 @@ Differences from flash-attn 2.8.3, all supersets:
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
@@ -356,7 +358,6 @@ class GPTPreTrainedModel(nn.Module):
         rank ``rank`` (or none with ``world_size > 1``) raises ``ValueError`` before the checkpoint is read.
         """
         name = os.fspath(model_name)
-        _refuse_unsupported_checkpoint(name)  # before reading (or downloading) the checkpoint
         model = cls(config, *args, device=device, dtype=dtype, **kwargs)
         check_pretrained_group(model, world_size, rank)
         state_dict = state_dict_from_pretrained(name, device="cpu", dtype=dtype)
@@ -369,22 +370,15 @@ class GPTPreTrainedModel(nn.Module):
 
 
 #: flash-attn's model-name prefixes whose converters (flash_attn.models.<module>) are not provided here
-_UNSUPPORTED_PREFIXES = {
+#: flash-attn's model-name prefixes of the families whose checkpoints ``from_pretrained`` converts with
+#: ``flash_attn.models.<module>.remap_state_dict_hf_<module>``
+_FAMILY_PREFIXES = {
     "opt": ("facebook/opt",),
     "gptj": ("EleutherAI/gpt-j-", "togethercomputer/GPT-JT-"),
     "gpt_neox": ("EleutherAI/gpt-neox-", "EleutherAI/pythia-", "togethercomputer/RedPajama-INCITE-"),
     "falcon": ("tiiuae/falcon-",),
     "bigcode": ("bigcode/", "WizardLM/"),
 }
-
-
-def _refuse_unsupported_checkpoint(model_name: str) -> None:
-    for module, prefixes in _UNSUPPORTED_PREFIXES.items():
-        if model_name.startswith(prefixes):
-            raise NotImplementedError(
-                f"Model {model_name}: its checkpoint converter (flash-attn's flash_attn.models.{module}) is not "
-                "provided by Flash Attention Plus"
-            )
 
 
 def _remap_pretrained(model_name: str, state_dict: dict[str, Tensor], config: Any) -> dict[str, Tensor]:
@@ -394,7 +388,10 @@ def _remap_pretrained(model_name: str, state_dict: dict[str, Tensor], config: An
         return remap_state_dict_hf_gpt2(state_dict, config)
     if model_name.startswith("meta-llama/Llama-"):
         return remap_state_dict_hf_llama(state_dict, config)
-    _refuse_unsupported_checkpoint(model_name)
+    for module, prefixes in _FAMILY_PREFIXES.items():
+        if model_name.startswith(prefixes):
+            family = importlib.import_module(f"flash_attn.models.{module}")
+            return getattr(family, f"remap_state_dict_hf_{module}")(state_dict, config)
     if "wte.weight" in state_dict or "transformer.wte.weight" in state_dict:
         return remap_state_dict_hf_gpt2(state_dict, config)
     if "model.embed_tokens.weight" in state_dict:

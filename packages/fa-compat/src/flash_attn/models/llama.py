@@ -72,6 +72,20 @@ def _pad_to_multiple(weight: Tensor, config: Any) -> Tensor:
     return F.pad(weight, (0, 0, 0, rows - weight.shape[0]))
 
 
+def _pad_embeddings_and_head(sd: dict[str, Tensor], config: Any) -> None:
+    """In place, on a state dict in this model's names: pad the word embeddings (and an untied ``lm_head``'s
+    weight and bias) to a multiple of ``config.pad_vocab_size_multiple``; a tied head gets the embeddings."""
+    key = "transformer.embeddings.word_embeddings.weight"
+    sd[key] = word_embeddings = _pad_to_multiple(sd.pop(key), config)
+    if getattr(config, "tie_word_embeddings", False):
+        sd["lm_head.weight"] = word_embeddings
+    else:
+        sd["lm_head.weight"] = _pad_to_multiple(sd.pop("lm_head.weight"), config)
+    if "lm_head.bias" in sd:
+        bias = sd.pop("lm_head.bias")
+        sd["lm_head.bias"] = F.pad(bias, (0, sd["lm_head.weight"].shape[0] - bias.shape[0]))
+
+
 def _rename(state_dict: Mapping[str, Tensor], rules: list[tuple[str, str]]) -> OrderedDict[str, Tensor]:
     """A new dict with every key rewritten by the first matching ``(pattern, replacement)`` rule
     (``re.sub`` anchored at the start of the key)."""
