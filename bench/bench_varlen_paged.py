@@ -259,19 +259,11 @@ def main() -> None:
     args = ap.parse_args()
     install_sigterm_handler()
     rows: list[Row] = []
-    if args.gluon_min_flops is not None:
+    probe = args.gluon_min_flops is not None
+    if probe:
         import fa_core.ops
 
         fa_core.ops.GLUON_MIN_FLOPS = args.gluon_min_flops
-        run(
-            [int(x) for x in args.means.split(",")],
-            [int(x) for x in args.pages.split(",")],
-            [p for p in args.providers.split(",") if p],
-            [bool(int(x)) for x in args.causal.split(",")],
-            check=not args.no_check,
-            into=rows,
-        )
-        return
     try:
         run(
             [int(x) for x in args.means.split(",")],
@@ -282,7 +274,7 @@ def main() -> None:
             into=rows,
         )
     finally:
-        if rows:
+        if rows and not probe:
             path = write_results(
                 KIND,
                 rows,
