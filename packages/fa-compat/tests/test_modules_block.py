@@ -744,8 +744,12 @@ def _dist_worker(rank: int, world: int, store: str) -> None:
         _check_parameter_sync(rank, world, group)
         _check_parallel_embeddings(rank, world, group)
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # every rank passed the last barrier: leave without tearing the group down (a rank's gloo
+    # threads still running at destruction abort the process under load)
+    os._exit(0)
 
 
 @pytest.mark.parametrize("world", [1, 2])

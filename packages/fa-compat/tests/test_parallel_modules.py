@@ -700,8 +700,12 @@ def _dist_worker(rank: int, world: int, store: str, checks: tuple[str, ...]) -> 
         for check in checks:
             globals()[check](rank, world, group)
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # every rank passed the last barrier: leave without tearing the group down (a rank's gloo
+    # threads still running at destruction abort the process under load)
+    os._exit(0)
 
 
 def _spawn(checks, world, tmp_path, limit_s=150):
