@@ -35,6 +35,7 @@ from common import (  # noqa: E402
     install_sigterm_handler,
     progress,
     rel_error,
+    release_cache,
     standard_sweep,
     try_provider,
     write_results,
@@ -212,7 +213,7 @@ def _build(fns: dict[str, Callable[[], Any]], name: str, q, k, v, dout, causal: 
     except BaseException as exc:  # unsupported shape, OOM, compile error: recorded, the sweep goes on
         return f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
     finally:
-        torch.cuda.empty_cache()
+        release_cache()
 
 
 def _autotuned_tiles() -> dict[str, Any]:
@@ -258,7 +259,7 @@ def _time_config(
                     except Exception as exc:  # never lose the timing for a memory probe
                         row["note"] = f"no peak memory: {type(exc).__name__}"
         fns.clear()
-        torch.cuda.empty_cache()
+        release_cache()
         rows += new
         for row in new:
             val = row.get("tflops") if row.get("tflops") is not None else row.get("error")

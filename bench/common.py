@@ -379,12 +379,19 @@ def try_provider(row: Row, fn: Callable[[], float], flop: float | None = None) -
         if os.environ.get("BENCH_TRACEBACK") == "1":
             traceback.print_exc()
     finally:
-        if torch.cuda.is_available():
-            try:
-                torch.cuda.empty_cache()
-            except Exception as exc:  # a sticky CUDA error: every later provider will say so too
-                print(f"[bench] empty_cache failed: {exc}", file=sys.stderr)
+        release_cache()
     return row
+
+
+def release_cache() -> None:
+    """``torch.cuda.empty_cache()`` that never raises: after a sticky CUDA error (a provider's illegal memory
+    access) it is reported, every later provider records the error as its row's, and the sweep still writes
+    the rows measured."""
+    if torch.cuda.is_available():
+        try:
+            torch.cuda.empty_cache()
+        except Exception as exc:
+            print(f"[bench] empty_cache failed: {exc}", file=sys.stderr)
 
 
 def progress(items: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
