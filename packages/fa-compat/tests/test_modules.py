@@ -402,6 +402,38 @@ def test_mha_generation_matches_full_forward(config, use_flash_attn, monkeypatch
     assert spy.rotary_calls == (4 if kvcache_path and config.startswith("rotary16") else 0)
 
 
+@pytest.mark.skipif(not HAS_KVCACHE, reason="needs fa-kvcache (flash_attn_with_kvcache)")
+def test_mha_decoding_step_methods_match_forward():
+    """flash-attn's private decoding-step methods (``_update_kv_cache``, ``_update_kvcache_attention``,
+    ``_apply_rotary_update_kvcache_attention``) give what ``forward`` gives for the same step."""
+    import copy
+
+    torch.manual_seed(12)
+    module = MHA(
+        EMBED, HEADS, causal=True, layer_idx=0, use_flash_attn=True, rotary_emb_dim=16, device=DEVICE
+    )
+    module = module.to(HI).eval()
+    x = torch.randn(2, 6, EMBED, device=DEVICE, dtype=torch.float32).to(HI)
+    prompt = 5
+    params = InferenceParams(max_seqlen=8, max_batch_size=2)
+    with torch.no_grad():
+        module(x[:, :prompt], inference_params=params)
+        params.seqlen_offset = prompt
+        token = x[:, prompt : prompt + 1]
+        fused_params, plain_params, cache_params = (copy.deepcopy(params) for _ in range(3))
+        want = module(token, inference_params=params)
+        qkv = module._project_qkv(token)
+        fused = module._apply_rotary_update_kvcache_attention(qkv[:, :, 0], qkv[:, :, 1:], fused_params)
+        rotated = module.rotary_emb(qkv, seqlen_offset=prompt, max_seqlen=8)
+        plain = module._update_kvcache_attention(rotated[:, :, 0], rotated[:, :, 1:], plain_params)
+        cache = module._update_kv_cache(rotated[:, :, 1:], cache_params)
+    for context in (fused, plain):
+        _close(module.out_proj(context.flatten(-2)), want)
+    assert cache.shape == (2, prompt + 1, 2, module.num_heads_kv, module.head_dim)
+    torch.testing.assert_close(cache[:, prompt:], rotated[:, :, 1:], rtol=0, atol=0)
+    torch.testing.assert_close(cache, params.key_value_memory_dict[0][:, : prompt + 1], rtol=1e-6, atol=1e-6)
+
+
 def test_mha_generation_cross_attention():
     """Cross-attention decoding: each step's queries attend over the cached keys of every x_kv so far."""
     torch.manual_seed(10)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +54,39 @@ def _fp32(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.float()
 
 
+def _init_flash_core(
+    core: Any,
+    causal: bool,
+    softmax_scale: float | None,
+    attention_dropout: float,
+    window_size: tuple[int, int],
+    alibi_slopes: Tensor | None,
+    deterministic: bool,
+) -> None:
+    """Set a flash core's ``causal``, ``softmax_scale``, ``drop`` (``nn.Dropout(attention_dropout)``), the
+    non-persistent buffer ``alibi_slopes``, ``window_size`` and ``deterministic``."""
+    core.causal = causal
+    core.softmax_scale = softmax_scale
+    core.drop = nn.Dropout(attention_dropout)
+    core.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
+    core.window_size = window_size
+    core.deterministic = deterministic
+
+
+def _flash_options(core: Any, causal: bool | None) -> tuple[float, dict[str, Any]]:
+    """``(dropout_p, options)`` of a flash core's kernel call: the dropout probability in training mode (else
+    0), and ``softmax_scale``, ``causal`` (``self.causal`` when None), ``alibi_slopes`` (float32),
+    ``window_size`` and ``deterministic``."""
+    options = dict(
+        softmax_scale=core.softmax_scale,
+        causal=core.causal if causal is None else causal,
+        alibi_slopes=_fp32(core.alibi_slopes),
+        window_size=core.window_size,
+        deterministic=core.deterministic,
+    )
+    return (core.drop.p if core.training else 0.0), options
+
+
 class FlashSelfAttention(nn.Module):
     """Scaled dot-product self-attention with softmax on packed ``qkv``, by the flash kernels.
 
@@ -77,12 +111,9 @@ class FlashSelfAttention(nn.Module):
         deterministic: bool = False,
     ) -> None:
         super().__init__()
-        self.causal = causal
-        self.softmax_scale = softmax_scale
-        self.drop = nn.Dropout(attention_dropout)
-        self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
-        self.window_size = window_size
-        self.deterministic = deterministic
+        _init_flash_core(
+            self, causal, softmax_scale, attention_dropout, window_size, alibi_slopes, deterministic
+        )
 
     def forward(
         self,
@@ -101,15 +132,7 @@ class FlashSelfAttention(nn.Module):
         Return:
             out: ``(B, S, H, D)``, or ``(total, H, D)`` in the varlen form.
         """
-        causal = self.causal if causal is None else causal
-        dropout_p = self.drop.p if self.training else 0.0
-        opts = dict(
-            softmax_scale=self.softmax_scale,
-            causal=causal,
-            alibi_slopes=_fp32(self.alibi_slopes),
-            window_size=self.window_size,
-            deterministic=self.deterministic,
-        )
+        dropout_p, opts = _flash_options(self, causal)
         if cu_seqlens is None:
             return flash_attn_qkvpacked_func(qkv, dropout_p, **opts)
         if max_seqlen is None:
@@ -142,12 +165,9 @@ class FlashCrossAttention(nn.Module):
         deterministic: bool = False,
     ) -> None:
         super().__init__()
-        self.causal = causal
-        self.softmax_scale = softmax_scale
-        self.drop = nn.Dropout(attention_dropout)
-        self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
-        self.window_size = window_size
-        self.deterministic = deterministic
+        _init_flash_core(
+            self, causal, softmax_scale, attention_dropout, window_size, alibi_slopes, deterministic
+        )
 
     def forward(
         self,
@@ -169,15 +189,7 @@ class FlashCrossAttention(nn.Module):
         Return:
             out: ``(B, Sq, H, D)``, or ``(total_q, H, D)`` in the varlen form.
         """
-        causal = self.causal if causal is None else causal
-        dropout_p = self.drop.p if self.training else 0.0
-        opts = dict(
-            softmax_scale=self.softmax_scale,
-            causal=causal,
-            alibi_slopes=_fp32(self.alibi_slopes),
-            window_size=self.window_size,
-            deterministic=self.deterministic,
-        )
+        dropout_p, opts = _flash_options(self, causal)
         if cu_seqlens is None:
             if kv.shape[0] != q.shape[0] or kv.shape[-1] != q.shape[-1]:
                 raise ValueError(

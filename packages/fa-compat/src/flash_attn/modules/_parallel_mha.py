@@ -11,35 +11,30 @@ rotary embedding and KV cache are :class:`flash_attn.modules.mha.MHA`'s.
 
 from __future__ import annotations
 
-from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from flash_attn import _extras
 from flash_attn.flash_attn_interface import flash_attn_with_kvcache
-from flash_attn.layers.rotary import RotaryEmbedding
-from flash_attn.modules._cores import (
-    CrossAttention,
-    FlashCrossAttention,
-    FlashSelfAttention,
-    SelfAttention,
-    _fp32,
-    get_alibi_slopes,
+from flash_attn.modules._cores import get_alibi_slopes
+from flash_attn.modules._mha_common import (
+    InferenceParamsLike,
+    KVCacheSteps,
+    _attend,
+    _attention_cores,
+    _check_flash_only,
+    _empty_kv_cache,
+    _rotary_embedding,
 )
 from flash_attn.ops.fused_dense import ColumnParallelLinear, RowParallelLinear
 from flash_attn.utils.distributed import get_dim_for_local_rank
 
-if TYPE_CHECKING:
-    from flash_attn.modules.mha import InferenceParamsLike
-
 __all__ = ["ParallelMHA"]
 
 
-class ParallelMHA(nn.Module):
+class ParallelMHA(KVCacheSteps, nn.Module):
     """Multi-head self-attention split over a process group by heads: ``out_proj(attention(Wqkv x))`` with
     this rank's ``num_heads_per_rank`` q heads and ``num_heads_kv_per_rank`` k / v heads.
 
@@ -61,6 +56,11 @@ class ParallelMHA(nn.Module):
     :class:`~flash_attn.modules.mha.MHA` does; invalid configurations raise ``ValueError`` instead of failing an
     ``assert``.
     """
+
+    _step_name = "ParallelMHA"
+
+    def _kvcache_fn(self) -> Any:
+        return flash_attn_with_kvcache
 
     def __init__(
         self,
@@ -121,10 +121,7 @@ class ParallelMHA(nn.Module):
         else:
             self.world_size = dist.get_world_size(process_group)
             self.local_rank = dist.get_rank(process_group)
-        if use_alibi and not use_flash_attn:
-            raise ValueError("ParallelMHA: use_alibi=True requires use_flash_attn=True")
-        if tuple(window_size) != (-1, -1) and not use_flash_attn:
-            raise ValueError("ParallelMHA: a sliding window_size requires use_flash_attn=True")
+        _check_flash_only("ParallelMHA", use_alibi, window_size, use_flash_attn)
 
         self.num_heads = num_heads
         if embed_dim % num_heads != 0:
@@ -158,12 +155,8 @@ class ParallelMHA(nn.Module):
             )
 
         if rotary_emb_dim > 0:
-            self.rotary_emb = RotaryEmbedding(
-                rotary_emb_dim,
-                base=rotary_emb_base,
-                scale_base=rotary_emb_scale_base,
-                interleaved=rotary_emb_interleaved,
-                device=device,
+            self.rotary_emb = _rotary_embedding(
+                rotary_emb_dim, rotary_emb_base, rotary_emb_scale_base, rotary_emb_interleaved, device
             )
 
         self.Wqkv = ColumnParallelLinear(
@@ -175,20 +168,8 @@ class ParallelMHA(nn.Module):
             multiple_of=self.head_dim * (group_size + 2),
             **factory_kwargs,
         )
-        inner_attn_cls: Any
-        inner_cross_attn_cls: Any
-        if use_flash_attn:
-            inner_attn_cls = partial(FlashSelfAttention, alibi_slopes=alibi_slopes, window_size=window_size)
-            inner_cross_attn_cls = partial(
-                FlashCrossAttention, alibi_slopes=alibi_slopes, window_size=window_size
-            )
-        else:
-            inner_attn_cls, inner_cross_attn_cls = SelfAttention, CrossAttention
-        self.inner_attn = inner_attn_cls(
-            causal=causal, softmax_scale=softmax_scale, attention_dropout=dropout
-        )
-        self.inner_cross_attn = inner_cross_attn_cls(
-            causal=causal, softmax_scale=softmax_scale, attention_dropout=dropout
+        self.inner_attn, self.inner_cross_attn = _attention_cores(
+            use_flash_attn, alibi_slopes, window_size, causal, softmax_scale, dropout
         )
         self.out_proj = RowParallelLinear(
             embed_dim,
@@ -205,90 +186,9 @@ class ParallelMHA(nn.Module):
     ) -> Tensor:
         """An empty KV cache of this rank's kv heads ``(batch_size, max_seqlen, 2, num_heads_kv_per_rank, D)``
         on ``out_proj``'s device, of ``dtype`` (default ``out_proj``'s)."""
-        dtype = self.out_proj.weight.dtype if dtype is None else dtype
-        device = self.out_proj.weight.device
-        return torch.empty(
-            batch_size,
-            max_seqlen,
-            2,
-            self.num_heads_kv_per_rank,
-            self.head_dim,
-            dtype=dtype,
-            device=device,
+        return _empty_kv_cache(
+            self.out_proj, batch_size, max_seqlen, self.num_heads_kv_per_rank, self.head_dim, dtype
         )
-
-    def _update_kv_cache(self, kv: Tensor, inference_params: InferenceParamsLike) -> Tensor:
-        """kv: ``(B, S, 2, H_k_r, D)`` -> this layer's cache ``(B, seqlen_offset + S, 2, H_k_r, D)`` after writing
-        kv."""
-        # mha imports this module: take its cache helper when called, not at import
-        from flash_attn.modules.mha import _update_kv_cache
-
-        if self.layer_idx is None:
-            raise ValueError(
-                "ParallelMHA: generation (inference_params) requires layer_idx in the constructor"
-            )
-        return _update_kv_cache(kv, inference_params, self.layer_idx)
-
-    def _kvcache_call(
-        self, q: Tensor, kv: Tensor, inference_params: InferenceParamsLike, **rotary: Any
-    ) -> Tensor:
-        """One ``flash_attn_with_kvcache`` call: append ``kv`` to this layer's cache and attend ``q`` over it."""
-        batch = q.shape[0]
-        kv_cache = inference_params.key_value_memory_dict[self.layer_idx][:batch]
-        cache_seqlens = (
-            inference_params.lengths_per_sample[:batch]
-            if inference_params.lengths_per_sample is not None
-            else inference_params.seqlen_offset
-        )
-        core = self.inner_cross_attn
-        return flash_attn_with_kvcache(
-            q,
-            kv_cache[:, :, 0],
-            kv_cache[:, :, 1],
-            kv[:, :, 0],
-            kv[:, :, 1],
-            cache_seqlens=cache_seqlens,
-            softmax_scale=core.softmax_scale,
-            causal=core.causal,
-            window_size=getattr(core, "window_size", (-1, -1)),
-            alibi_slopes=_fp32(getattr(core, "alibi_slopes", None)),
-            **rotary,
-        )
-
-    def _apply_rotary_update_kvcache_attention(
-        self, q: Tensor, kv: Tensor, inference_params: InferenceParamsLike
-    ) -> Tensor:
-        """Decoding step in one kernel: rotate q and the new k, append k / v to the cache, attend.
-        q: ``(B, Sq, H_r, D)``, kv: ``(B, Sq, 2, H_k_r, D)`` not yet rotated -> ``(B, Sq, H_r, D)``."""
-        if inference_params is None or inference_params.seqlen_offset <= 0:
-            raise ValueError(
-                "ParallelMHA: the fused decoding path needs inference_params with seqlen_offset > 0"
-            )
-        if not self.use_flash_attn:
-            raise ValueError("ParallelMHA: the fused decoding path needs use_flash_attn=True")
-        rotary: dict[str, Any] = {}
-        if self.rotary_emb_dim > 0:
-            if self.rotary_emb.scale is not None:
-                raise ValueError(
-                    "ParallelMHA: the fused decoding path does not support XPos (rotary_emb_scale_base)"
-                )
-            self.rotary_emb._update_cos_sin_cache(inference_params.max_seqlen, device=q.device, dtype=q.dtype)
-            rotary = dict(
-                rotary_cos=self.rotary_emb._cos_cached,
-                rotary_sin=self.rotary_emb._sin_cached,
-                rotary_interleaved=self.rotary_emb.interleaved,
-            )
-        return self._kvcache_call(q, kv, inference_params, **rotary)
-
-    def _update_kvcache_attention(
-        self, q: Tensor, kv: Tensor, inference_params: InferenceParamsLike
-    ) -> Tensor:
-        """Write ``kv`` (already rotated) into the cache, then attend ``q`` over the cache (see
-        :meth:`flash_attn.modules.mha.MHA._update_kvcache_attention`)."""
-        if inference_params.seqlen_offset == 0 or not self.use_flash_attn or _extras.KVCACHE is None:
-            kv = self._update_kv_cache(kv, inference_params)
-            return self.inner_cross_attn(q, kv)
-        return self._kvcache_call(q, kv, inference_params)
 
     def forward(
         self,
@@ -314,59 +214,24 @@ class ParallelMHA(nn.Module):
         qkv = self.Wqkv(x)
         if seqlen is not None:
             qkv = qkv.unflatten(0, (-1, seqlen))
-        seqlen_offset: int | Tensor = 0
-        rotary_max_seqlen: int | None = None
-        if inference_params is not None:
-            lengths = inference_params.lengths_per_sample
-            seqlen_offset = lengths if lengths is not None else inference_params.seqlen_offset
-            rotary_max_seqlen = inference_params.max_seqlen
-        fused_decode = (
-            inference_params is not None
-            and inference_params.seqlen_offset > 0
-            and self.rotary_emb_dim > 0
-            and self.rotary_emb_dim % 16 == 0
-            and self.use_flash_attn
-            and _extras.KVCACHE is not None
-        )
         heads, heads_kv, head_dim = self.num_heads_per_rank, self.num_heads_kv_per_rank, self.head_dim
-
+        qkv_or_q: Tensor
+        kv: Tensor | None = None
         if self.num_heads_kv == self.num_heads:
-            qkv = qkv.unflatten(-1, (3, heads, head_dim))
-            if fused_decode:
-                assert inference_params is not None
-                context = self._apply_rotary_update_kvcache_attention(
-                    qkv[:, :, 0], qkv[:, :, 1:], inference_params
-                )
-            else:
-                if self.rotary_emb_dim > 0:
-                    qkv = self.rotary_emb(qkv, seqlen_offset=seqlen_offset, max_seqlen=rotary_max_seqlen)
-                if inference_params is not None:
-                    context = self._update_kvcache_attention(qkv[:, :, 0], qkv[:, :, 1:], inference_params)
-                elif self.checkpointing:
-                    context = torch.utils.checkpoint.checkpoint(
-                        self.inner_attn, qkv, use_reentrant=False, **kwargs
-                    )
-                else:
-                    context = self.inner_attn(qkv, **kwargs)
+            qkv_or_q = qkv.unflatten(-1, (3, heads, head_dim))
         else:
             q_part, kv_part = qkv.split([heads * head_dim, 2 * heads_kv * head_dim], dim=-1)
-            q = q_part.unflatten(-1, (heads, head_dim))
+            qkv_or_q = q_part.unflatten(-1, (heads, head_dim))
             kv = kv_part.unflatten(-1, (2, heads_kv, head_dim))
-            if fused_decode:
-                assert inference_params is not None
-                context = self._apply_rotary_update_kvcache_attention(q, kv, inference_params)
-            else:
-                if self.rotary_emb_dim > 0:
-                    q, kv = self.rotary_emb(q, kv, seqlen_offset=seqlen_offset, max_seqlen=rotary_max_seqlen)
-                if inference_params is not None:
-                    context = self._update_kvcache_attention(q, kv, inference_params)
-                elif self.checkpointing:
-                    context = torch.utils.checkpoint.checkpoint(
-                        self.inner_cross_attn, q, kv, use_reentrant=False, **kwargs
-                    )
-                else:
-                    context = self.inner_cross_attn(q, kv, **kwargs)
-        context = context.flatten(-2)
+        context = _attend(
+            self,
+            qkv_or_q,
+            kv,
+            inference_params,
+            kwargs,
+            name="ParallelMHA",
+            kvcache_fn=self._kvcache_fn(),
+        ).flatten(-2)
         if seqlen is not None:
             context = context.flatten(0, 1)
         return self.out_proj(context)

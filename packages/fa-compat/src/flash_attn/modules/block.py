@@ -115,6 +115,73 @@ def _tag_parameters(norms: list[nn.Module], sequence_parallel: bool, mark_shared
                 p._shared_params = True  # type: ignore[attr-defined]
 
 
+def _layer_classes(
+    dim: int, mixer_cls: Callable[[int], nn.Module] | None, mlp_cls: Callable[[int], nn.Module] | None
+) -> tuple[Callable[[int], nn.Module], Callable[[int], nn.Module]]:
+    """``(mixer_cls, mlp_cls)`` with their defaults ``partial(MHA, num_heads=dim // 64)`` and
+    ``partial(Mlp, hidden_features=4 * dim)``."""
+    if mixer_cls is None:
+        mixer_cls = partial(MHA, num_heads=dim // 64)
+    if mlp_cls is None:
+        mlp_cls = partial(Mlp, hidden_features=4 * dim)
+    return mixer_cls, mlp_cls
+
+
+def _finish_norms(
+    block: Any, fused_dropout_add_ln: bool, sequence_parallel: bool, mark_shared_params: bool
+) -> None:
+    """The end of the blocks' constructors: check that ``norm1`` / ``dropout1`` fit the fused kernel (with
+    ``fused_dropout_add_ln``), then tag the parameters of ``norm1`` and ``norm2`` (when the block has one)
+    with :func:`_tag_parameters`."""
+    if fused_dropout_add_ln:
+        _check_fusable(block.norm1, block.dropout1)
+    norms = [block.norm1, block.norm2] if hasattr(block, "norm2") else [block.norm1]
+    _tag_parameters(norms, sequence_parallel, mark_shared_params)
+
+
+def _allocate_inference_cache(
+    self: Any, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None, **kwargs: Any
+) -> Any:
+    """The mixer's ``allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, **kwargs)``.
+
+    The blocks' ``allocate_inference_cache`` method (``self``: the block)."""
+    return self.mixer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, **kwargs)
+
+
+def _add_norm(summed: Tensor, norm: nn.Module, residual_in_fp32: bool) -> tuple[Tensor, Tensor]:
+    """``(norm(summed), residual)`` of the unfused path: ``summed`` cast to the norm's weight dtype for the
+    norm, and kept as the residual stream (in float32 with ``residual_in_fp32``)."""
+    normed = norm(_to_norm_dtype(summed, norm))
+    return normed, summed.to(torch.float32) if residual_in_fp32 else summed
+
+
+def _fused_dropout_add_norm(
+    x: Tensor,
+    residual: Tensor | None,
+    dropout: Any,
+    norm: Any,
+    *,
+    training: bool,
+    prenorm: bool,
+    residual_in_fp32: bool,
+    **kwargs: Any,
+) -> Any:
+    """:func:`layer_norm_fn` of ``norm(dropout(x) + residual)`` with ``norm``'s weight, bias, eps and kind and
+    ``dropout``'s probability (in training mode only); ``kwargs``: its other arguments (``rowscale``, or
+    ``x1`` / ``weight1`` / ``bias1``)."""
+    return layer_norm_fn(
+        x,
+        norm.weight,
+        norm.bias,
+        residual=residual,
+        dropout_p=dropout.p if training else 0.0,
+        prenorm=prenorm,
+        residual_in_fp32=residual_in_fp32,
+        **kwargs,
+        **_norm_kwargs(norm),
+    )
+
+
 class Block(nn.Module):
     """Transformer block: mixer (attention) and MLP sub-layers, each with dropout, stochastic depth, a residual
     connection and a norm; pre-norm (returns ``(hidden_states, residual)``) or post-norm (returns the hidden
@@ -163,31 +230,19 @@ class Block(nn.Module):
         self.fused_dropout_add_ln = fused_dropout_add_ln
         self.return_residual = return_residual
         self.residual_in_fp32 = residual_in_fp32
-        if mixer_cls is None:
-            mixer_cls = partial(MHA, num_heads=dim // 64)
-        if mlp_cls is None:
-            mlp_cls = partial(Mlp, hidden_features=4 * dim)
+        mixer_cls, mlp_cls = _layer_classes(dim, mixer_cls, mlp_cls)
         self.mixer = mixer_cls(dim)
         self.dropout1 = dropout_cls(resid_dropout1)
         self.drop_path1 = StochasticDepth(drop_path1, mode="row")
         self.norm1 = norm_cls(dim)
         self.mlp = mlp_cls(dim)
-        norms = [self.norm1]
         if not isinstance(self.mlp, nn.Identity):
             self.dropout2 = dropout_cls(resid_dropout2)
             self.drop_path2 = StochasticDepth(drop_path2, mode="row")
             self.norm2 = norm_cls(dim)
-            norms.append(self.norm2)
-        if fused_dropout_add_ln:
-            _check_fusable(self.norm1, self.dropout1)
-        _tag_parameters(norms, sequence_parallel, mark_shared_params)
+        _finish_norms(self, fused_dropout_add_ln, sequence_parallel, mark_shared_params)
 
-    def allocate_inference_cache(
-        self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None, **kwargs: Any
-    ) -> Any:
-        """The mixer's ``allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, **kwargs)``."""
-        mixer: Any = self.mixer
-        return mixer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, **kwargs)
+    allocate_inference_cache = _allocate_inference_cache
 
     def _dropout_add_norm(
         self,
@@ -204,24 +259,21 @@ class Block(nn.Module):
             summed = drop_path(dropout(x))
             if residual is not None:
                 summed = summed + residual
-            normed = norm(_to_norm_dtype(summed, norm))
-            if not prenorm:
-                return normed
-            return normed, summed.to(torch.float32) if self.residual_in_fp32 else summed
+            normed, residual = _add_norm(summed, norm, self.residual_in_fp32)
+            return (normed, residual) if prenorm else normed
         rowscale = None
         if self.training and drop_path.p > 0:
             # stochastic depth per sample of dim 0 becomes a scale of each row of x
             rowscale = drop_path(torch.ones(x.shape[:-1], device=x.device, dtype=x.dtype))
-        return layer_norm_fn(
+        return _fused_dropout_add_norm(
             x,
-            norm.weight,
-            norm.bias,
-            residual=residual,
-            dropout_p=dropout.p if self.training else 0.0,
-            rowscale=rowscale,
+            residual,
+            dropout,
+            norm,
+            training=self.training,
             prenorm=prenorm,
             residual_in_fp32=self.residual_in_fp32 if prenorm else False,
-            **_norm_kwargs(norm),
+            rowscale=rowscale,
         )
 
     def forward(
@@ -316,29 +368,17 @@ class ParallelBlock(nn.Module):
         self.tied_norm = tied_norm
         self.fused_dropout_add_ln = fused_dropout_add_ln
         self.residual_in_fp32 = residual_in_fp32
-        if mixer_cls is None:
-            mixer_cls = partial(MHA, num_heads=dim // 64)
-        if mlp_cls is None:
-            mlp_cls = partial(Mlp, hidden_features=4 * dim)
+        mixer_cls, mlp_cls = _layer_classes(dim, mixer_cls, mlp_cls)
         self.mixer = mixer_cls(dim)
         self.dropout1 = dropout_cls(resid_dropout1)
         self.norm1 = norm_cls(dim)
         self.mlp = mlp_cls(dim)
         self.dropout2 = dropout_cls(resid_dropout2)
-        norms = [self.norm1]
         if not tied_norm:
             self.norm2 = norm_cls(dim)
-            norms.append(self.norm2)
-        if fused_dropout_add_ln:
-            _check_fusable(self.norm1, self.dropout1)
-        _tag_parameters(norms, sequence_parallel, mark_shared_params)
+        _finish_norms(self, fused_dropout_add_ln, sequence_parallel, mark_shared_params)
 
-    def allocate_inference_cache(
-        self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None, **kwargs: Any
-    ) -> Any:
-        """The mixer's ``allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, **kwargs)``."""
-        mixer: Any = self.mixer
-        return mixer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, **kwargs)
+    allocate_inference_cache = _allocate_inference_cache
 
     def forward(
         self,
@@ -364,25 +404,21 @@ class ParallelBlock(nn.Module):
                 summed = residual + summed
             if hidden_states2 is not None:  # the first block has a single input (one dropout)
                 summed = summed + self.dropout2(hidden_states2)
-            normed1 = self.norm1(_to_norm_dtype(summed, self.norm1))
+            normed1, residual = _add_norm(summed, self.norm1, self.residual_in_fp32)
             normed2 = normed1 if self.tied_norm else self.norm2(_to_norm_dtype(summed, self.norm2))
-            residual = summed.to(torch.float32) if self.residual_in_fp32 else summed
         else:
-            norm1: Any = self.norm1
             norm2: Any = None if self.tied_norm else self.norm2
-            dropout1: Any = self.dropout1
-            normed1, *rest, residual = layer_norm_fn(
+            normed1, *rest, residual = _fused_dropout_add_norm(
                 hidden_states1,
-                norm1.weight,
-                norm1.bias,
-                residual=residual,
+                residual,
+                self.dropout1,
+                self.norm1,
+                training=self.training,
+                prenorm=True,
+                residual_in_fp32=self.residual_in_fp32,
                 x1=hidden_states2,
                 weight1=None if norm2 is None else norm2.weight,
                 bias1=None if norm2 is None else norm2.bias,
-                dropout_p=dropout1.p if self.training else 0.0,
-                prenorm=True,
-                residual_in_fp32=self.residual_in_fp32,
-                **_norm_kwargs(norm1),
             )
             normed2 = normed1 if self.tied_norm else rest[0]
         mixer_out = self.mixer(normed1, **(mixer_kwargs if mixer_kwargs is not None else {}))

@@ -31,24 +31,28 @@ sites carry over. Differences from flash-attn, all supersets:
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from flash_attn import _extras
 from flash_attn.flash_attn_interface import flash_attn_with_kvcache
-from flash_attn.layers.rotary import RotaryEmbedding
 from flash_attn.modules._cores import (
     CrossAttention,
     FlashCrossAttention,
     FlashSelfAttention,
     LinearResidual,
     SelfAttention,
-    _fp32,
     get_alibi_slopes,
+)
+from flash_attn.modules._mha_common import (
+    InferenceParamsLike,
+    KVCacheSteps,
+    _attend,
+    _attention_cores,
+    _check_flash_only,
+    _empty_kv_cache,
+    _rotary_embedding,
 )
 from flash_attn.modules._parallel_mha import ParallelMHA
 
@@ -64,64 +68,12 @@ __all__ = [
 ]
 
 
-class InferenceParamsLike(Protocol):
-    """What :class:`MHA` reads and writes of a generation state (flash-attn's ``InferenceParams``).
-
-    ``key_value_memory_dict[layer_idx]`` holds each layer's cache ``(max_batch_size, max_seqlen, 2, H_k, D)``
-    (created on the first call when missing); ``seqlen_offset`` is the number of tokens already in the cache
-    (0 for the prompt), ``lengths_per_sample`` an optional int32 ``(batch,)`` per-sequence length that
-    replaces it for rotary positions and cache lengths.
-    """
-
-    max_seqlen: int
-    max_batch_size: int
-    seqlen_offset: int
-    batch_size_offset: int
-    key_value_memory_dict: dict[Any, Any]
-    lengths_per_sample: Tensor | None
-
-
-def _update_kv_cache(kv: Tensor, inference_params: InferenceParamsLike, layer_idx: Any) -> Tensor:
-    """Write ``kv`` into layer ``layer_idx``'s cache and return the cache's filled part.
-
-    Arguments:
-        kv: ``(B, S, 2, H_k, D)``, the new keys / values (the prompt, or one step's tokens).
-        inference_params: the cache ``(max_batch_size, max_seqlen, 2, H_k, D)`` is created in
-            ``key_value_memory_dict[layer_idx]`` when missing; ``kv`` goes to rows
-            ``batch_size_offset : + B`` and positions ``seqlen_offset : + S``.
-    Return:
-        ``(B, seqlen_offset + S, 2, H_k, D)``: a view of the cache up to the last written position.
-    """
-    store = inference_params.key_value_memory_dict
-    if layer_idx not in store:
-        store[layer_idx] = torch.empty(
-            inference_params.max_batch_size,
-            inference_params.max_seqlen,
-            2,
-            *kv.shape[-2:],
-            dtype=kv.dtype,
-            device=kv.device,
-        )
-    kv_cache = store[layer_idx]
-    b0 = inference_params.batch_size_offset
-    b1 = b0 + kv.shape[0]
-    s0 = inference_params.seqlen_offset
-    s1 = s0 + kv.shape[1]
-    if b1 > kv_cache.shape[0] or s1 > kv_cache.shape[1]:
-        raise ValueError(
-            f"KV cache of shape {tuple(kv_cache.shape)} too small for batch rows [{b0}, {b1}) and positions "
-            f"[{s0}, {s1})"
-        )
-    kv_cache[b0:b1, s0:s1] = kv
-    return kv_cache[b0:b1, :s1]
-
-
 def _dwconv(conv: nn.Conv1d, x: Tensor) -> Tensor:
     """Causal depthwise convolution over the sequence: ``(B, S, C)`` -> ``(B, S, C)``."""
     return conv(x.transpose(1, 2))[..., :-2].transpose(1, 2).contiguous()
 
 
-class MHA(nn.Module):
+class MHA(KVCacheSteps, nn.Module):
     """Multi-head self-attention and cross-attention: ``out_proj(attention(Wq x, Wkv x_kv))``.
 
     Self-attention with ``num_heads_kv == num_heads`` projects with one ``Wqkv`` to
@@ -190,10 +142,7 @@ class MHA(nn.Module):
         self.use_flash_attn = use_flash_attn
         self.return_residual = return_residual
         self.checkpointing = checkpointing
-        if use_alibi and not use_flash_attn:
-            raise ValueError("MHA: use_alibi=True requires use_flash_attn=True")
-        if tuple(window_size) != (-1, -1) and not use_flash_attn:
-            raise ValueError("MHA: a sliding window_size requires use_flash_attn=True")
+        _check_flash_only("MHA", use_alibi, window_size, use_flash_attn)
         alibi_slopes = torch.tensor(get_alibi_slopes(num_heads), device=device) if use_alibi else None
 
         self.num_heads = num_heads
@@ -213,23 +162,10 @@ class MHA(nn.Module):
                 raise ValueError(
                     "MHA: rotary embedding (rotary_emb_dim > 0) is not supported with cross_attn"
                 )
-            self.rotary_emb = RotaryEmbedding(
-                rotary_emb_dim,
-                base=rotary_emb_base,
-                scale_base=rotary_emb_scale_base,
-                interleaved=rotary_emb_interleaved,
-                device=device,
+            self.rotary_emb = _rotary_embedding(
+                rotary_emb_dim, rotary_emb_base, rotary_emb_scale_base, rotary_emb_interleaved, device
             )
 
-        inner_attn_cls: Any
-        inner_cross_attn_cls: Any
-        if use_flash_attn:
-            inner_attn_cls = partial(FlashSelfAttention, alibi_slopes=alibi_slopes, window_size=window_size)
-            inner_cross_attn_cls = partial(
-                FlashCrossAttention, alibi_slopes=alibi_slopes, window_size=window_size
-            )
-        else:
-            inner_attn_cls, inner_cross_attn_cls = SelfAttention, CrossAttention
         if not cross_attn:
             self.Wqkv = nn.Linear(embed_dim, qkv_dim, bias=qkv_proj_bias, **factory_kwargs)
         else:
@@ -247,11 +183,8 @@ class MHA(nn.Module):
             else:
                 self.dwconv_q = conv(embed_dim)
                 self.dwconv_kv = conv(kv_dim)
-        self.inner_attn = inner_attn_cls(
-            causal=causal, softmax_scale=softmax_scale, attention_dropout=dropout
-        )
-        self.inner_cross_attn = inner_cross_attn_cls(
-            causal=causal, softmax_scale=softmax_scale, attention_dropout=dropout
+        self.inner_attn, self.inner_cross_attn = _attention_cores(
+            use_flash_attn, alibi_slopes, window_size, causal, softmax_scale, dropout
         )
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=out_proj_bias, **factory_kwargs)
 
@@ -260,87 +193,10 @@ class MHA(nn.Module):
     ) -> Tensor:
         """An empty KV cache ``(batch_size, max_seqlen, 2, H_k, D)`` on ``out_proj``'s device, of ``dtype``
         (default ``out_proj``'s), to put in ``inference_params.key_value_memory_dict[layer_idx]``."""
-        dtype = self.out_proj.weight.dtype if dtype is None else dtype
-        device = self.out_proj.weight.device
-        return torch.empty(
-            batch_size, max_seqlen, 2, self.num_heads_kv, self.head_dim, dtype=dtype, device=device
-        )
+        return _empty_kv_cache(self.out_proj, batch_size, max_seqlen, self.num_heads_kv, self.head_dim, dtype)
 
-    def _update_kv_cache(self, kv: Tensor, inference_params: InferenceParamsLike) -> Tensor:
-        """kv: ``(B, S, 2, H_k, D)`` -> this layer's cache ``(B, seqlen_offset + S, 2, H_k, D)`` after writing kv."""
-        if self.dwconv:
-            raise ValueError("MHA: generation (inference_params) does not support dwconv")
-        if self.layer_idx is None:
-            raise ValueError("MHA: generation (inference_params) requires layer_idx in the constructor")
-        return _update_kv_cache(kv, inference_params, self.layer_idx)
-
-    def _kvcache_call(
-        self, q: Tensor, kv: Tensor, inference_params: InferenceParamsLike, **rotary: Any
-    ) -> Tensor:
-        """One ``flash_attn_with_kvcache`` call: append ``kv`` to this layer's cache and attend ``q`` over it."""
-        batch = q.shape[0]
-        kv_cache = inference_params.key_value_memory_dict[self.layer_idx][:batch]
-        cache_seqlens = (
-            inference_params.lengths_per_sample[:batch]
-            if inference_params.lengths_per_sample is not None
-            else inference_params.seqlen_offset
-        )
-        core = self.inner_cross_attn
-        return flash_attn_with_kvcache(
-            q,
-            kv_cache[:, :, 0],
-            kv_cache[:, :, 1],
-            kv[:, :, 0],
-            kv[:, :, 1],
-            cache_seqlens=cache_seqlens,
-            softmax_scale=core.softmax_scale,
-            causal=core.causal,
-            window_size=getattr(core, "window_size", (-1, -1)),
-            alibi_slopes=_fp32(getattr(core, "alibi_slopes", None)),
-            **rotary,
-        )
-
-    def _apply_rotary_update_kvcache_attention(
-        self, q: Tensor, kv: Tensor, inference_params: InferenceParamsLike
-    ) -> Tensor:
-        """Decoding step in one kernel: rotate q and the new k, append k / v to the cache, attend.
-
-        Arguments:
-            q: ``(B, Sq, H, D)``; kv: ``(B, Sq, 2, H_k, D)``, not yet rotated; ``inference_params.seqlen_offset``
-                must be > 0 (the cache holds the prompt).
-        Return:
-            ``(B, Sq, H, D)``.
-        """
-        if inference_params is None or inference_params.seqlen_offset <= 0:
-            raise ValueError("MHA: the fused decoding path needs inference_params with seqlen_offset > 0")
-        if not self.use_flash_attn:
-            raise ValueError("MHA: the fused decoding path needs use_flash_attn=True")
-        rotary: dict[str, Any] = {}
-        if self.rotary_emb_dim > 0:
-            if self.rotary_emb.scale is not None:
-                raise ValueError("MHA: the fused decoding path does not support XPos (rotary_emb_scale_base)")
-            self.rotary_emb._update_cos_sin_cache(inference_params.max_seqlen, device=q.device, dtype=q.dtype)
-            rotary = dict(
-                rotary_cos=self.rotary_emb._cos_cached,
-                rotary_sin=self.rotary_emb._sin_cached,
-                rotary_interleaved=self.rotary_emb.interleaved,
-            )
-        return self._kvcache_call(q, kv, inference_params, **rotary)
-
-    def _update_kvcache_attention(
-        self, q: Tensor, kv: Tensor, inference_params: InferenceParamsLike
-    ) -> Tensor:
-        """Write ``kv`` (already rotated) into the cache, then attend ``q`` over the cache.
-
-        The prompt (``seqlen_offset == 0``), the PyTorch cores and installs without fa-kvcache go through
-        :meth:`_update_kv_cache` + ``inner_cross_attn`` (positions from ``seqlen_offset``); decoding steps with
-        the flash cores through ``flash_attn_with_kvcache`` (lengths from ``lengths_per_sample`` when set).
-        q: ``(B, Sq, H, D)``, kv: ``(B, Sq, 2, H_k, D)`` -> ``(B, Sq, H, D)``.
-        """
-        if inference_params.seqlen_offset == 0 or not self.use_flash_attn or _extras.KVCACHE is None:
-            kv = self._update_kv_cache(kv, inference_params)
-            return self.inner_cross_attn(q, kv)
-        return self._kvcache_call(q, kv, inference_params)
+    def _kvcache_fn(self) -> Any:
+        return flash_attn_with_kvcache  # looked up per call: tests patch this module's name
 
     def _project_qkv(self, x: Tensor) -> Tensor:
         qkv = self.Wqkv(x)
@@ -417,56 +273,16 @@ class MHA(nn.Module):
             if self.use_flash_attn
             else {"key_padding_mask": key_padding_mask, **kwargs}
         )
-        seqlen_offset: int | Tensor = 0
-        rotary_max_seqlen: int | None = None
-        if inference_params is not None:
-            lengths = inference_params.lengths_per_sample
-            seqlen_offset = lengths if lengths is not None else inference_params.seqlen_offset
-            rotary_max_seqlen = inference_params.max_seqlen
-        fused_decode = (
-            inference_params is not None
-            and inference_params.seqlen_offset > 0
-            and self.rotary_emb_dim > 0
-            and self.rotary_emb_dim % 16 == 0
-            and self.use_flash_attn
-            and _extras.KVCACHE is not None
-        )
-
+        qkv_or_q: Tensor
+        kv: Tensor | None = None
         if not self.cross_attn and self.num_heads_kv == self.num_heads:
             if x_kv is not None or mixer_subset is not None:
                 raise ValueError("MHA: x_kv and mixer_subset are for cross_attn=True only")
-            qkv = self._project_qkv(x)
-            if fused_decode:
-                assert inference_params is not None
-                context = self._apply_rotary_update_kvcache_attention(
-                    qkv[:, :, 0], qkv[:, :, 1:], inference_params
-                )
-            else:
-                if self.rotary_emb_dim > 0:
-                    qkv = self.rotary_emb(qkv, seqlen_offset=seqlen_offset, max_seqlen=rotary_max_seqlen)
-                if inference_params is not None:
-                    context = self._update_kvcache_attention(qkv[:, :, 0], qkv[:, :, 1:], inference_params)
-                elif self.checkpointing:
-                    context = torch.utils.checkpoint.checkpoint(
-                        self.inner_attn, qkv, use_reentrant=False, **core_kwargs
-                    )
-                else:
-                    context = self.inner_attn(qkv, **core_kwargs)
+            qkv_or_q = self._project_qkv(x)
         else:
-            q, kv = self._project_q_kv(x, x_kv, mixer_subset)
-            if fused_decode:
-                assert inference_params is not None
-                context = self._apply_rotary_update_kvcache_attention(q, kv, inference_params)
-            else:
-                if self.rotary_emb_dim > 0:
-                    q, kv = self.rotary_emb(q, kv, seqlen_offset=seqlen_offset, max_seqlen=rotary_max_seqlen)
-                if inference_params is not None:
-                    context = self._update_kvcache_attention(q, kv, inference_params)
-                elif self.checkpointing:
-                    context = torch.utils.checkpoint.checkpoint(
-                        self.inner_cross_attn, q, kv, use_reentrant=False, **core_kwargs
-                    )
-                else:
-                    context = self.inner_cross_attn(q, kv, **core_kwargs)
+            qkv_or_q, kv = self._project_q_kv(x, x_kv, mixer_subset)
+        context = _attend(
+            self, qkv_or_q, kv, inference_params, core_kwargs, name="MHA", kvcache_fn=self._kvcache_fn()
+        )
         out = self.out_proj(context.flatten(-2))
         return (out, x) if self.return_residual else out

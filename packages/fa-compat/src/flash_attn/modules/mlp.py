@@ -20,17 +20,33 @@ the world size divides ``hidden_features``, a shape error in ``forward`` otherwi
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flash_attn.ops._dense_layers import _parallel_mlp_linears
 from flash_attn.ops.activations import swiglu
-from flash_attn.ops.fused_dense import ColumnParallelLinear, FusedMLP, ParallelFusedMLP, RowParallelLinear
+from flash_attn.ops.fused_dense import FusedMLP, ParallelFusedMLP
 
 __all__ = ["FusedMLP", "GatedMlp", "Mlp", "ParallelFusedMLP", "ParallelGatedMlp", "ParallelMLP"]
+
+
+def _gated_hidden_features(in_features: int, hidden_features: int | None, multiple_of: int) -> int:
+    """The gated hidden width: ``hidden_features`` (default ``int(8 * in_features / 3)``) rounded up to a
+    multiple of ``multiple_of``."""
+    hidden_features = hidden_features if hidden_features is not None else int(8 * in_features / 3)
+    return -(-hidden_features // multiple_of) * multiple_of
+
+
+def _gate(activation: Callable[[Tensor], Tensor], y: Tensor) -> Tensor:
+    """``value * activation(gate)`` of ``value, gate = y.chunk(2, dim=-1)``: ``F.glu`` for ``F.sigmoid``,
+    :func:`~flash_attn.ops.activations.swiglu` for ``F.silu``."""
+    if activation is F.sigmoid:
+        return F.glu(y, dim=-1)
+    value, gate = y.chunk(2, dim=-1)
+    return swiglu(gate, value) if activation is F.silu else value * activation(gate)
 
 
 class Mlp(nn.Module):
@@ -110,8 +126,7 @@ class GatedMlp(nn.Module):
         super().__init__()
         factory_kwargs = {"device": device, "dtype": dtype}
         out_features = out_features if out_features is not None else in_features
-        hidden_features = hidden_features if hidden_features is not None else int(8 * in_features / 3)
-        hidden_features = -(-hidden_features // multiple_of) * multiple_of
+        hidden_features = _gated_hidden_features(in_features, hidden_features, multiple_of)
         self.return_residual = return_residual
         self.fc1 = nn.Linear(in_features, 2 * hidden_features, bias=bias1, **factory_kwargs)
         self.activation = activation
@@ -119,13 +134,7 @@ class GatedMlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         """x: (..., in_features) -> (..., out_features), or ``(out, x)`` with ``return_residual``."""
-        y = self.fc1(x)
-        if self.activation is F.sigmoid:
-            y = F.glu(y, dim=-1)
-        else:
-            value, gate = y.chunk(2, dim=-1)
-            y = swiglu(gate, value) if self.activation is F.silu else value * self.activation(gate)
-        y = self.fc2(y)
+        y = self.fc2(_gate(self.activation, self.fc1(x)))
         return (y, x) if self.return_residual else y
 
 
@@ -165,26 +174,22 @@ class ParallelMLP(nn.Module):
             device, dtype: of the parameters.
         """
         super().__init__()
-        factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
         out_features = out_features if out_features is not None else in_features
         hidden_features = hidden_features if hidden_features is not None else 4 * in_features
-        self.fc1 = ColumnParallelLinear(
+        fc1, fc2 = _parallel_mlp_linears(
             in_features,
-            hidden_features,
-            process_group,
-            bias=bias1,
-            sequence_parallel=sequence_parallel,
-            **factory_kwargs,
-        )
-        self.activation = activation
-        self.fc2 = RowParallelLinear(
             hidden_features,
             out_features,
             process_group,
-            bias=bias2,
+            bias1=bias1,
+            bias2=bias2,
             sequence_parallel=sequence_parallel,
-            **factory_kwargs,
+            device=device,
+            dtype=dtype,
         )
+        self.fc1 = fc1
+        self.activation = activation
+        self.fc2 = fc2
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (n, ..., in_features) -> (n, ..., out_features) (rows as in the class docstring)."""
@@ -231,36 +236,24 @@ class ParallelGatedMlp(nn.Module):
             device, dtype: of the parameters.
         """
         super().__init__()
-        factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
         out_features = out_features if out_features is not None else in_features
-        hidden_features = hidden_features if hidden_features is not None else int(8 * in_features / 3)
-        hidden_features = -(-hidden_features // multiple_of) * multiple_of
-        # split in (value, gate) pairs: this rank's fc1 rows are twice its fc2 columns
-        self.fc1 = ColumnParallelLinear(
+        hidden_features = _gated_hidden_features(in_features, hidden_features, multiple_of)
+        fc1, fc2 = _parallel_mlp_linears(
             in_features,
-            2 * hidden_features,
-            process_group,
-            bias=bias1,
-            sequence_parallel=sequence_parallel,
-            multiple_of=2,
-            **factory_kwargs,
-        )
-        self.activation = activation
-        self.fc2 = RowParallelLinear(
             hidden_features,
             out_features,
             process_group,
-            bias=bias2,
+            bias1=bias1,
+            bias2=bias2,
             sequence_parallel=sequence_parallel,
-            **factory_kwargs,
+            gated=True,
+            device=device,
+            dtype=dtype,
         )
+        self.fc1 = fc1
+        self.activation = activation
+        self.fc2 = fc2
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (n, ..., in_features) -> (n, ..., out_features) (rows as in the class docstring)."""
-        y = self.fc1(x)
-        if self.activation is F.sigmoid:
-            y = F.glu(y, dim=-1)
-        else:
-            value, gate = y.chunk(2, dim=-1)
-            y = swiglu(gate, value) if self.activation is F.silu else value * self.activation(gate)
-        return self.fc2(y)
+        return self.fc2(_gate(self.activation, self.fc1(x)))

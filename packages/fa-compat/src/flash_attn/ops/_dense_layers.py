@@ -62,6 +62,26 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _start_forward(
+    ctx: Any,
+    x: Tensor,
+    return_residual: bool,
+    process_group: dist.ProcessGroup | None,
+    sequence_parallel: bool,
+) -> tuple[Tensor, Tensor, Any, torch.dtype | None]:
+    """The start of the Functions' forwards: record on ``ctx`` the autocast state, ``return_residual``,
+    ``process_group`` and ``sequence_parallel``; cast ``x`` to the autocast dtype (contiguous) and start its
+    all-gather. Returns ``(x, total_x, gather handle or None, autocast dtype or None)``."""
+    ctx.autocast = _autocast_state(x)
+    dtype = ctx.autocast[2] if ctx.autocast[1] else None
+    ctx.return_residual = return_residual
+    ctx.process_group = process_group
+    ctx.sequence_parallel = sequence_parallel
+    x = _cast(x, dtype).contiguous()
+    total_x, handle = _start_gather(x, process_group, sequence_parallel)
+    return x, total_x, handle, dtype
+
+
 def _start_gather(
     x: Tensor, process_group: dist.ProcessGroup | None, sequence_parallel: bool
 ) -> tuple[Tensor, Any]:
@@ -84,6 +104,26 @@ def _start_input_grad_reduction(
 def _wait(handle: Any) -> None:
     if handle is not None:
         handle.wait()
+
+
+def _reduce_output(out: Tensor, process_group: dist.ProcessGroup | None, sequence_parallel: bool) -> Tensor:
+    """The sum of every rank's partial ``out``: reduce-scattered along dim 0 (``sequence_parallel``) or
+    all-reduced over the group; ``out`` itself without a group."""
+    if process_group is None:
+        return out
+    reduce = reduce_scatter if sequence_parallel else all_reduce
+    return reduce(out, process_group)
+
+
+def _local_features(
+    name: str, features: int, process_group: dist.ProcessGroup | None, multiple_of: int
+) -> tuple[int, int]:
+    """``(local, rank)``: this rank's share of ``features`` (``name``: the argument, for the error), split in
+    whole units of ``multiple_of`` by :func:`get_dim_for_local_rank`, and its rank in the group."""
+    world_size, rank = _world_and_rank(process_group)
+    if features % multiple_of:
+        raise ValueError(f"{name} ({features}) must be a multiple of {multiple_of}")
+    return get_dim_for_local_rank(features, world_size, rank, multiple_of), rank
 
 
 def _check_mlp_args(activation: str, checkpoint_lvl: int, heuristic: Any) -> None:
@@ -149,13 +189,7 @@ class FusedDenseFunc(torch.autograd.Function):
         process_group: dist.ProcessGroup | None = None,
         sequence_parallel: bool = True,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        ctx.autocast = _autocast_state(x)
-        dtype = ctx.autocast[2] if ctx.autocast[1] else None
-        ctx.return_residual = return_residual
-        ctx.process_group = process_group
-        ctx.sequence_parallel = sequence_parallel
-        x = _cast(x, dtype).contiguous()
-        total_x, handle = _start_gather(x, process_group, sequence_parallel)
+        x, total_x, handle, dtype = _start_forward(ctx, x, return_residual, process_group, sequence_parallel)
         weight = _cast(weight, dtype).contiguous()
         bias = _cast_optional(bias, dtype)
         _wait(handle)
@@ -278,10 +312,7 @@ class ColumnParallelLinear(nn.Linear):
             multiple_of: the unit in which the output features are split (e.g. a head's qkv width).
             device, dtype: of the parameters.
         """
-        world_size, rank = _world_and_rank(process_group)
-        if out_features % multiple_of:
-            raise ValueError(f"out_features ({out_features}) must be a multiple of {multiple_of}")
-        local_out = get_dim_for_local_rank(out_features, world_size, rank, multiple_of)
+        local_out, _ = _local_features("out_features", out_features, process_group, multiple_of)
         super().__init__(in_features, local_out, bias=bias, device=device, dtype=dtype)
         self.process_group = process_group
         self.sequence_parallel = sequence_parallel
@@ -327,17 +358,48 @@ class RowParallelLinear(nn.Linear):
             multiple_of: the unit in which the input features are split (e.g. the head dim).
             device, dtype: of the parameters.
         """
-        world_size, rank = _world_and_rank(process_group)
-        if in_features % multiple_of:
-            raise ValueError(f"in_features ({in_features}) must be a multiple of {multiple_of}")
-        local_in = get_dim_for_local_rank(in_features, world_size, rank, multiple_of)
+        local_in, rank = _local_features("in_features", in_features, process_group, multiple_of)
         super().__init__(local_in, out_features, bias=bias and rank == 0, device=device, dtype=dtype)
         self.process_group = process_group
         self.sequence_parallel = sequence_parallel
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.linear(x, self.weight, self.bias)
-        if self.process_group is None:
-            return out
-        reduce = reduce_scatter if self.sequence_parallel else all_reduce
-        return reduce(out, self.process_group)
+        return _reduce_output(F.linear(x, self.weight, self.bias), self.process_group, self.sequence_parallel)
+
+
+def _parallel_mlp_linears(
+    in_features: int,
+    hidden_features: int,
+    out_features: int,
+    process_group: dist.ProcessGroup | None,
+    *,
+    bias1: bool,
+    bias2: bool,
+    sequence_parallel: bool,
+    gated: bool = False,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[ColumnParallelLinear, RowParallelLinear]:
+    """``(fc1, fc2)`` of a tensor-parallel MLP: ``fc1`` a :class:`ColumnParallelLinear` ``in_features ->``
+    this rank's hidden units, ``fc2`` a :class:`RowParallelLinear` of the same hidden units ``->
+    out_features``, both with ``sequence_parallel``. ``gated``: ``fc1`` maps to ``2 * hidden_features``, split
+    in whole (value, gate) pairs so that this rank's ``fc1`` rows are twice its ``fc2`` columns."""
+    factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
+    fc1 = ColumnParallelLinear(
+        in_features,
+        2 * hidden_features if gated else hidden_features,
+        process_group,
+        bias=bias1,
+        sequence_parallel=sequence_parallel,
+        multiple_of=2 if gated else 1,
+        **factory_kwargs,
+    )
+    fc2 = RowParallelLinear(
+        hidden_features,
+        out_features,
+        process_group,
+        bias=bias2,
+        sequence_parallel=sequence_parallel,
+        **factory_kwargs,
+    )
+    return fc1, fc2

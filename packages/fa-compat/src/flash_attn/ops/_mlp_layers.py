@@ -11,26 +11,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flash_attn.ops._dense_layers import (
-    ColumnParallelLinear,
-    RowParallelLinear,
     _activation_bwd,
     _activation_fwd,
     _autocast_context,
-    _autocast_state,
     _cast,
     _cast_optional,
     _check_mlp_args,
+    _parallel_mlp_linears,
+    _reduce_output,
     _resolve_heuristic,
     _rows,
+    _start_forward,
     _start_gather,
     _start_input_grad_reduction,
     _wait,
 )
-from flash_attn.utils.distributed import (
-    all_gather_raw,
-    all_reduce,
-    reduce_scatter,
-)
+from flash_attn.utils.distributed import all_gather_raw, reduce_scatter
 
 
 # ---------------------------------------------------------------------------------------------- MLP
@@ -65,16 +61,10 @@ class FusedMLPFunc(torch.autograd.Function):
         _check_mlp_args(activation, checkpoint_lvl, heuristic)
         if not save_pre_act:
             checkpoint_lvl = 2
-        ctx.autocast = _autocast_state(x)
-        dtype = ctx.autocast[2] if ctx.autocast[1] else None
+        x, total_x, handle, dtype = _start_forward(ctx, x, return_residual, process_group, sequence_parallel)
         ctx.activation = activation
         ctx.checkpoint_lvl = checkpoint_lvl
         ctx.heuristic = heuristic
-        ctx.return_residual = return_residual
-        ctx.process_group = process_group
-        ctx.sequence_parallel = sequence_parallel
-        x = _cast(x, dtype).contiguous()
-        total_x, handle = _start_gather(x, process_group, sequence_parallel)
         weight1 = _cast(weight1, dtype).contiguous()
         weight2 = _cast(weight2, dtype).contiguous()
         bias1, bias2 = _cast_optional(bias1, dtype), _cast_optional(bias2, dtype)
@@ -185,6 +175,42 @@ def fused_mlp_func(
     )
 
 
+def _init_fused_mlp(
+    mlp: Any,
+    in_features: int,
+    hidden_features: int | None,
+    out_features: int | None,
+    activation: str,
+    checkpoint_lvl: int,
+    heuristic: int | str,
+) -> tuple[int, int]:
+    """Check the arguments of :class:`FusedMLP` / :class:`ParallelFusedMLP` and set ``mlp.activation``,
+    ``mlp.checkpoint_lvl`` and ``mlp.heuristic`` (-1 for ``"sqrelu"``). Returns ``(hidden_features,
+    out_features)`` with their defaults ``4 * in_features`` and ``in_features``."""
+    _check_mlp_args(activation, checkpoint_lvl, _resolve_heuristic(heuristic))
+    mlp.activation = activation
+    mlp.checkpoint_lvl = checkpoint_lvl
+    mlp.heuristic = heuristic if activation != "sqrelu" else -1
+    return hidden_features or in_features * 4, out_features or in_features
+
+
+def _run_fused_mlp(mlp: Any, x: Tensor, **kwargs: Any) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`fused_mlp_func` of ``mlp``'s ``fc1`` / ``fc2``, activation, checkpoint level and heuristic,
+    keeping the pre-activation in training mode only; ``kwargs``: the remaining arguments."""
+    return fused_mlp_func(
+        x,
+        mlp.fc1.weight,
+        mlp.fc2.weight,
+        mlp.fc1.bias,
+        mlp.fc2.bias,
+        activation=mlp.activation,
+        save_pre_act=mlp.training,
+        checkpoint_lvl=mlp.checkpoint_lvl,
+        heuristic=_resolve_heuristic(mlp.heuristic),
+        **kwargs,
+    )
+
+
 class FusedMLP(nn.Module):
     """``fc2(activation(fc1(x)))`` by :func:`fused_mlp_func`, ``fc1`` / ``fc2`` plain ``nn.Linear``.
 
@@ -221,34 +247,19 @@ class FusedMLP(nn.Module):
                 as in flash-attn).
             device, dtype: of the parameters.
         """
-        _check_mlp_args(activation, checkpoint_lvl, _resolve_heuristic(heuristic))
         super().__init__()
         factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
-        out_features = out_features or in_features
-        hidden_features = hidden_features or in_features * 4
-        self.activation = activation
+        hidden_features, out_features = _init_fused_mlp(
+            self, in_features, hidden_features, out_features, activation, checkpoint_lvl, heuristic
+        )
         self.return_residual = return_residual
-        self.checkpoint_lvl = checkpoint_lvl
-        self.heuristic = heuristic if activation != "sqrelu" else -1
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias1, **factory_kwargs)
         self.fc2 = nn.Linear(hidden_features, out_features, bias=bias2, **factory_kwargs)
 
     def forward(
         self, x: Tensor, process_group: dist.ProcessGroup | None = None
     ) -> Tensor | tuple[Tensor, Tensor]:
-        out = fused_mlp_func(
-            x,
-            self.fc1.weight,
-            self.fc2.weight,
-            self.fc1.bias,
-            self.fc2.bias,
-            activation=self.activation,
-            save_pre_act=self.training,
-            return_residual=self.return_residual,
-            checkpoint_lvl=self.checkpoint_lvl,
-            heuristic=_resolve_heuristic(self.heuristic),
-            process_group=process_group,
-        )
+        out = _run_fused_mlp(self, x, return_residual=self.return_residual, process_group=process_group)
         if self.return_residual:
             out, x = out
         if process_group is not None:
@@ -294,48 +305,26 @@ class ParallelFusedMLP(nn.Module):
             checkpoint_lvl: 0, 1 or 2 (see :class:`FusedMLPFunc`); heuristic: accepted, no effect.
             device, dtype: of the parameters.
         """
-        _check_mlp_args(activation, checkpoint_lvl, _resolve_heuristic(heuristic))
         super().__init__()
-        factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
-        out_features = out_features or in_features
-        hidden_features = hidden_features or in_features * 4
-        self.activation = activation
+        hidden_features, out_features = _init_fused_mlp(
+            self, in_features, hidden_features, out_features, activation, checkpoint_lvl, heuristic
+        )
         self.process_group = process_group
         self.sequence_parallel = sequence_parallel
-        self.checkpoint_lvl = checkpoint_lvl
-        self.heuristic = heuristic if activation != "sqrelu" else -1
-        self.fc1 = ColumnParallelLinear(
+        self.fc1, self.fc2 = _parallel_mlp_linears(
             in_features,
-            hidden_features,
-            process_group,
-            bias=bias1,
-            sequence_parallel=sequence_parallel,
-            **factory_kwargs,
-        )
-        self.fc2 = RowParallelLinear(
             hidden_features,
             out_features,
             process_group,
-            bias=bias2,
+            bias1=bias1,
+            bias2=bias2,
             sequence_parallel=sequence_parallel,
-            **factory_kwargs,
+            device=device,
+            dtype=dtype,
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        out = fused_mlp_func(
-            x,
-            self.fc1.weight,
-            self.fc2.weight,
-            self.fc1.bias,
-            self.fc2.bias,
-            activation=self.activation,
-            save_pre_act=self.training,
-            checkpoint_lvl=self.checkpoint_lvl,
-            heuristic=_resolve_heuristic(self.heuristic),
-            process_group=self.process_group,
-            sequence_parallel=self.sequence_parallel,
+        out = _run_fused_mlp(
+            self, x, process_group=self.process_group, sequence_parallel=self.sequence_parallel
         )
-        if self.process_group is None:
-            return out  # type: ignore[return-value]
-        reduce = reduce_scatter if self.sequence_parallel else all_reduce
-        return reduce(out, self.process_group)
+        return _reduce_output(out, self.process_group, self.sequence_parallel)  # type: ignore[arg-type]
