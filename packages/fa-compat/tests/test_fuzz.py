@@ -62,16 +62,22 @@ SETTINGS = settings(
 )
 
 
-def fuzz(fn):
-    """hypothesis settings of this module (+ ``@seed`` from ``FA_FUZZ_SEED``)."""
-    fn = SETTINGS(fn)
-    if FUZZ_SEED is not None:
-        fn = seed(int(FUZZ_SEED))(fn)
-    return fn
+def fuzz(cases):
+    """``@given(c=cases)`` with the hypothesis settings of this module (+ ``@seed`` from ``FA_FUZZ_SEED``)."""
+
+    def decorate(fn):
+        fn = SETTINGS(given(c=cases)(fn))
+        if FUZZ_SEED is not None:
+            fn = seed(int(FUZZ_SEED))(fn)
+        return fn
+
+    return decorate
 
 
 HEADDIMS = [8, 16, 24, 40, 64]
 LAYOUTS = ["contiguous", "slice", "transposed", "strided_last"]
+#: the layouts whose last dim is contiguous
+CONTIGUOUS_LAST_LAYOUTS = LAYOUTS[:3]
 MAX_SEQ = 40
 #: relative slack of gradient comparisons (x the largest true gradient entry), as test_api.py
 GRAD_SLACK = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -192,6 +198,91 @@ def heads(draw):
     return nheads_k * draw(st.sampled_from([1, 2])), nheads_k
 
 
+def api_heads(draw, api):
+    """heads for ``api``: the packed-QKV API has as many key / value heads as query heads."""
+    nheads, nheads_k = heads(draw)
+    return (nheads, nheads) if api == "qkvpacked" else (nheads, nheads_k)
+
+
+def head_fields(draw, nheads, nheads_k, *, dv=True, layouts=LAYOUTS) -> dict:
+    """The case fields of the heads: the counts given, then drawn: the QK head dim ``d``, the V head dim ``dv``
+    (when asked; else V has ``d``), the dtype and the memory layout."""
+    fields = dict(nheads=nheads, nheads_k=nheads_k, d=draw(st.sampled_from(HEADDIMS)))
+    if dv:
+        fields["dv"] = draw(st.sampled_from(HEADDIMS))
+    fields.update(dtype=draw(st.sampled_from(DTYPES)), layout=draw(st.sampled_from(layouts)))
+    return fields
+
+
+def make_qkv(c, gen, q_lead, k_lead, requires_grad=False):
+    """q ``(*q_lead, nheads, d)``, k ``(*k_lead, nheads_k, d)`` and v ``(*k_lead, nheads_k, dv)`` of case ``c``
+    (see head_fields), made in that order in the case's dtype and layout."""
+    h, hk, d = c["nheads"], c["nheads_k"], c["d"]
+    shapes = ((*q_lead, h, d), (*k_lead, hk, d), (*k_lead, hk, c.get("dv", d)))
+    return tuple(make(s, c["dtype"], c["layout"], gen).requires_grad_(requires_grad) for s in shapes)
+
+
+def make_api_inputs(c, gen, q_lead, k_lead, requires_grad):
+    """``(q, k, v, qkv, kv)`` for the API of case ``c``: q, k and v are views of the packed ``qkv`` / ``kv``
+    (None when not packed) that the packed APIs take."""
+    h, hk, d, dtype, layout = (c[x] for x in ("nheads", "nheads_k", "d", "dtype", "layout"))
+    qkv = kv = None
+    if c["api"] == "qkvpacked":
+        qkv = make((*q_lead, 3, h, d), dtype, layout, gen).requires_grad_(requires_grad)
+        q, k, v = qkv.unbind(-3)
+    elif c["api"] == "kvpacked":
+        q = make((*q_lead, h, d), dtype, layout, gen).requires_grad_(requires_grad)
+        kv = make((*k_lead, 2, hk, d), dtype, layout, gen).requires_grad_(requires_grad)
+        k, v = kv.unbind(-3)
+    else:
+        q, k, v = make_qkv(c, gen, q_lead, k_lead, requires_grad)
+    return q, k, v, qkv, kv
+
+
+def api_grads(q, k, v, qkv, kv):
+    """``[dq, dk, dv]`` from the tensors the API took (see make_api_inputs)."""
+    if qkv is not None:
+        return list(qkv.grad.unbind(-3))
+    if kv is not None:
+        return [q.grad, *kv.grad.unbind(-3)]
+    return [q.grad, k.grad, v.grad]
+
+
+def alibi_slopes(kind, batch, nheads, gen):
+    """Random ALiBi slopes of shape ``(nheads,)`` (``kind`` "h") or ``(batch, nheads)`` ("bh")."""
+    shape = (nheads,) if kind == "h" else (batch, nheads)
+    return (torch.rand(*shape, generator=gen) * 0.5).to(DEVICE)
+
+
+def check_with_grads(out, lse, grads, q, k, v, dout, sink=None, **kw):
+    """The 2x rule for ``out``, ``lse`` and ``grads`` (dq, dk, dv, then dsink with a learnable ``sink``) against
+    ``attention_ref`` in float64 (the truth) and in the inputs' precision."""
+    (o_t, l_t, g_t), (o_l, l_l, g_l) = (ref_with_grads(q, k, v, dout, up, sink, **kw) for up in (True, False))
+    assert_close_2x(out.detach(), o_t, o_l, "out")
+    assert_close_2x(lse.detach(), l_t, l_l.float(), "lse", slack=LSE_SLACK)
+    names = ("dq", "dk", "dv", "dsink")[: len(grads)]
+    for name, g, t, lo in zip(names, grads, g_t, g_l, strict=True):
+        assert g is not None, name
+        slack = grad_slack(q.dtype, t)
+        if name == "dsink":  # a sum over batch * seqlen_q rows of low-precision deltas
+            slack = GRAD_SLACK[q.dtype] * max(1, q.shape[0] * q.shape[1]) * max(_amax(t), 1.0) + 1e-5
+        assert_close_2x(g, t, lo, name, slack=slack)
+
+
+def ref_with_grads(q, k, v, dout, upcast, sink=None, **kw):
+    """``attention_ref``'s out, lse and gradients (as check_with_grads): in float64 when ``upcast``, else in the
+    inputs' precision (a learnable sink in its own); zeros for inputs the output does not use."""
+    dt = torch.float64 if upcast else q.dtype
+    ins = [x.detach().to(dt).requires_grad_() for x in (q, k, v)]
+    if sink is not None:
+        s = sink.detach().double().requires_grad_() if upcast else sink.detach().clone().requires_grad_()
+        kw["learnable_sink"] = s
+        ins.append(s)
+    o, l = attention_ref(*ins[:3], upcast=False, **kw)
+    grads = torch.autograd.grad(o, ins, dout.to(dt), allow_unused=True)
+    return o, l, [torch.zeros_like(x) if g is None else g for g, x in zip(grads, ins)]
+
+
 def dropout_masks(s_dmask: torch.Tensor, sq, sk) -> torch.Tensor:
     """Kept entries of ``S_dmask`` (dropped ones are negated)."""
     return ~torch.signbit(s_dmask[:, :, :sq, :sk])
@@ -212,19 +303,13 @@ def dense_cases(draw):
     api = draw(st.sampled_from(["func", "func", "kvpacked", "qkvpacked"]))
     sq = draw(seqlens)
     sk = sq if api == "qkvpacked" else draw(seqlens)
-    nheads, nheads_k = heads(draw)
-    if api == "qkvpacked":
-        nheads_k = nheads
+    nheads, nheads_k = api_heads(draw, api)
     return dict(
         api=api,
         batch=batch,
         sq=sq,
         sk=sk,
-        nheads=nheads,
-        nheads_k=nheads_k,
-        d=draw(st.sampled_from(HEADDIMS)),
-        dtype=draw(st.sampled_from(DTYPES)),
-        layout=draw(st.sampled_from(LAYOUTS)),
+        **head_fields(draw, nheads, nheads_k, dv=False),
         kw=draw(features()),
         alibi=draw(st.sampled_from([None, None, "h", "bh"])),
         return_probs=draw(st.booleans()),
@@ -234,25 +319,10 @@ def dense_cases(draw):
 
 def _dense_inputs(c, requires_grad):
     gen = torch.Generator().manual_seed(c["seed"])
-    b, sq, sk, h, hk, d, dtype = (c[x] for x in ("batch", "sq", "sk", "nheads", "nheads_k", "d", "dtype"))
-    qkv = kv = None
-    if c["api"] == "qkvpacked":
-        qkv = make((b, sq, 3, h, d), dtype, c["layout"], gen).requires_grad_(requires_grad)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    elif c["api"] == "kvpacked":
-        q = make((b, sq, h, d), dtype, c["layout"], gen).requires_grad_(requires_grad)
-        kv = make((b, sk, 2, hk, d), dtype, c["layout"], gen).requires_grad_(requires_grad)
-        k, v = kv[:, :, 0], kv[:, :, 1]
-    else:
-        q, k, v = (
-            make(s, dtype, c["layout"], gen).requires_grad_(requires_grad)
-            for s in ((b, sq, h, d), (b, sk, hk, d), (b, sk, hk, d))
-        )
-    slopes = None
-    if c["alibi"] is not None:
-        shape = (h,) if c["alibi"] == "h" else (b, h)
-        slopes = (torch.rand(*shape, generator=gen) * 0.5).to(DEVICE)
-    kw = dict(with_scale(c["kw"], d), alibi_slopes=slopes)
+    b = c["batch"]
+    q, k, v, qkv, kv = make_api_inputs(c, gen, (b, c["sq"]), (b, c["sk"]), requires_grad)
+    slopes = None if c["alibi"] is None else alibi_slopes(c["alibi"], b, c["nheads"], gen)
+    kw = dict(with_scale(c["kw"], c["d"]), alibi_slopes=slopes)
     return q, k, v, qkv, kv, kw, gen
 
 
@@ -265,8 +335,7 @@ def _ref_kw(kw, s_dmask, sq, sk):
     return ref_kw
 
 
-@fuzz
-@given(c=dense_cases())
+@fuzz(dense_cases())
 def test_fuzz_dense_forward(c):
     q, k, v, qkv, kv, kw, _ = _dense_inputs(c, requires_grad=False)
     dropout = kw.get("dropout_p", 0.0) > 0
@@ -279,8 +348,7 @@ def test_fuzz_dense_forward(c):
 
 
 @needs_backward
-@fuzz
-@given(c=dense_cases())
+@fuzz(dense_cases())
 def test_fuzz_dense_backward(c):
     q, k, v, qkv, kv, kw, gen = _dense_inputs(c, requires_grad=True)
     dropout = kw.get("dropout_p", 0.0) > 0
@@ -288,15 +356,9 @@ def test_fuzz_dense_backward(c):
     out, _, s_dmask = res if dropout else (res, None, None)
     dout = make(out.shape, out.dtype, c["layout"], gen)
     out.backward(dout)
-    if c["api"] == "qkvpacked":
-        grads = [qkv.grad[:, :, i] for i in range(3)]
-    elif c["api"] == "kvpacked":
-        grads = [q.grad, kv.grad[:, :, 0], kv.grad[:, :, 1]]
-    else:
-        grads = [q.grad, k.grad, v.grad]
     ref_kw = _ref_kw(kw, s_dmask, c["sq"], c["sk"])
     check_out_lse(out.detach(), None, q.detach(), k.detach(), v.detach(), **ref_kw)
-    check_grads(grads, q.detach(), k.detach(), v.detach(), dout, **ref_kw)
+    check_grads(api_grads(q, k, v, qkv, kv), q.detach(), k.detach(), v.detach(), dout, **ref_kw)
 
 
 # ----------------------------------------------------------------------------------------- varlen (API)
@@ -306,9 +368,7 @@ def varlen_cases(draw):
     api = draw(st.sampled_from(["func", "func", "kvpacked", "qkvpacked"]))
     lens_q = draw(st.lists(seqlens, min_size=batch, max_size=batch))
     lens_k = lens_q if api == "qkvpacked" else draw(st.lists(seqlens, min_size=batch, max_size=batch))
-    nheads, nheads_k = heads(draw)
-    if api == "qkvpacked":
-        nheads_k = nheads
+    nheads, nheads_k = api_heads(draw, api)
     return dict(
         api=api,
         lens_q=lens_q,
@@ -316,11 +376,7 @@ def varlen_cases(draw):
         # max_seqlen may exceed the longest sequence (an upper bound), and may come as a 0-dim tensor (HF)
         extra_max=draw(st.sampled_from([0, 0, 3])),
         max_as_tensor=draw(st.booleans()),
-        nheads=nheads,
-        nheads_k=nheads_k,
-        d=draw(st.sampled_from(HEADDIMS)),
-        dtype=draw(st.sampled_from(DTYPES)),
-        layout=draw(st.sampled_from(LAYOUTS)),
+        **head_fields(draw, nheads, nheads_k, dv=False),
         kw=draw(features()),
         alibi=draw(st.sampled_from([None, None, "h", "bh"])),
         backward=HAS_BACKWARD and draw(st.booleans()),
@@ -328,11 +384,9 @@ def varlen_cases(draw):
     )
 
 
-@fuzz
-@given(c=varlen_cases())
+@fuzz(varlen_cases())
 def test_fuzz_varlen(c):
     gen = torch.Generator().manual_seed(c["seed"])
-    h, hk, d, dtype, layout = (c[x] for x in ("nheads", "nheads_k", "d", "dtype", "layout"))
     rg = c["backward"]
     tq, tk = sum(c["lens_q"]), sum(c["lens_k"])
     cu_q, cu_k = cu(c["lens_q"]), cu(c["lens_k"])
@@ -342,25 +396,16 @@ def test_fuzz_varlen(c):
         max_q, max_k = torch.tensor(max_q), torch.tensor(max_k)
     kw = with_scale(c["kw"], c["d"])
     if c["alibi"] is not None:
-        batch = len(c["lens_q"])
-        shape = (h,) if c["alibi"] == "h" else (batch, h)
-        kw["alibi_slopes"] = (torch.rand(*shape, generator=gen) * 0.5).to(DEVICE)
+        kw["alibi_slopes"] = alibi_slopes(c["alibi"], len(c["lens_q"]), c["nheads"], gen)
     dropout = kw.get("dropout_p", 0.0) > 0
+    q, k, v, qkv, kv = make_api_inputs(c, gen, (tq,), (tk,), rg)
     if c["api"] == "qkvpacked":
-        qkv = make((tq, 3, h, d), dtype, layout, gen).requires_grad_(rg)
-        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         res = flash_attn_varlen_qkvpacked_func(qkv, cu_q, max_q, return_attn_probs=dropout, **kw)
     elif c["api"] == "kvpacked":
-        q = make((tq, h, d), dtype, layout, gen).requires_grad_(rg)
-        kv = make((tk, 2, hk, d), dtype, layout, gen).requires_grad_(rg)
-        k, v = kv[:, 0], kv[:, 1]
         res = flash_attn_varlen_kvpacked_func(
             q, kv, cu_q, cu_k, max_q, max_k, return_attn_probs=dropout, **kw
         )
     else:
-        q, k, v = (
-            make(s, dtype, layout, gen).requires_grad_(rg) for s in ((tq, h, d), (tk, hk, d), (tk, hk, d))
-        )
         res = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, return_attn_probs=dropout, **kw)
     out, lse, s_dmask = res if dropout else (res, None, None)
     ref_kw = dict(kw)
@@ -377,15 +422,9 @@ def test_fuzz_varlen(c):
     )
     if not rg:
         return
-    dout = make(out.shape, out.dtype, layout, gen)
+    dout = make(out.shape, out.dtype, c["layout"], gen)
     out.backward(dout)
-    if c["api"] == "qkvpacked":
-        grads = [qkv.grad[:, i] for i in range(3)]
-    elif c["api"] == "kvpacked":
-        grads = [q.grad, kv.grad[:, 0], kv.grad[:, 1]]
-    else:
-        grads = [q.grad, k.grad, v.grad]
-    check_grads(grads, qd, kd, vd, dout, varlen=(cu_q, cu_k), **ref_kw)
+    check_grads(api_grads(q, k, v, qkv, kv), qd, kd, vd, dout, varlen=(cu_q, cu_k), **ref_kw)
 
 
 # ------------------------------------------------------------------------------------ fa_core (dv != d)
@@ -401,12 +440,7 @@ def core_cases(draw):
         varlen=varlen,
         lens_q=draw(st.lists(seqlens, min_size=batch, max_size=batch)),
         lens_k=draw(st.lists(seqlens, min_size=batch, max_size=batch)),
-        nheads=nheads,
-        nheads_k=nheads_k,
-        d=draw(st.sampled_from(HEADDIMS)),
-        dv=draw(st.sampled_from(HEADDIMS)),
-        dtype=draw(st.sampled_from(DTYPES)),
-        layout=draw(st.sampled_from(["contiguous", "slice", "transposed"])),
+        **head_fields(draw, nheads, nheads_k, layouts=CONTIGUOUS_LAST_LAYOUTS),
         kw=kw,
         chunk=draw(st.sampled_from([0, 0, 8, 16])),
         seqused=draw(st.booleans()),
@@ -414,29 +448,24 @@ def core_cases(draw):
     )
 
 
-@fuzz
-@given(c=core_cases())
+@fuzz(core_cases())
 def test_fuzz_core_v_headdim(c):
     """fa_core's forward directly: V head dim != QK head dim, attention_chunk, seqused_k, a NaN ``out=``."""
     import fa_core
 
     gen = torch.Generator().manual_seed(c["seed"])
-    h, hk, d, dv, dtype, layout = (c[x] for x in ("nheads", "nheads_k", "d", "dv", "dtype", "layout"))
+    h, dv, dtype = c["nheads"], c["dv"], c["dtype"]
     kw = dict(with_scale(c["kw"], c["d"]), attention_chunk=c["chunk"])
     if not c["varlen"]:
         b, sq, sk = c["batch"], c["lens_q"][0], c["lens_k"][0]
-        q = make((b, sq, h, d), dtype, layout, gen)
-        k = make((b, sk, hk, d), dtype, layout, gen)
-        v = make((b, sk, hk, dv), dtype, layout, gen)
+        q, k, v = make_qkv(c, gen, (b, sq), (b, sk))
         out = poisoned((b, sq, h, dv), dtype, DEVICE)
         res = fa_core.flash_attn_forward(q, k, v, out=out, **kw)
         assert res.out.data_ptr() == out.data_ptr()
         check_out_lse(res.out, res.lse, q, k, v, **kw)
         return
     tq, tk = sum(c["lens_q"]), sum(c["lens_k"])
-    q = make((tq, h, d), dtype, layout, gen)
-    k = make((tk, hk, d), dtype, layout, gen)
-    v = make((tk, hk, dv), dtype, layout, gen)
+    q, k, v = make_qkv(c, gen, (tq,), (tk,))
     cu_q, cu_k = cu(c["lens_q"]), cu(c["lens_k"])
     seqused = None
     if c["seqused"]:
@@ -459,12 +488,7 @@ def sink_cases(draw):
         batch=draw(st.integers(1, 3)),
         sq=draw(seqlens),
         sk=draw(seqlens),
-        nheads=nheads,
-        nheads_k=nheads_k,
-        d=draw(st.sampled_from(HEADDIMS)),
-        dv=draw(st.sampled_from(HEADDIMS)),
-        dtype=draw(st.sampled_from(DTYPES)),
-        layout=draw(st.sampled_from(["contiguous", "slice", "transposed"])),
+        **head_fields(draw, nheads, nheads_k, layouts=CONTIGUOUS_LAST_LAYOUTS),
         kw=kw,
         alibi=draw(st.sampled_from([None, "h"])),
         seed=draw(st.integers(0, 2**31 - 1)),
@@ -472,44 +496,21 @@ def sink_cases(draw):
 
 
 @needs_backward
-@fuzz
-@given(c=sink_cases())
+@fuzz(sink_cases())
 def test_fuzz_learnable_sink(c):
     from fa_backward.programmable import attention
 
     gen = torch.Generator().manual_seed(c["seed"])
-    b, sq, sk, h, hk = (c[x] for x in ("batch", "sq", "sk", "nheads", "nheads_k"))
-    d, dv, dtype, layout = (c[x] for x in ("d", "dv", "dtype", "layout"))
-    q = make((b, sq, h, d), dtype, layout, gen).requires_grad_()
-    k = make((b, sk, hk, d), dtype, layout, gen).requires_grad_()
-    v = make((b, sk, hk, dv), dtype, layout, gen).requires_grad_()
+    b, h = c["batch"], c["nheads"]
+    q, k, v = make_qkv(c, gen, (b, c["sq"]), (b, c["sk"]), requires_grad=True)
     sink = (torch.randn(h, generator=gen) * 2).to(DEVICE).requires_grad_()
     kw = with_scale(c["kw"], c["d"])
     if c["alibi"]:
-        kw["alibi_slopes"] = (torch.rand(h, generator=gen) * 0.5).to(DEVICE)
+        kw["alibi_slopes"] = alibi_slopes(c["alibi"], b, h, gen)
     out, lse = attention(q, k, v, learnable_sink=sink, **kw)
-    dout = make(out.shape, out.dtype, layout, gen)
+    dout = make(out.shape, out.dtype, c["layout"], gen)
     out.backward(dout)
-
-    def ref(upcast):
-        dt = torch.float64 if upcast else dtype
-        ins = [x.detach().to(dt).requires_grad_() for x in (q, k, v)]
-        s = sink.detach().double().requires_grad_() if upcast else sink.detach().clone().requires_grad_()
-        o, l = attention_ref(*ins, learnable_sink=s, upcast=False, **kw)
-        grads = torch.autograd.grad(o, [*ins, s], dout.to(dt), allow_unused=True)
-        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, [*ins, s])]
-        return o, l, grads
-
-    o_t, l_t, g_t = ref(True)
-    o_l, l_l, g_l = ref(False)
-    assert_close_2x(out.detach(), o_t, o_l, "out")
-    assert_close_2x(lse.detach(), l_t, l_l.float(), "lse", slack=LSE_SLACK)
-    for name, g, t, lo in zip(("dq", "dk", "dv", "dsink"), (q.grad, k.grad, v.grad, sink.grad), g_t, g_l):
-        assert g is not None, name
-        slack = grad_slack(dtype, t)
-        if name == "dsink":  # a sum over batch * seqlen_q rows of low-precision deltas
-            slack = GRAD_SLACK[dtype] * max(1, b * sq) * max(_amax(t), 1.0) + 1e-5
-        assert_close_2x(g, t, lo, name, slack=slack)
+    check_with_grads(out, lse, (q.grad, k.grad, v.grad, sink.grad), q, k, v, dout, sink, **kw)
 
 
 # ---------------------------------------------------------------------------------------------- kvcache
@@ -559,12 +560,7 @@ def kvcache_cases(draw):
         lens=lens,
         leftpad=leftpad,
         batch_idx=batch_idx,
-        nheads=nheads,
-        nheads_k=nheads_k,
-        d=draw(st.sampled_from(HEADDIMS)),
-        dv=draw(st.sampled_from(HEADDIMS)),
-        dtype=draw(st.sampled_from(DTYPES)),
-        layout=draw(st.sampled_from(LAYOUTS)),
+        **head_fields(draw, nheads, nheads_k),
         kw=kw,
         alibi=draw(st.sampled_from([None, None, "h", "bh"])),
         num_splits=draw(st.sampled_from([0, 1, 2, 3])),
@@ -576,8 +572,7 @@ def kvcache_cases(draw):
 
 
 @needs_kvcache
-@fuzz
-@given(c=kvcache_cases())
+@fuzz(kvcache_cases())
 def test_fuzz_kvcache(c):
     gen = torch.Generator().manual_seed(c["seed"])
     b, sq, snew, h, hk = (c[x] for x in ("batch", "sq", "seqlen_new", "nheads", "nheads_k"))
@@ -585,8 +580,7 @@ def test_fuzz_kvcache(c):
     kw = with_scale(c["kw"], c["d"])
     kw.pop("dropout_p", None)
     if c["alibi"] is not None:
-        shape = (h,) if c["alibi"] == "h" else (b, h)
-        kw["alibi_slopes"] = (torch.rand(*shape, generator=gen) * 0.5).to(DEVICE)
+        kw["alibi_slopes"] = alibi_slopes(c["alibi"], b, h, gen)
     q = make((b, sq, h, d), dtype, layout, gen)
     if c["paged"]:
         num_blocks = b * c["n_cols"] + c["extra_blocks"]
@@ -738,12 +732,7 @@ def programmable_cases(draw):
         batch=draw(st.integers(1, 2)),
         sq=draw(st.integers(1, MAX_SEQ + 24)),
         sk=draw(st.integers(1, MAX_SEQ + 24)),
-        nheads=nheads,
-        nheads_k=nheads_k,
-        d=draw(st.sampled_from(HEADDIMS)),
-        dv=draw(st.sampled_from(HEADDIMS)),
-        dtype=draw(st.sampled_from(DTYPES)),
-        layout=draw(st.sampled_from(["contiguous", "slice", "transposed"])),
+        **head_fields(draw, nheads, nheads_k, layouts=CONTIGUOUS_LAST_LAYOUTS),
         kw=kw,
         chunk=draw(st.sampled_from([0, 0, 8, 13, 32])),
         sink=draw(st.booleans()),
@@ -755,20 +744,16 @@ def programmable_cases(draw):
 
 
 @needs_backward
-@fuzz
-@given(c=programmable_cases())
+@fuzz(programmable_cases())
 def test_fuzz_programmable(c):
     import fa_core.score_mods as sm
     from fa_backward.programmable import attention
     from fa_core.block_sparse import block_mask_from_dense
 
     gen = torch.Generator().manual_seed(c["seed"])
-    b, sq, sk, h, hk = (c[x] for x in ("batch", "sq", "sk", "nheads", "nheads_k"))
-    d, dv, dtype, layout = (c[x] for x in ("d", "dv", "dtype", "layout"))
-    q = make((b, sq, h, d), dtype, layout, gen).requires_grad_()
-    k = make((b, sk, hk, d), dtype, layout, gen).requires_grad_()
-    v = make((b, sk, hk, dv), dtype, layout, gen).requires_grad_()
-    kw = dict(with_scale(c["kw"], d), attention_chunk=c["chunk"])
+    b, sq, sk, h = (c[x] for x in ("batch", "sq", "sk", "nheads"))
+    q, k, v = make_qkv(c, gen, (b, sq), (b, sk), requires_grad=True)
+    kw = dict(with_scale(c["kw"], c["d"]), attention_chunk=c["chunk"])
     ours: dict = {}
     ref_kw: dict = {}
     if c["sink"]:
@@ -796,23 +781,9 @@ def test_fuzz_programmable(c):
         )
         ours["block_mask"] = ref_kw["block_mask"] = bm
     out, lse = attention(q, k, v, **kw, **ours)
-    dout = make(out.shape, out.dtype, layout, gen)
+    dout = make(out.shape, out.dtype, c["layout"], gen)
     out.backward(dout)
-
-    def ref(upcast):
-        dt = torch.float64 if upcast else dtype
-        ins = [x.detach().to(dt).requires_grad_() for x in (q, k, v)]
-        o, l = attention_ref(*ins, upcast=False, **kw, **ref_kw)
-        grads = torch.autograd.grad(o, ins, dout.to(dt), allow_unused=True)
-        return o, l, [torch.zeros_like(x) if g is None else g for g, x in zip(grads, ins)]
-
-    o_t, l_t, g_t = ref(True)
-    o_l, l_l, g_l = ref(False)
-    assert_close_2x(out.detach(), o_t, o_l, "out")
-    assert_close_2x(lse.detach(), l_t, l_l.float(), "lse", slack=LSE_SLACK)
-    for name, g, t, lo in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), g_t, g_l):
-        assert g is not None, name
-        assert_close_2x(g, t, lo, name, slack=grad_slack(dtype, t))
+    check_with_grads(out, lse, (q.grad, k.grad, v.grad), q, k, v, dout, **kw, **ref_kw)
 
 
 # ------------------------------------------------------------------------------------ out-of-range index values
@@ -899,8 +870,7 @@ def _i32(vals):
 
 @pytest.mark.gpu
 @needs_kvcache
-@fuzz
-@given(c=oob_kvcache_cases())
+@fuzz(oob_kvcache_cases())
 def test_fuzz_kvcache_out_of_range_values(c):
     from fa_core import settings as fa_settings
     from fa_kvcache import flash_attn_with_kvcache as fak_with_kvcache
@@ -974,8 +944,7 @@ def oob_varlen_cases(draw):
 
 
 @pytest.mark.gpu
-@fuzz
-@given(c=oob_varlen_cases())
+@fuzz(oob_varlen_cases())
 def test_fuzz_varlen_out_of_range_values(c):
     """fa-core's varlen forward with corrupt cu_seqlens_q / cu_seqlens_k / seqused_k and value checks off."""
     from fa_core import flash_attn_varlen_forward

@@ -20,10 +20,12 @@ if not torch.cuda.is_available():
 import copy  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
+from functools import partial  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from fa_compat_hf import DTYPE, OPTIMIZED, TOL, check_2x, eager, needs_hf, tiny_hf, transformers  # noqa: E402
 from fa_compat_testutils import DEVICE, needs_backward  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -43,35 +45,13 @@ from flash_attn.models.bert import (  # noqa: E402
 from flash_attn.modules.mha import MHA  # noqa: E402
 from flash_attn.modules.mlp import Mlp  # noqa: E402
 
-try:
-    import transformers
-except ModuleNotFoundError:
-    transformers = None
-
-needs_hf = pytest.mark.skipif(transformers is None, reason="HF transformers not installed")
-
-DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-#: absolute slack of the 2x rule, relative to the largest true value
-SLACK = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[DTYPE]
-#: two computations by our model (subset vs full): summation order only
-TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}[DTYPE]
 VOCAB = 50
+#: what randomize takes for norms in the HF BERT models: their LayerNorm modules
+BERT_NORMS = ("LayerNorm",)
 LENGTHS = [10, 7, 3]  # per row: the padded batch is (3, 10)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _randomize(model, seed):
-    """Non-trivial weights everywhere: norm weights ~ 1 + N(0, 0.2), everything else (biases included) ~ N(0, 0.1)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "LayerNorm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.1)
-    return model
-
-
 def _config(**kw):
     base = {
         "vocab_size": VOCAB,
@@ -82,14 +62,11 @@ def _config(**kw):
         "max_position_embeddings": 16,
         "type_vocab_size": 2,
     }
-    config = transformers.BertConfig(**{**base, **kw})
-    config._attn_implementation = "eager"
-    return config
+    return eager(transformers.BertConfig(**{**base, **kw}))
 
 
 def _hf_pretraining(seed=0, **kw):
-    torch.manual_seed(seed)
-    return _randomize(transformers.BertForPreTraining(_config(**kw)), seed).eval()
+    return tiny_hf(transformers.BertForPreTraining, _config(**kw), seed, BERT_NORMS).eval()
 
 
 def _inputs(masked=True, seed=0):
@@ -125,15 +102,6 @@ def _ours(hf_model, config, model_cls=BertForPreTraining, dtype=DTYPE, **kw):
     return model.to(dtype=dtype).eval()
 
 
-def _check_2x(ours, hf, truth, what):
-    err = (ours.double() - truth).abs().max().item()
-    hf_err = (hf.double() - truth).abs().max().item()
-    slack = SLACK * max(1.0, truth.abs().max().item())
-    assert err <= 2 * hf_err + slack, (
-        f"{what}: |ours - truth| {err:.3g} > 2 * |HF - truth| {hf_err:.3g} + {slack:.3g}"
-    )
-
-
 def _grads(model):
     grads = {name: p.grad.double() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -152,14 +120,7 @@ VARIANTS = {
     "plain": {},
     "flash": {"use_flash_attn": True},
     # the fused switches (fused_mlp aside), a padded vocabulary and the tanh GeLU
-    "optimized": {
-        "use_flash_attn": True,
-        "fused_bias_fc": True,
-        "fused_dropout_add_ln": True,
-        "use_xentropy": True,
-        "pad_vocab_size_multiple": 8,
-        "hidden_act": "gelu_new",
-    },
+    "optimized": {**OPTIMIZED, "use_xentropy": True, "hidden_act": "gelu_new"},
     "dense": {"use_flash_attn": True, "dense_seq_output": True},
     "subset": {
         "use_flash_attn": True,
@@ -218,7 +179,7 @@ def test_bert_pretraining_matches_hf(variant):
         }
     for field in ("last_hidden_state", "pooler_output"):
         pick = (lambda t: t[valid]) if field == "last_hidden_state" else (lambda t: t)  # noqa: E731
-        _check_2x(*(pick(getattr(res[n], field)) for n in ("ours", "hf", "truth")), f"bert.{field}")
+        check_2x(*(pick(getattr(res[n], field)) for n in ("ours", "hf", "truth")), f"bert.{field}")
     if kw.get("use_flash_attn"):  # unpadded: the padding rows are zeros
         assert not res["ours"].last_hidden_state[~valid].any()
 
@@ -247,9 +208,9 @@ def test_bert_pretraining_matches_hf(variant):
         hf_outputs["truth"],
         hf_outputs["hf"],
     )
-    _check_2x(logits, h_logits, t_logits, "prediction_logits")
-    _check_2x(seq_logits, h_seq, t_seq, "seq_relationship_logits")
-    _check_2x(out.loss.detach(), h_loss, t_loss, "loss")
+    check_2x(logits, h_logits, t_logits, "prediction_logits")
+    check_2x(seq_logits, h_seq, t_seq, "seq_relationship_logits")
+    check_2x(out.loss.detach(), h_loss, t_loss, "loss")
 
     # HF's gradients in our names (vocabulary unpadded: our padded rows are cut off)
     grad_config = _clone_config(config, pad_vocab_size_multiple=1, vocab_size=VOCAB)
@@ -258,7 +219,7 @@ def test_bert_pretraining_matches_hf(variant):
     assert set(grads) <= set(t_grads)
     for name, grad in grads.items():
         rows = t_grads[name].shape[0]
-        _check_2x(grad[:rows], h_grads[name], t_grads[name], f"grad of {name}")
+        check_2x(grad[:rows], h_grads[name], t_grads[name], f"grad of {name}")
 
 
 @needs_hf
@@ -270,8 +231,8 @@ def test_bert_model_matches_hf(use_flash_attn, add_pooling_layer):
     """A bare HF ``BertModel`` state dict (no ``bert.`` prefix) converts into our ``BertModel``; an integer
     (0 / 1) attention mask acts as the boolean one; the conversion inverts."""
     config = _config(use_flash_attn=use_flash_attn)
-    torch.manual_seed(1)
-    hf = _randomize(transformers.BertModel(config, add_pooling_layer=add_pooling_layer), 1).eval()
+    model_cls = partial(transformers.BertModel, add_pooling_layer=add_pooling_layer)
+    hf = tiny_hf(model_cls, config, 1, BERT_NORMS).eval()
     truth_model = copy.deepcopy(hf).to(device=DEVICE, dtype=torch.float64)
     hf_lowp = copy.deepcopy(hf).to(device=DEVICE, dtype=DTYPE)
     ours = _ours(hf, config, model_cls=BertModel, add_pooling_layer=add_pooling_layer)
@@ -281,12 +242,12 @@ def test_bert_model_matches_hf(use_flash_attn, add_pooling_layer):
         ref = hf_lowp(ids, token_type_ids=token_types, attention_mask=mask.long())
         out = ours(ids, token_type_ids=token_types, attention_mask=mask)
         out_int = ours(ids, token_type_ids=token_types, attention_mask=mask.long())
-    _check_2x(
+    check_2x(
         out.last_hidden_state[mask], ref.last_hidden_state[mask], truth.last_hidden_state[mask], "hidden"
     )
     assert torch.equal(out_int.last_hidden_state, out.last_hidden_state)
     if add_pooling_layer:
-        _check_2x(out.pooler_output, ref.pooler_output, truth.pooler_output, "pooler_output")
+        check_2x(out.pooler_output, ref.pooler_output, truth.pooler_output, "pooler_output")
     else:
         assert out.pooler_output is None and ours.pooler is None
     assert isinstance(out, transformers.modeling_outputs.BaseModelOutputWithPoolingAndCrossAttentions)

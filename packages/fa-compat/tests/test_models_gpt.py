@@ -30,6 +30,7 @@ from types import SimpleNamespace  # noqa: E402
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from fa_compat_hf import DTYPE, OPTIMIZED, TOL, check_2x, eager, needs_hf, randomize, tiny_hf, transformers  # noqa: E402
 from fa_compat_testutils import DEVICE, needs_backward  # noqa: E402
 
 from flash_attn.models.gpt import (  # noqa: E402
@@ -54,38 +55,11 @@ from flash_attn.utils.distributed import get_dim_for_local_rank  # noqa: E402
 from flash_attn.utils.generation import InferenceParams  # noqa: E402
 from flash_attn.utils.pretrained import state_dict_from_pretrained  # noqa: E402
 
-try:
-    import transformers
-except ModuleNotFoundError:
-    transformers = None
-
-needs_hf = pytest.mark.skipif(transformers is None, reason="HF transformers not installed")
-
-DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-#: absolute slack of the 2x rule, relative to the largest true value
-SLACK = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[DTYPE]
-#: two computations by our model (KV cache vs full forward): summation order only
-TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}[DTYPE]
 VOCAB = 50
 flash_params = [False, pytest.param(True, marks=needs_backward)]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _randomize(model, seed):
-    """Non-trivial weights everywhere: norm weights ~ 1 + N(0, 0.2), everything else (biases included) ~ N(0, 0.1)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ln" in name or "norm" in name:
-                if name.endswith("weight"):
-                    p.copy_(1.0 + 0.2 * torch.randn_like(p))
-                else:
-                    p.normal_(0.0, 0.1)
-            else:
-                p.normal_(0.0, 0.1)
-    return model
-
-
 def _gpt2_config(**kw):
     base = {"vocab_size": VOCAB, "n_positions": 32, "n_embd": 32, "n_layer": 2, "n_head": 2}
     base.update(bos_token_id=0, eos_token_id=0, use_flash_attn=False)
@@ -96,9 +70,7 @@ def _hf_gpt2(seed=0):
     config = transformers.GPT2Config(
         vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
     )
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    return _randomize(transformers.GPT2LMHeadModel(config), seed).eval()
+    return tiny_hf(transformers.GPT2LMHeadModel, config, seed).eval()
 
 
 def _llama_hf_config(**kw):
@@ -115,14 +87,11 @@ def _llama_hf_config(**kw):
         "eos_token_id": 1,
         **kw,
     }
-    config = transformers.LlamaConfig(**kw)
-    config._attn_implementation = "eager"
-    return config
+    return eager(transformers.LlamaConfig(**kw))
 
 
 def _hf_llama(seed=0, **kw):
-    torch.manual_seed(seed)
-    return _randomize(transformers.LlamaForCausalLM(_llama_hf_config(**kw)), seed).eval()
+    return tiny_hf(transformers.LlamaForCausalLM, _llama_hf_config(**kw), seed).eval()
 
 
 def _ours(hf_model, config, remap, dtype=DTYPE):
@@ -141,15 +110,6 @@ def _loss_and_grads(model, input_ids, targets):
     return logits.detach().double(), grads
 
 
-def _check_2x(ours, hf, truth, what):
-    err = (ours.double() - truth).abs().max().item()
-    hf_err = (hf.double() - truth).abs().max().item()
-    slack = SLACK * max(1.0, truth.abs().max().item())
-    assert err <= 2 * hf_err + slack, (
-        f"{what}: |ours - truth| {err:.3g} > 2 * |HF - truth| {hf_err:.3g} + {slack:.3g}"
-    )
-
-
 def _compare_with_hf(hf_model, config, remap, input_ids):
     """The 2x rule for the logits and every parameter's gradient (HF's mapped by ``remap``)."""
     truth_model = copy.deepcopy(hf_model).to(device=DEVICE, dtype=torch.float64)
@@ -159,12 +119,12 @@ def _compare_with_hf(hf_model, config, remap, input_ids):
     truth_logits, truth_grads = _loss_and_grads(truth_model, input_ids, targets)
     hf_logits, hf_grads = _loss_and_grads(hf_lowp, input_ids, targets)
     logits, grads = _loss_and_grads(ours, input_ids, targets)
-    _check_2x(logits, hf_logits, truth_logits, "logits")
+    check_2x(logits, hf_logits, truth_logits, "logits")
     truth_grads, hf_grads = remap(truth_grads, config), remap(hf_grads, config)
     assert set(grads) <= set(truth_grads)
     assert len(grads) == len(dict(ours.named_parameters()))
     for name, grad in grads.items():
-        _check_2x(grad, hf_grads[name], truth_grads[name], f"grad of {name}")
+        check_2x(grad, hf_grads[name], truth_grads[name], f"grad of {name}")
 
 
 def _ids(batch, seqlen, seed=0):
@@ -187,13 +147,7 @@ def test_gpt2_matches_hf(variant):
         "plain": {},
         "flash": {"use_flash_attn": True},
         # every flash-attn switch this package implements, and a padded vocabulary
-        "optimized": {
-            "use_flash_attn": True,
-            "fused_bias_fc": True,
-            "fused_dropout_add_ln": True,
-            "residual_in_fp32": True,
-            "pad_vocab_size_multiple": 8,
-        },
+        "optimized": {**OPTIMIZED, "residual_in_fp32": True},
     }[variant]
     config = _gpt2_config(**kw)
     _compare_with_hf(_hf_gpt2(), config, remap_state_dict_hf_gpt2, _ids(2, 9))
@@ -683,7 +637,7 @@ def test_state_dict_from_pretrained_hf_cache_offline(tmp_path):
 def test_load_state_dict_converts_the_old_norm_layout():
     """flash-attn's old checkpoints: ln_0 before the first block, each block's norms after its sub-layers."""
     config = _gpt2_config(n_layer=3)
-    model = _randomize(GPTLMHeadModel(config), 3)
+    model = randomize(GPTLMHeadModel(config), 3)
     current = model.state_dict()
     old = {k: v.clone() for k, v in current.items() if ".norm" not in k and "ln_f" not in k}
     old["transformer.ln_0.weight"] = current["transformer.layers.0.norm1.weight"].clone()
@@ -744,7 +698,7 @@ def test_fused_final_norm_matches_unfused(layout):
             "activation_function": "gelu",
         },
     }[layout]
-    unfused = _randomize(GPTLMHeadModel(_gpt2_config(**kw)), 4).to(device=DEVICE, dtype=DTYPE).eval()
+    unfused = randomize(GPTLMHeadModel(_gpt2_config(**kw)), 4).to(device=DEVICE, dtype=DTYPE).eval()
     fused = (
         GPTLMHeadModel(_gpt2_config(fused_dropout_add_ln=True, **kw)).to(device=DEVICE, dtype=DTYPE).eval()
     )

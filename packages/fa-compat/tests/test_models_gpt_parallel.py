@@ -19,13 +19,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import importlib  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from datetime import timedelta  # noqa: E402
-
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from fa_compat_dist import spawn_gloo  # noqa: E402
+from fa_compat_hf import needs_hf, transformers  # noqa: E402
 from fa_compat_testutils import DEVICE  # noqa: E402
 
 from flash_attn.models.gpt import (  # noqa: E402
@@ -39,12 +36,7 @@ from flash_attn.modules.mha import MHA, ParallelMHA  # noqa: E402
 from flash_attn.modules.mlp import GatedMlp, Mlp, ParallelGatedMlp, ParallelMLP  # noqa: E402
 from flash_attn.ops.fused_dense import ColumnParallelLinear, FusedMLP, ParallelFusedMLP  # noqa: E402
 
-try:
-    import transformers
-except ModuleNotFoundError:
-    transformers = None
-
-pytestmark = pytest.mark.skipif(transformers is None, reason="HF transformers not installed")
+pytestmark = needs_hf
 
 VOCAB = 50
 #: our model against itself (sharded vs whole, fused vs unfused): summation order only, float32
@@ -359,64 +351,9 @@ def _check_tp_from_pretrained(rank, world, group, data):
             GPTLMHeadModel.from_pretrained(folder, config, process_group=group, **kwargs)
 
 
-def _dist_worker(rank: int, world: int, store: str, checks: tuple[str, ...], data: dict) -> None:
-    """One rank of a gloo group: the named checks (an assertion fails the spawn)."""
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
-    try:
-        group = dist.group.WORLD
-        for check in checks:
-            globals()[check](rank, world, group, data)
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    # every rank passed the last barrier: leave without tearing the group down (a rank's gloo
-    # threads still running at destruction abort the process under load)
-    os._exit(0)
-
-
-def _spawn(checks, world, tmp_path, data=None, limit_s=150):
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("torch.distributed with the gloo backend is not available")
-    # spawned processes import the worker by module name: make this file importable as a top-level module
-    here = os.path.dirname(os.path.abspath(__file__))
-    name = os.path.splitext(os.path.basename(__file__))[0]
-    sys.path.insert(0, here)
-    try:
-        module = importlib.import_module(name)
-        assert os.path.samefile(module.__file__, __file__), f"{name} resolves to {module.__file__}"
-        context = mp.spawn(
-            module._dist_worker,
-            args=(world, str(tmp_path / "store"), tuple(checks), data or {}),
-            nprocs=world,
-            join=False,
-        )
-        deadline = time.monotonic() + limit_s
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    if process.is_alive():
-                        process.terminate()
-                for process in context.processes:
-                    process.join(10)
-                    if process.is_alive():
-                        process.kill()
-                pytest.fail(f"the gloo ranks did not finish {checks} within {limit_s} s")
-    finally:
-        sys.path.remove(here)
-
-
 @pytest.mark.parametrize("world", [1, 2])
 def test_tensor_parallel_matches_single_process(world, tmp_path):
-    _spawn(["_check_tp_matches_serial"], world, tmp_path)
+    spawn_gloo(__file__, ["_check_tp_matches_serial"], world, tmp_path, {})
 
 
 def test_tensor_parallel_generation_and_from_pretrained(tmp_path):
@@ -427,4 +364,4 @@ def test_tensor_parallel_generation_and_from_pretrained(tmp_path):
     hf = _randomize(transformers.GPT2LMHeadModel(config), 11)
     hf.save_pretrained(tmp_path / "gpt2-tiny")
     data = {"checkpoint": str(tmp_path / "gpt2-tiny")}
-    _spawn(["_check_tp_generation", "_check_tp_from_pretrained"], 2, tmp_path, data)
+    spawn_gloo(__file__, ["_check_tp_generation", "_check_tp_from_pretrained"], 2, tmp_path, data)

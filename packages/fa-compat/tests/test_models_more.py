@@ -20,10 +20,14 @@ if not torch.cuda.is_available():
 
 import copy  # noqa: E402
 import math  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from fa_compat_hf import check_2x, needs_hf, randomize, tiny_hf, transformers  # noqa: E402
 from fa_compat_testutils import DEVICE  # noqa: E402
 
 from flash_attn.models.baichuan import baichuan_config_to_gpt2_config, remap_state_dict_hf_baichuan  # noqa: E402
@@ -40,51 +44,17 @@ from flash_attn.models.opt import opt_config_to_gpt2_config, remap_state_dict_hf
 from flash_attn.models.vit import VisionTransformer, init_weights_vit_timm, vit_base_patch16_224  # noqa: E402
 from flash_attn.modules.mha import get_alibi_slopes  # noqa: E402
 
-try:
-    import transformers
-except ModuleNotFoundError:
-    transformers = None
-
 if transformers is not None:
     from flash_attn.models.gpt import GPTLMHeadModel
 
-needs_hf = pytest.mark.skipif(transformers is None, reason="HF transformers not installed")
-
 DTYPE = torch.float32  # these comparisons run in float32 on every device
-SLACK = 1e-5
 VOCAB = 50
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _randomize(model, seed=0):
-    """Non-trivial weights everywhere: norm weights ~ 1 + N(0, 0.2), everything else ~ N(0, 0.1)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ("ln" in name or "norm" in name) and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.1)
-    return model
-
-
-def _eager(config):
-    config._attn_implementation = "eager"
-    return config
-
-
 def _ids(batch=2, seqlen=9, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, seqlen), generator=g).to(DEVICE)
-
-
-def _check_2x(ours, hf, truth, what="logits"):
-    err = (ours.double() - truth).abs().max().item()
-    hf_err = (hf.double() - truth).abs().max().item()
-    slack = SLACK * max(1.0, truth.abs().max().item())
-    assert err <= 2 * hf_err + slack, (
-        f"{what}: |ours - truth| {err:.3g} > 2 * |HF - truth| {hf_err:.3g} + {slack:.3g}"
-    )
 
 
 def _load_ours(state_dict, config, remap):
@@ -107,50 +77,172 @@ def _compare_with_hf(hf_model, config, remap, input_ids=None):
         hf = hf_lowp(input_ids).logits
         logits = ours(input_ids).logits[..., :VOCAB]
     assert logits.shape == truth.shape
-    _check_2x(logits, hf, truth)
+    check_2x(logits, hf, truth, dtype=DTYPE)
     return ours
 
 
-# ---------------------------------------------------------------------------------------------- GPT-NeoX
+# ----------------------------------------------------------------------------------- HF families (2x rule)
+def _tiny_hf(config_cls, model_cls, **kw):
+    """A tiny random HF causal LM (eager attention) of the transformers classes named; ``kw``: config
+    arguments."""
+    kw = {"vocab_size": VOCAB, "bos_token_id": 0, "eos_token_id": 1, **kw}
+    return tiny_hf(getattr(transformers, model_cls), getattr(transformers, config_cls)(**kw))
+
+
+def _gptj_head_bias_padded(hf, ours):
+    assert ours.lm_head.bias.shape == (56,) and not ours.lm_head.bias[VOCAB:].any()
+
+
+def _opt_positions_offset(hf, ours):
+    """OPT's position table starts at row 2 (its padding offset)."""
+    table = hf.state_dict()["model.decoder.embed_positions.weight"]
+    assert torch.equal(ours.transformer.embeddings.position_embeddings.weight.detach(), table[2:])
+
+
+@dataclass(frozen=True)
+class Family:
+    """A Hugging Face model family: its transformers config and causal-LM classes, a tiny size in its config's
+    names, flash-attn's conversions of its config and state dict, the input ids of the comparison and a check
+    of the converted model after it."""
+
+    config_cls: str
+    model_cls: str
+    size: dict
+    to_gpt2: Callable
+    remap: Callable
+    input_ids: Callable = _ids
+    check_converted: Callable | None = None
+
+    def tiny_hf(self, **variant):
+        return _tiny_hf(self.config_cls, self.model_cls, **{**self.size, **variant})
+
+
+FAMILIES = {
+    "gpt_neox": Family(
+        "GPTNeoXConfig", "GPTNeoXForCausalLM",
+        {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 96,
+         "max_position_embeddings": 64},
+        gpt_neox_config_to_gpt2_config, remap_state_dict_hf_gpt_neox,
+    ),
+    "gptj": Family(
+        "GPTJConfig", "GPTJForCausalLM", {"n_positions": 64, "n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8},
+        gptj_config_to_gpt2_config, remap_state_dict_hf_gptj, check_converted=_gptj_head_bias_padded,
+    ),
+    "opt": Family(
+        "OPTConfig", "OPTForCausalLM",
+        {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "ffn_dim": 96,
+         "max_position_embeddings": 32, "pad_token_id": 1, "eos_token_id": 0},
+        opt_config_to_gpt2_config, remap_state_dict_hf_opt,
+        input_ids=lambda: _ids(2, 9, seed=1).clamp(min=2),  # no padding token
+        check_converted=_opt_positions_offset,
+    ),
+    "falcon": Family(
+        "FalconConfig", "FalconForCausalLM",
+        {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 64},
+        falcon_config_to_gpt2_config, remap_state_dict_hf_falcon,
+    ),
+    "bigcode": Family(
+        "GPTBigCodeConfig", "GPTBigCodeForCausalLM", {"n_positions": 32, "n_embd": 64, "n_layer": 2, "n_head": 4},
+        bigcode_config_to_gpt2_config, remap_state_dict_hf_bigcode,
+    ),
+}  # fmt: skip
+
+
+class Case(NamedTuple):
+    """One variant of a family: its HF config arguments, the converted config's expected attributes (values
+    and types) and settings changed on the converted config before the load."""
+
+    family: str
+    hf: dict
+    expect: dict
+    settings: dict = {}
+
+
+_NEOX_ROPE = {"rope_type": "default", "rope_theta": 1000.0, "partial_rotary_factor": 0.5}
+HF_CASES = {
+    "gpt_neox-parallel": Case(
+        "gpt_neox",
+        hf={"use_parallel_residual": True, "rope_parameters": _NEOX_ROPE},
+        expect={"rotary_emb_fraction": 0.5, "rotary_emb_base": 1000.0, "parallel_block": True,
+                "parallel_block_tied_norm": False, "qkv_proj_bias": True},
+        settings={"pad_vocab_size_multiple": 16},
+    ),
+    "gpt_neox-sequential": Case(
+        "gpt_neox",
+        hf={"use_parallel_residual": False, "rope_parameters": _NEOX_ROPE, "attention_bias": False,
+            "tie_word_embeddings": True, "hidden_act": "gelu_fast"},
+        expect={"rotary_emb_fraction": 0.5, "rotary_emb_base": 1000.0, "parallel_block": False,
+                "parallel_block_tied_norm": False, "qkv_proj_bias": False},
+        settings={"pad_vocab_size_multiple": 16},
+    ),
+    "gptj": Case(
+        "gptj",
+        hf={},
+        expect={"rotary_emb_fraction": 0.5, "rotary_emb_interleaved": True, "lm_head_bias": True},
+        settings={"pad_vocab_size_multiple": 8},
+    ),
+    "opt-prenorm_project": Case(
+        "opt", hf={"word_embed_proj_dim": 32}, expect={"prenorm": True, "word_embed_proj_dim": 32}
+    ),
+    "opt-postnorm_nobias": Case(
+        "opt",
+        hf={"do_layer_norm_before": False, "enable_bias": False},
+        expect={"prenorm": False, "word_embed_proj_dim": None},
+    ),
+    # Falcon-7B: multi-query, parallel attention, one norm, no biases
+    "falcon-7b": Case(
+        "falcon",
+        hf={"multi_query": True, "parallel_attn": True, "bias": False},
+        expect={"n_head_kv": 1, "parallel_block": True, "parallel_block_tied_norm": True},
+    ),
+    # Falcon-40B: new decoder architecture, grouped key / value heads, two norms
+    "falcon-40b": Case(
+        "falcon",
+        hf={"new_decoder_architecture": True, "num_kv_heads": 2, "bias": False},
+        expect={"n_head_kv": 2, "parallel_block": True, "parallel_block_tied_norm": False},
+    ),
+    # Falcon-RW: multi-head, sequential blocks, biases
+    "falcon-rw": Case(
+        "falcon",
+        hf={"multi_query": False, "parallel_attn": False, "bias": True},
+        expect={"n_head_kv": 4, "parallel_block": False, "parallel_block_tied_norm": True},
+    ),
+    "bigcode-multi_query": Case(
+        "bigcode", hf={"multi_query": True}, expect={"multi_query": True, "model_type": "gpt_bigcode"}
+    ),
+    "bigcode-multi_head": Case(
+        "bigcode", hf={"multi_query": False}, expect={"multi_query": False, "model_type": "gpt_bigcode"}
+    ),
+}  # fmt: skip
+
+
 @needs_hf
-@pytest.mark.parametrize("parallel", [True, False])
-def test_gpt_neox_matches_hf(parallel):
-    kw = {} if parallel else {"attention_bias": False, "tie_word_embeddings": True, "hidden_act": "gelu_fast"}
-    hf_config = transformers.GPTNeoXConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=96,
-        max_position_embeddings=64,
-        use_parallel_residual=parallel,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000.0, "partial_rotary_factor": 0.5},
-        bos_token_id=0,
-        eos_token_id=1,
-        **kw,
-    )
-    torch.manual_seed(0)
-    hf = _randomize(transformers.GPTNeoXForCausalLM(_eager(hf_config)))
-    config = gpt_neox_config_to_gpt2_config(hf.config)
-    assert config.rotary_emb_fraction == 0.5 and config.rotary_emb_base == 1000.0
-    assert config.parallel_block == parallel and config.parallel_block_tied_norm is False
-    assert config.qkv_proj_bias == parallel
-    config.pad_vocab_size_multiple = 16
-    _compare_with_hf(hf, config, remap_state_dict_hf_gpt_neox)
+@pytest.mark.parametrize("case", list(HF_CASES))
+def test_family_matches_hf(case):
+    """``<family>_config_to_gpt2_config`` + ``remap_state_dict_hf_<family>`` of a tiny random HF model: the
+    converted config's attributes, then the 2x rule for the logits."""
+    case = HF_CASES[case]
+    family = FAMILIES[case.family]
+    hf = family.tiny_hf(**case.hf)
+    config = family.to_gpt2(hf.config)
+    got = {attr: getattr(config, attr) for attr in case.expect}
+    assert got == case.expect
+    assert {attr: type(v) for attr, v in got.items()} == {attr: type(v) for attr, v in case.expect.items()}
+    for attr, value in case.settings.items():
+        setattr(config, attr, value)
+    ours = _compare_with_hf(hf, config, family.remap, family.input_ids())
+    if family.check_converted is not None:
+        family.check_converted(hf, ours)
 
 
+# ---------------------------------------------------------------------------------------------- GPT-NeoX
 @needs_hf
 def test_from_pretrained_by_family_prefix(monkeypatch):
     """``GPTLMHeadModel.from_pretrained`` converts a checkpoint named with one of flash-attn's family prefixes
     (here ``EleutherAI/pythia-``) with that family's remap (the checkpoint read is replaced: no network)."""
     import flash_attn.models.gpt as gpt_module
 
-    hf_config = transformers.GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-        max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    hf = _randomize(transformers.GPTNeoXForCausalLM(_eager(hf_config))).eval()
+    hf = FAMILIES["gpt_neox"].tiny_hf().eval()
     names = []
 
     def fake_read(name, device=None, dtype=None):
@@ -198,61 +290,7 @@ def test_gpt_neox_remap_layout():
     assert torch.equal(out["lm_head.weight"], sd["embed_out.weight"])
 
 
-# ------------------------------------------------------------------------------------------------- GPT-J
-@needs_hf
-def test_gptj_matches_hf():
-    hf_config = transformers.GPTJConfig(
-        vocab_size=VOCAB,
-        n_positions=64,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        rotary_dim=8,
-        bos_token_id=0,
-        eos_token_id=1,
-    )
-    torch.manual_seed(0)
-    hf = _randomize(transformers.GPTJForCausalLM(_eager(hf_config)))
-    config = gptj_config_to_gpt2_config(hf.config)
-    assert config.rotary_emb_fraction == 0.5 and config.rotary_emb_interleaved and config.lm_head_bias
-    config.pad_vocab_size_multiple = 8
-    ours = _compare_with_hf(hf, config, remap_state_dict_hf_gptj)
-    assert ours.lm_head.bias.shape == (56,) and not ours.lm_head.bias[VOCAB:].any()
-
-
 # --------------------------------------------------------------------------------------------------- OPT
-@needs_hf
-@pytest.mark.parametrize("variant", ["prenorm_project", "postnorm_nobias"])
-def test_opt_matches_hf(variant):
-    kw = (
-        {"word_embed_proj_dim": 32}
-        if variant == "prenorm_project"
-        else {"do_layer_norm_before": False, "enable_bias": False}
-    )
-    hf_config = transformers.OPTConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        ffn_dim=96,
-        max_position_embeddings=32,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=0,
-        **kw,
-    )
-    torch.manual_seed(0)
-    hf = _randomize(transformers.OPTForCausalLM(_eager(hf_config)))
-    config = opt_config_to_gpt2_config(hf.config)
-    assert config.prenorm == (variant == "prenorm_project")
-    assert config.word_embed_proj_dim == (32 if variant == "prenorm_project" else None)
-    ours = _compare_with_hf(
-        hf, config, remap_state_dict_hf_opt, _ids(2, 9, seed=1).clamp(min=2)
-    )  # no padding token
-    table = hf.state_dict()["model.decoder.embed_positions.weight"]
-    assert torch.equal(ours.transformer.embeddings.position_embeddings.weight.detach(), table[2:])
-
-
 @needs_hf
 def test_opt_config_refusals():
     with pytest.raises(ValueError, match="layerdrop"):
@@ -282,37 +320,6 @@ def test_opt_remap_metaseq_names():
 
 
 # ------------------------------------------------------------------------------------------------ Falcon
-_FALCON_VARIANTS = {
-    # Falcon-7B: multi-query, parallel attention, one norm, no biases
-    "7b": {"multi_query": True, "parallel_attn": True, "bias": False},
-    # Falcon-40B: new decoder architecture, grouped key / value heads, two norms
-    "40b": {"new_decoder_architecture": True, "num_kv_heads": 2, "bias": False},
-    # Falcon-RW: multi-head, sequential blocks, biases
-    "rw": {"multi_query": False, "parallel_attn": False, "bias": True},
-}
-
-
-@needs_hf
-@pytest.mark.parametrize("variant", list(_FALCON_VARIANTS))
-def test_falcon_matches_hf(variant):
-    hf_config = transformers.FalconConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        bos_token_id=0,
-        eos_token_id=1,
-        **_FALCON_VARIANTS[variant],
-    )
-    torch.manual_seed(0)
-    hf = _randomize(transformers.FalconForCausalLM(_eager(hf_config)))
-    config = falcon_config_to_gpt2_config(hf.config)
-    expected = {"7b": (1, True, True), "40b": (2, True, False), "rw": (4, False, True)}[variant]
-    assert (config.n_head_kv, config.parallel_block, config.parallel_block_tied_norm) == expected
-    _compare_with_hf(hf, config, remap_state_dict_hf_falcon)
-
-
 def test_falcon_regroup_layout():
     """Per group: the group's q heads, its k head, its v head -> [all q; all k; all v]."""
     n_head, n_head_kv = 4, 2  # head_dim 1
@@ -340,35 +347,11 @@ def test_falcon_config_alibi_refused():
 
 
 # ----------------------------------------------------------------------------------------------- BigCode
-def _hf_bigcode(multi_query):
-    hf_config = transformers.GPTBigCodeConfig(
-        vocab_size=VOCAB,
-        n_positions=32,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        multi_query=multi_query,
-        bos_token_id=0,
-        eos_token_id=1,
-    )
-    torch.manual_seed(0)
-    return _randomize(transformers.GPTBigCodeForCausalLM(_eager(hf_config)))
-
-
-@needs_hf
-@pytest.mark.parametrize("multi_query", [True, False])
-def test_bigcode_matches_hf(multi_query):
-    hf = _hf_bigcode(multi_query)
-    config = bigcode_config_to_gpt2_config(hf.config)
-    assert config.multi_query == multi_query and config.model_type == "gpt_bigcode"
-    _compare_with_hf(hf, config, remap_state_dict_hf_bigcode)
-
-
 @needs_hf
 @pytest.mark.parametrize("multi_query", [True, False])
 @pytest.mark.parametrize("pad", [1, 16])
 def test_bigcode_inv_remap_round_trip(multi_query, pad):
-    hf = _hf_bigcode(multi_query)
+    hf = FAMILIES["bigcode"].tiny_hf(multi_query=multi_query)
     config = bigcode_config_to_gpt2_config(hf.config)
     config.pad_vocab_size_multiple = pad
     original = hf.state_dict()
@@ -548,21 +531,11 @@ def _llama_to_baichuan(sd):
 def test_baichuan_7b_matches_hf_llama():
     """Baichuan-7B is Llama (rotated-halves rotary, base 10000) with the q / k / v rows packed in ``W_pack``."""
     cfg = _baichuan_config()
-    llama_config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=64,
-        bos_token_id=0,
-        eos_token_id=1,
+    hf = _tiny_hf(
+        "LlamaConfig", "LlamaForCausalLM", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-6, max_position_embeddings=64,
         tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    hf = _randomize(transformers.LlamaForCausalLM(_eager(llama_config))).eval()
+    ).eval()  # fmt: skip
     config = baichuan_config_to_gpt2_config(cfg)
     assert config.rotary_emb_fraction == 1.0 and not config.use_alibi and not config.norm_head
     input_ids = _ids()
@@ -573,7 +546,7 @@ def test_baichuan_7b_matches_hf_llama():
         sd = _llama_to_baichuan(hf.state_dict())
         sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
         logits = _load_ours(sd, config, remap_state_dict_hf_baichuan)(input_ids).logits
-    _check_2x(logits, hf_logits, truth)
+    check_2x(logits, hf_logits, truth, dtype=DTYPE)
 
 
 def _baichuan_reference(sd, cfg, input_ids):
@@ -735,7 +708,7 @@ def test_vit_matches_reference(no_embed_class):
 def test_vit_timm_parity():
     timm = pytest.importorskip("timm")
     reference = timm.models.vision_transformer.VisionTransformer(**_VIT).eval()
-    _randomize(reference)
+    randomize(reference)
     model = VisionTransformer(**_VIT).eval()
     model.load_state_dict(reference.state_dict())
     images = torch.randn(2, 3, 16, 16)

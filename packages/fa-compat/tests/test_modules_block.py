@@ -14,15 +14,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import importlib  # noqa: E402
 import math  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from datetime import timedelta  # noqa: E402
 from functools import partial  # noqa: E402
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from fa_compat_dist import spawn_gloo  # noqa: E402
 from fa_compat_testutils import DEVICE, HI, LOWP  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -162,6 +159,11 @@ def _outputs_and_grads(module, inputs, **kw):
     return [o.detach() for o in outs], grads
 
 
+def _fused_and_unfused_runs(make_block, inputs):
+    """_outputs_and_grads of ``make_block(fused_dropout_add_ln=...)`` in training mode: unfused, then fused."""
+    return [_outputs_and_grads(make_block(fused_dropout_add_ln=f).train(), inputs) for f in (False, True)]
+
+
 def _assert_same_run(run_a, run_b, dtype=HI):
     outs_a, grads_a = run_a
     outs_b, grads_b = run_b
@@ -233,11 +235,7 @@ def test_block_prenorm_matches_reference(fused, first):
 def test_block_prenorm_fused_matches_unfused_with_gradients(first):
     x = _randn(BATCH, SEQ, DIM, requires_grad=True)
     residual = None if first else _randn(BATCH, SEQ, DIM, requires_grad=True)
-    runs = [
-        _outputs_and_grads(_block(fused_dropout_add_ln=fused).train(), (x, residual))
-        for fused in (False, True)
-    ]
-    _assert_same_run(*runs)
+    _assert_same_run(*_fused_and_unfused_runs(_block, (x, residual)))
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -282,11 +280,7 @@ def test_block_postnorm_matches_reference(fused, return_residual):
 
 def test_block_postnorm_fused_matches_unfused_with_gradients():
     x = _randn(BATCH, SEQ, DIM, requires_grad=True)
-    runs = [
-        _outputs_and_grads(_block(prenorm=False, fused_dropout_add_ln=fused).train(), (x,))
-        for fused in (False, True)
-    ]
-    _assert_same_run(*runs)
+    _assert_same_run(*_fused_and_unfused_runs(partial(_block, prenorm=False), (x,)))
 
 
 @pytest.mark.parametrize("zero_centered_weight", [False, True])
@@ -468,11 +462,7 @@ def test_parallel_block_matches_reference(fused, tied_norm, first):
 def test_parallel_block_fused_matches_unfused_with_gradients(tied_norm, rms):
     kw = {"tied_norm": tied_norm, "norm_cls": RMSNorm if rms else nn.LayerNorm}
     x1, x2, residual = (_randn(BATCH, SEQ, DIM, requires_grad=True) for _ in range(3))
-    runs = [
-        _outputs_and_grads(_parallel_block(fused_dropout_add_ln=f, **kw).train(), (x1, x2, residual))
-        for f in (False, True)
-    ]
-    _assert_same_run(*runs)
+    _assert_same_run(*_fused_and_unfused_runs(partial(_parallel_block, **kw), (x1, x2, residual)))
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -730,54 +720,10 @@ def _check_parallel_embeddings(rank, world, group):
             )
 
 
-def _dist_worker(rank: int, world: int, store: str) -> None:
-    """One rank of a gloo group: every distributed check (an assertion fails the spawn)."""
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
-    try:
-        group = dist.group.WORLD
-        _check_collectives(rank, world, group)
-        _check_parameter_sync(rank, world, group)
-        _check_parallel_embeddings(rank, world, group)
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    # every rank passed the last barrier: leave without tearing the group down (a rank's gloo
-    # threads still running at destruction abort the process under load)
-    os._exit(0)
-
-
 @pytest.mark.parametrize("world", [1, 2])
 def test_distributed_helpers_and_parallel_embeddings(world, tmp_path):
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("torch.distributed with the gloo backend is not available")
-    # spawned processes import the worker by module name: make this file importable as a top-level module
-    here = os.path.dirname(os.path.abspath(__file__))
-    name = os.path.splitext(os.path.basename(__file__))[0]
-    sys.path.insert(0, here)
-    try:
-        module = importlib.import_module(name)
-        assert os.path.samefile(module.__file__, __file__), f"{name} resolves to {module.__file__}"
-        context = mp.spawn(
-            module._dist_worker, args=(world, str(tmp_path / "store")), nprocs=world, join=False
-        )
-        deadline = time.monotonic() + 240
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    if process.is_alive():
-                        process.terminate()
-                pytest.fail("the gloo ranks did not finish within 240 s")
-    finally:
-        sys.path.remove(here)
+    checks = ["_check_collectives", "_check_parameter_sync", "_check_parallel_embeddings"]
+    spawn_gloo(__file__, checks, world, tmp_path, limit_s=240)
 
 
 # ------------------------------------------------------------------------------------- PatchEmbed

@@ -20,14 +20,11 @@ if not torch.cuda.is_available():
 import ast  # noqa: E402
 import importlib  # noqa: E402
 import inspect  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from datetime import timedelta  # noqa: E402
 from functools import partial  # noqa: E402
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from fa_compat_dist import spawn_gloo  # noqa: E402
 from fa_compat_testutils import DEVICE, HAS_BACKWARD  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -51,6 +48,7 @@ from flash_attn.ops.fused_dense import (  # noqa: E402
     fused_mlp_func,
 )
 from flash_attn.utils.distributed import get_dim_for_local_rank  # noqa: E402
+from flash_attn.utils.generation import InferenceParams  # noqa: E402
 
 F64 = torch.float64
 
@@ -78,6 +76,18 @@ def _grads(module):
     return {name: p.grad for name, p in module.named_parameters()}
 
 
+def _close_with_grads(out, out_ref, x, x_ref, model, ref):
+    """``model``'s output ``out`` of ``x`` is ``ref``'s ``out_ref`` of ``x_ref``, and after the backward of one
+    output gradient through both, so are the input gradients and every parameter's gradient."""
+    _close(out, out_ref)
+    g = torch.randn_like(out)
+    out_ref.backward(g)
+    out.backward(g)
+    _close(x.grad, x_ref.grad)
+    for name, grad in _grads(model).items():
+        _close(grad, _grads(ref)[name], msg=name)
+
+
 # ================================================================================ single process
 @pytest.mark.parametrize("return_residual", [False, True])
 @pytest.mark.parametrize("has_bias", [True, False])
@@ -96,13 +106,7 @@ def test_fused_dense_matches_linear(has_bias, return_residual):
         out_ref, out = out_ref + F.gelu(F.pad(x_ref, (0, 8))), out + F.gelu(F.pad(res, (0, 8)))
     else:
         out = model(x)
-    _close(out, out_ref)
-    g = torch.randn_like(out)
-    out_ref.backward(g)
-    out.backward(g)
-    _close(x.grad, x_ref.grad)
-    for name, grad in _grads(model).items():
-        _close(grad, _grads(ref)[name], msg=name)
+    _close_with_grads(out, out_ref, x, x_ref, model, ref)
 
 
 def test_fused_dense_func_paths():
@@ -144,13 +148,7 @@ def test_fused_mlp_matches_mlp(activation, checkpoint_lvl, return_residual):
         out_ref, out = out_ref + F.gelu(x_ref[..., :6]), out + F.gelu(res[..., :6])
     else:
         out = model(x)
-    _close(out, out_ref)
-    g = torch.randn_like(out)
-    out_ref.backward(g)
-    out.backward(g)
-    _close(x.grad, x_ref.grad)
-    for name, grad in _grads(model).items():
-        _close(grad, _grads(ref)[name], msg=name)
+    _close_with_grads(out, out_ref, x, x_ref, model, ref)
     model.eval()  # save_pre_act=False: nothing kept, same numbers
     with torch.no_grad():
         out_eval = model(x)
@@ -269,43 +267,34 @@ def test_parallel_mha_constructor_errors():
 
 
 # flash-attn 2.8.3's parameter lists (v2.8.3 source, annotations left out)
+_PARALLEL_LINEAR_INIT = (
+    "self, in_features, out_features, process_group, bias=True, sequence_parallel=True, multiple_of=1, "
+    "device=None, dtype=None"
+)
 UPSTREAM_SIGNATURES = [
     (FusedDenseFunc.forward, "ctx, x, weight, bias, return_residual=False, process_group=None, sequence_parallel=True"),
-    (FusedDenseFunc.backward, "ctx, grad_output, *args"),
     (fused_dense_func, "x, weight, bias=None, return_residual=False, process_group=None, sequence_parallel=True"),
     (FusedDense.__init__, "self, in_features, out_features, bias=True, return_residual=False, device=None, dtype=None"),
-    (FusedDense.forward, "self, x, process_group=None"),
-    (ColumnParallelLinear.__init__,
-     "self, in_features, out_features, process_group, bias=True, sequence_parallel=True, multiple_of=1, "
-     "device=None, dtype=None"),
-    (ColumnParallelLinear.forward, "self, x"),
-    (RowParallelLinear.__init__,
-     "self, in_features, out_features, process_group, bias=True, sequence_parallel=True, multiple_of=1, "
-     "device=None, dtype=None"),
-    (RowParallelLinear.forward, "self, x"),
+    (ColumnParallelLinear.__init__, _PARALLEL_LINEAR_INIT),
+    (RowParallelLinear.__init__, _PARALLEL_LINEAR_INIT),
     (FusedMLPFunc.forward,
      "ctx, x, weight1, bias1, weight2, bias2, activation='gelu_approx', save_pre_act=True, return_residual=False, "
      "checkpoint_lvl=0, heuristic=0, process_group=None, sequence_parallel=True"),
-    (FusedMLPFunc.backward, "ctx, grad_output, *args"),
     (fused_mlp_func,
      "x, weight1, weight2, bias1=None, bias2=None, activation='gelu_approx', save_pre_act=True, "
      "return_residual=False, checkpoint_lvl=0, heuristic=0, process_group=None, sequence_parallel=True"),
     (FusedMLP.__init__,
      "self, in_features, hidden_features=None, out_features=None, bias1=True, bias2=True, activation='gelu_approx', "
      "return_residual=False, checkpoint_lvl=0, heuristic='auto', device=None, dtype=None"),
-    (FusedMLP.forward, "self, x, process_group=None"),
     (ParallelFusedMLP.__init__,
      "self, in_features, hidden_features=None, out_features=None, activation='gelu_approx', process_group=None, "
      "bias1=True, bias2=True, sequence_parallel=True, checkpoint_lvl=0, heuristic='auto', device=None, dtype=None"),
-    (ParallelFusedMLP.forward, "self, x"),
     (ParallelMLP.__init__,
      "self, in_features, hidden_features=None, out_features=None, activation=F.gelu, process_group=None, "
      "sequence_parallel=True, bias1=True, bias2=True, device=None, dtype=None"),
-    (ParallelMLP.forward, "self, x"),
     (ParallelGatedMlp.__init__,
      "self, in_features, process_group, hidden_features=None, out_features=None, activation=F.sigmoid, "
      "bias1=True, bias2=True, multiple_of=128, sequence_parallel=True, device=None, dtype=None"),
-    (ParallelGatedMlp.forward, "self, x"),
     (ParallelMHA.__init__,
      "self, embed_dim, num_heads, process_group, num_heads_kv=None, qkv_proj_bias=True, out_proj_bias=True, "
      "dropout=0.0, softmax_scale=None, causal=False, layer_idx=None, rotary_emb_dim=0, rotary_emb_base=10000.0, "
@@ -313,6 +302,12 @@ UPSTREAM_SIGNATURES = [
      "use_flash_attn=False, checkpointing=False, sequence_parallel=True, device=None, dtype=None"),
     (ParallelMHA.allocate_inference_cache, "self, batch_size, max_seqlen, dtype=None"),
     (ParallelMHA.forward, "self, x, seqlen=None, inference_params=None, **kwargs"),
+    *[(func.backward, "ctx, grad_output, *args") for func in (FusedDenseFunc, FusedMLPFunc)],
+    *[(module.forward, "self, x, process_group=None") for module in (FusedDense, FusedMLP)],
+    *[
+        (module.forward, "self, x")
+        for module in (ColumnParallelLinear, RowParallelLinear, ParallelFusedMLP, ParallelMLP, ParallelGatedMlp)
+    ],
 ]  # fmt: skip
 
 
@@ -347,18 +342,6 @@ def test_mlp_module_exports():
 
 
 # ================================================================================== distributed
-@dataclass
-class InferenceParams:
-    """The fields of flash-attn's ``flash_attn.utils.generation.InferenceParams`` that (Parallel)MHA uses."""
-
-    max_seqlen: int
-    max_batch_size: int
-    seqlen_offset: int = 0
-    batch_size_offset: int = 0
-    key_value_memory_dict: dict = field(default_factory=dict)
-    lengths_per_sample: torch.Tensor | None = None
-
-
 def _split(dim, world, multiple_of=1):
     return [get_dim_for_local_rank(dim, world, r, multiple_of) for r in range(world)]
 
@@ -687,81 +670,26 @@ def _check_uneven_gqa_split_rejected(rank, world, group):
         assert ParallelMHA(64, 4, group, num_heads_kv=1).num_heads_kv_per_rank == 1
 
 
-def _dist_worker(rank: int, world: int, store: str, checks: tuple[str, ...]) -> None:
-    """One rank of a gloo group: the named checks (an assertion fails the spawn)."""
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
-    try:
-        group = dist.group.WORLD
-        for check in checks:
-            globals()[check](rank, world, group)
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    # every rank passed the last barrier: leave without tearing the group down (a rank's gloo
-    # threads still running at destruction abort the process under load)
-    os._exit(0)
-
-
-def _spawn(checks, world, tmp_path, limit_s=150):
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("torch.distributed with the gloo backend is not available")
-    # spawned processes import the worker by module name: make this file importable as a top-level module
-    here = os.path.dirname(os.path.abspath(__file__))
-    name = os.path.splitext(os.path.basename(__file__))[0]
-    sys.path.insert(0, here)
-    try:
-        module = importlib.import_module(name)
-        assert os.path.samefile(module.__file__, __file__), f"{name} resolves to {module.__file__}"
-        context = mp.spawn(
-            module._dist_worker,
-            args=(world, str(tmp_path / "store"), tuple(checks)),
-            nprocs=world,
-            join=False,
-        )
-        deadline = time.monotonic() + limit_s
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    if process.is_alive():
-                        process.terminate()
-                for process in context.processes:
-                    process.join(10)
-                    if process.is_alive():
-                        process.kill()
-                pytest.fail(f"the gloo ranks did not finish {checks} within {limit_s} s")
-    finally:
-        sys.path.remove(here)
-
-
 @pytest.mark.parametrize("world", [1, 2])
 def test_column_row_parallel_linear_and_fused_dense(world, tmp_path):
-    _spawn(["_check_dense"], world, tmp_path)
+    spawn_gloo(__file__, ["_check_dense"], world, tmp_path)
 
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_parallel_fused_mlp(world, tmp_path):
-    _spawn(["_check_fused_mlp"], world, tmp_path)
+    spawn_gloo(__file__, ["_check_fused_mlp"], world, tmp_path)
 
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_parallel_mlp_and_gated_mlp(world, tmp_path):
-    _spawn(["_check_parallel_mlp"], world, tmp_path)
+    spawn_gloo(__file__, ["_check_parallel_mlp"], world, tmp_path)
 
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_parallel_mha(world, tmp_path):
-    _spawn(["_check_parallel_mha", "_check_uneven_gqa_split_rejected"], world, tmp_path)
+    spawn_gloo(__file__, ["_check_parallel_mha", "_check_uneven_gqa_split_rejected"], world, tmp_path)
 
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_parallel_mha_generation(world, tmp_path):
-    _spawn(["_check_parallel_mha_generation"], world, tmp_path)
+    spawn_gloo(__file__, ["_check_parallel_mha_generation"], world, tmp_path)
