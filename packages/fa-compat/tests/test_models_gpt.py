@@ -730,11 +730,30 @@ def test_postnorm_and_mlp_variants():
 
 
 @needs_hf
+def test_fused_dense_sqrelu_dense_matches_plain_mlp():
+    """``fused_dense_sqrelu_dense=True`` builds flash_attn.ops.triton.mlp.FusedDenseSqreluDense blocks whose
+    state dict loads into the plain sqrelu ``Mlp`` model and gives its logits and gradients."""
+    from flash_attn.ops.triton.mlp import FusedDenseSqreluDense
+
+    torch.manual_seed(3)
+    fused = GPTLMHeadModel(_gpt2_config(fused_dense_sqrelu_dense=True, activation_function="sqrelu"))
+    plain = GPTLMHeadModel(_gpt2_config(activation_function="sqrelu"))
+    assert all(isinstance(layer.mlp, FusedDenseSqreluDense) for layer in fused.transformer.layers)
+    plain.load_state_dict(fused.state_dict())
+    ids = torch.randint(0, VOCAB, (2, 9))
+    logits = [model.to(torch.float64).eval()(ids).logits for model in (fused, plain)]
+    torch.testing.assert_close(logits[0], logits[1])
+    grads = []
+    for model, out in zip((fused, plain), logits, strict=True):
+        out.square().mean().backward()
+        grads.append(model.transformer.layers[0].mlp.fc1.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@needs_hf
 def test_refusals():
     """What is refused (tensor parallelism and fused_mlp: test_models_gpt_parallel.py)."""
     config = _gpt2_config()
-    with pytest.raises(NotImplementedError, match="FusedDenseSqreluDense"):
-        GPTLMHeadModel(_gpt2_config(fused_dense_sqrelu_dense=True, activation_function="sqrelu"))
     with pytest.raises(ValueError, match="process_group"):  # no process group to shard for
         GPTLMHeadModel.from_pretrained("gpt2", config, world_size=2, rank=0)
     with pytest.raises(ValueError, match="GPT2Config"):

@@ -130,9 +130,7 @@ def test_configuration_checks():
         create_mlp_cls(_config(fused_mlp=True, mlp_checkpoint_lvl=[0, 1]), None)
     with pytest.raises(ValueError, match="checkpoint_lvl"):
         GPTLMHeadModel(_config(fused_mlp=True, mlp_checkpoint_lvl=3))
-    # fused_dense_sqrelu_dense: flash-attn's checks, then the missing module
-    with pytest.raises(NotImplementedError, match=r"FusedDenseSqreluDense \(flash_attn.ops.triton.mlp\)"):
-        GPTLMHeadModel(_config(fused_dense_sqrelu_dense=True, activation_function="sqrelu"))
+    # fused_dense_sqrelu_dense: flash-attn's checks (single process only)
     with pytest.raises(ValueError, match="sqrelu"):
         GPTLMHeadModel(_config(fused_dense_sqrelu_dense=True))
     with pytest.raises(ValueError, match="both"):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 import flash_attn
 from flash_attn.layers.patch_embed import PatchEmbed
@@ -190,12 +191,49 @@ SOURCE_SIGNATURES: list[tuple[str, str, str]] = [
     ("flash_attn.models.vit", "VisionTransformer.load_state_dict", "self, state_dict, strict=True"),
     ("flash_attn.models.vit", "init_weights_vit_timm", "module, name=''"),
     ("flash_attn.models.vit", "vit_base_patch16_224", "pretrained=False, **kwargs"),
+    ("flash_attn.utils.torch", "custom_fwd", "*args, **kwargs"),
+    ("flash_attn.utils.torch", "custom_bwd", "*args, **kwargs"),
+    ("flash_attn.utils.torch", "custom_amp_decorator", "dec, cuda_amp_deprecated"),
+    ("flash_attn.utils.library", "triton_op",
+     "name, fn=None, /, *, mutates_args, schema=None, allow_decomposition=True"),
+    ("flash_attn.utils.testing", "generate_random_padding_mask",
+     "max_seqlen, batch_size, device, mode='random', zero_lengths=False"),
+    ("flash_attn.utils.testing", "generate_qkv",
+     "q, k, v, query_padding_mask=None, key_padding_mask=None, qv=None, kvpacked=False, qkvpacked=False, "
+     "query_unused_mask=None, key_unused_mask=None"),
+    ("flash_attn.utils.testing", "construct_local_mask",
+     "seqlen_q, seqlen_k, window_size=(None, None), sink_token_length=0, query_padding_mask=None, "
+     "key_padding_mask=None, key_leftpad=None, device=None"),
+    ("flash_attn.utils.testing", "construct_chunk_mask",
+     "seqlen_q, seqlen_k, attention_chunk, query_padding_mask=None, key_padding_mask=None, key_leftpad=None, "
+     "device=None"),
+    ("flash_attn.utils.testing", "attention_ref",
+     "q, k, v, query_padding_mask=None, key_padding_mask=None, key_leftpad=None, attn_bias=None, dropout_p=0.0, "
+     "dropout_mask=None, causal=False, qv=None, q_descale=None, k_descale=None, v_descale=None, "
+     "window_size=(None, None), attention_chunk=0, sink_token_length=0, learnable_sink=None, softcap=0.0, "
+     "upcast=True, reorder_ops=False, intermediate_dtype=None"),
+    ("flash_attn.ops.triton.k_activations", "get_triton_activation_kernel", "activation"),
+    ("flash_attn.ops.triton.k_activations", "get_triton_activation_bwd_kernel", "activation"),
+    *[("flash_attn.ops.triton.k_activations", name, "x") for name in (
+        "tanh", "cosh", "relu", "relu_grad", "squared_relu", "squared_relu_grad", "leaky_relu", "leaky_relu_grad",
+        "gelu", "gelu_grad", "gelu_approx", "gelu_approx_grad")],
+    ("flash_attn.ops.triton.linear", "triton_linear_act",
+     "x, weight, bias=None, activation='id', save_act_input=False"),
+    ("flash_attn.ops.triton.linear", "triton_dgrad_act", "grad_output, weight, activation='id', act_input=None"),
+    ("flash_attn.ops.triton.mlp", "FusedDenseSqreluDenseFunc.forward",
+     "ctx, x, weight1, bias1, weight2, bias2, checkpoint_lvl=0"),
+    ("flash_attn.ops.triton.mlp", "FusedDenseSqreluDenseFunc.backward", "ctx, grad_output"),
+    ("flash_attn.ops.triton.mlp", "FusedDenseSqreluDense.__init__",
+     "self, in_features, hidden_features=None, out_features=None, bias1=True, bias2=True, checkpoint_lvl=0, "
+     "device=None, dtype=None"),
+    ("flash_attn.ops.triton.mlp", "FusedDenseSqreluDense.forward", "self, x"),
 ]  # fmt: skip
 #: module-level aliases of those modules: (module, name, target)
 SOURCE_ALIASES = [
     ("flash_attn.utils.distributed", "all_gather", "AllGatherFunc.apply"),
     ("flash_attn.utils.distributed", "reduce_scatter", "ReduceScatterFunc.apply"),
     ("flash_attn.utils.distributed", "all_reduce", "AllReduceFunc.apply"),
+    ("flash_attn.ops.triton.mlp", "fused_dense_sqrelu_dense_function", "FusedDenseSqreluDenseFunc.apply"),
 ]
 
 
@@ -203,9 +241,10 @@ def _source_record(module: str, name: str, params: str) -> dict:
     args = ast.parse(f"def f({params}): pass").body[0].args
     positional = args.posonlyargs + args.args
     defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
+    kinds = ["POSITIONAL_ONLY"] * len(args.posonlyargs) + ["POSITIONAL_OR_KEYWORD"] * len(args.args)
     out = [
-        {"name": a.arg, "kind": "POSITIONAL_OR_KEYWORD", "default": None if d is None else ast.unparse(d)}
-        for a, d in zip(positional, defaults)
+        {"name": a.arg, "kind": kind, "default": None if d is None else ast.unparse(d)}
+        for a, kind, d in zip(positional, kinds, defaults)
     ]
     if args.vararg is not None:
         out.append({"name": args.vararg.arg, "kind": "VAR_POSITIONAL", "default": None})
@@ -268,6 +307,14 @@ def _resolve(module: str, name: str):
     return obj
 
 
+def _signature(obj) -> inspect.Signature:
+    """The signature of a function, or of the Python function behind a ``@triton.jit`` device function
+    (compiled or interpreted)."""
+    if isinstance(obj, triton.runtime.KernelInterface):
+        obj = obj.fn
+    return inspect.signature(obj)
+
+
 def _id(record: dict) -> str:
     return f"{record['module']}.{record['name']}"
 
@@ -279,7 +326,7 @@ def test_signature_matches_flash_attn_2_8(record):
         target = _resolve(record["module"], record["alias_of"])
         assert obj is target or obj == target, f"{_id(record)} must be an alias of {record['alias_of']}"
         return
-    params = list(inspect.signature(obj).parameters.values())
+    params = list(_signature(obj).parameters.values())
     if record.get("note", "").startswith("first parameter"):
         params = params[1:]  # self / ctx
     extras = EXTRAS.get((record["module"], record["name"]), [])

@@ -67,25 +67,6 @@ def fused_mlp_cls(
     )
 
 
-def refuse_fused_dense_sqrelu_dense(config: Any, process_group: Any) -> None:
-    """``fused_dense_sqrelu_dense=True``: flash-attn's configuration checks (``ValueError``), then
-    ``NotImplementedError``: its ``FusedDenseSqreluDense`` (``flash_attn.ops.triton.mlp``) is not provided."""
-    if config.activation_function != "sqrelu":
-        raise ValueError(
-            "fused_dense_sqrelu_dense only supports approximate activation_function sqrelu, got "
-            f"{config.activation_function!r}"
-        )
-    if getattr(config, "fused_mlp", False):
-        raise ValueError("fused_mlp and fused_dense_sqrelu_dense cannot both be set")
-    if process_group is not None:
-        raise ValueError("Tensor Parallel is not implemented for FusedDenseSqreluDense")
-    raise NotImplementedError(
-        "config.fused_dense_sqrelu_dense=True needs FusedDenseSqreluDense (flash_attn.ops.triton.mlp), which "
-        "Flash Attention Plus does not provide; with it False, activation_function='sqrelu' builds the same MLP "
-        "from nn.Linear layers (or FusedMLP with fused_mlp=True)"
-    )
-
-
 def build_embeddings(
     config: Any, vocab_size: int, process_group: Any, factory_kwargs: dict[str, Any]
 ) -> GPT2Embeddings | ParallelGPT2Embeddings:

@@ -4,7 +4,8 @@
   :class:`flash_attn.modules.block.Block` / :class:`~flash_attn.modules.block.ParallelBlock` built by
   :func:`create_block` (:func:`create_mixer_cls`: :class:`flash_attn.modules.mha.MHA`; :func:`create_mlp_cls`:
   :class:`~flash_attn.modules.mlp.Mlp` / :class:`~flash_attn.modules.mlp.GatedMlp`, or with ``fused_mlp``
-  :class:`flash_attn.ops.fused_dense.FusedMLP`) and the final norm;
+  :class:`flash_attn.ops.fused_dense.FusedMLP`, or with ``fused_dense_sqrelu_dense``
+  :class:`flash_attn.ops.triton.mlp.FusedDenseSqreluDense`) and the final norm;
 * :class:`GPTLMHeadModel`: ``GPTModel`` + language-model head, returning ``CausalLMOutput(logits=...)``, with
   ``generate`` (:class:`flash_attn.utils.generation.GenerationMixin`, KV cache through ``inference_params``);
 * :class:`GPTPreTrainedModel`: the base class (config check, ``from_pretrained``); :func:`_init_weights`, the
@@ -35,11 +36,9 @@ Parameter names, signatures, defaults and forward semantics are flash-attn's, so
 HF transformers is imported only where a ``GPT2Config`` is checked (:class:`GPTPreTrainedModel`) or a
 checkpoint is read, so the conversions work without it.
 
-Not provided (``NotImplementedError`` naming what is missing): ``fused_dense_sqrelu_dense`` (flash-attn's
-``FusedDenseSqreluDense`` of ``flash_attn.ops.triton.mlp``). ``from_pretrained`` converts GPT-2 and Llama
-checkpoints here and those of OPT, GPT-J, GPT-NeoX, Falcon and BigCode (by flash-attn's model-name prefixes)
-with the remaps of their modules in :mod:`flash_attn.models`. ``fused_bias_fc=True`` is accepted and builds
-``nn.Linear`` projections (see :mod:`flash_attn.modules.mha`).
+``from_pretrained`` converts GPT-2 and Llama checkpoints here and those of OPT, GPT-J, GPT-NeoX, Falcon and
+BigCode (by flash-attn's model-name prefixes) with the remaps of their modules in :mod:`flash_attn.models`.
+``fused_bias_fc=True`` is accepted and builds ``nn.Linear`` projections (see :mod:`flash_attn.modules.mha`).
 
 Differences from flash-attn 2.8.3, all supersets:
 
@@ -80,6 +79,7 @@ from torch import Tensor, nn
 
 from flash_attn.models._gpt_parallel import (
     TANH_GELUS,
+    _checkpoint_lvl,
     build_embeddings,
     build_lm_head,
     check_pretrained_group,
@@ -88,7 +88,6 @@ from flash_attn.models._gpt_parallel import (
     lm_head_logits,
     mark_shared_params,
     parallel_kwargs,
-    refuse_fused_dense_sqrelu_dense,
 )
 from flash_attn.models._gpt_state_dict import (
     _GATED,
@@ -105,6 +104,7 @@ from flash_attn.modules.mha import MHA, ParallelMHA
 from flash_attn.modules.mlp import GatedMlp, Mlp, ParallelGatedMlp, ParallelMLP
 from flash_attn.ops.activations import sqrelu_fwd
 from flash_attn.ops.triton.layer_norm import RMSNorm, layer_norm_fn
+from flash_attn.ops.triton.mlp import FusedDenseSqreluDense
 from flash_attn.utils.distributed import sync_shared_params
 from flash_attn.utils.generation import GenerationMixin
 from flash_attn.utils.pretrained import _import_optional, state_dict_from_pretrained
@@ -221,6 +221,28 @@ _GATE_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
+def _fused_dense_sqrelu_dense_cls(
+    config: Any, layer_idx: int | None, process_group: Any, factory_kwargs: dict[str, Any]
+) -> Callable[..., nn.Module]:
+    """``fused_dense_sqrelu_dense=True``: flash-attn's configuration checks (``ValueError``), then
+    ``partial(FusedDenseSqreluDense, hidden_features=n_inner, checkpoint_lvl=...)``."""
+    if config.activation_function != "sqrelu":
+        raise ValueError(
+            "fused_dense_sqrelu_dense only supports approximate activation_function sqrelu, got "
+            f"{config.activation_function!r}"
+        )
+    if getattr(config, "fused_mlp", False):
+        raise ValueError("fused_mlp and fused_dense_sqrelu_dense cannot both be set")
+    if process_group is not None:
+        raise ValueError("Tensor Parallel is not implemented for FusedDenseSqreluDense")
+    return partial(
+        FusedDenseSqreluDense,
+        hidden_features=config.n_inner,
+        checkpoint_lvl=_checkpoint_lvl(config, layer_idx),
+        **factory_kwargs,
+    )
+
+
 def create_mlp_cls(
     config: Any,
     layer_idx: int | None = None,
@@ -235,11 +257,14 @@ def create_mlp_cls(
     ``process_group``: ``ParallelGatedMlp`` / ``ParallelMLP`` (``sequence_parallel`` from the config, default
     True). ``fused_mlp=True``: ``FusedMLP`` / ``ParallelFusedMLP`` of :mod:`flash_attn.ops.fused_dense` (tanh
     GeLUs, ``relu`` or ``sqrelu`` only; ``mlp_checkpoint_lvl``, an int or one per layer).
-    ``fused_dense_sqrelu_dense=True`` raises ``NotImplementedError`` (after flash-attn's checks).
+    ``fused_dense_sqrelu_dense=True``: ``partial(FusedDenseSqreluDense, ...)`` of
+    :mod:`flash_attn.ops.triton.mlp` (``activation_function="sqrelu"`` only, no ``fused_mlp``, no process
+    group; hidden width ``n_inner``, ``mlp_checkpoint_lvl``; both biases, whatever ``mlp_fc1_bias`` /
+    ``mlp_fc2_bias`` say, as in flash-attn, so its state dicts load).
     """
     factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
     if getattr(config, "fused_dense_sqrelu_dense", False):
-        refuse_fused_dense_sqrelu_dense(config, process_group)
+        return _fused_dense_sqrelu_dense_cls(config, layer_idx, process_group, factory_kwargs)
     if getattr(config, "fused_mlp", False):
         return fused_mlp_cls(config, layer_idx, process_group, factory_kwargs)
     _check_activation(config)
