@@ -54,13 +54,7 @@ PROVIDED = {
 }
 
 #: test functions skipped by this harness, with the reason (everything else runs as upstream wrote it)
-OUR_SKIPS = {
-    "test_flash_attn_generator_arg_must_be_none": (
-        "[fa-plus] checks the positional-argument contract of the compiled CUDA extension's raw entry points "
-        "(flash_attn_gpu.fwd / bwd / varlen_fwd / varlen_bwd with a non-None generator slot); Flash Attention "
-        "Plus has no compiled extension, and a stand-in module would only test itself"
-    ),
-}
+OUR_SKIPS: dict[str, str] = {}
 
 DEFAULT_SAMPLE = 4
 

@@ -31,7 +31,9 @@ Layout of the implementation: every function here is a thin view of one call pat
 checked once (:func:`fa_core.ops.prepare`), then the forward (:func:`fa_core.ops.run_forward`) or, when a
 gradient is wanted, the one autograd layer of fa-backward (:mod:`fa_backward.autograd`); under
 ``torch.compile`` the kernels run as the custom ops ``flash_attn_plus::*``. The low-level 2.8 functions
-(``_flash_attn_forward`` & co) are in :mod:`flash_attn._lowlevel`, re-exported here.
+(``_flash_attn_forward`` & co) are in :mod:`flash_attn._lowlevel`, re-exported here; ``flash_attn_gpu`` is
+:mod:`flash_attn._flash_attn_gpu`, the raw entry points of flash-attn's compiled extension (``fwd``, ``bwd``,
+``varlen_fwd``, ``varlen_bwd``, ``fwd_kvcache``) on those functions.
 
 Gradients need the ``backward`` extra (fa-backward) and ``flash_attn_with_kvcache`` the ``kvcache`` extra
 (fa-kvcache): without them the call raises :class:`flash_attn._extras.MissingExtraError` saying what to install.
@@ -50,7 +52,7 @@ from fa_core import validation as V
 from fa_core.function_views import function_views
 from fa_core.ops import KV, QKV
 from fa_core.ops import round_multiple as round_multiple
-from flash_attn import _extras, _kvcache
+from flash_attn import _extras, _flash_attn_gpu, _kvcache
 from flash_attn._checks import _check_block_table
 
 # `x as x`: re-exported, flash-attn 2.8's low-level functions and helper live in this module
@@ -84,6 +86,10 @@ maybe_contiguous = V.contig_last
 
 #: flash-attn 2.8's module flag (its ROCm Triton backend); these Triton kernels are not that backend
 USE_TRITON_ROCM = False
+
+#: flash-attn's compiled extension (2.8: ``import flash_attn_2_cuda as flash_attn_gpu``): the raw entry points
+#: ``fwd`` / ``bwd`` / ``varlen_fwd`` / ``varlen_bwd`` / ``fwd_kvcache`` with its positional argument lists
+flash_attn_gpu = _flash_attn_gpu
 
 
 def _get_block_size_n(device, head_dim: int, is_dropout: bool, is_causal: bool) -> int:
