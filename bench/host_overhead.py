@@ -274,7 +274,9 @@ class _Empty(torch.autograd.Function):
 
 
 def split(device: str, n: int = 300) -> None:
-    """Print the pieces of fwd_bwd's host time (us per call, median of 5 rounds) as they are measured."""
+    """Print the pieces of fwd_bwd's host time (us per call, median of 5 rounds) as they are measured; on a GPU
+    also write them, rows ``{"bench": "host_split", "provider", "call", ..., "host_us"}``, to
+    ``bench/results/<gpu>-host-split.*``."""
     import time
 
     import fa_backward.autograd as ag
@@ -283,22 +285,31 @@ def split(device: str, n: int = 300) -> None:
     dtype, ours_fb = _fwd_bwd_inputs(device)
     q, k, v, do = _inputs(device, dtype, 64, True)
     qc, kc, vc, doc = _inputs("cpu", torch.float32, 64, True)
-    points: list[tuple[str, Callable[[], Any]]] = [
-        ("ours fwd (inputs requiring grad)", _fa_plus("fwd", device, dtype, 64, True)),
-        ("ours fwd_bwd", ours_fb),
-        ("empty Function fwd_bwd", lambda: torch.autograd.grad(_Empty.apply(q, k, v), (q, k, v), do)),
-        ("empty Function fwd_bwd, CPU tensors", lambda: torch.autograd.grad(_Empty.apply(qc, kc, vc), (qc, kc, vc), doc)),
+    # (printed name, (row "call", row "provider"), function)
+    points: list[tuple[str, tuple[str, str], Callable[[], Any]]] = [
+        ("ours fwd (inputs requiring grad)", ("fwd", "fa-plus"), _fa_plus("fwd", device, dtype, 64, True)),
+        ("ours fwd_bwd", ("fwd_bwd", "fa-plus"), ours_fb),
+        ("empty Function fwd_bwd", ("fwd_bwd", "empty-function"), lambda: torch.autograd.grad(_Empty.apply(q, k, v), (q, k, v), do)),
+        ("empty Function fwd_bwd, CPU tensors", ("fwd_bwd, CPU tensors", "empty-function"), lambda: torch.autograd.grad(_Empty.apply(qc, kc, vc), (qc, kc, vc), doc)),
     ]  # fmt: skip
     if device == "cuda":
-        points[:0] = [("sdpa fwd", _sdpa("fwd", device, dtype, 64, True)), ("sdpa fwd_bwd", _sdpa("fwd_bwd", device, dtype, 64, True))]  # fmt: skip
+        points[:0] = [("sdpa fwd", ("fwd", "sdpa-flash"), _sdpa("fwd", device, dtype, 64, True)), ("sdpa fwd_bwd", ("fwd_bwd", "sdpa-flash"), _sdpa("fwd_bwd", device, dtype, 64, True))]  # fmt: skip
+    rows: list[dict[str, Any]] = []
+
+    def add(call: str, provider: str, us: float) -> None:
+        b, s, h = SHAPE
+        rows.append({"bench": "host_split", "provider": provider, "call": call, "headdim": 64, "causal": True,
+                     "seqlen": s, "batch": b, "nheads": h, "host_us": round(us, 1)})  # fmt: skip
 
     def med(fn: Callable[[], Any]) -> float:
         for _ in range(30):
             fn()
         return statistics.median(host_ms_per_call(fn, n=n, warmup=10) * 1e3 for _ in range(5))
 
-    for name, fn in points:
-        print(f"{name:42s} {med(fn):8.1f} us", flush=True)
+    for name, (call, provider), fn in points:
+        us = med(fn)
+        add(call, provider, us)
+        print(f"{name:42s} {us:8.1f} us", flush=True)
     # time inside our backward and inside its launch step (on a GPU: in the engine's device thread)
     spent = {"backward": [0.0, 0], "launch": [0.0, 0]}
 
@@ -320,8 +331,18 @@ def split(device: str, n: int = 300) -> None:
     finally:
         ag.backward, bw._LAUNCH[0] = backward, launch
     print(f"{'ours fwd_bwd, pieces timed':42s} {total:8.1f} us", flush=True)
+    add("fwd_bwd, pieces timed", "fa-plus", total)
     for key, (secs, calls) in spent.items():
-        print(f"  inside our {key:10s} {secs / max(calls, 1) * 1e6:8.1f} us per call", flush=True)
+        us = secs / max(calls, 1) * 1e6
+        add(f"inside our {key}", "fa-plus", us)
+        print(f"  inside our {key:10s} {us:8.1f} us per call", flush=True)
+    if device == "cuda":
+        path = write_results(
+            "host-split", rows, merge=False,
+            plot_kw={"bench": "host_split", "metric": "host_us", "x": "headdim", "panels": ("call",)},
+            table_kw={"metric": "host_us", "title": "pieces of forward+backward host time (us, lower is better)"},
+        )  # fmt: skip
+        print(f"wrote {path}")
 
 
 def main() -> int:
