@@ -59,3 +59,41 @@ def ref_out_and_grads(q, k, v, dout, *, varlen=None, upcast=True, **kw):
 def ref_grads(q, k, v, dout, *, varlen=None, upcast=True, **kw):
     """Gradients of the reference: float64 when ``upcast`` (the truth), else in the inputs' precision."""
     return ref_out_and_grads(q, k, v, dout, varlen=varlen, upcast=upcast, **kw)[1]
+
+
+#: relative slack of the gradient comparisons (x the largest true gradient entry)
+GRAD_SLACK = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+@pytest.fixture(autouse=True)
+def poison_empty():
+    """torch.empty & co. return NaN-filled memory while deterministic algorithms are on (a module that imports
+    this fixture gets it for every test)."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(prev)
+
+
+def check_out_lse(out, lse, q, k, v, varlen=None, **kw):
+    """flash-attn's rule against the fp64 reference: out (and lse when given) within 2x the error of the same
+    reference computed in the inputs' precision."""
+    from fa_core.testing import assert_close_2x
+
+    ref, ref_lse = ref_out_lse(q, k, v, varlen=varlen, **kw)
+    low, low_lse = ref_out_lse(q, k, v, varlen=varlen, upcast=False, **kw)
+    assert_close_2x(out, ref, low, "out")
+    if lse is not None:
+        assert_close_2x(lse, ref_lse, low_lse.float(), "lse", slack=1e-4)
+
+
+def check_grads(grads, q, k, v, dout, varlen=None, **kw):
+    """(dq, dk, dv) against the fp64 reference's gradients by flash-attn's 2x rule (slack: :data:`GRAD_SLACK`)."""
+    from fa_core.testing import assert_close_2x
+
+    true = ref_grads(q, k, v, dout, varlen=varlen, **kw)
+    low = ref_grads(q, k, v, dout, varlen=varlen, upcast=False, **kw)
+    for name, g, t, lo in zip(("dq", "dk", "dv"), grads, true, low):
+        assert g.shape == t.shape, name
+        assert_close_2x(g, t, lo, name, slack=GRAD_SLACK[q.dtype] * float(t.abs().max()) + 1e-6)

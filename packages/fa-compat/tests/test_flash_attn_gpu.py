@@ -17,16 +17,17 @@ from fa_compat_testutils import (
     DEVICE,
     HI,
     LOWP,
+    check_grads,
+    check_out_lse,
     cu_seqlens,
     needs_backward,
     needs_kvcache,
+    poison_empty,  # noqa: F401 (autouse fixture)
     rand,
-    ref_grads,
-    ref_out_lse,
 )
 
 from fa_core.errors import FlashAttnValueError
-from fa_core.testing import assert_close_2x, poisoned
+from fa_core.testing import poisoned
 from flash_attn import flash_attn_interface as fai
 from flash_attn import flash_attn_with_kvcache
 from flash_attn.flash_attn_interface import (
@@ -38,32 +39,6 @@ from flash_attn.flash_attn_interface import (
 )
 
 GEN_MATCH = r"generator` argument is no longer supported"
-GRAD_SLACK = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-
-
-@pytest.fixture(autouse=True)
-def poison_empty():
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(prev)
-
-
-def _check(out, lse, q, k, v, varlen=None, **kw):
-    ref, ref_lse = ref_out_lse(q, k, v, varlen=varlen, **kw)
-    low, low_lse = ref_out_lse(q, k, v, varlen=varlen, upcast=False, **kw)
-    assert_close_2x(out, ref, low, "out")
-    if lse is not None:
-        assert_close_2x(lse, ref_lse, low_lse.float(), "lse", slack=1e-4)
-
-
-def _check_grads(grads, q, k, v, dout, varlen=None, **kw):
-    true = ref_grads(q, k, v, dout, varlen=varlen, **kw)
-    low = ref_grads(q, k, v, dout, varlen=varlen, upcast=False, **kw)
-    for name, g, t, lo in zip(("dq", "dk", "dv"), grads, true, low):
-        assert g.shape == t.shape, name
-        assert_close_2x(g, t, lo, name, slack=GRAD_SLACK[q.dtype] * float(t.abs().max()) + 1e-6)
 
 
 def _equal(a, b):
@@ -179,7 +154,7 @@ def test_fwd(dtype, case):
     kw = dict(
         softmax_scale=0.3, causal=causal, window_size=(left, right), softcap=softcap, alibi_slopes=alibi
     )
-    _check(out, lse, q, k, v, **kw)
+    check_out_lse(out, lse, q, k, v, **kw)
     low = _flash_attn_forward(q, k, v, 0.0, 0.3, causal, left, right, softcap, alibi, False)
     _equal(out, low[0])
     _equal(lse, low[1])
@@ -204,7 +179,7 @@ def test_bwd(given):
     if given:
         assert dq is bufs[0] and dk is bufs[1] and dv is bufs[2]
     assert dk.shape == k.shape and softmax_d.shape == (b, h, 128) and softmax_d.dtype == torch.float32
-    _check_grads((dq, dk, dv), q, k, v, dout, softmax_scale=0.25, causal=True)
+    check_grads((dq, dk, dv), q, k, v, dout, softmax_scale=0.25, causal=True)
     low = [poisoned(t.shape, t.dtype, DEVICE) for t in (q, k, v)]
     low_d = _flash_attn_backward(
         dout, q, k, v, out, lse, *low, 0.0, 0.25, True, -1, -1, 0.0, None, False, rng
@@ -225,11 +200,11 @@ def test_dropout_rng_state_round_trip():
     keep = s_dmask[:, :, :s, :s] >= 0
     assert 0.5 < keep.float().mean() < 0.95
     kw = dict(softmax_scale=0.25, dropout_p=p, dropout_mask=keep)
-    _check(out, lse, q, k, v, **kw)
+    check_out_lse(out, lse, q, k, v, **kw)
     dq, dk, dv, _ = flash_attn_gpu.bwd(
         dout, q, k, v, out, lse, None, None, None, None, p, 0.25, False, -1, -1, 0.0, False, None, rng
     )
-    _check_grads((dq, dk, dv), q, k, v, dout, **kw)
+    check_grads((dq, dk, dv), q, k, v, dout, **kw)
     low = [poisoned(t.shape, t.dtype, DEVICE) for t in (q, k, v)]
     _flash_attn_backward(dout, q, k, v, out, lse, *low, p, 0.25, False, -1, -1, 0.0, None, False, rng)
     for g, want in zip((dq, dk, dv), low):
@@ -265,7 +240,7 @@ def test_varlen_fwd(arity):
     assert isinstance(res, list) and len(res) == 4
     out, lse, s_dmask, rng_state = res
     assert out is buf and lse.shape == (2, sum(LQ)) and s_dmask.shape == (0,) and rng_state.shape == (2,)
-    _check(out, lse, q, k, v, varlen=(cu_q, cu_k), softmax_scale=0.5, causal=True)
+    check_out_lse(out, lse, q, k, v, varlen=(cu_q, cu_k), softmax_scale=0.5, causal=True)
     low = _flash_attn_varlen_forward(q, k, v, cu_q, cu_k, max(LQ), max(LK), 0.0, 0.5, True)
     _equal(out, low[0])
     _equal(lse, low[1])
@@ -296,7 +271,7 @@ def test_varlen_fwd_seqused_leftpad_window():
     for i, n in enumerate(used.tolist()):
         qi = q[int(cu_q[i]) : int(cu_q[i + 1])][None]
         ki, vi = k[int(cu_k[i]) : int(cu_k[i]) + n][None], v[int(cu_k[i]) : int(cu_k[i]) + n][None]
-        _check(out[int(cu_q[i]) : int(cu_q[i + 1])][None], None, qi, ki, vi, softmax_scale=0.5)
+        check_out_lse(out[int(cu_q[i]) : int(cu_q[i + 1])][None], None, qi, ki, vi, softmax_scale=0.5)
 
 
 def test_varlen_fwd_paged():
@@ -314,7 +289,7 @@ def test_varlen_fwd_paged():
     )
     k = torch.cat([k_cache[int(table[i, 0]), :n] for i, n in enumerate(LK)])
     v = torch.cat([v_cache[int(table[i, 0]), :n] for i, n in enumerate(LK)])
-    _check(out, lse, q, k, v, varlen=(cu_q, cu_k), softmax_scale=0.5, causal=True)
+    check_out_lse(out, lse, q, k, v, varlen=(cu_q, cu_k), softmax_scale=0.5, causal=True)
     low = _flash_attn_varlen_forward(
         q, k_cache, v_cache, cu_q, cu_k, max(LQ), max(LK), 0.0, 0.5, True, block_table=table
     )
@@ -343,7 +318,7 @@ def test_varlen_bwd(given):
     if given:
         assert dq is bufs[0] and dk is bufs[1] and dv is bufs[2]
     assert softmax_d.shape == (2, sum(LQ) + 128 * len(LQ)) and softmax_d.dtype == torch.float32
-    _check_grads((dq, dk, dv), q, k, v, dout, varlen=(cu_q, cu_k), softmax_scale=0.5, causal=True)
+    check_grads((dq, dk, dv), q, k, v, dout, varlen=(cu_q, cu_k), softmax_scale=0.5, causal=True)
     low = [poisoned(t.shape, t.dtype, DEVICE) for t in (q, k, v)]
     low_d = _flash_attn_varlen_backward(
         dout, q, k, v, out, lse, *low, cu_q, cu_k, max(LQ), max(LK), 0.0, 0.5, True, -1, -1, 0.0, None, False,
@@ -411,7 +386,9 @@ def test_fwd_kvcache_appends():
         _equal(k_cache[i, :n], k_full[i, :n])
         k_ref = torch.cat([k_full[i, :n], k_new[i]])[None]
         v_ref = torch.cat([v_full[i, :n], v_new[i]])[None]
-        _check(out[i : i + 1], lse[i : i + 1], q[i : i + 1], k_ref, v_ref, softmax_scale=0.25, causal=True)
+        check_out_lse(
+            out[i : i + 1], lse[i : i + 1], q[i : i + 1], k_ref, v_ref, softmax_scale=0.25, causal=True
+        )
     k2, v2 = k_full.clone(), v_full.clone()
     want, want_lse = flash_attn_with_kvcache(
         q, k2, v2, k_new, v_new, cache_seqlens=seqlens, softmax_scale=0.25, causal=True,
@@ -442,7 +419,7 @@ def test_fwd_kvcache_slots():
     _equal(out, want)
     _equal(lse, want_lse)
     i = 0  # sequence 0: keys [3, 12) of the cache
-    _check(
+    check_out_lse(
         out[i : i + 1], lse[i : i + 1], q[i : i + 1], k_cache[i : i + 1, 3:12], v_cache[i : i + 1, 3:12],
         softmax_scale=0.25, window_size=(6, 0), alibi_slopes=alibi,
     )  # fmt: skip

@@ -15,7 +15,16 @@ import math
 
 import pytest
 import torch
-from fa_compat_testutils import DEVICE, DTYPES, HI, LOWP, needs_backward, rand
+from fa_compat_testutils import (  # noqa: F401 (poison_empty: autouse fixture)
+    DEVICE,
+    DTYPES,
+    GRAD_SLACK,
+    HI,
+    LOWP,
+    needs_backward,
+    poison_empty,
+    rand,
+)
 
 from fa_core.errors import FlashAttnValueError
 from fa_core.testing import assert_close_2x
@@ -32,19 +41,6 @@ from flash_attn.flash_attn_triton import (
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
 )
-
-#: relative slack of the gradient comparisons (x the largest true gradient entry)
-GRAD_SLACK = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-
-
-@pytest.fixture(autouse=True)
-def poison_empty():
-    """torch.empty & co. return NaN-filled memory while deterministic algorithms are on."""
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(prev)
 
 
 # ------------------------------------------------------------------------------------------ reference

@@ -26,6 +26,7 @@ import pytest
 import torch
 from fa_compat_testutils import (
     DTYPES,
+    GRAD_SLACK,
     HAS_BACKWARD,
     needs_backward,
     needs_kvcache,
@@ -79,8 +80,6 @@ LAYOUTS = ["contiguous", "slice", "transposed", "strided_last"]
 #: the layouts whose last dim is contiguous
 CONTIGUOUS_LAST_LAYOUTS = LAYOUTS[:3]
 MAX_SEQ = 40
-#: relative slack of gradient comparisons (x the largest true gradient entry), as test_api.py
-GRAD_SLACK = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 LSE_SLACK = 1e-4
 
 #: An EMPTY tensor with a non-unit last stride used to be rejected (test_empty_tensor_with_strided_last_dim);
