@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fa_core.reference import attention_ref, attention_varlen_ref
+from fa_core.testing import assert_close_2x
 from flash_attn import _extras
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -79,8 +80,6 @@ def poison_empty():
 def check_out_lse(out, lse, q, k, v, varlen=None, **kw):
     """flash-attn's rule against the fp64 reference: out (and lse when given) within 2x the error of the same
     reference computed in the inputs' precision."""
-    from fa_core.testing import assert_close_2x
-
     ref, ref_lse = ref_out_lse(q, k, v, varlen=varlen, **kw)
     low, low_lse = ref_out_lse(q, k, v, varlen=varlen, upcast=False, **kw)
     assert_close_2x(out, ref, low, "out")
@@ -90,8 +89,6 @@ def check_out_lse(out, lse, q, k, v, varlen=None, **kw):
 
 def check_grads(grads, q, k, v, dout, varlen=None, **kw):
     """(dq, dk, dv) against the fp64 reference's gradients by flash-attn's 2x rule (slack: :data:`GRAD_SLACK`)."""
-    from fa_core.testing import assert_close_2x
-
     true = ref_grads(q, k, v, dout, varlen=varlen, **kw)
     low = ref_grads(q, k, v, dout, varlen=varlen, upcast=False, **kw)
     for name, g, t, lo in zip(("dq", "dk", "dv"), grads, true, low):

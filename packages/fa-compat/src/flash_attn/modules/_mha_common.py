@@ -5,8 +5,8 @@ embedding, then the KV cache or the attention core, with optional checkpointing)
 
 The helpers take the attention module as ``module`` and read its attributes ``layer_idx``,
 ``rotary_emb_dim`` (and ``rotary_emb`` when > 0), ``use_flash_attn``, ``checkpointing``, ``inner_attn`` and
-``inner_cross_attn``; ``name`` (the class name) starts their error messages, ``kvcache_fn`` is the
-``flash_attn_with_kvcache`` that the decoding steps call.
+``inner_cross_attn``, and the decoding steps of :class:`KVCacheSteps` (its ``_step_name`` starts their error
+messages, its ``_kvcache_fn()`` is the ``flash_attn_with_kvcache`` they call).
 """
 
 from __future__ import annotations
@@ -183,29 +183,6 @@ def _kvcache_rotary(rotary_emb: RotaryEmbedding, q: Tensor, max_seqlen: int, nam
     }
 
 
-def _cached_attention(
-    module: Any,
-    q: Tensor,
-    kv: Tensor,
-    inference_params: InferenceParamsLike,
-    *,
-    name: str,
-    kvcache_fn: Callable[..., Any],
-) -> Tensor:
-    """Write ``kv`` (already rotated) into the cache, then attend ``q`` over the cache.
-
-    The prompt (``seqlen_offset == 0``), the PyTorch cores and installs without fa-kvcache go through
-    :func:`_update_kv_cache` + ``inner_cross_attn`` (positions from ``seqlen_offset``); decoding steps with
-    the flash cores through ``kvcache_fn`` (lengths from ``lengths_per_sample`` when set).
-    q: ``(B, Sq, H, D)``, kv: ``(B, Sq, 2, H_k, D)`` -> ``(B, Sq, H, D)``.
-    """
-    if inference_params.seqlen_offset == 0 or not module.use_flash_attn or _extras.KVCACHE is None:
-        if module.layer_idx is None:
-            raise ValueError(f"{name}: generation (inference_params) requires layer_idx in the constructor")
-        return module.inner_cross_attn(q, _update_kv_cache(kv, inference_params, module.layer_idx))
-    return _kvcache_attention(module, q, kv, inference_params, kvcache_fn)
-
-
 def _q_kv(qkv_or_q: Tensor, kv: Tensor | None) -> tuple[Tensor, Tensor]:
     """``(q, kv)`` of packed ``qkv (B, S, 3, H, D)`` (``kv`` None: its views ``qkv[:, :, 0]`` /
     ``qkv[:, :, 1:]``), else ``(qkv_or_q, kv)`` as given."""
@@ -218,18 +195,16 @@ def _attend(
     kv: Tensor | None,
     inference_params: InferenceParamsLike | None,
     core_kwargs: dict[str, Any],
-    *,
-    name: str,
-    kvcache_fn: Callable[..., Any],
 ) -> Tensor:
     """The attention of the projected heads: packed ``qkv (B, S, 3, H, D)`` (``kv`` None) through
     ``inner_attn``, or ``q (B, S, H, D)`` and ``kv (B, S, 2, H_k, D)`` through ``inner_cross_attn``.
 
     The rotary embedding (``rotary_emb_dim > 0``) rotates q and k first, at positions starting from
     ``lengths_per_sample`` or ``seqlen_offset`` with ``inference_params``. With ``inference_params`` the
-    keys / values go to the cache and the queries attend over everything cached (:func:`_cached_attention`;
-    a decoding step with the flash cores and a rotary dim that is a multiple of 16 rotates q and k inside
-    ``kvcache_fn`` instead, :func:`_kvcache_rotary`); otherwise the core runs with ``core_kwargs``,
+    keys / values go to the cache and the queries attend over everything cached
+    (:meth:`KVCacheSteps._update_kvcache_attention`; a decoding step with the flash cores and a rotary dim
+    that is a multiple of 16 rotates q and k inside the kvcache kernel instead,
+    :meth:`KVCacheSteps._apply_rotary_update_kvcache_attention`); otherwise the core runs with ``core_kwargs``,
     recomputed in the backward with ``checkpointing``. Returns ``(B, S, H, D)``.
     """
     seqlen_offset: int | Tensor = 0
@@ -245,15 +220,12 @@ def _attend(
             and module.use_flash_attn
             and _extras.KVCACHE is not None
         ):
-            q, kv = _q_kv(qkv_or_q, kv)
-            rotary = _kvcache_rotary(module.rotary_emb, q, inference_params.max_seqlen, name)
-            return _kvcache_attention(module, q, kv, inference_params, kvcache_fn, **rotary)
+            return module._apply_rotary_update_kvcache_attention(*_q_kv(qkv_or_q, kv), inference_params)
     if module.rotary_emb_dim > 0:
         rotated = module.rotary_emb(qkv_or_q, kv, seqlen_offset=seqlen_offset, max_seqlen=rotary_max_seqlen)
         qkv_or_q, kv = (rotated, None) if kv is None else rotated
     if inference_params is not None:
-        q, kv = _q_kv(qkv_or_q, kv)
-        return _cached_attention(module, q, kv, inference_params, name=name, kvcache_fn=kvcache_fn)
+        return module._update_kvcache_attention(*_q_kv(qkv_or_q, kv), inference_params)
     core, args = (module.inner_attn, (qkv_or_q,)) if kv is None else (module.inner_cross_attn, (qkv_or_q, kv))
     if module.checkpointing:
         return torch.utils.checkpoint.checkpoint(core, *args, use_reentrant=False, **core_kwargs)
@@ -267,6 +239,8 @@ class KVCacheSteps:
 
     _step_name = "MHA"
     layer_idx: Any
+    use_flash_attn: bool
+    inner_cross_attn: Any
 
     def _kvcache_fn(self) -> Callable[..., Any]:
         raise NotImplementedError
@@ -298,8 +272,13 @@ class KVCacheSteps:
     def _update_kvcache_attention(
         self, q: Tensor, kv: Tensor, inference_params: InferenceParamsLike
     ) -> Tensor:
-        """Write ``kv`` (already rotated) into the cache, then attend ``q`` over it (see
-        :func:`_cached_attention`). q: ``(B, Sq, H, D)``, kv: ``(B, Sq, 2, H_k, D)`` -> ``(B, Sq, H, D)``."""
-        return _cached_attention(
-            self, q, kv, inference_params, name=self._step_name, kvcache_fn=self._kvcache_fn()
-        )
+        """Write ``kv`` (already rotated) into the cache, then attend ``q`` over the cache.
+
+        The prompt (``seqlen_offset == 0``), the PyTorch cores and installs without fa-kvcache go through
+        :meth:`_update_kv_cache` + ``inner_cross_attn`` (positions from ``seqlen_offset``); decoding steps with
+        the flash cores through ``_kvcache_fn()`` (lengths from ``lengths_per_sample`` when set).
+        q: ``(B, Sq, H, D)``, kv: ``(B, Sq, 2, H_k, D)`` -> ``(B, Sq, H, D)``.
+        """
+        if inference_params.seqlen_offset == 0 or not self.use_flash_attn or _extras.KVCACHE is None:
+            return self.inner_cross_attn(q, self._update_kv_cache(kv, inference_params))
+        return _kvcache_attention(self, q, kv, inference_params, self._kvcache_fn())

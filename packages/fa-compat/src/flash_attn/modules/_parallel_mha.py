@@ -223,15 +223,7 @@ class ParallelMHA(KVCacheSteps, nn.Module):
             q_part, kv_part = qkv.split([heads * head_dim, 2 * heads_kv * head_dim], dim=-1)
             qkv_or_q = q_part.unflatten(-1, (heads, head_dim))
             kv = kv_part.unflatten(-1, (2, heads_kv, head_dim))
-        context = _attend(
-            self,
-            qkv_or_q,
-            kv,
-            inference_params,
-            kwargs,
-            name="ParallelMHA",
-            kvcache_fn=self._kvcache_fn(),
-        ).flatten(-2)
+        context = _attend(self, qkv_or_q, kv, inference_params, kwargs).flatten(-2)
         if seqlen is not None:
             context = context.flatten(0, 1)
         return self.out_proj(context)

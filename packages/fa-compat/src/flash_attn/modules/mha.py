@@ -281,8 +281,6 @@ class MHA(KVCacheSteps, nn.Module):
             qkv_or_q = self._project_qkv(x)
         else:
             qkv_or_q, kv = self._project_q_kv(x, x_kv, mixer_subset)
-        context = _attend(
-            self, qkv_or_q, kv, inference_params, core_kwargs, name="MHA", kvcache_fn=self._kvcache_fn()
-        )
+        context = _attend(self, qkv_or_q, kv, inference_params, core_kwargs)
         out = self.out_proj(context.flatten(-2))
         return (out, x) if self.return_residual else out
