@@ -34,6 +34,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from flash_attn.ops._dense_layers import _autocast_state
 from flash_attn.ops.triton.linear import _apply_activation, _autocast_off, triton_dgrad_act, triton_linear_act
 
 __all__ = ["FusedDenseSqreluDense", "FusedDenseSqreluDenseFunc", "fused_dense_sqrelu_dense_function"]
@@ -76,9 +77,8 @@ def _check_args(
             "weight1 / weight2 must be 2-D, (hidden_features, in_features) / (out_features, hidden_features); "
             f"got {tuple(weight1.shape)} / {tuple(weight2.shape)}"
         )
-    device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
+    _, autocast_on, dtype = _autocast_state(x)
+    if autocast_on:
         x, weight1, weight2 = x.to(dtype), weight1.to(dtype), weight2.to(dtype)
         bias1 = bias1.to(dtype) if bias1 is not None else None
         bias2 = bias2.to(dtype) if bias2 is not None else None
