@@ -235,6 +235,32 @@ def test_flash_attn_func_fwd_bwd(case, gqa):
         _close(g, r, 5 * tol, f"d{name}")
 
 
+@pytest.mark.parametrize("dv", [512, 264])
+def test_wide_v_head_dim(dv):
+    """FlashAttention-3 takes V head dims up to 512 (with a q head dim of 64: MLA's latent width); they run as
+    passes over column blocks of V, exact in the output, the lse and the gradients, dense and varlen."""
+    torch.manual_seed(5)
+    q = _rand(2, 12, 4, 64, grad=True)
+    k, v = _rand(2, 20, 2, 64, grad=True), _rand(2, 20, 2, dv, grad=True)
+    out, lse = fa3.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    ref_out, ref_lse = attention_ref(q, k, v, causal=True)
+    assert out.shape == (2, 12, 4, dv)
+    _close(out, ref_out, TOL[HI], "out")
+    _close(lse, ref_lse, TOL[HI], "lse")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref_out, (q, k, v), dout)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        _close(g, r, 5 * TOL[HI], f"d{name}")
+    cu_q = torch.tensor([0, 12, 24], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 20, 40], dtype=torch.int32, device=DEVICE)
+    flat = [t.detach().flatten(0, 1) for t in (q, k, v)]
+    out_v = fa3.flash_attn_varlen_func(*flat, cu_q, cu_k, 12, 20, causal=True)
+    _close(out_v, ref_out.flatten(0, 1), TOL[HI], "varlen out")
+    with pytest.raises(FlashAttnValueError, match="v head dim"):
+        fa3.flash_attn_func(q, k, _rand(2, 20, 2, 520))
+
+
 def test_flash_attn_func_return_convention_and_tuning_args():
     torch.manual_seed(1)
     q, k, v = _rand(1, 16, 2, 32), _rand(1, 16, 2, 32), _rand(1, 16, 2, 32)

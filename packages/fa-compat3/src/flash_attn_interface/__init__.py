@@ -4,7 +4,9 @@ Same function names, parameter names, order and defaults, and return values as t
 module that FlashAttention-3 (distribution ``flash_attn_3``, 3.0.0) installs. Shapes: dense q ``(batch,
 seqlen_q, nheads, headdim)``, k/v ``(batch, seqlen_k, nheads_k, headdim[_v])``; varlen q ``(total_q, nheads,
 headdim)``, k/v ``(total_k, nheads_k, headdim[_v])`` with int32 ``cu_seqlens`` ``(batch + 1,)``; nheads a
-multiple of nheads_k (GQA / MQA). Causal masks and windows are aligned bottom-right; a row that sees no key gives
+multiple of nheads_k (GQA / MQA). ``headdim`` up to 256, ``headdim_v`` up to 512 (above 256, as FlashAttention-3
+takes with ``headdim`` 64 for MLA's latent width, the kernels run one pass per column block of V: exact, each pass
+recomputing the scores). Causal masks and windows are aligned bottom-right; a row that sees no key gives
 ``out = 0`` and ``softmax_lse = +inf``.
 
 Return conventions (FlashAttention-3's): ``flash_attn_func`` / ``flash_attn_varlen_func`` /
@@ -161,7 +163,8 @@ def flash_attn_func(
 
     Args:
         q: ``(batch, seqlen_q, nheads, headdim)``; k: ``(batch, seqlen_k, nheads_k, headdim)``;
-            v: ``(batch, seqlen_k, nheads_k, headdim_v)``. fp16 / bf16 (fp32 on CPU) or ``float8_e4m3fn``.
+            v: ``(batch, seqlen_k, nheads_k, headdim_v)``, ``headdim_v`` up to 512 (above 256: one pass per column
+            block of V). fp16 / bf16 (fp32 on CPU) or ``float8_e4m3fn``.
         softmax_scale: default ``headdim ** -0.5``. causal: bottom-right aligned causal mask.
         qv: must be None (no kernel for the MLA query-value term here).
         q_descale, k_descale, v_descale: ``(batch, nheads_k)`` float32 dequantisation factors of FP8 inputs

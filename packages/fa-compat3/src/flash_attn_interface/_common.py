@@ -39,15 +39,43 @@ def _is_fp8(t: object) -> bool:
     return isinstance(t, torch.Tensor) and t.dtype == V.FP8_DTYPE
 
 
+#: the widest V head dim FlashAttention-3 takes (with a q head dim of at most 64: MLA's latent width)
+MAX_HEADDIM_V = 512
+
+
+def _v_passes(v: Tensor) -> list[Tensor]:
+    """``v`` as column blocks the kernels take (last dim at most :data:`fa_core.validation.MAX_HEADDIM`): ``[v]``
+    up to that width; wider V (up to :data:`MAX_HEADDIM_V`) splits into equal blocks of a multiple of 8
+    columns (16-byte aligned views, no copy).
+
+    ``softmax(S) [V_1, V_2] = [softmax(S) V_1, softmax(S) V_2]``: one pass per block gives the exact output
+    (each pass recomputes S; the lse is the same in every pass), and the gradients of the passes add up to
+    the gradient of the whole (``dS`` is linear in ``dO V^T`` and ``rowsum(dO * O)`` over the blocks)."""
+    dv = v.shape[-1] if isinstance(v, Tensor) and v.dim() >= 3 else 0
+    if dv <= V.MAX_HEADDIM:
+        return [v]
+    if dv > MAX_HEADDIM_V:
+        raise FlashAttnValueError(f"v head dim must be in [1, {MAX_HEADDIM_V}], got {dv}")
+    n = -(-dv // V.MAX_HEADDIM)
+    return list(v.split(round_multiple(-(-dv // n), 8), dim=-1))
+
+
 def _attention(q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
     """``(out, softmax_lse)`` of one call through fa-core's call path, differentiable (fa-backward) when an
-    input requires grad. ``kwargs``: :func:`fa_core.ops.prepare`'s keywords."""
+    input requires grad. ``kwargs``: :func:`fa_core.ops.prepare`'s keywords. A V head dim above 256 runs as
+    passes over column blocks of V (:func:`_v_passes`)."""
     fab = _extras.BACKWARD
-    out, lse, _ = ops.attention(
-        q, k, v, autograd=None if fab is None else fab.autograd.apply, missing=_extras.require_backward,
-        dropout_p=0.0, **kwargs,
-    )  # fmt: skip
-    return out, lse
+    outs = []
+    lse = None
+    for part in _v_passes(v):
+        out, lse_p, _ = ops.attention(
+            q, k, part, autograd=None if fab is None else fab.autograd.apply, missing=_extras.require_backward,
+            dropout_p=0.0, **kwargs,
+        )  # fmt: skip
+        outs.append(out)
+        lse = lse_p if lse is None else lse
+    assert lse is not None
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)), lse
 
 
 def _fp8_attention(
@@ -58,15 +86,23 @@ def _fp8_attention(
     varlen: dict[str, Any] | None,
     **kwargs: Any,
 ) -> tuple[Tensor, Tensor]:
-    """FP8 forward (fa-core; forward only, bf16 output)."""
+    """FP8 forward (fa-core; forward only, bf16 output); a V head dim above 256 in passes (:func:`_v_passes`)."""
     from fa_core.forward import flash_attn_forward, flash_attn_varlen_forward
 
     qd, kd, vd = descales
-    if varlen is None:
-        res = flash_attn_forward(q, k, v, q_descale=qd, k_descale=kd, v_descale=vd, **kwargs)
-    else:
-        res = flash_attn_varlen_forward(q, k, v, q_descale=qd, k_descale=kd, v_descale=vd, **varlen, **kwargs)
-    return res[0], res[1]
+    outs = []
+    lse = None
+    for part in _v_passes(v):
+        if varlen is None:
+            res = flash_attn_forward(q, k, part, q_descale=qd, k_descale=kd, v_descale=vd, **kwargs)
+        else:
+            res = flash_attn_varlen_forward(
+                q, k, part, q_descale=qd, k_descale=kd, v_descale=vd, **varlen, **kwargs
+            )
+        outs.append(res[0])
+        lse = res[1] if lse is None else lse
+    assert lse is not None
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)), lse
 
 
 def _even_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> Tensor:
