@@ -304,7 +304,8 @@ def test_refusals():
     with pytest.raises(FlashAttnValueError, match="cu_seqlens_k_new"):
         fa3.flash_attn_with_kvcache(q, kc, vc, k=k, v=v, cache_seqlens=0, cu_seqlens_k_new=cu)
     with pytest.raises(FlashAttnValueError, match="rotary_seqlens"):
-        fa3.flash_attn_with_kvcache(q, kc, vc, rotary_seqlens=torch.zeros(1, dtype=torch.int32))
+        fa3.flash_attn_with_kvcache(q, kc, vc, k=k, v=v, cache_seqlens=0, rotary_cos=kc[0, :, 0, :8],
+                                    rotary_sin=kc[0, :, 0, :8], rotary_seqlens=torch.zeros(2, dtype=torch.int32))  # fmt: skip
     with pytest.raises(FlashAttnValueError, match="^k is not supported.*cu_seqlens_q"):
         fa3.flash_attn_with_kvcache(q[0], kc, vc, k=k, v=v, cache_seqlens=0, cu_seqlens_q=cu, max_seqlen_q=8)
     with pytest.raises(ValueError, match="num_heads_q"):
@@ -444,6 +445,43 @@ def test_kvcache_append_and_attend(paged):
                                         pack_gqa=False, sm_margin=4)  # fmt: skip
     assert isinstance(plain, torch.Tensor)
     _close(plain, ref_out, TOL[HI], "out without new keys")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_kvcache_rotary_seqlens(causal):
+    """``rotary_seqlens`` moves the rotary positions of q and the new k (as FlashAttention-3's suite passes it:
+    equal to ``cache_seqlens``, the default positions, or elsewhere); without rotary tables it changes nothing."""
+    from flash_attn.layers.rotary import apply_rotary_emb
+
+    torch.manual_seed(8)
+    batch, cap, hk, d, rd = 2, 48, 2, 32, 16
+    q = _rand(batch, 3, 4, d)
+    k_new, v_new = _rand(batch, 3, hk, d), _rand(batch, 3, hk, d)
+    k_full, v_full = _rand(batch, cap, hk, d), _rand(batch, cap, hk, d)
+    angle = torch.rand(cap, rd // 2, device=DEVICE) * 6.28
+    cos, sin = torch.cos(angle).to(HI), torch.sin(angle).to(HI)
+    seqlens = torch.tensor([10, 29], dtype=torch.int32, device=DEVICE)
+
+    def run(**kw):
+        kc, vc = k_full.clone(), v_full.clone()
+        return fa3.flash_attn_with_kvcache(q, kc, vc, k=k_new, v=v_new, cache_seqlens=seqlens, causal=causal,
+                                           rotary_interleaved=False, **kw)  # fmt: skip
+
+    base = run(rotary_cos=cos, rotary_sin=sin)
+    assert torch.equal(run(rotary_cos=cos, rotary_sin=sin, rotary_seqlens=seqlens), base)
+    assert torch.equal(run(rotary_seqlens=seqlens // 2), run())
+    starts = seqlens // 2
+    out = run(rotary_cos=cos, rotary_sin=sin, rotary_seqlens=starts)
+    if causal:
+        q_ro = apply_rotary_emb(q, cos, sin, seqlen_offsets=starts)
+    else:
+        q_ro = apply_rotary_emb(q.reshape(batch, 1, -1, d), cos, sin, seqlen_offsets=starts).reshape(q.shape)
+    k_ro = apply_rotary_emb(k_new, cos, sin, seqlen_offsets=starts)
+    for b, n in enumerate(seqlens.tolist()):
+        k_full[b, n : n + 3], v_full[b, n : n + 3] = k_ro[b], v_new[b]
+    ref_out, _ = _cache_ref(q_ro, k_full, v_full, [n + 3 for n in seqlens.tolist()], causal=causal)
+    _close(out, ref_out, TOL[HI], "out")
+    assert not torch.allclose(out, base)
 
 
 @pytest.mark.parametrize("paged", [False, True])

@@ -158,6 +158,31 @@ def _varlen_over_cache(
         )  # fmt: skip
 
 
+def _rotate_at(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor | None, seqlens: Tensor, per_row: bool, interleaved: bool
+) -> tuple[Tensor, Tensor]:
+    """q and the new k rotated from the positions ``seqlens`` (int32 ``(batch,)``) on: k row t at ``seqlens[b] +
+    t``; q row i at ``seqlens[b] + i`` when ``per_row`` (causal / local), else every q row at ``seqlens[b]``
+    (FlashAttention-3's ``rotary_seqlens``)."""
+    from flash_attn.layers.rotary import apply_rotary_emb
+
+    batch = q.shape[0]
+    if not isinstance(seqlens, Tensor) or tuple(seqlens.shape) != (batch,) or seqlens.dtype != torch.int32:
+        raise FlashAttnValueError(
+            f"rotary_seqlens must be an int32 tensor of shape (batch,) = ({batch},), got "
+            f"{getattr(seqlens, 'dtype', type(seqlens).__name__)} {tuple(getattr(seqlens, 'shape', ()))}"
+        )
+    if sin is None:
+        raise FlashAttnValueError("rotary_sin must be given with rotary_cos")
+    if per_row:
+        q = apply_rotary_emb(q, cos, sin, interleaved=interleaved, seqlen_offsets=seqlens)
+    else:
+        rows = q.reshape(batch, 1, -1, q.shape[-1])
+        q = apply_rotary_emb(rows, cos, sin, interleaved=interleaved, seqlen_offsets=seqlens).reshape(q.shape)
+    k = apply_rotary_emb(k, cos, sin, interleaved=interleaved, seqlen_offsets=seqlens)
+    return q, k
+
+
 def flash_attn_with_kvcache(
     q: Tensor,
     k_cache: Tensor,
@@ -207,7 +232,9 @@ def flash_attn_with_kvcache(
         page_table: int32 ``(batch, max_blocks_per_seq)`` block indices of a paged cache.
         cu_seqlens_q, max_seqlen_q: packed q (int32 ``(batch + 1,)``), without new k / v, rotary,
             cache_leftpad or FP8; the cache is then read as varlen keys (forward only).
-        cu_seqlens_k_new, rotary_seqlens: must be None (not supported; see the module docstring).
+        cu_seqlens_k_new: must be None (not supported; see the module docstring).
+        rotary_seqlens: optional int32 ``(batch,)``: the rotary positions start there instead of at
+            ``cache_seqlens`` (new k at ``rotary_seqlens + t``, q as above); used with rotary_cos / k only.
         q_descale, k_descale, v_descale: ``(batch, nheads_k)`` float32 with ``float8_e4m3fn`` q / caches.
         softmax_scale: default ``headdim ** -0.5``. causal, window_size, attention_chunk, softcap: as in
             :func:`flash_attn_func`, aligned over the ``cache_seqlens (+ seqlen_new) - leftpad`` visible keys.
@@ -224,7 +251,6 @@ def flash_attn_with_kvcache(
     """
     _refuse_qv(qv)
     _refuse("cu_seqlens_k_new", cu_seqlens_k_new, "new keys must be (batch, seqlen_new, nheads_k, headdim)")
-    _refuse("rotary_seqlens", rotary_seqlens, "rotary positions follow cache_seqlens")
     opts: dict[str, Any] = dict(
         softmax_scale=softmax_scale, causal=causal, window_size=V.window_pair(window_size), softcap=softcap,
         attention_chunk=attention_chunk,
@@ -257,6 +283,12 @@ def flash_attn_with_kvcache(
             v_descale = ones if v_descale is None else v_descale
         else:
             k_descale = v_descale = None  # ignored with 16-bit caches, as in FlashAttention-3
+        if rotary_seqlens is not None and rotary_cos is not None and k is not None:
+            local = tuple(opts["window_size"]) != (-1, -1)
+            q, k = _rotate_at(
+                q, k, rotary_cos, rotary_sin, rotary_seqlens, causal or local, rotary_interleaved
+            )
+            rotary_cos = rotary_sin = None
         out, lse = kvcache_fa2(
             q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
             page_table, opts["softmax_scale"], causal, opts["window_size"], softcap, rotary_interleaved, None,
