@@ -306,8 +306,15 @@ def test_refusals():
     with pytest.raises(FlashAttnValueError, match="rotary_seqlens"):
         fa3.flash_attn_with_kvcache(q, kc, vc, k=k, v=v, cache_seqlens=0, rotary_cos=kc[0, :, 0, :8],
                                     rotary_sin=kc[0, :, 0, :8], rotary_seqlens=torch.zeros(2, dtype=torch.int32))  # fmt: skip
-    with pytest.raises(FlashAttnValueError, match="^k is not supported.*cu_seqlens_q"):
-        fa3.flash_attn_with_kvcache(q[0], kc, vc, k=k, v=v, cache_seqlens=0, cu_seqlens_q=cu, max_seqlen_q=8)
+    with pytest.raises(FlashAttnValueError, match="cu_seqlens_k_new must be given"):
+        fa3.flash_attn_with_kvcache(
+            q[0], kc, vc, k=k[0], v=v[0], cache_seqlens=0, cu_seqlens_q=cu, max_seqlen_q=8
+        )
+    with pytest.raises(FlashAttnValueError, match="cu_seqlens_k_new must be non-decreasing"):
+        fa3.flash_attn_with_kvcache(q[0], kc, vc, k=k[0], v=v[0], cache_seqlens=10, cu_seqlens_q=cu, max_seqlen_q=8,
+                                    cu_seqlens_k_new=cu)  # fmt: skip
+    with pytest.raises(FlashAttnValueError, match="cache_leftpad"):
+        fa3.flash_attn_with_kvcache(q[0], kc, vc, cache_leftpad=cu[:1], cu_seqlens_q=cu, max_seqlen_q=8)
     with pytest.raises(ValueError, match="num_heads_q"):
         fa3.flash_attn_qkvpacked_func(_rand(1, 8, 6, 32))
     assert issubclass(FlashAttnValueError, RuntimeError)
@@ -508,6 +515,57 @@ def test_kvcache_varlen_q(paged):
         )
         _close(out[s0 : s0 + lq[b]], ro[0], TOL[HI], f"out[{b}]")
         _close(lse[:, s0 : s0 + lq[b]], rl[0], TOL[HI], f"lse[{b}]")
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_kvcache_varlen_q_appends_packed_keys(paged, causal):
+    """Packed q with packed new keys (``cu_seqlens_k_new``), rotated from ``rotary_seqlens``: written after each
+    sequence's cached rows (through the page table), then attended, as FlashAttention-3's varlen decode."""
+    from flash_attn.layers.rotary import apply_rotary_emb
+
+    torch.manual_seed(9)
+    batch, cap, hk, d, page, rd = 2, 32, 2, 32, 16, 16
+    lq, lnew, seqlens = [3, 2], [2, 3], [12, 25]
+    cu_q, cu_new = _cu(lq), _cu(lnew)
+    q = _rand(sum(lq), 4, d)
+    k_new, v_new = _rand(sum(lnew), hk, d), _rand(sum(lnew), hk, d)
+    k_full, v_full = _rand(batch, cap, hk, d), _rand(batch, cap, hk, d)
+    angle = torch.rand(cap, rd // 2, device=DEVICE) * 6.28
+    cos, sin = torch.cos(angle).to(HI), torch.sin(angle).to(HI)
+    starts = torch.tensor([5, 20], dtype=torch.int32, device=DEVICE)
+    if paged:
+        perm = torch.randperm(batch * (cap // page), device=DEVICE)
+        page_table = perm.view(batch, -1).to(torch.int32)
+        k_cache = torch.empty(batch * (cap // page), page, hk, d, device=DEVICE, dtype=HI)
+        v_cache = torch.empty_like(k_cache)
+        k_cache[perm], v_cache[perm] = k_full.reshape(-1, page, hk, d), v_full.reshape(-1, page, hk, d)
+    else:
+        page_table, k_cache, v_cache = None, k_full.clone(), v_full.clone()
+    out, lse, *_ = fa3.flash_attn_with_kvcache(
+        q, k_cache, v_cache, k_new, v_new, rotary_cos=cos, rotary_sin=sin,
+        cache_seqlens=torch.tensor(seqlens, dtype=torch.int32, device=DEVICE), page_table=page_table,
+        cu_seqlens_q=cu_q, cu_seqlens_k_new=cu_new, max_seqlen_q=max(lq), rotary_seqlens=starts, causal=causal,
+        rotary_interleaved=False, return_softmax_lse=True,
+    )  # fmt: skip
+    for b in range(batch):
+        qs, ks = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_new[b]), int(cu_new[b + 1]))
+        off = starts[b : b + 1]
+        q_b = q[None, qs]
+        if causal:
+            q_ro = apply_rotary_emb(q_b, cos, sin, seqlen_offsets=off)
+        else:
+            q_ro = apply_rotary_emb(q_b.reshape(1, 1, -1, d), cos, sin, seqlen_offsets=off).reshape(q_b.shape)
+        n = seqlens[b]
+        k_full[b, n : n + lnew[b]] = apply_rotary_emb(k_new[None, ks], cos, sin, seqlen_offsets=off)[0]
+        v_full[b, n : n + lnew[b]] = v_new[ks]
+        ro, rl = attention_ref(
+            q_ro, k_full[b : b + 1, : n + lnew[b]], v_full[b : b + 1, : n + lnew[b]], causal=causal
+        )
+        _close(out[qs], ro[0], TOL[HI], f"out[{b}]")
+        _close(lse[:, qs], rl[0], TOL[HI], f"lse[{b}]")
+    cached = k_cache[page_table.long()].reshape(batch, cap, hk, d) if paged else k_cache
+    _close(cached, k_full, TOL[HI], "cache after the append")
 
 
 def test_get_scheduler_metadata():

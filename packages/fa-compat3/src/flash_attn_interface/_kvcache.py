@@ -97,6 +97,106 @@ def _dequantize(t: Tensor, descale: Tensor | None, name: str) -> Tensor:
     return (t.float() * scale[:, None, :, None]).to(torch.bfloat16)
 
 
+def _capacity(k_cache: Tensor, page_table: Tensor | None) -> int:
+    """Rows one sequence can hold: the cache's length, or the page table's width times the page size."""
+    return page_table.shape[1] * k_cache.shape[1] if page_table is not None else k_cache.shape[1]
+
+
+def _cache_lengths(
+    cache_seqlens: int | Tensor | None, batch: int, capacity: int, device: torch.device
+) -> Tensor:
+    """``cache_seqlens`` as int32 ``(batch,)`` (None: the whole cache)."""
+    if cache_seqlens is None:
+        seqlens = torch.full((batch,), capacity, dtype=torch.int32, device=device)
+    elif isinstance(cache_seqlens, torch.Tensor):
+        seqlens = cache_seqlens.to(torch.int32)
+    else:
+        seqlens = torch.full((batch,), int(cache_seqlens), dtype=torch.int32, device=device)
+    if tuple(seqlens.shape) != (batch,):
+        raise FlashAttnValueError(
+            f"cache_seqlens must have shape (batch,) = ({batch},), got {tuple(seqlens.shape)}"
+        )
+    return seqlens
+
+
+def _rows_of(cu_seqlens: Tensor, total: int) -> tuple[Tensor, Tensor]:
+    """``(sequence, position in it)`` of each of the ``total`` packed rows of ``cu_seqlens``."""
+    rows = torch.arange(total, device=cu_seqlens.device)
+    seq = torch.searchsorted(cu_seqlens[1:].to(torch.int64), rows, right=True)
+    return seq, rows - cu_seqlens.to(torch.int64)[seq]
+
+
+def _append_varlen(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seqlens: Tensor,
+    cache_batch_idx: Tensor | None,
+    page_table: Tensor | None,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k_new: Tensor | None,
+    rotary: tuple[Tensor | None, Tensor | None, Tensor | None, bool, bool],
+) -> tuple[Tensor, Tensor]:
+    """Packed new keys / values ``(total_new, nheads_k, headdim[_v])`` of sequence b (rows
+    ``cu_seqlens_k_new[b]:cu_seqlens_k_new[b + 1]``) written into the cache at rows ``seqlens[b] + t`` (through
+    ``page_table`` or ``cache_batch_idx``), after rotating them and the packed q when ``rotary = (cos, sin,
+    rotary_seqlens, per_row, interleaved)`` has tables (positions from ``rotary_seqlens``, default ``seqlens``;
+    q rows at ``start + i`` when ``per_row``, else at ``start``). Returns ``(q, the cache lengths after)``."""
+    from flash_attn.layers.rotary import apply_rotary_emb
+
+    batch = seqlens.shape[0]
+    if cu_seqlens_k_new is None:
+        raise FlashAttnValueError("cu_seqlens_k_new must be given with packed k / v (cu_seqlens_q)")
+    cu_new = V.check_tensor("cu_seqlens_k_new", cu_seqlens_k_new, 1)
+    if tuple(cu_new.shape) != (batch + 1,) or cu_new.dtype != torch.int32:
+        raise FlashAttnValueError(
+            f"cu_seqlens_k_new must be an int32 tensor of shape (batch + 1,) = ({batch + 1},), got "
+            f"{cu_new.dtype} {tuple(cu_new.shape)}"
+        )
+    V.check_tensor("k", k, 3)
+    V.check_tensor("v", v, 3)
+    if k.shape[0] != v.shape[0] or k.shape[1:] != k_cache.shape[2:] or v.shape[1:] != v_cache.shape[2:]:
+        raise FlashAttnValueError(
+            f"k / v must be (total_new, nheads_k, headdim[_v]) matching the caches, got {tuple(k.shape)} / "
+            f"{tuple(v.shape)}"
+        )
+    new_len = cu_new[1:] - cu_new[:-1]
+    after = seqlens + new_len
+    if (
+        bool((new_len < 0).any() | (after > _capacity(k_cache, page_table)).any())
+        or int(cu_new[-1]) != k.shape[0]
+    ):
+        raise FlashAttnValueError(
+            "cu_seqlens_k_new must be non-decreasing, end at k's row count, and fit every sequence's new keys in "
+            "its cache (cache_seqlens + new rows <= the cache's capacity)"
+        )
+    seq, t = _rows_of(cu_new, k.shape[0])
+    pos = seqlens.to(torch.int64)[seq] + t
+    cos, sin, rotary_seqlens, per_row, interleaved = rotary
+    if cos is not None:
+        if sin is None:
+            raise FlashAttnValueError("rotary_sin must be given with rotary_cos")
+        starts = (seqlens if rotary_seqlens is None else rotary_seqlens).to(torch.int64)
+        k = apply_rotary_emb(
+            k[:, None], cos, sin, interleaved, seqlen_offsets=(starts[seq] + t).to(torch.int32)
+        )[:, 0]
+        seq_q, i = _rows_of(cu_seqlens_q, q.shape[0])
+        q_pos = starts[seq_q] + (i if per_row else 0)
+        q = apply_rotary_emb(q[:, None], cos, sin, interleaved, seqlen_offsets=q_pos.to(torch.int32))[:, 0]
+    if page_table is not None:
+        page = k_cache.shape[1]
+        blocks = page_table.to(torch.int64)[seq, pos // page]
+        k_cache[blocks, pos % page] = k.to(k_cache.dtype)
+        v_cache[blocks, pos % page] = v.to(v_cache.dtype)
+    else:
+        rows = seq if cache_batch_idx is None else cache_batch_idx.to(torch.int64)[seq]
+        k_cache[rows, pos] = k.to(k_cache.dtype)
+        v_cache[rows, pos] = v.to(v_cache.dtype)
+    return q, after
+
+
 def _varlen_over_cache(
     q: Tensor,
     k_cache: Tensor,
@@ -114,20 +214,7 @@ def _varlen_over_cache(
 
     V.check_tensor("cu_seqlens_q", cu_seqlens_q, 1)
     batch = cu_seqlens_q.shape[0] - 1
-    if page_table is not None:
-        capacity = page_table.shape[1] * k_cache.shape[1]
-    else:
-        capacity = k_cache.shape[1]
-    if cache_seqlens is None:
-        seqlens = torch.full((batch,), capacity, dtype=torch.int32, device=q.device)
-    elif isinstance(cache_seqlens, torch.Tensor):
-        seqlens = cache_seqlens.to(torch.int32)
-    else:
-        seqlens = torch.full((batch,), int(cache_seqlens), dtype=torch.int32, device=q.device)
-    if tuple(seqlens.shape) != (batch,):
-        raise FlashAttnValueError(
-            f"cache_seqlens must have shape (batch,) = ({batch},), got {tuple(seqlens.shape)}"
-        )
+    seqlens = _cache_lengths(cache_seqlens, batch, _capacity(k_cache, page_table), q.device)
     max_q = (
         int(max_seqlen_q) if max_seqlen_q is not None else int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     )
@@ -230,9 +317,10 @@ def flash_attn_with_kvcache(
         cache_batch_idx: int32 ``(batch,)`` cache rows of a non-paged cache. cache_leftpad: int32 ``(batch,)``
             first used cache row of each sequence.
         page_table: int32 ``(batch, max_blocks_per_seq)`` block indices of a paged cache.
-        cu_seqlens_q, max_seqlen_q: packed q (int32 ``(batch + 1,)``), without new k / v, rotary,
-            cache_leftpad or FP8; the cache is then read as varlen keys (forward only).
-        cu_seqlens_k_new: must be None (not supported; see the module docstring).
+        cu_seqlens_q, max_seqlen_q: packed q (int32 ``(batch + 1,)``; forward only), without cache_leftpad or FP8:
+            the cache is read as varlen keys; new k / v are then packed ``(total_new, nheads_k, headdim[_v])``
+            with ``cu_seqlens_k_new`` (int32 ``(batch + 1,)``), written after each sequence's cached rows.
+        cu_seqlens_k_new: with cu_seqlens_q only (see there).
         rotary_seqlens: optional int32 ``(batch,)``: the rotary positions start there instead of at
             ``cache_seqlens`` (new k at ``rotary_seqlens + t``, q as above); used with rotary_cos / k only.
         q_descale, k_descale, v_descale: ``(batch, nheads_k)`` float32 with ``float8_e4m3fn`` q / caches.
@@ -250,19 +338,31 @@ def flash_attn_with_kvcache(
         result does not require grad.
     """
     _refuse_qv(qv)
-    _refuse("cu_seqlens_k_new", cu_seqlens_k_new, "new keys must be (batch, seqlen_new, nheads_k, headdim)")
+    if cu_seqlens_q is None:
+        _refuse("cu_seqlens_k_new", cu_seqlens_k_new, "packed new keys come with a packed q (cu_seqlens_q)")
     opts: dict[str, Any] = dict(
         softmax_scale=softmax_scale, causal=causal, window_size=V.window_pair(window_size), softcap=softcap,
         attention_chunk=attention_chunk,
     )  # fmt: skip
     if cu_seqlens_q is not None:
-        for name, value in (
-            ("k", k), ("v", v), ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin),
-            ("cache_leftpad", cache_leftpad),
-        ):  # fmt: skip
-            _refuse(name, value, "it does not combine with cu_seqlens_q here")
-        if _is_fp8(q) or _is_fp8(k_cache):
+        _refuse("cache_leftpad", cache_leftpad, "it does not combine with cu_seqlens_q here")
+        if (k is None) != (v is None):
+            raise FlashAttnValueError("k and v must be given together")
+        if k is None:
+            for name, value in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+                _refuse(name, value, "rotary tables apply to new keys (k / v) only")
+        if _is_fp8(q) or _is_fp8(k_cache) or (k is not None and _is_fp8(k)):
             raise FlashAttnValueError("float8_e4m3fn inputs are not supported together with cu_seqlens_q")
+        V.check_tensor("cu_seqlens_q", cu_seqlens_q, 1)
+        batch = cu_seqlens_q.shape[0] - 1
+        if k is not None:
+            assert v is not None
+            local = tuple(opts["window_size"]) != (-1, -1)
+            seqlens = _cache_lengths(cache_seqlens, batch, _capacity(k_cache, page_table), q.device)
+            q, cache_seqlens = _append_varlen(
+                q, k_cache, v_cache, k, v, seqlens, cache_batch_idx, page_table, cu_seqlens_q, cu_seqlens_k_new,
+                (rotary_cos, rotary_sin, rotary_seqlens, causal or local, rotary_interleaved),
+            )  # fmt: skip
         out, lse = _varlen_over_cache(
             q, k_cache, v_cache, cache_seqlens, cache_batch_idx, page_table, cu_seqlens_q, max_seqlen_q, opts
         )
