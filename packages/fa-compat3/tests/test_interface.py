@@ -314,7 +314,11 @@ def test_refusals():
         fa3.flash_attn_with_kvcache(q[0], kc, vc, k=k[0], v=v[0], cache_seqlens=10, cu_seqlens_q=cu, max_seqlen_q=8,
                                     cu_seqlens_k_new=cu)  # fmt: skip
     with pytest.raises(FlashAttnValueError, match="cache_leftpad"):
-        fa3.flash_attn_with_kvcache(q[0], kc, vc, cache_leftpad=cu[:1], cu_seqlens_q=cu, max_seqlen_q=8)
+        fa3.flash_attn_with_kvcache(q[0], kc, vc, cache_leftpad=cu[:1], cu_seqlens_q=cu, max_seqlen_q=8,
+                                    page_table=torch.zeros(1, 1, dtype=torch.int32, device=DEVICE))  # fmt: skip
+    with pytest.raises(FlashAttnValueError, match=r"cache_leftpad\[b\] must lie"):
+        fa3.flash_attn_with_kvcache(q[0], kc, vc, cache_seqlens=2, cache_leftpad=cu[1:], cu_seqlens_q=cu,
+                                    max_seqlen_q=8)  # fmt: skip
     with pytest.raises(ValueError, match="num_heads_q"):
         fa3.flash_attn_qkvpacked_func(_rand(1, 8, 6, 32))
     assert issubclass(FlashAttnValueError, RuntimeError)
@@ -521,7 +525,8 @@ def test_kvcache_varlen_q(paged):
 @pytest.mark.parametrize("causal", [False, True])
 def test_kvcache_varlen_q_appends_packed_keys(paged, causal):
     """Packed q with packed new keys (``cu_seqlens_k_new``), rotated from ``rotary_seqlens``: written after each
-    sequence's cached rows (through the page table), then attended, as FlashAttention-3's varlen decode."""
+    sequence's cached rows (through the page table), then attended (from ``cache_leftpad`` on, contiguous
+    caches), as FlashAttention-3's varlen decode."""
     from flash_attn.layers.rotary import apply_rotary_emb
 
     torch.manual_seed(9)
@@ -534,6 +539,7 @@ def test_kvcache_varlen_q_appends_packed_keys(paged, causal):
     angle = torch.rand(cap, rd // 2, device=DEVICE) * 6.28
     cos, sin = torch.cos(angle).to(HI), torch.sin(angle).to(HI)
     starts = torch.tensor([5, 20], dtype=torch.int32, device=DEVICE)
+    lp = [0, 0] if paged else [3, 7]
     if paged:
         perm = torch.randperm(batch * (cap // page), device=DEVICE)
         page_table = perm.view(batch, -1).to(torch.int32)
@@ -547,6 +553,7 @@ def test_kvcache_varlen_q_appends_packed_keys(paged, causal):
         cache_seqlens=torch.tensor(seqlens, dtype=torch.int32, device=DEVICE), page_table=page_table,
         cu_seqlens_q=cu_q, cu_seqlens_k_new=cu_new, max_seqlen_q=max(lq), rotary_seqlens=starts, causal=causal,
         rotary_interleaved=False, return_softmax_lse=True,
+        cache_leftpad=None if paged else torch.tensor(lp, dtype=torch.int32, device=DEVICE),
     )  # fmt: skip
     for b in range(batch):
         qs, ks = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_new[b]), int(cu_new[b + 1]))
@@ -559,9 +566,8 @@ def test_kvcache_varlen_q_appends_packed_keys(paged, causal):
         n = seqlens[b]
         k_full[b, n : n + lnew[b]] = apply_rotary_emb(k_new[None, ks], cos, sin, seqlen_offsets=off)[0]
         v_full[b, n : n + lnew[b]] = v_new[ks]
-        ro, rl = attention_ref(
-            q_ro, k_full[b : b + 1, : n + lnew[b]], v_full[b : b + 1, : n + lnew[b]], causal=causal
-        )
+        keys = slice(lp[b], n + lnew[b])
+        ro, rl = attention_ref(q_ro, k_full[b : b + 1, keys], v_full[b : b + 1, keys], causal=causal)
         _close(out[qs], ro[0], TOL[HI], f"out[{b}]")
         _close(lse[:, qs], rl[0], TOL[HI], f"lse[{b}]")
     cached = k_cache[page_table.long()].reshape(batch, cap, hk, d) if paged else k_cache

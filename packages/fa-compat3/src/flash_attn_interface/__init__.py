@@ -22,7 +22,7 @@ results do not depend on them. ``deterministic`` is accepted: the backward is al
 that would change a result but have no kernel here raise :class:`fa_core.errors.FlashAttnValueError` (a
 ``ValueError`` and a ``RuntimeError``) naming the argument: ``qv`` (the extra query-value term of MLA decoding),
 and in ``flash_attn_with_kvcache`` ``cu_seqlens_k_new`` without ``cu_seqlens_q``, and ``cu_seqlens_q`` together
-with ``cache_leftpad`` or FP8 inputs.
+with FP8 inputs or with ``cache_leftpad`` and ``page_table``.
 
 FP8: ``float8_e4m3fn`` q, k, v with ``q_descale`` / ``k_descale`` / ``v_descale`` ``(batch, nheads_k)`` float32
 (default 1) run the FP8 forward of fa-core (CUDA GPU with FP8 tensor cores; forward only, as in

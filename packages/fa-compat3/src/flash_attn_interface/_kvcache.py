@@ -197,6 +197,19 @@ def _append_varlen(
     return q, after
 
 
+def _leftpad(cache_leftpad: Tensor, seqlens: Tensor) -> Tensor:
+    """``cache_leftpad`` checked against the cache lengths: int32 ``(batch,)`` in ``[0, cache_seqlens[b]]``."""
+    lp = V.check_tensor("cache_leftpad", cache_leftpad, 1)
+    if tuple(lp.shape) != tuple(seqlens.shape) or lp.dtype != torch.int32:
+        raise FlashAttnValueError(
+            f"cache_leftpad must be an int32 tensor of shape (batch,) = ({seqlens.shape[0]},), got {lp.dtype} "
+            f"{tuple(lp.shape)}"
+        )
+    if bool(((lp < 0) | (lp > seqlens)).any()):
+        raise FlashAttnValueError("cache_leftpad[b] must lie in [0, cache_seqlens[b]]")
+    return lp
+
+
 def _varlen_over_cache(
     q: Tensor,
     k_cache: Tensor,
@@ -207,9 +220,11 @@ def _varlen_over_cache(
     cu_seqlens_q: Tensor,
     max_seqlen_q: int | None,
     opts: dict[str, Any],
+    cache_leftpad: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``flash_attn_with_kvcache`` with a packed q (``cu_seqlens_q``) and no new keys: varlen attention over
-    the cache (paged through ``page_table`` or contiguous), forward only."""
+    """``flash_attn_with_kvcache`` with a packed q (``cu_seqlens_q``), its new keys already in the cache: varlen
+    attention over the cache (paged through ``page_table`` or contiguous), forward only. ``cache_leftpad``
+    (contiguous caches): sequence b's keys are its cache rows ``[cache_leftpad[b], cache_seqlens[b])``."""
     from flash_attn import flash_attn_varlen_func as varlen_fa2
 
     V.check_tensor("cu_seqlens_q", cu_seqlens_q, 1)
@@ -239,9 +254,19 @@ def _varlen_over_cache(
         s = k_cache.shape[1]
         k = k_cache.reshape(batch * s, *k_cache.shape[2:])
         v = v_cache.reshape(batch * s, *v_cache.shape[2:])
+        cu_k = _even_cu_seqlens(batch, s, q.device)
+        if cache_leftpad is not None:
+            # sequence b's keys start cache_leftpad[b] rows into its slice of the packed cache
+            # (cu_seqlens_k starts at 0: the packed keys start at the first sequence's first key)
+            lp = _leftpad(cache_leftpad, seqlens)
+            first = int(lp[0]) if batch else 0
+            cu_k = torch.cat([cu_k[:-1] + lp, cu_k[-1:]]) - first
+            k, v = k[first:], v[first:]
+            seqlens = seqlens - lp
+            s = int((cu_k[1:] - cu_k[:-1]).max()) if batch else s
         return _attention(
-            q, k, v, varlen=True, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=_even_cu_seqlens(batch, s, q.device),
-            max_seqlen_q=max_q, max_seqlen_k=s, seqused_k=seqlens, **opts,
+            q, k, v, varlen=True, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+            max_seqlen_k=s, seqused_k=seqlens, **opts,
         )  # fmt: skip
 
 
@@ -317,7 +342,8 @@ def flash_attn_with_kvcache(
         cache_batch_idx: int32 ``(batch,)`` cache rows of a non-paged cache. cache_leftpad: int32 ``(batch,)``
             first used cache row of each sequence.
         page_table: int32 ``(batch, max_blocks_per_seq)`` block indices of a paged cache.
-        cu_seqlens_q, max_seqlen_q: packed q (int32 ``(batch + 1,)``; forward only), without cache_leftpad or FP8:
+        cu_seqlens_q, max_seqlen_q: packed q (int32 ``(batch + 1,)``; forward only), without FP8 (nor cache_leftpad
+            with page_table):
             the cache is read as varlen keys; new k / v are then packed ``(total_new, nheads_k, headdim[_v])``
             with ``cu_seqlens_k_new`` (int32 ``(batch + 1,)``), written after each sequence's cached rows.
         cu_seqlens_k_new: with cu_seqlens_q only (see there).
@@ -345,7 +371,10 @@ def flash_attn_with_kvcache(
         attention_chunk=attention_chunk,
     )  # fmt: skip
     if cu_seqlens_q is not None:
-        _refuse("cache_leftpad", cache_leftpad, "it does not combine with cu_seqlens_q here")
+        if page_table is not None:
+            _refuse(
+                "cache_leftpad", cache_leftpad, "it does not combine with cu_seqlens_q and page_table here"
+            )
         if (k is None) != (v is None):
             raise FlashAttnValueError("k and v must be given together")
         if k is None:
@@ -364,8 +393,9 @@ def flash_attn_with_kvcache(
                 (rotary_cos, rotary_sin, rotary_seqlens, causal or local, rotary_interleaved),
             )  # fmt: skip
         out, lse = _varlen_over_cache(
-            q, k_cache, v_cache, cache_seqlens, cache_batch_idx, page_table, cu_seqlens_q, max_seqlen_q, opts
-        )
+            q, k_cache, v_cache, cache_seqlens, cache_batch_idx, page_table, cu_seqlens_q, max_seqlen_q, opts,
+            cache_leftpad,
+        )  # fmt: skip
     else:
         from flash_attn import flash_attn_with_kvcache as kvcache_fa2
 
