@@ -645,3 +645,105 @@ def test_fp8_forward_gpu():
     ref, _ = attention_ref(*deq, causal=True)
     assert (out.float() - ref).abs().max().item() < 0.1
     assert math.isfinite(out.float().abs().max().item())
+
+
+# ------------------------------------------------------------------------------------ torch.ops.flash_attn_3
+#: the CUDA build's operator schemas (FlashAttention-3's backward-compatibility contract)
+FA3_OP_SCHEMAS = {
+    "fwd": (
+        "flash_attn_3::fwd(Tensor q, Tensor k, Tensor v, Tensor(k_new!)? k_new=None, "
+        "Tensor(v_new!)? v_new=None, Tensor? q_v=None, Tensor(out!)? out=None, "
+        "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "
+        "Tensor? cu_seqlens_k_new=None, Tensor? seqused_q=None, Tensor? seqused_k=None, "
+        "int? max_seqlen_q=None, int? max_seqlen_k=None, Tensor? page_table=None, "
+        "Tensor? kv_batch_idx=None, Tensor? leftpad_k=None, Tensor? rotary_cos=None, Tensor? rotary_sin=None, "
+        "Tensor? seqlens_rotary=None, Tensor? q_descale=None, Tensor? k_descale=None, Tensor? v_descale=None, "
+        "float? softmax_scale=None, bool is_causal=False, int window_size_left=-1, int window_size_right=-1, "
+        "int attention_chunk=0, float softcap=0., bool is_rotary_interleaved=False, "
+        "Tensor? scheduler_metadata=None, int num_splits=0, bool? pack_gqa=None, int sm_margin=0) "
+        "-> (Tensor(out!), Tensor, Tensor, Tensor)"
+    ),
+    "bwd": (
+        "flash_attn_3::bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
+        "Tensor(dq!)? dq=None, Tensor(dk!)? dk=None, Tensor(dv!)? dv=None, Tensor? cu_seqlens_q=None, "
+        "Tensor? cu_seqlens_k=None, Tensor? seqused_q=None, Tensor? seqused_k=None, int? max_seqlen_q=None, "
+        "int? max_seqlen_k=None, float? softmax_scale=None, bool is_causal=False, int window_size_left=-1, "
+        "int window_size_right=-1, float softcap=0., bool deterministic=False, int sm_margin=0) "
+        "-> (Tensor(dq!), Tensor(dk!), Tensor(dv!), Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "fwd_combine": (
+        "flash_attn_3::fwd_combine(Tensor out_partial, Tensor lse_partial, Tensor(out!)? out=None, "
+        "ScalarType? out_dtype=None) -> (Tensor(out!), Tensor)"
+    ),
+    "get_scheduler_metadata": (
+        "flash_attn_3::get_scheduler_metadata(int batch_size, int max_seqlen_q, int max_seqlen_k, "
+        "int num_heads, int num_heads_k, int headdim, int headdim_v, ScalarType qkv_dtype, Tensor seqused_k, "
+        "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, Tensor? cu_seqlens_k_new=None, "
+        "Tensor? seqused_q=None, Tensor? leftpad_k=None, int? page_size=None, int max_seqlen_k_new=0, "
+        "bool is_causal=False, int window_size_left=-1, int window_size_right=-1, "
+        "int attention_chunk=0, bool has_softcap=False, int num_splits=0, bool? pack_gqa=None, "
+        "int sm_margin=0) -> Tensor"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FA3_OP_SCHEMAS))
+def test_ops_schemas_are_fa3_compatible(name):
+    from torch._C import parse_schema
+
+    op = getattr(torch.ops.flash_attn_3, name).default
+    assert op._schema.is_backward_compatible_with(parse_schema(FA3_OP_SCHEMAS[name]))
+
+
+def test_ops_fwd_bwd_match_the_functions():
+    """``torch.ops.flash_attn_3.fwd`` dispatches dense / varlen / KV cache as FA3's forward; ``bwd`` gives the
+    autograd gradients; ``fwd_combine`` and ``get_scheduler_metadata`` are the functions."""
+    torch.manual_seed(10)
+    ops3 = torch.ops.flash_attn_3
+    q, k, v = _rand(2, 12, 4, 32, grad=True), _rand(2, 20, 2, 32, grad=True), _rand(2, 20, 2, 32, grad=True)
+    out, lse = fa3.flash_attn_func(q, k, v, causal=True, window_size=(6, 0), return_attn_probs=True)
+    buf = torch.full_like(out, float("nan"))
+    o2, l2, acc, lacc = ops3.fwd(q.detach(), k.detach(), v.detach(), out=buf, is_causal=True, window_size_left=6,
+                                 window_size_right=0)  # fmt: skip
+    assert o2.data_ptr() == buf.data_ptr() and acc.numel() == 0 and lacc.numel() == 0
+    _close(o2, out, 1e-6, "dense out")
+    _close(l2, lse, 1e-6, "dense lse")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    dq, dk, dv, softmax_d, *rest = ops3.bwd(dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
+                                            is_causal=True, window_size_left=6, window_size_right=0)  # fmt: skip
+    for name, g, r in zip("qkv", (dq, dk, dv), grads):
+        _close(g, r, 1e-5, f"d{name}")
+    # varlen
+    cu_q, cu_k = _cu([5, 7]), _cu([9, 11])
+    qv_, kv_, vv_ = _rand(12, 4, 32, grad=True), _rand(20, 2, 32, grad=True), _rand(20, 2, 32, grad=True)
+    out_v, lse_v = fa3.flash_attn_varlen_func(
+        qv_, kv_, vv_, cu_q, cu_k, 7, 11, causal=True, return_attn_probs=True
+    )
+    o3, l3, *_ = ops3.fwd(qv_.detach(), kv_.detach(), vv_.detach(), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                          max_seqlen_q=7, max_seqlen_k=11, is_causal=True)  # fmt: skip
+    _close(o3, out_v, 1e-6, "varlen out")
+    _close(l3, lse_v, 1e-6, "varlen lse")
+    dout_v = torch.randn_like(out_v)
+    grads_v = torch.autograd.grad(out_v, (qv_, kv_, vv_), dout_v)
+    res_v = ops3.bwd(dout_v, qv_.detach(), kv_.detach(), vv_.detach(), out_v.detach(), lse_v.detach(),
+                     cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=7, max_seqlen_k=11, is_causal=True)  # fmt: skip
+    for name, g, r in zip("qkv", res_v[:3], grads_v):
+        _close(g, r, 1e-5, f"varlen d{name}")
+    # KV cache: new keys appended in place, cache lengths as seqused_k
+    kc, vc = _rand(2, 24, 2, 32), _rand(2, 24, 2, 32)
+    kn, vn = _rand(2, 2, 2, 32), _rand(2, 2, 2, 32)
+    qd = _rand(2, 2, 4, 32)
+    lens = torch.tensor([5, 17], dtype=torch.int32, device=DEVICE)
+    kc2, vc2 = kc.clone(), vc.clone()
+    ref = fa3.flash_attn_with_kvcache(qd, kc2, vc2, kn, vn, cache_seqlens=lens, causal=True)
+    o4, *_ = ops3.fwd(qd, kc, vc, kn, vn, seqused_k=lens, is_causal=True)
+    _close(o4, ref, 1e-6, "kvcache out")
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    # combine and scheduler metadata
+    parts, lses = _rand(3, 1, 4, 2, 16, dtype=torch.float32), _rand(3, 1, 4, 2, dtype=torch.float32)
+    c_out, c_lse = ops3.fwd_combine(parts, lses)
+    r_out, r_lse = fa3.flash_attn_combine(parts, lses)
+    assert torch.equal(c_out, r_out) and torch.equal(c_lse, r_lse)
+    meta = ops3.get_scheduler_metadata(2, 1, 24, 4, 2, 32, 32, torch.bfloat16, lens)
+    assert meta.dtype == torch.int32

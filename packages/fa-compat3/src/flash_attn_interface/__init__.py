@@ -376,3 +376,8 @@ class FlashAttnVarlenFunc:
             causal, qv, q_descale, k_descale, v_descale, window_size, attention_chunk, softcap, num_splits,
             pack_gqa, deterministic, sm_margin, return_softmax,
         )  # fmt: skip
+
+
+from flash_attn_interface import _ops  # noqa: E402
+
+_ops.register()
