@@ -86,7 +86,10 @@ def test_activation_device_functions(name, dtype):
     ref = FORWARD_REFS[name](x.double())
     y = _map(getattr(ka, name), x)
     assert y.dtype == dtype
-    _assert_close(y, ref, dtype)
+    # a value past the dtype's range (cosh of |x| > 11.8 in fp16) is inf there, as the rounded reference is
+    over = torch.isinf(ref.to(dtype))
+    assert torch.equal(torch.isinf(y), over)
+    _assert_close(y[~over], ref[~over], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
