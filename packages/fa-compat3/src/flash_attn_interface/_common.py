@@ -3,6 +3,7 @@ window and varlen utilities)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -60,22 +61,28 @@ def _v_passes(v: Tensor) -> list[Tensor]:
     return list(v.split(round_multiple(-(-dv // n), 8), dim=-1))
 
 
+def _in_v_passes(v: Tensor, run: Callable[[Tensor], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """``run(v_block) -> (out, lse)`` over the column blocks of :func:`_v_passes`: the outputs side by side, the
+    lse of the first pass (every pass has the same)."""
+    results = [run(part) for part in _v_passes(v)]
+    outs = [out for out, _ in results]
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)), results[0][1]
+
+
 def _attention(q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
     """``(out, softmax_lse)`` of one call through fa-core's call path, differentiable (fa-backward) when an
     input requires grad. ``kwargs``: :func:`fa_core.ops.prepare`'s keywords. A V head dim above 256 runs as
     passes over column blocks of V (:func:`_v_passes`)."""
     fab = _extras.BACKWARD
-    outs = []
-    lse = None
-    for part in _v_passes(v):
-        out, lse_p, _ = ops.attention(
+
+    def run(part: Tensor) -> tuple[Tensor, Tensor]:
+        out, lse, _ = ops.attention(
             q, k, part, autograd=None if fab is None else fab.autograd.apply, missing=_extras.require_backward,
             dropout_p=0.0, **kwargs,
         )  # fmt: skip
-        outs.append(out)
-        lse = lse_p if lse is None else lse
-    assert lse is not None
-    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)), lse
+        return out, lse
+
+    return _in_v_passes(v, run)
 
 
 def _fp8_attention(
@@ -90,19 +97,17 @@ def _fp8_attention(
     from fa_core.forward import flash_attn_forward, flash_attn_varlen_forward
 
     qd, kd, vd = descales
-    outs = []
-    lse = None
-    for part in _v_passes(v):
+
+    def run(part: Tensor) -> tuple[Tensor, Tensor]:
         if varlen is None:
             res = flash_attn_forward(q, k, part, q_descale=qd, k_descale=kd, v_descale=vd, **kwargs)
         else:
             res = flash_attn_varlen_forward(
                 q, k, part, q_descale=qd, k_descale=kd, v_descale=vd, **varlen, **kwargs
             )
-        outs.append(res[0])
-        lse = res[1] if lse is None else lse
-    assert lse is not None
-    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)), lse
+        return res[0], res[1]
+
+    return _in_v_passes(v, run)
 
 
 def _even_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> Tensor:
