@@ -222,12 +222,12 @@ def _varlen_over_cache(
     opts: dict[str, Any],
     cache_leftpad: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``flash_attn_with_kvcache`` with a packed q (``cu_seqlens_q``), its new keys already in the cache: varlen
-    attention over the cache (paged through ``page_table`` or contiguous), forward only. ``cache_leftpad``
-    (contiguous caches): sequence b's keys are its cache rows ``[cache_leftpad[b], cache_seqlens[b])``."""
+    """``flash_attn_with_kvcache`` with a packed q (``cu_seqlens_q``, checked by the caller), its new keys already
+    in the cache: varlen attention over the cache (paged through ``page_table`` or contiguous), forward only.
+    ``cache_leftpad`` (contiguous caches): sequence b's keys are its cache rows ``[cache_leftpad[b],
+    cache_seqlens[b])``."""
     from flash_attn import flash_attn_varlen_func as varlen_fa2
 
-    V.check_tensor("cu_seqlens_q", cu_seqlens_q, 1)
     batch = cu_seqlens_q.shape[0] - 1
     seqlens = _cache_lengths(cache_seqlens, batch, _capacity(k_cache, page_table), q.device)
     max_q = (
@@ -370,6 +370,8 @@ def flash_attn_with_kvcache(
         softmax_scale=softmax_scale, causal=causal, window_size=V.window_pair(window_size), softcap=softcap,
         attention_chunk=attention_chunk,
     )  # fmt: skip
+    # q rows rotate at their own positions under a causal / local mask, else all at the sequence's start
+    per_row = causal or tuple(opts["window_size"]) != (-1, -1)
     if cu_seqlens_q is not None:
         if page_table is not None:
             _refuse(
@@ -386,11 +388,10 @@ def flash_attn_with_kvcache(
         batch = cu_seqlens_q.shape[0] - 1
         if k is not None:
             assert v is not None
-            local = tuple(opts["window_size"]) != (-1, -1)
             seqlens = _cache_lengths(cache_seqlens, batch, _capacity(k_cache, page_table), q.device)
             q, cache_seqlens = _append_varlen(
                 q, k_cache, v_cache, k, v, seqlens, cache_batch_idx, page_table, cu_seqlens_q, cu_seqlens_k_new,
-                (rotary_cos, rotary_sin, rotary_seqlens, causal or local, rotary_interleaved),
+                (rotary_cos, rotary_sin, rotary_seqlens, per_row, rotary_interleaved),
             )  # fmt: skip
         out, lse = _varlen_over_cache(
             q, k_cache, v_cache, cache_seqlens, cache_batch_idx, page_table, cu_seqlens_q, max_seqlen_q, opts,
@@ -414,10 +415,7 @@ def flash_attn_with_kvcache(
         else:
             k_descale = v_descale = None  # ignored with 16-bit caches, as in FlashAttention-3
         if rotary_seqlens is not None and rotary_cos is not None and k is not None:
-            local = tuple(opts["window_size"]) != (-1, -1)
-            q, k = _rotate_at(
-                q, k, rotary_cos, rotary_sin, rotary_seqlens, causal or local, rotary_interleaved
-            )
+            q, k = _rotate_at(q, k, rotary_cos, rotary_sin, rotary_seqlens, per_row, rotary_interleaved)
             rotary_cos = rotary_sin = None
         out, lse = kvcache_fa2(
             q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
