@@ -172,10 +172,7 @@ def _bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from flash_attn import _extras
 
-    fab = _extras.BACKWARD
-    if fab is None:
-        _extras.require_backward()
-        raise RuntimeError("fa-backward is not installed")
+    fab = _extras.require_backward()
     if seqused_q is not None:
         raise FlashAttnValueError("flash_attn_3::bwd: seqused_q is not supported (pass the used rows packed)")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
