@@ -201,6 +201,19 @@ def test_shim_metadata_matches_the_package():
     assert own["version"] == flash_attn_3.__fa_plus_version__
 
 
+def _check_fwd_bwd(out, lse, ref_out, ref_lse, inputs):
+    """out / lse against the reference's (``TOL``), then the gradients of ``inputs`` (q, k, v) for one random
+    output gradient (5x ``TOL``)."""
+    tol = TOL[HI]
+    _close(out, ref_out, tol, "out")
+    _close(lse, ref_lse, tol, "lse")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, dout)
+    ref_grads = torch.autograd.grad(ref_out, inputs, dout)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        _close(g, r, 5 * tol, f"d{name}")
+
+
 # -------------------------------------------------------------------------------------------- dense
 DENSE_CASES = [
     dict(),
@@ -225,14 +238,7 @@ def test_flash_attn_func_fwd_bwd(case, gqa):
     ref_case = dict(case)
     ref_out, ref_lse = attention_ref(q, k, v, **ref_case)
     assert out.shape == (2, 24, 4, 32) and lse.shape == (2, 4, 24) and lse.dtype == torch.float32
-    tol = TOL[HI]
-    _close(out, ref_out, tol, "out")
-    _close(lse, ref_lse, tol, "lse")
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    ref_grads = torch.autograd.grad(ref_out, (q, k, v), dout)
-    for name, g, r in zip("qkv", grads, ref_grads):
-        _close(g, r, 5 * tol, f"d{name}")
+    _check_fwd_bwd(out, lse, ref_out, ref_lse, (q, k, v))
 
 
 @pytest.mark.parametrize("dv", [512, 264])
@@ -245,13 +251,7 @@ def test_wide_v_head_dim(dv):
     out, lse = fa3.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
     ref_out, ref_lse = attention_ref(q, k, v, causal=True)
     assert out.shape == (2, 12, 4, dv)
-    _close(out, ref_out, TOL[HI], "out")
-    _close(lse, ref_lse, TOL[HI], "lse")
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    ref_grads = torch.autograd.grad(ref_out, (q, k, v), dout)
-    for name, g, r in zip("qkv", grads, ref_grads):
-        _close(g, r, 5 * TOL[HI], f"d{name}")
+    _check_fwd_bwd(out, lse, ref_out, ref_lse, (q, k, v))
     cu_q = torch.tensor([0, 12, 24], dtype=torch.int32, device=DEVICE)
     cu_k = torch.tensor([0, 20, 40], dtype=torch.int32, device=DEVICE)
     flat = [t.detach().flatten(0, 1) for t in (q, k, v)]
@@ -366,13 +366,7 @@ def test_varlen_fwd_bwd(case):
     )
     ref_out, ref_lse = attention_varlen_ref(q, k, v, cu_q, cu_k, **case)
     assert lse.shape == (4, sum(lq))
-    _close(out, ref_out, TOL[HI], "out")
-    _close(lse, ref_lse, TOL[HI], "lse")
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    ref_grads = torch.autograd.grad(ref_out, (q, k, v), dout)
-    for name, g, r in zip("qkv", grads, ref_grads):
-        _close(g, r, 5 * TOL[HI], f"d{name}")
+    _check_fwd_bwd(out, lse, ref_out, ref_lse, (q, k, v))
 
 
 def test_varlen_seqused():
